@@ -1,0 +1,536 @@
+//! Binary frames, version 1: a fixed 20-byte header, then subject, aux, headers and payload.
+//! The exact layout, with a worked example, is in docs/protocol.md. Decoding is two-phase: the
+//! header is checked (magic, version, declared length against the limit) before a byte of the
+//! body is buffered, so a frame that claims a gigabyte costs nothing; one over the limit is
+//! answered at once and its body discarded as it streams in.
+
+use async_nats::header::{HeaderName, HeaderValue};
+use async_nats::{HeaderMap, Subject};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::envelope::{Decoded, Envelope, Flags, Id, Op, Outbound};
+use super::error::{ErrorCode, GatewayError};
+
+/// First byte of every frame: 0xC1 never appears in UTF-8, so it can never start JSON.
+pub const MAGIC: u8 = 0xC1;
+pub const VERSION: u8 = 1;
+pub const SUPPORTED_VERSIONS: &[u8] = &[VERSION];
+pub const HEADER_LEN: usize = 20;
+
+/// Frame types. Client to gateway below 0x80, gateway to client from 0x80.
+pub mod frame_type {
+    pub const REQUEST: u8 = 0x01;
+    pub const PUBLISH: u8 = 0x02;
+    pub const SUBSCRIBE: u8 = 0x03;
+    pub const UNSUBSCRIBE: u8 = 0x04;
+    pub const PING: u8 = 0x05;
+    pub const REPLY: u8 = 0x81;
+    pub const ERROR: u8 = 0x82;
+    pub const ACK: u8 = 0x83;
+    pub const MSG: u8 = 0x84;
+    pub const DROPPED: u8 = 0x85;
+    pub const PONG: u8 = 0x86;
+}
+
+/// Flag bits (header byte 3).
+pub mod flag {
+    /// Bits 0–1: priority class (0 normal, 1 high, 2 low); reserved for queueing classes.
+    pub const PRIORITY_MASK: u8 = 0b0000_0011;
+    /// The request is idempotent and may be retried by the gateway within its deadline.
+    pub const RETRY: u8 = 0b0000_0100;
+}
+
+/// The parsed fixed header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub version: u8,
+    pub frame_type: u8,
+    pub flags: u8,
+    pub body_len: u32,
+    pub id: u64,
+    /// REQUEST: timeout in ms (0 = gateway default). ERROR: retry-after in ms (0 = none).
+    /// DROPPED: count. Otherwise 0.
+    pub param: u32,
+}
+
+impl FrameHeader {
+    pub fn parse(bytes: &[u8]) -> FrameHeader {
+        let mut b = &bytes[1..HEADER_LEN];
+        FrameHeader {
+            version: b.get_u8(),
+            frame_type: b.get_u8(),
+            flags: b.get_u8(),
+            body_len: b.get_u32(),
+            id: b.get_u64(),
+            param: b.get_u32(),
+        }
+    }
+}
+
+/// The decoded body, before it is given a meaning by the frame type.
+#[derive(Debug, Default)]
+pub struct FrameBody {
+    pub subject: Bytes,
+    pub aux: Bytes,
+    pub headers: Option<HeaderMap>,
+    pub payload: Bytes,
+}
+
+#[derive(Debug)]
+pub struct BinaryDecoder {
+    max_frame: usize,
+    /// Body bytes still to discard from a frame that was over the limit.
+    skipping: u64,
+}
+
+impl BinaryDecoder {
+    pub fn new(max_frame: usize) -> Self {
+        BinaryDecoder {
+            max_frame,
+            skipping: 0,
+        }
+    }
+
+    /// Yields the next complete item in `buf`, or `None` until more bytes arrive.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Option<Decoded> {
+        if self.skipping > 0 {
+            let n = (self.skipping as usize).min(buf.len());
+            buf.advance(n);
+            self.skipping -= n as u64;
+            if self.skipping > 0 {
+                return None;
+            }
+        }
+        if buf.is_empty() {
+            return None;
+        }
+        if buf[0] != MAGIC {
+            buf.clear();
+            return Some(fatal(
+                Id::Null,
+                ErrorCode::BadRequest,
+                "stream out of sync: a frame must start with 0xC1".into(),
+            ));
+        }
+        if buf.len() < 2 {
+            return None;
+        }
+        if buf[1] != VERSION {
+            let version = buf[1];
+            buf.clear();
+            return Some(fatal(
+                Id::Null,
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "frame version {version} is not supported; supported versions: {SUPPORTED_VERSIONS:?}"
+                ),
+            ));
+        }
+        if buf.len() < HEADER_LEN {
+            return None;
+        }
+        let header = FrameHeader::parse(buf);
+        let body_len = header.body_len as usize;
+        let id = Id::from(header.id);
+        if HEADER_LEN + body_len > self.max_frame {
+            buf.advance(HEADER_LEN);
+            self.skipping = header.body_len as u64;
+            let n = body_len.min(buf.len());
+            buf.advance(n);
+            self.skipping -= n as u64;
+            return Some(Decoded::Invalid {
+                id,
+                error: GatewayError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "frame of {} bytes is over the limit of {} bytes",
+                        HEADER_LEN + body_len,
+                        self.max_frame
+                    ),
+                ),
+                fatal: false,
+            });
+        }
+        if buf.len() < HEADER_LEN + body_len {
+            buf.reserve(HEADER_LEN + body_len - buf.len());
+            return None;
+        }
+        let mut frame = buf.split_to(HEADER_LEN + body_len).freeze();
+        frame.advance(HEADER_LEN);
+        Some(match decode_envelope(header, frame) {
+            Ok(envelope) => Decoded::Envelope(envelope),
+            Err(error) => Decoded::Invalid {
+                id,
+                error,
+                fatal: false,
+            },
+        })
+    }
+}
+
+fn fatal(id: Id, code: ErrorCode, message: String) -> Decoded {
+    Decoded::Invalid {
+        id,
+        error: GatewayError::new(code, message),
+        fatal: true,
+    }
+}
+
+fn decode_envelope(header: FrameHeader, body: Bytes) -> Result<Envelope, GatewayError> {
+    let op = match header.frame_type {
+        frame_type::REQUEST => Op::Request,
+        frame_type::PUBLISH => Op::Publish,
+        frame_type::SUBSCRIBE => Op::Subscribe,
+        frame_type::UNSUBSCRIBE => Op::Unsubscribe,
+        frame_type::PING => Op::Ping,
+        other => {
+            return Err(GatewayError::bad_request(format!(
+                "unknown frame type 0x{other:02x}"
+            )));
+        }
+    };
+    let body = decode_body(body)?;
+    let mut envelope = Envelope::new(op, Id::from(header.id));
+    if !body.subject.is_empty() {
+        envelope.subject = Some(
+            Subject::from_utf8(body.subject)
+                .map_err(|_| GatewayError::bad_request("subject is not UTF-8"))?,
+        );
+    }
+    if !body.aux.is_empty() {
+        let queue = std::str::from_utf8(&body.aux)
+            .map_err(|_| GatewayError::bad_request("queue group is not UTF-8"))?;
+        envelope.queue = Some(queue.to_owned());
+    }
+    envelope.headers = body.headers;
+    envelope.data = body.payload;
+    envelope.timeout_ms = (header.param != 0).then_some(header.param);
+    envelope.flags = Flags {
+        retry: header.flags & flag::RETRY != 0,
+    };
+    Ok(envelope)
+}
+
+/// Splits a body into its parts; every length is checked against what is left.
+pub fn decode_body(mut body: Bytes) -> Result<FrameBody, GatewayError> {
+    let short = || GatewayError::bad_request("frame body is shorter than its lengths say");
+    let take = |body: &mut Bytes, len: usize| -> Result<Bytes, GatewayError> {
+        if body.len() < len {
+            return Err(short());
+        }
+        Ok(body.split_to(len))
+    };
+    if body.len() < 2 {
+        return Err(short());
+    }
+    let subject_len = body.get_u16() as usize;
+    let subject = take(&mut body, subject_len)?;
+    if body.len() < 2 {
+        return Err(short());
+    }
+    let aux_len = body.get_u16() as usize;
+    let aux = take(&mut body, aux_len)?;
+    if body.len() < 4 {
+        return Err(short());
+    }
+    let headers_len = body.get_u32() as usize;
+    let headers_block = take(&mut body, headers_len)?;
+    let headers = if headers_block.is_empty() {
+        None
+    } else {
+        Some(decode_headers(headers_block)?)
+    };
+    Ok(FrameBody {
+        subject,
+        aux,
+        headers,
+        payload: body,
+    })
+}
+
+fn decode_headers(mut block: Bytes) -> Result<HeaderMap, GatewayError> {
+    let mut map = HeaderMap::new();
+    let text = |block: &mut Bytes| -> Result<String, GatewayError> {
+        if block.len() < 2 {
+            return Err(GatewayError::bad_request("header block is truncated"));
+        }
+        let len = block.get_u16() as usize;
+        if block.len() < len {
+            return Err(GatewayError::bad_request("header block is truncated"));
+        }
+        String::from_utf8(block.split_to(len).to_vec())
+            .map_err(|_| GatewayError::bad_request("a header is not UTF-8"))
+    };
+    while !block.is_empty() {
+        let name = text(&mut block)?;
+        let value = text(&mut block)?;
+        let header_name: HeaderName = name
+            .parse()
+            .map_err(|_| GatewayError::bad_request(format!("header name {name:?} is not valid")))?;
+        let header_value: HeaderValue = value.parse().map_err(|_| {
+            GatewayError::bad_request(format!("header {name:?} has a value with a line break"))
+        })?;
+        map.append(header_name, header_value);
+    }
+    Ok(map)
+}
+
+/// The parts of one frame to write; encoding both ways goes through this.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FrameParts<'a> {
+    pub frame_type: u8,
+    pub flags: u8,
+    pub id: u64,
+    pub param: u32,
+    pub subject: &'a [u8],
+    pub aux: &'a [u8],
+    pub headers: Option<&'a HeaderMap>,
+    pub payload: &'a [u8],
+}
+
+/// Appends one frame to `out`.
+pub fn put_frame(parts: FrameParts<'_>, out: &mut BytesMut) {
+    let headers_len: usize = parts.headers.map_or(0, |headers| {
+        headers
+            .iter()
+            .map(|(name, values)| {
+                values
+                    .iter()
+                    .map(|value| 4 + AsRef::<str>::as_ref(name).len() + value.as_str().len())
+                    .sum::<usize>()
+            })
+            .sum()
+    });
+    let body_len =
+        2 + parts.subject.len() + 2 + parts.aux.len() + 4 + headers_len + parts.payload.len();
+    out.reserve(HEADER_LEN + body_len);
+    out.put_u8(MAGIC);
+    out.put_u8(VERSION);
+    out.put_u8(parts.frame_type);
+    out.put_u8(parts.flags);
+    out.put_u32(body_len as u32);
+    out.put_u64(parts.id);
+    out.put_u32(parts.param);
+    out.put_u16(parts.subject.len() as u16);
+    out.put_slice(parts.subject);
+    out.put_u16(parts.aux.len() as u16);
+    out.put_slice(parts.aux);
+    out.put_u32(headers_len as u32);
+    if let Some(headers) = parts.headers {
+        for (name, values) in headers.iter() {
+            for value in values {
+                let name: &[u8] = name.as_ref();
+                out.put_u16(name.len() as u16);
+                out.put_slice(name);
+                out.put_u16(value.as_str().len() as u16);
+                out.put_slice(value.as_str().as_bytes());
+            }
+        }
+    }
+    out.put_slice(parts.payload);
+}
+
+/// Appends one outbound event as a binary frame.
+pub fn encode(event: &Outbound, out: &mut BytesMut) {
+    let parts = match event {
+        Outbound::Reply { id, data, headers } => FrameParts {
+            frame_type: frame_type::REPLY,
+            id: id.as_u64(),
+            headers: headers.as_ref(),
+            payload: data,
+            ..FrameParts::default()
+        },
+        Outbound::Ack { id } => FrameParts {
+            frame_type: frame_type::ACK,
+            id: id.as_u64(),
+            ..FrameParts::default()
+        },
+        Outbound::Pong { id } => FrameParts {
+            frame_type: frame_type::PONG,
+            id: id.as_u64(),
+            ..FrameParts::default()
+        },
+        Outbound::Error { id, error } => FrameParts {
+            frame_type: frame_type::ERROR,
+            id: id.as_u64(),
+            param: error.retry_after_ms.unwrap_or(0),
+            aux: error.code.as_str().as_bytes(),
+            payload: error.message.as_bytes(),
+            ..FrameParts::default()
+        },
+        Outbound::Msg { sid, message } => FrameParts {
+            frame_type: frame_type::MSG,
+            id: sid.as_u64(),
+            subject: message.subject.as_bytes(),
+            aux: message.reply.as_ref().map_or(&[][..], |r| r.as_bytes()),
+            headers: message.headers.as_ref(),
+            payload: &message.payload,
+            ..FrameParts::default()
+        },
+        Outbound::Dropped { sid, count } => FrameParts {
+            frame_type: frame_type::DROPPED,
+            id: sid.as_u64(),
+            param: (*count).min(u32::MAX as u64) as u32,
+            ..FrameParts::default()
+        },
+    };
+    put_frame(parts, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request_frame(id: u64, subject: &str, payload: &[u8], timeout_ms: u32) -> BytesMut {
+        let mut out = BytesMut::new();
+        put_frame(
+            FrameParts {
+                frame_type: frame_type::REQUEST,
+                id,
+                param: timeout_ms,
+                subject: subject.as_bytes(),
+                payload,
+                ..FrameParts::default()
+            },
+            &mut out,
+        );
+        out
+    }
+
+    #[test]
+    fn a_request_frame_round_trips_and_the_payload_is_not_copied() {
+        let mut buf = request_frame(42, "demo.echo", b"hello", 250);
+        let start = buf.as_ptr() as usize;
+        let item = BinaryDecoder::new(1024).decode(&mut buf).unwrap();
+        let Decoded::Envelope(envelope) = item else {
+            panic!("{item:?}")
+        };
+        assert_eq!(envelope.op, Op::Request);
+        assert_eq!(envelope.id, Id::from(42));
+        assert_eq!(envelope.subject.as_deref(), Some("demo.echo"));
+        assert_eq!(envelope.timeout_ms, Some(250));
+        assert_eq!(&envelope.data[..], b"hello");
+        assert_eq!(envelope.data.as_ptr() as usize, start + HEADER_LEN + 8 + 9);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_partial_frame_waits_for_the_rest() {
+        let full = request_frame(1, "a", b"xyz", 0);
+        let mut decoder = BinaryDecoder::new(1024);
+        let mut buf = BytesMut::from(&full[..HEADER_LEN + 3]);
+        assert!(decoder.decode(&mut buf).is_none());
+        buf.extend_from_slice(&full[HEADER_LEN + 3..]);
+        assert!(matches!(
+            decoder.decode(&mut buf),
+            Some(Decoded::Envelope(_))
+        ));
+    }
+
+    #[test]
+    fn a_frame_claiming_a_gigabyte_is_refused_from_its_header_and_skipped() {
+        let mut decoder = BinaryDecoder::new(1024);
+        let mut buf = BytesMut::new();
+        buf.put_u8(MAGIC);
+        buf.put_u8(VERSION);
+        buf.put_u8(frame_type::REQUEST);
+        buf.put_u8(0);
+        buf.put_u32(1 << 30);
+        buf.put_u64(9);
+        buf.put_u32(0);
+        buf.extend_from_slice(&[0u8; 100]);
+        match decoder.decode(&mut buf) {
+            Some(Decoded::Invalid { id, error, fatal }) => {
+                assert_eq!(id, Id::from(9));
+                assert_eq!(error.code, ErrorCode::TooLarge);
+                assert!(!fatal);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            buf.capacity() < 1 << 20,
+            "must not reserve the claimed size"
+        );
+        assert_eq!(decoder.skipping, (1 << 30) - 100);
+    }
+
+    #[test]
+    fn an_oversized_frame_is_skipped_and_the_next_one_decodes() {
+        let mut decoder = BinaryDecoder::new(64);
+        let mut buf = request_frame(1, "a", &[7u8; 100], 0);
+        buf.extend_from_slice(&request_frame(2, "b", b"ok", 0));
+        assert!(matches!(
+            decoder.decode(&mut buf),
+            Some(Decoded::Invalid { fatal: false, .. })
+        ));
+        match decoder.decode(&mut buf) {
+            Some(Decoded::Envelope(envelope)) => assert_eq!(envelope.id, Id::from(2)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_version_is_fatal_and_names_the_supported_ones() {
+        let mut buf = request_frame(1, "a", b"", 0);
+        buf[1] = 9;
+        match BinaryDecoder::new(1024).decode(&mut buf) {
+            Some(Decoded::Invalid { error, fatal, .. }) => {
+                assert_eq!(error.code, ErrorCode::UnsupportedVersion);
+                assert!(error.message.contains("[1]"));
+                assert!(fatal);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_type_and_truncated_body_are_recoverable_errors() {
+        let mut decoder = BinaryDecoder::new(1024);
+        let mut buf = request_frame(5, "a", b"", 0);
+        buf[2] = 0x7f;
+        let mut bad_len = request_frame(6, "abc", b"", 0);
+        bad_len[HEADER_LEN + 1] = 200; // subject length past the body
+        buf.extend_from_slice(&bad_len);
+        buf.extend_from_slice(&request_frame(7, "a", b"", 0));
+        for expected in [5u64, 6] {
+            match decoder.decode(&mut buf) {
+                Some(Decoded::Invalid { id, error, fatal }) => {
+                    assert_eq!(id, Id::from(expected));
+                    assert_eq!(error.code, ErrorCode::BadRequest);
+                    assert!(!fatal);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            decoder.decode(&mut buf),
+            Some(Decoded::Envelope(_))
+        ));
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        let mut headers = HeaderMap::new();
+        headers.insert("X-Trace", "abc");
+        headers.append("X-Multi", "1");
+        headers.append("X-Multi", "2");
+        let mut out = BytesMut::new();
+        put_frame(
+            FrameParts {
+                frame_type: frame_type::PUBLISH,
+                subject: b"s",
+                headers: Some(&headers),
+                payload: b"p",
+                ..FrameParts::default()
+            },
+            &mut out,
+        );
+        let Some(Decoded::Envelope(envelope)) = BinaryDecoder::new(1024).decode(&mut out) else {
+            panic!()
+        };
+        let decoded = envelope.headers.unwrap();
+        assert_eq!(decoded.get("X-Trace").unwrap().as_str(), "abc");
+        assert_eq!(decoded.get_all("X-Multi").count(), 2);
+        assert_eq!(&envelope.data[..], b"p");
+    }
+}

@@ -1,0 +1,160 @@
+//! The one message model every front-end speaks to the core: an inbound `Envelope` (what a
+//! client asks for) and an `Outbound` event (what the gateway sends back). Codecs turn wire
+//! bytes into these; nothing here knows about sockets or NATS connections.
+
+use std::fmt;
+
+use async_nats::{HeaderMap, Message, Subject};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::error::GatewayError;
+
+/// A client's correlation id, echoed unchanged on the answer. JSON clients may use numbers or
+/// strings; binary frames carry a `u64` (0 means "no id").
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Id {
+    #[default]
+    Null,
+    Number(serde_json::Number),
+    Text(String),
+}
+
+impl Id {
+    pub fn is_null(&self) -> bool {
+        matches!(self, Id::Null)
+    }
+
+    /// The id as a binary frame carries it: numbers that fit a `u64`, else 0.
+    pub fn as_u64(&self) -> u64 {
+        match self {
+            Id::Number(n) => n.as_u64().unwrap_or(0),
+            _ => 0,
+        }
+    }
+}
+
+impl From<u64> for Id {
+    fn from(value: u64) -> Self {
+        Id::Number(value.into())
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Id::Null => f.write_str("null"),
+            Id::Number(n) => write!(f, "{n}"),
+            Id::Text(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// What a client asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Request,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    Ping,
+}
+
+impl Op {
+    pub fn parse(name: &str) -> Option<Op> {
+        Some(match name {
+            "request" => Op::Request,
+            "publish" => Op::Publish,
+            "subscribe" => Op::Subscribe,
+            "unsubscribe" => Op::Unsubscribe,
+            "ping" => Op::Ping,
+            _ => return None,
+        })
+    }
+}
+
+/// Delivery hints a client may set on a message (binary flag bits, JSON fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Flags {
+    /// The request is idempotent: the gateway may retry it within its deadline.
+    pub retry: bool,
+}
+
+/// One inbound message, whatever wire it came from. Payload and subject are `Bytes` slices of
+/// the connection's read buffer where the codec could manage it (no copy).
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub op: Op,
+    pub id: Id,
+    pub subject: Option<Subject>,
+    pub headers: Option<HeaderMap>,
+    pub data: Bytes,
+    pub timeout_ms: Option<u32>,
+    pub queue: Option<String>,
+    pub flags: Flags,
+}
+
+impl Envelope {
+    pub fn new(op: Op, id: Id) -> Self {
+        Envelope {
+            op,
+            id,
+            subject: None,
+            headers: None,
+            data: Bytes::new(),
+            timeout_ms: None,
+            queue: None,
+            flags: Flags::default(),
+        }
+    }
+
+    /// The subject, or the `BAD_REQUEST` that an op needing one gets without it.
+    pub fn require_subject(&self) -> Result<&Subject, GatewayError> {
+        self.subject
+            .as_ref()
+            .ok_or_else(|| GatewayError::bad_request("\"subject\" is required"))
+    }
+}
+
+/// What a codec yields for each unit of input: a message, or input it could not accept.
+#[derive(Debug)]
+pub enum Decoded {
+    Envelope(Envelope),
+    /// Bad input. `fatal` means the stream cannot be resynchronised: send the error, then close.
+    Invalid {
+        id: Id,
+        error: GatewayError,
+        fatal: bool,
+    },
+}
+
+/// One thing the gateway sends to a client.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Reply {
+        id: Id,
+        data: Bytes,
+        headers: Option<HeaderMap>,
+    },
+    Ack {
+        id: Id,
+    },
+    Error {
+        id: Id,
+        error: GatewayError,
+    },
+    Pong {
+        id: Id,
+    },
+    /// A message on a subscription; `sid` is the id the client subscribed with.
+    Msg {
+        sid: Id,
+        message: Message,
+    },
+    /// `count` subscription messages were dropped since the last notice for `sid`.
+    Dropped {
+        sid: Id,
+        count: u64,
+    },
+}

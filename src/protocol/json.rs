@@ -1,0 +1,562 @@
+//! JSON-lines wire: one envelope per line. Decoding borrows `subject` and `data` straight out
+//! of the line's `Bytes` when the JSON string has no escapes, so the payload reaches NATS as a
+//! slice of the read buffer. A line over the limit is discarded as it streams in (never
+//! buffered whole) and answered with `TOO_LARGE`; any bad line costs only that line.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use async_nats::header::{HeaderName, HeaderValue};
+use async_nats::{HeaderMap, Subject};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::envelope::{Decoded, Envelope, Flags, Id, Op, Outbound};
+use super::error::GatewayError;
+
+/// Splits a byte stream into lines of at most `max_line` bytes and parses each one.
+#[derive(Debug)]
+pub struct JsonLinesDecoder {
+    max_line: usize,
+    /// How far the current buffer was already searched for a newline.
+    scanned: usize,
+    /// Inside a line that is over the limit: drop bytes until its newline.
+    discarding: bool,
+}
+
+impl JsonLinesDecoder {
+    pub fn new(max_line: usize) -> Self {
+        JsonLinesDecoder {
+            max_line,
+            scanned: 0,
+            discarding: false,
+        }
+    }
+
+    /// Yields the next complete item in `buf`, or `None` until more bytes arrive.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Option<Decoded> {
+        loop {
+            let newline = buf[self.scanned..].iter().position(|b| *b == b'\n');
+            let Some(offset) = newline else {
+                if buf.len() > self.max_line || self.discarding {
+                    // Drop what we have of the oversized line; keep only nothing.
+                    let was_discarding = self.discarding;
+                    buf.clear();
+                    self.scanned = 0;
+                    self.discarding = true;
+                    if !was_discarding {
+                        return Some(self.too_large());
+                    }
+                } else {
+                    self.scanned = buf.len();
+                }
+                return None;
+            };
+            let end = self.scanned + offset;
+            let line = buf.split_to(end + 1).freeze();
+            self.scanned = 0;
+            if self.discarding {
+                self.discarding = false;
+                continue;
+            }
+            if end > self.max_line {
+                return Some(self.too_large());
+            }
+            let line = line.slice(..end);
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            return Some(parse_line(line));
+        }
+    }
+
+    /// At end of stream: a last line without its newline still counts.
+    pub fn decode_eof(&mut self, buf: &mut BytesMut) -> Option<Decoded> {
+        if let Some(item) = self.decode(buf) {
+            return Some(item);
+        }
+        if self.discarding || buf.is_empty() {
+            buf.clear();
+            return None;
+        }
+        buf.put_u8(b'\n');
+        self.decode(buf)
+    }
+
+    fn too_large(&self) -> Decoded {
+        Decoded::Invalid {
+            id: Id::Null,
+            error: GatewayError::new(
+                super::ErrorCode::TooLarge,
+                format!("line is over the limit of {} bytes", self.max_line),
+            ),
+            fatal: false,
+        }
+    }
+}
+
+/// Header values may be a string or a list of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum HeaderValues<'a> {
+    One(#[serde(borrow)] Cow<'a, str>),
+    Many(#[serde(borrow)] Vec<Cow<'a, str>>),
+}
+
+#[derive(Deserialize)]
+struct JsonEnvelope<'a> {
+    #[serde(borrow, default)]
+    op: Option<Cow<'a, str>>,
+    #[serde(default)]
+    id: Id,
+    #[serde(borrow, default)]
+    subject: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data_b64: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    headers: Option<BTreeMap<Cow<'a, str>, HeaderValues<'a>>>,
+    #[serde(default)]
+    timeout_ms: Option<u32>,
+    #[serde(default)]
+    queue: Option<String>,
+    #[serde(default)]
+    retry: bool,
+}
+
+/// Only the id, to answer a line whose other fields are wrong with the right id.
+#[derive(Deserialize)]
+struct IdOnly {
+    #[serde(default)]
+    id: Id,
+}
+
+/// Parses one line (without its newline) into an envelope.
+pub fn parse_line(line: Bytes) -> Decoded {
+    let parsed: JsonEnvelope<'_> = match serde_json::from_slice(&line) {
+        Ok(parsed) => parsed,
+        Err(err) => {
+            let id = serde_json::from_slice::<IdOnly>(&line)
+                .map(|only| only.id)
+                .unwrap_or_default();
+            let what = if err.is_syntax() || err.is_eof() {
+                "malformed JSON"
+            } else {
+                "invalid envelope"
+            };
+            return invalid(id, format!("{what}: {err}"));
+        }
+    };
+    match build_envelope(&line, parsed) {
+        Ok(envelope) => Decoded::Envelope(envelope),
+        Err((id, error)) => Decoded::Invalid {
+            id,
+            error,
+            fatal: false,
+        },
+    }
+}
+
+fn invalid(id: Id, message: String) -> Decoded {
+    Decoded::Invalid {
+        id,
+        error: GatewayError::bad_request(message),
+        fatal: false,
+    }
+}
+
+fn build_envelope(line: &Bytes, parsed: JsonEnvelope<'_>) -> Result<Envelope, (Id, GatewayError)> {
+    let id = parsed.id;
+    let fail = |id: &Id, message: String| (id.clone(), GatewayError::bad_request(message));
+
+    // A legacy object with neither op nor subject is sent whole to the default subject.
+    if parsed.op.is_none() && parsed.subject.is_none() {
+        let mut envelope = Envelope::new(Op::Request, id);
+        envelope.data = line.clone();
+        envelope.timeout_ms = parsed.timeout_ms;
+        return Ok(envelope);
+    }
+    let op = match parsed.op.as_deref() {
+        None => Op::Request,
+        Some(name) => Op::parse(name).ok_or_else(|| {
+            fail(
+                &id,
+                format!(
+                    "unknown op {name:?}; expected request, publish, subscribe, unsubscribe or ping"
+                ),
+            )
+        })?,
+    };
+    let mut envelope = Envelope::new(op, id);
+    envelope.subject = parsed
+        .subject
+        .map(|subject| Subject::from_utf8(borrow_or_copy(line, subject)))
+        .transpose()
+        .map_err(|_| fail(&envelope.id, "subject is not UTF-8".into()))?;
+    envelope.data = match (parsed.data, parsed.data_b64) {
+        (Some(_), Some(_)) => {
+            return Err(fail(
+                &envelope.id,
+                "give \"data\" or \"data_b64\", not both".into(),
+            ));
+        }
+        (Some(raw), None) => {
+            payload_from_raw(line, raw).map_err(|message| fail(&envelope.id, message))?
+        }
+        (None, Some(encoded)) => Bytes::from(
+            BASE64
+                .decode(encoded.as_bytes())
+                .map_err(|err| fail(&envelope.id, format!("\"data_b64\" is not base64: {err}")))?,
+        ),
+        (None, None) => Bytes::new(),
+    };
+    if let Some(headers) = parsed.headers {
+        envelope.headers =
+            Some(header_map(headers).map_err(|message| fail(&envelope.id, message))?);
+    }
+    envelope.timeout_ms = parsed.timeout_ms;
+    envelope.queue = parsed.queue;
+    envelope.flags = Flags {
+        retry: parsed.retry,
+    };
+    Ok(envelope)
+}
+
+/// A JSON string becomes its text; any other JSON value is sent as its JSON text.
+fn payload_from_raw(line: &Bytes, raw: &RawValue) -> Result<Bytes, String> {
+    let text = raw.get();
+    if text.starts_with('"') {
+        // `&str` borrows when the string has no escapes; otherwise unescape into a `String`.
+        let value = match serde_json::from_str::<&str>(text) {
+            Ok(borrowed) => Cow::Borrowed(borrowed),
+            Err(_) => Cow::Owned(
+                serde_json::from_str::<String>(text).map_err(|err| format!("\"data\": {err}"))?,
+            ),
+        };
+        Ok(borrow_or_copy(line, value))
+    } else if text == "null" {
+        Ok(Bytes::new())
+    } else {
+        Ok(line.slice_ref(text.as_bytes()))
+    }
+}
+
+/// A string borrowed from the line becomes a slice of it; an unescaped copy is moved in.
+fn borrow_or_copy(line: &Bytes, value: Cow<'_, str>) -> Bytes {
+    match value {
+        Cow::Borrowed(text) => line.slice_ref(text.as_bytes()),
+        Cow::Owned(text) => Bytes::from(text),
+    }
+}
+
+fn header_map(headers: BTreeMap<Cow<'_, str>, HeaderValues<'_>>) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::new();
+    for (name, values) in headers {
+        let header_name: HeaderName = name
+            .parse()
+            .map_err(|_| format!("header name {name:?} is not valid"))?;
+        let values = match values {
+            HeaderValues::One(value) => vec![value],
+            HeaderValues::Many(values) => values,
+        };
+        for value in values {
+            let header_value: HeaderValue = value
+                .parse()
+                .map_err(|_| format!("header {name:?} has a value with a line break"))?;
+            map.append(header_name.clone(), header_value);
+        }
+    }
+    Ok(map)
+}
+
+/// Appends one outbound event as a JSON line.
+pub fn encode(event: &Outbound, out: &mut BytesMut) {
+    let mut w = out.writer();
+    let w = &mut w;
+    match event {
+        Outbound::Reply { id, data, headers } => {
+            put(w, b"{\"id\":");
+            json(w, id);
+            put(w, b",\"ok\":true");
+            put_data(w, data);
+            put_headers(w, headers.as_ref());
+            put(w, b"}\n");
+        }
+        Outbound::Ack { id } => {
+            put(w, b"{\"id\":");
+            json(w, id);
+            put(w, b",\"ok\":true}\n");
+        }
+        Outbound::Error { id, error } => {
+            put(w, b"{\"id\":");
+            json(w, id);
+            put(w, b",\"ok\":false,\"error\":{\"code\":\"");
+            put(w, error.code.as_str().as_bytes());
+            put(w, b"\",\"message\":");
+            json(w, &error.message);
+            if let Some(retry_after_ms) = error.retry_after_ms {
+                put(w, b",\"retry_after_ms\":");
+                json(w, &retry_after_ms);
+            }
+            put(w, b"}}\n");
+        }
+        Outbound::Pong { id } => {
+            put(w, b"{\"op\":\"pong\"");
+            if !id.is_null() {
+                put(w, b",\"id\":");
+                json(w, id);
+            }
+            put(w, b"}\n");
+        }
+        Outbound::Msg { sid, message } => {
+            put(w, b"{\"op\":\"msg\",\"sid\":");
+            json(w, sid);
+            put(w, b",\"subject\":");
+            json(w, message.subject.as_str());
+            if let Some(reply) = &message.reply {
+                put(w, b",\"reply_to\":");
+                json(w, reply.as_str());
+            }
+            put_data(w, &message.payload);
+            put_headers(w, message.headers.as_ref());
+            put(w, b"}\n");
+        }
+        Outbound::Dropped { sid, count } => {
+            put(w, b"{\"op\":\"dropped\",\"sid\":");
+            json(w, sid);
+            put(w, b",\"count\":");
+            json(w, count);
+            put(w, b"}\n");
+        }
+    }
+}
+
+type Writer<'a> = bytes::buf::Writer<&'a mut BytesMut>;
+
+fn put(w: &mut Writer<'_>, bytes: &[u8]) {
+    w.get_mut().extend_from_slice(bytes);
+}
+
+fn json<T: serde::Serialize + ?Sized>(w: &mut Writer<'_>, value: &T) {
+    // Serializing ids, strings and numbers into memory cannot fail.
+    let _ = serde_json::to_writer(w, value);
+}
+
+fn put_data(w: &mut Writer<'_>, data: &Bytes) {
+    match std::str::from_utf8(data) {
+        Ok(text) => {
+            put(w, b",\"data\":");
+            json(w, text);
+        }
+        Err(_) => {
+            put(w, b",\"data_b64\":\"");
+            put(w, BASE64.encode(data).as_bytes());
+            put(w, b"\"");
+        }
+    }
+}
+
+fn put_headers(w: &mut Writer<'_>, headers: Option<&HeaderMap>) {
+    let Some(headers) = headers.filter(|h| !h.is_empty()) else {
+        return;
+    };
+    put(w, b",\"headers\":{");
+    for (index, (name, values)) in headers.iter().enumerate() {
+        if index > 0 {
+            put(w, b",");
+        }
+        json(w, AsRef::<str>::as_ref(name));
+        put(w, b":");
+        if let [one] = values.as_slice() {
+            json(w, one.as_str());
+        } else {
+            let values: Vec<&str> = values.iter().map(HeaderValue::as_str).collect();
+            json(w, &values);
+        }
+    }
+    put(w, b"}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ErrorCode;
+
+    fn decode_all(decoder: &mut JsonLinesDecoder, input: &[u8]) -> Vec<Decoded> {
+        let mut buf = BytesMut::from(input);
+        let mut items = Vec::new();
+        while let Some(item) = decoder.decode(&mut buf) {
+            items.push(item);
+        }
+        items
+    }
+
+    fn envelope(item: &Decoded) -> &Envelope {
+        match item {
+            Decoded::Envelope(envelope) => envelope,
+            other => panic!("expected an envelope, got {other:?}"),
+        }
+    }
+
+    fn error_code(item: &Decoded) -> ErrorCode {
+        match item {
+            Decoded::Invalid { error, .. } => error.code,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn request_defaults_and_borrows_payload_from_the_line() {
+        let mut decoder = JsonLinesDecoder::new(1024);
+        let mut buf = BytesMut::from(&b"{\"subject\":\"demo.echo\",\"data\":\"hi\"}\n"[..]);
+        let start = buf.as_ptr() as usize;
+        let item = decoder.decode(&mut buf).unwrap();
+        let envelope = envelope(&item);
+        assert_eq!(envelope.op, Op::Request);
+        assert_eq!(envelope.id, Id::Null);
+        assert_eq!(envelope.subject.as_deref(), Some("demo.echo"));
+        assert_eq!(&envelope.data[..], b"hi");
+        let data_at = envelope.data.as_ptr() as usize;
+        assert!(
+            data_at > start && data_at < start + 64,
+            "payload was copied"
+        );
+    }
+
+    #[test]
+    fn escaped_strings_base64_and_json_values_become_payloads() {
+        let mut decoder = JsonLinesDecoder::new(1024);
+        let items = decode_all(
+            &mut decoder,
+            b"{\"subject\":\"a\",\"data\":\"x\\ny\"}\n{\"subject\":\"a\",\"data_b64\":\"AAE=\"}\n{\"subject\":\"a\",\"data\":{\"k\":[1,2]}}\n",
+        );
+        assert_eq!(&envelope(&items[0]).data[..], b"x\ny");
+        assert_eq!(&envelope(&items[1]).data[..], &[0u8, 1]);
+        assert_eq!(&envelope(&items[2]).data[..], b"{\"k\":[1,2]}");
+    }
+
+    #[test]
+    fn object_without_op_or_subject_is_a_default_subject_request() {
+        let mut decoder = JsonLinesDecoder::new(1024);
+        let line = b"{\"task_id\":\"t1\",\"payload\":\"hello\"}";
+        let mut input = line.to_vec();
+        input.push(b'\n');
+        let items = decode_all(&mut decoder, &input);
+        let envelope = envelope(&items[0]);
+        assert!(envelope.subject.is_none());
+        assert_eq!(&envelope.data[..], line);
+    }
+
+    #[test]
+    fn bad_lines_are_errors_that_keep_the_id_and_the_stream() {
+        let mut decoder = JsonLinesDecoder::new(1024);
+        let items = decode_all(
+            &mut decoder,
+            b"{nope\n{\"op\":\"dance\",\"id\":7,\"subject\":\"a\"}\n{\"id\":\"x\",\"subject\":\"a\",\"timeout_ms\":-1}\n\n  \n{\"op\":\"ping\"}\n",
+        );
+        assert_eq!(items.len(), 4);
+        assert_eq!(error_code(&items[0]), ErrorCode::BadRequest);
+        match &items[1] {
+            Decoded::Invalid { id, error, fatal } => {
+                assert_eq!(*id, Id::from(7));
+                assert!(error.message.contains("dance"));
+                assert!(!fatal);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &items[2] {
+            Decoded::Invalid { id, .. } => assert_eq!(*id, Id::Text("x".into())),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(envelope(&items[3]).op, Op::Ping);
+    }
+
+    #[test]
+    fn an_oversized_line_is_skipped_without_buffering_it_whole() {
+        let mut decoder = JsonLinesDecoder::new(16);
+        let mut buf = BytesMut::from(&b"{\"subject\":\"aaaaaaaaaaaaaaaaaaaaaaaaa"[..]);
+        assert_eq!(
+            error_code(&decoder.decode(&mut buf).unwrap()),
+            ErrorCode::TooLarge
+        );
+        assert!(buf.is_empty(), "the oversized prefix must be dropped");
+        buf.extend_from_slice(b"aaaaaaaaaaaaaaaaaaaaaaaa");
+        assert!(decoder.decode(&mut buf).is_none());
+        assert!(buf.is_empty());
+        buf.extend_from_slice(b"aaa\"}\n{\"op\":\"ping\"}\n");
+        assert_eq!(envelope(&decoder.decode(&mut buf).unwrap()).op, Op::Ping);
+    }
+
+    #[test]
+    fn a_last_line_without_newline_is_decoded_at_eof() {
+        let mut decoder = JsonLinesDecoder::new(1024);
+        let mut buf = BytesMut::from(&b"{\"op\":\"ping\"}"[..]);
+        assert!(decoder.decode(&mut buf).is_none());
+        assert_eq!(
+            envelope(&decoder.decode_eof(&mut buf).unwrap()).op,
+            Op::Ping
+        );
+    }
+
+    #[test]
+    fn headers_accept_strings_and_lists_and_reject_bad_names() {
+        let mut decoder = JsonLinesDecoder::new(1024);
+        let items = decode_all(
+            &mut decoder,
+            b"{\"subject\":\"a\",\"headers\":{\"X-A\":\"1\",\"X-B\":[\"2\",\"3\"]}}\n{\"subject\":\"a\",\"headers\":{\"bad:name\":\"1\"}}\n",
+        );
+        let headers = envelope(&items[0]).headers.clone().unwrap();
+        assert_eq!(headers.get("X-A").unwrap().as_str(), "1");
+        assert_eq!(headers.get_all("X-B").count(), 2);
+        assert_eq!(error_code(&items[1]), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn encodes_replies_errors_and_binary_data() {
+        let mut out = BytesMut::new();
+        encode(
+            &Outbound::Reply {
+                id: Id::Null,
+                data: Bytes::from_static(b"hello"),
+                headers: None,
+            },
+            &mut out,
+        );
+        encode(
+            &Outbound::Error {
+                id: Id::from(3),
+                error: GatewayError::new(ErrorCode::NoResponders, "no service listens on a"),
+            },
+            &mut out,
+        );
+        encode(
+            &Outbound::Reply {
+                id: Id::Text("b".into()),
+                data: Bytes::from_static(&[0xff, 0]),
+                headers: None,
+            },
+            &mut out,
+        );
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines[0],
+            serde_json::json!({"id":null,"ok":true,"data":"hello"})
+        );
+        assert_eq!(
+            lines[1],
+            serde_json::json!({"id":3,"ok":false,"error":{"code":"NO_RESPONDERS","message":"no service listens on a"}})
+        );
+        assert_eq!(
+            lines[2],
+            serde_json::json!({"id":"b","ok":true,"data_b64":"/wA="})
+        );
+    }
+}

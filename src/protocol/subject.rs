@@ -1,0 +1,131 @@
+//! NATS subject and queue-group validation, done by the gateway so that every front-end gives
+//! the same clear `BAD_REQUEST` before anything reaches NATS.
+
+use super::error::GatewayError;
+
+/// The longest subject the gateway accepts; NATS itself has no hard limit, but a subject is
+/// sent with every message and a megabyte-long one is always a mistake.
+pub const MAX_SUBJECT_BYTES: usize = 1024;
+
+/// Whether wildcards (`*`, `>`) may appear: only subscriptions may use them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectUse {
+    Publish,
+    Subscribe,
+}
+
+/// Checks a subject: non-empty dot-separated tokens, no white space or control characters, and
+/// wildcards only as whole tokens of a subscription (`>` last).
+pub fn validate_subject(subject: &str, usage: SubjectUse) -> Result<(), GatewayError> {
+    if subject.is_empty() {
+        return Err(GatewayError::bad_request("subject is empty"));
+    }
+    if subject.len() > MAX_SUBJECT_BYTES {
+        return Err(GatewayError::bad_request(format!(
+            "subject is {} bytes, the limit is {MAX_SUBJECT_BYTES}",
+            subject.len()
+        )));
+    }
+    if let Some(bad) = subject
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(GatewayError::bad_request(format!(
+            "subject {subject:?} contains {bad:?}; subjects have no white space"
+        )));
+    }
+    let token_count = subject.split('.').count();
+    for (index, token) in subject.split('.').enumerate() {
+        if token.is_empty() {
+            return Err(GatewayError::bad_request(format!(
+                "subject {subject:?} has an empty token"
+            )));
+        }
+        let is_wildcard = token == "*" || token == ">";
+        let has_wildcard_char = token.contains(['*', '>']);
+        match usage {
+            SubjectUse::Publish if has_wildcard_char => {
+                return Err(GatewayError::bad_request(format!(
+                    "subject {subject:?} has a wildcard; only subscriptions may use wildcards"
+                )));
+            }
+            SubjectUse::Subscribe if has_wildcard_char && !is_wildcard => {
+                return Err(GatewayError::bad_request(format!(
+                    "subject {subject:?}: a wildcard must be a whole token"
+                )));
+            }
+            SubjectUse::Subscribe if token == ">" && index + 1 != token_count => {
+                return Err(GatewayError::bad_request(format!(
+                    "subject {subject:?}: '>' may only be the last token"
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks a queue group name: one token, no white space, no wildcards.
+pub fn validate_queue_group(queue: &str) -> Result<(), GatewayError> {
+    let valid = !queue.is_empty()
+        && queue.len() <= MAX_SUBJECT_BYTES
+        && !queue
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>');
+    if valid {
+        Ok(())
+    } else {
+        Err(GatewayError::bad_request(format!(
+            "queue group {queue:?} is not valid: one word, no white space or wildcards"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_plain_subjects_everywhere() {
+        for subject in ["demo.echo", "a", "svc.orders.create", "_INBOX.x1"] {
+            assert!(
+                validate_subject(subject, SubjectUse::Publish).is_ok(),
+                "{subject}"
+            );
+            assert!(
+                validate_subject(subject, SubjectUse::Subscribe).is_ok(),
+                "{subject}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_subjects() {
+        for subject in ["", "a b", "a..b", ".a", "a.", "a\tb", "a\nb"] {
+            assert!(
+                validate_subject(subject, SubjectUse::Subscribe).is_err(),
+                "{subject:?}"
+            );
+        }
+        assert!(validate_subject(&"a".repeat(MAX_SUBJECT_BYTES + 1), SubjectUse::Publish).is_err());
+    }
+
+    #[test]
+    fn wildcards_only_in_subscriptions_and_only_whole() {
+        assert!(validate_subject("a.*", SubjectUse::Publish).is_err());
+        assert!(validate_subject("a.>", SubjectUse::Publish).is_err());
+        assert!(validate_subject("a.*.c", SubjectUse::Subscribe).is_ok());
+        assert!(validate_subject("a.>", SubjectUse::Subscribe).is_ok());
+        assert!(validate_subject(">", SubjectUse::Subscribe).is_ok());
+        assert!(validate_subject("a.>.c", SubjectUse::Subscribe).is_err());
+        assert!(validate_subject("a.b*", SubjectUse::Subscribe).is_err());
+    }
+
+    #[test]
+    fn queue_groups_are_single_words() {
+        assert!(validate_queue_group("workers").is_ok());
+        assert!(validate_queue_group("").is_err());
+        assert!(validate_queue_group("a b").is_err());
+        assert!(validate_queue_group("a*").is_err());
+    }
+}

@@ -1,1 +1,282 @@
-fn main() {}
+//! The command line: `serve` runs the daemon; `request`, `publish` and `subscribe` talk to a
+//! running gateway over its socket; `demo-echo` runs the quick start's echo service.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ipc_gateway::client::{Client, ClientError, SubscriptionEvent};
+use ipc_gateway::config::{Config, LogFormat};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(
+    name = "ipc-gateway",
+    version,
+    about = "Unix socket, WebSocket and gRPC clients onto NATS"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (settings: defaults < --config file < environment < flags).
+    Serve(ServeArgs),
+    /// Send a request through a running gateway and print the reply's data.
+    Request {
+        subject: String,
+        data: String,
+        /// Deadline in milliseconds (capped by the gateway's ceiling).
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Publish a message through a running gateway.
+    Publish {
+        subject: String,
+        data: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Subscribe through a running gateway and print "SUBJECT DATA" per message.
+    Subscribe {
+        subject: String,
+        /// Queue group: messages are shared among its members.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Run the demo NATS echo service (answers each request with its own payload).
+    DemoEcho {
+        #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        #[arg(long, default_value = "demo.echo")]
+        subject: String,
+    },
+}
+
+#[derive(Args)]
+struct SocketArg {
+    /// The gateway's Unix socket.
+    #[arg(
+        long,
+        env = "IPC_GATEWAY_SOCKET",
+        default_value = "/tmp/ipc-gateway.sock"
+    )]
+    socket: PathBuf,
+}
+
+/// Flags of `serve`; only those given are merged over the file and the environment. Each has
+/// a TOML key of the same name and an environment variable IPC_GATEWAY_<KEY>.
+#[derive(Args, Serialize)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Unix socket path [default: /tmp/ipc-gateway.sock].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    socket: Option<PathBuf>,
+    /// Socket file permissions, octal [default: 0660].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    socket_mode: Option<String>,
+    /// NATS URL; env NATS_URL [default: nats://127.0.0.1:4222].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats_url: Option<String>,
+    /// NATS connections in the pool [default: 2].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats_connections: Option<usize>,
+    /// HTTP address for /health, /ready and /metrics [default: 127.0.0.1:8080].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http: Option<String>,
+    /// Subject for JSON objects that name neither op nor subject.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    default_subject: Option<String>,
+    /// Largest frame or JSON line, in bytes [default: 1048576].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_frame_bytes: Option<usize>,
+    /// Default request deadline and ceiling on timeout_ms [default: 5000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_timeout_ms: Option<u64>,
+    /// Client connections at once [default: 10000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections: Option<usize>,
+    /// Unanswered commands per connection before the gateway stops reading it [default: 1024].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_inflight_per_connection: Option<usize>,
+    /// Payload bytes in flight before OVERLOADED [default: 268435456].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_inflight_bytes: Option<usize>,
+    /// Subscription messages queued per connection before the oldest drop [default: 1024].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subscription_queue: Option<usize>,
+    /// Time in-flight requests get on SIGTERM [default: 5000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain_timeout_ms: Option<u64>,
+    /// Tokio worker threads; 1 = single-threaded [default: number of cores].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_threads: Option<usize>,
+    /// Log format: text or json [default: text]. Filter with RUST_LOG.
+    #[arg(long, value_parser = ["text", "json"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        command => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => return fail(2, &format!("cannot start the runtime: {err}")),
+            };
+            runtime.block_on(run_client(command))
+        }
+    }
+}
+
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("ipc-gateway: {message}");
+    ExitCode::from(code)
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let config = match Config::load(args.config.as_deref(), &args) {
+        Ok(config) => config,
+        Err(err) => return fail(2, &err.to_string()),
+    };
+    ipc_gateway::ops::logging::init(config.log_format);
+    let mut builder = if config.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(config.worker_threads);
+        builder
+    };
+    let runtime = match builder.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(2, &format!("cannot start the runtime: {err}")),
+    };
+    match runtime.block_on(ipc_gateway::server::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => fail(1, &err),
+    }
+}
+
+async fn run_client(command: Command) -> ExitCode {
+    match command {
+        Command::Request {
+            subject,
+            data,
+            timeout_ms,
+            socket,
+        } => {
+            let client = match Client::connect(&socket.socket).await {
+                Ok(client) => client,
+                Err(err) => return fail(2, &connect_error(&socket.socket, err)),
+            };
+            let timeout = timeout_ms.map(Duration::from_millis);
+            match client.request(&subject, data.as_bytes(), timeout).await {
+                Ok(reply) => {
+                    println!("{}", String::from_utf8_lossy(&reply.data));
+                    ExitCode::SUCCESS
+                }
+                Err(err) => report(err),
+            }
+        }
+        Command::Publish {
+            subject,
+            data,
+            socket,
+        } => {
+            let client = match Client::connect(&socket.socket).await {
+                Ok(client) => client,
+                Err(err) => return fail(2, &connect_error(&socket.socket, err)),
+            };
+            match client.publish(&subject, data.as_bytes()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => report(err),
+            }
+        }
+        Command::Subscribe {
+            subject,
+            queue,
+            count,
+            socket,
+        } => {
+            let client = match Client::connect(&socket.socket).await {
+                Ok(client) => client,
+                Err(err) => return fail(2, &connect_error(&socket.socket, err)),
+            };
+            let mut subscription = match client.subscribe(&subject, queue.as_deref()).await {
+                Ok(subscription) => subscription,
+                Err(err) => return report(err),
+            };
+            let mut received = 0u64;
+            while let Some(event) = subscription.events.recv().await {
+                match event {
+                    SubscriptionEvent::Message { subject, data, .. } => {
+                        println!("{subject} {}", String::from_utf8_lossy(&data));
+                        received += 1;
+                        if count.is_some_and(|count| received >= count) {
+                            return ExitCode::SUCCESS;
+                        }
+                    }
+                    SubscriptionEvent::Dropped(n) => eprintln!("ipc-gateway: {n} messages dropped"),
+                }
+            }
+            fail(1, "the gateway closed the connection")
+        }
+        Command::DemoEcho { nats_url, subject } => {
+            ipc_gateway::ops::logging::init(LogFormat::Text);
+            match ipc_gateway::demo::echo(&nats_url, &subject).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => fail(1, &format!("demo echo: {err}")),
+            }
+        }
+        Command::Serve(_) => unreachable!("serve runs its own runtime"),
+    }
+}
+
+fn connect_error(socket: &std::path::Path, err: std::io::Error) -> String {
+    format!(
+        "cannot connect to {}: {err} (is `ipc-gateway serve` running?)",
+        socket.display()
+    )
+}
+
+fn report(err: ClientError) -> ExitCode {
+    match err {
+        ClientError::Gateway(error) => {
+            eprintln!("{}: {}", error.code, error.message);
+            ExitCode::from(1)
+        }
+        other => fail(2, &other.to_string()),
+    }
+}

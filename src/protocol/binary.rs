@@ -131,7 +131,7 @@ impl BinaryDecoder {
         }
         let header = FrameHeader::parse(buf);
         let body_len = header.body_len as usize;
-        let id = Id::from(header.id);
+        let id = frame_id(header.id);
         if HEADER_LEN + body_len > self.max_frame {
             buf.advance(HEADER_LEN);
             self.skipping = header.body_len as u64;
@@ -168,6 +168,11 @@ impl BinaryDecoder {
     }
 }
 
+/// Id 0 in a frame means "no id" (a publish that wants no ack, say).
+fn frame_id(id: u64) -> Id {
+    if id == 0 { Id::Null } else { Id::from(id) }
+}
+
 fn fatal(id: Id, code: ErrorCode, message: String) -> Decoded {
     Decoded::Invalid {
         id,
@@ -190,7 +195,7 @@ fn decode_envelope(header: FrameHeader, body: Bytes) -> Result<Envelope, Gateway
         }
     };
     let body = decode_body(body)?;
-    let mut envelope = Envelope::new(op, Id::from(header.id));
+    let mut envelope = Envelope::new(op, frame_id(header.id));
     if !body.subject.is_empty() {
         envelope.subject = Some(
             Subject::from_utf8(body.subject)

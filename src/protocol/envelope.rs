@@ -3,6 +3,7 @@
 //! bytes into these; nothing here knows about sockets or NATS connections.
 
 use std::fmt;
+use std::sync::Arc;
 
 use async_nats::{HeaderMap, Message, Subject};
 use bytes::Bytes;
@@ -18,7 +19,7 @@ pub enum Id {
     #[default]
     Null,
     Number(serde_json::Number),
-    Text(String),
+    Text(Arc<str>),
 }
 
 impl Id {

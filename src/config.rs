@@ -1,0 +1,256 @@
+//! The one `Config`: defaults < TOML file < environment (`IPC_GATEWAY_<KEY>`, and `NATS_URL`)
+//! < command-line flags, merged by figment and validated once at start. Every error names the
+//! key that is wrong.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::protocol::subject::{SubjectUse, validate_subject};
+
+pub const ENV_PREFIX: &str = "IPC_GATEWAY_";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Path of the Unix socket to listen on.
+    pub socket: PathBuf,
+    /// Permission bits of the socket file, in octal ("0660").
+    #[serde(deserialize_with = "octal_mode", serialize_with = "octal_mode_out")]
+    pub socket_mode: u32,
+    /// NATS server URL(s), comma-separated for a cluster.
+    pub nats_url: String,
+    /// Connections in the NATS pool; requests are spread across them.
+    pub nats_connections: usize,
+    /// Address of the HTTP port: /health, /ready, /metrics.
+    pub http: SocketAddr,
+    /// Subject for JSON objects that name neither op nor subject.
+    pub default_subject: Option<String>,
+    /// Largest frame or JSON line accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// Default request deadline, and the ceiling on a client's `timeout_ms`.
+    pub request_timeout_ms: u64,
+    /// Client connections served at once; the next one gets an error and is closed.
+    pub max_connections: usize,
+    /// Requests (and other commands awaiting an answer) per connection before the gateway
+    /// stops reading from that client.
+    pub max_inflight_per_connection: usize,
+    /// Payload bytes in flight through the gateway before requests get `OVERLOADED`.
+    pub max_inflight_bytes: usize,
+    /// Subscription messages queued per connection before the oldest are dropped.
+    pub subscription_queue: usize,
+    /// On SIGTERM, how long in-flight requests may take before they get `UNAVAILABLE`.
+    pub drain_timeout_ms: u64,
+    /// Tokio worker threads; 1 runs everything on one thread (often fastest on small hosts).
+    pub worker_threads: usize,
+    /// Log format: "text" or "json".
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            socket: PathBuf::from("/tmp/ipc-gateway.sock"),
+            socket_mode: 0o660,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_connections: 2,
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            default_subject: None,
+            max_frame_bytes: 1 << 20,
+            request_timeout_ms: 5000,
+            max_connections: 10_000,
+            max_inflight_per_connection: 1024,
+            max_inflight_bytes: 256 << 20,
+            subscription_queue: 1024,
+            drain_timeout_ms: 5000,
+            worker_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// A configuration error, worded for the operator: it names the key and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Merges every layer. `flags` holds only the settings given on the command line.
+    pub fn load<T: Serialize>(file: Option<&Path>, flags: &T) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError(format!(
+                    "file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment
+            .merge(Env::prefixed(ENV_PREFIX))
+            .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats_url".into()))
+            .merge(Serialized::defaults(flags));
+        let config: Config = figment
+            .extract()
+            .map_err(|err| ConfigError(err.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if self.socket.as_os_str().is_empty() {
+            return bad("socket", "must be a path");
+        }
+        if self.socket_mode > 0o777 {
+            return bad("socket_mode", "must be permission bits such as 0660");
+        }
+        if self.nats_url.trim().is_empty() {
+            return bad(
+                "nats_url",
+                "must be a NATS URL such as nats://127.0.0.1:4222",
+            );
+        }
+        if self.nats_connections == 0 || self.nats_connections > 64 {
+            return bad("nats_connections", "must be between 1 and 64");
+        }
+        if self.max_frame_bytes < 64 || self.max_frame_bytes > u32::MAX as usize {
+            return bad("max_frame_bytes", "must be between 64 and 4294967295");
+        }
+        if self.request_timeout_ms == 0 || self.request_timeout_ms > u32::MAX as u64 {
+            return bad("request_timeout_ms", "must be between 1 and 4294967295");
+        }
+        for (key, value) in [
+            ("max_connections", self.max_connections),
+            (
+                "max_inflight_per_connection",
+                self.max_inflight_per_connection,
+            ),
+            ("max_inflight_bytes", self.max_inflight_bytes),
+            ("subscription_queue", self.subscription_queue),
+            ("worker_threads", self.worker_threads),
+        ] {
+            if value == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if let Some(subject) = &self.default_subject
+            && let Err(err) = validate_subject(subject, SubjectUse::Publish)
+        {
+            return bad("default_subject", &err.message);
+        }
+        Ok(())
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+/// Reads permission bits written in octal, as a string ("0660") or as the digits a TOML or
+/// environment integer leaves (660).
+fn octal_mode<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Mode {
+        Text(String),
+        Digits(u64),
+    }
+    let digits = match Mode::deserialize(deserializer)? {
+        Mode::Text(text) => text,
+        Mode::Digits(number) => number.to_string(),
+    };
+    let trimmed = digits.trim_start_matches("0o");
+    u32::from_str_radix(trimmed, 8).map_err(|_| {
+        serde::de::Error::custom(format!("{digits:?} is not an octal mode such as 0660"))
+    })
+}
+
+fn octal_mode_out<S: serde::Serializer>(mode: &u32, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&format!("{mode:04o}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[derive(Serialize, Default)]
+    struct Flags {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        nats_connections: Option<usize>,
+    }
+
+    #[test]
+    fn layers_merge_in_order_defaults_file_env_flags() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "gw.toml",
+                "nats_connections = 3\nmax_frame_bytes = 4096\nsocket_mode = \"0600\"\nrequest_timeout_ms = 100",
+            )?;
+            jail.set_env("IPC_GATEWAY_MAX_FRAME_BYTES", "8192");
+            jail.set_env("NATS_URL", "nats://10.0.0.1:4222");
+            let flags = Flags {
+                nats_connections: Some(4),
+            };
+            let config = Config::load(Some(Path::new("gw.toml")), &flags).unwrap();
+            assert_eq!(config.nats_connections, 4);
+            assert_eq!(config.max_frame_bytes, 8192);
+            assert_eq!(config.request_timeout_ms, 100);
+            assert_eq!(config.socket_mode, 0o600);
+            assert_eq!(config.nats_url, "nats://10.0.0.1:4222");
+            assert_eq!(config.http, Config::default().http);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_name_the_bad_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "max_frame_bytes = \"lots\"")?;
+            let err = Config::load(Some(Path::new("bad.toml")), &Flags::default()).unwrap_err();
+            assert!(err.to_string().contains("max_frame_bytes"), "{err}");
+            jail.create_file("unknown.toml", "max_frame_byte = 1")?;
+            let err = Config::load(Some(Path::new("unknown.toml")), &Flags::default()).unwrap_err();
+            assert!(err.to_string().contains("max_frame_byte"), "{err}");
+            jail.create_file("zero.toml", "nats_connections = 0")?;
+            let err = Config::load(Some(Path::new("zero.toml")), &Flags::default()).unwrap_err();
+            assert!(err.to_string().contains("nats_connections"), "{err}");
+            jail.set_env("IPC_GATEWAY_SOCKET_MODE", "0640");
+            let config = Config::load(None, &Flags::default()).unwrap();
+            assert_eq!(config.socket_mode, 0o640);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_default_subject_with_a_wildcard_is_refused() {
+        let config = Config {
+            default_subject: Some("a.*".into()),
+            ..Config::default()
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("default_subject")
+        );
+    }
+}

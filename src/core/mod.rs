@@ -1,0 +1,336 @@
+//! The core every front-end calls: `request`, `publish` and `subscribe`, implemented once, with
+//! the same validation, limits, error codes and metrics whoever the client is. A `Gateway` is
+//! cheap to clone (an `Arc` inside); there is one per process.
+
+pub mod budget;
+pub mod pool;
+pub mod shutdown;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::client::RequestErrorKind;
+use async_nats::{HeaderMap, Subject, Subscriber};
+use bytes::Bytes;
+
+use crate::config::Config;
+use crate::ops::metrics::{Frontend, Metrics};
+use crate::protocol::subject::{SubjectUse, validate_queue_group, validate_subject};
+use crate::protocol::{Envelope, ErrorCode, GatewayError, Op};
+use budget::ByteBudget;
+use pool::NatsPool;
+use shutdown::Shutdown;
+
+/// A successful request's answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub data: Bytes,
+    pub headers: Option<HeaderMap>,
+}
+
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    pool: Arc<NatsPool>,
+    budget: Arc<ByteBudget>,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+    default_subject: Option<Subject>,
+    listener_up: AtomicBool,
+}
+
+/// What `/ready` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub nats_connected: usize,
+    pub nats_pool_size: usize,
+    pub listener_up: bool,
+    pub shutting_down: bool,
+    pub not_ready: Vec<&'static str>,
+}
+
+impl Gateway {
+    /// Builds the core and starts connecting to NATS; returns at once even if NATS is down.
+    pub async fn new(config: Config) -> Result<Gateway, String> {
+        let metrics = Metrics::new();
+        let pool = NatsPool::connect(&config.nats_url, config.nats_connections).await?;
+        metrics.nats_pool_size.set(pool.size() as f64);
+        let budget = ByteBudget::new(config.max_inflight_bytes, metrics.inflight_bytes.clone());
+        let default_subject = config.default_subject.clone().map(Subject::from);
+        Ok(Gateway {
+            inner: Arc::new(Inner {
+                config,
+                pool,
+                budget,
+                metrics,
+                shutdown: Shutdown::default(),
+                default_subject,
+                listener_up: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.inner.shutdown
+    }
+
+    pub fn set_listener_up(&self, up: bool) {
+        self.inner.listener_up.store(up, Ordering::Release);
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        let nats_connected = self.inner.pool.connected();
+        let listener_up = self.inner.listener_up.load(Ordering::Acquire);
+        let shutting_down = self.inner.shutdown.is_stopping();
+        let mut not_ready = Vec::new();
+        if nats_connected == 0 {
+            not_ready.push("nats");
+        }
+        if !listener_up {
+            not_ready.push("listener");
+        }
+        if shutting_down {
+            not_ready.push("shutting_down");
+        }
+        Readiness {
+            ready: not_ready.is_empty(),
+            nats_connected,
+            nats_pool_size: self.inner.pool.size(),
+            listener_up,
+            shutting_down,
+            not_ready,
+        }
+    }
+
+    /// Refreshes the gauges that are read from state rather than counted.
+    pub fn refresh_gauges(&self) {
+        let metrics = &self.inner.metrics;
+        metrics
+            .nats_connected
+            .set(self.inner.pool.connected() as f64);
+        metrics.run_upkeep();
+    }
+
+    /// Sends a request and waits for exactly one answer: the reply, or an error no later than
+    /// the request's deadline (the client's `timeout_ms`, capped by the configured ceiling).
+    pub async fn request(
+        &self,
+        frontend: Frontend,
+        envelope: Envelope,
+    ) -> Result<Reply, GatewayError> {
+        let started = Instant::now();
+        let metrics = &self.inner.metrics;
+        metrics.payload_in(frontend, envelope.data.len());
+        let result = self.send_request(envelope).await;
+        metrics.operation(
+            frontend,
+            Op::Request,
+            result.as_ref().map(|_| ()).map_err(|e| e.code),
+        );
+        metrics.request_latency(frontend, started.elapsed().as_secs_f64());
+        if let Ok(reply) = &result {
+            metrics.payload_out(frontend, reply.data.len());
+        }
+        result
+    }
+
+    async fn send_request(&self, envelope: Envelope) -> Result<Reply, GatewayError> {
+        let subject = self.target_subject(envelope.subject)?;
+        let timeout = self.deadline(envelope.timeout_ms);
+        let _permit = self.inner.budget.try_acquire(envelope.data.len())?;
+        let client = self.inner.pool.client()?;
+        let _inflight = InflightGuard::new(&self.inner.metrics);
+        let mut request = async_nats::Request::new()
+            .payload(envelope.data)
+            .timeout(Some(timeout));
+        if let Some(headers) = envelope.headers {
+            request = request.headers(headers);
+        }
+        let answer = tokio::select! {
+            biased;
+            answer = client.send_request(subject.clone(), request) => answer,
+            _ = self.inner.shutdown.drain_expired() => {
+                return Err(GatewayError::new(
+                    ErrorCode::Unavailable,
+                    "the gateway is shutting down and the drain time ran out",
+                ));
+            }
+        };
+        match answer {
+            Ok(message) => Ok(Reply {
+                data: message.payload,
+                headers: message.headers,
+            }),
+            Err(err) => Err(match err.kind() {
+                RequestErrorKind::TimedOut => GatewayError::new(
+                    ErrorCode::Timeout,
+                    format!("no reply on {subject} within {} ms", timeout.as_millis()),
+                ),
+                RequestErrorKind::NoResponders => GatewayError::new(
+                    ErrorCode::NoResponders,
+                    format!("no service listens on {subject}"),
+                ),
+                RequestErrorKind::InvalidSubject => {
+                    GatewayError::bad_request(format!("NATS refused subject {subject}"))
+                }
+                RequestErrorKind::MaxPayloadExceeded => GatewayError::new(
+                    ErrorCode::TooLarge,
+                    format!("NATS refused the payload: {err}"),
+                ),
+                RequestErrorKind::Other => GatewayError::new(
+                    ErrorCode::Unavailable,
+                    format!("NATS connection failed: {err}"),
+                ),
+            }),
+        }
+    }
+
+    /// Publishes a message. Success means NATS's client accepted it for sending.
+    pub async fn publish(
+        &self,
+        frontend: Frontend,
+        envelope: Envelope,
+    ) -> Result<(), GatewayError> {
+        let metrics = &self.inner.metrics;
+        metrics.payload_in(frontend, envelope.data.len());
+        let result = self.send_publish(envelope).await;
+        metrics.operation(
+            frontend,
+            Op::Publish,
+            result.as_ref().copied().map_err(|e| e.code),
+        );
+        result
+    }
+
+    async fn send_publish(&self, envelope: Envelope) -> Result<(), GatewayError> {
+        let subject = self.target_subject(envelope.subject)?;
+        let _permit = self.inner.budget.try_acquire(envelope.data.len())?;
+        let client = self.inner.pool.client()?;
+        let sent = match envelope.headers {
+            Some(headers) => {
+                client
+                    .publish_with_headers(subject, headers, envelope.data)
+                    .await
+            }
+            None => client.publish(subject, envelope.data).await,
+        };
+        sent.map_err(|err| match err.kind() {
+            async_nats::client::PublishErrorKind::MaxPayloadExceeded => GatewayError::new(
+                ErrorCode::TooLarge,
+                format!("NATS refused the payload: {err}"),
+            ),
+            _ => GatewayError::new(
+                ErrorCode::Unavailable,
+                format!("NATS publish failed: {err}"),
+            ),
+        })
+    }
+
+    /// Opens a NATS subscription (wildcards allowed, optional queue group). The caller owns
+    /// the `Subscriber`: dropping it unsubscribes.
+    pub async fn subscribe(
+        &self,
+        frontend: Frontend,
+        subject: &Subject,
+        queue: Option<&str>,
+    ) -> Result<Subscriber, GatewayError> {
+        let result = self.open_subscription(subject, queue).await;
+        self.inner.metrics.operation(
+            frontend,
+            Op::Subscribe,
+            result.as_ref().map(|_| ()).map_err(|e| e.code),
+        );
+        result
+    }
+
+    async fn open_subscription(
+        &self,
+        subject: &Subject,
+        queue: Option<&str>,
+    ) -> Result<Subscriber, GatewayError> {
+        validate_subject(subject, SubjectUse::Subscribe)?;
+        if let Some(queue) = queue {
+            validate_queue_group(queue)?;
+        }
+        let client = self.inner.pool.client()?;
+        let subscribed = match queue {
+            Some(queue) => {
+                client
+                    .queue_subscribe(subject.clone(), queue.to_owned())
+                    .await
+            }
+            None => client.subscribe(subject.clone()).await,
+        };
+        subscribed.map_err(|err| {
+            GatewayError::new(
+                ErrorCode::Unavailable,
+                format!("NATS subscribe failed: {err}"),
+            )
+        })
+    }
+
+    /// Counts an operation that never reached the core (bad input, acks, pings).
+    pub fn count(&self, frontend: Frontend, op: Option<Op>, outcome: Result<(), ErrorCode>) {
+        self.inner
+            .metrics
+            .operation_or_invalid(frontend, op, outcome);
+    }
+
+    /// The subject to send to: the envelope's, validated, or the configured default.
+    fn target_subject(&self, subject: Option<Subject>) -> Result<Subject, GatewayError> {
+        match subject {
+            Some(subject) => {
+                validate_subject(&subject, SubjectUse::Publish)?;
+                Ok(subject)
+            }
+            None => self.inner.default_subject.clone().ok_or_else(|| {
+                GatewayError::bad_request(
+                    "\"subject\" is required (this gateway has no default subject)",
+                )
+            }),
+        }
+    }
+
+    fn deadline(&self, timeout_ms: Option<u32>) -> Duration {
+        let ceiling = self.inner.config.request_timeout();
+        match timeout_ms {
+            Some(ms) if ms > 0 => Duration::from_millis(ms as u64).min(ceiling),
+            _ => ceiling,
+        }
+    }
+
+    /// Flushes NATS connections so that accepted publishes leave before the process exits.
+    pub async fn flush(&self) {
+        self.inner.pool.flush_all().await;
+    }
+}
+
+/// Keeps the in-flight gauge right whether a request finishes or is cancelled.
+struct InflightGuard<'a>(&'a Metrics);
+
+impl<'a> InflightGuard<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.inflight_requests.increment(1.0);
+        InflightGuard(metrics)
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.inflight_requests.decrement(1.0);
+    }
+}

@@ -1,0 +1,40 @@
+//! Graceful shutdown as two signals: `stop` (stop accepting and reading; answer what is in
+//! flight) and `drain_expired` (the drain time is over; whatever is still waiting gets
+//! `UNAVAILABLE` now). One small type so every front-end follows the same sequence.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    stop: CancellationToken,
+    drain_expired: CancellationToken,
+}
+
+impl Shutdown {
+    /// Starts shutdown: stop now, expire the drain after `drain`.
+    pub fn begin(&self, drain: Duration) {
+        if self.stop.is_cancelled() {
+            return;
+        }
+        self.stop.cancel();
+        let expired = self.drain_expired.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(drain).await;
+            expired.cancel();
+        });
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    pub async fn stopped(&self) {
+        self.stop.cancelled().await
+    }
+
+    pub async fn drain_expired(&self) {
+        self.drain_expired.cancelled().await
+    }
+}

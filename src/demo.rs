@@ -1,0 +1,32 @@
+//! The demo NATS service of the quick start: answers every request on its subject with the
+//! request's own payload and headers (an echo).
+
+use futures_util::StreamExt;
+use tracing::info;
+
+/// Serves `subject` on the NATS server at `url` until the connection ends.
+pub async fn echo(url: &str, subject: &str) -> Result<(), async_nats::Error> {
+    let client = async_nats::ConnectOptions::new()
+        .name("ipc-gateway-demo-echo")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(url)
+        .await?;
+    let mut requests = client.subscribe(subject.to_owned()).await?;
+    client.flush().await.ok();
+    info!(subject, url, "demo echo service is answering");
+    while let Some(message) = requests.next().await {
+        if let Some(reply) = message.reply {
+            let sent = match message.headers {
+                Some(headers) => {
+                    client
+                        .publish_with_headers(reply, headers, message.payload)
+                        .await
+                }
+                None => client.publish(reply, message.payload).await,
+            };
+            sent?;
+        }
+    }
+    Ok(())
+}

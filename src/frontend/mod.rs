@@ -1,0 +1,5 @@
+//! Front-ends: each speaks one wire and calls the shared core through a `Session`.
+
+pub mod outbox;
+pub mod session;
+pub mod uds;

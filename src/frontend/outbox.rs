@@ -1,0 +1,236 @@
+//! One client's outbound queue, shared by every front-end. Two traffic classes:
+//! - control (replies, errors, acks, pongs, drop notices) is never dropped. It is bounded
+//!   because the reader takes a new command only while `pending` (commands accepted whose
+//!   answer is not yet written) is under the connection's in-flight limit.
+//! - stream (subscription messages) is bounded by `stream_limit`; when full, the oldest
+//!   message is dropped and counted per subscription, and the client is told with a
+//!   `dropped` notice ahead of the next messages.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_nats::Message;
+use tokio::sync::Notify;
+
+use crate::protocol::{Id, Outbound};
+
+#[derive(Default)]
+struct Queues {
+    control: VecDeque<Outbound>,
+    stream: VecDeque<(Id, Message)>,
+    /// Drops not yet reported, per subscription id, in order of first drop.
+    dropped: Vec<(Id, u64)>,
+    closed: bool,
+}
+
+pub struct Outbox {
+    queues: Mutex<Queues>,
+    stream_limit: usize,
+    pending: AtomicUsize,
+    /// Wakes the writer when there is something to write or the outbox closed.
+    writable: Notify,
+    /// Wakes the reader when `pending` fell (there is room for more commands).
+    room: Notify,
+}
+
+/// What the writer takes in one go.
+#[derive(Default)]
+pub struct Batch {
+    pub events: Vec<Outbound>,
+    /// Control events in `events`: pass to `written` once they are on the wire.
+    pub control: usize,
+    /// Subscription messages dropped since the last batch.
+    pub dropped: u64,
+    pub closed: bool,
+}
+
+impl Outbox {
+    pub fn new(stream_limit: usize) -> Self {
+        Outbox {
+            queues: Mutex::new(Queues::default()),
+            stream_limit,
+            pending: AtomicUsize::new(0),
+            writable: Notify::new(),
+            room: Notify::new(),
+        }
+    }
+
+    fn queues(&self) -> std::sync::MutexGuard<'_, Queues> {
+        // A panic while holding this lock leaves plain queues behind: still usable.
+        self.queues
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Counts a command whose answer will come through `push_control`.
+    pub fn begin_command(&self) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Commands accepted whose answers are not yet written.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Queues an answer; it is never dropped.
+    pub fn push_control(&self, event: Outbound) {
+        self.queues().control.push_back(event);
+        self.writable.notify_one();
+    }
+
+    /// Queues a subscription message, dropping the oldest one when the stream class is full.
+    /// Returns how many were dropped (0 or 1), for the metric.
+    pub fn push_stream(&self, sid: Id, message: Message) -> u64 {
+        let mut queues = self.queues();
+        if queues.closed {
+            return 0;
+        }
+        let mut dropped = 0;
+        if queues.stream.len() >= self.stream_limit
+            && let Some((old_sid, _)) = queues.stream.pop_front()
+        {
+            dropped = 1;
+            match queues.dropped.iter_mut().find(|(sid, _)| *sid == old_sid) {
+                Some((_, count)) => *count += 1,
+                None => queues.dropped.push((old_sid, 1)),
+            }
+        }
+        queues.stream.push_back((sid, message));
+        drop(queues);
+        self.writable.notify_one();
+        dropped
+    }
+
+    /// Forgets queued messages of a subscription that was closed.
+    pub fn purge(&self, sid: &Id) {
+        let mut queues = self.queues();
+        queues.stream.retain(|(s, _)| s != sid);
+        queues.dropped.retain(|(s, _)| s != sid);
+    }
+
+    /// Takes up to `max` events: control first, then drop notices, then stream messages.
+    pub fn take_batch(&self, max: usize) -> Batch {
+        let mut queues = self.queues();
+        let mut batch = Batch {
+            closed: queues.closed,
+            ..Batch::default()
+        };
+        while batch.events.len() < max {
+            let Some(event) = queues.control.pop_front() else {
+                break;
+            };
+            batch.events.push(event);
+            batch.control += 1;
+        }
+        for (sid, count) in queues.dropped.drain(..) {
+            batch.dropped += count;
+            batch.events.push(Outbound::Dropped { sid, count });
+        }
+        while batch.events.len() < max {
+            let Some((sid, message)) = queues.stream.pop_front() else {
+                break;
+            };
+            batch.events.push(Outbound::Msg { sid, message });
+        }
+        batch
+    }
+
+    /// The writer wrote `control` answers: make room for that many new commands.
+    pub fn written(&self, control: usize) {
+        if control > 0 {
+            self.pending.fetch_sub(control, Ordering::AcqRel);
+            self.room.notify_one();
+        }
+    }
+
+    pub fn has_work(&self) -> bool {
+        let queues = self.queues();
+        !queues.control.is_empty() || !queues.stream.is_empty() || !queues.dropped.is_empty()
+    }
+
+    /// No more events will come: the writer flushes what is queued, then ends.
+    pub fn close(&self) {
+        self.queues().closed = true;
+        self.writable.notify_one();
+    }
+
+    pub async fn wait_writable(&self) {
+        self.writable.notified().await
+    }
+
+    pub async fn wait_room(&self) {
+        self.room.notified().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::GatewayError;
+
+    fn message(n: u8) -> Message {
+        Message {
+            subject: "s".into(),
+            reply: None,
+            payload: vec![n].into(),
+            headers: None,
+            status: None,
+            description: None,
+            length: 1,
+        }
+    }
+
+    #[test]
+    fn stream_drops_oldest_and_reports_counts_per_subscription() {
+        let outbox = Outbox::new(2);
+        let a = Id::Text("a".into());
+        let b = Id::Text("b".into());
+        assert_eq!(outbox.push_stream(a.clone(), message(1)), 0);
+        assert_eq!(outbox.push_stream(b.clone(), message(2)), 0);
+        assert_eq!(outbox.push_stream(a.clone(), message(3)), 1);
+        assert_eq!(outbox.push_stream(a.clone(), message(4)), 1);
+        outbox.push_control(Outbound::Ack { id: Id::from(9) });
+        let batch = outbox.take_batch(100);
+        assert_eq!(batch.control, 1);
+        assert_eq!(batch.dropped, 2);
+        let kinds: Vec<String> = batch
+            .events
+            .iter()
+            .map(|event| match event {
+                Outbound::Ack { .. } => "ack".into(),
+                Outbound::Dropped { sid, count } => format!("dropped {sid} {count}"),
+                Outbound::Msg { sid, message } => format!("msg {sid} {}", message.payload[0]),
+                _ => "other".into(),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "ack",
+                "dropped \"a\" 1",
+                "dropped \"b\" 1",
+                "msg \"a\" 3",
+                "msg \"a\" 4"
+            ]
+        );
+    }
+
+    #[test]
+    fn control_is_never_dropped_and_pending_tracks_answers() {
+        let outbox = Outbox::new(1);
+        for n in 0..1000u64 {
+            outbox.begin_command();
+            outbox.push_control(Outbound::Error {
+                id: Id::from(n),
+                error: GatewayError::bad_request("x"),
+            });
+        }
+        assert_eq!(outbox.pending(), 1000);
+        let batch = outbox.take_batch(600);
+        assert_eq!(batch.events.len(), 600);
+        outbox.written(batch.control);
+        assert_eq!(outbox.pending(), 400);
+        assert_eq!(outbox.take_batch(usize::MAX).control, 400);
+    }
+}

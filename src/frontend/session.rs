@@ -1,0 +1,217 @@
+//! What one client connection asks of the core, whatever its wire: it turns decoded envelopes
+//! into core calls, keeps the client's requests in flight (pipelined, answered in any order)
+//! and its subscriptions, and puts every answer into the client's `Outbox`. A front-end only
+//! reads its wire into `Decoded` items and writes the outbox back out.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::task::AbortHandle;
+
+use crate::core::{Gateway, Reply};
+use crate::ops::metrics::Frontend;
+use crate::protocol::{Decoded, Envelope, ErrorCode, GatewayError, Id, Op, Outbound};
+
+use super::outbox::Outbox;
+
+type RequestFuture = Pin<Box<dyn Future<Output = (Id, Result<Reply, GatewayError>)> + Send>>;
+
+/// Whether the connection can go on after an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// The stream cannot be resynchronised: answer what is in flight, then close.
+    Close,
+}
+
+pub struct Session {
+    gateway: Gateway,
+    frontend: Frontend,
+    outbox: Arc<Outbox>,
+    requests: FuturesUnordered<RequestFuture>,
+    subscriptions: HashMap<Id, AbortHandle>,
+}
+
+impl Session {
+    pub fn new(gateway: Gateway, frontend: Frontend, outbox: Arc<Outbox>) -> Self {
+        Session {
+            gateway,
+            frontend,
+            outbox,
+            requests: FuturesUnordered::new(),
+            subscriptions: HashMap::new(),
+        }
+    }
+
+    pub fn has_requests(&self) -> bool {
+        !self.requests.is_empty()
+    }
+
+    pub fn has_subscriptions(&self) -> bool {
+        !self.subscriptions.is_empty()
+    }
+
+    /// Handles one decoded item. Requests start here and finish in `next_answer`.
+    pub async fn handle(&mut self, item: Decoded) -> Flow {
+        let envelope = match item {
+            Decoded::Envelope(envelope) => envelope,
+            Decoded::Invalid { id, error, fatal } => {
+                self.gateway.count(self.frontend, None, Err(error.code));
+                self.answer(Outbound::Error { id, error });
+                return if fatal { Flow::Close } else { Flow::Continue };
+            }
+        };
+        match envelope.op {
+            Op::Request => {
+                self.outbox.begin_command();
+                let gateway = self.gateway.clone();
+                let frontend = self.frontend;
+                self.requests.push(Box::pin(async move {
+                    let id = envelope.id.clone();
+                    (id, gateway.request(frontend, envelope).await)
+                }));
+            }
+            Op::Publish => {
+                let id = envelope.id.clone();
+                match self.gateway.publish(self.frontend, envelope).await {
+                    Ok(()) if id.is_null() => {}
+                    Ok(()) => self.answer(Outbound::Ack { id }),
+                    Err(error) => self.answer(Outbound::Error { id, error }),
+                }
+            }
+            Op::Subscribe => {
+                let id = envelope.id.clone();
+                let answer = match self.subscribe(envelope).await {
+                    Ok(()) => Outbound::Ack { id },
+                    Err(error) => Outbound::Error { id, error },
+                };
+                self.answer(answer);
+            }
+            Op::Unsubscribe => {
+                let id = envelope.id.clone();
+                let answer = match self.unsubscribe(&id) {
+                    Ok(()) => Outbound::Ack { id },
+                    Err(error) => Outbound::Error { id, error },
+                };
+                self.answer(answer);
+            }
+            Op::Ping => {
+                self.gateway.count(self.frontend, Some(Op::Ping), Ok(()));
+                self.answer(Outbound::Pong { id: envelope.id });
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Waits for the next request to finish and queues its answer. Pending while none is in
+    /// flight, so it can sit in a `select!` beside the reader.
+    pub async fn next_answer(&mut self) {
+        if self.requests.is_empty() {
+            return std::future::pending().await;
+        }
+        if let Some((id, result)) = self.requests.next().await {
+            self.outbox.push_control(match result {
+                Ok(reply) => Outbound::Reply {
+                    id,
+                    data: reply.data,
+                    headers: reply.headers,
+                },
+                Err(error) => Outbound::Error { id, error },
+            });
+        }
+    }
+
+    /// Answers a command that did not go to the core as a request.
+    fn answer(&self, event: Outbound) {
+        self.outbox.begin_command();
+        self.outbox.push_control(event);
+    }
+
+    /// Answers a command with `UNAVAILABLE` because the gateway is shutting down.
+    pub fn refuse_shutting_down(&mut self, item: Decoded) {
+        let id = match item {
+            Decoded::Envelope(envelope) => envelope.id,
+            Decoded::Invalid { id, .. } => id,
+        };
+        self.gateway
+            .count(self.frontend, None, Err(ErrorCode::Unavailable));
+        self.answer(Outbound::Error {
+            id,
+            error: GatewayError::new(ErrorCode::Unavailable, "the gateway is shutting down"),
+        });
+    }
+
+    async fn subscribe(&mut self, envelope: Envelope) -> Result<(), GatewayError> {
+        let sid = envelope.id.clone();
+        if sid.is_null() {
+            return Err(GatewayError::bad_request(
+                "subscribe needs an \"id\": messages name their subscription by it",
+            ));
+        }
+        if self.subscriptions.contains_key(&sid) {
+            return Err(GatewayError::bad_request(format!(
+                "subscription id {sid} is already in use on this connection"
+            )));
+        }
+        let subject = envelope.require_subject()?;
+        let mut subscriber = self
+            .gateway
+            .subscribe(self.frontend, subject, envelope.queue.as_deref())
+            .await?;
+        let outbox = self.outbox.clone();
+        let metrics = self.gateway.metrics().clone();
+        let frontend = self.frontend;
+        let message_sid = sid.clone();
+        let pump = tokio::spawn(async move {
+            while let Some(message) = subscriber.next().await {
+                metrics.payload_out(frontend, message.payload.len());
+                let dropped = outbox.push_stream(message_sid.clone(), message);
+                if dropped > 0 {
+                    metrics.dropped(frontend, dropped);
+                }
+            }
+        });
+        self.gateway.metrics().subscription_opened(self.frontend);
+        self.subscriptions.insert(sid, pump.abort_handle());
+        Ok(())
+    }
+
+    fn unsubscribe(&mut self, sid: &Id) -> Result<(), GatewayError> {
+        let result = match self.subscriptions.remove(sid) {
+            Some(pump) => {
+                // Aborting the pump drops its `Subscriber`, which unsubscribes from NATS.
+                pump.abort();
+                self.outbox.purge(sid);
+                self.gateway.metrics().subscription_closed(self.frontend);
+                Ok(())
+            }
+            None => Err(GatewayError::bad_request(format!(
+                "no subscription with id {sid} on this connection"
+            ))),
+        };
+        self.gateway.count(
+            self.frontend,
+            Some(Op::Unsubscribe),
+            result.as_ref().map(|_| ()).map_err(|e| e.code),
+        );
+        result
+    }
+
+    /// Closes every subscription of this connection.
+    pub fn close_subscriptions(&mut self) {
+        for (_, pump) in self.subscriptions.drain() {
+            pump.abort();
+            self.gateway.metrics().subscription_closed(self.frontend);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.close_subscriptions();
+    }
+}

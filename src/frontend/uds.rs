@@ -1,0 +1,276 @@
+//! The Unix-socket front-end: owns the socket file (refuse to start over a live one, replace a
+//! stale one, remove it on exit), accepts connections up to the limit, and runs each one as a
+//! reader (this task: decode, dispatch, collect answers) plus a writer task that drains the
+//! connection's outbox in batches, one write per wakeup.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::codec::{Decoder, FramedRead};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::core::Gateway;
+use crate::ops::metrics::Frontend;
+use crate::protocol::{ErrorCode, GatewayError, Id, Outbound, WireDecoder, WireFormat};
+
+use super::outbox::Outbox;
+use super::session::{Flow, Session};
+
+/// Events the writer takes per batch; bounds one batch's buffer together with `FLUSH_AT`.
+const MAX_BATCH_EVENTS: usize = 512;
+/// Write out once this many bytes are encoded, even mid-batch.
+const FLUSH_AT: usize = 64 * 1024;
+const READ_BUFFER: usize = 16 * 1024;
+
+/// The bound socket; removes its file when dropped.
+pub struct UdsListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl UdsListener {
+    /// Binds `path`. Refuses when another process answers on it; replaces a stale socket file;
+    /// never deletes something that is not a socket.
+    pub async fn bind(path: &Path, mode: u32) -> io::Result<UdsListener> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{} exists and is not a socket; not replacing it",
+                        path.display()
+                    ),
+                ));
+            }
+            match UnixStream::connect(path).await {
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!(
+                            "another process is listening on {}; stop it or choose another --socket",
+                            path.display()
+                        ),
+                    ));
+                }
+                Err(_) => {
+                    info!(path = %path.display(), "replacing stale socket file");
+                    std::fs::remove_file(path)?;
+                }
+            }
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        Ok(UdsListener {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for UdsListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Accepts connections until shutdown begins, then waits for every connection to finish.
+pub async fn serve(gateway: Gateway, listener: UdsListener) {
+    let config = gateway.config();
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let tracker = TaskTracker::new();
+    gateway.set_listener_up(true);
+    info!(socket = %listener.path().display(), "listening on the Unix socket");
+    loop {
+        let accepted = tokio::select! {
+            _ = gateway.shutdown().stopped() => break,
+            accepted = listener.listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of file descriptors, say: back off instead of spinning.
+                warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let gateway = gateway.clone();
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tracker.spawn(serve_connection(gateway, stream, permit));
+            }
+            Err(_) => {
+                tracker.spawn(reject_connection(gateway, stream));
+            }
+        }
+    }
+    gateway.set_listener_up(false);
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Tells a client over the connection limit why, in the format it speaks, then closes.
+async fn reject_connection(gateway: Gateway, mut stream: UnixStream) {
+    let max = gateway.config().max_connections;
+    gateway.metrics().connection_rejected(Frontend::Uds);
+    let mut first = [0u8; 1];
+    let format = match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut first)).await {
+        Ok(Ok(1)) => WireFormat::sniff(first[0]),
+        _ => WireFormat::JsonLines,
+    };
+    let mut out = BytesMut::new();
+    format.encode(
+        &Outbound::Error {
+            id: Id::Null,
+            error: GatewayError::new(
+                ErrorCode::Overloaded,
+                format!("the gateway serves its maximum of {max} connections; retry later"),
+            ),
+        },
+        &mut out,
+    );
+    let _ = stream.write_all(&out).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSemaphorePermit) {
+    let metrics = gateway.metrics().clone();
+    metrics.connection_opened(Frontend::Uds);
+    let config = gateway.config();
+    let max_inflight = config.max_inflight_per_connection;
+    let (read, write) = stream.into_split();
+    let outbox = Arc::new(Outbox::new(config.subscription_queue));
+    let format = Arc::new(OnceLock::new());
+    let peer_gone = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(
+        write,
+        outbox.clone(),
+        format.clone(),
+        peer_gone.clone(),
+    ));
+    let mut frames =
+        FramedRead::with_capacity(read, WireDecoder::new(config.max_frame_bytes), READ_BUFFER);
+    let mut session = Session::new(gateway.clone(), Frontend::Uds, outbox.clone());
+    let mut reading = true;
+    let mut closing = false;
+    loop {
+        if !reading && !session.has_requests() && (closing || !session.has_subscriptions()) {
+            break;
+        }
+        let has_room = outbox.pending() < max_inflight;
+        tokio::select! {
+            biased;
+            _ = peer_gone.cancelled() => break,
+            _ = gateway.shutdown().stopped(), if !closing => {
+                closing = true;
+                if reading {
+                    reading = false;
+                    refuse_buffered(&mut frames, &mut session);
+                }
+                session.close_subscriptions();
+            }
+            _ = session.next_answer() => {}
+            _ = outbox.wait_room(), if reading && !has_room => {}
+            item = frames.next(), if reading && has_room => match item {
+                Some(Ok(decoded)) => {
+                    if format.get().is_none()
+                        && let Some(sniffed) = frames.decoder().format()
+                    {
+                        let _ = format.set(sniffed);
+                    }
+                    if session.handle(decoded).await == Flow::Close {
+                        reading = false;
+                        closing = true;
+                        session.close_subscriptions();
+                    }
+                }
+                Some(Err(err)) => {
+                    debug!(error = %err, "read failed");
+                    reading = false;
+                }
+                None => reading = false,
+            },
+        }
+    }
+    session.close_subscriptions();
+    outbox.close();
+    drop(frames);
+    let _ = writer.await;
+    metrics.connection_closed(Frontend::Uds);
+}
+
+/// At shutdown: commands already received but not yet handled get `UNAVAILABLE`, so none is
+/// left without an answer.
+fn refuse_buffered(frames: &mut FramedRead<OwnedReadHalf, WireDecoder>, session: &mut Session) {
+    let mut buffer = std::mem::take(frames.read_buffer_mut());
+    // What the kernel already holds for us counts as received too (bounded).
+    while buffer.len() < (1 << 20) {
+        match frames.get_ref().try_read_buf(&mut buffer) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+    while let Ok(Some(item)) = frames.decoder_mut().decode(&mut buffer) {
+        session.refuse_shutting_down(item);
+    }
+}
+
+async fn write_loop(
+    mut write: OwnedWriteHalf,
+    outbox: Arc<Outbox>,
+    format: Arc<OnceLock<WireFormat>>,
+    peer_gone: CancellationToken,
+) {
+    let mut buf = BytesMut::with_capacity(FLUSH_AT);
+    loop {
+        let batch = outbox.take_batch(MAX_BATCH_EVENTS);
+        if batch.events.is_empty() {
+            if batch.closed {
+                break;
+            }
+            outbox.wait_writable().await;
+            continue;
+        }
+        let wire = format.get().copied().unwrap_or(WireFormat::JsonLines);
+        let mut failed = false;
+        for event in &batch.events {
+            wire.encode(event, &mut buf);
+            if buf.len() >= FLUSH_AT {
+                failed = write.write_all(&buf).await.is_err();
+                buf.clear();
+                if failed {
+                    break;
+                }
+            }
+        }
+        if !failed && !buf.is_empty() {
+            failed = write.write_all(&buf).await.is_err();
+        }
+        if failed {
+            peer_gone.cancel();
+            return;
+        }
+        if buf.capacity() > 4 * FLUSH_AT {
+            buf = BytesMut::with_capacity(FLUSH_AT);
+        }
+        buf.clear();
+        outbox.written(batch.control);
+    }
+    let _ = write.shutdown().await;
+}

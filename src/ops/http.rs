@@ -1,0 +1,60 @@
+//! The HTTP port: `GET /health` (the process is alive), `GET /ready` (200 only when NATS is
+//! connected and the listener is up; 503 with a JSON body naming what is not), and
+//! `GET /metrics` (Prometheus text).
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use crate::core::Gateway;
+
+pub fn router(gateway: Gateway) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(gateway)
+}
+
+/// Binds the HTTP port now (so a taken port fails start-up) and serves it until shutdown.
+pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(address).await
+}
+
+pub async fn serve(gateway: Gateway, listener: TcpListener) -> std::io::Result<()> {
+    let shutdown = gateway.shutdown().clone();
+    axum::serve(listener, router(gateway))
+        .with_graceful_shutdown(async move { shutdown.stopped().await })
+        .await
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn ready(State(gateway): State<Gateway>) -> Response {
+    let readiness = gateway.readiness();
+    let status = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(readiness)).into_response()
+}
+
+async fn metrics(State(gateway): State<Gateway>) -> Response {
+    gateway.refresh_gauges();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        gateway.metrics().render(),
+    )
+        .into_response()
+}

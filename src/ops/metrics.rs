@@ -1,0 +1,324 @@
+//! Prometheus metrics for one gateway. Each gateway owns its recorder (no process-global
+//! state, so tests in one process do not mix their numbers), and hot paths hold pre-registered
+//! handles: recording is an atomic add, never a registry lookup.
+
+use std::sync::{Arc, OnceLock};
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::protocol::{ErrorCode, Op};
+
+/// Which front-end a client came through; a label on every per-client metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Frontend {
+    Uds,
+    Ws,
+    Grpc,
+}
+
+impl Frontend {
+    pub const ALL: [Frontend; 3] = [Frontend::Uds, Frontend::Ws, Frontend::Grpc];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Frontend::Uds => "uds",
+            Frontend::Ws => "ws",
+            Frontend::Grpc => "grpc",
+        }
+    }
+}
+
+const OPS: [Op; 5] = [
+    Op::Request,
+    Op::Publish,
+    Op::Subscribe,
+    Op::Unsubscribe,
+    Op::Ping,
+];
+const OUTCOMES: usize = ErrorCode::ALL.len() + 1;
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Request => "request",
+        Op::Publish => "publish",
+        Op::Subscribe => "subscribe",
+        Op::Unsubscribe => "unsubscribe",
+        Op::Ping => "ping",
+    }
+}
+
+fn outcome_index(outcome: Result<(), ErrorCode>) -> usize {
+    match outcome {
+        Ok(()) => 0,
+        Err(code) => code as usize,
+    }
+}
+
+fn outcome_name(index: usize) -> &'static str {
+    if index == 0 {
+        "ok"
+    } else {
+        ErrorCode::ALL[index - 1].as_str()
+    }
+}
+
+/// Handles for one front-end's labelled series.
+struct FrontendMetrics {
+    connections: Gauge,
+    connections_total: Counter,
+    connections_rejected: Counter,
+    request_seconds: Histogram,
+    bytes_in: Counter,
+    bytes_out: Counter,
+    dropped: Counter,
+    subscriptions: Gauge,
+}
+
+/// All metrics of one gateway.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    frontends: [FrontendMetrics; 3],
+    /// `requests_total{frontend,op,outcome}`, registered on first use so that /metrics lists
+    /// only the series that happened.
+    operations: Vec<OnceLock<Counter>>,
+    pub inflight_requests: Gauge,
+    pub inflight_bytes: Gauge,
+    pub nats_connected: Gauge,
+    pub nats_pool_size: Gauge,
+}
+
+const METADATA: Metadata<'static> = Metadata::new("ipc_gateway", metrics::Level::INFO, None);
+
+/// Request latency buckets in seconds: 50 µs to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("ipc_gateway_request_duration_seconds".into()),
+                LATENCY_BUCKETS,
+            )
+            .expect("latency buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let frontends = Frontend::ALL.map(|frontend| {
+            let labels = || vec![Label::new("frontend", frontend.as_str())];
+            let with = |extra: (&'static str, &'static str)| {
+                let mut l = labels();
+                l.push(Label::new(extra.0, extra.1));
+                l
+            };
+            FrontendMetrics {
+                connections: gauge(&recorder, "ipc_gateway_connections", labels()),
+                connections_total: counter(&recorder, "ipc_gateway_connections_total", labels()),
+                connections_rejected: counter(
+                    &recorder,
+                    "ipc_gateway_connections_rejected_total",
+                    labels(),
+                ),
+                request_seconds: recorder.register_histogram(
+                    &Key::from_parts("ipc_gateway_request_duration_seconds", labels()),
+                    &METADATA,
+                ),
+                bytes_in: counter(
+                    &recorder,
+                    "ipc_gateway_payload_bytes_total",
+                    with(("direction", "in")),
+                ),
+                bytes_out: counter(
+                    &recorder,
+                    "ipc_gateway_payload_bytes_total",
+                    with(("direction", "out")),
+                ),
+                dropped: counter(&recorder, "ipc_gateway_dropped_messages_total", labels()),
+                subscriptions: gauge(&recorder, "ipc_gateway_subscriptions", labels()),
+            }
+        });
+        let describe = |name: &'static str, help: &'static str| {
+            recorder.describe_counter(name.into(), None, help.into());
+        };
+        describe(
+            "ipc_gateway_requests_total",
+            "Client operations by front-end, op and outcome code.",
+        );
+        describe(
+            "ipc_gateway_connections_total",
+            "Client connections accepted.",
+        );
+        describe(
+            "ipc_gateway_connections_rejected_total",
+            "Client connections refused at the connection limit.",
+        );
+        describe(
+            "ipc_gateway_payload_bytes_total",
+            "Payload bytes from clients (in) and to clients (out).",
+        );
+        describe(
+            "ipc_gateway_dropped_messages_total",
+            "Subscription messages dropped because a client read too slowly.",
+        );
+        let describe_gauge = |name: &'static str, help: &'static str| {
+            recorder.describe_gauge(name.into(), None, help.into());
+        };
+        describe_gauge("ipc_gateway_connections", "Client connections open now.");
+        describe_gauge(
+            "ipc_gateway_subscriptions",
+            "Client subscriptions open now.",
+        );
+        describe_gauge(
+            "ipc_gateway_inflight_requests",
+            "Requests waiting for NATS now.",
+        );
+        describe_gauge(
+            "ipc_gateway_inflight_bytes",
+            "Payload bytes held by in-flight requests and publishes.",
+        );
+        describe_gauge(
+            "ipc_gateway_nats_connected",
+            "Pool connections to NATS that are connected.",
+        );
+        describe_gauge(
+            "ipc_gateway_nats_pool_size",
+            "Pool connections to NATS configured.",
+        );
+        recorder.describe_histogram(
+            "ipc_gateway_request_duration_seconds".into(),
+            Some(metrics::Unit::Seconds),
+            "Request latency inside the gateway, from decode to reply.".into(),
+        );
+        Arc::new(Metrics {
+            inflight_requests: gauge(&recorder, "ipc_gateway_inflight_requests", vec![]),
+            inflight_bytes: gauge(&recorder, "ipc_gateway_inflight_bytes", vec![]),
+            nats_connected: gauge(&recorder, "ipc_gateway_nats_connected", vec![]),
+            nats_pool_size: gauge(&recorder, "ipc_gateway_nats_pool_size", vec![]),
+            operations: (0..Frontend::ALL.len() * (OPS.len() + 1) * OUTCOMES)
+                .map(|_| OnceLock::new())
+                .collect(),
+            recorder,
+            handle,
+            frontends,
+        })
+    }
+
+    fn frontend(&self, frontend: Frontend) -> &FrontendMetrics {
+        &self.frontends[frontend as usize]
+    }
+
+    /// Counts one finished operation by its outcome.
+    pub fn operation(&self, frontend: Frontend, op: Op, outcome: Result<(), ErrorCode>) {
+        self.operation_or_invalid(frontend, Some(op), outcome);
+    }
+
+    /// Counts an operation; `None` is input that could not be decoded into any op.
+    pub fn operation_or_invalid(
+        &self,
+        frontend: Frontend,
+        op: Option<Op>,
+        outcome: Result<(), ErrorCode>,
+    ) {
+        let op_index = op
+            .and_then(|op| OPS.iter().position(|o| *o == op))
+            .unwrap_or(OPS.len());
+        let outcome = outcome_index(outcome);
+        let index = (frontend as usize * (OPS.len() + 1) + op_index) * OUTCOMES + outcome;
+        self.operations[index]
+            .get_or_init(|| {
+                counter(
+                    &self.recorder,
+                    "ipc_gateway_requests_total",
+                    vec![
+                        Label::new("frontend", frontend.as_str()),
+                        Label::new("op", op.map_or("invalid", op_name)),
+                        Label::new("outcome", outcome_name(outcome)),
+                    ],
+                )
+            })
+            .increment(1);
+    }
+
+    pub fn request_latency(&self, frontend: Frontend, seconds: f64) {
+        self.frontend(frontend).request_seconds.record(seconds);
+    }
+
+    pub fn connection_opened(&self, frontend: Frontend) {
+        let m = self.frontend(frontend);
+        m.connections.increment(1.0);
+        m.connections_total.increment(1);
+    }
+
+    pub fn connection_closed(&self, frontend: Frontend) {
+        self.frontend(frontend).connections.decrement(1.0);
+    }
+
+    pub fn connection_rejected(&self, frontend: Frontend) {
+        self.frontend(frontend).connections_rejected.increment(1);
+    }
+
+    pub fn payload_in(&self, frontend: Frontend, bytes: usize) {
+        self.frontend(frontend).bytes_in.increment(bytes as u64);
+    }
+
+    pub fn payload_out(&self, frontend: Frontend, bytes: usize) {
+        self.frontend(frontend).bytes_out.increment(bytes as u64);
+    }
+
+    pub fn dropped(&self, frontend: Frontend, count: u64) {
+        self.frontend(frontend).dropped.increment(count);
+    }
+
+    pub fn subscription_opened(&self, frontend: Frontend) {
+        self.frontend(frontend).subscriptions.increment(1.0);
+    }
+
+    pub fn subscription_closed(&self, frontend: Frontend) {
+        self.frontend(frontend).subscriptions.decrement(1.0);
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drains histogram samples; call every few seconds so they do not pile up.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+fn counter(recorder: &PrometheusRecorder, name: &'static str, labels: Vec<Label>) -> Counter {
+    recorder.register_counter(&Key::from_parts(name, labels), &METADATA)
+}
+
+fn gauge(recorder: &PrometheusRecorder, name: &'static str, labels: Vec<Label>) -> Gauge {
+    recorder.register_gauge(&Key::from_parts(name, labels), &METADATA)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operations_render_with_their_labels() {
+        let metrics = Metrics::new();
+        metrics.operation(Frontend::Uds, Op::Request, Ok(()));
+        metrics.operation(Frontend::Uds, Op::Request, Err(ErrorCode::NoResponders));
+        metrics.operation(Frontend::Uds, Op::Request, Err(ErrorCode::NoResponders));
+        metrics.request_latency(Frontend::Uds, 0.001);
+        let text = metrics.render();
+        assert!(text.contains(
+            "ipc_gateway_requests_total{frontend=\"uds\",op=\"request\",outcome=\"NO_RESPONDERS\"} 2"
+        ), "{text}");
+        assert!(text.contains(
+            "ipc_gateway_requests_total{frontend=\"uds\",op=\"request\",outcome=\"ok\"} 1"
+        ));
+        assert!(text.contains("ipc_gateway_request_duration_seconds_bucket"));
+    }
+}

@@ -1,0 +1,62 @@
+//! Runs the daemon: binds the socket and the HTTP port (failing start-up clearly if either is
+//! taken), serves until SIGTERM or SIGINT, then drains: stop accepting, let in-flight requests
+//! finish up to the drain timeout, answer the rest with `UNAVAILABLE`, remove the socket file.
+
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
+
+use crate::config::Config;
+use crate::core::Gateway;
+use crate::frontend::uds::{self, UdsListener};
+use crate::ops::http;
+
+pub async fn run(config: Config) -> Result<(), String> {
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+    let gateway = Gateway::new(config.clone()).await?;
+    let listener = UdsListener::bind(&config.socket, config.socket_mode)
+        .await
+        .map_err(|e| format!("socket {}: {e}", config.socket.display()))?;
+    let http_listener = http::bind(config.http)
+        .await
+        .map_err(|e| format!("HTTP port {}: {e}", config.http))?;
+    info!(
+        socket = %config.socket.display(),
+        http = %config.http,
+        nats = %config.nats_url,
+        "ipc-gateway started"
+    );
+    let upkeep = tokio::spawn(refresh_gauges(gateway.clone()));
+    let http_task = tokio::spawn(http::serve(gateway.clone(), http_listener));
+    let uds_task = tokio::spawn(uds::serve(gateway.clone(), listener));
+
+    tokio::select! {
+        _ = terminate.recv() => info!("SIGTERM: shutting down"),
+        _ = interrupt.recv() => info!("SIGINT: shutting down"),
+    }
+    let drain = config.drain_timeout();
+    info!(
+        drain_ms = drain.as_millis() as u64,
+        "draining in-flight requests"
+    );
+    gateway.shutdown().begin(drain);
+    // In-flight requests end by the drain deadline; the margin covers writing the answers.
+    let _ = tokio::time::timeout(drain + Duration::from_secs(2), uds_task).await;
+    gateway.flush().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
+    upkeep.abort();
+    info!("stopped");
+    Ok(())
+}
+
+async fn refresh_gauges(gateway: Gateway) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        gateway.refresh_gauges();
+    }
+}

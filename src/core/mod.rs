@@ -60,6 +60,11 @@ impl Gateway {
     pub async fn new(config: Config) -> Result<Gateway, String> {
         let metrics = Metrics::new();
         let pool = NatsPool::connect(&config.nats_url, config.nats_connections).await?;
+        // Clients that arrive in the first milliseconds should not see UNAVAILABLE just
+        // because the first connection is still being made.
+        if !pool.wait_connected(Duration::from_secs(2)).await {
+            tracing::warn!(url = %config.nats_url, "NATS is not reachable yet; starting anyway, /ready is 503 until it is");
+        }
         metrics.nats_pool_size.set(pool.size() as f64);
         let budget = ByteBudget::new(config.max_inflight_bytes, metrics.inflight_bytes.clone());
         let default_subject = config.default_subject.clone().map(Subject::from);

@@ -129,6 +129,19 @@ impl NatsPool {
         ))
     }
 
+    /// Waits until at least one connection is up, or `limit` passes (NATS may be down: the
+    /// gateway starts anyway and `/ready` says so).
+    pub async fn wait_connected(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.connected() == 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
     pub fn size(&self) -> usize {
         self.slots.len()
     }

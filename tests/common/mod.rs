@@ -29,7 +29,10 @@ pub fn free_port() -> u16 {
 fn wait_for_tcp(port: u16, what: &str) {
     let deadline = Instant::now() + PATIENCE;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start on port {port}");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start on port {port}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -85,16 +88,20 @@ impl NatsServer {
     }
 
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.expect("connect to nats-server")
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to nats-server")
     }
 
     /// How many subscriptions the server holds on exactly `subject`, from its monitoring port.
     pub async fn subscriptions_on(&self, subject: &str) -> usize {
-        let body = http_get(self.monitor_port, "/subsz?subs=1&limit=10000").await.1;
+        let body = http_get(self.monitor_port, "/subsz?subs=1&limit=10000")
+            .await
+            .1;
         let value: Value = serde_json::from_str(&body).expect("subsz JSON");
-        value["subscriptions_list"]
-            .as_array()
-            .map_or(0, |list| list.iter().filter(|s| s["subject"] == subject).count())
+        value["subscriptions_list"].as_array().map_or(0, |list| {
+            list.iter().filter(|s| s["subject"] == subject).count()
+        })
     }
 }
 
@@ -137,7 +144,10 @@ impl GatewayProcess {
         };
         let deadline = Instant::now() + PATIENCE;
         while std::os::unix::net::UnixStream::connect(&gateway.socket).is_err() {
-            assert!(Instant::now() < deadline, "the gateway did not open its socket");
+            assert!(
+                Instant::now() < deadline,
+                "the gateway did not open its socket"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         wait_for_tcp(http_port, "the gateway's HTTP port");
@@ -174,7 +184,8 @@ impl GatewayProcess {
 
     /// Resident memory of the gateway process in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|line| line.strip_prefix("VmRSS:"))
@@ -194,7 +205,10 @@ impl GatewayProcess {
             if code == status {
                 return body;
             }
-            assert!(Instant::now() < deadline, "{path} stayed {code} ({body}), wanted {status}");
+            assert!(
+                Instant::now() < deadline,
+                "{path} stayed {code} ({body}), wanted {status}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -233,15 +247,25 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
 /// Answers requests on `subject` with their own payload, after `delay`. Each reply is sent from
 /// its own task, so replies with different delays overtake each other.
-pub async fn spawn_echo(nats_url: &str, subject: &str, delay: Duration) -> tokio::task::JoinHandle<()> {
+pub async fn spawn_echo(
+    nats_url: &str,
+    subject: &str,
+    delay: Duration,
+) -> tokio::task::JoinHandle<()> {
     let client = async_nats::connect(nats_url).await.expect("echo connects");
-    let mut requests = client.subscribe(subject.to_owned()).await.expect("echo subscribes");
+    let mut requests = client
+        .subscribe(subject.to_owned())
+        .await
+        .expect("echo subscribes");
     client.flush().await.expect("flush");
     tokio::spawn(async move {
         while let Some(message) = requests.next().await {
@@ -250,7 +274,11 @@ pub async fn spawn_echo(nats_url: &str, subject: &str, delay: Duration) -> tokio
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 let _ = match message.headers {
-                    Some(headers) => client.publish_with_headers(reply, headers, message.payload).await,
+                    Some(headers) => {
+                        client
+                            .publish_with_headers(reply, headers, message.payload)
+                            .await
+                    }
                     None => client.publish(reply, message.payload).await,
                 };
             });
@@ -266,7 +294,9 @@ pub struct JsonConn {
 
 impl JsonConn {
     pub async fn connect(socket: &Path) -> JsonConn {
-        let stream = UnixStream::connect(socket).await.expect("connect to the gateway");
+        let stream = UnixStream::connect(socket)
+            .await
+            .expect("connect to the gateway");
         let (read, write) = stream.into_split();
         JsonConn {
             lines: BufReader::new(read).lines(),
@@ -351,7 +381,9 @@ pub fn frame(parts: FrameParts<'_>) -> BytesMut {
 
 impl RawConn {
     pub async fn connect(socket: &Path) -> RawConn {
-        let stream = UnixStream::connect(socket).await.expect("connect to the gateway");
+        let stream = UnixStream::connect(socket)
+            .await
+            .expect("connect to the gateway");
         let (read, write) = stream.into_split();
         RawConn {
             read,

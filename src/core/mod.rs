@@ -62,7 +62,12 @@ impl Gateway {
     /// Builds the core and starts connecting to NATS; returns at once even if NATS is down.
     pub async fn new(config: Config) -> Result<Gateway, String> {
         let metrics = Metrics::new();
-        let pool = NatsPool::connect(&config.nats_url, config.nats_connections).await?;
+        let pool = NatsPool::connect(
+            &config.nats_url,
+            config.nats_connections,
+            metrics.nats_slow_consumer.clone(),
+        )
+        .await?;
         // Clients that arrive in the first milliseconds should not see UNAVAILABLE just
         // because the first connection is still being made.
         if !pool.wait_connected(Duration::from_secs(2)).await {

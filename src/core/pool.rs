@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions};
 use deadpool::managed::{self, Metrics as PoolMetrics, Object, RecycleError, RecycleResult};
+use metrics::Counter;
 use tracing::{info, warn};
 
 use crate::protocol::{ErrorCode, GatewayError};
@@ -19,6 +20,8 @@ use crate::protocol::{ErrorCode, GatewayError};
 pub struct NatsManager {
     url: String,
     next_index: AtomicUsize,
+    /// Counts messages async-nats itself dropped because a subscription's buffer was full.
+    slow_consumer: Counter,
 }
 
 impl managed::Manager for NatsManager {
@@ -28,7 +31,9 @@ impl managed::Manager for NatsManager {
     async fn create(&self) -> Result<Client, Self::Error> {
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
         let url = self.url.clone();
-        connect_options(index).connect(url).await
+        connect_options(index, self.slow_consumer.clone())
+            .connect(url)
+            .await
     }
 
     async fn recycle(&self, client: &mut Client, _: &PoolMetrics) -> RecycleResult<Self::Error> {
@@ -43,20 +48,34 @@ impl managed::Manager for NatsManager {
 
 /// Options for every pool connection: start even when NATS is down (readiness says so), and
 /// reconnect for ever with capped exponential backoff and jitter.
-fn connect_options(index: usize) -> ConnectOptions {
+fn connect_options(index: usize, slow_consumer: Counter) -> ConnectOptions {
     ConnectOptions::new()
         .name(format!("ipc-gateway-{index}"))
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
         .request_timeout(None)
-        .subscription_capacity(4096)
+        // Our outbox is the drop point that clients are told about; this buffer only has to
+        // absorb the moments when a subscription's pump task is not scheduled.
+        .subscription_capacity(16 * 1024)
         .reconnect_delay_callback(reconnect_delay)
-        .event_callback(move |event| async move {
-            match event {
-                async_nats::Event::Connected => info!(connection = index, "NATS connected"),
-                async_nats::Event::Disconnected => warn!(connection = index, "NATS disconnected"),
-                other => info!(connection = index, event = %other, "NATS event"),
+        .event_callback(move |event| {
+            let slow_consumer = slow_consumer.clone();
+            async move {
+                match event {
+                    async_nats::Event::SlowConsumer(sid) => {
+                        slow_consumer.increment(1);
+                        warn!(
+                            connection = index,
+                            sid, "NATS subscription buffer full: message dropped"
+                        );
+                    }
+                    async_nats::Event::Connected => info!(connection = index, "NATS connected"),
+                    async_nats::Event::Disconnected => {
+                        warn!(connection = index, "NATS disconnected")
+                    }
+                    other => info!(connection = index, event = %other, "NATS event"),
+                }
             }
         })
 }
@@ -88,10 +107,15 @@ pub struct NatsPool {
 
 impl NatsPool {
     /// Creates `size` connections. Returns at once even if NATS is not up yet.
-    pub async fn connect(url: &str, size: usize) -> Result<Arc<NatsPool>, String> {
+    pub async fn connect(
+        url: &str,
+        size: usize,
+        slow_consumer: Counter,
+    ) -> Result<Arc<NatsPool>, String> {
         let manager = NatsManager {
             url: url.to_owned(),
             next_index: AtomicUsize::new(0),
+            slow_consumer,
         };
         let pool = managed::Pool::builder(manager)
             .max_size(size)

@@ -89,6 +89,7 @@ pub struct Metrics {
     pub inflight_bytes: Gauge,
     pub nats_connected: Gauge,
     pub nats_pool_size: Gauge,
+    pub nats_slow_consumer: Counter,
 }
 
 const METADATA: Metadata<'static> = Metadata::new("ipc_gateway", metrics::Level::INFO, None);
@@ -199,6 +200,7 @@ impl Metrics {
             inflight_bytes: gauge(&recorder, "ipc_gateway_inflight_bytes", vec![]),
             nats_connected: gauge(&recorder, "ipc_gateway_nats_connected", vec![]),
             nats_pool_size: gauge(&recorder, "ipc_gateway_nats_pool_size", vec![]),
+            nats_slow_consumer: counter(&recorder, "ipc_gateway_nats_slow_consumer_total", vec![]),
             operations: (0..Frontend::ALL.len() * (OPS.len() + 1) * OUTCOMES)
                 .map(|_| OnceLock::new())
                 .collect(),

@@ -187,6 +187,8 @@ fn octal_mode_out<S: serde::Serializer>(mode: &u32, serializer: S) -> Result<S::
 }
 
 #[cfg(test)]
+// figment's `Jail` closures return its (large) error type; that is its API, not ours.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (settings: defaults < --config file < environment < flags).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Send a request through a running gateway and print the reply's data.
     Request {
         subject: String,
@@ -147,7 +147,7 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         command => {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

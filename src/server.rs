@@ -31,6 +31,10 @@ pub async fn run(config: Config) -> Result<(), String> {
         "ipc-gateway started"
     );
     let upkeep = tokio::spawn(refresh_gauges(gateway.clone()));
+    let supervisor = {
+        let gateway = gateway.clone();
+        tokio::spawn(async move { gateway.supervise_pool().await })
+    };
     let http_task = tokio::spawn(http::serve(gateway.clone(), http_listener));
     let uds_task = tokio::spawn(uds::serve(gateway.clone(), listener));
 
@@ -49,6 +53,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     gateway.flush().await;
     let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
     upkeep.abort();
+    supervisor.abort();
     info!("stopped");
     Ok(())
 }

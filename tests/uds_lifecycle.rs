@@ -274,3 +274,27 @@ async fn the_command_line_client_prints_replies_and_error_codes() {
     let output = run(&["publish", "events.x", "hi"]).await;
     assert!(output.status.success());
 }
+
+#[tokio::test]
+async fn in_flight_requests_get_unavailable_at_once_when_nats_goes_away() {
+    let mut nats = NatsServer::start();
+    let _slow = spawn_echo(&nats.url(), "svc.slow", Duration::from_secs(20)).await;
+    let gateway = GatewayProcess::start(&nats.url(), &["--request-timeout-ms", "15000"]);
+    let mut conn = gateway.json().await;
+    for id in 0..10 {
+        conn.send(&format!(r#"{{"id":{id},"subject":"svc.slow","data":"x"}}"#))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let killed = Instant::now();
+    nats.kill();
+    for _ in 0..10 {
+        let reply = conn.recv().await;
+        assert_eq!(reply["error"]["code"], "UNAVAILABLE", "{reply}");
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        killed.elapsed()
+    );
+}

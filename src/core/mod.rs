@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use async_nats::client::RequestErrorKind;
 use async_nats::{HeaderMap, Subject, Subscriber};
 use bytes::Bytes;
+use futures_util::StreamExt;
 
 use crate::config::Config;
 use crate::ops::metrics::{Frontend, Metrics};
@@ -129,6 +130,17 @@ impl Gateway {
         }
     }
 
+    /// Starts the pool supervisor (checks and replaces connections); runs until aborted.
+    pub async fn supervise_pool(&self) {
+        self.inner.pool.clone().supervise().await
+    }
+
+    /// Replaces pool connection `slot` now (operators and tests; the supervisor does it for
+    /// connections that stay down).
+    pub async fn replace_connection(&self, slot: usize) -> Result<(), String> {
+        self.inner.pool.replace(slot).await
+    }
+
     /// Refreshes the gauges that are read from state rather than counted.
     pub fn refresh_gauges(&self) {
         let metrics = &self.inner.metrics;
@@ -165,7 +177,9 @@ impl Gateway {
         let subject = self.target_subject(envelope.subject)?;
         let timeout = self.deadline(envelope.timeout_ms);
         let _permit = self.inner.budget.try_acquire(envelope.data.len())?;
-        let client = self.inner.pool.client()?;
+        let pool::Picked {
+            client, mut lost, ..
+        } = self.inner.pool.client()?;
         let _inflight = InflightGuard::new(&self.inner.metrics);
         let mut request = async_nats::Request::new()
             .payload(envelope.data)
@@ -176,6 +190,13 @@ impl Gateway {
         let answer = tokio::select! {
             biased;
             answer = client.send_request(subject.clone(), request) => answer,
+            // The reply would have come on the connection that was just lost.
+            _ = lost.changed() => {
+                return Err(GatewayError::new(
+                    ErrorCode::Unavailable,
+                    "the NATS connection was lost while waiting for the reply; the service may or may not have handled the request",
+                ));
+            }
             _ = self.inner.shutdown.drain_expired() => {
                 return Err(GatewayError::new(
                     ErrorCode::Unavailable,
@@ -235,7 +256,7 @@ impl Gateway {
     async fn send_publish(&self, lane: Lane, envelope: Envelope) -> Result<(), GatewayError> {
         let subject = self.target_subject(envelope.subject)?;
         let _permit = self.inner.budget.try_acquire(envelope.data.len())?;
-        let client = self.inner.pool.client_on(lane.0)?;
+        let client = self.inner.pool.client_on(lane.0)?.client;
         let sent = match envelope.headers {
             Some(headers) => {
                 client
@@ -264,7 +285,7 @@ impl Gateway {
         lane: Lane,
         subject: &Subject,
         queue: Option<&str>,
-    ) -> Result<Subscriber, GatewayError> {
+    ) -> Result<Subscription, GatewayError> {
         let result = self.open_subscription(lane, subject, queue).await;
         self.inner.metrics.operation(
             frontend,
@@ -279,12 +300,14 @@ impl Gateway {
         lane: Lane,
         subject: &Subject,
         queue: Option<&str>,
-    ) -> Result<Subscriber, GatewayError> {
+    ) -> Result<Subscription, GatewayError> {
         validate_subject(subject, SubjectUse::Subscribe)?;
         if let Some(queue) = queue {
             validate_queue_group(queue)?;
         }
-        let client = self.inner.pool.client_on(lane.0)?;
+        let pool::Picked {
+            client, retired, ..
+        } = self.inner.pool.client_on(lane.0)?;
         let subscribed = match queue {
             Some(queue) => {
                 client
@@ -305,13 +328,30 @@ impl Gateway {
         // responders") only after the server has handled everything sent before it.
         let sync = async_nats::Request::new().timeout(Some(self.inner.config.request_timeout()));
         match client.send_request(SYNC_SUBJECT, sync).await {
-            Ok(_) => Ok(subscriber),
-            Err(err) if err.kind() == RequestErrorKind::NoResponders => Ok(subscriber),
+            Ok(_) => Ok(Subscription {
+                subscriber,
+                retired,
+            }),
+            Err(err) if err.kind() == RequestErrorKind::NoResponders => Ok(Subscription {
+                subscriber,
+                retired,
+            }),
             Err(err) => Err(GatewayError::new(
                 ErrorCode::Unavailable,
                 format!("NATS did not confirm the subscription: {err}"),
             )),
         }
+    }
+
+    /// Opens a subscription again after its NATS connection went away (not counted as a new
+    /// client operation).
+    pub async fn resubscribe(
+        &self,
+        lane: Lane,
+        subject: &Subject,
+        queue: Option<&str>,
+    ) -> Result<Subscription, GatewayError> {
+        self.open_subscription(lane, subject, queue).await
     }
 
     /// A lane for a new client: its publishes and subscriptions share one pool connection.
@@ -352,6 +392,22 @@ impl Gateway {
     /// Flushes NATS connections so that accepted publishes leave before the process exits.
     pub async fn flush(&self) {
         self.inner.pool.flush_all().await;
+    }
+}
+
+/// An open NATS subscription. Its stream ends when NATS ends it or when the pool retires the
+/// connection it lives on; dropping it unsubscribes.
+pub struct Subscription {
+    subscriber: Subscriber,
+    retired: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Subscription {
+    pub async fn next(&mut self) -> Option<async_nats::Message> {
+        tokio::select! {
+            message = self.subscriber.next() => message,
+            _ = self.retired.wait_for(|retired| *retired) => None,
+        }
     }
 }
 

@@ -1,20 +1,35 @@
-//! The pool of NATS connections. deadpool creates the connections (each an `async_nats::Client`
-//! that reconnects by itself); the pool keeps them in a fixed list and hands out clones
-//! round-robin, skipping connections that are down. No pool guard is ever held across a
-//! request: a `Client` clone multiplexes its connection, so in-flight requests are not capped
-//! by the pool size.
+//! The pool of NATS connections. deadpool creates each connection (an `async_nats::Client` that
+//! reconnects by itself, with a signal that fires whenever it loses the server); the pool keeps
+//! them in a fixed number of slots and hands out clones round-robin, skipping connections that
+//! are down. A supervisor checks the slots every second and, through deadpool, replaces a
+//! connection that stays down while others are up (it is wedged, NATS is not). No pool guard
+//! is ever held across a request: a `Client` clone multiplexes its connection, so in-flight
+//! requests are not capped by the pool size.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions};
 use deadpool::managed::{self, Metrics as PoolMetrics, Object, RecycleError, RecycleResult};
 use metrics::Counter;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::protocol::{ErrorCode, GatewayError};
+
+/// A connection stays down this long, while another slot is connected, before it is replaced.
+pub const REPLACE_AFTER: Duration = Duration::from_secs(10);
+
+/// One pool connection and its loss signal: the value changes each time the connection drops,
+/// so requests waiting on it can fail at once instead of waiting out their deadline.
+pub struct PoolConn {
+    pub client: Client,
+    pub lost: watch::Receiver<u64>,
+    /// Set when the pool retires this connection: subscriptions on it end and move elsewhere.
+    pub retired: Arc<watch::Sender<bool>>,
+}
 
 /// How one pool connection is made and checked.
 pub struct NatsManager {
@@ -25,19 +40,24 @@ pub struct NatsManager {
 }
 
 impl managed::Manager for NatsManager {
-    type Type = Client;
+    type Type = PoolConn;
     type Error = async_nats::ConnectError;
 
-    async fn create(&self) -> Result<Client, Self::Error> {
+    async fn create(&self) -> Result<PoolConn, Self::Error> {
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
-        let url = self.url.clone();
-        connect_options(index, self.slow_consumer.clone())
-            .connect(url)
-            .await
+        let (lost_sender, lost) = watch::channel(0u64);
+        let client = connect_options(index, self.slow_consumer.clone(), lost_sender)
+            .connect(self.url.clone())
+            .await?;
+        Ok(PoolConn {
+            client,
+            lost,
+            retired: Arc::new(watch::channel(false).0),
+        })
     }
 
-    async fn recycle(&self, client: &mut Client, _: &PoolMetrics) -> RecycleResult<Self::Error> {
-        match client.connection_state() {
+    async fn recycle(&self, conn: &mut PoolConn, _: &PoolMetrics) -> RecycleResult<Self::Error> {
+        match conn.client.connection_state() {
             State::Connected => Ok(()),
             state => Err(RecycleError::Message(
                 format!("NATS connection is {state}").into(),
@@ -48,7 +68,12 @@ impl managed::Manager for NatsManager {
 
 /// Options for every pool connection: start even when NATS is down (readiness says so), and
 /// reconnect for ever with capped exponential backoff and jitter.
-fn connect_options(index: usize, slow_consumer: Counter) -> ConnectOptions {
+fn connect_options(
+    index: usize,
+    slow_consumer: Counter,
+    lost: watch::Sender<u64>,
+) -> ConnectOptions {
+    let lost = Arc::new(lost);
     ConnectOptions::new()
         .name(format!("ipc-gateway-{index}"))
         .retry_on_initial_connect()
@@ -61,6 +86,7 @@ fn connect_options(index: usize, slow_consumer: Counter) -> ConnectOptions {
         .reconnect_delay_callback(reconnect_delay)
         .event_callback(move |event| {
             let slow_consumer = slow_consumer.clone();
+            let lost = lost.clone();
             async move {
                 match event {
                     async_nats::Event::SlowConsumer(sid) => {
@@ -72,7 +98,8 @@ fn connect_options(index: usize, slow_consumer: Counter) -> ConnectOptions {
                     }
                     async_nats::Event::Connected => info!(connection = index, "NATS connected"),
                     async_nats::Event::Disconnected => {
-                        warn!(connection = index, "NATS disconnected")
+                        lost.send_modify(|drops| *drops += 1);
+                        warn!(connection = index, "NATS disconnected");
                     }
                     other => info!(connection = index, event = %other, "NATS event"),
                 }
@@ -97,12 +124,45 @@ fn nanos_jitter() -> u64 {
         .map_or(0, |d| d.subsec_nanos() as u64)
 }
 
+/// Whether a slot that has been down for `down_for` should be replaced: only when NATS is
+/// evidently reachable (another slot is connected), so an outage does not churn connections.
+pub fn should_replace(down_for: Duration, others_connected: usize) -> bool {
+    down_for >= REPLACE_AFTER && others_connected > 0
+}
+
+/// A client handed out for one operation, with the signals that its connection was lost or
+/// retired.
+pub struct Picked {
+    pub client: Client,
+    pub lost: watch::Receiver<u64>,
+    pub retired: watch::Receiver<bool>,
+}
+
+/// A pool slot: a connection deadpool manages, or one already detached from deadpool that
+/// keeps serving until its successor is connected.
+enum Slot {
+    Managed(Object<NatsManager>),
+    Retiring(PoolConn),
+}
+
+impl std::ops::Deref for Slot {
+    type Target = PoolConn;
+
+    fn deref(&self) -> &PoolConn {
+        match self {
+            Slot::Managed(object) => object,
+            Slot::Retiring(conn) => conn,
+        }
+    }
+}
+
 pub struct NatsPool {
-    /// The pool that made the connections; its objects are held in `slots` for the gateway's
-    /// whole life.
-    _pool: managed::Pool<NatsManager>,
-    slots: Vec<Object<NatsManager>>,
+    pool: managed::Pool<NatsManager>,
+    slots: RwLock<Vec<Slot>>,
     next: AtomicUsize,
+    replaced: AtomicUsize,
+    /// The configured number of connections.
+    target: usize,
 }
 
 impl NatsPool {
@@ -128,17 +188,23 @@ impl NatsPool {
                 .get()
                 .await
                 .map_err(|err| format!("NATS connection to {url}: {err}"))?;
-            slots.push(object);
+            slots.push(Slot::Managed(object));
         }
         Ok(Arc::new(NatsPool {
-            _pool: pool,
-            slots,
+            pool,
+            slots: RwLock::new(slots),
             next: AtomicUsize::new(0),
+            replaced: AtomicUsize::new(0),
+            target: size,
         }))
     }
 
+    fn slots(&self) -> std::sync::RwLockReadGuard<'_, Vec<Slot>> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A connected client, round-robin; `UNAVAILABLE` at once when none is connected.
-    pub fn client(&self) -> Result<Client, GatewayError> {
+    pub fn client(&self) -> Result<Picked, GatewayError> {
         self.client_on(self.next_lane())
     }
 
@@ -148,12 +214,19 @@ impl NatsPool {
     }
 
     /// The client in slot `start`, or the next connected one after it.
-    pub fn client_on(&self, start: usize) -> Result<Client, GatewayError> {
-        let n = self.slots.len();
+    pub fn client_on(&self, start: usize) -> Result<Picked, GatewayError> {
+        let slots = self.slots();
+        let n = slots.len();
         for offset in 0..n {
-            let client: &Client = &self.slots[(start + offset) % n];
-            if client.connection_state() == State::Connected {
-                return Ok(client.clone());
+            let conn: &PoolConn = &slots[(start + offset) % n];
+            if conn.client.connection_state() == State::Connected {
+                let mut lost = conn.lost.clone();
+                lost.mark_unchanged();
+                return Ok(Picked {
+                    client: conn.client.clone(),
+                    lost,
+                    retired: conn.retired.subscribe(),
+                });
             }
         }
         Err(GatewayError::new(
@@ -176,19 +249,93 @@ impl NatsPool {
     }
 
     pub fn size(&self) -> usize {
-        self.slots.len()
+        self.slots().len()
     }
 
     pub fn connected(&self) -> usize {
-        self.slots
+        self.slots()
             .iter()
-            .filter(|client| client.connection_state() == State::Connected)
+            .filter(|conn| conn.client.connection_state() == State::Connected)
             .count()
     }
 
-    /// Flushes and drains every connection so queued publishes reach NATS before exit.
+    /// How many connections the supervisor has replaced so far.
+    pub fn replaced(&self) -> usize {
+        self.replaced.load(Ordering::Relaxed)
+    }
+
+    /// Replaces the connection in `slot` with a new one made by deadpool. The old one keeps
+    /// its place until the new one is connected (or 2 s pass), then is retired: subscriptions
+    /// on it end and their owners subscribe again elsewhere (see `Session`).
+    pub async fn replace(&self, slot: usize) -> Result<(), String> {
+        {
+            let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            let Some(current) = slots.get_mut(slot) else {
+                return Err(format!("no pool slot {slot}"));
+            };
+            // Detached from deadpool, it frees the place its successor is created in.
+            let placeholder = Slot::Retiring(PoolConn {
+                client: current.client.clone(),
+                lost: current.lost.clone(),
+                retired: current.retired.clone(),
+            });
+            if let Slot::Managed(object) = std::mem::replace(current, placeholder) {
+                drop(Object::take(object));
+            }
+        }
+        let fresh = self
+            .pool
+            .get()
+            .await
+            .map_err(|err| format!("creating a NATS connection: {err}"))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while fresh.client.connection_state() != State::Connected
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let old = {
+            let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut slots[slot], Slot::Managed(fresh))
+        };
+        old.retired.send_replace(true);
+        self.replaced.fetch_add(1, Ordering::Relaxed);
+        warn!(slot, "replaced a NATS connection");
+        Ok(())
+    }
+
+    /// Checks every slot each second and replaces those that `should_replace` says are wedged.
+    pub async fn supervise(self: Arc<Self>) {
+        let mut down_since: Vec<Option<Instant>> = vec![None; self.target];
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let states: Vec<bool> = self
+                .slots()
+                .iter()
+                .map(|conn| conn.client.connection_state() == State::Connected)
+                .collect();
+            let connected = states.iter().filter(|up| **up).count();
+            for (slot, up) in states.into_iter().enumerate() {
+                if up {
+                    down_since[slot] = None;
+                    continue;
+                }
+                let since = *down_since[slot].get_or_insert_with(Instant::now);
+                if should_replace(since.elapsed(), connected) {
+                    if let Err(err) = self.replace(slot).await {
+                        warn!(slot, error = %err, "could not replace a NATS connection");
+                    }
+                    down_since[slot] = None;
+                }
+            }
+        }
+    }
+
+    /// Flushes every connection so queued publishes reach NATS before exit.
     pub async fn flush_all(&self) {
-        for client in &self.slots {
+        let clients: Vec<Client> = self.slots().iter().map(|c| c.client.clone()).collect();
+        for client in clients {
             if client.connection_state() == State::Connected {
                 let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
             }
@@ -198,8 +345,7 @@ impl NatsPool {
 
 #[cfg(test)]
 mod tests {
-    use super::reconnect_delay;
-    use std::time::Duration;
+    use super::*;
 
     #[test]
     fn reconnect_delay_backs_off_and_is_capped() {
@@ -210,5 +356,15 @@ mod tests {
             let delay = reconnect_delay(attempts);
             assert!(delay >= Duration::from_millis(2000) && delay <= Duration::from_millis(2500));
         }
+    }
+
+    #[test]
+    fn a_connection_is_replaced_only_when_it_stays_down_while_nats_is_reachable() {
+        assert!(!should_replace(Duration::from_secs(1), 1));
+        assert!(
+            !should_replace(REPLACE_AFTER * 3, 0),
+            "an outage must not churn connections"
+        );
+        assert!(should_replace(REPLACE_AFTER, 1));
     }
 }

@@ -7,12 +7,15 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::Subject;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::task::AbortHandle;
 
-use crate::core::{Gateway, Lane, Reply};
+use crate::core::{Gateway, Lane, Reply, Subscription};
 use crate::ops::metrics::Frontend;
 use crate::protocol::{Decoded, Envelope, ErrorCode, GatewayError, Id, Op, Outbound};
 
@@ -164,24 +167,21 @@ impl Session {
                 "subscription id {sid} is already in use on this connection"
             )));
         }
-        let subject = envelope.require_subject()?;
-        let mut subscriber = self
+        let subject = envelope.require_subject()?.clone();
+        let queue = envelope.queue;
+        let subscriber = self
             .gateway
-            .subscribe(self.frontend, self.lane, subject, envelope.queue.as_deref())
+            .subscribe(self.frontend, self.lane, &subject, queue.as_deref())
             .await?;
-        let outbox = self.outbox.clone();
-        let metrics = self.gateway.metrics().clone();
-        let frontend = self.frontend;
-        let message_sid = sid.clone();
-        let pump = tokio::spawn(async move {
-            while let Some(message) = subscriber.next().await {
-                metrics.payload_out(frontend, message.payload.len());
-                let dropped = outbox.push_stream(message_sid.clone(), message);
-                if dropped > 0 {
-                    metrics.dropped(frontend, dropped);
-                }
-            }
-        });
+        let pump = tokio::spawn(pump_messages(
+            self.gateway.clone(),
+            self.frontend,
+            self.lane,
+            self.outbox.clone(),
+            sid.clone(),
+            (subject, queue),
+            subscriber,
+        ));
         self.gateway.metrics().subscription_opened(self.frontend);
         self.subscriptions.insert(sid, pump.abort_handle());
         Ok(())
@@ -214,6 +214,39 @@ impl Session {
             pump.abort();
             self.gateway.metrics().subscription_closed(self.frontend);
         }
+    }
+}
+
+/// Moves one subscription's messages into the client's outbox for as long as the client holds
+/// the subscription (this task is aborted on unsubscribe). If the NATS side ends, because its
+/// pool connection was replaced, it subscribes again on a healthy one, with backoff.
+async fn pump_messages(
+    gateway: Gateway,
+    frontend: Frontend,
+    lane: Lane,
+    outbox: Arc<Outbox>,
+    sid: Id,
+    (subject, queue): (Subject, Option<String>),
+    mut subscriber: Subscription,
+) {
+    let metrics = gateway.metrics().clone();
+    loop {
+        while let Some(message) = subscriber.next().await {
+            metrics.payload_out(frontend, message.payload.len());
+            let dropped = outbox.push_stream(sid.clone(), message);
+            if dropped > 0 {
+                metrics.dropped(frontend, dropped);
+            }
+        }
+        let mut delay = Duration::from_millis(50);
+        subscriber = loop {
+            tokio::time::sleep(delay).await;
+            match gateway.resubscribe(lane, &subject, queue.as_deref()).await {
+                Ok(subscriber) => break subscriber,
+                Err(_) => delay = (delay * 2).min(Duration::from_secs(2)),
+            }
+        };
+        tracing::info!(%subject, "subscription restored on another NATS connection");
     }
 }
 

@@ -197,9 +197,9 @@ async fn run_client(command: Command) -> ExitCode {
             timeout_ms,
             socket,
         } => {
-            let client = match Client::connect(&socket.socket).await {
+            let client = match connect(&socket.socket).await {
                 Ok(client) => client,
-                Err(err) => return fail(2, &connect_error(&socket.socket, err)),
+                Err(code) => return code,
             };
             let timeout = timeout_ms.map(Duration::from_millis);
             match client.request(&subject, data.as_bytes(), timeout).await {
@@ -215,9 +215,9 @@ async fn run_client(command: Command) -> ExitCode {
             data,
             socket,
         } => {
-            let client = match Client::connect(&socket.socket).await {
+            let client = match connect(&socket.socket).await {
                 Ok(client) => client,
-                Err(err) => return fail(2, &connect_error(&socket.socket, err)),
+                Err(code) => return code,
             };
             match client.publish(&subject, data.as_bytes()).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -230,9 +230,9 @@ async fn run_client(command: Command) -> ExitCode {
             count,
             socket,
         } => {
-            let client = match Client::connect(&socket.socket).await {
+            let client = match connect(&socket.socket).await {
                 Ok(client) => client,
-                Err(err) => return fail(2, &connect_error(&socket.socket, err)),
+                Err(code) => return code,
             };
             let mut subscription = match client.subscribe(&subject, queue.as_deref()).await {
                 Ok(subscription) => subscription,
@@ -264,11 +264,16 @@ async fn run_client(command: Command) -> ExitCode {
     }
 }
 
-fn connect_error(socket: &std::path::Path, err: std::io::Error) -> String {
-    format!(
-        "cannot connect to {}: {err} (is `ipc-gateway serve` running?)",
-        socket.display()
-    )
+async fn connect(socket: &std::path::Path) -> Result<Client, ExitCode> {
+    Client::connect(socket).await.map_err(|err| {
+        fail(
+            2,
+            &format!(
+                "cannot connect to {}: {err} (is `ipc-gateway serve` running?)",
+                socket.display()
+            ),
+        )
+    })
 }
 
 fn report(err: ClientError) -> ExitCode {

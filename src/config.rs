@@ -14,6 +14,25 @@ use crate::protocol::subject::{SubjectUse, validate_subject};
 
 pub const ENV_PREFIX: &str = "IPC_GATEWAY_";
 
+/// Every setting's key (TOML key, flag name with `_`, environment variable suffix).
+pub const KEYS: &[&str] = &[
+    "socket",
+    "socket_mode",
+    "nats_url",
+    "nats_connections",
+    "http",
+    "default_subject",
+    "max_frame_bytes",
+    "request_timeout_ms",
+    "max_connections",
+    "max_inflight_per_connection",
+    "max_inflight_bytes",
+    "subscription_queue",
+    "drain_timeout_ms",
+    "worker_threads",
+    "log_format",
+];
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -98,8 +117,20 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
+        // Only our own keys: an unrelated IPC_GATEWAY_* variable (a script's, the client
+        // commands' IPC_GATEWAY_SOCKET is ours) must not stop the daemon from starting.
+        for (name, _) in std::env::vars() {
+            if let Some(key) = name.strip_prefix(ENV_PREFIX)
+                && !KEYS.contains(&key.to_ascii_lowercase().as_str())
+            {
+                eprintln!("ipc-gateway: ignoring {name}: not a setting");
+            }
+        }
         figment = figment
-            .merge(Env::prefixed(ENV_PREFIX))
+            .merge(
+                Env::prefixed(ENV_PREFIX)
+                    .filter(|key| KEYS.iter().any(|k| key.as_str().eq_ignore_ascii_case(k))),
+            )
             .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats_url".into()))
             .merge(Serialized::defaults(flags));
         let config: Config = figment
@@ -117,11 +148,8 @@ impl Config {
         if self.socket_mode > 0o777 {
             return bad("socket_mode", "must be permission bits such as 0660");
         }
-        if self.nats_url.trim().is_empty() {
-            return bad(
-                "nats_url",
-                "must be a NATS URL such as nats://127.0.0.1:4222",
-            );
+        if let Err(err) = self.nats_servers() {
+            return bad("nats_url", &err);
         }
         if self.nats_connections == 0 || self.nats_connections > 64 {
             return bad("nats_connections", "must be between 1 and 64");
@@ -146,12 +174,36 @@ impl Config {
                 return bad(key, "must be at least 1");
             }
         }
+        if self.max_inflight_bytes < self.max_frame_bytes {
+            return bad(
+                "max_inflight_bytes",
+                "must be at least max_frame_bytes, or a frame that fits could never be sent",
+            );
+        }
         if let Some(subject) = &self.default_subject
             && let Err(err) = validate_subject(subject, SubjectUse::Publish)
         {
             return bad("default_subject", &err.message);
         }
         Ok(())
+    }
+
+    /// The NATS server addresses: `nats_url` is one URL or several separated by commas.
+    pub fn nats_servers(&self) -> Result<Vec<async_nats::ServerAddr>, String> {
+        let servers: Vec<async_nats::ServerAddr> = self
+            .nats_url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(|url| {
+                url.parse()
+                    .map_err(|err| format!("{url:?} is not a NATS URL: {err}"))
+            })
+            .collect::<Result<_, _>>()?;
+        if servers.is_empty() {
+            return Err("must be a NATS URL such as nats://127.0.0.1:4222".into());
+        }
+        Ok(servers)
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -235,10 +287,29 @@ mod tests {
             let err = Config::load(Some(Path::new("zero.toml")), &Flags::default()).unwrap_err();
             assert!(err.to_string().contains("nats_connections"), "{err}");
             jail.set_env("IPC_GATEWAY_SOCKET_MODE", "0640");
+            jail.set_env("IPC_GATEWAY_SOMETHING_ELSE", "1");
             let config = Config::load(None, &Flags::default()).unwrap();
-            assert_eq!(config.socket_mode, 0o640);
+            assert_eq!(config.socket_mode, 0o640, "unknown variables are ignored");
+            jail.create_file(
+                "budget.toml",
+                "max_frame_bytes = 4096\nmax_inflight_bytes = 1024",
+            )?;
+            let err = Config::load(Some(Path::new("budget.toml")), &Flags::default()).unwrap_err();
+            assert!(err.to_string().contains("max_inflight_bytes"), "{err}");
+            jail.create_file("url.toml", "nats_url = \"nats://a:4222, nats://b:99999\"")?;
+            let err = Config::load(Some(Path::new("url.toml")), &Flags::default()).unwrap_err();
+            assert!(err.to_string().contains("nats_url"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_cluster_is_several_comma_separated_urls() {
+        let config = Config {
+            nats_url: "nats://10.0.0.1:4222, nats://10.0.0.2:4223".into(),
+            ..Config::default()
+        };
+        assert_eq!(config.nats_servers().unwrap().len(), 2);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Config;
@@ -35,8 +36,13 @@ pub async fn run(config: Config) -> Result<(), String> {
         let gateway = gateway.clone();
         tokio::spawn(async move { gateway.supervise_pool().await })
     };
-    let http_task = tokio::spawn(http::serve(gateway.clone(), http_listener));
-    let uds_task = tokio::spawn(uds::serve(gateway.clone(), listener));
+    let http_stop = CancellationToken::new();
+    let http_task = tokio::spawn(http::serve(
+        gateway.clone(),
+        http_listener,
+        http_stop.clone().cancelled_owned(),
+    ));
+    let mut uds_task = tokio::spawn(uds::serve(gateway.clone(), listener));
 
     tokio::select! {
         _ = terminate.recv() => info!("SIGTERM: shutting down"),
@@ -49,8 +55,25 @@ pub async fn run(config: Config) -> Result<(), String> {
     );
     gateway.shutdown().begin(drain);
     // In-flight requests end by the drain deadline; the margin covers writing the answers.
-    let _ = tokio::time::timeout(drain + Duration::from_secs(2), uds_task).await;
+    // A second signal cuts the drain short.
+    let deadline = tokio::time::sleep(drain + Duration::from_secs(2));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut uds_task => break,
+            _ = &mut deadline => break,
+            _ = terminate.recv() => {
+                info!("second signal: answering what is left with UNAVAILABLE");
+                gateway.shutdown().expire_drain_now();
+            }
+            _ = interrupt.recv() => {
+                info!("second signal: answering what is left with UNAVAILABLE");
+                gateway.shutdown().expire_drain_now();
+            }
+        }
+    }
     gateway.flush().await;
+    http_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
     upkeep.abort();
     supervisor.abort();

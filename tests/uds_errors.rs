@@ -249,7 +249,10 @@ async fn a_frame_claiming_a_gigabyte_is_rejected_without_allocating_it() {
 async fn the_inflight_byte_budget_answers_overloaded() {
     let nats = NatsServer::start();
     let _slow = spawn_echo(&nats.url(), "svc.slow", Duration::from_millis(500)).await;
-    let gateway = GatewayProcess::start(&nats.url(), &["--max-inflight-bytes", "1000"]);
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &["--max-inflight-bytes", "1000", "--max-frame-bytes", "1000"],
+    );
     let mut conn = gateway.json().await;
     let payload = "x".repeat(600);
     conn.send(&format!(

@@ -298,3 +298,109 @@ async fn in_flight_requests_get_unavailable_at_once_when_nats_goes_away() {
         killed.elapsed()
     );
 }
+
+/// Reads one gauge or counter value from /metrics.
+async fn metric(gateway: &GatewayProcess, series: &str) -> f64 {
+    let text = gateway.get("/metrics").await.1;
+    text.lines()
+        .find(|line| line.starts_with(series))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+#[tokio::test]
+async fn a_subscriber_that_hangs_up_is_cleaned_up_even_on_a_quiet_subject() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut conn = gateway.json().await;
+    conn.call(r#"{"op":"subscribe","id":"q","subject":"quiet.subject"}"#)
+        .await;
+    // Half-close first (as `nc -N` does): the subscription stays served...
+    conn.shutdown_write().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(nats.subscriptions_on("quiet.subject").await, 1);
+    // ...until the client closes completely.
+    drop(conn);
+    let deadline = Instant::now() + PATIENCE;
+    while nats.subscriptions_on("quiet.subject").await > 0
+        || metric(&gateway, "ipc_gateway_connections{frontend=\"uds\"}").await > 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the closed subscriber was never cleaned up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn during_the_drain_ready_is_503_and_new_commands_are_refused() {
+    let nats = NatsServer::start();
+    let _slow = spawn_echo(&nats.url(), "svc.slow", Duration::from_millis(1500)).await;
+    let mut gateway = GatewayProcess::start(&nats.url(), &["--drain-timeout-ms", "5000"]);
+    let mut conn = gateway.json().await;
+    conn.send(r#"{"id":"old","subject":"svc.slow","data":"x"}"#)
+        .await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    gateway.signal("TERM");
+    let body = gateway.wait_status("/ready", 503).await;
+    assert!(body.contains("shutting_down"), "{body}");
+    let refused = conn
+        .call(r#"{"id":"new","subject":"svc.slow","data":"y"}"#)
+        .await;
+    assert_eq!(refused["id"], "new");
+    assert_eq!(refused["error"]["code"], "UNAVAILABLE");
+    let answered = conn.recv().await;
+    assert_eq!(
+        (answered["id"].as_str(), answered["ok"].as_bool()),
+        (Some("old"), Some(true))
+    );
+    assert!(conn.recv_or_eof().await.is_none());
+    assert_eq!(gateway.wait_exit(), Some(0));
+}
+
+#[tokio::test]
+async fn a_second_signal_cuts_the_drain_short() {
+    let nats = NatsServer::start();
+    let _slow = spawn_echo(&nats.url(), "svc.slow", Duration::from_secs(8)).await;
+    let mut gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--drain-timeout-ms",
+            "30000",
+            "--request-timeout-ms",
+            "30000",
+        ],
+    );
+    let mut conn = gateway.json().await;
+    conn.send(r#"{"id":1,"subject":"svc.slow","data":"x"}"#)
+        .await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    gateway.signal("TERM");
+    gateway.wait_status("/ready", 503).await;
+    let started = Instant::now();
+    gateway.signal("INT");
+    let reply = conn.recv().await;
+    assert_eq!(reply["error"]["code"], "UNAVAILABLE");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(gateway.wait_exit(), Some(0));
+}
+
+#[tokio::test]
+async fn a_list_of_nats_urls_is_a_cluster_and_a_dead_member_is_skipped() {
+    let nats = NatsServer::start();
+    let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
+    let dead = format!("nats://127.0.0.1:{}", free_port());
+    let urls = format!("{dead},{}", nats.url());
+    let gateway = GatewayProcess::start(&urls, &[]);
+    gateway.wait_status("/ready", 200).await;
+    let mut conn = gateway.json().await;
+    let reply = conn
+        .call(r#"{"id":1,"subject":"demo.echo","data":"c"}"#)
+        .await;
+    assert_eq!(reply["data"], "c");
+}

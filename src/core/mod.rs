@@ -64,7 +64,7 @@ impl Gateway {
     pub async fn new(config: Config) -> Result<Gateway, String> {
         let metrics = Metrics::new();
         let pool = NatsPool::connect(
-            &config.nats_url,
+            config.nats_servers()?,
             config.nats_connections,
             metrics.nats_slow_consumer.clone(),
         )
@@ -147,6 +147,9 @@ impl Gateway {
         metrics
             .nats_connected
             .set(self.inner.pool.connected() as f64);
+        metrics
+            .nats_replaced
+            .absolute(self.inner.pool.replaced() as u64);
         metrics.run_upkeep();
     }
 
@@ -174,22 +177,30 @@ impl Gateway {
     }
 
     async fn send_request(&self, envelope: Envelope) -> Result<Reply, GatewayError> {
-        let subject = self.target_subject(envelope.subject)?;
+        let subject = self.target_subject(&envelope)?;
         let timeout = self.deadline(envelope.timeout_ms);
         let _permit = self.inner.budget.try_acquire(envelope.data.len())?;
         let pool::Picked {
             client, mut lost, ..
         } = self.inner.pool.client()?;
         let _inflight = InflightGuard::new(&self.inner.metrics);
+        // The deadline is ours, not async-nats's: it also covers the wait for room in the
+        // client's command queue, so no request outlives it.
         let mut request = async_nats::Request::new()
             .payload(envelope.data)
-            .timeout(Some(timeout));
+            .timeout(None);
         if let Some(headers) = envelope.headers {
             request = request.headers(headers);
         }
         let answer = tokio::select! {
             biased;
             answer = client.send_request(subject.clone(), request) => answer,
+            _ = tokio::time::sleep(timeout) => {
+                return Err(GatewayError::new(
+                    ErrorCode::Timeout,
+                    format!("no reply on {subject} within {} ms", timeout.as_millis()),
+                ));
+            }
             // The reply would have come on the connection that was just lost.
             _ = lost.changed() => {
                 return Err(GatewayError::new(
@@ -254,7 +265,7 @@ impl Gateway {
     }
 
     async fn send_publish(&self, lane: Lane, envelope: Envelope) -> Result<(), GatewayError> {
-        let subject = self.target_subject(envelope.subject)?;
+        let subject = self.target_subject(&envelope)?;
         let _permit = self.inner.budget.try_acquire(envelope.data.len())?;
         let client = self.inner.pool.client_on(lane.0)?.client;
         let sent = match envelope.headers {
@@ -367,17 +378,20 @@ impl Gateway {
     }
 
     /// The subject to send to: the envelope's, validated, or the configured default.
-    fn target_subject(&self, subject: Option<Subject>) -> Result<Subject, GatewayError> {
-        match subject {
+    fn target_subject(&self, envelope: &Envelope) -> Result<Subject, GatewayError> {
+        match &envelope.subject {
             Some(subject) => {
-                validate_subject(&subject, SubjectUse::Publish)?;
-                Ok(subject)
+                validate_subject(subject, SubjectUse::Publish)?;
+                Ok(subject.clone())
             }
-            None => self.inner.default_subject.clone().ok_or_else(|| {
-                GatewayError::bad_request(
-                    "\"subject\" is required (this gateway has no default subject)",
-                )
-            }),
+            None if envelope.flags.to_default_subject => {
+                self.inner.default_subject.clone().ok_or_else(|| {
+                    GatewayError::bad_request(
+                        "a message needs \"op\" and \"subject\" (this gateway has no default subject for other objects)",
+                    )
+                })
+            }
+            None => Err(GatewayError::bad_request("\"subject\" is required")),
         }
     }
 

@@ -33,7 +33,7 @@ pub struct PoolConn {
 
 /// How one pool connection is made and checked.
 pub struct NatsManager {
-    url: String,
+    servers: Vec<async_nats::ServerAddr>,
     next_index: AtomicUsize,
     /// Counts messages async-nats itself dropped because a subscription's buffer was full.
     slow_consumer: Counter,
@@ -47,7 +47,7 @@ impl managed::Manager for NatsManager {
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
         let (lost_sender, lost) = watch::channel(0u64);
         let client = connect_options(index, self.slow_consumer.clone(), lost_sender)
-            .connect(self.url.clone())
+            .connect(self.servers.clone())
             .await?;
         Ok(PoolConn {
             client,
@@ -168,12 +168,12 @@ pub struct NatsPool {
 impl NatsPool {
     /// Creates `size` connections. Returns at once even if NATS is not up yet.
     pub async fn connect(
-        url: &str,
+        servers: Vec<async_nats::ServerAddr>,
         size: usize,
         slow_consumer: Counter,
     ) -> Result<Arc<NatsPool>, String> {
         let manager = NatsManager {
-            url: url.to_owned(),
+            servers,
             next_index: AtomicUsize::new(0),
             slow_consumer,
         };
@@ -187,7 +187,7 @@ impl NatsPool {
             let object = pool
                 .get()
                 .await
-                .map_err(|err| format!("NATS connection to {url}: {err}"))?;
+                .map_err(|err| format!("NATS connection: {err}"))?;
             slots.push(Slot::Managed(object));
         }
         Ok(Arc::new(NatsPool {

@@ -26,6 +26,11 @@ impl Shutdown {
         });
     }
 
+    /// Ends the drain now (a second signal): whatever still waits gets `UNAVAILABLE`.
+    pub fn expire_drain_now(&self) {
+        self.drain_expired.cancel();
+    }
+
     pub fn is_stopping(&self) -> bool {
         self.stop.is_cancelled()
     }

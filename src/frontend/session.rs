@@ -143,31 +143,40 @@ impl Session {
 
     /// Answers a command with `UNAVAILABLE` because the gateway is shutting down.
     pub fn refuse_shutting_down(&mut self, item: Decoded) {
-        let id = match item {
-            Decoded::Envelope(envelope) => envelope.id,
-            Decoded::Invalid { id, .. } => id,
+        let (id, op) = match item {
+            Decoded::Envelope(envelope) => (envelope.id, Some(envelope.op)),
+            Decoded::Invalid { id, .. } => (id, None),
         };
         self.gateway
-            .count(self.frontend, None, Err(ErrorCode::Unavailable));
+            .count(self.frontend, op, Err(ErrorCode::Unavailable));
         self.answer(Outbound::Error {
             id,
             error: GatewayError::new(ErrorCode::Unavailable, "the gateway is shutting down"),
         });
     }
 
-    async fn subscribe(&mut self, envelope: Envelope) -> Result<(), GatewayError> {
-        let sid = envelope.id.clone();
-        if sid.is_null() {
+    /// What the session itself checks before a subscription reaches the core.
+    fn check_subscription(&self, envelope: &Envelope) -> Result<Subject, GatewayError> {
+        if envelope.id.is_null() {
             return Err(GatewayError::bad_request(
                 "subscribe needs an \"id\": messages name their subscription by it",
             ));
         }
-        if self.subscriptions.contains_key(&sid) {
+        if self.subscriptions.contains_key(&envelope.id) {
             return Err(GatewayError::bad_request(format!(
-                "subscription id {sid} is already in use on this connection"
+                "subscription id {} is already in use on this connection",
+                envelope.id
             )));
         }
-        let subject = envelope.require_subject()?.clone();
+        envelope.require_subject().cloned()
+    }
+
+    async fn subscribe(&mut self, envelope: Envelope) -> Result<(), GatewayError> {
+        let sid = envelope.id.clone();
+        let subject = self.check_subscription(&envelope).inspect_err(|error| {
+            self.gateway
+                .count(self.frontend, Some(Op::Subscribe), Err(error.code));
+        })?;
         let queue = envelope.queue;
         let subscriber = self
             .gateway

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -69,8 +69,20 @@ impl UdsListener {
                 }
             }
         }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        // Bind under a temporary name, set the mode, then rename into place: the socket is
+        // never reachable with the umask's permissions.
+        let name = path
+            .file_name()
+            .map_or_else(Default::default, |n| n.to_string_lossy());
+        let staging = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&staging);
+        let listener = UnixListener::bind(&staging)?;
+        let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
+            .and_then(|()| std::fs::rename(&staging, path));
+        if let Err(err) = placed {
+            let _ = std::fs::remove_file(&staging);
+            return Err(err);
+        }
         Ok(UdsListener {
             listener,
             path: path.to_owned(),
@@ -147,6 +159,13 @@ async fn reject_connection(gateway: Gateway, mut stream: UnixStream) {
     );
     let _ = stream.write_all(&out).await;
     let _ = stream.shutdown().await;
+    // Read what the client sent (for a second at most) so that it sees our answer and a clean
+    // close rather than a reset.
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSemaphorePermit) {
@@ -167,36 +186,53 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSema
     let mut frames =
         FramedRead::with_capacity(read, WireDecoder::new(config.max_frame_bytes), READ_BUFFER);
     let mut session = Session::new(gateway.clone(), Frontend::Uds, outbox.clone());
+    // `reading`: commands are still read (during a drain, only to be refused).
+    // `draining`: shutdown began; answer what is in flight, refuse what is new, then close.
     let mut reading = true;
-    let mut closing = false;
+    let mut draining = false;
+    let mut fatal = false;
     loop {
-        if !reading && !session.has_requests() && (closing || !session.has_subscriptions()) {
+        let done_with_subscriptions = draining || fatal || !session.has_subscriptions();
+        if !session.has_requests() && (draining || (!reading && done_with_subscriptions)) {
             break;
+        }
+        if !reading {
+            // A client that half-closed but keeps subscriptions open is served until it
+            // closes completely.
+            tokio::select! {
+                biased;
+                _ = peer_gone.cancelled() => break,
+                _ = gateway.shutdown().stopped(), if !draining => {
+                    draining = true;
+                    session.close_subscriptions();
+                }
+                _ = session.next_answer() => {}
+                _ = hung_up(frames.get_ref()), if session.has_subscriptions() => break,
+            }
+            continue;
         }
         let has_room = outbox.pending() < max_inflight;
         tokio::select! {
             biased;
             _ = peer_gone.cancelled() => break,
-            _ = gateway.shutdown().stopped(), if !closing => {
-                closing = true;
-                if reading {
-                    reading = false;
-                    refuse_buffered(&mut frames, &mut session);
-                }
+            _ = gateway.shutdown().stopped(), if !draining => {
+                draining = true;
                 session.close_subscriptions();
             }
             _ = session.next_answer() => {}
-            _ = outbox.wait_room(), if reading && !has_room => {}
-            item = frames.next(), if reading && has_room => match item {
+            _ = outbox.wait_room(), if !has_room => {}
+            item = frames.next(), if has_room => match item {
                 Some(Ok(decoded)) => {
                     if format.get().is_none()
                         && let Some(sniffed) = frames.decoder().format()
                     {
                         let _ = format.set(sniffed);
                     }
-                    if session.handle(decoded).await == Flow::Close {
+                    if draining {
+                        session.refuse_shutting_down(decoded);
+                    } else if session.handle(decoded).await == Flow::Close {
                         reading = false;
-                        closing = true;
+                        fatal = true;
                         session.close_subscriptions();
                     }
                 }
@@ -208,6 +244,9 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSema
             },
         }
     }
+    if draining && reading {
+        refuse_buffered(&mut frames, &mut session);
+    }
     session.close_subscriptions();
     outbox.close();
     drop(frames);
@@ -215,8 +254,20 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSema
     metrics.connection_closed(Frontend::Uds);
 }
 
-/// At shutdown: commands already received but not yet handled get `UNAVAILABLE`, so none is
-/// left without an answer.
+/// Resolves when the peer has closed the connection completely (not just its write side).
+async fn hung_up(read: &OwnedReadHalf) {
+    loop {
+        match read.ready(Interest::WRITABLE).await {
+            Ok(ready) if !ready.is_write_closed() => {
+                tokio::time::sleep(Duration::from_millis(250)).await
+            }
+            _ => return,
+        }
+    }
+}
+
+/// When a draining connection closes: commands already received but not yet handled get
+/// `UNAVAILABLE`, so none is left without an answer.
 fn refuse_buffered(frames: &mut FramedRead<OwnedReadHalf, WireDecoder>, session: &mut Session) {
     let mut buffer = std::mem::take(frames.read_buffer_mut());
     // What the kernel already holds for us counts as received too (bounded).

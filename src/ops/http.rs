@@ -26,10 +26,15 @@ pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(address).await
 }
 
-pub async fn serve(gateway: Gateway, listener: TcpListener) -> std::io::Result<()> {
-    let shutdown = gateway.shutdown().clone();
+/// Serves until `stop` resolves. The daemon stops it after the drain, so that `/ready`
+/// answers 503 `shutting_down` while in-flight requests finish.
+pub async fn serve(
+    gateway: Gateway,
+    listener: TcpListener,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     axum::serve(listener, router(gateway))
-        .with_graceful_shutdown(async move { shutdown.stopped().await })
+        .with_graceful_shutdown(stop)
         .await
 }
 

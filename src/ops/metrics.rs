@@ -90,6 +90,7 @@ pub struct Metrics {
     pub nats_connected: Gauge,
     pub nats_pool_size: Gauge,
     pub nats_slow_consumer: Counter,
+    pub nats_replaced: Counter,
 }
 
 const METADATA: Metadata<'static> = Metadata::new("ipc_gateway", metrics::Level::INFO, None);
@@ -166,6 +167,14 @@ impl Metrics {
             "ipc_gateway_dropped_messages_total",
             "Subscription messages dropped because a client read too slowly.",
         );
+        describe(
+            "ipc_gateway_nats_slow_consumer_total",
+            "Subscription messages the NATS client dropped before the gateway queued them (at least this many).",
+        );
+        describe(
+            "ipc_gateway_nats_replaced_total",
+            "Pool connections replaced because they stayed down while NATS was reachable.",
+        );
         let describe_gauge = |name: &'static str, help: &'static str| {
             recorder.describe_gauge(name.into(), None, help.into());
         };
@@ -201,6 +210,7 @@ impl Metrics {
             nats_connected: gauge(&recorder, "ipc_gateway_nats_connected", vec![]),
             nats_pool_size: gauge(&recorder, "ipc_gateway_nats_pool_size", vec![]),
             nats_slow_consumer: counter(&recorder, "ipc_gateway_nats_slow_consumer_total", vec![]),
+            nats_replaced: counter(&recorder, "ipc_gateway_nats_replaced_total", vec![]),
             operations: (0..Frontend::ALL.len() * (OPS.len() + 1) * OUTCOMES)
                 .map(|_| OnceLock::new())
                 .collect(),

@@ -212,6 +212,7 @@ fn decode_envelope(header: FrameHeader, body: Bytes) -> Result<Envelope, Gateway
     envelope.timeout_ms = (header.param != 0).then_some(header.param);
     envelope.flags = Flags {
         retry: header.flags & flag::RETRY != 0,
+        to_default_subject: false,
     };
     Ok(envelope)
 }
@@ -295,19 +296,30 @@ pub struct FrameParts<'a> {
 
 /// Appends one frame to `out`.
 pub fn put_frame(parts: FrameParts<'_>, out: &mut BytesMut) {
-    let headers_len: usize = parts.headers.map_or(0, |headers| {
-        headers
-            .iter()
-            .map(|(name, values)| {
-                values
-                    .iter()
-                    .map(|value| 4 + AsRef::<str>::as_ref(name).len() + value.as_str().len())
-                    .sum::<usize>()
+    // Every length must fit its field: a subject or aux over 65535 bytes is cut (NATS never
+    // sends such subjects in practice), and a header entry that does not fit is left out
+    // rather than corrupting the stream.
+    let subject = &parts.subject[..parts.subject.len().min(u16::MAX as usize)];
+    let aux = &parts.aux[..parts.aux.len().min(u16::MAX as usize)];
+    let entries = || {
+        parts
+            .headers
+            .into_iter()
+            .flat_map(|headers| headers.iter())
+            .flat_map(|(name, values)| {
+                values.iter().map(move |value| {
+                    let name: &[u8] = name.as_ref();
+                    (name, value.as_str().as_bytes())
+                })
             })
-            .sum()
-    });
-    let body_len =
-        2 + parts.subject.len() + 2 + parts.aux.len() + 4 + headers_len + parts.payload.len();
+            .filter(|(name, value)| {
+                name.len() <= u16::MAX as usize && value.len() <= u16::MAX as usize
+            })
+    };
+    let headers_len: usize = entries()
+        .map(|(name, value)| 4 + name.len() + value.len())
+        .sum();
+    let body_len = 2 + subject.len() + 2 + aux.len() + 4 + headers_len + parts.payload.len();
     out.reserve(HEADER_LEN + body_len);
     out.put_u8(MAGIC);
     out.put_u8(VERSION);
@@ -316,21 +328,16 @@ pub fn put_frame(parts: FrameParts<'_>, out: &mut BytesMut) {
     out.put_u32(body_len as u32);
     out.put_u64(parts.id);
     out.put_u32(parts.param);
-    out.put_u16(parts.subject.len() as u16);
-    out.put_slice(parts.subject);
-    out.put_u16(parts.aux.len() as u16);
-    out.put_slice(parts.aux);
+    out.put_u16(subject.len() as u16);
+    out.put_slice(subject);
+    out.put_u16(aux.len() as u16);
+    out.put_slice(aux);
     out.put_u32(headers_len as u32);
-    if let Some(headers) = parts.headers {
-        for (name, values) in headers.iter() {
-            for value in values {
-                let name: &[u8] = name.as_ref();
-                out.put_u16(name.len() as u16);
-                out.put_slice(name);
-                out.put_u16(value.as_str().len() as u16);
-                out.put_slice(value.as_str().as_bytes());
-            }
-        }
+    for (name, value) in entries() {
+        out.put_u16(name.len() as u16);
+        out.put_slice(name);
+        out.put_u16(value.len() as u16);
+        out.put_slice(value);
     }
     out.put_slice(parts.payload);
 }
@@ -511,6 +518,31 @@ mod tests {
             decoder.decode(&mut buf),
             Some(Decoded::Envelope(_))
         ));
+    }
+
+    #[test]
+    fn a_header_too_long_for_its_field_is_left_out_and_the_frame_stays_valid() {
+        let mut headers = HeaderMap::new();
+        headers.insert("X-Big", "v".repeat(70_000).as_str());
+        headers.insert("X-Ok", "1");
+        let mut out = BytesMut::new();
+        put_frame(
+            FrameParts {
+                frame_type: frame_type::PUBLISH,
+                subject: b"s",
+                headers: Some(&headers),
+                payload: b"p",
+                ..FrameParts::default()
+            },
+            &mut out,
+        );
+        let Some(Decoded::Envelope(envelope)) = BinaryDecoder::new(1 << 20).decode(&mut out) else {
+            panic!()
+        };
+        let decoded = envelope.headers.unwrap();
+        assert!(decoded.get("X-Big").is_none());
+        assert_eq!(decoded.get("X-Ok").unwrap().as_str(), "1");
+        assert_eq!(&envelope.data[..], b"p");
     }
 
     #[test]

@@ -80,6 +80,9 @@ impl Op {
 pub struct Flags {
     /// The request is idempotent: the gateway may retry it within its deadline.
     pub retry: bool,
+    /// A legacy JSON object (neither op nor subject): it goes to the configured default
+    /// subject. Only such objects do; any other message without a subject is an error.
+    pub to_default_subject: bool,
 }
 
 /// One inbound message, whatever wire it came from. Payload and subject are `Bytes` slices of

@@ -65,6 +65,12 @@ impl JsonLinesDecoder {
             if end > self.max_line {
                 return Some(self.too_large());
             }
+            // CRLF clients: the carriage return is not part of the message.
+            let end = if end > 0 && line[end - 1] == b'\r' {
+                end - 1
+            } else {
+                end
+            };
             let line = line.slice(..end);
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -140,6 +146,16 @@ pub fn parse_line(line: Bytes) -> Decoded {
     let parsed: JsonEnvelope<'_> = match serde_json::from_slice(&line) {
         Ok(parsed) => parsed,
         Err(err) => {
+            // A legacy object's own fields may clash with ours ("retry":"yes"): it is still
+            // a legacy object, sent whole.
+            if let Ok(probe) = serde_json::from_slice::<LegacyProbe<'_>>(&line)
+                && probe.op.is_none()
+                && probe.subject.is_none()
+            {
+                let id = serde_json::from_str::<Id>(probe.id.map_or("null", RawValue::get))
+                    .unwrap_or_default();
+                return Decoded::Envelope(legacy_envelope(&line, id, None));
+            }
             let id = serde_json::from_slice::<IdOnly>(&line)
                 .map(|only| only.id)
                 .unwrap_or_default();
@@ -161,6 +177,27 @@ pub fn parse_line(line: Bytes) -> Decoded {
     }
 }
 
+/// Any JSON object, looked at only for the fields that decide whether it is a legacy one.
+#[derive(Deserialize)]
+struct LegacyProbe<'a> {
+    #[serde(borrow, default)]
+    op: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    subject: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+}
+
+/// A legacy object with neither op nor subject: a request whose payload is the whole line,
+/// to the configured default subject.
+fn legacy_envelope(line: &Bytes, id: Id, timeout_ms: Option<u32>) -> Envelope {
+    let mut envelope = Envelope::new(Op::Request, id);
+    envelope.data = line.clone();
+    envelope.timeout_ms = timeout_ms;
+    envelope.flags.to_default_subject = true;
+    envelope
+}
+
 fn invalid(id: Id, message: String) -> Decoded {
     Decoded::Invalid {
         id,
@@ -173,12 +210,8 @@ fn build_envelope(line: &Bytes, parsed: JsonEnvelope<'_>) -> Result<Envelope, (I
     let id = parsed.id;
     let fail = |id: &Id, message: String| (id.clone(), GatewayError::bad_request(message));
 
-    // A legacy object with neither op nor subject is sent whole to the default subject.
     if parsed.op.is_none() && parsed.subject.is_none() {
-        let mut envelope = Envelope::new(Op::Request, id);
-        envelope.data = line.clone();
-        envelope.timeout_ms = parsed.timeout_ms;
-        return Ok(envelope);
+        return Ok(legacy_envelope(line, id, parsed.timeout_ms));
     }
     let op = match parsed.op.as_deref() {
         None => Op::Request,
@@ -222,6 +255,7 @@ fn build_envelope(line: &Bytes, parsed: JsonEnvelope<'_>) -> Result<Envelope, (I
     envelope.queue = parsed.queue;
     envelope.flags = Flags {
         retry: parsed.retry,
+        to_default_subject: false,
     };
     Ok(envelope)
 }
@@ -449,6 +483,33 @@ mod tests {
         let envelope = envelope(&items[0]);
         assert!(envelope.subject.is_none());
         assert_eq!(&envelope.data[..], line);
+    }
+
+    #[test]
+    fn a_legacy_object_whose_fields_clash_with_ours_is_still_sent_whole() {
+        let mut decoder = JsonLinesDecoder::new(1024);
+        let line = br#"{"task":"t2","retry":"yes","id":4}"#;
+        let mut input = line.to_vec();
+        input.push(b'\n');
+        let items = decode_all(&mut decoder, &input);
+        let envelope = envelope(&items[0]);
+        assert!(envelope.flags.to_default_subject);
+        assert_eq!(envelope.id, Id::from(4));
+        assert_eq!(&envelope.data[..], line);
+    }
+
+    #[test]
+    fn only_legacy_objects_go_to_the_default_subject() {
+        let mut decoder = JsonLinesDecoder::new(1024);
+        let items = decode_all(&mut decoder, b"{\"op\":\"request\",\"data\":\"x\"}\n");
+        assert!(!envelope(&items[0]).flags.to_default_subject);
+    }
+
+    #[test]
+    fn crlf_lines_lose_their_carriage_return() {
+        let mut decoder = JsonLinesDecoder::new(1024);
+        let items = decode_all(&mut decoder, b"{\"task\":\"t\"}\r\n");
+        assert_eq!(&envelope(&items[0]).data[..], b"{\"task\":\"t\"}");
     }
 
     #[test]

@@ -246,6 +246,9 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSema
     }
     if draining && reading {
         refuse_buffered(&mut frames, &mut session);
+        if let Some(sniffed) = frames.decoder().format() {
+            let _ = format.set(sniffed);
+        }
     }
     session.close_subscriptions();
     outbox.close();

@@ -337,8 +337,18 @@ impl Gateway {
         // wait until the server has processed the SUB. `flush()` only writes the socket; a
         // request on the same connection to a subject nobody serves comes back (as "no
         // responders") only after the server has handled everything sent before it.
-        let sync = async_nats::Request::new().timeout(Some(self.inner.config.request_timeout()));
-        match client.send_request(SYNC_SUBJECT, sync).await {
+        let sync = async_nats::Request::new().timeout(None);
+        let confirmed = tokio::time::timeout(
+            self.inner.config.request_timeout(),
+            client.send_request(SYNC_SUBJECT, sync),
+        );
+        let Ok(confirmed) = confirmed.await else {
+            return Err(GatewayError::new(
+                ErrorCode::Unavailable,
+                "NATS did not confirm the subscription in time",
+            ));
+        };
+        match confirmed {
             Ok(_) => Ok(Subscription {
                 subscriber,
                 retired,

@@ -32,6 +32,8 @@ const MAX_BATCH_EVENTS: usize = 512;
 /// Write out once this many bytes are encoded, even mid-batch.
 const FLUSH_AT: usize = 64 * 1024;
 const READ_BUFFER: usize = 16 * 1024;
+/// Connection-limit refusals that may wait (up to 2 s) to answer in the client's format.
+const MAX_POLITE_REFUSALS: usize = 64;
 
 /// The bound socket; removes its file when dropped.
 pub struct UdsListener {
@@ -104,6 +106,9 @@ impl Drop for UdsListener {
 pub async fn serve(gateway: Gateway, listener: UdsListener) {
     let config = gateway.config();
     let slots = Arc::new(Semaphore::new(config.max_connections));
+    // Refusals that wait to learn the client's format are few at a time; past that, a
+    // connection is refused at once in JSON, so a flood cannot hold descriptors.
+    let refusals = Arc::new(Semaphore::new(MAX_POLITE_REFUSALS));
     let tracker = TaskTracker::new();
     gateway.set_listener_up(true);
     info!(socket = %listener.path().display(), "listening on the Unix socket");
@@ -126,9 +131,14 @@ pub async fn serve(gateway: Gateway, listener: UdsListener) {
             Ok(permit) => {
                 tracker.spawn(serve_connection(gateway, stream, permit));
             }
-            Err(_) => {
-                tracker.spawn(reject_connection(gateway, stream));
-            }
+            Err(_) => match refusals.clone().try_acquire_owned() {
+                Ok(refusal) => {
+                    tracker.spawn(reject_connection(gateway, stream, Some(refusal)));
+                }
+                Err(_) => {
+                    tracker.spawn(reject_connection(gateway, stream, None));
+                }
+            },
         }
     }
     gateway.set_listener_up(false);
@@ -138,13 +148,22 @@ pub async fn serve(gateway: Gateway, listener: UdsListener) {
 }
 
 /// Tells a client over the connection limit why, in the format it speaks, then closes.
-async fn reject_connection(gateway: Gateway, mut stream: UnixStream) {
+async fn reject_connection(
+    gateway: Gateway,
+    mut stream: UnixStream,
+    polite: Option<OwnedSemaphorePermit>,
+) {
     let max = gateway.config().max_connections;
     gateway.metrics().connection_rejected(Frontend::Uds);
     let mut first = [0u8; 1];
-    let format = match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut first)).await {
-        Ok(Ok(1)) => WireFormat::sniff(first[0]),
-        _ => WireFormat::JsonLines,
+    let format = match &polite {
+        Some(_) => {
+            match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut first)).await {
+                Ok(Ok(1)) => WireFormat::sniff(first[0]),
+                _ => WireFormat::JsonLines,
+            }
+        }
+        None => WireFormat::JsonLines,
     };
     let mut out = BytesMut::new();
     format.encode(
@@ -157,6 +176,10 @@ async fn reject_connection(gateway: Gateway, mut stream: UnixStream) {
         },
         &mut out,
     );
+    if polite.is_none() {
+        let _ = stream.try_write(&out);
+        return;
+    }
     let _ = stream.write_all(&out).await;
     let _ = stream.shutdown().await;
     // Read what the client sent (for a second at most) so that it sees our answer and a clean

@@ -202,7 +202,8 @@ impl Metrics {
         recorder.describe_histogram(
             "ipc_gateway_request_duration_seconds".into(),
             Some(metrics::Unit::Seconds),
-            "Request latency inside the gateway, from decode to reply.".into(),
+            "Request latency inside the gateway's core, from the decoded request to its answer."
+                .into(),
         );
         Arc::new(Metrics {
             inflight_requests: gauge(&recorder, "ipc_gateway_inflight_requests", vec![]),

@@ -319,6 +319,8 @@ pub fn put_frame(parts: FrameParts<'_>, out: &mut BytesMut) {
     let headers_len: usize = entries()
         .map(|(name, value)| 4 + name.len() + value.len())
         .sum();
+    // Payloads and header blocks are bounded by NATS's max_payload (64 MiB at most), so the
+    // body length fits its u32.
     let body_len = 2 + subject.len() + 2 + aux.len() + 4 + headers_len + parts.payload.len();
     out.reserve(HEADER_LEN + body_len);
     out.put_u8(MAGIC);

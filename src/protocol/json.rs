@@ -143,6 +143,14 @@ struct IdOnly {
 
 /// Parses one line (without its newline) into an envelope.
 pub fn parse_line(line: Bytes) -> Decoded {
+    // serde would also read a JSON array by position: only objects are envelopes.
+    if line.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        let id = Id::Null;
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(&line) {
+            Ok(_) => invalid(id, "invalid envelope: a line must be a JSON object".into()),
+            Err(err) => invalid(id, format!("malformed JSON: {err}")),
+        };
+    }
     let parsed: JsonEnvelope<'_> = match serde_json::from_slice(&line) {
         Ok(parsed) => parsed,
         Err(err) => {
@@ -154,7 +162,10 @@ pub fn parse_line(line: Bytes) -> Decoded {
             {
                 let id = serde_json::from_str::<Id>(probe.id.map_or("null", RawValue::get))
                     .unwrap_or_default();
-                return Decoded::Envelope(legacy_envelope(&line, id, None));
+                let timeout_ms = probe
+                    .timeout_ms
+                    .and_then(|raw| serde_json::from_str::<u32>(raw.get()).ok());
+                return Decoded::Envelope(legacy_envelope(&line, id, timeout_ms));
             }
             let id = serde_json::from_slice::<IdOnly>(&line)
                 .map(|only| only.id)
@@ -186,6 +197,8 @@ struct LegacyProbe<'a> {
     subject: Option<&'a RawValue>,
     #[serde(borrow, default)]
     id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    timeout_ms: Option<&'a RawValue>,
 }
 
 /// A legacy object with neither op nor subject: a request whose payload is the whole line,
@@ -496,6 +509,32 @@ mod tests {
         assert!(envelope.flags.to_default_subject);
         assert_eq!(envelope.id, Id::from(4));
         assert_eq!(&envelope.data[..], line);
+    }
+
+    #[test]
+    fn arrays_and_other_values_are_not_envelopes() {
+        let mut decoder = JsonLinesDecoder::new(1024);
+        let items = decode_all(
+            &mut decoder,
+            b"[\"request\",1,\"demo.echo\",\"x\"]\n[]\n42\n\"s\"\n",
+        );
+        assert_eq!(items.len(), 4);
+        for item in &items {
+            match item {
+                Decoded::Invalid { error, .. } => {
+                    assert_eq!(error.code, ErrorCode::BadRequest);
+                    assert!(error.message.contains("JSON object"), "{}", error.message);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_legacy_object_with_clashing_fields_keeps_a_valid_timeout() {
+        let mut decoder = JsonLinesDecoder::new(1024);
+        let items = decode_all(&mut decoder, b"{\"retry\":\"yes\",\"timeout_ms\":100}\n");
+        assert_eq!(envelope(&items[0]).timeout_ms, Some(100));
     }
 
     #[test]

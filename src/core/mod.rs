@@ -4,6 +4,7 @@
 
 pub mod budget;
 pub mod pool;
+pub mod replies;
 pub mod shutdown;
 
 use std::sync::Arc;
@@ -18,9 +19,10 @@ use futures_util::StreamExt;
 use crate::config::Config;
 use crate::ops::metrics::{Frontend, Metrics};
 use crate::protocol::subject::{SubjectUse, validate_queue_group, validate_subject};
-use crate::protocol::{Envelope, ErrorCode, GatewayError, Op};
+use crate::protocol::{Envelope, ErrorCode, GatewayError, Id, Op};
 use budget::ByteBudget;
 use pool::NatsPool;
+pub use replies::ReplySink;
 use shutdown::Shutdown;
 
 /// A subject no service listens on; requests to it make a cheap round trip to the server.
@@ -63,10 +65,12 @@ impl Gateway {
     /// Builds the core and starts connecting to NATS; returns at once even if NATS is down.
     pub async fn new(config: Config) -> Result<Gateway, String> {
         let metrics = Metrics::new();
+        let shutdown = Shutdown::default();
         let pool = NatsPool::connect(
             config.nats_servers()?,
             config.nats_connections,
-            metrics.nats_slow_consumer.clone(),
+            metrics.clone(),
+            shutdown.clone(),
         )
         .await?;
         // Clients that arrive in the first milliseconds should not see UNAVAILABLE just
@@ -83,7 +87,7 @@ impl Gateway {
                 pool,
                 budget,
                 metrics,
-                shutdown: Shutdown::default(),
+                shutdown,
                 default_subject,
                 listener_up: AtomicBool::new(false),
             }),
@@ -153,95 +157,104 @@ impl Gateway {
         metrics.run_upkeep();
     }
 
-    /// Sends a request and waits for exactly one answer: the reply, or an error no later than
-    /// the request's deadline (the client's `timeout_ms`, capped by the configured ceiling).
+    /// Starts a request. Its one answer (the reply, or an error no later than the deadline:
+    /// the client's `timeout_ms`, capped by the configured ceiling) goes to `sink`, possibly
+    /// before this returns. Awaiting this only waits for room to send, which is how a client
+    /// that sends faster than NATS takes its requests is slowed down.
+    pub async fn start_request(
+        &self,
+        frontend: Frontend,
+        envelope: Envelope,
+        sink: Arc<dyn ReplySink>,
+    ) {
+        let started = Instant::now();
+        let metrics = &self.inner.metrics;
+        metrics.payload_in(frontend, envelope.data.len());
+        let id = envelope.id.clone();
+        let fail_now = |error: GatewayError| {
+            let result = Err(error);
+            replies::record(metrics, frontend, started, &result);
+            sink.deliver(id.clone(), result);
+        };
+        let subject = match self.target_subject(&envelope) {
+            Ok(subject) => subject,
+            Err(error) => return fail_now(error),
+        };
+        let permit = match self.inner.budget.try_acquire(envelope.data.len()) {
+            Ok(permit) => permit,
+            Err(error) => return fail_now(error),
+        };
+        let picked = match self.inner.pool.client() {
+            Ok(picked) => picked,
+            Err(error) => return fail_now(error),
+        };
+        let timeout = self.deadline(envelope.timeout_ms);
+        let pending = replies::Pending {
+            id: envelope.id,
+            sink: sink.clone(),
+            frontend,
+            started,
+            subject: subject.clone(),
+            timeout,
+            deadline: tokio::time::Instant::now() + timeout,
+            permit,
+        };
+        let (token, reply_to) = match picked.router.register(pending) {
+            Ok(registered) => registered,
+            Err(pending) => {
+                let error = GatewayError::new(
+                    ErrorCode::Unavailable,
+                    "the NATS connection is being replaced; retry",
+                );
+                return replies::finish(metrics, pending, Err(error));
+            }
+        };
+        let sent = match envelope.headers {
+            Some(headers) => {
+                picked
+                    .client
+                    .publish_with_reply_and_headers(subject, reply_to, headers, envelope.data)
+                    .await
+            }
+            None => {
+                picked
+                    .client
+                    .publish_with_reply(subject, reply_to, envelope.data)
+                    .await
+            }
+        };
+        if let Err(err) = sent
+            && let Some(pending) = picked.router.take(token)
+        {
+            let error = match err.kind() {
+                async_nats::client::PublishErrorKind::MaxPayloadExceeded => GatewayError::new(
+                    ErrorCode::TooLarge,
+                    format!("NATS refused the payload: {err}"),
+                ),
+                _ => GatewayError::new(
+                    ErrorCode::Unavailable,
+                    format!("NATS request failed: {err}"),
+                ),
+            };
+            replies::finish(metrics, pending, Err(error));
+        }
+    }
+
+    /// Sends a request and waits for its one answer (for callers that want a future).
     pub async fn request(
         &self,
         frontend: Frontend,
         envelope: Envelope,
     ) -> Result<Reply, GatewayError> {
-        let started = Instant::now();
-        let metrics = &self.inner.metrics;
-        metrics.payload_in(frontend, envelope.data.len());
-        let result = self.send_request(envelope).await;
-        metrics.operation(
-            frontend,
-            Op::Request,
-            result.as_ref().map(|_| ()).map_err(|e| e.code),
-        );
-        metrics.request_latency(frontend, started.elapsed().as_secs_f64());
-        if let Ok(reply) = &result {
-            metrics.payload_out(frontend, reply.data.len());
-        }
-        result
-    }
-
-    async fn send_request(&self, envelope: Envelope) -> Result<Reply, GatewayError> {
-        let subject = self.target_subject(&envelope)?;
-        let timeout = self.deadline(envelope.timeout_ms);
-        let _permit = self.inner.budget.try_acquire(envelope.data.len())?;
-        let pool::Picked {
-            client, mut lost, ..
-        } = self.inner.pool.client()?;
-        let _inflight = InflightGuard::new(&self.inner.metrics);
-        // The deadline is ours, not async-nats's: it also covers the wait for room in the
-        // client's command queue, so no request outlives it.
-        let mut request = async_nats::Request::new()
-            .payload(envelope.data)
-            .timeout(None);
-        if let Some(headers) = envelope.headers {
-            request = request.headers(headers);
-        }
-        let answer = tokio::select! {
-            biased;
-            answer = client.send_request(subject.clone(), request) => answer,
-            _ = tokio::time::sleep(timeout) => {
-                return Err(GatewayError::new(
-                    ErrorCode::Timeout,
-                    format!("no reply on {subject} within {} ms", timeout.as_millis()),
-                ));
-            }
-            // The reply would have come on the connection that was just lost.
-            _ = lost.changed() => {
-                return Err(GatewayError::new(
-                    ErrorCode::Unavailable,
-                    "the NATS connection was lost while waiting for the reply; the service may or may not have handled the request",
-                ));
-            }
-            _ = self.inner.shutdown.drain_expired() => {
-                return Err(GatewayError::new(
-                    ErrorCode::Unavailable,
-                    "the gateway is shutting down and the drain time ran out",
-                ));
-            }
-        };
-        match answer {
-            Ok(message) => Ok(Reply {
-                data: message.payload,
-                headers: message.headers,
-            }),
-            Err(err) => Err(match err.kind() {
-                RequestErrorKind::TimedOut => GatewayError::new(
-                    ErrorCode::Timeout,
-                    format!("no reply on {subject} within {} ms", timeout.as_millis()),
-                ),
-                RequestErrorKind::NoResponders => GatewayError::new(
-                    ErrorCode::NoResponders,
-                    format!("no service listens on {subject}"),
-                ),
-                RequestErrorKind::InvalidSubject => {
-                    GatewayError::bad_request(format!("NATS refused subject {subject}"))
-                }
-                RequestErrorKind::MaxPayloadExceeded => GatewayError::new(
-                    ErrorCode::TooLarge,
-                    format!("NATS refused the payload: {err}"),
-                ),
-                RequestErrorKind::Other => GatewayError::new(
-                    ErrorCode::Unavailable,
-                    format!("NATS connection failed: {err}"),
-                ),
-            }),
-        }
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let sink = Arc::new(OneshotSink(std::sync::Mutex::new(Some(sender))));
+        self.start_request(frontend, envelope, sink).await;
+        receiver.await.unwrap_or_else(|_| {
+            Err(GatewayError::new(
+                ErrorCode::Internal,
+                "a request ended without an answer",
+            ))
+        })
     }
 
     /// Publishes a message. Success means NATS's client accepted it for sending. Publishes go
@@ -439,18 +452,16 @@ impl Subscription {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lane(usize);
 
-/// Keeps the in-flight gauge right whether a request finishes or is cancelled.
-struct InflightGuard<'a>(&'a Metrics);
+/// Hands one answer to a waiting future.
+struct OneshotSink(
+    std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Result<Reply, GatewayError>>>>,
+);
 
-impl<'a> InflightGuard<'a> {
-    fn new(metrics: &'a Metrics) -> Self {
-        metrics.inflight_requests.increment(1.0);
-        InflightGuard(metrics)
-    }
-}
-
-impl Drop for InflightGuard<'_> {
-    fn drop(&mut self) {
-        self.0.inflight_requests.decrement(1.0);
+impl ReplySink for OneshotSink {
+    fn deliver(&self, _id: Id, result: Result<Reply, GatewayError>) {
+        let sender = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(sender) = sender {
+            let _ = sender.send(result);
+        }
     }
 }

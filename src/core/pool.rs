@@ -14,6 +14,10 @@ use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions};
 use deadpool::managed::{self, Metrics as PoolMetrics, Object, RecycleError, RecycleResult};
 use metrics::Counter;
+
+use super::replies::ReplyRouter;
+use super::shutdown::Shutdown;
+use crate::ops::metrics::Metrics;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -26,6 +30,8 @@ pub const REPLACE_AFTER: Duration = Duration::from_secs(10);
 /// so requests waiting on it can fail at once instead of waiting out their deadline.
 pub struct PoolConn {
     pub client: Client,
+    /// Matches this connection's replies to its requests.
+    pub router: Arc<ReplyRouter>,
     pub lost: watch::Receiver<u64>,
     /// Set when the pool retires this connection: subscriptions on it end and move elsewhere.
     pub retired: Arc<watch::Sender<bool>>,
@@ -35,8 +41,8 @@ pub struct PoolConn {
 pub struct NatsManager {
     servers: Vec<async_nats::ServerAddr>,
     next_index: AtomicUsize,
-    /// Counts messages async-nats itself dropped because a subscription's buffer was full.
-    slow_consumer: Counter,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
 }
 
 impl managed::Manager for NatsManager {
@@ -46,13 +52,28 @@ impl managed::Manager for NatsManager {
     async fn create(&self) -> Result<PoolConn, Self::Error> {
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
         let (lost_sender, lost) = watch::channel(0u64);
-        let client = connect_options(index, self.slow_consumer.clone(), lost_sender)
+        let client = connect_options(index, self.metrics.nats_slow_consumer.clone(), lost_sender)
             .connect(self.servers.clone())
             .await?;
+        let router = ReplyRouter::new(client.new_inbox(), self.metrics.clone());
+        let retired = Arc::new(watch::channel(false).0);
+        // Queued now, sent when the connection is up (and again after every reconnect).
+        match client.subscribe(router.wildcard()).await {
+            Ok(replies) => {
+                tokio::spawn(router.clone().run(
+                    replies,
+                    lost.clone(),
+                    retired.subscribe(),
+                    self.shutdown.clone(),
+                ));
+            }
+            Err(err) => warn!(connection = index, error = %err, "reply subscription failed"),
+        }
         Ok(PoolConn {
             client,
+            router,
             lost,
-            retired: Arc::new(watch::channel(false).0),
+            retired,
         })
     }
 
@@ -134,6 +155,7 @@ pub fn should_replace(down_for: Duration, others_connected: usize) -> bool {
 /// retired.
 pub struct Picked {
     pub client: Client,
+    pub router: Arc<ReplyRouter>,
     pub lost: watch::Receiver<u64>,
     pub retired: watch::Receiver<bool>,
 }
@@ -170,12 +192,14 @@ impl NatsPool {
     pub async fn connect(
         servers: Vec<async_nats::ServerAddr>,
         size: usize,
-        slow_consumer: Counter,
+        metrics: Arc<Metrics>,
+        shutdown: Shutdown,
     ) -> Result<Arc<NatsPool>, String> {
         let manager = NatsManager {
             servers,
             next_index: AtomicUsize::new(0),
-            slow_consumer,
+            metrics,
+            shutdown,
         };
         let pool = managed::Pool::builder(manager)
             .max_size(size)
@@ -224,6 +248,7 @@ impl NatsPool {
                 lost.mark_unchanged();
                 return Ok(Picked {
                     client: conn.client.clone(),
+                    router: conn.router.clone(),
                     lost,
                     retired: conn.retired.subscribe(),
                 });
@@ -276,6 +301,7 @@ impl NatsPool {
             // Detached from deadpool, it frees the place its successor is created in.
             let placeholder = Slot::Retiring(PoolConn {
                 client: current.client.clone(),
+                router: current.router.clone(),
                 lost: current.lost.clone(),
                 retired: current.retired.clone(),
             });

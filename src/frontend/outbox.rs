@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use async_nats::Message;
 use tokio::sync::Notify;
 
-use crate::protocol::{Id, Outbound};
+use crate::core::{Reply, ReplySink};
+use crate::protocol::{GatewayError, Id, Outbound};
 
 #[derive(Default)]
 struct Queues {
@@ -73,9 +74,15 @@ impl Outbox {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// Queues an answer; it is never dropped.
+    /// Queues an answer; it is never dropped while the connection is open.
     pub fn push_control(&self, event: Outbound) {
-        self.queues().control.push_back(event);
+        let mut queues = self.queues();
+        if queues.closed {
+            // The client is gone; nobody can read it.
+            return;
+        }
+        queues.control.push_back(event);
+        drop(queues);
         self.writable.notify_one();
     }
 
@@ -164,10 +171,23 @@ impl Outbox {
     }
 }
 
+/// The core delivers request answers straight into the outbox.
+impl ReplySink for Outbox {
+    fn deliver(&self, id: Id, result: Result<Reply, GatewayError>) {
+        self.push_control(match result {
+            Ok(reply) => Outbound::Reply {
+                id,
+                data: reply.data,
+                headers: reply.headers,
+            },
+            Err(error) => Outbound::Error { id, error },
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::GatewayError;
 
     fn message(n: u8) -> Message {
         Message {

@@ -1,27 +1,22 @@
 //! What one client connection asks of the core, whatever its wire: it turns decoded envelopes
-//! into core calls, keeps the client's requests in flight (pipelined, answered in any order)
-//! and its subscriptions, and puts every answer into the client's `Outbox`. A front-end only
-//! reads its wire into `Decoded` items and writes the outbox back out.
+//! into core calls, starts the client's requests (pipelined; the core puts each answer into
+//! the client's `Outbox` as it comes, in any order), keeps its subscriptions, and answers
+//! everything else itself. A front-end only reads its wire into `Decoded` items and writes
+//! the outbox back out.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Subject;
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use tokio::task::AbortHandle;
 
-use crate::core::{Gateway, Lane, Reply, Subscription};
+use crate::core::{Gateway, Lane, Subscription};
 use crate::ops::metrics::Frontend;
 use crate::protocol::{Decoded, Envelope, ErrorCode, GatewayError, Id, Op, Outbound};
 
 use super::outbox::Outbox;
-
-type RequestFuture = Pin<Box<dyn Future<Output = (Id, Result<Reply, GatewayError>)> + Send>>;
 
 /// Whether the connection can go on after an item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +32,6 @@ pub struct Session {
     outbox: Arc<Outbox>,
     /// This client's publishes and subscriptions use one pool connection, keeping its order.
     lane: Lane,
-    requests: FuturesUnordered<RequestFuture>,
     subscriptions: HashMap<Id, AbortHandle>,
 }
 
@@ -48,20 +42,21 @@ impl Session {
             gateway,
             frontend,
             outbox,
-            requests: FuturesUnordered::new(),
             subscriptions: HashMap::new(),
         }
     }
 
-    pub fn has_requests(&self) -> bool {
-        !self.requests.is_empty()
+    /// Whether some command (a request in flight, or an answer not yet written) is still
+    /// owed an answer on the wire.
+    pub fn has_unanswered(&self) -> bool {
+        self.outbox.pending() > 0
     }
 
     pub fn has_subscriptions(&self) -> bool {
         !self.subscriptions.is_empty()
     }
 
-    /// Handles one decoded item. Requests start here and finish in `next_answer`.
+    /// Handles one decoded item. A request's answer reaches the outbox when it comes.
     pub async fn handle(&mut self, item: Decoded) -> Flow {
         let envelope = match item {
             Decoded::Envelope(envelope) => envelope,
@@ -74,12 +69,9 @@ impl Session {
         match envelope.op {
             Op::Request => {
                 self.outbox.begin_command();
-                let gateway = self.gateway.clone();
-                let frontend = self.frontend;
-                self.requests.push(Box::pin(async move {
-                    let id = envelope.id.clone();
-                    (id, gateway.request(frontend, envelope).await)
-                }));
+                self.gateway
+                    .start_request(self.frontend, envelope, self.outbox.clone())
+                    .await;
             }
             Op::Publish => {
                 let id = envelope.id.clone();
@@ -115,24 +107,6 @@ impl Session {
             }
         }
         Flow::Continue
-    }
-
-    /// Waits for the next request to finish and queues its answer. Pending while none is in
-    /// flight, so it can sit in a `select!` beside the reader.
-    pub async fn next_answer(&mut self) {
-        if self.requests.is_empty() {
-            return std::future::pending().await;
-        }
-        if let Some((id, result)) = self.requests.next().await {
-            self.outbox.push_control(match result {
-                Ok(reply) => Outbound::Reply {
-                    id,
-                    data: reply.data,
-                    headers: reply.headers,
-                },
-                Err(error) => Outbound::Error { id, error },
-            });
-        }
     }
 
     /// Answers a command that did not go to the core as a request.

@@ -216,7 +216,7 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSema
     let mut fatal = false;
     loop {
         let done_with_subscriptions = draining || fatal || !session.has_subscriptions();
-        if !session.has_requests() && (draining || (!reading && done_with_subscriptions)) {
+        if !session.has_unanswered() && (draining || (!reading && done_with_subscriptions)) {
             break;
         }
         if !reading {
@@ -229,7 +229,7 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSema
                     draining = true;
                     session.close_subscriptions();
                 }
-                _ = session.next_answer() => {}
+                _ = outbox.wait_room(), if session.has_unanswered() => {}
                 _ = hung_up(frames.get_ref()), if session.has_subscriptions() => break,
             }
             continue;
@@ -242,8 +242,8 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSema
                 draining = true;
                 session.close_subscriptions();
             }
-            _ = session.next_answer() => {}
-            _ = outbox.wait_room(), if !has_room => {}
+            // Room to read more, or (draining) a step closer to having answered everything.
+            _ = outbox.wait_room(), if !has_room || draining => {}
             item = frames.next(), if has_room => match item {
                 Some(Ok(decoded)) => {
                     if format.get().is_none()

@@ -91,6 +91,7 @@ pub struct Metrics {
     pub nats_pool_size: Gauge,
     pub nats_slow_consumer: Counter,
     pub nats_replaced: Counter,
+    pub late_replies: Counter,
 }
 
 const METADATA: Metadata<'static> = Metadata::new("ipc_gateway", metrics::Level::INFO, None);
@@ -172,6 +173,10 @@ impl Metrics {
             "Subscription messages the NATS client dropped before the gateway queued them (at least this many).",
         );
         describe(
+            "ipc_gateway_late_replies_total",
+            "Replies that came after their request's deadline, or for a client that was gone, and were discarded.",
+        );
+        describe(
             "ipc_gateway_nats_replaced_total",
             "Pool connections replaced because they stayed down while NATS was reachable.",
         );
@@ -212,6 +217,7 @@ impl Metrics {
             nats_pool_size: gauge(&recorder, "ipc_gateway_nats_pool_size", vec![]),
             nats_slow_consumer: counter(&recorder, "ipc_gateway_nats_slow_consumer_total", vec![]),
             nats_replaced: counter(&recorder, "ipc_gateway_nats_replaced_total", vec![]),
+            late_replies: counter(&recorder, "ipc_gateway_late_replies_total", vec![]),
             operations: (0..Frontend::ALL.len() * (OPS.len() + 1) * OUTCOMES)
                 .map(|_| OnceLock::new())
                 .collect(),

@@ -95,10 +95,20 @@ impl NatsServer {
 
     /// How many subscriptions the server holds on exactly `subject`, from its monitoring port.
     pub async fn subscriptions_on(&self, subject: &str) -> usize {
-        let body = http_get(self.monitor_port, "/subsz?subs=1&limit=10000")
-            .await
-            .1;
-        let value: Value = serde_json::from_str(&body).expect("subsz JSON");
+        let deadline = Instant::now() + PATIENCE;
+        let value: Value = loop {
+            let (status, body) = http_get(self.monitor_port, "/subsz?subs=1&limit=10000").await;
+            if status == 200
+                && let Ok(value) = serde_json::from_str(&body)
+            {
+                break value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server's monitor did not answer"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         value["subscriptions_list"].as_array().map_or(0, |list| {
             list.iter().filter(|s| s["subject"] == subject).count()
         })

@@ -5,22 +5,18 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use metrics::Gauge;
-
 use crate::protocol::{ErrorCode, GatewayError};
 
 pub struct ByteBudget {
     limit: usize,
     used: AtomicUsize,
-    gauge: Gauge,
 }
 
 impl ByteBudget {
-    pub fn new(limit: usize, gauge: Gauge) -> Arc<ByteBudget> {
+    pub fn new(limit: usize) -> Arc<ByteBudget> {
         Arc::new(ByteBudget {
             limit,
             used: AtomicUsize::new(0),
-            gauge,
         })
     }
 
@@ -42,7 +38,6 @@ impl ByteBudget {
                 ),
             ));
         }
-        self.gauge.increment(bytes as f64);
         Ok(BudgetPermit {
             budget: Some(self.clone()),
             bytes,
@@ -64,7 +59,6 @@ impl Drop for BudgetPermit {
     fn drop(&mut self) {
         if let Some(budget) = &self.budget {
             budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
-            budget.gauge.decrement(self.bytes as f64);
         }
     }
 }
@@ -75,7 +69,7 @@ mod tests {
 
     #[test]
     fn permits_are_refused_past_the_limit_and_returned_on_drop() {
-        let budget = ByteBudget::new(100, Gauge::noop());
+        let budget = ByteBudget::new(100);
         let a = budget.try_acquire(60).unwrap();
         let err = budget.try_acquire(50).err().unwrap();
         assert_eq!(err.code, ErrorCode::Overloaded);

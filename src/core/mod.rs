@@ -79,7 +79,7 @@ impl Gateway {
             tracing::warn!(url = %config.nats_url, "NATS is not reachable yet; starting anyway, /ready is 503 until it is");
         }
         metrics.nats_pool_size.set(pool.size() as f64);
-        let budget = ByteBudget::new(config.max_inflight_bytes, metrics.inflight_bytes.clone());
+        let budget = ByteBudget::new(config.max_inflight_bytes);
         let default_subject = config.default_subject.clone().map(Subject::from);
         Ok(Gateway {
             inner: Arc::new(Inner {
@@ -145,9 +145,14 @@ impl Gateway {
         self.inner.pool.replace(slot).await
     }
 
-    /// Refreshes the gauges that are read from state rather than counted.
+    /// Refreshes the gauges that are read from state rather than counted (so the request
+    /// path updates none of them).
     pub fn refresh_gauges(&self) {
         let metrics = &self.inner.metrics;
+        metrics
+            .inflight_requests
+            .set(self.inner.pool.waiting_requests() as f64);
+        metrics.inflight_bytes.set(self.inner.budget.used() as f64);
         metrics
             .nats_connected
             .set(self.inner.pool.connected() as f64);

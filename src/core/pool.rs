@@ -284,6 +284,14 @@ impl NatsPool {
             .count()
     }
 
+    /// Requests waiting for replies across the pool.
+    pub fn waiting_requests(&self) -> usize {
+        self.slots()
+            .iter()
+            .map(|conn| conn.router.waiting_count())
+            .sum()
+    }
+
     /// How many connections the supervisor has replaced so far.
     pub fn replaced(&self) -> usize {
         self.replaced.load(Ordering::Relaxed)

@@ -97,7 +97,6 @@ impl ReplyRouter {
         waiting.deadlines.insert((deadline, token));
         waiting.requests.insert(token, pending);
         drop(waiting);
-        self.metrics.inflight_requests.increment(1.0);
         if earliest {
             self.earlier_deadline.notify_one();
         }
@@ -113,7 +112,6 @@ impl ReplyRouter {
         let pending = waiting.requests.remove(&token)?;
         waiting.deadlines.remove(&(pending.deadline, token));
         drop(waiting);
-        self.metrics.inflight_requests.decrement(1.0);
         Some(pending)
     }
 
@@ -155,7 +153,6 @@ impl ReplyRouter {
             let pending = waiting.requests.remove(&token);
             drop(waiting);
             if let Some(pending) = pending {
-                self.metrics.inflight_requests.decrement(1.0);
                 let error = GatewayError::new(
                     ErrorCode::Timeout,
                     format!(
@@ -182,7 +179,6 @@ impl ReplyRouter {
                 .collect()
         };
         for pending in drained {
-            self.metrics.inflight_requests.decrement(1.0);
             finish(&self.metrics, pending, Err(error.clone()));
         }
     }
@@ -193,6 +189,12 @@ impl ReplyRouter {
 
     fn is_idle(&self) -> bool {
         self.waiting().requests.is_empty()
+    }
+
+    /// Requests waiting for a reply on this connection (read for the in-flight gauge, so the
+    /// hot path does not update a gauge per request).
+    pub fn waiting_count(&self) -> usize {
+        self.waiting().requests.len()
     }
 
     /// The router's task: replies, deadlines, connection loss, retirement and the end of the

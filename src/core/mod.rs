@@ -204,15 +204,8 @@ impl Gateway {
             deadline: tokio::time::Instant::now() + timeout,
             permit,
         };
-        let (token, reply_to) = match picked.router.register(pending) {
-            Ok(registered) => registered,
-            Err(pending) => {
-                let error = GatewayError::new(
-                    ErrorCode::Unavailable,
-                    "the NATS connection is being replaced; retry",
-                );
-                return replies::finish(metrics, pending, Err(error));
-            }
+        let Some((token, reply_to)) = picked.router.register(pending) else {
+            return; // answered by the router
         };
         let sent = match envelope.headers {
             Some(headers) => {

@@ -81,14 +81,21 @@ impl ReplyRouter {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a request; returns its token and reply subject, or gives it back when the
-    /// router takes no more requests.
-    pub fn register(&self, pending: Pending) -> Result<(u64, Subject), Pending> {
+    /// Registers a request and returns its token and reply subject. When the router takes
+    /// no more requests (its connection is being replaced), it answers the request itself
+    /// with `UNAVAILABLE` and returns `None`.
+    pub fn register(&self, pending: Pending) -> Option<(u64, Subject)> {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let deadline = pending.deadline;
         let mut waiting = self.waiting();
         if waiting.closed {
-            return Err(pending);
+            drop(waiting);
+            let error = GatewayError::new(
+                ErrorCode::Unavailable,
+                "the NATS connection is being replaced; retry",
+            );
+            finish(&self.metrics, pending, Err(error));
+            return None;
         }
         let earliest = waiting
             .deadlines
@@ -103,7 +110,7 @@ impl ReplyRouter {
         let mut reply = String::with_capacity(self.prefix.len() + 20);
         reply.push_str(&self.prefix);
         reply.push_str(itoa::Buffer::new().format(token));
-        Ok((token, Subject::from(reply)))
+        Some((token, Subject::from(reply)))
     }
 
     /// Takes a request back (its publish failed).
@@ -143,9 +150,7 @@ impl ReplyRouter {
     fn expire(&self, now: Instant) -> Option<Instant> {
         loop {
             let mut waiting = self.waiting();
-            let Some(&(deadline, token)) = waiting.deadlines.first() else {
-                return None;
-            };
+            let &(deadline, token) = waiting.deadlines.first()?;
             if deadline > now {
                 return Some(deadline);
             }
@@ -291,5 +296,112 @@ pub fn record(
     metrics.request_latency(frontend, started.elapsed().as_secs_f64());
     if let Ok(reply) = result {
         metrics.payload_out(frontend, reply.data.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::budget::ByteBudget;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<(Id, Result<Reply, GatewayError>)>>);
+
+    impl ReplySink for Collect {
+        fn deliver(&self, id: Id, result: Result<Reply, GatewayError>) {
+            self.0.lock().unwrap().push((id, result));
+        }
+    }
+
+    impl Collect {
+        fn codes(&self) -> Vec<(Id, Option<ErrorCode>)> {
+            let answers = self.0.lock().unwrap();
+            answers
+                .iter()
+                .map(|(id, result)| (id.clone(), result.as_ref().err().map(|e| e.code)))
+                .collect()
+        }
+    }
+
+    fn pending(sink: &Arc<Collect>, id: u64, deadline: Instant) -> Pending {
+        Pending {
+            id: Id::from(id),
+            sink: sink.clone(),
+            frontend: Frontend::Uds,
+            started: std::time::Instant::now(),
+            subject: Subject::from("svc.a"),
+            timeout: Duration::from_millis(100),
+            deadline,
+            permit: ByteBudget::new(10).try_acquire(0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn requests_time_out_in_deadline_order_and_only_once() {
+        let router = ReplyRouter::new("_INBOX.t".into(), Metrics::new());
+        let sink = Arc::new(Collect::default());
+        let now = Instant::now();
+        let (_, late_subject) = router
+            .register(pending(&sink, 1, now + Duration::from_millis(300)))
+            .unwrap();
+        router
+            .register(pending(&sink, 2, now + Duration::from_millis(100)))
+            .unwrap();
+        let (token3, _) = router
+            .register(pending(&sink, 3, now + Duration::from_millis(200)))
+            .unwrap();
+        assert!(late_subject.starts_with("_INBOX.t."));
+        assert!(
+            router.take(token3).is_some(),
+            "a request can be taken back once"
+        );
+        assert!(router.take(token3).is_none());
+        let next = router.expire(now + Duration::from_millis(150));
+        assert_eq!(next, Some(now + Duration::from_millis(300)));
+        assert_eq!(sink.codes(), [(Id::from(2), Some(ErrorCode::Timeout))]);
+        assert_eq!(router.expire(now + Duration::from_secs(1)), None);
+        assert_eq!(sink.codes().len(), 2);
+        assert_eq!(router.waiting_count(), 0);
+    }
+
+    #[test]
+    fn failing_all_answers_every_waiting_request_and_closing_refuses_new_ones() {
+        let router = ReplyRouter::new("_INBOX.t".into(), Metrics::new());
+        let sink = Arc::new(Collect::default());
+        let later = Instant::now() + Duration::from_secs(60);
+        for id in 1..=3 {
+            router.register(pending(&sink, id, later)).unwrap();
+        }
+        let lost = GatewayError::new(ErrorCode::Unavailable, "lost");
+        router.fail_all(&lost, true);
+        assert_eq!(sink.codes().len(), 3);
+        assert!(
+            sink.codes()
+                .iter()
+                .all(|(_, code)| *code == Some(ErrorCode::Unavailable))
+        );
+        assert!(router.register(pending(&sink, 4, later)).is_none());
+        assert_eq!(sink.codes().len(), 4, "a refused request is still answered");
+        assert_eq!(router.expire(Instant::now()), None);
+    }
+
+    #[test]
+    fn a_reply_for_an_unknown_token_is_counted_as_late() {
+        let metrics = Metrics::new();
+        let router = ReplyRouter::new("_INBOX.t".into(), metrics.clone());
+        router.on_reply(Message {
+            subject: "_INBOX.t.999".into(),
+            reply: None,
+            payload: "x".into(),
+            headers: None,
+            status: None,
+            description: None,
+            length: 1,
+        });
+        assert!(
+            metrics
+                .render()
+                .contains("ipc_gateway_late_replies_total 1")
+        );
     }
 }

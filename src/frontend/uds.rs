@@ -31,7 +31,9 @@ use super::session::{Flow, Session};
 const MAX_BATCH_EVENTS: usize = 512;
 /// Write out once this many bytes are encoded, even mid-batch.
 const FLUSH_AT: usize = 64 * 1024;
-const READ_BUFFER: usize = 16 * 1024;
+/// Reads take up to this much at a time (and the buffer is reused), so a pipelining client's
+/// requests arrive in few system calls.
+const READ_BUFFER: usize = 64 * 1024;
 /// Connection-limit refusals that may wait (up to 2 s) to answer in the client's format.
 const MAX_POLITE_REFUSALS: usize = 64;
 

@@ -39,7 +39,7 @@ impl JsonLinesDecoder {
     /// Yields the next complete item in `buf`, or `None` until more bytes arrive.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Option<Decoded> {
         loop {
-            let newline = buf[self.scanned..].iter().position(|b| *b == b'\n');
+            let newline = memchr::memchr(b'\n', &buf[self.scanned..]);
             let Some(offset) = newline else {
                 if buf.len() > self.max_line || self.discarding {
                     // Drop what we have of the oversized line; keep only nothing.
@@ -277,14 +277,14 @@ fn build_envelope(line: &Bytes, parsed: JsonEnvelope<'_>) -> Result<Envelope, (I
 fn payload_from_raw(line: &Bytes, raw: &RawValue) -> Result<Bytes, String> {
     let text = raw.get();
     if text.starts_with('"') {
-        // `&str` borrows when the string has no escapes; otherwise unescape into a `String`.
-        let value = match serde_json::from_str::<&str>(text) {
-            Ok(borrowed) => Cow::Borrowed(borrowed),
-            Err(_) => Cow::Owned(
-                serde_json::from_str::<String>(text).map_err(|err| format!("\"data\": {err}"))?,
-            ),
-        };
-        Ok(borrow_or_copy(line, value))
+        // serde_json already checked the string when it read the RawValue: without a
+        // backslash, its contents are the text between the quotes, taken without a copy.
+        if memchr::memchr(b'\\', text.as_bytes()).is_none() && text.len() >= 2 {
+            return Ok(line.slice_ref(&text.as_bytes()[1..text.len() - 1]));
+        }
+        let value: String =
+            serde_json::from_str(text).map_err(|err| format!("\"data\": {err}"))?;
+        Ok(Bytes::from(value))
     } else if text == "null" {
         Ok(Bytes::new())
     } else {

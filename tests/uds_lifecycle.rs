@@ -404,3 +404,32 @@ async fn a_list_of_nats_urls_is_a_cluster_and_a_dead_member_is_skipped() {
         .await;
     assert_eq!(reply["data"], "c");
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_with_requests_in_flight_leaks_nothing() {
+    let nats = NatsServer::start();
+    let _slow = spawn_echo(&nats.url(), "svc.slow", Duration::from_millis(400)).await;
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut conn = gateway.json().await;
+    for id in 0..5 {
+        conn.send(&format!(r#"{{"id":{id},"subject":"svc.slow","data":"x"}}"#))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(conn);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let late = metric(&gateway, "ipc_gateway_late_replies_total").await;
+        let connections = metric(&gateway, "ipc_gateway_connections{frontend=\"uds\"}").await;
+        let inflight = metric(&gateway, "ipc_gateway_inflight_requests").await;
+        let bytes = metric(&gateway, "ipc_gateway_inflight_bytes").await;
+        if late == 5.0 && connections == 0.0 && inflight == 0.0 && bytes == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "late {late}, connections {connections}, in flight {inflight}, bytes {bytes}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -207,33 +207,48 @@ impl Gateway {
         let Some((token, reply_to)) = picked.router.register(pending) else {
             return; // answered by the router
         };
-        let sent = match envelope.headers {
-            Some(headers) => {
-                picked
-                    .client
-                    .publish_with_reply_and_headers(subject, reply_to, headers, envelope.data)
-                    .await
-            }
-            None => {
-                picked
-                    .client
-                    .publish_with_reply(subject, reply_to, envelope.data)
-                    .await
+        let send = async {
+            match envelope.headers {
+                Some(headers) => {
+                    picked
+                        .client
+                        .publish_with_reply_and_headers(subject, reply_to, headers, envelope.data)
+                        .await
+                }
+                None => {
+                    picked
+                        .client
+                        .publish_with_reply(subject, reply_to, envelope.data)
+                        .await
+                }
             }
         };
-        if let Err(err) = sent
-            && let Some(pending) = picked.router.take(token)
-        {
-            let error = match err.kind() {
+        // Waiting for room in the NATS client's queue (it fills while NATS is away) is bounded
+        // by the request's deadline too; the timer only starts if the send has to wait.
+        let error = match tokio::time::timeout(timeout, send).await {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => match err.kind() {
                 async_nats::client::PublishErrorKind::MaxPayloadExceeded => GatewayError::new(
                     ErrorCode::TooLarge,
                     format!("NATS refused the payload: {err}"),
                 ),
-                _ => GatewayError::new(
+                async_nats::client::PublishErrorKind::InvalidSubject => {
+                    GatewayError::bad_request(format!("NATS refused the subject: {err}"))
+                }
+                async_nats::client::PublishErrorKind::Send => GatewayError::new(
                     ErrorCode::Unavailable,
                     format!("NATS request failed: {err}"),
                 ),
-            };
+            },
+            Err(_) => GatewayError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "NATS could not take the request within {} ms",
+                    timeout.as_millis()
+                ),
+            ),
+        };
+        if let Some(pending) = picked.router.take(token) {
             replies::finish(metrics, pending, Err(error));
         }
     }
@@ -456,10 +471,8 @@ struct OneshotSink(
 );
 
 impl ReplySink for OneshotSink {
-    fn deliver(&self, _id: Id, result: Result<Reply, GatewayError>) {
+    fn deliver(&self, _id: Id, result: Result<Reply, GatewayError>) -> bool {
         let sender = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(sender) = sender {
-            let _ = sender.send(result);
-        }
+        sender.is_some_and(|sender| sender.send(result).is_ok())
     }
 }

@@ -67,7 +67,11 @@ impl managed::Manager for NatsManager {
                     self.shutdown.clone(),
                 ));
             }
-            Err(err) => warn!(connection = index, error = %err, "reply subscription failed"),
+            Err(err) => {
+                // Without its subscription no reply could come: refuse requests at once.
+                warn!(connection = index, error = %err, "reply subscription failed");
+                router.close("the NATS connection has no reply subscription; retry");
+            }
         }
         Ok(PoolConn {
             client,
@@ -151,12 +155,11 @@ pub fn should_replace(down_for: Duration, others_connected: usize) -> bool {
     down_for >= REPLACE_AFTER && others_connected > 0
 }
 
-/// A client handed out for one operation, with the signals that its connection was lost or
-/// retired.
+/// A client handed out for one operation, with its reply router and the signal that its
+/// connection was retired.
 pub struct Picked {
     pub client: Client,
     pub router: Arc<ReplyRouter>,
-    pub lost: watch::Receiver<u64>,
     pub retired: watch::Receiver<bool>,
 }
 
@@ -244,12 +247,9 @@ impl NatsPool {
         for offset in 0..n {
             let conn: &PoolConn = &slots[(start + offset) % n];
             if conn.client.connection_state() == State::Connected {
-                let mut lost = conn.lost.clone();
-                lost.mark_unchanged();
                 return Ok(Picked {
                     client: conn.client.clone(),
                     router: conn.router.clone(),
-                    lost,
                     retired: conn.retired.subscribe(),
                 });
             }

@@ -24,7 +24,8 @@ use crate::protocol::{ErrorCode, GatewayError, Id, Op};
 
 /// Where a request's one answer goes.
 pub trait ReplySink: Send + Sync + 'static {
-    fn deliver(&self, id: Id, result: Result<Reply, GatewayError>);
+    /// Hands over the answer; `false` when nobody can receive it any more (the client left).
+    fn deliver(&self, id: Id, result: Result<Reply, GatewayError>) -> bool;
 }
 
 /// A request waiting for its reply.
@@ -44,8 +45,8 @@ pub struct Pending {
 struct Waiting {
     requests: HashMap<u64, Pending>,
     deadlines: BTreeSet<(Instant, u64)>,
-    /// Retired or closed: no new requests.
-    closed: bool,
+    /// Retired or closed: no new requests, and why (the refusal's message).
+    closed: Option<&'static str>,
 }
 
 pub struct ReplyRouter {
@@ -88,12 +89,9 @@ impl ReplyRouter {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let deadline = pending.deadline;
         let mut waiting = self.waiting();
-        if waiting.closed {
+        if let Some(reason) = waiting.closed {
             drop(waiting);
-            let error = GatewayError::new(
-                ErrorCode::Unavailable,
-                "the NATS connection is being replaced; retry",
-            );
+            let error = GatewayError::new(ErrorCode::Unavailable, reason);
             finish(&self.metrics, pending, Err(error));
             return None;
         }
@@ -128,7 +126,7 @@ impl ReplyRouter {
             .strip_prefix(self.prefix.as_str())
             .and_then(|token| token.parse::<u64>().ok());
         let Some(pending) = token.and_then(|token| self.take(token)) else {
-            // After its deadline, or for a client that is gone: nobody waits for it.
+            // After its deadline (or after its connection was given up): nobody waits for it.
             self.metrics.late_replies.increment(1);
             return;
         };
@@ -171,11 +169,14 @@ impl ReplyRouter {
         }
     }
 
-    /// Fails every waiting request with `error`; with `close`, takes no new ones.
-    fn fail_all(&self, error: &GatewayError, close: bool) {
+    /// Fails every waiting request with `error`; with `close`, takes no new ones from now on
+    /// (refusing them with that reason).
+    fn fail_all(&self, error: &GatewayError, close: Option<&'static str>) {
         let drained: Vec<Pending> = {
             let mut waiting = self.waiting();
-            waiting.closed |= close;
+            if close.is_some() {
+                waiting.closed = close;
+            }
             waiting.deadlines.clear();
             waiting
                 .requests
@@ -188,8 +189,9 @@ impl ReplyRouter {
         }
     }
 
-    fn close(&self) {
-        self.waiting().closed = true;
+    /// Takes no new requests; they are refused with `reason`.
+    pub fn close(&self, reason: &'static str) {
+        self.waiting().closed.get_or_insert(reason);
     }
 
     fn is_idle(&self) -> bool {
@@ -227,7 +229,7 @@ impl ReplyRouter {
                             ErrorCode::Unavailable,
                             "the NATS connection closed while waiting for the reply",
                         );
-                        self.fail_all(&error, true);
+                        self.fail_all(&error, Some("the NATS connection closed; retry"));
                         return;
                     };
                     self.on_reply(message);
@@ -245,11 +247,11 @@ impl ReplyRouter {
                         ErrorCode::Unavailable,
                         "the NATS connection was lost while waiting for the reply; the service may or may not have handled the request",
                     );
-                    self.fail_all(&error, false);
+                    self.fail_all(&error, None);
                 }
                 _ = retired.wait_for(|retired| *retired), if !retiring => {
                     retiring = true;
-                    self.close();
+                    self.close("the NATS connection is being replaced; retry");
                 }
                 _ = shutdown.drain_expired(), if !drained => {
                     drained = true;
@@ -257,7 +259,7 @@ impl ReplyRouter {
                         ErrorCode::Unavailable,
                         "the gateway is shutting down and the drain time ran out",
                     );
-                    self.fail_all(&error, true);
+                    self.fail_all(&error, Some("the gateway is shutting down"));
                 }
                 _ = self.earlier_deadline.notified() => {}
                 _ = &mut timer => {}
@@ -278,7 +280,10 @@ impl ReplyRouter {
 pub fn finish(metrics: &Metrics, pending: Pending, result: Result<Reply, GatewayError>) {
     record(metrics, pending.frontend, pending.started, &result);
     drop(pending.permit);
-    pending.sink.deliver(pending.id, result);
+    if !pending.sink.deliver(pending.id, result) {
+        // The client left before its answer came.
+        metrics.late_replies.increment(1);
+    }
 }
 
 /// The metrics of one finished request.
@@ -308,8 +313,9 @@ mod tests {
     struct Collect(Mutex<Vec<(Id, Result<Reply, GatewayError>)>>);
 
     impl ReplySink for Collect {
-        fn deliver(&self, id: Id, result: Result<Reply, GatewayError>) {
+        fn deliver(&self, id: Id, result: Result<Reply, GatewayError>) -> bool {
             self.0.lock().unwrap().push((id, result));
+            true
         }
     }
 
@@ -373,7 +379,7 @@ mod tests {
             router.register(pending(&sink, id, later)).unwrap();
         }
         let lost = GatewayError::new(ErrorCode::Unavailable, "lost");
-        router.fail_all(&lost, true);
+        router.fail_all(&lost, Some("closed for the test"));
         assert_eq!(sink.codes().len(), 3);
         assert!(
             sink.codes()

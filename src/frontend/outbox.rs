@@ -74,16 +74,17 @@ impl Outbox {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// Queues an answer; it is never dropped while the connection is open.
-    pub fn push_control(&self, event: Outbound) {
+    /// Queues an answer; it is never dropped while the connection is open. Returns `false`
+    /// when the connection is gone and nobody can read it.
+    pub fn push_control(&self, event: Outbound) -> bool {
         let mut queues = self.queues();
         if queues.closed {
-            // The client is gone; nobody can read it.
-            return;
+            return false;
         }
         queues.control.push_back(event);
         drop(queues);
         self.writable.notify_one();
+        true
     }
 
     /// Queues a subscription message, dropping the oldest one when the stream class is full.
@@ -156,6 +157,18 @@ impl Outbox {
         !queues.control.is_empty() || !queues.stream.is_empty() || !queues.dropped.is_empty()
     }
 
+    /// The client is gone: drop everything queued, accept nothing more, and return how many
+    /// answers (control events) were dropped.
+    pub fn abandon(&self) -> usize {
+        let mut queues = self.queues();
+        queues.closed = true;
+        queues.stream.clear();
+        queues.dropped.clear();
+        let answers = queues.control.len();
+        queues.control.clear();
+        answers
+    }
+
     /// No more events will come: the writer flushes what is queued, then ends.
     pub fn close(&self) {
         self.queues().closed = true;
@@ -173,7 +186,7 @@ impl Outbox {
 
 /// The core delivers request answers straight into the outbox.
 impl ReplySink for Outbox {
-    fn deliver(&self, id: Id, result: Result<Reply, GatewayError>) {
+    fn deliver(&self, id: Id, result: Result<Reply, GatewayError>) -> bool {
         self.push_control(match result {
             Ok(reply) => Outbound::Reply {
                 id,
@@ -181,7 +194,7 @@ impl ReplySink for Outbox {
                 headers: reply.headers,
             },
             Err(error) => Outbound::Error { id, error },
-        });
+        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! The Unix-socket front-end: owns the socket file (refuse to start over a live one, replace a
 //! stale one, remove it on exit), accepts connections up to the limit, and runs each one as a
-//! reader (this task: decode, dispatch, collect answers) plus a writer task that drains the
-//! connection's outbox in batches, one write per wakeup.
+//! reader (this task: decode and dispatch; the core puts answers into the outbox) plus a
+//! writer task that drains the connection's outbox in batches, one write per wakeup.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -207,6 +207,7 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSema
         outbox.clone(),
         format.clone(),
         peer_gone.clone(),
+        metrics.late_replies.clone(),
     ));
     let mut frames =
         FramedRead::with_capacity(read, WireDecoder::new(config.max_frame_bytes), READ_BUFFER);
@@ -315,6 +316,7 @@ async fn write_loop(
     outbox: Arc<Outbox>,
     format: Arc<OnceLock<WireFormat>>,
     peer_gone: CancellationToken,
+    late: metrics::Counter,
 ) {
     let mut buf = BytesMut::with_capacity(FLUSH_AT);
     loop {
@@ -342,6 +344,9 @@ async fn write_loop(
             failed = write.write_all(&buf).await.is_err();
         }
         if failed {
+            // The client is gone: its unwritten answers, queued or still to come, are lost.
+            let lost = batch.control + outbox.abandon();
+            late.increment(lost as u64);
             peer_gone.cancel();
             return;
         }

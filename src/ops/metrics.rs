@@ -174,7 +174,7 @@ impl Metrics {
         );
         describe(
             "ipc_gateway_late_replies_total",
-            "Replies that came after their request's deadline, or for a client that was gone, and were discarded.",
+            "Answers discarded because nobody waited for them: replies after their request's deadline, and answers for a client that had gone.",
         );
         describe(
             "ipc_gateway_nats_replaced_total",

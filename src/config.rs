@@ -31,6 +31,12 @@ pub const KEYS: &[&str] = &[
     "drain_timeout_ms",
     "worker_threads",
     "log_format",
+    "breaker_group_tokens",
+    "breaker_failures",
+    "breaker_cooldown_ms",
+    "breaker_failure_rate",
+    "breaker_window_ms",
+    "breaker_min_requests",
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +74,18 @@ pub struct Config {
     pub worker_threads: usize,
     /// Log format: "text" or "json".
     pub log_format: LogFormat,
+    /// Subject tokens that name a circuit breaker's group (`svc.orders.create` → `svc.orders`).
+    pub breaker_group_tokens: usize,
+    /// Consecutive failures (TIMEOUT, NO_RESPONDERS) that open a group's breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses before it lets one trial request through.
+    pub breaker_cooldown_ms: u64,
+    /// Failure rate (0 to 1) over the window that opens a breaker; 0 turns the rule off.
+    pub breaker_failure_rate: f64,
+    /// The failure-rate window.
+    pub breaker_window_ms: u64,
+    /// Requests a window needs before its failure rate counts.
+    pub breaker_min_requests: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +113,12 @@ impl Default for Config {
             drain_timeout_ms: 5000,
             worker_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             log_format: LogFormat::Text,
+            breaker_group_tokens: 2,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 5000,
+            breaker_failure_rate: 0.0,
+            breaker_window_ms: 10_000,
+            breaker_min_requests: 20,
         }
     }
 }
@@ -174,6 +198,20 @@ impl Config {
                 return bad(key, "must be at least 1");
             }
         }
+        for (key, value) in [
+            ("breaker_group_tokens", self.breaker_group_tokens as u64),
+            ("breaker_failures", self.breaker_failures as u64),
+            ("breaker_cooldown_ms", self.breaker_cooldown_ms),
+            ("breaker_window_ms", self.breaker_window_ms),
+            ("breaker_min_requests", self.breaker_min_requests as u64),
+        ] {
+            if value == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if !(0.0..=1.0).contains(&self.breaker_failure_rate) {
+            return bad("breaker_failure_rate", "must be between 0 (off) and 1");
+        }
         if self.max_inflight_bytes < self.max_frame_bytes {
             return bad(
                 "max_inflight_bytes",
@@ -204,6 +242,17 @@ impl Config {
             return Err("must be a NATS URL such as nats://127.0.0.1:4222".into());
         }
         Ok(servers)
+    }
+
+    pub fn breaker(&self) -> crate::core::breaker::BreakerConfig {
+        crate::core::breaker::BreakerConfig {
+            group_tokens: self.breaker_group_tokens,
+            failures: self.breaker_failures,
+            cooldown: Duration::from_millis(self.breaker_cooldown_ms),
+            failure_rate: self.breaker_failure_rate,
+            window: Duration::from_millis(self.breaker_window_ms),
+            min_requests: self.breaker_min_requests,
+        }
     }
 
     pub fn request_timeout(&self) -> Duration {

@@ -142,6 +142,30 @@ struct ServeArgs {
     #[arg(long, value_parser = ["text", "json"])]
     #[serde(skip_serializing_if = "Option::is_none")]
     log_format: Option<String>,
+    /// Subject tokens that name a circuit breaker group [default: 2].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breaker_group_tokens: Option<usize>,
+    /// Consecutive failures that open a group's breaker [default: 5].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breaker_failures: Option<u32>,
+    /// How long an open breaker refuses before one trial request [default: 5000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breaker_cooldown_ms: Option<u64>,
+    /// Failure rate (0 to 1) over the window that opens a breaker; 0 = off [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breaker_failure_rate: Option<f64>,
+    /// Failure-rate window in ms [default: 10000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breaker_window_ms: Option<u64>,
+    /// Requests a window needs before its failure rate counts [default: 20].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breaker_min_requests: Option<u32>,
 }
 
 fn main() -> ExitCode {

@@ -2,6 +2,7 @@
 //! the same validation, limits, error codes and metrics whoever the client is. A `Gateway` is
 //! cheap to clone (an `Arc` inside); there is one per process.
 
+pub mod breaker;
 pub mod budget;
 pub mod pool;
 pub mod replies;
@@ -44,6 +45,7 @@ struct Inner {
     config: Config,
     pool: Arc<NatsPool>,
     budget: Arc<ByteBudget>,
+    breakers: Arc<breaker::Breakers>,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
     default_subject: Option<Subject>,
@@ -80,12 +82,14 @@ impl Gateway {
         }
         metrics.nats_pool_size.set(pool.size() as f64);
         let budget = ByteBudget::new(config.max_inflight_bytes);
+        let breakers = breaker::Breakers::new(config.breaker());
         let default_subject = config.default_subject.clone().map(Subject::from);
         Ok(Gateway {
             inner: Arc::new(Inner {
                 config,
                 pool,
                 budget,
+                breakers,
                 metrics,
                 shutdown,
                 default_subject,
@@ -145,6 +149,11 @@ impl Gateway {
         self.inner.pool.replace(slot).await
     }
 
+    /// Every circuit breaker group's state, for `/status`.
+    pub fn breaker_status(&self) -> Vec<breaker::GroupStatus> {
+        self.inner.breakers.status()
+    }
+
     /// Refreshes the gauges that are read from state rather than counted (so the request
     /// path updates none of them).
     pub fn refresh_gauges(&self) {
@@ -153,6 +162,9 @@ impl Gateway {
             .inflight_requests
             .set(self.inner.pool.waiting_requests() as f64);
         metrics.inflight_bytes.set(self.inner.budget.used() as f64);
+        for group in self.inner.breakers.status() {
+            metrics.breaker_state(&group.group, group.state as u8);
+        }
         metrics
             .nats_connected
             .set(self.inner.pool.connected() as f64);
@@ -185,6 +197,10 @@ impl Gateway {
             Ok(subject) => subject,
             Err(error) => return fail_now(error),
         };
+        let admission = match self.inner.breakers.admit(&subject) {
+            Ok(admission) => admission,
+            Err(error) => return fail_now(error),
+        };
         let permit = match self.inner.budget.try_acquire(envelope.data.len()) {
             Ok(permit) => permit,
             Err(error) => return fail_now(error),
@@ -203,6 +219,7 @@ impl Gateway {
             timeout,
             deadline: tokio::time::Instant::now() + timeout,
             permit,
+            admission,
         };
         let Some((token, reply_to)) = picked.router.register(pending) else {
             return; // answered by the router

@@ -17,6 +17,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use super::Reply;
+use super::breaker::{Admission, Outcome};
 use super::budget::BudgetPermit;
 use super::shutdown::Shutdown;
 use crate::ops::metrics::{Frontend, Metrics};
@@ -39,6 +40,8 @@ pub struct Pending {
     pub deadline: Instant,
     /// Holds the request's share of the in-flight byte budget until it is answered.
     pub permit: BudgetPermit,
+    /// The circuit breaker's permission; told the outcome when the request ends.
+    pub admission: Admission,
 }
 
 #[derive(Default)]
@@ -280,6 +283,9 @@ impl ReplyRouter {
 pub fn finish(metrics: &Metrics, pending: Pending, result: Result<Reply, GatewayError>) {
     record(metrics, pending.frontend, pending.started, &result);
     drop(pending.permit);
+    pending
+        .admission
+        .record(Outcome::of(result.as_ref().map(|_| ()).map_err(|e| e.code)));
     if !pending.sink.deliver(pending.id, result) {
         // The client left before its answer came.
         metrics.late_replies.increment(1);
@@ -339,6 +345,16 @@ mod tests {
             timeout: Duration::from_millis(100),
             deadline,
             permit: ByteBudget::new(10).try_acquire(0).unwrap(),
+            admission: crate::core::breaker::Breakers::new(crate::core::breaker::BreakerConfig {
+                group_tokens: 2,
+                failures: 5,
+                cooldown: Duration::from_secs(5),
+                failure_rate: 0.0,
+                window: Duration::from_secs(10),
+                min_requests: 20,
+            })
+            .admit("svc.a")
+            .unwrap(),
         }
     }
 

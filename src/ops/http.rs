@@ -18,6 +18,7 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/status", get(status))
         .with_state(gateway)
 }
 
@@ -50,6 +51,14 @@ async fn ready(State(gateway): State<Gateway>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(readiness)).into_response()
+}
+
+/// Readiness and every circuit breaker group, for operators.
+async fn status(State(gateway): State<Gateway>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "readiness": gateway.readiness(),
+        "breakers": gateway.breaker_status(),
+    }))
 }
 
 async fn metrics(State(gateway): State<Gateway>) -> Response {

@@ -301,6 +301,17 @@ impl Metrics {
         self.frontend(frontend).subscriptions.decrement(1.0);
     }
 
+    /// A circuit breaker group's state: 0 closed, 1 open, 2 half-open.
+    pub fn breaker_state(&self, group: &str, state: u8) {
+        let key = Key::from_parts(
+            "ipc_gateway_breaker_state",
+            vec![Label::new("group", group.to_owned())],
+        );
+        self.recorder
+            .register_gauge(&key, &METADATA)
+            .set(f64::from(state));
+    }
+
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
         self.handle.render()

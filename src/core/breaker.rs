@@ -1,0 +1,507 @@
+//! Circuit breakers, one per subject group (the subject's first N tokens), shared by every
+//! front-end so that one failing service costs the others nothing. CLOSED → OPEN after N
+//! consecutive failures or a failure rate over a window; OPEN → HALF_OPEN after the cool-down;
+//! HALF_OPEN lets exactly one trial request through, whose success closes the breaker and whose
+//! failure opens it again. A trial that ends without an outcome (its admission dropped: the
+//! request was cancelled, or failed for a reason that says nothing about the service) gives its
+//! slot back, so the breaker can never stay HALF_OPEN for good.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::protocol::{ErrorCode, GatewayError};
+
+/// Groups tracked at once; past it, closed groups with no recent failure are forgotten.
+const MAX_GROUPS: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerConfig {
+    /// Subject tokens that name a group (`svc.orders.create` → `svc.orders` with 2).
+    pub group_tokens: usize,
+    /// Consecutive failures that open the breaker.
+    pub failures: u32,
+    /// How long an open breaker refuses before it lets a trial through.
+    pub cooldown: Duration,
+    /// Failure rate (0..1) over `window` that opens the breaker; 0 turns the rule off.
+    pub failure_rate: f64,
+    pub window: Duration,
+    /// Requests a window needs before its failure rate counts.
+    pub min_requests: u32,
+}
+
+/// What a finished request says about the service behind its subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// `TIMEOUT` or `NO_RESPONDERS`: the service did not answer.
+    Failure,
+    /// Anything else (a client's bad request, NATS down, overload): says nothing.
+    Neutral,
+}
+
+impl Outcome {
+    pub fn of(result: Result<(), ErrorCode>) -> Outcome {
+        match result {
+            Ok(()) => Outcome::Success,
+            Err(ErrorCode::Timeout | ErrorCode::NoResponders) => Outcome::Failure,
+            Err(_) => Outcome::Neutral,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[repr(u8)]
+pub enum State {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+#[derive(Debug)]
+struct Group {
+    state: State,
+    /// OPEN: when a trial may go. HALF_OPEN: unused.
+    open_until: Instant,
+    /// HALF_OPEN: a trial request is out.
+    trial_out: bool,
+    consecutive_failures: u32,
+    successes: u64,
+    failures: u64,
+    window_start: Instant,
+    window_requests: u32,
+    window_failures: u32,
+    last_change: SystemTime,
+}
+
+impl Group {
+    fn new(now: Instant) -> Group {
+        Group {
+            state: State::Closed,
+            open_until: now,
+            trial_out: false,
+            consecutive_failures: 0,
+            successes: 0,
+            failures: 0,
+            window_start: now,
+            window_requests: 0,
+            window_failures: 0,
+            last_change: SystemTime::now(),
+        }
+    }
+
+    fn change(&mut self, state: State) {
+        self.state = state;
+        self.last_change = SystemTime::now();
+    }
+
+    fn open(&mut self, now: Instant, cooldown: Duration) {
+        self.open_until = now + cooldown;
+        self.trial_out = false;
+        self.change(State::Open);
+    }
+}
+
+/// One group's state, for `/status` and metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupStatus {
+    pub group: String,
+    pub state: State,
+    pub consecutive_failures: u32,
+    pub successes: u64,
+    pub failures: u64,
+    /// Milliseconds since the Unix epoch.
+    pub last_change_ms: u64,
+}
+
+pub struct Breakers {
+    config: BreakerConfig,
+    groups: Mutex<HashMap<Arc<str>, Group>>,
+}
+
+/// Permission for one request to go through; report its outcome with `record`.
+#[must_use]
+pub struct Admission {
+    breakers: Arc<Breakers>,
+    group: Arc<str>,
+    trial: bool,
+    recorded: bool,
+}
+
+impl Breakers {
+    pub fn new(config: BreakerConfig) -> Arc<Breakers> {
+        Arc::new(Breakers {
+            config,
+            groups: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn groups(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Group>> {
+        self.groups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The group a subject belongs to.
+    pub fn group_of<'a>(&self, subject: &'a str) -> &'a str {
+        match subject
+            .match_indices('.')
+            .nth(self.config.group_tokens.max(1) - 1)
+        {
+            Some((end, _)) => &subject[..end],
+            None => subject,
+        }
+    }
+
+    /// Lets a request through, or refuses it with `CIRCUIT_OPEN` and a retry hint.
+    pub fn admit(self: &Arc<Self>, subject: &str) -> Result<Admission, GatewayError> {
+        self.admit_at(subject, Instant::now())
+    }
+
+    pub fn admit_at(
+        self: &Arc<Self>,
+        subject: &str,
+        now: Instant,
+    ) -> Result<Admission, GatewayError> {
+        let name = self.group_of(subject);
+        let mut groups = self.groups();
+        if !groups.contains_key(name) && groups.len() >= MAX_GROUPS {
+            groups.retain(|_, g| g.state != State::Closed || g.consecutive_failures > 0);
+        }
+        let (key, group) = match groups.get_key_value(name) {
+            Some((key, _)) => {
+                let key = key.clone();
+                let group = groups.get_mut(&key).expect("just found");
+                (key, group)
+            }
+            None => {
+                let key: Arc<str> = Arc::from(name);
+                let group = groups.entry(key.clone()).or_insert_with(|| Group::new(now));
+                (key, group)
+            }
+        };
+        let trial = match group.state {
+            State::Closed => false,
+            State::Open if now >= group.open_until => {
+                group.change(State::HalfOpen);
+                group.trial_out = true;
+                true
+            }
+            State::HalfOpen if !group.trial_out => {
+                group.trial_out = true;
+                true
+            }
+            State::Open | State::HalfOpen => {
+                let wait = if group.state == State::Open {
+                    group.open_until - now
+                } else {
+                    self.config.cooldown
+                };
+                let mut error = GatewayError::new(
+                    ErrorCode::CircuitOpen,
+                    format!(
+                        "the circuit for {key} is open after repeated failures; retry after the hint"
+                    ),
+                );
+                error.retry_after_ms = Some(wait.as_millis().clamp(1, u32::MAX as u128) as u32);
+                return Err(error);
+            }
+        };
+        Ok(Admission {
+            breakers: self.clone(),
+            group: key,
+            trial,
+            recorded: false,
+        })
+    }
+
+    fn settle(&self, group: &str, trial: bool, outcome: Outcome, now: Instant) {
+        let config = self.config;
+        let mut groups = self.groups();
+        let Some(group) = groups.get_mut(group) else {
+            return;
+        };
+        match outcome {
+            Outcome::Success => {
+                group.successes += 1;
+                group.consecutive_failures = 0;
+            }
+            Outcome::Failure => {
+                group.failures += 1;
+                group.consecutive_failures += 1;
+            }
+            Outcome::Neutral => {}
+        }
+        if trial {
+            match outcome {
+                Outcome::Success => {
+                    group.trial_out = false;
+                    group.window_start = now;
+                    group.window_requests = 0;
+                    group.window_failures = 0;
+                    group.change(State::Closed);
+                }
+                Outcome::Failure => group.open(now, config.cooldown),
+                // The slot goes back: the next request is the trial.
+                Outcome::Neutral => group.trial_out = false,
+            }
+            return;
+        }
+        if group.state != State::Closed || outcome == Outcome::Neutral {
+            return;
+        }
+        if now.duration_since(group.window_start) >= config.window {
+            group.window_start = now;
+            group.window_requests = 0;
+            group.window_failures = 0;
+        }
+        group.window_requests += 1;
+        if outcome == Outcome::Failure {
+            group.window_failures += 1;
+        }
+        let by_count = group.consecutive_failures >= config.failures;
+        let by_rate = config.failure_rate > 0.0
+            && group.window_requests >= config.min_requests
+            && f64::from(group.window_failures) / f64::from(group.window_requests)
+                >= config.failure_rate;
+        if by_count || by_rate {
+            group.open(now, config.cooldown);
+        }
+    }
+
+    /// Every tracked group, for `/status`.
+    pub fn status(&self) -> Vec<GroupStatus> {
+        let mut all: Vec<GroupStatus> = self
+            .groups()
+            .iter()
+            .map(|(name, group)| GroupStatus {
+                group: name.to_string(),
+                state: group.state,
+                consecutive_failures: group.consecutive_failures,
+                successes: group.successes,
+                failures: group.failures,
+                last_change_ms: group
+                    .last_change
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            })
+            .collect();
+        all.sort_by(|a, b| a.group.cmp(&b.group));
+        all
+    }
+}
+
+impl Admission {
+    /// Reports what the request said about its service.
+    pub fn record(self, outcome: Outcome) {
+        self.record_at(outcome, Instant::now())
+    }
+
+    pub fn record_at(mut self, outcome: Outcome, now: Instant) {
+        self.recorded = true;
+        self.breakers.settle(&self.group, self.trial, outcome, now);
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if !self.recorded && self.trial {
+            self.breakers
+                .settle(&self.group, true, Outcome::Neutral, Instant::now());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breakers(failure_rate: f64) -> Arc<Breakers> {
+        Breakers::new(BreakerConfig {
+            group_tokens: 2,
+            failures: 3,
+            cooldown: Duration::from_secs(5),
+            failure_rate,
+            window: Duration::from_secs(10),
+            min_requests: 4,
+        })
+    }
+
+    fn state(b: &Breakers, group: &str) -> State {
+        b.status()
+            .into_iter()
+            .find(|s| s.group == group)
+            .unwrap()
+            .state
+    }
+
+    fn fail(b: &Arc<Breakers>, subject: &str, now: Instant) {
+        b.admit_at(subject, now)
+            .unwrap()
+            .record_at(Outcome::Failure, now);
+    }
+
+    #[test]
+    fn groups_are_the_first_tokens_of_the_subject() {
+        let b = breakers(0.0);
+        assert_eq!(b.group_of("svc.orders.create"), "svc.orders");
+        assert_eq!(b.group_of("svc.orders"), "svc.orders");
+        assert_eq!(b.group_of("svc"), "svc");
+    }
+
+    #[test]
+    fn consecutive_failures_open_it_and_other_groups_are_unaffected() {
+        let b = breakers(0.0);
+        let now = Instant::now();
+        fail(&b, "svc.a.x", now);
+        fail(&b, "svc.a.y", now);
+        b.admit_at("svc.a.x", now)
+            .unwrap()
+            .record_at(Outcome::Success, now);
+        fail(&b, "svc.a.x", now);
+        fail(&b, "svc.a.x", now);
+        assert_eq!(
+            state(&b, "svc.a"),
+            State::Closed,
+            "a success resets the count"
+        );
+        fail(&b, "svc.a.x", now);
+        assert_eq!(state(&b, "svc.a"), State::Open);
+        let error = b
+            .admit_at("svc.a.z", now + Duration::from_secs(1))
+            .err()
+            .unwrap();
+        assert_eq!(error.code, ErrorCode::CircuitOpen);
+        assert_eq!(error.retry_after_ms, Some(4000));
+        assert!(b.admit_at("svc.b.x", now).is_ok());
+    }
+
+    #[test]
+    fn neutral_outcomes_do_not_count() {
+        let b = breakers(0.0);
+        let now = Instant::now();
+        for _ in 0..10 {
+            b.admit_at("svc.a", now)
+                .unwrap()
+                .record_at(Outcome::Neutral, now);
+        }
+        assert_eq!(state(&b, "svc.a"), State::Closed);
+        assert_eq!(Outcome::of(Err(ErrorCode::BadRequest)), Outcome::Neutral);
+        assert_eq!(Outcome::of(Err(ErrorCode::Timeout)), Outcome::Failure);
+        assert_eq!(Outcome::of(Err(ErrorCode::NoResponders)), Outcome::Failure);
+        assert_eq!(Outcome::of(Ok(())), Outcome::Success);
+    }
+
+    #[test]
+    fn after_the_cooldown_exactly_one_trial_goes_and_its_success_closes() {
+        let b = breakers(0.0);
+        let now = Instant::now();
+        for _ in 0..3 {
+            fail(&b, "svc.a", now);
+        }
+        let later = now + Duration::from_secs(5);
+        let trial = b.admit_at("svc.a", later).unwrap();
+        assert_eq!(state(&b, "svc.a"), State::HalfOpen);
+        assert_eq!(
+            b.admit_at("svc.a", later).err().unwrap().code,
+            ErrorCode::CircuitOpen,
+            "only one trial at a time"
+        );
+        trial.record_at(Outcome::Success, later);
+        assert_eq!(state(&b, "svc.a"), State::Closed);
+        assert!(b.admit_at("svc.a", later).is_ok());
+    }
+
+    #[test]
+    fn a_failed_trial_opens_it_again_for_another_cooldown() {
+        let b = breakers(0.0);
+        let now = Instant::now();
+        for _ in 0..3 {
+            fail(&b, "svc.a", now);
+        }
+        let later = now + Duration::from_secs(6);
+        b.admit_at("svc.a", later)
+            .unwrap()
+            .record_at(Outcome::Failure, later);
+        assert_eq!(state(&b, "svc.a"), State::Open);
+        let error = b
+            .admit_at("svc.a", later + Duration::from_secs(1))
+            .err()
+            .unwrap();
+        assert_eq!(error.retry_after_ms, Some(4000));
+    }
+
+    #[test]
+    fn a_cancelled_trial_gives_its_slot_back() {
+        let b = breakers(0.0);
+        let now = Instant::now();
+        for _ in 0..3 {
+            fail(&b, "svc.a", now);
+        }
+        let later = now + Duration::from_secs(5);
+        drop(b.admit_at("svc.a", later).unwrap());
+        assert_eq!(state(&b, "svc.a"), State::HalfOpen);
+        let next = b
+            .admit_at("svc.a", later)
+            .expect("the next request is the trial");
+        next.record_at(Outcome::Success, later);
+        assert_eq!(state(&b, "svc.a"), State::Closed);
+    }
+
+    #[test]
+    fn a_neutral_trial_gives_its_slot_back_too() {
+        let b = breakers(0.0);
+        let now = Instant::now();
+        for _ in 0..3 {
+            fail(&b, "svc.a", now);
+        }
+        let later = now + Duration::from_secs(5);
+        b.admit_at("svc.a", later)
+            .unwrap()
+            .record_at(Outcome::Neutral, later);
+        assert!(b.admit_at("svc.a", later).is_ok());
+    }
+
+    #[test]
+    fn a_failure_rate_over_the_window_opens_it() {
+        let b = breakers(0.5);
+        let now = Instant::now();
+        for outcome in [Outcome::Failure, Outcome::Success, Outcome::Failure] {
+            b.admit_at("svc.a", now).unwrap().record_at(outcome, now);
+        }
+        assert_eq!(
+            state(&b, "svc.a"),
+            State::Closed,
+            "too few requests to judge"
+        );
+        b.admit_at("svc.a", now)
+            .unwrap()
+            .record_at(Outcome::Success, now);
+        assert_eq!(state(&b, "svc.a"), State::Open, "2 failures in 4 is 50 %");
+    }
+
+    #[test]
+    fn the_window_starts_over_when_it_ends() {
+        let b = breakers(0.5);
+        let now = Instant::now();
+        for _ in 0..3 {
+            b.admit_at("svc.a", now)
+                .unwrap()
+                .record_at(Outcome::Success, now);
+        }
+        b.admit_at("svc.a", now)
+            .unwrap()
+            .record_at(Outcome::Failure, now);
+        let later = now + Duration::from_secs(11);
+        b.admit_at("svc.a", later)
+            .unwrap()
+            .record_at(Outcome::Failure, later);
+        assert_eq!(
+            state(&b, "svc.a"),
+            State::Closed,
+            "one failure in a new window"
+        );
+    }
+}

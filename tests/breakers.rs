@@ -1,0 +1,122 @@
+//! Circuit breakers end to end: a failing service's group opens and refuses at once with a
+//! retry hint, other groups keep working, and after the cool-down one trial request closes the
+//! breaker again when the service is back.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+async fn group_state(gateway: &GatewayProcess, group: &str) -> String {
+    let body = gateway.get("/status").await.1;
+    let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+    status["breakers"]
+        .as_array()
+        .and_then(|groups| groups.iter().find(|g| g["group"] == group))
+        .map(|g| g["state"].as_str().unwrap_or("").to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_failing_group_opens_others_keep_working_and_a_trial_closes_it() {
+    let nats = NatsServer::start();
+    let _other = spawn_echo(&nats.url(), "svc.other.echo", Duration::ZERO).await;
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &["--breaker-failures", "3", "--breaker-cooldown-ms", "700"],
+    );
+    let mut conn = gateway.json().await;
+    for id in 0..3 {
+        let reply = conn
+            .call(&format!(r#"{{"id":{id},"subject":"svc.orders.create"}}"#))
+            .await;
+        assert_eq!(reply["error"]["code"], "NO_RESPONDERS");
+    }
+    let started = Instant::now();
+    let refused = conn.call(r#"{"id":"x","subject":"svc.orders.list"}"#).await;
+    assert_eq!(refused["error"]["code"], "CIRCUIT_OPEN", "{refused}");
+    let hint = refused["error"]["retry_after_ms"]
+        .as_u64()
+        .expect("a retry hint");
+    assert!(hint > 0 && hint <= 700, "{hint}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "refused at once"
+    );
+    assert_eq!(group_state(&gateway, "svc.orders").await, "OPEN");
+
+    // Another group is not affected.
+    let reply = conn
+        .call(r#"{"id":"o","subject":"svc.other.echo","data":"fine"}"#)
+        .await;
+    assert_eq!(reply["data"], "fine");
+
+    // The service comes back; after the cool-down one trial closes the breaker.
+    let _orders = spawn_echo(&nats.url(), "svc.orders.create", Duration::ZERO).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let trial = conn
+        .call(r#"{"id":"t","subject":"svc.orders.create","data":"back"}"#)
+        .await;
+    assert_eq!(trial["data"], "back", "{trial}");
+    assert_eq!(group_state(&gateway, "svc.orders").await, "CLOSED");
+    let metrics = gateway.get("/metrics").await.1;
+    assert!(
+        metrics.contains("ipc_gateway_breaker_state{group=\"svc.orders\"} 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_trial_opens_the_breaker_again_and_bad_requests_do_not_count() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &["--breaker-failures", "2", "--breaker-cooldown-ms", "300"],
+    );
+    let mut conn = gateway.json().await;
+    // A client's mistakes say nothing about the service.
+    for _ in 0..5 {
+        let reply = conn
+            .call(r#"{"subject":"svc.pay.do","data_b64":"%%%"}"#)
+            .await;
+        assert_eq!(reply["error"]["code"], "BAD_REQUEST");
+    }
+    for _ in 0..2 {
+        conn.call(r#"{"subject":"svc.pay.do"}"#).await;
+    }
+    assert_eq!(group_state(&gateway, "svc.pay").await, "OPEN");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let trial = conn.call(r#"{"subject":"svc.pay.do"}"#).await;
+    assert_eq!(
+        trial["error"]["code"], "NO_RESPONDERS",
+        "the trial goes through and fails"
+    );
+    let refused = conn.call(r#"{"subject":"svc.pay.do"}"#).await;
+    assert_eq!(refused["error"]["code"], "CIRCUIT_OPEN");
+}
+
+#[tokio::test]
+async fn binary_clients_get_circuit_open_with_the_hint_in_the_param_field() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &["--breaker-failures", "1", "--breaker-cooldown-ms", "5000"],
+    );
+    let client = ipc_gateway::client::Client::connect(&gateway.socket)
+        .await
+        .unwrap();
+    let first = client.request("svc.x.y", b"", None).await.err().unwrap();
+    assert_eq!(
+        first.code(),
+        Some(ipc_gateway::protocol::ErrorCode::NoResponders)
+    );
+    match client.request("svc.x.y", b"", None).await {
+        Err(ipc_gateway::client::ClientError::Gateway(error)) => {
+            assert_eq!(error.code, ipc_gateway::protocol::ErrorCode::CircuitOpen);
+            let hint = error.retry_after_ms.expect("a retry hint");
+            assert!(hint > 4000 && hint <= 5000, "{hint}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -31,6 +31,10 @@ pub const KEYS: &[&str] = &[
     "drain_timeout_ms",
     "worker_threads",
     "log_format",
+    "slow_client_stall_ms",
+    "rate_limit_requests_per_sec",
+    "rate_limit_bytes_per_sec",
+    "idle_timeout_ms",
     "breaker_group_tokens",
     "breaker_failures",
     "breaker_cooldown_ms",
@@ -74,6 +78,15 @@ pub struct Config {
     pub worker_threads: usize,
     /// Log format: "text" or "json".
     pub log_format: LogFormat,
+    /// A client whose answers cannot be written for this long (it stopped reading) is
+    /// disconnected.
+    pub slow_client_stall_ms: u64,
+    /// Per-connection limit on requests, publishes and subscribes a second; 0 = off.
+    pub rate_limit_requests_per_sec: u64,
+    /// Per-connection limit on payload bytes a second; 0 = off.
+    pub rate_limit_bytes_per_sec: u64,
+    /// Close connections with no traffic and no subscriptions after this long; 0 = off.
+    pub idle_timeout_ms: u64,
     /// Subject tokens that name a circuit breaker's group (`svc.orders.create` → `svc.orders`).
     pub breaker_group_tokens: usize,
     /// Consecutive failures (TIMEOUT, NO_RESPONDERS) that open a group's breaker.
@@ -113,6 +126,10 @@ impl Default for Config {
             drain_timeout_ms: 5000,
             worker_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             log_format: LogFormat::Text,
+            slow_client_stall_ms: 10_000,
+            rate_limit_requests_per_sec: 0,
+            rate_limit_bytes_per_sec: 0,
+            idle_timeout_ms: 0,
             breaker_group_tokens: 2,
             breaker_failures: 5,
             breaker_cooldown_ms: 5000,
@@ -199,6 +216,7 @@ impl Config {
             }
         }
         for (key, value) in [
+            ("slow_client_stall_ms", self.slow_client_stall_ms),
             ("breaker_group_tokens", self.breaker_group_tokens as u64),
             ("breaker_failures", self.breaker_failures as u64),
             ("breaker_cooldown_ms", self.breaker_cooldown_ms),

@@ -142,6 +142,22 @@ struct ServeArgs {
     #[arg(long, value_parser = ["text", "json"])]
     #[serde(skip_serializing_if = "Option::is_none")]
     log_format: Option<String>,
+    /// Disconnect a client whose answers cannot be written for this long [default: 10000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slow_client_stall_ms: Option<u64>,
+    /// Per-connection requests (and publishes, subscribes) a second; 0 = off [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit_requests_per_sec: Option<u64>,
+    /// Per-connection payload bytes a second; 0 = off [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit_bytes_per_sec: Option<u64>,
+    /// Close connections idle this long with no subscriptions; 0 = off [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_timeout_ms: Option<u64>,
     /// Subject tokens that name a circuit breaker group [default: 2].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

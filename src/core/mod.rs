@@ -5,6 +5,7 @@
 pub mod breaker;
 pub mod budget;
 pub mod pool;
+pub mod ratelimit;
 pub mod replies;
 pub mod shutdown;
 

@@ -12,6 +12,7 @@ use async_nats::Subject;
 
 use tokio::task::AbortHandle;
 
+use crate::core::ratelimit::RateLimit;
 use crate::core::{Gateway, Lane, Subscription};
 use crate::ops::metrics::Frontend;
 use crate::protocol::{Decoded, Envelope, ErrorCode, GatewayError, Id, Op, Outbound};
@@ -32,12 +33,20 @@ pub struct Session {
     outbox: Arc<Outbox>,
     /// This client's publishes and subscriptions use one pool connection, keeping its order.
     lane: Lane,
+    /// Requests and payload bytes a second, when the operator set a limit.
+    limit: RateLimit,
     subscriptions: HashMap<Id, AbortHandle>,
 }
 
 impl Session {
     pub fn new(gateway: Gateway, frontend: Frontend, outbox: Arc<Outbox>) -> Self {
+        let config = gateway.config();
+        let limit = RateLimit::new(
+            config.rate_limit_requests_per_sec,
+            config.rate_limit_bytes_per_sec,
+        );
         Session {
+            limit,
             lane: gateway.new_lane(),
             gateway,
             frontend,
@@ -66,6 +75,21 @@ impl Session {
                 return if fatal { Flow::Close } else { Flow::Continue };
             }
         };
+        let limited = matches!(envelope.op, Op::Request | Op::Publish | Op::Subscribe);
+        if limited
+            && !self.limit.is_off()
+            && let Err(error) = self
+                .limit
+                .admit(envelope.data.len(), tokio::time::Instant::now())
+        {
+            self.gateway
+                .count(self.frontend, Some(envelope.op), Err(error.code));
+            self.answer(Outbound::Error {
+                id: envelope.id,
+                error,
+            });
+            return Flow::Continue;
+        }
         match envelope.op {
             Op::Request => {
                 self.outbox.begin_command();

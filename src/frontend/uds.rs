@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::core::Gateway;
-use crate::ops::metrics::Frontend;
+use crate::ops::metrics::{Frontend, Metrics};
 use crate::protocol::{ErrorCode, GatewayError, Id, Outbound, WireDecoder, WireFormat};
 
 use super::outbox::Outbox;
@@ -207,7 +207,8 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSema
         outbox.clone(),
         format.clone(),
         peer_gone.clone(),
-        metrics.late_replies.clone(),
+        metrics.clone(),
+        Duration::from_millis(config.slow_client_stall_ms),
     ));
     let mut frames =
         FramedRead::with_capacity(read, WireDecoder::new(config.max_frame_bytes), READ_BUFFER);
@@ -217,6 +218,11 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSema
     let mut reading = true;
     let mut draining = false;
     let mut fatal = false;
+    // The idle timer is re-armed lazily when it fires, not on every command.
+    let idle = (config.idle_timeout_ms > 0).then(|| Duration::from_millis(config.idle_timeout_ms));
+    let idle_timer = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400)));
+    tokio::pin!(idle_timer);
+    let mut last_activity = tokio::time::Instant::now();
     loop {
         let done_with_subscriptions = draining || fatal || !session.has_subscriptions();
         if !session.has_unanswered() && (draining || (!reading && done_with_subscriptions)) {
@@ -247,8 +253,22 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSema
             }
             // Room to read more, or (draining) a step closer to having answered everything.
             _ = outbox.wait_room(), if !has_room || draining => {}
+            _ = &mut idle_timer, if idle.is_some() && !draining => {
+                let idle = idle.unwrap_or_default();
+                let busy = session.has_subscriptions() || session.has_unanswered();
+                if !busy && last_activity.elapsed() >= idle {
+                    debug!(idle_ms = idle.as_millis() as u64, "closing an idle connection");
+                    metrics.idle_disconnected(Frontend::Uds);
+                    break;
+                }
+                let from = if busy { tokio::time::Instant::now() } else { last_activity };
+                idle_timer.as_mut().reset(from + idle);
+            }
             item = frames.next(), if has_room => match item {
                 Some(Ok(decoded)) => {
+                    if idle.is_some() {
+                        last_activity = tokio::time::Instant::now();
+                    }
                     if format.get().is_none()
                         && let Some(sniffed) = frames.decoder().format()
                     {
@@ -316,9 +336,19 @@ async fn write_loop(
     outbox: Arc<Outbox>,
     format: Arc<OnceLock<WireFormat>>,
     peer_gone: CancellationToken,
-    late: metrics::Counter,
+    metrics: Arc<Metrics>,
+    stall: Duration,
 ) {
     let mut buf = BytesMut::with_capacity(FLUSH_AT);
+    // A write that cannot finish within the stall time means the client stopped reading:
+    // the timer only starts when a write has to wait.
+    let write_or_stall = async |write: &mut OwnedWriteHalf, bytes: &[u8]| -> Result<(), bool> {
+        match tokio::time::timeout(stall, write.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(false),
+            Err(_) => Err(true),
+        }
+    };
     loop {
         let batch = outbox.take_batch(MAX_BATCH_EVENTS);
         if batch.events.is_empty() {
@@ -329,24 +359,31 @@ async fn write_loop(
             continue;
         }
         let wire = format.get().copied().unwrap_or(WireFormat::JsonLines);
-        let mut failed = false;
+        let mut outcome = Ok(());
         for event in &batch.events {
             wire.encode(event, &mut buf);
             if buf.len() >= FLUSH_AT {
-                failed = write.write_all(&buf).await.is_err();
+                outcome = write_or_stall(&mut write, &buf).await;
                 buf.clear();
-                if failed {
+                if outcome.is_err() {
                     break;
                 }
             }
         }
-        if !failed && !buf.is_empty() {
-            failed = write.write_all(&buf).await.is_err();
+        if outcome.is_ok() && !buf.is_empty() {
+            outcome = write_or_stall(&mut write, &buf).await;
         }
-        if failed {
+        if let Err(stalled) = outcome {
+            if stalled {
+                debug!(
+                    stall_ms = stall.as_millis() as u64,
+                    "disconnecting a client that stopped reading"
+                );
+                metrics.slow_client_disconnected(Frontend::Uds);
+            }
             // The client is gone: its unwritten answers, queued or still to come, are lost.
             let lost = batch.control + outbox.abandon();
-            late.increment(lost as u64);
+            metrics.late_replies.increment(lost as u64);
             peer_gone.cancel();
             return;
         }

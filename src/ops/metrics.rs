@@ -75,6 +75,8 @@ struct FrontendMetrics {
     bytes_out: Counter,
     dropped: Counter,
     subscriptions: Gauge,
+    slow_disconnects: Counter,
+    idle_disconnects: Counter,
 }
 
 /// All metrics of one gateway.
@@ -143,6 +145,16 @@ impl Metrics {
                 ),
                 dropped: counter(&recorder, "ipc_gateway_dropped_messages_total", labels()),
                 subscriptions: gauge(&recorder, "ipc_gateway_subscriptions", labels()),
+                slow_disconnects: counter(
+                    &recorder,
+                    "ipc_gateway_disconnects_total",
+                    with(("reason", "slow_client")),
+                ),
+                idle_disconnects: counter(
+                    &recorder,
+                    "ipc_gateway_disconnects_total",
+                    with(("reason", "idle")),
+                ),
             }
         });
         let describe = |name: &'static str, help: &'static str| {
@@ -171,6 +183,10 @@ impl Metrics {
         describe(
             "ipc_gateway_nats_slow_consumer_total",
             "Subscription messages the NATS client dropped before the gateway queued them (at least this many).",
+        );
+        describe(
+            "ipc_gateway_disconnects_total",
+            "Connections the gateway closed: slow_client (stopped reading past the stall time) or idle.",
         );
         describe(
             "ipc_gateway_late_replies_total",
@@ -291,6 +307,16 @@ impl Metrics {
 
     pub fn dropped(&self, frontend: Frontend, count: u64) {
         self.frontend(frontend).dropped.increment(count);
+    }
+
+    /// A client that stopped reading was disconnected after the stall time.
+    pub fn slow_client_disconnected(&self, frontend: Frontend) {
+        self.frontend(frontend).slow_disconnects.increment(1);
+    }
+
+    /// An idle connection was closed after the idle timeout.
+    pub fn idle_disconnected(&self, frontend: Frontend) {
+        self.frontend(frontend).idle_disconnects.increment(1);
     }
 
     pub fn subscription_opened(&self, frontend: Frontend) {

@@ -281,3 +281,40 @@ async fn idle_connections_close_but_subscribers_stay() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(quiet.call(r#"{"op":"ping"}"#).await, json!({"op":"pong"}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_survive_a_lost_connection_within_their_deadline() {
+    let mut nats = NatsServer::start();
+    let _echo = spawn_echo(&nats.url(), "svc.slow", Duration::from_millis(300)).await;
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut conn = gateway.json().await;
+    for id in 0..10 {
+        conn.send(&format!(
+            r#"{{"id":"r{id}","subject":"svc.slow","data":"{id}","retry":true,"timeout_ms":4000}}"#
+        ))
+        .await;
+        conn.send(&format!(
+            r#"{{"id":"n{id}","subject":"svc.slow","data":"{id}","timeout_ms":4000}}"#
+        ))
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    nats.restart();
+    let (mut retried_ok, mut plain_unavailable) = (0, 0);
+    for _ in 0..20 {
+        let reply = conn.recv().await;
+        let id = reply["id"].as_str().unwrap().to_owned();
+        if let Some(n) = id.strip_prefix('r') {
+            assert_eq!(reply["ok"], true, "an idempotent request failed: {reply}");
+            assert_eq!(reply["data"], n);
+            retried_ok += 1;
+        } else {
+            assert_eq!(reply["error"]["code"], "UNAVAILABLE", "{reply}");
+            plain_unavailable += 1;
+        }
+    }
+    assert_eq!((retried_ok, plain_unavailable), (10, 10));
+    assert!(metric(&gateway, "ipc_gateway_retries_total").await >= 10.0);
+}

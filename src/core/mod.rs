@@ -69,13 +69,18 @@ impl Gateway {
     pub async fn new(config: Config) -> Result<Gateway, String> {
         let metrics = Metrics::new();
         let shutdown = Shutdown::default();
+        let (retries, to_retry) = tokio::sync::mpsc::unbounded_channel();
         let pool = NatsPool::connect(
             config.nats_servers()?,
             config.nats_connections,
             metrics.clone(),
             shutdown.clone(),
+            retries,
         )
         .await?;
+        // Bounded in practice: only requests already in flight (each counted against its
+        // connection's limit and the byte budget) are ever queued here.
+        tokio::spawn(retry_lost_requests(to_retry, pool.clone(), metrics.clone()));
         // Clients that arrive in the first milliseconds should not see UNAVAILABLE just
         // because the first connection is still being made.
         if !pool.wait_connected(Duration::from_secs(2)).await {
@@ -221,54 +226,14 @@ impl Gateway {
             deadline: tokio::time::Instant::now() + timeout,
             permit,
             admission,
+            resend: envelope.flags.retry.then(|| replies::Resend {
+                subject: subject.clone(),
+                headers: envelope.headers.clone(),
+                data: envelope.data.clone(),
+            }),
+            attempts: 0,
         };
-        let Some((token, reply_to)) = picked.router.register(pending) else {
-            return; // answered by the router
-        };
-        let send = async {
-            match envelope.headers {
-                Some(headers) => {
-                    picked
-                        .client
-                        .publish_with_reply_and_headers(subject, reply_to, headers, envelope.data)
-                        .await
-                }
-                None => {
-                    picked
-                        .client
-                        .publish_with_reply(subject, reply_to, envelope.data)
-                        .await
-                }
-            }
-        };
-        // Waiting for room in the NATS client's queue (it fills while NATS is away) is bounded
-        // by the request's deadline too; the timer only starts if the send has to wait.
-        let error = match tokio::time::timeout(timeout, send).await {
-            Ok(Ok(())) => return,
-            Ok(Err(err)) => match err.kind() {
-                async_nats::client::PublishErrorKind::MaxPayloadExceeded => GatewayError::new(
-                    ErrorCode::TooLarge,
-                    format!("NATS refused the payload: {err}"),
-                ),
-                async_nats::client::PublishErrorKind::InvalidSubject => {
-                    GatewayError::bad_request(format!("NATS refused the subject: {err}"))
-                }
-                async_nats::client::PublishErrorKind::Send => GatewayError::new(
-                    ErrorCode::Unavailable,
-                    format!("NATS request failed: {err}"),
-                ),
-            },
-            Err(_) => GatewayError::new(
-                ErrorCode::Timeout,
-                format!(
-                    "NATS could not take the request within {} ms",
-                    timeout.as_millis()
-                ),
-            ),
-        };
-        if let Some(pending) = picked.router.take(token) {
-            replies::finish(metrics, pending, Err(error));
-        }
+        dispatch(metrics, picked, pending, envelope.headers, envelope.data).await;
     }
 
     /// Sends a request and waits for its one answer (for callers that want a future).
@@ -482,6 +447,109 @@ impl Subscription {
 /// Which pool connection a client's ordered traffic uses (see `Gateway::publish`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lane(usize);
+
+/// Registers a request with its connection's router and publishes it with the reply subject.
+/// Waiting for room in the NATS client's queue is bounded by the request's deadline.
+async fn dispatch(
+    metrics: &Metrics,
+    picked: pool::Picked,
+    pending: replies::Pending,
+    headers: Option<HeaderMap>,
+    data: Bytes,
+) {
+    let subject = pending.subject.clone();
+    let wait = pending
+        .deadline
+        .saturating_duration_since(tokio::time::Instant::now());
+    let Some((token, reply_to)) = picked.router.register(pending) else {
+        return; // answered by the router
+    };
+    let send = async {
+        match headers {
+            Some(headers) => {
+                picked
+                    .client
+                    .publish_with_reply_and_headers(subject, reply_to, headers, data)
+                    .await
+            }
+            None => {
+                picked
+                    .client
+                    .publish_with_reply(subject, reply_to, data)
+                    .await
+            }
+        }
+    };
+    // The timer only starts if the send has to wait.
+    let error = match tokio::time::timeout(wait, send).await {
+        Ok(Ok(())) => return,
+        Ok(Err(err)) => match err.kind() {
+            async_nats::client::PublishErrorKind::MaxPayloadExceeded => GatewayError::new(
+                ErrorCode::TooLarge,
+                format!("NATS refused the payload: {err}"),
+            ),
+            async_nats::client::PublishErrorKind::InvalidSubject => {
+                GatewayError::bad_request(format!("NATS refused the subject: {err}"))
+            }
+            async_nats::client::PublishErrorKind::Send => GatewayError::new(
+                ErrorCode::Unavailable,
+                format!("NATS request failed: {err}"),
+            ),
+        },
+        Err(_) => GatewayError::new(
+            ErrorCode::Timeout,
+            format!(
+                "NATS could not take the request within {} ms",
+                wait.as_millis()
+            ),
+        ),
+    };
+    if let Some(pending) = picked.router.take(token) {
+        replies::finish(metrics, pending, Err(error));
+    }
+}
+
+/// Sends idempotent requests whose connection was lost again, on any connected pool
+/// connection, within their own deadline (waiting for NATS to come back if need be).
+async fn retry_lost_requests(
+    mut lost: tokio::sync::mpsc::UnboundedReceiver<replies::Pending>,
+    pool: Arc<NatsPool>,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(mut pending) = lost.recv().await {
+        let pool = pool.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            metrics.retries.increment(1);
+            if pending.attempts > 0 {
+                // Waiting for its service to come back: back off, 25 ms doubling to 400 ms.
+                let backoff = Duration::from_millis(25 << pending.attempts.min(4));
+                let left = pending
+                    .deadline
+                    .saturating_duration_since(tokio::time::Instant::now());
+                tokio::time::sleep(backoff.min(left)).await;
+            }
+            pending.attempts += 1;
+            let picked = loop {
+                if let Ok(picked) = pool.client() {
+                    break picked;
+                }
+                if tokio::time::Instant::now() >= pending.deadline {
+                    let error = GatewayError::new(
+                        ErrorCode::Unavailable,
+                        "the NATS connection was lost and no other came up before the deadline",
+                    );
+                    return replies::finish(&metrics, pending, Err(error));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            let Some(resend) = pending.resend.clone() else {
+                return;
+            };
+            dispatch(&metrics, picked, pending, resend.headers, resend.data).await;
+        });
+    }
+}
 
 /// Hands one answer to a waiting future.
 struct OneshotSink(

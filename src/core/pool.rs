@@ -15,9 +15,10 @@ use async_nats::{Client, ConnectOptions};
 use deadpool::managed::{self, Metrics as PoolMetrics, Object, RecycleError, RecycleResult};
 use metrics::Counter;
 
-use super::replies::ReplyRouter;
+use super::replies::{Pending, ReplyRouter};
 use super::shutdown::Shutdown;
 use crate::ops::metrics::Metrics;
+use tokio::sync::mpsc;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -43,6 +44,7 @@ pub struct NatsManager {
     next_index: AtomicUsize,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
+    retries: mpsc::UnboundedSender<Pending>,
 }
 
 impl managed::Manager for NatsManager {
@@ -55,7 +57,11 @@ impl managed::Manager for NatsManager {
         let client = connect_options(index, self.metrics.nats_slow_consumer.clone(), lost_sender)
             .connect(self.servers.clone())
             .await?;
-        let router = ReplyRouter::new(client.new_inbox(), self.metrics.clone());
+        let router = ReplyRouter::new(
+            client.new_inbox(),
+            self.metrics.clone(),
+            Some(self.retries.clone()),
+        );
         let retired = Arc::new(watch::channel(false).0);
         // Queued now, sent when the connection is up (and again after every reconnect).
         match client.subscribe(router.wildcard()).await {
@@ -197,12 +203,14 @@ impl NatsPool {
         size: usize,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
+        retries: mpsc::UnboundedSender<Pending>,
     ) -> Result<Arc<NatsPool>, String> {
         let manager = NatsManager {
             servers,
             next_index: AtomicUsize::new(0),
             metrics,
             shutdown,
+            retries,
         };
         let pool = managed::Pool::builder(manager)
             .max_size(size)

@@ -11,9 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::HeaderMap;
 use async_nats::{Message, Subject, Subscriber};
+use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
 use super::Reply;
@@ -42,6 +44,19 @@ pub struct Pending {
     pub permit: BudgetPermit,
     /// The circuit breaker's permission; told the outcome when the request ends.
     pub admission: Admission,
+    /// For an idempotent request: what to send again if its connection is lost.
+    pub resend: Option<Resend>,
+    /// Times it was sent again. After a lost connection, services come back after the
+    /// gateway does, so a re-sent request also tries again on `NO_RESPONDERS`, with backoff.
+    pub attempts: u32,
+}
+
+/// An idempotent request's message, kept to send it again on another connection.
+#[derive(Clone)]
+pub struct Resend {
+    pub subject: Subject,
+    pub headers: Option<HeaderMap>,
+    pub data: Bytes,
 }
 
 #[derive(Default)]
@@ -60,19 +75,26 @@ pub struct ReplyRouter {
     /// Wakes the router when a request gets an earlier deadline than any before it.
     earlier_deadline: Notify,
     metrics: Arc<Metrics>,
+    /// Where idempotent requests go when this connection is lost (see `Gateway`'s retry task).
+    retries: Option<mpsc::UnboundedSender<Pending>>,
 }
 
 /// Replies handled per wakeup before the router looks at its deadlines again.
 const REPLY_BATCH: usize = 256;
 
 impl ReplyRouter {
-    pub fn new(inbox: String, metrics: Arc<Metrics>) -> Arc<ReplyRouter> {
+    pub fn new(
+        inbox: String,
+        metrics: Arc<Metrics>,
+        retries: Option<mpsc::UnboundedSender<Pending>>,
+    ) -> Arc<ReplyRouter> {
         Arc::new(ReplyRouter {
             prefix: format!("{inbox}."),
             waiting: Mutex::new(Waiting::default()),
             next_token: AtomicU64::new(1),
             earlier_deadline: Notify::new(),
             metrics,
+            retries,
         })
     }
 
@@ -133,7 +155,21 @@ impl ReplyRouter {
             self.metrics.late_replies.increment(1);
             return;
         };
-        let result = if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+        let no_responders = message.status == Some(async_nats::StatusCode::NO_RESPONDERS);
+        if no_responders
+            && pending.attempts > 0
+            && pending.resend.is_some()
+            && Instant::now() < pending.deadline
+            && let Some(retries) = &self.retries
+        {
+            match retries.send(pending) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(returned)) => {
+                    return self.answer_no_responders(returned);
+                }
+            }
+        }
+        let result = if no_responders {
             Err(GatewayError::new(
                 ErrorCode::NoResponders,
                 format!("no service listens on {}", pending.subject),
@@ -145,6 +181,14 @@ impl ReplyRouter {
             })
         };
         finish(&self.metrics, pending, result);
+    }
+
+    fn answer_no_responders(&self, pending: Pending) {
+        let error = GatewayError::new(
+            ErrorCode::NoResponders,
+            format!("no service listens on {}", pending.subject),
+        );
+        finish(&self.metrics, pending, Err(error));
     }
 
     /// Fails the requests whose deadline has passed; returns the next deadline.
@@ -175,6 +219,16 @@ impl ReplyRouter {
     /// Fails every waiting request with `error`; with `close`, takes no new ones from now on
     /// (refusing them with that reason).
     fn fail_all(&self, error: &GatewayError, close: Option<&'static str>) {
+        self.give_up_all(error, close, false)
+    }
+
+    /// Like `fail_all`, but idempotent requests go to the retry task instead, to be sent
+    /// again on another connection within their deadline.
+    fn fail_or_retry_all(&self, error: &GatewayError, close: Option<&'static str>) {
+        self.give_up_all(error, close, true)
+    }
+
+    fn give_up_all(&self, error: &GatewayError, close: Option<&'static str>, retry: bool) {
         let drained: Vec<Pending> = {
             let mut waiting = self.waiting();
             if close.is_some() {
@@ -188,6 +242,13 @@ impl ReplyRouter {
                 .collect()
         };
         for pending in drained {
+            let pending = match (&self.retries, retry && pending.resend.is_some()) {
+                (Some(retries), true) => match retries.send(pending) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::SendError(pending)) => pending,
+                },
+                _ => pending,
+            };
             finish(&self.metrics, pending, Err(error.clone()));
         }
     }
@@ -232,7 +293,7 @@ impl ReplyRouter {
                             ErrorCode::Unavailable,
                             "the NATS connection closed while waiting for the reply",
                         );
-                        self.fail_all(&error, Some("the NATS connection closed; retry"));
+                        self.fail_or_retry_all(&error, Some("the NATS connection closed; retry"));
                         return;
                     };
                     self.on_reply(message);
@@ -250,7 +311,7 @@ impl ReplyRouter {
                         ErrorCode::Unavailable,
                         "the NATS connection was lost while waiting for the reply; the service may or may not have handled the request",
                     );
-                    self.fail_all(&error, None);
+                    self.fail_or_retry_all(&error, None);
                 }
                 _ = retired.wait_for(|retired| *retired), if !retiring => {
                     retiring = true;
@@ -355,12 +416,14 @@ mod tests {
             })
             .admit("svc.a")
             .unwrap(),
+            resend: None,
+            attempts: 0,
         }
     }
 
     #[test]
     fn requests_time_out_in_deadline_order_and_only_once() {
-        let router = ReplyRouter::new("_INBOX.t".into(), Metrics::new());
+        let router = ReplyRouter::new("_INBOX.t".into(), Metrics::new(), None);
         let sink = Arc::new(Collect::default());
         let now = Instant::now();
         let (_, late_subject) = router
@@ -388,7 +451,7 @@ mod tests {
 
     #[test]
     fn failing_all_answers_every_waiting_request_and_closing_refuses_new_ones() {
-        let router = ReplyRouter::new("_INBOX.t".into(), Metrics::new());
+        let router = ReplyRouter::new("_INBOX.t".into(), Metrics::new(), None);
         let sink = Arc::new(Collect::default());
         let later = Instant::now() + Duration::from_secs(60);
         for id in 1..=3 {
@@ -410,7 +473,7 @@ mod tests {
     #[test]
     fn a_reply_for_an_unknown_token_is_counted_as_late() {
         let metrics = Metrics::new();
-        let router = ReplyRouter::new("_INBOX.t".into(), metrics.clone());
+        let router = ReplyRouter::new("_INBOX.t".into(), metrics.clone(), None);
         router.on_reply(Message {
             subject: "_INBOX.t.999".into(),
             reply: None,

@@ -94,6 +94,7 @@ pub struct Metrics {
     pub nats_slow_consumer: Counter,
     pub nats_replaced: Counter,
     pub late_replies: Counter,
+    pub retries: Counter,
 }
 
 const METADATA: Metadata<'static> = Metadata::new("ipc_gateway", metrics::Level::INFO, None);
@@ -189,6 +190,10 @@ impl Metrics {
             "Connections the gateway closed: slow_client (stopped reading past the stall time) or idle.",
         );
         describe(
+            "ipc_gateway_retries_total",
+            "Idempotent requests sent again because their NATS connection was lost.",
+        );
+        describe(
             "ipc_gateway_late_replies_total",
             "Answers discarded because nobody waited for them: replies after their request's deadline, and answers for a client that had gone.",
         );
@@ -234,6 +239,7 @@ impl Metrics {
             nats_slow_consumer: counter(&recorder, "ipc_gateway_nats_slow_consumer_total", vec![]),
             nats_replaced: counter(&recorder, "ipc_gateway_nats_replaced_total", vec![]),
             late_replies: counter(&recorder, "ipc_gateway_late_replies_total", vec![]),
+            retries: counter(&recorder, "ipc_gateway_retries_total", vec![]),
             operations: (0..Frontend::ALL.len() * (OPS.len() + 1) * OUTCOMES)
                 .map(|_| OnceLock::new())
                 .collect(),

@@ -12,11 +12,7 @@ use ipc_gateway::client::{Client, ClientError};
 use serde_json::json;
 
 async fn metric(gateway: &GatewayProcess, series: &str) -> f64 {
-    let text = gateway.get("/metrics").await.1;
-    text.lines()
-        .find(|line| line.starts_with(series))
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
+    gateway.metric(series).await.unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

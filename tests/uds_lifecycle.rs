@@ -301,11 +301,8 @@ async fn in_flight_requests_get_unavailable_at_once_when_nats_goes_away() {
 
 /// Reads one gauge or counter value from /metrics.
 async fn metric(gateway: &GatewayProcess, series: &str) -> f64 {
-    let text = gateway.get("/metrics").await.1;
-    text.lines()
-        .find(|line| line.starts_with(series))
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    let value = gateway.metric(series).await;
+    value.unwrap_or_else(|| panic!("no {series} in /metrics"))
 }
 
 #[tokio::test]

@@ -223,6 +223,14 @@ impl GatewayProcess {
         }
     }
 
+    /// One series' value from /metrics (`name{labels}` as Prometheus prints it).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.get("/metrics").await.1;
+        text.lines()
+            .find(|line| line.starts_with(series))
+            .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+    }
+
     pub async fn json(&self) -> JsonConn {
         JsonConn::connect(&self.socket).await
     }

@@ -35,6 +35,8 @@ pub const KEYS: &[&str] = &[
     "rate_limit_requests_per_sec",
     "rate_limit_bytes_per_sec",
     "idle_timeout_ms",
+    "ws_max_message_bytes",
+    "ws_allowed_origins",
     "breaker_group_tokens",
     "breaker_failures",
     "breaker_cooldown_ms",
@@ -55,7 +57,7 @@ pub struct Config {
     pub nats_url: String,
     /// Connections in the NATS pool; requests are spread across them.
     pub nats_connections: usize,
-    /// Address of the HTTP port: /health, /ready, /metrics.
+    /// Address of the HTTP port: /health, /ready, /status, /metrics and the WebSocket /ws.
     pub http: SocketAddr,
     /// Subject for JSON objects that name neither op nor subject.
     pub default_subject: Option<String>,
@@ -87,6 +89,11 @@ pub struct Config {
     pub rate_limit_bytes_per_sec: u64,
     /// Close connections with no traffic and no subscriptions after this long; 0 = off.
     pub idle_timeout_ms: u64,
+    /// Largest WebSocket message accepted; 0 = the same as `max_frame_bytes`.
+    pub ws_max_message_bytes: usize,
+    /// Origins whose browser pages may open `/ws`, besides the gateway's own origin (clients
+    /// that send no `Origin`, such as programs, are always let in). "*" allows any.
+    pub ws_allowed_origins: Vec<String>,
     /// Subject tokens that name a circuit breaker's group (`svc.orders.create` → `svc.orders`).
     pub breaker_group_tokens: usize,
     /// Consecutive failures (TIMEOUT, NO_RESPONDERS) that open a group's breaker.
@@ -130,6 +137,8 @@ impl Default for Config {
             rate_limit_requests_per_sec: 0,
             rate_limit_bytes_per_sec: 0,
             idle_timeout_ms: 0,
+            ws_max_message_bytes: 0,
+            ws_allowed_origins: Vec::new(),
             breaker_group_tokens: 2,
             breaker_failures: 5,
             breaker_cooldown_ms: 5000,
@@ -270,6 +279,14 @@ impl Config {
             failure_rate: self.breaker_failure_rate,
             window: Duration::from_millis(self.breaker_window_ms),
             min_requests: self.breaker_min_requests,
+        }
+    }
+
+    /// The WebSocket message limit in force.
+    pub fn ws_max_message(&self) -> usize {
+        match self.ws_max_message_bytes {
+            0 => self.max_frame_bytes,
+            n => n,
         }
     }
 

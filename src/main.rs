@@ -98,7 +98,7 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     nats_connections: Option<usize>,
-    /// HTTP address for /health, /ready and /metrics [default: 127.0.0.1:8080].
+    /// HTTP address for /health, /ready, /status, /metrics and /ws [default: 127.0.0.1:8080].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     http: Option<String>,
@@ -158,6 +158,14 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     idle_timeout_ms: Option<u64>,
+    /// Largest WebSocket message; 0 = --max-frame-bytes [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ws_max_message_bytes: Option<usize>,
+    /// Browser origins allowed on /ws besides the gateway's own (repeat, or "*" for any).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ws_allowed_origins: Option<Vec<String>>,
     /// Subject tokens that name a circuit breaker group [default: 2].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

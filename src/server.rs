@@ -72,6 +72,9 @@ pub async fn run(config: Config) -> Result<(), String> {
             }
         }
     }
+    // WebSocket connections live outside the listeners' tasks: wait for them too.
+    gateway.connections().close();
+    let _ = tokio::time::timeout_at(deadline.deadline(), gateway.connections().wait()).await;
     gateway.flush().await;
     http_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;

@@ -45,6 +45,10 @@ async fn a_failing_group_opens_others_keep_working_and_a_trial_closes_it() {
         "refused at once"
     );
     assert_eq!(group_state(&gateway, "svc.orders").await, "OPEN");
+    assert_eq!(
+        gateway.metric("ipc_gateway_breakers{state=\"open\"}").await,
+        Some(1.0)
+    );
 
     // Another group is not affected.
     let reply = conn
@@ -60,10 +64,9 @@ async fn a_failing_group_opens_others_keep_working_and_a_trial_closes_it() {
         .await;
     assert_eq!(trial["data"], "back", "{trial}");
     assert_eq!(group_state(&gateway, "svc.orders").await, "CLOSED");
-    let metrics = gateway.get("/metrics").await.1;
-    assert!(
-        metrics.contains("ipc_gateway_breaker_state{group=\"svc.orders\"} 0"),
-        "{metrics}"
+    assert_eq!(
+        gateway.metric("ipc_gateway_breakers{state=\"open\"}").await,
+        Some(0.0)
     );
 }
 

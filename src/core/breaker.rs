@@ -127,7 +127,8 @@ pub struct Breakers {
 #[must_use]
 pub struct Admission {
     breakers: Arc<Breakers>,
-    group: Arc<str>,
+    /// `None` when the group is not tracked (the table of groups is full of open ones).
+    group: Option<Arc<str>>,
     trial: bool,
     recorded: bool,
 }
@@ -168,7 +169,20 @@ impl Breakers {
         let name = self.group_of(subject);
         let mut groups = self.groups();
         if !groups.contains_key(name) && groups.len() >= MAX_GROUPS {
+            // Forget healthy groups first, then any closed one; if every group is open, the
+            // new one goes untracked (a breaker cannot open for it, nothing grows).
             groups.retain(|_, g| g.state != State::Closed || g.consecutive_failures > 0);
+            if groups.len() >= MAX_GROUPS {
+                groups.retain(|_, g| g.state != State::Closed);
+            }
+            if groups.len() >= MAX_GROUPS {
+                return Ok(Admission {
+                    breakers: self.clone(),
+                    group: None,
+                    trial: false,
+                    recorded: false,
+                });
+            }
         }
         let (key, group) = match groups.get_key_value(name) {
             Some((key, _)) => {
@@ -211,7 +225,7 @@ impl Breakers {
         };
         Ok(Admission {
             breakers: self.clone(),
-            group: key,
+            group: Some(key),
             trial,
             recorded: false,
         })
@@ -271,14 +285,20 @@ impl Breakers {
         }
     }
 
-    /// Every tracked group, for `/status`.
+    /// Every tracked group, for `/status`. An open breaker whose cool-down is over shows as
+    /// HALF_OPEN: the next request is its trial.
     pub fn status(&self) -> Vec<GroupStatus> {
+        let now = Instant::now();
         let mut all: Vec<GroupStatus> = self
             .groups()
             .iter()
             .map(|(name, group)| GroupStatus {
                 group: name.to_string(),
-                state: group.state,
+                state: if group.state == State::Open && now >= group.open_until {
+                    State::HalfOpen
+                } else {
+                    group.state
+                },
                 consecutive_failures: group.consecutive_failures,
                 successes: group.successes,
                 failures: group.failures,
@@ -301,15 +321,20 @@ impl Admission {
 
     pub fn record_at(mut self, outcome: Outcome, now: Instant) {
         self.recorded = true;
-        self.breakers.settle(&self.group, self.trial, outcome, now);
+        if let Some(group) = &self.group {
+            self.breakers.settle(group, self.trial, outcome, now);
+        }
     }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        if !self.recorded && self.trial {
+        if !self.recorded
+            && self.trial
+            && let Some(group) = &self.group
+        {
             self.breakers
-                .settle(&self.group, true, Outcome::Neutral, Instant::now());
+                .settle(group, true, Outcome::Neutral, Instant::now());
         }
     }
 }

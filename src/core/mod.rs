@@ -47,6 +47,10 @@ struct Inner {
     pool: Arc<NatsPool>,
     budget: Arc<ByteBudget>,
     breakers: Arc<breaker::Breakers>,
+    /// `max_connections`, shared by every front-end.
+    connection_slots: Arc<tokio::sync::Semaphore>,
+    /// Every client connection's task, so shutdown can wait for them to drain.
+    connections: tokio_util::task::TaskTracker,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
     default_subject: Option<Subject>,
@@ -89,6 +93,7 @@ impl Gateway {
         metrics.nats_pool_size.set(pool.size() as f64);
         let budget = ByteBudget::new(config.max_inflight_bytes);
         let breakers = breaker::Breakers::new(config.breaker());
+        let connection_slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
         let default_subject = config.default_subject.clone().map(Subject::from);
         Ok(Gateway {
             inner: Arc::new(Inner {
@@ -96,12 +101,24 @@ impl Gateway {
                 pool,
                 budget,
                 breakers,
+                connection_slots,
+                connections: tokio_util::task::TaskTracker::new(),
                 metrics,
                 shutdown,
                 default_subject,
                 listener_up: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// A connection slot, or `None` when `max_connections` clients are connected.
+    pub fn try_connection_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.inner.connection_slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Tracks client connection tasks (front-ends wrap each connection in it).
+    pub fn connections(&self) -> &tokio_util::task::TaskTracker {
+        &self.inner.connections
     }
 
     pub fn config(&self) -> &Config {
@@ -168,8 +185,14 @@ impl Gateway {
             .inflight_requests
             .set(self.inner.pool.waiting_requests() as f64);
         metrics.inflight_bytes.set(self.inner.budget.used() as f64);
-        for group in self.inner.breakers.status() {
-            metrics.breaker_state(&group.group, group.state as u8);
+        let groups = self.inner.breakers.status();
+        for state in [
+            breaker::State::Closed,
+            breaker::State::Open,
+            breaker::State::HalfOpen,
+        ] {
+            let count = groups.iter().filter(|g| g.state == state).count();
+            metrics.breakers_in_state(state, count);
         }
         metrics
             .nats_connected

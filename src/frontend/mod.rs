@@ -3,3 +3,4 @@
 pub mod outbox;
 pub mod session;
 pub mod uds;
+pub mod ws;

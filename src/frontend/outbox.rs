@@ -23,6 +23,8 @@ struct Queues {
     /// Drops not yet reported, per subscription id, in order of first drop.
     dropped: Vec<(Id, u64)>,
     closed: bool,
+    /// For message-based wires (WebSocket): the close code and reason to end with.
+    close_reason: Option<(u16, &'static str)>,
 }
 
 pub struct Outbox {
@@ -167,6 +169,15 @@ impl Outbox {
         let answers = queues.control.len();
         queues.control.clear();
         answers
+    }
+
+    /// Sets the close code and reason a message-based front-end ends the connection with.
+    pub fn set_close_reason(&self, reason: (u16, &'static str)) {
+        self.queues().close_reason.get_or_insert(reason);
+    }
+
+    pub fn close_reason(&self) -> Option<(u16, &'static str)> {
+        self.queues().close_reason
     }
 
     /// No more events will come: the writer flushes what is queued, then ends.

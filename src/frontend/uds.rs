@@ -106,8 +106,6 @@ impl Drop for UdsListener {
 
 /// Accepts connections until shutdown begins, then waits for every connection to finish.
 pub async fn serve(gateway: Gateway, listener: UdsListener) {
-    let config = gateway.config();
-    let slots = Arc::new(Semaphore::new(config.max_connections));
     // Refusals that wait to learn the client's format are few at a time; past that, a
     // connection is refused at once in JSON, so a flood cannot hold descriptors.
     let refusals = Arc::new(Semaphore::new(MAX_POLITE_REFUSALS));
@@ -129,11 +127,16 @@ pub async fn serve(gateway: Gateway, listener: UdsListener) {
             }
         };
         let gateway = gateway.clone();
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                tracker.spawn(serve_connection(gateway, stream, permit));
+        match gateway.try_connection_slot() {
+            Some(permit) => {
+                let connection = gateway.connections().track_future(serve_connection(
+                    gateway.clone(),
+                    stream,
+                    permit,
+                ));
+                tracker.spawn(connection);
             }
-            Err(_) => match refusals.clone().try_acquire_owned() {
+            None => match refusals.clone().try_acquire_owned() {
                 Ok(refusal) => {
                     tracker.spawn(reject_connection(gateway, stream, Some(refusal)));
                 }

@@ -19,6 +19,7 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
+        .route("/ws", get(crate::frontend::ws::upgrade))
         .with_state(gateway)
 }
 

@@ -333,15 +333,18 @@ impl Metrics {
         self.frontend(frontend).subscriptions.decrement(1.0);
     }
 
-    /// A circuit breaker group's state: 0 closed, 1 open, 2 half-open.
-    pub fn breaker_state(&self, group: &str, state: u8) {
-        let key = Key::from_parts(
-            "ipc_gateway_breaker_state",
-            vec![Label::new("group", group.to_owned())],
-        );
+    /// How many circuit breaker groups are in `state` (per-group detail is on `/status`;
+    /// a series per group would grow with every subject clients use).
+    pub fn breakers_in_state(&self, state: crate::core::breaker::State, count: usize) {
+        let name = match state {
+            crate::core::breaker::State::Closed => "closed",
+            crate::core::breaker::State::Open => "open",
+            crate::core::breaker::State::HalfOpen => "half_open",
+        };
+        let key = Key::from_parts("ipc_gateway_breakers", vec![Label::new("state", name)]);
         self.recorder
             .register_gauge(&key, &METADATA)
-            .set(f64::from(state));
+            .set(count as f64);
     }
 
     /// The Prometheus text exposition of every series.

@@ -1,0 +1,182 @@
+//! The WebSocket front-end with a real WebSocket client: the same envelope and core as the
+//! Unix socket, JSON text messages and binary frames, origin checks, the message limit and
+//! close codes.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use ipc_gateway::protocol::binary::{FrameHeader, FrameParts, HEADER_LEN, frame_type};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(gateway: &GatewayProcess, origin: Option<&str>) -> Result<Ws, u16> {
+    let mut request = format!("ws://127.0.0.1:{}/ws", gateway.http_port)
+        .into_client_request()
+        .unwrap();
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("Origin", origin.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(other) => panic!("{other}"),
+    }
+}
+
+async fn next(ws: &mut Ws) -> Message {
+    tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .expect("a message in time")
+        .expect("the socket is open")
+        .expect("read")
+}
+
+async fn call(ws: &mut Ws, line: &str) -> Value {
+    ws.send(Message::text(line)).await.unwrap();
+    match next(ws).await {
+        Message::Text(text) => serde_json::from_str(text.as_str()).unwrap(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn json_requests_subscriptions_and_errors_over_websocket() {
+    let nats = NatsServer::start();
+    let _echo = spawn_echo(&nats.url(), "demo.echo", std::time::Duration::ZERO).await;
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut ws = connect(&gateway, None).await.unwrap();
+    assert_eq!(
+        call(&mut ws, r#"{"subject":"demo.echo","data":"hello"}"#).await,
+        json!({"id":null,"ok":true,"data":"hello"})
+    );
+    assert_eq!(
+        call(
+            &mut ws,
+            r#"{"op":"subscribe","id":"s","subject":"events.>"}"#
+        )
+        .await,
+        json!({"id":"s","ok":true})
+    );
+    let publisher = nats.client().await;
+    publisher.publish("events.a", "x".into()).await.unwrap();
+    publisher.flush().await.unwrap();
+    match next(&mut ws).await {
+        Message::Text(text) => assert_eq!(
+            serde_json::from_str::<Value>(text.as_str()).unwrap(),
+            json!({"op":"msg","sid":"s","subject":"events.a","data":"x"})
+        ),
+        other => panic!("{other:?}"),
+    }
+    let error = call(&mut ws, r#"{"id":7,"subject":"nobody.home"}"#).await;
+    assert_eq!(error["error"]["code"], "NO_RESPONDERS");
+    let bad = call(&mut ws, "not json").await;
+    assert_eq!(bad["error"]["code"], "BAD_REQUEST");
+    assert_eq!(
+        call(&mut ws, r#"{"op":"ping"}"#).await,
+        json!({"op":"pong"}),
+        "still open"
+    );
+}
+
+#[tokio::test]
+async fn a_binary_message_carries_one_frame_and_gets_a_binary_reply() {
+    let nats = NatsServer::start();
+    let _echo = spawn_echo(&nats.url(), "demo.echo", std::time::Duration::ZERO).await;
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut ws = connect(&gateway, None).await.unwrap();
+    let request = frame(FrameParts {
+        frame_type: frame_type::REQUEST,
+        id: 42,
+        subject: b"demo.echo",
+        payload: b"binary hello",
+        ..FrameParts::default()
+    });
+    ws.send(Message::Binary(Bytes::from(request.to_vec())))
+        .await
+        .unwrap();
+    match next(&mut ws).await {
+        Message::Binary(data) => {
+            let header = FrameHeader::parse(&data);
+            assert_eq!((header.frame_type, header.id), (frame_type::REPLY, 42));
+            assert!(data.ends_with(b"binary hello"));
+            assert_eq!(data.len(), HEADER_LEN + header.body_len as usize);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn foreign_origins_are_refused_before_the_upgrade() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &["--ws-allowed-origins", "https://app.example"],
+    );
+    let own = format!("http://127.0.0.1:{}", gateway.http_port);
+    assert!(
+        connect(&gateway, Some(&own)).await.is_ok(),
+        "the gateway's own page"
+    );
+    assert!(
+        connect(&gateway, Some("https://app.example")).await.is_ok(),
+        "an allowed origin"
+    );
+    assert!(
+        connect(&gateway, None).await.is_ok(),
+        "a program without Origin"
+    );
+    assert_eq!(
+        connect(&gateway, Some("https://evil.example")).await.err(),
+        Some(403)
+    );
+}
+
+#[tokio::test]
+async fn a_message_over_the_limit_closes_with_1009() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &["--ws-max-message-bytes", "1024"]);
+    let mut ws = connect(&gateway, None).await.unwrap();
+    let huge = format!(r#"{{"subject":"demo.echo","data":"{}"}}"#, "x".repeat(4096));
+    let _ = ws.send(Message::text(huge)).await;
+    match next(&mut ws).await {
+        Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1009),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn shutdown_answers_in_flight_requests_then_closes_with_1001() {
+    let nats = NatsServer::start();
+    let _slow = spawn_echo(&nats.url(), "svc.slow", Duration::from_millis(400)).await;
+    let mut gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut ws = connect(&gateway, None).await.unwrap();
+    ws.send(Message::text(r#"{"id":1,"subject":"svc.slow","data":"x"}"#))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gateway.signal("TERM");
+    match next(&mut ws).await {
+        Message::Text(text) => assert_eq!(
+            serde_json::from_str::<Value>(text.as_str()).unwrap(),
+            json!({"id":1,"ok":true,"data":"x"})
+        ),
+        other => panic!("{other:?}"),
+    }
+    match next(&mut ws).await {
+        Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(gateway.wait_exit(), Some(0));
+}

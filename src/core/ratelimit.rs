@@ -29,15 +29,15 @@ impl TokenBucket {
         self.last = now;
     }
 
-    /// Takes `amount` tokens if there are that many (a cost above the whole bucket is allowed
-    /// when the bucket is full, so one large message is never refused for ever).
-    pub fn try_take(&mut self, amount: f64, now: Instant) -> bool {
+    /// Whether `amount` tokens are there (a cost above the whole bucket is allowed when the
+    /// bucket is full, so one large message is never refused for ever).
+    fn can_take(&mut self, amount: f64, now: Instant) -> bool {
         self.refill(now);
-        let affordable = self.tokens >= amount || (amount > self.rate && self.tokens >= self.rate);
-        if affordable {
-            self.tokens -= amount;
-        }
-        affordable
+        self.tokens >= amount || (amount > self.rate && self.tokens >= self.rate)
+    }
+
+    fn take(&mut self, amount: f64) {
+        self.tokens -= amount;
     }
 }
 
@@ -61,10 +61,11 @@ impl RateLimit {
         self.requests.is_none() && self.bytes.is_none()
     }
 
-    /// Admits one command carrying `bytes` of payload, or says why not.
+    /// Admits one command carrying `bytes` of payload, or says why not. A refused command
+    /// takes nothing from either bucket.
     pub fn admit(&mut self, bytes: usize, now: Instant) -> Result<(), GatewayError> {
         if let Some(bucket) = &mut self.requests
-            && !bucket.try_take(1.0, now)
+            && !bucket.can_take(1.0, now)
         {
             return Err(GatewayError::new(
                 ErrorCode::Overloaded,
@@ -75,7 +76,7 @@ impl RateLimit {
             ));
         }
         if let Some(bucket) = &mut self.bytes
-            && !bucket.try_take(bytes as f64, now)
+            && !bucket.can_take(bytes as f64, now)
         {
             return Err(GatewayError::new(
                 ErrorCode::Overloaded,
@@ -84,6 +85,12 @@ impl RateLimit {
                     bucket.rate
                 ),
             ));
+        }
+        if let Some(bucket) = &mut self.requests {
+            bucket.take(1.0);
+        }
+        if let Some(bucket) = &mut self.bytes {
+            bucket.take(bytes as f64);
         }
         Ok(())
     }
@@ -118,6 +125,18 @@ mod tests {
             limit.admit(0, now + Duration::from_millis(100)).is_ok(),
             "one token per 100 ms"
         );
+    }
+
+    #[test]
+    fn a_command_refused_for_its_bytes_spends_no_request_token() {
+        let now = Instant::now();
+        let mut limit = RateLimit::new(2, 100);
+        assert!(limit.admit(100, now).is_ok());
+        for _ in 0..5 {
+            assert!(limit.admit(50, now).is_err(), "over the byte budget");
+        }
+        assert!(limit.admit(0, now).is_ok(), "the second request token is still there");
+        assert!(limit.admit(0, now).is_err());
     }
 
     #[test]

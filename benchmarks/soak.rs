@@ -84,6 +84,10 @@ fn category_name(index: usize) -> &'static str {
     }
 }
 
+fn category_code(index: usize) -> Option<ErrorCode> {
+    ErrorCode::ALL.get(index).copied()
+}
+
 fn category_of(error: &ClientError) -> usize {
     match error {
         ClientError::Gateway(e) => ErrorCode::ALL
@@ -351,6 +355,38 @@ fn proc_status(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("Threads:").unwrap_or(0)))
 }
 
+/// What a process's FDs point at, counted by kind (`socket`, `anon_inode:[eventpoll]`, a path).
+fn fd_kinds(pid: u32) -> Vec<(String, u64)> {
+    let mut kinds: Vec<(String, u64)> = Vec::new();
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return kinds;
+    };
+    for entry in entries.flatten().take(100_000) {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.display().to_string();
+        let kind = match target.split_once(":[") {
+            Some((kind @ ("socket" | "pipe"), _)) => kind.to_string(),
+            _ => target,
+        };
+        match kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((kind, 1)),
+        }
+    }
+    kinds.sort();
+    kinds
+}
+
+fn fd_kinds_text(kinds: &[(String, u64)]) -> String {
+    kinds
+        .iter()
+        .map(|(k, n)| format!("{n}× {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn fd_count(pid: u32) -> Option<u64> {
     Some(
         std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -425,6 +461,8 @@ struct Stats {
     latency: Vec<AtomicU64>,
     latency_sum_us: AtomicU64,
     latency_max_us: AtomicU64,
+    /// Median of the last direct-NATS probe, µs (u64::MAX: none answered).
+    direct_probe_us: AtomicU64,
     /// The restart (index) whose recovery is being watched, usize::MAX for none.
     watching: AtomicUsize,
     kill_ms: Vec<AtomicU64>,
@@ -433,8 +471,15 @@ struct Stats {
     recovered_ms: Vec<AtomicU64>,
     /// First UNAVAILABLE answer after the kill.
     first_unavailable_ms: Vec<AtomicU64>,
+    /// The last error of any kind after the kill (until the next kill or the end); 0: none.
+    last_error_ms: Vec<AtomicU64>,
+    /// The first and last CIRCUIT_OPEN after the kill (the breaker refusing).
+    first_circuit_open_ms: Vec<AtomicU64>,
+    last_circuit_open_ms: Vec<AtomicU64>,
     /// First subscription message received after the restart.
     sub_recovered_ms: Vec<AtomicU64>,
+    /// First direct NATS request to the echo service answered after the restart.
+    direct_recovered_ms: Vec<AtomicU64>,
     published: AtomicU64,
     publish_failed: AtomicU64,
     received: AtomicU64,
@@ -467,12 +512,17 @@ impl Stats {
             latency: atomics(HISTOGRAM_BUCKETS, 0),
             latency_sum_us: AtomicU64::new(0),
             latency_max_us: AtomicU64::new(0),
+            direct_probe_us: AtomicU64::new(u64::MAX),
             watching: AtomicUsize::new(usize::MAX),
             kill_ms: atomics(MAX_RESTARTS, u64::MAX),
             restart_ms: atomics(MAX_RESTARTS, u64::MAX),
             recovered_ms: atomics(MAX_RESTARTS, u64::MAX),
             first_unavailable_ms: atomics(MAX_RESTARTS, u64::MAX),
+            last_error_ms: atomics(MAX_RESTARTS, 0),
+            first_circuit_open_ms: atomics(MAX_RESTARTS, u64::MAX),
+            last_circuit_open_ms: atomics(MAX_RESTARTS, 0),
             sub_recovered_ms: atomics(MAX_RESTARTS, u64::MAX),
+            direct_recovered_ms: atomics(MAX_RESTARTS, u64::MAX),
             published: AtomicU64::new(0),
             publish_failed: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -499,15 +549,18 @@ impl Stats {
         if let Some(counter) = self.errors_per_second.get(slot) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
-        if category
-            == ErrorCode::ALL
-                .iter()
-                .position(|c| *c == ErrorCode::Unavailable)
-                .unwrap()
-        {
-            let watching = self.watching.load(Ordering::Relaxed);
-            if watching < MAX_RESTARTS && at_ms >= self.kill_ms[watching].load(Ordering::Relaxed) {
-                self.first_unavailable_ms[watching].fetch_min(at_ms, Ordering::Relaxed);
+        let watching = self.watching.load(Ordering::Relaxed);
+        if watching < MAX_RESTARTS && at_ms >= self.kill_ms[watching].load(Ordering::Relaxed) {
+            self.last_error_ms[watching].fetch_max(at_ms, Ordering::Relaxed);
+            match category_code(category) {
+                Some(ErrorCode::Unavailable) => {
+                    self.first_unavailable_ms[watching].fetch_min(at_ms, Ordering::Relaxed);
+                }
+                Some(ErrorCode::CircuitOpen) => {
+                    self.first_circuit_open_ms[watching].fetch_min(at_ms, Ordering::Relaxed);
+                    self.last_circuit_open_ms[watching].fetch_max(at_ms, Ordering::Relaxed);
+                }
+                _ => {}
             }
         }
     }
@@ -539,20 +592,6 @@ impl Stats {
             }
         }
         counts
-    }
-
-    /// The last second (ms at its end) in `from_ms..=to_ms` with any error.
-    fn last_error_second(&self, from_ms: u64, to_ms: u64) -> Option<u64> {
-        let first = (from_ms / 1000) as usize;
-        let last = (to_ms / 1000) as usize;
-        (first..=last).rev().find_map(|second| {
-            let any = (0..CATEGORIES).any(|category| {
-                self.errors_per_second
-                    .get(second * CATEGORIES + category)
-                    .is_some_and(|c| c.load(Ordering::Relaxed) > 0)
-            });
-            any.then_some((second as u64 + 1) * 1000)
-        })
     }
 
     fn quantile_us(&self, q: f64) -> Option<u64> {
@@ -714,8 +753,14 @@ async fn request_task(conn: Arc<Conn>, env: Arc<LoadEnv>, task: usize) {
         if next < now + env.pause {
             next = now + env.pause;
         }
-        if next < now + backoff {
-            next = now + backoff;
+        if !backoff.is_zero() {
+            // Jitter, as a real client should: without it, every task told the same
+            // `retry_after_ms` would come back in the same instant and stay in lockstep.
+            let jitter_us = rng.next() % (env.interval.as_micros() as u64).max(20_000);
+            let resume = now + backoff + Duration::from_micros(jitter_us);
+            if next < resume {
+                next = resume;
+            }
         }
         tokio::time::sleep_until(next).await;
     }
@@ -833,6 +878,60 @@ async fn publisher(nats_url: String, rate: f64, stats: Arc<Stats>, stop: Arc<Ato
     let _ = tokio::time::timeout(Duration::from_secs(2), nats.flush()).await;
 }
 
+/// Every `every`, 20 sequential requests straight to the echo service over NATS (not through the
+/// gateway); their median goes to `direct_probe_us`. It tells the gateway's latency apart from
+/// that of NATS and the echo service.
+async fn direct_probe(nats_url: String, every: Duration, stats: Arc<Stats>, stop: Arc<AtomicBool>) {
+    let Ok(nats) = async_nats::ConnectOptions::new()
+        .name("soak-direct-probe")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(nats_url.as_str())
+        .await
+    else {
+        return;
+    };
+    let mut next = tokio::time::Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep_until(next).await;
+        let mut times = Vec::with_capacity(20);
+        for _ in 0..20 {
+            let sent = Instant::now();
+            let answer = tokio::time::timeout(
+                Duration::from_millis(250),
+                nats.request(ECHO_SUBJECT, Bytes::from_static(&[b'p'; 512])),
+            )
+            .await;
+            match answer {
+                Ok(Ok(_)) => times.push(sent.elapsed().as_micros() as u64),
+                // NATS or the echo service is away: say so now, and look again soon.
+                _ => {
+                    times.clear();
+                    break;
+                }
+            }
+        }
+        times.sort_unstable();
+        let median = times.get(times.len() / 2).copied().unwrap_or(u64::MAX);
+        stats.direct_probe_us.store(median, Ordering::Relaxed);
+        let now_ms = stats.now_ms();
+        if median != u64::MAX {
+            let watching = stats.watching.load(Ordering::Relaxed);
+            if watching < MAX_RESTARTS
+                && now_ms >= stats.restart_ms[watching].load(Ordering::Relaxed)
+            {
+                stats.direct_recovered_ms[watching].fetch_min(now_ms, Ordering::Relaxed);
+            }
+            next += every;
+            if next < tokio::time::Instant::now() {
+                next = tokio::time::Instant::now() + every;
+            }
+        } else {
+            next = tokio::time::Instant::now() + Duration::from_millis(100);
+        }
+    }
+}
+
 /// Runs the whole load on a current-thread runtime until `stop`, then waits (bounded) for
 /// outstanding requests. Returns how many request tasks had to be abandoned.
 fn run_load(
@@ -874,6 +973,7 @@ fn run_load(
     let connections = settings.connections;
     let inflight = settings.inflight;
     let publish_rate = settings.publish_rate;
+    let sample_every = Duration::from_secs_f64(settings.sample);
     runtime.block_on(async move {
         // Ctrl-C or SIGTERM ends the run early, cleanly (children stopped, report written).
         {
@@ -913,8 +1013,14 @@ fn run_load(
         // Let the subscription reach nats-server before the first message.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let publish = tokio::spawn(publisher(
-            nats_url,
+            nats_url.clone(),
             publish_rate,
+            stats.clone(),
+            stop.clone(),
+        ));
+        let direct = tokio::spawn(direct_probe(
+            nats_url,
+            sample_every,
             stats.clone(),
             stop.clone(),
         ));
@@ -957,6 +1063,7 @@ fn run_load(
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), publish).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), direct).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), sub).await;
         abandoned
     })
@@ -973,6 +1080,11 @@ struct Sample {
     fds: u64,
     threads: u64,
     gw_cpu_pct: f64,
+    echo_cpu_pct: f64,
+    self_cpu_pct: f64,
+    nats_cpu_pct: Option<f64>,
+    /// Median round trip of direct NATS requests to the echo service (not through the gateway).
+    direct_ms: Option<f64>,
     connections: Option<f64>,
     inflight: Option<f64>,
     nats_connected: Option<f64>,
@@ -993,21 +1105,35 @@ struct Totals {
     latency_sum_us: u64,
     received: u64,
     cpu_ticks: u64,
+    echo_ticks: u64,
+    self_ticks: u64,
+    /// nats-server's pid and CPU ticks (a restarted server starts from 0).
+    nats: Option<(u32, u64)>,
 }
 
-fn totals(stats: &Stats, gateway_pid: u32) -> Totals {
+fn totals(stats: &Stats, pids: &Pids) -> Totals {
     Totals {
         sent: stats.sent.load(Ordering::Relaxed),
         replies: stats.replies.load(Ordering::Relaxed),
         errors: stats.errors_total(),
         latency_sum_us: stats.latency_sum_us.load(Ordering::Relaxed),
         received: stats.received.load(Ordering::Relaxed),
-        cpu_ticks: cpu_ticks(gateway_pid).unwrap_or(0),
+        cpu_ticks: cpu_ticks(pids.gateway).unwrap_or(0),
+        echo_ticks: cpu_ticks(pids.echo).unwrap_or(0),
+        self_ticks: cpu_ticks(std::process::id()).unwrap_or(0),
+        nats: pids.nats.and_then(|pid| Some((pid, cpu_ticks(pid)?))),
     }
+}
+
+struct Pids {
+    gateway: u32,
+    echo: u32,
+    nats: Option<u32>,
 }
 
 struct Probe {
     gateway_pid: u32,
+    stats: Arc<Stats>,
     gateway_http: u16,
     nats_monitor: u16,
     clk_tck: f64,
@@ -1037,14 +1163,24 @@ impl Probe {
         let dt = (t - previous.0).max(1e-3);
         let before = previous.1;
         let replies = now.replies - before.replies;
+        let pct = |after: u64, before: u64| {
+            after.saturating_sub(before) as f64 / self.clk_tck / dt * 100.0
+        };
+        let direct = self.stats.direct_probe_us.load(Ordering::Relaxed);
         Some(Sample {
             t,
             phase,
             rss_kb,
             fds,
             threads,
-            gw_cpu_pct: (now.cpu_ticks.saturating_sub(before.cpu_ticks)) as f64 / self.clk_tck / dt
-                * 100.0,
+            gw_cpu_pct: pct(now.cpu_ticks, before.cpu_ticks),
+            echo_cpu_pct: pct(now.echo_ticks, before.echo_ticks),
+            self_cpu_pct: pct(now.self_ticks, before.self_ticks),
+            nats_cpu_pct: match (now.nats, before.nats) {
+                (Some((pid, after)), Some((old, before))) if pid == old => Some(pct(after, before)),
+                _ => None,
+            },
+            direct_ms: (direct != u64::MAX).then(|| direct as f64 / 1e3),
             connections: metric("ipc_gateway_connections"),
             inflight: metric("ipc_gateway_inflight_requests"),
             nats_connected: metric("ipc_gateway_nats_connected"),
@@ -1067,7 +1203,7 @@ fn opt(value: Option<f64>) -> String {
 
 fn print_sample(s: &Sample) {
     eprintln!(
-        "t={:>7.1}s {:<10} rss {:>7} KiB  fds {:>3}  thr {:>2}  conns {:>3}  inflight {:>4}  nats {:>2}  {:>6.0} req/s  avg {:>6}  err {:>5}  sub {:>4}  gw cpu {:>5.1}%",
+        "t={:>7.1}s {:<10} rss {:>7} KiB  fds {:>3}  thr {:>2}  conns {:>3}  inflight {:>4}  nats {:>2}  {:>6.0} req/s  avg {:>6}  err {:>5}  sub {:>4}  direct {:>6}  cpu gw {:>4.1}% echo {:>4.1}% nats {:>4} soak {:>4.1}%",
         s.t,
         s.phase,
         s.rss_kb,
@@ -1080,7 +1216,11 @@ fn print_sample(s: &Sample) {
         s.avg_latency_ms.map_or("-".into(), |v| format!("{v:.2}ms")),
         s.errors,
         s.sub_messages,
+        s.direct_ms.map_or("-".into(), |v| format!("{v:.2}ms")),
         s.gw_cpu_pct,
+        s.echo_cpu_pct,
+        s.nats_cpu_pct.map_or("-".into(), |v| format!("{v:.1}%")),
+        s.self_cpu_pct,
     );
 }
 
@@ -1095,15 +1235,66 @@ struct Restart {
     nats_listening_s: Option<f64>,
     /// The gateway's /ready answered 200 again.
     gateway_ready_s: Option<f64>,
+    echo_connected_s: Option<f64>,
+    gateway_connected_s: Option<f64>,
 }
 
-/// Polls the gateway's /ready after a restart until it is 200 (bounded).
-fn watch_ready(gateway_http: u16, t0: Instant, into: Arc<Mutex<Option<f64>>>) {
+/// When, after a restart, the gateway's /ready said 200 again and nats-server saw the echo
+/// service's and all the gateway's connections again (seconds since t0).
+#[derive(Default, Clone, Copy)]
+struct Reconnected {
+    gateway_ready: Option<f64>,
+    echo_connected: Option<f64>,
+    gateway_connected: Option<f64>,
+}
+
+/// Polls the gateway's /ready and nats-server's /connz after a restart (bounded).
+fn watch_recovery(
+    gateway_http: u16,
+    nats_monitor: u16,
+    pool_size: usize,
+    t0: Instant,
+    into: Arc<Mutex<Reconnected>>,
+) {
     std::thread::spawn(move || {
         let deadline = Instant::now() + RECOVERY_PATIENCE;
+        let mut seen = Reconnected::default();
         while Instant::now() < deadline {
-            if let Some((200, _)) = http_get(gateway_http, "/ready") {
-                *into.lock().unwrap_or_else(|p| p.into_inner()) = Some(t0.elapsed().as_secs_f64());
+            let now = t0.elapsed().as_secs_f64();
+            if seen.gateway_ready.is_none()
+                && let Some((200, _)) = http_get(gateway_http, "/ready")
+            {
+                seen.gateway_ready = Some(now);
+            }
+            if (seen.echo_connected.is_none() || seen.gateway_connected.is_none())
+                && let Some(connz) = http_get(nats_monitor, "/connz")
+                    .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+            {
+                let names: Vec<&str> = connz
+                    .get("connections")
+                    .and_then(Value::as_array)
+                    .map(|list| {
+                        list.iter()
+                            .filter_map(|c| c.get("name").and_then(Value::as_str))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if seen.echo_connected.is_none() && names.contains(&"ipc-gateway-demo-echo") {
+                    seen.echo_connected = Some(now);
+                }
+                let pool = names
+                    .iter()
+                    .filter(|n| n.starts_with("ipc-gateway-") && **n != "ipc-gateway-demo-echo")
+                    .count();
+                if seen.gateway_connected.is_none() && pool >= pool_size {
+                    seen.gateway_connected = Some(now);
+                }
+            }
+            *into.lock().unwrap_or_else(|p| p.into_inner()) = seen;
+            if seen.gateway_ready.is_some()
+                && seen.echo_connected.is_some()
+                && seen.gateway_connected.is_some()
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -1271,6 +1462,7 @@ struct Outcome {
     meta: Meta,
     samples: Vec<Sample>,
     idle_before: (u64, u64),
+    idle_fd_kinds: Vec<(String, u64)>,
     idle_after: Option<IdleAfter>,
     restarts: Vec<Restart>,
     abandoned: usize,
@@ -1285,6 +1477,7 @@ struct Outcome {
 struct IdleAfter {
     rss_kb: u64,
     fds: u64,
+    fd_kinds: Vec<(String, u64)>,
     connections: Option<f64>,
     inflight: Option<f64>,
 }
@@ -1337,6 +1530,7 @@ fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
                 "--subject",
                 ECHO_SUBJECT,
             ])
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file(&dir.0, "echo.log")?),
@@ -1363,6 +1557,7 @@ fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
         "ipc-gateway serve",
         Command::new(&bin)
             .args(&gateway_args)
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file(&dir.0, "gateway.log")?),
@@ -1408,6 +1603,7 @@ fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
         proc_status(gateway_pid).map_or(0, |s| s.0),
         fd_count(gateway_pid).unwrap_or(0),
     );
+    let idle_fd_kinds = fd_kinds(gateway_pid);
     eprintln!(
         "soak: gateway pid {gateway_pid} ready; idle before load: rss {} KiB, {} fds; {} s of load, {} restarts, warm-up {} s",
         idle_before.0, idle_before.1, settings.seconds, settings.restarts, settings.warmup
@@ -1451,6 +1647,7 @@ fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
 
     let probe = Probe {
         gateway_pid,
+        stats: stats.clone(),
         gateway_http,
         nats_monitor,
         clk_tck: ticks_per_second(),
@@ -1461,12 +1658,21 @@ fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
     let kill_times = settings.kill_times();
     let outage = Duration::from_secs_f64(settings.outage);
     let mut restarts: Vec<Restart> = Vec::new();
-    let mut ready_watch: Vec<Arc<Mutex<Option<f64>>>> = Vec::new();
+    let mut ready_watch: Vec<Arc<Mutex<Reconnected>>> = Vec::new();
+    let pool_size = http_get(gateway_http, "/metrics")
+        .and_then(|(_, body)| metric_sum(&body, "ipc_gateway_nats_pool_size"))
+        .map_or(2, |n| n as usize);
     let mut next_kill = 0usize;
     let mut pending_restart: Option<Instant> = None;
     let mut samples = Vec::new();
     let mut next_sample = t0 + sample_every;
-    let mut previous = (0.0, totals(&stats, gateway_pid));
+    let echo_pid = echo.pid();
+    let pids = |nats: &Option<Proc>| Pids {
+        gateway: gateway_pid,
+        echo: echo_pid,
+        nats: nats.as_ref().map(Proc::pid),
+    };
+    let mut previous = (0.0, totals(&stats, &pids(&nats)));
     let mut gateway_died = None;
     let mut echo_died = None;
     loop {
@@ -1500,12 +1706,13 @@ fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
             && pending_restart.is_none()
             && now >= t0 + Duration::from_secs_f64(kill_times[next_kill])
         {
-            if let Some(mut proc) = nats.take() {
-                proc.kill9();
-            }
+            // Attribute what follows to this restart first, then kill.
             let kill_ms = stats.now_ms();
             stats.kill_ms[next_kill].store(kill_ms, Ordering::Relaxed);
             stats.watching.store(next_kill, Ordering::Relaxed);
+            if let Some(mut proc) = nats.take() {
+                proc.kill9();
+            }
             restarts.push(Restart {
                 kill_s: kill_ms as f64 / 1e3,
                 ..Restart::default()
@@ -1532,8 +1739,8 @@ fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
             let restart = &mut restarts[index];
             restart.restart_s = Some(restart_ms as f64 / 1e3);
             restart.nats_listening_s = Some(listening as f64 / 1e3);
-            let ready = Arc::new(Mutex::new(None));
-            watch_ready(gateway_http, t0, ready.clone());
+            let ready = Arc::new(Mutex::new(Reconnected::default()));
+            watch_recovery(gateway_http, nats_monitor, pool_size, t0, ready.clone());
             ready_watch.push(ready);
             eprintln!(
                 "soak: t={:.1}s nats-server started again on port {nats_port} (listening after {} ms)",
@@ -1546,7 +1753,7 @@ fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
         if now >= next_sample && samples.len() < MAX_SAMPLES {
             let t = t0.elapsed().as_secs_f64();
             let phase = phase_at(t, settings, &stats, nats.is_none(), restarts.len());
-            let current = totals(&stats, gateway_pid);
+            let current = totals(&stats, &pids(&nats));
             if let Some(sample) = probe.sample(t, phase, nats.is_some(), previous, current) {
                 print_sample(&sample);
                 samples.push(sample);
@@ -1578,7 +1785,7 @@ fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
     }
     // A last sample under load, then stop and wait for the outstanding requests.
     let final_t = t0.elapsed().as_secs_f64();
-    let current = totals(&stats, gateway_pid);
+    let current = totals(&stats, &pids(&nats));
     if gateway_died.is_none()
         && final_t - previous.0 >= settings.sample / 2.0
         && let Some(sample) = probe.sample(
@@ -1596,17 +1803,23 @@ fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
     let abandoned = stop_load.finish();
     eprintln!("soak: load stopped after {load_seconds:.1} s; {abandoned} task(s) abandoned");
     for (restart, ready) in restarts.iter_mut().zip(&ready_watch) {
-        restart.gateway_ready_s = *ready.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = *ready.lock().unwrap_or_else(|p| p.into_inner());
+        restart.gateway_ready_s = seen.gateway_ready;
+        restart.echo_connected_s = seen.echo_connected;
+        restart.gateway_connected_s = seen.gateway_connected;
     }
 
     // All clients are gone now: the gateway should be back to its idle shape.
     let idle_after = if gateway_died.is_none() {
         std::thread::sleep(Duration::from_secs(2));
-        let metrics = http_get(gateway_http, "/metrics").map(|(_, b)| b);
         let (rss_kb, _) = proc_status(gateway_pid).unwrap_or((0, 0));
+        let fds = fd_count(gateway_pid).unwrap_or(0);
+        let fd_kinds = fd_kinds(gateway_pid);
+        let metrics = http_get(gateway_http, "/metrics").map(|(_, b)| b);
         Some(IdleAfter {
             rss_kb,
-            fds: fd_count(gateway_pid).unwrap_or(0),
+            fds,
+            fd_kinds,
             connections: metrics
                 .as_deref()
                 .and_then(|m| metric_sum(m, "ipc_gateway_connections")),
@@ -1664,6 +1877,7 @@ fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
             meta,
             samples,
             idle_before,
+            idle_fd_kinds,
             idle_after,
             restarts,
             abandoned,
@@ -1833,10 +2047,15 @@ struct RestartReport {
     restart_s: Option<f64>,
     nats_listening_s: Option<f64>,
     gateway_ready_s: Option<f64>,
+    echo_connected_s: Option<f64>,
+    gateway_connected_s: Option<f64>,
+    direct_recovered_s: Option<f64>,
     first_unavailable_s: Option<f64>,
     recovered_s: Option<f64>,
     sub_recovered_s: Option<f64>,
     last_error_s: Option<f64>,
+    /// First and last CIRCUIT_OPEN answer.
+    circuit_open_s: Option<(f64, f64)>,
     errors: Vec<u64>,
     missing_messages: u64,
 }
@@ -1855,7 +2074,10 @@ fn restart_reports(outcome: &Outcome, stats: &Stats) -> (Vec<RestartReport>, Vec
         let segment_end = outcome
             .restarts
             .get(index + 1)
-            .map_or(end_ms, |next| (next.kill_s * 1e3) as u64 - 1);
+            // Up to the second before the one in which the next kill happened.
+            .map_or(end_ms, |next| {
+                ((next.kill_s as u64) * 1000).saturating_sub(1)
+            });
         let recovered = stats.recovered_ms[index].load(Ordering::Relaxed);
         let window_end = if recovered == u64::MAX {
             segment_end
@@ -1875,12 +2097,20 @@ fn restart_reports(outcome: &Outcome, stats: &Stats) -> (Vec<RestartReport>, Vec
             restart_s: restart.restart_s,
             nats_listening_s: restart.nats_listening_s,
             gateway_ready_s: restart.gateway_ready_s,
+            echo_connected_s: restart.echo_connected_s,
+            gateway_connected_s: restart.gateway_connected_s,
+            direct_recovered_s: secs(stats.direct_recovered_ms[index].load(Ordering::Relaxed)),
             first_unavailable_s: secs(stats.first_unavailable_ms[index].load(Ordering::Relaxed)),
             recovered_s: secs(recovered),
             sub_recovered_s: secs(sub_recovered),
-            last_error_s: stats
-                .last_error_second(kill_ms, segment_end)
+            last_error_s: Some(stats.last_error_ms[index].load(Ordering::Relaxed))
+                .filter(|ms| *ms > 0)
                 .map(|ms| ms as f64 / 1e3),
+            circuit_open_s: secs(stats.first_circuit_open_ms[index].load(Ordering::Relaxed)).zip(
+                Some(stats.last_circuit_open_ms[index].load(Ordering::Relaxed))
+                    .filter(|ms| *ms > 0)
+                    .map(|ms| ms as f64 / 1e3),
+            ),
             errors: stats.errors_in(kill_ms, window_end),
             missing_messages: gaps
                 .iter()
@@ -1987,7 +2217,7 @@ fn markdown(outcome: &Outcome, settings: &Settings, stats: &Stats, c: &Checks) -
     );
     let _ = writeln!(
         md,
-        "- nats-server: {} (one server on loopback, with a monitoring port); echo service: one `ipc-gateway demo-echo --subject {ECHO_SUBJECT}`",
+        "- nats-server version: `{}` (one server on loopback, with a monitoring port); echo service: one `ipc-gateway demo-echo --subject {ECHO_SUBJECT}`",
         meta.nats_version
     );
     let _ = writeln!(
@@ -2126,11 +2356,13 @@ fn markdown(outcome: &Outcome, settings: &Settings, stats: &Stats, c: &Checks) -
     if let Some(idle) = &outcome.idle_after {
         let _ = writeln!(
             md,
-            "- After the load stopped and all clients disconnected: `ipc_gateway_connections` = {}, `ipc_gateway_inflight_requests` = {}, FDs {} (idle before the load: {}).",
+            "- After the load stopped and all clients disconnected: `ipc_gateway_connections` = {}, `ipc_gateway_inflight_requests` = {}, FDs {} ({}); idle before the load: {} ({}).",
             opt(idle.connections),
             opt(idle.inflight),
             idle.fds,
-            outcome.idle_before.1
+            fd_kinds_text(&idle.fd_kinds),
+            outcome.idle_before.1,
+            fd_kinds_text(&outcome.idle_fd_kinds)
         );
     }
     let _ = writeln!(md, "- Gateway at SIGTERM: {}.", outcome.gateway_exit);
@@ -2190,38 +2422,81 @@ fn markdown(outcome: &Outcome, settings: &Settings, stats: &Stats, c: &Checks) -
     } else {
         let _ = writeln!(
             md,
-            "Times are seconds from the start of the load; the others are measured from the restart (nats-server started again), except \"first UNAVAILABLE\" (from the kill). \"Requests OK again\" = the first successful reply to a request sent after the restart.\n"
+            "\"at\" times are seconds from the start of the load; the others are measured from the restart (nats-server started again), except \"first UNAVAILABLE\" (from the kill). \"Requests through the gateway OK again\" = the first successful reply to a request sent after the restart.\n"
         );
-        let _ = writeln!(
-            md,
-            "| # | kill at | restart at | first UNAVAILABLE after kill | nats listening | gateway /ready 200 | requests OK again | subscription delivers again | last error | errors from kill to OK + {} s | messages missed |",
-            DISRUPTION_TAIL_MS / 1000
-        );
-        let _ = writeln!(
-            md,
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
-        );
+        let mut header = String::from("| |");
+        let mut rule = String::from("| --- |");
         for r in &restart_reports {
-            let base = r.restart_s.unwrap_or(r.kill_s);
-            let _ = writeln!(
-                md,
-                "| {} | {:.1} s | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                r.index + 1,
-                r.kill_s,
-                r.restart_s.map_or("—".into(), |t| format!("{t:.1} s")),
-                after(r.kill_s, r.first_unavailable_s),
-                after(base, r.nats_listening_s),
-                after(base, r.gateway_ready_s),
-                after(base, r.recovered_s),
-                after(base, r.sub_recovered_s),
-                after(base, r.last_error_s).replace("never", "no errors"),
-                codes_text(&r.errors),
-                r.missing_messages
-            );
+            let _ = write!(header, " restart {} |", r.index + 1);
+            rule.push_str(" ---: |");
         }
+        let _ = writeln!(md, "{header}\n{rule}");
+        let row = |md: &mut String, label: &str, cell: &dyn Fn(&RestartReport) -> String| {
+            let _ = write!(md, "| {label} |");
+            for r in &restart_reports {
+                let _ = write!(md, " {} |", cell(r));
+            }
+            let _ = writeln!(md);
+        };
+        let base = |r: &RestartReport| r.restart_s.unwrap_or(r.kill_s);
+        row(&mut md, "`kill -9` nats-server at", &|r| {
+            format!("{:.1} s", r.kill_s)
+        });
+        row(&mut md, "first UNAVAILABLE, after the kill", &|r| {
+            after(r.kill_s, r.first_unavailable_s)
+        });
+        row(&mut md, "nats-server started again at", &|r| {
+            r.restart_s.map_or("—".into(), |t| format!("{t:.1} s"))
+        });
+        row(&mut md, "nats-server listening", &|r| {
+            after(base(r), r.nats_listening_s)
+        });
+        row(
+            &mut md,
+            "all gateway NATS connections back (/connz)",
+            &|r| after(base(r), r.gateway_connected_s),
+        );
+        row(&mut md, "gateway /ready 200", &|r| {
+            after(base(r), r.gateway_ready_s)
+        });
+        row(&mut md, "echo service reconnected (/connz)", &|r| {
+            after(base(r), r.echo_connected_s)
+        });
+        row(&mut md, "direct NATS request to the echo OK again", &|r| {
+            after(base(r), r.direct_recovered_s)
+        });
+        row(&mut md, "**requests through the gateway OK again**", &|r| {
+            format!("**{}**", after(base(r), r.recovered_s))
+        });
+        row(&mut md, "subscription delivers again", &|r| {
+            after(base(r), r.sub_recovered_s)
+        });
+        row(
+            &mut md,
+            "CIRCUIT_OPEN answers (breaker open), first – last",
+            &|r| {
+                r.circuit_open_s.map_or("none".into(), |(a, b)| {
+                    format!("{:.2} s – {:.2} s", a - base(r), b - base(r))
+                })
+            },
+        );
+        row(&mut md, "last error", &|r| {
+            after(base(r), r.last_error_s).replace("never", "no errors")
+        });
+        row(
+            &mut md,
+            &format!(
+                "errors from the kill to OK + {} s",
+                DISRUPTION_TAIL_MS / 1000
+            ),
+            &|r| codes_text(&r.errors),
+        );
+        row(&mut md, "subscription messages missed", &|r| {
+            r.missing_messages.to_string()
+        });
         let _ = writeln!(
             md,
-            "\n\"last error\" is at one-second resolution (the end of the last second with an error before the next kill)."
+            "\n\"last error\" is the last error of any kind before the next kill (or the end of the run); a negative time means before the restart."
         );
     }
 
@@ -2239,31 +2514,28 @@ fn markdown(outcome: &Outcome, settings: &Settings, stats: &Stats, c: &Checks) -
     );
     let _ = writeln!(
         md,
-        "| t (s) | phase | RSS KiB | FDs | threads | connections | in flight | NATS conns up | req/s | avg latency | errors | sub msgs | gw CPU % |"
+        "| t (s) | phase | RSS KiB | FDs | threads | connections | in flight | NATS conns up | req/s | avg latency | direct NATS p50 | errors | sub msgs | CPU % gw / echo / nats / soak |"
     );
     let _ = writeln!(
         md,
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     );
     let mut next_minute = 0.0;
     for (i, s) in outcome.samples.iter().enumerate() {
         let last = i + 1 == outcome.samples.len();
-        let show = every == 0.0
-            || last
-            || s.phase == "nats-down"
-            || s.phase == "recovering"
-            || s.t + settings.sample / 2.0 >= next_minute;
+        let minute_due = every > 0.0 && s.t + settings.sample / 2.0 >= next_minute;
+        let show =
+            every == 0.0 || last || minute_due || s.phase == "nats-down" || s.phase == "recovering";
         if !show {
             continue;
         }
-        if s.t + settings.sample / 2.0 >= next_minute {
-            while next_minute <= s.t + settings.sample / 2.0 {
-                next_minute += every.max(1e-9);
-            }
+        if minute_due {
+            // No loop: the next whole minute after this sample.
+            next_minute = ((s.t + settings.sample / 2.0) / every).floor() * every + every;
         }
         let _ = writeln!(
             md,
-            "| {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.1} |",
+            "| {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {:.0} / {:.0} / {} / {:.0} |",
             s.t,
             s.phase,
             s.rss_kb,
@@ -2275,9 +2547,13 @@ fn markdown(outcome: &Outcome, settings: &Settings, stats: &Stats, c: &Checks) -
             s.req_per_s,
             s.avg_latency_ms
                 .map_or("-".into(), |v| format!("{v:.2} ms")),
+            s.direct_ms.map_or("-".into(), |v| format!("{v:.2} ms")),
             s.errors,
             s.sub_messages,
-            s.gw_cpu_pct
+            s.gw_cpu_pct,
+            s.echo_cpu_pct,
+            s.nats_cpu_pct.map_or("-".into(), |v| format!("{v:.0}")),
+            s.self_cpu_pct
         );
     }
     let (_, log_size, warn, error) = &outcome.gateway_log;
@@ -2393,6 +2669,8 @@ fn json_report(outcome: &Outcome, settings: &Settings, stats: &Stats, c: &Checks
             "range_steady_after_warmup": c.fd_range_steady.map(|(a, b)| [a, b]),
             "range_all_after_warmup": c.fd_range_after_warmup.map(|(a, b)| [a, b]),
             "idle_after_clients_left": outcome.idle_after.as_ref().map(|i| i.fds),
+            "kinds_idle_before": outcome.idle_fd_kinds.iter().map(|(k, n)| json!({"kind": k, "count": n})).collect::<Vec<_>>(),
+            "kinds_idle_after": outcome.idle_after.as_ref().map(|i| i.fd_kinds.iter().map(|(k, n)| json!({"kind": k, "count": n})).collect::<Vec<_>>()),
         },
         "after_clients_left": outcome.idle_after.as_ref().map(|i| json!({
             "connections": i.connections,
@@ -2434,10 +2712,14 @@ fn json_report(outcome: &Outcome, settings: &Settings, stats: &Stats, c: &Checks
             "first_unavailable_at_s": r.first_unavailable_s,
             "nats_listening_at_s": r.nats_listening_s,
             "gateway_ready_at_s": r.gateway_ready_s,
+            "echo_service_reconnected_at_s": r.echo_connected_s,
+            "gateway_pool_reconnected_at_s": r.gateway_connected_s,
+            "direct_nats_echo_ok_again_at_s": r.direct_recovered_s,
             "requests_ok_again_at_s": r.recovered_s,
             "requests_ok_after_restart_s": r.recovered_s.zip(r.restart_s).map(|(a, b)| a - b),
             "subscription_delivers_again_at_s": r.sub_recovered_s,
             "last_error_at_s": r.last_error_s,
+            "circuit_open_first_last_at_s": r.circuit_open_s.map(|(a, b)| [a, b]),
             "errors_in_disruption": codes_json(&r.errors),
             "messages_missed": r.missing_messages,
         })).collect::<Vec<_>>(),
@@ -2463,6 +2745,10 @@ fn json_report(outcome: &Outcome, settings: &Settings, stats: &Stats, c: &Checks
             "avg_latency_ms": s.avg_latency_ms.map(|v| (v * 1000.0).round() / 1000.0),
             "sub_messages": s.sub_messages,
             "gateway_cpu_pct": (s.gw_cpu_pct * 10.0).round() / 10.0,
+            "echo_cpu_pct": (s.echo_cpu_pct * 10.0).round() / 10.0,
+            "nats_server_cpu_pct": s.nats_cpu_pct.map(|v| (v * 10.0).round() / 10.0),
+            "soak_process_cpu_pct": (s.self_cpu_pct * 10.0).round() / 10.0,
+            "direct_nats_p50_ms": s.direct_ms.map(|v| (v * 1000.0).round() / 1000.0),
         })).collect::<Vec<_>>(),
     })
 }

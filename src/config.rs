@@ -37,6 +37,10 @@ pub const KEYS: &[&str] = &[
     "idle_timeout_ms",
     "ws_max_message_bytes",
     "ws_allowed_origins",
+    "ws_ping_interval_ms",
+    "grpc",
+    "grpc_keepalive_ms",
+    "grpc_max_concurrent_streams",
     "breaker_group_tokens",
     "breaker_failures",
     "breaker_cooldown_ms",
@@ -94,6 +98,16 @@ pub struct Config {
     /// Origins whose browser pages may open `/ws`, besides the gateway's own origin (clients
     /// that send no `Origin`, such as programs, are always let in). "*" allows any.
     pub ws_allowed_origins: Vec<String>,
+    /// How often the server pings each WebSocket; one that misses two pongs is closed.
+    /// 0 = off.
+    pub ws_ping_interval_ms: u64,
+    /// Address of the gRPC port (service `ipcgateway.v1.Gateway`, health, reflection).
+    pub grpc: SocketAddr,
+    /// HTTP/2 keepalive: ping interval on gRPC connections; a connection whose ping is not
+    /// answered within the same time is closed. 0 = off.
+    pub grpc_keepalive_ms: u64,
+    /// Concurrent gRPC streams (calls) per HTTP/2 connection.
+    pub grpc_max_concurrent_streams: u32,
     /// Subject tokens that name a circuit breaker's group (`svc.orders.create` → `svc.orders`).
     pub breaker_group_tokens: usize,
     /// Consecutive failures (TIMEOUT, NO_RESPONDERS) that open a group's breaker.
@@ -139,6 +153,10 @@ impl Default for Config {
             idle_timeout_ms: 0,
             ws_max_message_bytes: 0,
             ws_allowed_origins: Vec::new(),
+            ws_ping_interval_ms: 20_000,
+            grpc: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            grpc_keepalive_ms: 20_000,
+            grpc_max_concurrent_streams: 1024,
             breaker_group_tokens: 2,
             breaker_failures: 5,
             breaker_cooldown_ms: 5000,
@@ -231,6 +249,10 @@ impl Config {
             ("breaker_cooldown_ms", self.breaker_cooldown_ms),
             ("breaker_window_ms", self.breaker_window_ms),
             ("breaker_min_requests", self.breaker_min_requests as u64),
+            (
+                "grpc_max_concurrent_streams",
+                self.grpc_max_concurrent_streams as u64,
+            ),
         ] {
             if value == 0 {
                 return bad(key, "must be at least 1");
@@ -288,6 +310,11 @@ impl Config {
             0 => self.max_frame_bytes,
             n => n,
         }
+    }
+
+    /// The WebSocket ping interval, `None` when the heartbeat is off.
+    pub fn ws_ping_interval(&self) -> Option<Duration> {
+        (self.ws_ping_interval_ms > 0).then(|| Duration::from_millis(self.ws_ping_interval_ms))
     }
 
     pub fn request_timeout(&self) -> Duration {

@@ -166,6 +166,22 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     ws_allowed_origins: Option<Vec<String>>,
+    /// WebSocket ping interval; two missed pongs close the connection; 0 = off [default: 20000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ws_ping_interval_ms: Option<u64>,
+    /// gRPC address [default: 127.0.0.1:50051].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc: Option<String>,
+    /// HTTP/2 keepalive ping interval on gRPC connections; 0 = off [default: 20000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc_keepalive_ms: Option<u64>,
+    /// Concurrent gRPC calls per HTTP/2 connection [default: 1024].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc_max_concurrent_streams: Option<u32>,
     /// Subject tokens that name a circuit breaker group [default: 2].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

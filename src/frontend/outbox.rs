@@ -5,6 +5,9 @@
 //! - stream (subscription messages) is bounded by `stream_limit`; when full, the oldest
 //!   message is dropped and counted per subscription, and the client is told with a
 //!   `dropped` notice ahead of the next messages.
+//! - A subscription opened with credit (flow control for video-like streams) keeps its
+//!   messages in a queue of its own, bounded and dropping the oldest the same way, and the
+//!   writer takes only as many of them as the client has granted.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -22,9 +25,36 @@ struct Queues {
     stream: VecDeque<(Id, Message)>,
     /// Drops not yet reported, per subscription id, in order of first drop.
     dropped: Vec<(Id, u64)>,
+    /// Subscriptions under credit flow control (few per connection: a list beats a map).
+    credited: Vec<Credited>,
     closed: bool,
     /// For message-based wires (WebSocket): the close code and reason to end with.
     close_reason: Option<(u16, &'static str)>,
+}
+
+struct Credited {
+    sid: Id,
+    /// Messages the client still accepts.
+    credit: u64,
+    /// Messages waiting for credit, oldest first.
+    held: VecDeque<Message>,
+}
+
+impl Queues {
+    fn count_drop(&mut self, sid: Id) {
+        match self.dropped.iter_mut().find(|(s, _)| *s == sid) {
+            Some((_, count)) => *count += 1,
+            None => self.dropped.push((sid, 1)),
+        }
+    }
+
+    fn has_stream_work(&self) -> bool {
+        !self.stream.is_empty()
+            || self
+                .credited
+                .iter()
+                .any(|c| c.credit > 0 && !c.held.is_empty())
+    }
 }
 
 pub struct Outbox {
@@ -97,14 +127,27 @@ impl Outbox {
             return 0;
         }
         let mut dropped = 0;
+        if let Some(credited) = queues.credited.iter_mut().find(|c| c.sid == sid) {
+            if credited.held.len() >= self.stream_limit {
+                credited.held.pop_front();
+                dropped = 1;
+            }
+            credited.held.push_back(message);
+            let sendable = credited.credit > 0;
+            if dropped > 0 {
+                queues.count_drop(sid);
+            }
+            drop(queues);
+            if sendable || dropped > 0 {
+                self.writable.notify_one();
+            }
+            return dropped;
+        }
         if queues.stream.len() >= self.stream_limit
             && let Some((old_sid, _)) = queues.stream.pop_front()
         {
             dropped = 1;
-            match queues.dropped.iter_mut().find(|(sid, _)| *sid == old_sid) {
-                Some((_, count)) => *count += 1,
-                None => queues.dropped.push((old_sid, 1)),
-            }
+            queues.count_drop(old_sid);
         }
         queues.stream.push_back((sid, message));
         drop(queues);
@@ -112,11 +155,39 @@ impl Outbox {
         dropped
     }
 
+    /// Puts a new subscription under credit flow control: the client gets at most `credit`
+    /// of its messages until it grants more.
+    pub fn limit_by_credit(&self, sid: Id, credit: u32) {
+        let mut queues = self.queues();
+        queues.credited.retain(|c| c.sid != sid);
+        queues.credited.push(Credited {
+            sid,
+            credit: credit.into(),
+            held: VecDeque::new(),
+        });
+    }
+
+    /// The client grants `n` more messages; `false` when `sid` is not under credit control.
+    pub fn grant(&self, sid: &Id, n: u32) -> bool {
+        let mut queues = self.queues();
+        let Some(credited) = queues.credited.iter_mut().find(|c| c.sid == *sid) else {
+            return false;
+        };
+        credited.credit = credited.credit.saturating_add(n.into());
+        let sendable = !credited.held.is_empty();
+        drop(queues);
+        if sendable {
+            self.writable.notify_one();
+        }
+        true
+    }
+
     /// Forgets queued messages of a subscription that was closed.
     pub fn purge(&self, sid: &Id) {
         let mut queues = self.queues();
         queues.stream.retain(|(s, _)| s != sid);
         queues.dropped.retain(|(s, _)| s != sid);
+        queues.credited.retain(|c| c.sid != *sid);
     }
 
     /// Takes up to `max` events: control first, then drop notices, then stream messages.
@@ -137,6 +208,20 @@ impl Outbox {
             batch.dropped += count;
             batch.events.push(Outbound::Dropped { sid, count });
         }
+        // Credited subscriptions first: their credit bounds them, so they cannot starve the
+        // others.
+        for credited in &mut queues.credited {
+            while batch.events.len() < max && credited.credit > 0 {
+                let Some(message) = credited.held.pop_front() else {
+                    break;
+                };
+                credited.credit -= 1;
+                batch.events.push(Outbound::Msg {
+                    sid: credited.sid.clone(),
+                    message,
+                });
+            }
+        }
         while batch.events.len() < max {
             let Some((sid, message)) = queues.stream.pop_front() else {
                 break;
@@ -156,7 +241,7 @@ impl Outbox {
 
     pub fn has_work(&self) -> bool {
         let queues = self.queues();
-        !queues.control.is_empty() || !queues.stream.is_empty() || !queues.dropped.is_empty()
+        !queues.control.is_empty() || !queues.dropped.is_empty() || queues.has_stream_work()
     }
 
     /// The client is gone: drop everything queued, accept nothing more, and return how many
@@ -166,6 +251,7 @@ impl Outbox {
         queues.closed = true;
         queues.stream.clear();
         queues.dropped.clear();
+        queues.credited.clear();
         let answers = queues.control.len();
         queues.control.clear();
         answers
@@ -269,6 +355,50 @@ mod tests {
                 "msg \"a\" 4"
             ]
         );
+    }
+
+    fn payloads(batch: &Batch) -> Vec<String> {
+        batch
+            .events
+            .iter()
+            .map(|event| match event {
+                Outbound::Dropped { sid, count } => format!("dropped {sid} {count}"),
+                Outbound::Msg { sid, message } => format!("{sid} {}", message.payload[0]),
+                _ => "other".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_credited_subscription_gets_only_what_was_granted_and_drops_the_oldest_beyond() {
+        let outbox = Outbox::new(3);
+        let video = Id::Text("v".into());
+        let other = Id::Text("o".into());
+        outbox.limit_by_credit(video.clone(), 2);
+        for n in 1..=6 {
+            outbox.push_stream(video.clone(), message(n));
+        }
+        outbox.push_stream(other.clone(), message(9));
+        // Six arrived, the bound is three: 1–3 dropped (the oldest), 4 and 5 sent on credit.
+        assert_eq!(
+            payloads(&outbox.take_batch(100)),
+            ["dropped \"v\" 3", "\"v\" 4", "\"v\" 5", "\"o\" 9"]
+        );
+        assert!(outbox.take_batch(100).events.is_empty(), "no credit left");
+        assert!(!outbox.grant(&other, 1), "o is not under credit control");
+        assert!(outbox.grant(&video, 5));
+        assert_eq!(payloads(&outbox.take_batch(100)), ["\"v\" 6"]);
+        // Four credits are left over for what comes next.
+        for n in 10..15 {
+            outbox.push_stream(video.clone(), message(n));
+        }
+        assert_eq!(
+            payloads(&outbox.take_batch(100)),
+            ["\"v\" 10", "\"v\" 11", "\"v\" 12", "\"v\" 13"]
+        );
+        outbox.purge(&video);
+        assert!(!outbox.grant(&video, 1), "purged with its subscription");
+        assert!(outbox.take_batch(100).events.is_empty());
     }
 
     #[test]

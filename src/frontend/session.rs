@@ -129,6 +129,21 @@ impl Session {
                 self.gateway.count(self.frontend, Some(Op::Ping), Ok(()));
                 self.answer(Outbound::Pong { id: envelope.id });
             }
+            // A grant is not answered (it may come once per message); only a bad one is.
+            Op::Credit => {
+                let result = self.grant(&envelope);
+                self.gateway.count(
+                    self.frontend,
+                    Some(Op::Credit),
+                    result.as_ref().map_err(|e| e.code).copied(),
+                );
+                if let Err(error) = result {
+                    self.answer(Outbound::Error {
+                        id: envelope.id,
+                        error,
+                    });
+                }
+            }
         }
         Flow::Continue
     }
@@ -166,7 +181,36 @@ impl Session {
                 envelope.id
             )));
         }
+        if envelope.credit == Some(0) {
+            return Err(GatewayError::bad_request(
+                "\"credit\" must be at least 1 (leave it out for no flow control)",
+            ));
+        }
         envelope.require_subject().cloned()
+    }
+
+    fn grant(&self, envelope: &Envelope) -> Result<(), GatewayError> {
+        let n = match envelope.credit {
+            Some(n) if n > 0 => n,
+            _ => {
+                return Err(GatewayError::bad_request(
+                    "credit needs \"n\": how many more messages, at least 1",
+                ));
+            }
+        };
+        if !self.subscriptions.contains_key(&envelope.id) {
+            return Err(GatewayError::bad_request(format!(
+                "no subscription with id {} on this connection",
+                envelope.id
+            )));
+        }
+        if !self.outbox.grant(&envelope.id, n) {
+            return Err(GatewayError::bad_request(format!(
+                "subscription {} was opened without \"credit\"; it needs no grants",
+                envelope.id
+            )));
+        }
+        Ok(())
     }
 
     async fn subscribe(&mut self, envelope: Envelope) -> Result<(), GatewayError> {
@@ -180,6 +224,9 @@ impl Session {
             .gateway
             .subscribe(self.frontend, self.lane, &subject, queue.as_deref())
             .await?;
+        if let Some(credit) = envelope.credit {
+            self.outbox.limit_by_credit(sid.clone(), credit);
+        }
         let pump = tokio::spawn(pump_messages(
             self.gateway.clone(),
             self.frontend,

@@ -3,25 +3,31 @@
 //! binary message carries exactly one binary frame (v1), and the answers come back in the
 //! format of the connection's first message, one event per WebSocket message. Browser pages
 //! from foreign origins are refused before the upgrade.
+//!
+//! One task serves a connection, reading and writing: an idle connection is then one small
+//! future and tungstenite's buffers (no split halves, writer task or channel), which is what
+//! keeps ten thousand idle browsers cheap. The same task pings (the heartbeat), enforces the
+//! idle timeout, and disconnects a client whose socket stays full past the stall time.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::sync::CancellationToken;
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::core::Gateway;
 use crate::ops::metrics::Frontend;
 use crate::protocol::binary::BinaryDecoder;
-use crate::protocol::{Decoded, GatewayError, Id, WireFormat, json};
+use crate::protocol::{Decoded, ErrorCode, GatewayError, Id, Outbound, WireFormat, json};
 
-use super::outbox::Outbox;
+use super::outbox::{Batch, Outbox};
 use super::session::{Flow, Session};
 
 /// Events sent per batch before the writer flushes.
@@ -29,6 +35,16 @@ const MAX_BATCH_EVENTS: usize = 256;
 /// tungstenite's read buffer starts at 128 KiB per connection by default; idle connections
 /// should cost little, and it grows for large messages.
 const READ_BUFFER: usize = 4096;
+/// How long the closing handshake may take once the gateway has said goodbye.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Close codes the gateway ends a WebSocket with. The 4000s are this gateway's own (RFC 6455
+/// leaves them to applications); the reason text says more.
+pub mod close {
+    pub use axum::extract::ws::close_code::{AWAY, NORMAL, POLICY, PROTOCOL, SIZE};
+    /// The client did not read its messages for longer than the stall time.
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
 
 /// `GET /ws`: checks the origin and the connection limit, then upgrades.
 pub async fn upgrade(
@@ -53,7 +69,10 @@ pub async fn upgrade(
         )
             .into_response();
     };
-    let max = gateway.config().ws_max_message();
+    // tungstenite cannot skip a message over its own limit: it would have to end the
+    // connection. Its limit is twice ours, so that a message a little over ours is answered
+    // with TOO_LARGE and the connection goes on; only a far bigger one ends it (1009).
+    let max = gateway.config().ws_max_message().saturating_mul(2);
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(READ_BUFFER)
@@ -98,16 +117,21 @@ fn decode(message: Message, max: usize) -> Option<(WireFormat, Decoded)> {
                 error: GatewayError::bad_request("a binary message must hold one whole frame"),
                 fatal: false,
             });
-            let item = if buf.is_empty() {
-                item
-            } else {
-                Decoded::Invalid {
-                    id: Id::Null,
+            let item = match item {
+                // Message boundaries keep the wire in step: no bad frame is fatal here.
+                Decoded::Invalid { id, error, .. } => Decoded::Invalid {
+                    id,
+                    error,
+                    fatal: false,
+                },
+                Decoded::Envelope(envelope) if !buf.is_empty() => Decoded::Invalid {
+                    id: envelope.id,
                     error: GatewayError::bad_request(
                         "a binary message must hold exactly one frame",
                     ),
                     fatal: false,
-                }
+                },
+                item => item,
             };
             Some((WireFormat::Binary, item))
         }
@@ -118,120 +142,342 @@ fn decode(message: Message, max: usize) -> Option<(WireFormat, Decoded)> {
 async fn serve(gateway: Gateway, socket: WebSocket, _slot: OwnedSemaphorePermit) {
     let metrics = gateway.metrics().clone();
     metrics.connection_opened(Frontend::Ws);
-    let config = gateway.config();
-    let max = config.ws_max_message();
-    let max_inflight = config.max_inflight_per_connection;
-    let (sink, mut stream) = socket.split();
-    let outbox = Arc::new(Outbox::new(config.subscription_queue));
-    let format = Arc::new(OnceLock::new());
-    let peer_gone = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(
-        sink,
-        outbox.clone(),
-        format.clone(),
-        peer_gone.clone(),
-        gateway.clone(),
-    ));
-    let mut session = Session::new(gateway.clone(), Frontend::Ws, outbox.clone());
-    let mut reading = true;
-    let mut draining = false;
-    loop {
-        let subscriptions_done = draining || !session.has_subscriptions();
-        if !session.has_unanswered() && (draining || (!reading && subscriptions_done)) {
-            break;
-        }
-        let has_room = outbox.pending() < max_inflight;
-        tokio::select! {
-            biased;
-            _ = peer_gone.cancelled() => break,
-            _ = gateway.shutdown().stopped(), if !draining => {
-                draining = true;
-                session.close_subscriptions();
-            }
-            _ = outbox.wait_room(), if !has_room || draining || !reading => {}
-            message = stream.next(), if reading && has_room => match message {
-                Some(Ok(message)) => {
-                    if matches!(message, Message::Close(_)) {
-                        reading = false;
-                        continue;
-                    }
-                    let Some((wire, item)) = decode(message, max) else { continue };
-                    let _ = format.set(wire);
-                    if draining {
-                        session.refuse_shutting_down(item);
-                    } else if session.handle(item).await == Flow::Close {
-                        reading = false;
-                    }
-                }
-                Some(Err(err)) => {
-                    debug!(error = %err, "WebSocket read failed");
-                    outbox.set_close_reason(if err.to_string().contains("too long") {
-                        (close_code::SIZE, "message too big")
-                    } else {
-                        (close_code::PROTOCOL, "protocol error")
-                    });
-                    reading = false;
-                }
-                None => reading = false,
-            },
-        }
-    }
-    if draining {
-        outbox.set_close_reason((close_code::AWAY, "the gateway is shutting down"));
-    }
-    session.close_subscriptions();
-    outbox.close();
-    let _ = writer.await;
+    let mut connection = Connection::new(gateway, socket);
+    let ending = connection.run().await;
+    connection.end(ending).await;
     metrics.connection_closed(Frontend::Ws);
 }
 
-async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    outbox: Arc<Outbox>,
-    format: Arc<OnceLock<WireFormat>>,
-    peer_gone: CancellationToken,
+/// How a connection ends.
+enum Ending {
+    /// Say goodbye with this close code and reason, after the answers still owed.
+    Close(u16, &'static str),
+    /// The client is gone (or will never read again): nothing more can be written.
+    Gone,
+}
+
+struct Connection {
     gateway: Gateway,
-) {
-    let metrics = gateway.metrics().clone();
-    let mut buf = BytesMut::new();
-    while let Some(batch) = outbox.next_batch(MAX_BATCH_EVENTS).await {
-        let wire = format.get().copied().unwrap_or(WireFormat::JsonLines);
-        let mut failed = false;
-        for event in &batch.events {
-            wire.encode(event, &mut buf);
-            let message = match wire {
-                WireFormat::Binary => Message::Binary(buf.split().freeze()),
-                WireFormat::JsonLines => {
-                    // One JSON envelope per text message, without the line's newline.
-                    let mut line = buf.split();
-                    line.truncate(line.len().saturating_sub(1));
-                    match Utf8Bytes::try_from(line.freeze()) {
-                        Ok(text) => Message::Text(text),
-                        Err(_) => continue,
+    socket: WebSocket,
+    outbox: Arc<Outbox>,
+    session: Session,
+    /// The wire of the first message; answers use it.
+    format: Option<WireFormat>,
+    /// Encoding scratch, allocated on the first answer.
+    buf: BytesMut,
+    /// Commands are still read (during a drain, only to be refused).
+    reading: bool,
+    /// The input broke (a message over tungstenite's limit): it can no longer be read.
+    read_failed: bool,
+    draining: bool,
+    /// Close code to end with once everything owed is written.
+    closing: Option<(u16, &'static str)>,
+    ping_interval: Option<Duration>,
+    next_ping: Option<Instant>,
+    /// Pings sent since the client last showed a sign of life.
+    unanswered_pings: u8,
+    idle_timeout: Option<Duration>,
+    last_activity: Instant,
+}
+
+impl Connection {
+    fn new(gateway: Gateway, socket: WebSocket) -> Self {
+        let config = gateway.config();
+        let outbox = Arc::new(Outbox::new(config.subscription_queue));
+        let ping_interval = config.ws_ping_interval();
+        let idle_timeout =
+            (config.idle_timeout_ms > 0).then(|| Duration::from_millis(config.idle_timeout_ms));
+        let now = Instant::now();
+        Connection {
+            session: Session::new(gateway.clone(), Frontend::Ws, outbox.clone()),
+            gateway,
+            socket,
+            outbox,
+            format: None,
+            buf: BytesMut::new(),
+            reading: true,
+            read_failed: false,
+            draining: false,
+            closing: None,
+            next_ping: ping_interval.map(|interval| now + interval),
+            ping_interval,
+            unanswered_pings: 0,
+            idle_timeout,
+            last_activity: now,
+        }
+    }
+
+    /// Serves the connection until it should end: reads commands, writes what the outbox
+    /// holds, and keeps the timers.
+    async fn run(&mut self) -> Ending {
+        let config = self.gateway.config();
+        let max_inflight = config.max_inflight_per_connection;
+        let max_message = config.ws_max_message();
+        let shutdown = self.gateway.shutdown().clone();
+        loop {
+            let subscriptions_done = self.draining || !self.session.has_subscriptions();
+            if !self.session.has_unanswered()
+                && (self.draining || (!self.reading && subscriptions_done))
+            {
+                return match self.closing {
+                    Some((code, reason)) => Ending::Close(code, reason),
+                    None if self.draining => {
+                        Ending::Close(close::AWAY, "the gateway is shutting down")
+                    }
+                    None => Ending::Close(close::NORMAL, "goodbye"),
+                };
+            }
+            let has_room = self.outbox.pending() < max_inflight;
+            let timer = self.next_timer();
+            tokio::select! {
+                biased;
+                _ = shutdown.stopped(), if !self.draining => {
+                    self.draining = true;
+                    self.session.close_subscriptions();
+                }
+                batch = self.outbox.next_batch(MAX_BATCH_EVENTS) => {
+                    let Some(batch) = batch else { return Ending::Gone };
+                    if let Err(ending) = self.write(batch).await {
+                        return ending;
                     }
                 }
-            };
-            if sink.feed(message).await.is_err() {
-                failed = true;
-                break;
+                _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
+                    if let Err(ending) = self.on_timer().await {
+                        return ending;
+                    }
+                }
+                message = self.socket.recv(), if self.reading && (has_room || self.draining) => {
+                    match message {
+                        Some(Ok(message)) => self.on_message(message, max_message).await,
+                        Some(Err(err)) => self.on_read_error(&err, max_message).await,
+                        None => return Ending::Gone,
+                    }
+                }
             }
         }
-        if failed || sink.flush().await.is_err() {
-            let lost = batch.control + outbox.abandon();
-            metrics.late_replies.increment(lost as u64);
-            peer_gone.cancel();
-            return;
-        }
-        outbox.written(batch.control);
     }
-    let (code, reason) = outbox
-        .close_reason()
-        .unwrap_or((close_code::NORMAL, "goodbye"));
-    let _ = sink
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: Utf8Bytes::from(reason),
-        })))
+
+    /// The heartbeat's next ping or the idle check, whichever comes first.
+    fn next_timer(&self) -> Option<Instant> {
+        let idle = self
+            .idle_timeout
+            .filter(|_| !self.draining)
+            .map(|idle| self.last_activity + idle);
+        match (self.next_ping, idle) {
+            (Some(ping), Some(idle)) => Some(ping.min(idle)),
+            (ping, idle) => ping.or(idle),
+        }
+    }
+
+    async fn on_timer(&mut self) -> Result<(), Ending> {
+        let now = Instant::now();
+        if let Some(idle) = self.idle_timeout
+            && !self.draining
+            && now >= self.last_activity + idle
+        {
+            if self.session.has_subscriptions() || self.session.has_unanswered() {
+                self.last_activity = now;
+            } else {
+                debug!(
+                    idle_ms = idle.as_millis() as u64,
+                    "closing an idle WebSocket"
+                );
+                self.gateway.metrics().idle_disconnected(Frontend::Ws);
+                return Err(Ending::Close(close::POLICY, "idle timeout"));
+            }
+        }
+        if let (Some(interval), Some(due)) = (self.ping_interval, self.next_ping)
+            && now >= due
+        {
+            if self.unanswered_pings >= 2 {
+                debug!("closing a WebSocket that missed two pongs");
+                self.gateway.metrics().heartbeat_disconnected(Frontend::Ws);
+                // Nobody answers: the close frame is a courtesy, the connection is gone.
+                self.outbox.abandon();
+                return Err(Ending::Close(close::POLICY, "heartbeat timeout: no pong"));
+            }
+            self.unanswered_pings += 1;
+            self.next_ping = Some(now + interval);
+            self.send_within_stall(Message::Ping(Bytes::new())).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_message(&mut self, message: Message, max_message: usize) {
+        // Any message is a sign of life; pings and pongs are not activity for the idle timer.
+        self.unanswered_pings = 0;
+        let (wire, item) = match message {
+            Message::Close(_) => {
+                self.reading = false;
+                return;
+            }
+            Message::Ping(_) | Message::Pong(_) => return,
+            Message::Text(text) if text.len() > max_message => {
+                return self.refuse_too_large(text.len(), max_message).await;
+            }
+            Message::Binary(data) if data.len() > max_message => {
+                return self.refuse_too_large(data.len(), max_message).await;
+            }
+            message => match decode(message, max_message) {
+                Some(decoded) => decoded,
+                None => return,
+            },
+        };
+        self.last_activity = Instant::now();
+        self.format.get_or_insert(wire);
+        if self.draining {
+            self.session.refuse_shutting_down(item);
+        } else if self.session.handle(item).await == Flow::Close {
+            self.reading = false;
+            self.closing
+                .get_or_insert((close::POLICY, "unrecoverable input"));
+        }
+    }
+
+    async fn refuse_too_large(&mut self, len: usize, max_message: usize) {
+        self.last_activity = Instant::now();
+        let too_large = Decoded::Invalid {
+            id: Id::Null,
+            error: GatewayError::new(
+                ErrorCode::TooLarge,
+                format!("a message of {len} bytes is over the limit of {max_message} bytes"),
+            ),
+            fatal: false,
+        };
+        self.session.handle(too_large).await;
+    }
+
+    /// A message over tungstenite's own limit cannot be skipped, so the connection ends: the
+    /// client gets `TOO_LARGE` first, then close code 1009.
+    async fn on_read_error(&mut self, err: &axum::Error, max_message: usize) {
+        debug!(error = %err, "WebSocket read failed");
+        self.reading = false;
+        self.read_failed = true;
+        if err.to_string().contains("too long") {
+            let too_large = Decoded::Invalid {
+                id: Id::Null,
+                error: GatewayError::new(
+                    ErrorCode::TooLarge,
+                    format!("message is far over the limit of {max_message} bytes"),
+                ),
+                fatal: false,
+            };
+            self.session.handle(too_large).await;
+            self.closing = Some((close::SIZE, "message too big"));
+        } else {
+            self.closing = Some((close::PROTOCOL, "protocol error"));
+        }
+    }
+
+    /// Writes one batch; a socket that stays full past the stall time ends the connection.
+    async fn write(&mut self, batch: Batch) -> Result<(), Ending> {
+        let stall = Duration::from_millis(self.gateway.config().slow_client_stall_ms);
+        let wire = self.format.unwrap_or(WireFormat::JsonLines);
+        let sent = tokio::time::timeout(stall, async {
+            for event in &batch.events {
+                let Some(message) = encode(wire, event, &mut self.buf) else {
+                    continue;
+                };
+                self.socket.feed(message).await?;
+            }
+            self.socket.flush().await
+        })
         .await;
-    let _ = sink.close().await;
+        if self.buf.capacity() > 64 * 1024 {
+            self.buf = BytesMut::new();
+        }
+        match sent {
+            Ok(Ok(())) => {
+                self.outbox.written(batch.control);
+                Ok(())
+            }
+            Ok(Err(_)) => Err(self.lost(batch.control)),
+            Err(_) => {
+                debug!(
+                    stall_ms = stall.as_millis() as u64,
+                    "disconnecting a WebSocket client that stopped reading"
+                );
+                self.gateway
+                    .metrics()
+                    .slow_client_disconnected(Frontend::Ws);
+                self.lost(batch.control);
+                Err(Ending::Close(
+                    close::SLOW_CONSUMER,
+                    "slow consumer: stopped reading",
+                ))
+            }
+        }
+    }
+
+    async fn send_within_stall(&mut self, message: Message) -> Result<(), Ending> {
+        let stall = Duration::from_millis(self.gateway.config().slow_client_stall_ms);
+        match tokio::time::timeout(stall, self.socket.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(self.lost(0)),
+            Err(_) => {
+                self.gateway
+                    .metrics()
+                    .slow_client_disconnected(Frontend::Ws);
+                self.lost(0);
+                Err(Ending::Close(
+                    close::SLOW_CONSUMER,
+                    "slow consumer: stopped reading",
+                ))
+            }
+        }
+    }
+
+    /// The client will never read what is queued: count the answers lost.
+    fn lost(&self, unwritten_answers: usize) -> Ending {
+        let lost = unwritten_answers + self.outbox.abandon();
+        self.gateway.metrics().late_replies.increment(lost as u64);
+        Ending::Gone
+    }
+
+    /// Ends the connection: closes the subscriptions, writes the answers still owed (unless
+    /// the client is gone), then the close frame, and waits briefly for the client's.
+    async fn end(mut self, ending: Ending) {
+        self.session.close_subscriptions();
+        let (code, reason) = match ending {
+            Ending::Gone => return,
+            Ending::Close(code, reason) => (code, reason),
+        };
+        self.outbox.close();
+        while let Some(batch) = self.outbox.next_batch(MAX_BATCH_EVENTS).await {
+            if self.write(batch).await.is_err() {
+                return;
+            }
+        }
+        let goodbye = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }));
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            if self.socket.send(goodbye).await.is_err() {
+                return;
+            }
+            // Wait for the client's close frame: closing the socket with its input unread
+            // would reset the connection and could destroy our last messages in flight. After
+            // a read error the input cannot be read, so give the client the grace time.
+            if self.read_failed {
+                std::future::pending::<()>().await;
+            }
+            while let Some(Ok(_)) = self.socket.recv().await {}
+        })
+        .await;
+    }
+}
+
+/// One event as one WebSocket message in the connection's wire format.
+fn encode(wire: WireFormat, event: &Outbound, buf: &mut BytesMut) -> Option<Message> {
+    wire.encode(event, buf);
+    match wire {
+        WireFormat::Binary => Some(Message::Binary(buf.split().freeze())),
+        WireFormat::JsonLines => {
+            // One JSON envelope per text message, without the line's newline.
+            let mut line = buf.split();
+            line.truncate(line.len().saturating_sub(1));
+            Utf8Bytes::try_from(line.freeze()).ok().map(Message::Text)
+        }
+    }
 }

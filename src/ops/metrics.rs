@@ -31,12 +31,13 @@ impl Frontend {
     }
 }
 
-const OPS: [Op; 5] = [
+const OPS: [Op; 6] = [
     Op::Request,
     Op::Publish,
     Op::Subscribe,
     Op::Unsubscribe,
     Op::Ping,
+    Op::Credit,
 ];
 const OUTCOMES: usize = ErrorCode::ALL.len() + 1;
 
@@ -47,6 +48,7 @@ fn op_name(op: Op) -> &'static str {
         Op::Subscribe => "subscribe",
         Op::Unsubscribe => "unsubscribe",
         Op::Ping => "ping",
+        Op::Credit => "credit",
     }
 }
 
@@ -77,6 +79,7 @@ struct FrontendMetrics {
     subscriptions: Gauge,
     slow_disconnects: Counter,
     idle_disconnects: Counter,
+    heartbeat_disconnects: Counter,
 }
 
 /// All metrics of one gateway.
@@ -156,6 +159,11 @@ impl Metrics {
                     "ipc_gateway_disconnects_total",
                     with(("reason", "idle")),
                 ),
+                heartbeat_disconnects: counter(
+                    &recorder,
+                    "ipc_gateway_disconnects_total",
+                    with(("reason", "heartbeat")),
+                ),
             }
         });
         let describe = |name: &'static str, help: &'static str| {
@@ -187,7 +195,7 @@ impl Metrics {
         );
         describe(
             "ipc_gateway_disconnects_total",
-            "Connections the gateway closed: slow_client (stopped reading past the stall time) or idle.",
+            "Connections the gateway closed: slow_client (stopped reading past the stall time), idle, or heartbeat (a WebSocket that missed two pongs).",
         );
         describe(
             "ipc_gateway_retries_total",
@@ -323,6 +331,11 @@ impl Metrics {
     /// An idle connection was closed after the idle timeout.
     pub fn idle_disconnected(&self, frontend: Frontend) {
         self.frontend(frontend).idle_disconnects.increment(1);
+    }
+
+    /// A WebSocket that answered none of two pings was closed.
+    pub fn heartbeat_disconnected(&self, frontend: Frontend) {
+        self.frontend(frontend).heartbeat_disconnects.increment(1);
     }
 
     pub fn subscription_opened(&self, frontend: Frontend) {

@@ -24,6 +24,7 @@ pub mod frame_type {
     pub const SUBSCRIBE: u8 = 0x03;
     pub const UNSUBSCRIBE: u8 = 0x04;
     pub const PING: u8 = 0x05;
+    pub const CREDIT: u8 = 0x06;
     pub const REPLY: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const ACK: u8 = 0x83;
@@ -188,6 +189,7 @@ fn decode_envelope(header: FrameHeader, body: Bytes) -> Result<Envelope, Gateway
         frame_type::SUBSCRIBE => Op::Subscribe,
         frame_type::UNSUBSCRIBE => Op::Unsubscribe,
         frame_type::PING => Op::Ping,
+        frame_type::CREDIT => Op::Credit,
         other => {
             return Err(GatewayError::bad_request(format!(
                 "unknown frame type 0x{other:02x}"
@@ -209,7 +211,11 @@ fn decode_envelope(header: FrameHeader, body: Bytes) -> Result<Envelope, Gateway
     }
     envelope.headers = body.headers;
     envelope.data = body.payload;
-    envelope.timeout_ms = (header.param != 0).then_some(header.param);
+    match op {
+        // The number of messages a subscription may receive before the client grants more.
+        Op::Subscribe | Op::Credit => envelope.credit = (header.param != 0).then_some(header.param),
+        _ => envelope.timeout_ms = (header.param != 0).then_some(header.param),
+    }
     envelope.flags = Flags {
         retry: header.flags & flag::RETRY != 0,
         to_default_subject: false,

@@ -60,6 +60,8 @@ pub enum Op {
     Subscribe,
     Unsubscribe,
     Ping,
+    /// Grants a credit-controlled subscription more messages (`id` names the subscription).
+    Credit,
 }
 
 impl Op {
@@ -70,6 +72,7 @@ impl Op {
             "subscribe" => Op::Subscribe,
             "unsubscribe" => Op::Unsubscribe,
             "ping" => Op::Ping,
+            "credit" => Op::Credit,
             _ => return None,
         })
     }
@@ -96,6 +99,9 @@ pub struct Envelope {
     pub data: Bytes,
     pub timeout_ms: Option<u32>,
     pub queue: Option<String>,
+    /// Subscribe: the messages the gateway may send before the client grants more (none =
+    /// no flow control). Credit: how many more it grants.
+    pub credit: Option<u32>,
     pub flags: Flags,
 }
 
@@ -109,6 +115,7 @@ impl Envelope {
             data: Bytes::new(),
             timeout_ms: None,
             queue: None,
+            credit: None,
             flags: Flags::default(),
         }
     }

@@ -132,6 +132,14 @@ struct JsonEnvelope<'a> {
     queue: Option<String>,
     #[serde(default)]
     retry: bool,
+    /// subscribe: initial credit; credit: the grant (`n`).
+    #[serde(default)]
+    credit: Option<u32>,
+    #[serde(default)]
+    n: Option<u32>,
+    /// credit: the subscription it is for.
+    #[serde(default)]
+    sid: Id,
 }
 
 /// Only the id, to answer a line whose other fields are wrong with the right id.
@@ -232,12 +240,22 @@ fn build_envelope(line: &Bytes, parsed: JsonEnvelope<'_>) -> Result<Envelope, (I
             fail(
                 &id,
                 format!(
-                    "unknown op {name:?}; expected request, publish, subscribe, unsubscribe or ping"
+                    "unknown op {name:?}; expected request, publish, subscribe, unsubscribe, credit or ping"
                 ),
             )
         })?,
     };
+    // A credit grant names its subscription by "sid", as messages do ("id" also works, as on
+    // unsubscribe).
+    let id = match op {
+        Op::Credit if !parsed.sid.is_null() => parsed.sid,
+        _ => id,
+    };
     let mut envelope = Envelope::new(op, id);
+    envelope.credit = match op {
+        Op::Credit => parsed.n,
+        _ => parsed.credit,
+    };
     envelope.subject = parsed
         .subject
         .map(|subject| Subject::from_utf8(borrow_or_copy(line, subject)))

@@ -3,6 +3,8 @@
 //! frames, HTTP) that speak the wire exactly as an outside program would.
 #![allow(dead_code)]
 
+pub mod ws;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

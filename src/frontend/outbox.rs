@@ -388,14 +388,18 @@ mod tests {
         assert!(!outbox.grant(&other, 1), "o is not under credit control");
         assert!(outbox.grant(&video, 5));
         assert_eq!(payloads(&outbox.take_batch(100)), ["\"v\" 6"]);
-        // Four credits are left over for what comes next.
+        // Four credits are left over for what comes next; the queue's bound still holds
+        // while the writer has not taken anything.
         for n in 10..15 {
             outbox.push_stream(video.clone(), message(n));
         }
         assert_eq!(
             payloads(&outbox.take_batch(100)),
-            ["\"v\" 10", "\"v\" 11", "\"v\" 12", "\"v\" 13"]
+            ["dropped \"v\" 2", "\"v\" 12", "\"v\" 13", "\"v\" 14"]
         );
+        outbox.push_stream(video.clone(), message(20));
+        outbox.push_stream(video.clone(), message(21));
+        assert_eq!(payloads(&outbox.take_batch(100)), ["\"v\" 20"], "one credit left");
         outbox.purge(&video);
         assert!(!outbox.grant(&video, 1), "purged with its subscription");
         assert!(outbox.take_batch(100).events.is_empty());

@@ -152,3 +152,161 @@ async fn shutdown_answers_in_flight_requests_then_closes_with_1001() {
     }
     assert_eq!(gateway.wait_exit(), Some(0));
 }
+
+#[tokio::test]
+async fn a_message_a_little_over_the_limit_gets_too_large_and_the_connection_stays() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &["--ws-max-message-bytes", "1024"]);
+    let mut ws = connect(&gateway, None).await.unwrap();
+    let big = format!(r#"{{"id":1,"subject":"a","data":"{}"}}"#, "x".repeat(1500));
+    let answer = call(&mut ws, &big).await;
+    assert_eq!(answer["error"]["code"], "TOO_LARGE", "{answer}");
+    assert_eq!(
+        call(&mut ws, r#"{"op":"ping","id":2}"#).await,
+        json!({"op":"pong","id":2})
+    );
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_as_they_come_each_with_its_id() {
+    let nats = NatsServer::start();
+    let _slow = spawn_echo(&nats.url(), "svc.slow", Duration::from_millis(300)).await;
+    let _fast = spawn_echo(&nats.url(), "svc.fast", Duration::ZERO).await;
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut ws = connect(&gateway, None).await.unwrap();
+    send(&mut ws, r#"{"id":"slow","subject":"svc.slow","data":"s"}"#).await;
+    for n in 0..100 {
+        send(
+            &mut ws,
+            &format!(r#"{{"id":{n},"subject":"svc.fast","data":"{n}"}}"#),
+        )
+        .await;
+    }
+    let mut answered = Vec::new();
+    for _ in 0..101 {
+        let answer = next_json(&mut ws).await;
+        assert_eq!(answer["ok"], true, "{answer}");
+        assert_eq!(
+            answer["data"].as_str(),
+            answer["id"]
+                .as_u64()
+                .map(|n| n.to_string())
+                .as_deref()
+                .or(Some("s"))
+        );
+        answered.push(answer["id"].clone());
+    }
+    assert_eq!(
+        answered.last(),
+        Some(&json!("slow")),
+        "the slow one is overtaken"
+    );
+    answered.sort_by_key(|id| id.as_u64().unwrap_or(u64::MAX));
+    assert_eq!(
+        answered[..100],
+        (0..100).map(|n| json!(n)).collect::<Vec<_>>()[..]
+    );
+}
+
+#[tokio::test]
+async fn every_error_code_path_over_websocket() {
+    let mut nats = NatsServer::start();
+    let _slow = spawn_echo(&nats.url(), "svc.slow", Duration::from_millis(500)).await;
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--breaker-failures",
+            "2",
+            "--rate-limit-requests-per-sec",
+            "20",
+        ],
+    );
+    let mut ws = connect(&gateway, None).await.unwrap();
+    for (line, code) in [
+        ("{", "BAD_REQUEST"),
+        (r#"{"op":"dance","id":1,"subject":"a"}"#, "BAD_REQUEST"),
+        (r#"{"id":2,"subject":"bad subject"}"#, "BAD_REQUEST"),
+        (r#"{"op":"unsubscribe","id":"nope"}"#, "BAD_REQUEST"),
+        (
+            r#"{"id":3,"subject":"svc.slow","timeout_ms":50}"#,
+            "TIMEOUT",
+        ),
+        (r#"{"id":4,"subject":"nobody.home"}"#, "NO_RESPONDERS"),
+        (r#"{"id":5,"subject":"nobody.home"}"#, "NO_RESPONDERS"),
+        (r#"{"id":6,"subject":"nobody.home"}"#, "CIRCUIT_OPEN"),
+    ] {
+        let answer = call(&mut ws, line).await;
+        assert_eq!(answer["error"]["code"], code, "{line}: {answer}");
+    }
+    // Binary: a frame of a version the gateway does not speak; the connection goes on.
+    let mut frame = frame(FrameParts {
+        frame_type: frame_type::PING,
+        id: 7,
+        ..FrameParts::default()
+    });
+    frame[1] = 9;
+    let mut binary = connect(&gateway, None).await.unwrap();
+    binary
+        .send(Message::Binary(Bytes::from(frame.to_vec())))
+        .await
+        .unwrap();
+    match next(&mut binary).await {
+        Message::Binary(data) => {
+            let header = FrameHeader::parse(&data);
+            assert_eq!(header.frame_type, frame_type::ERROR);
+            assert!(data.windows(19).any(|w| w == b"UNSUPPORTED_VERSION"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Over the rate limit.
+    let mut codes = Vec::new();
+    for n in 0..40 {
+        send(&mut ws, &format!(r#"{{"op":"ping","id":{n}}}"#)).await;
+        send(
+            &mut ws,
+            &format!(r#"{{"op":"publish","id":{n},"subject":"x"}}"#),
+        )
+        .await;
+    }
+    for _ in 0..80 {
+        let answer = next_json(&mut ws).await;
+        codes.push(answer["error"]["code"].as_str().unwrap_or("ok").to_owned());
+    }
+    assert!(codes.iter().any(|c| c == "OVERLOADED"), "{codes:?}");
+    // NATS gone.
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = call(&mut ws, r#"{"id":8,"subject":"svc.other"}"#).await;
+    assert_eq!(answer["error"]["code"], "UNAVAILABLE", "{answer}");
+}
+
+#[tokio::test]
+async fn unsubscribe_stops_the_messages() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut ws = connect(&gateway, None).await.unwrap();
+    call(&mut ws, r#"{"op":"subscribe","id":"s","subject":"news"}"#).await;
+    let publisher = nats.client().await;
+    publisher.publish("news", "one".into()).await.unwrap();
+    publisher.flush().await.unwrap();
+    assert_eq!(next_json(&mut ws).await["data"], "one");
+    assert_eq!(
+        call(&mut ws, r#"{"op":"unsubscribe","id":"s"}"#).await,
+        json!({"id":"s","ok":true})
+    );
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while nats.subscriptions_on("news").await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "NATS saw the unsubscribe"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publisher.publish("news", "two".into()).await.unwrap();
+    publisher.flush().await.unwrap();
+    assert_eq!(
+        call(&mut ws, r#"{"op":"ping","id":1}"#).await,
+        json!({"op":"pong","id":1}),
+        "no message after the unsubscribe"
+    );
+}

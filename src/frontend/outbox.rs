@@ -399,7 +399,11 @@ mod tests {
         );
         outbox.push_stream(video.clone(), message(20));
         outbox.push_stream(video.clone(), message(21));
-        assert_eq!(payloads(&outbox.take_batch(100)), ["\"v\" 20"], "one credit left");
+        assert_eq!(
+            payloads(&outbox.take_batch(100)),
+            ["\"v\" 20"],
+            "one credit left"
+        );
         outbox.purge(&video);
         assert!(!outbox.grant(&video, 1), "purged with its subscription");
         assert!(outbox.take_batch(100).events.is_empty());

@@ -310,3 +310,33 @@ async fn unsubscribe_stops_the_messages() {
         "no message after the unsubscribe"
     );
 }
+
+#[tokio::test]
+async fn a_client_close_is_answered_at_once_and_ends_its_subscriptions() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut ws = connect(&gateway, None).await.unwrap();
+    call(&mut ws, r#"{"op":"subscribe","id":"s","subject":"news"}"#).await;
+    ws.close(None).await.unwrap();
+    // The gateway's reply completes the closing handshake: a clean end, not a reset.
+    loop {
+        match tokio::time::timeout(PATIENCE, futures_util::StreamExt::next(&mut ws))
+            .await
+            .expect("the close is answered in time")
+        {
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(_)) => continue,
+            Some(Err(err)) => panic!("{err}"),
+        }
+    }
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while nats.subscriptions_on("news").await != 0
+        || gateway
+            .metric(r#"ipc_gateway_connections{frontend="ws"}"#)
+            .await
+            != Some(0.0)
+    {
+        assert!(std::time::Instant::now() < deadline, "the connection ends");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

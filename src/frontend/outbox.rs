@@ -48,6 +48,18 @@ impl Queues {
         }
     }
 
+    fn release_memory_if_empty(&mut self) {
+        if self.control.is_empty() && self.control.capacity() > 0 {
+            self.control = VecDeque::new();
+        }
+        if self.stream.is_empty() && self.stream.capacity() > 0 {
+            self.stream = VecDeque::new();
+        }
+        if self.dropped.is_empty() && self.dropped.capacity() > 0 {
+            self.dropped = Vec::new();
+        }
+    }
+
     fn has_stream_work(&self) -> bool {
         !self.stream.is_empty()
             || self
@@ -283,6 +295,9 @@ impl Outbox {
             if batch.closed {
                 return None;
             }
+            // Nothing to write: an idle connection keeps no queue memory (an `Outbound` is
+            // 208 bytes, and the queues keep what a burst grew them to).
+            self.queues().release_memory_if_empty();
             self.writable.notified().await;
         }
     }

@@ -34,7 +34,7 @@ use super::session::{Flow, Session};
 const MAX_BATCH_EVENTS: usize = 256;
 /// tungstenite's read buffer starts at 128 KiB per connection by default; idle connections
 /// should cost little, and it grows for large messages.
-const READ_BUFFER: usize = 4096;
+const READ_BUFFER: usize = 256;
 /// How long the closing handshake may take once the gateway has said goodbye.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -78,7 +78,10 @@ pub async fn upgrade(
         .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| {
             let connections = gateway.connections().clone();
-            connections.track_future(serve(gateway, socket, slot))
+            // Built here, not inside the task's future, so that the future holds the socket
+            // once (an `async fn` taking it would keep its argument and the moved copy).
+            let connection = Connection::new(gateway, socket, slot);
+            connections.track_future(connection.serve())
         })
 }
 
@@ -139,25 +142,22 @@ fn decode(message: Message, max: usize) -> Option<(WireFormat, Decoded)> {
     }
 }
 
-async fn serve(gateway: Gateway, socket: WebSocket, _slot: OwnedSemaphorePermit) {
-    let metrics = gateway.metrics().clone();
-    metrics.connection_opened(Frontend::Ws);
-    let mut connection = Connection::new(gateway, socket);
-    let ending = connection.run().await;
-    connection.end(ending).await;
-    metrics.connection_closed(Frontend::Ws);
-}
-
 /// How a connection ends.
 enum Ending {
     /// Say goodbye with this close code and reason, after the answers still owed.
     Close(u16, &'static str),
     /// The client is gone (or will never read again): nothing more can be written.
     Gone,
+    /// The client sent its close frame. tungstenite has queued the reply and refuses anything
+    /// else, so answers still owed are lost: a WebSocket, unlike a half-closed Unix socket,
+    /// cannot be read from after its client said goodbye.
+    ClientClosed,
 }
 
 struct Connection {
     gateway: Gateway,
+    /// The place under `max_connections` this connection holds.
+    _slot: OwnedSemaphorePermit,
     socket: WebSocket,
     outbox: Arc<Outbox>,
     session: Session,
@@ -181,7 +181,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(gateway: Gateway, socket: WebSocket) -> Self {
+    fn new(gateway: Gateway, socket: WebSocket, slot: OwnedSemaphorePermit) -> Self {
         let config = gateway.config();
         let outbox = Arc::new(Outbox::new(config.subscription_queue));
         let ping_interval = config.ws_ping_interval();
@@ -189,6 +189,7 @@ impl Connection {
             (config.idle_timeout_ms > 0).then(|| Duration::from_millis(config.idle_timeout_ms));
         let now = Instant::now();
         Connection {
+            _slot: slot,
             session: Session::new(gateway.clone(), Frontend::Ws, outbox.clone()),
             gateway,
             socket,
@@ -205,6 +206,16 @@ impl Connection {
             idle_timeout,
             last_activity: now,
         }
+    }
+
+    async fn serve(mut self) {
+        let metrics = self.gateway.metrics().clone();
+        metrics.connection_opened(Frontend::Ws);
+        let ending = self.run().await;
+        // Boxed, like every step that is not waiting: an idle connection is then only as big
+        // as `run`'s wait, not as big as its largest step.
+        Box::pin(self.end(ending)).await;
+        metrics.connection_closed(Frontend::Ws);
     }
 
     /// Serves the connection until it should end: reads commands, writes what the outbox
@@ -237,19 +248,25 @@ impl Connection {
                 }
                 batch = self.outbox.next_batch(MAX_BATCH_EVENTS) => {
                     let Some(batch) = batch else { return Ending::Gone };
-                    if let Err(ending) = self.write(batch).await {
+                    if let Err(ending) = Box::pin(self.write(batch)).await {
                         return ending;
                     }
                 }
                 _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
-                    if let Err(ending) = self.on_timer().await {
+                    if let Err(ending) = Box::pin(self.on_timer()).await {
                         return ending;
                     }
                 }
                 message = self.socket.recv(), if self.reading && (has_room || self.draining) => {
                     match message {
-                        Some(Ok(message)) => self.on_message(message, max_message).await,
-                        Some(Err(err)) => self.on_read_error(&err, max_message).await,
+                        Some(Ok(Message::Close(_))) => {
+                            self.lost(0);
+                            return Ending::ClientClosed;
+                        }
+                        Some(Ok(message)) => {
+                            Box::pin(self.on_message(message, max_message)).await
+                        }
+                        Some(Err(err)) => Box::pin(self.on_read_error(&err, max_message)).await,
                         None => return Ending::Gone,
                     }
                 }
@@ -307,11 +324,7 @@ impl Connection {
         // Any message is a sign of life; pings and pongs are not activity for the idle timer.
         self.unanswered_pings = 0;
         let (wire, item) = match message {
-            Message::Close(_) => {
-                self.reading = false;
-                return;
-            }
-            Message::Ping(_) | Message::Pong(_) => return,
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => return,
             Message::Text(text) if text.len() > max_message => {
                 return self.refuse_too_large(text.len(), max_message).await;
             }
@@ -440,6 +453,11 @@ impl Connection {
         self.session.close_subscriptions();
         let (code, reason) = match ending {
             Ending::Gone => return,
+            Ending::ClientClosed => {
+                // Send tungstenite's reply to the client's close frame.
+                let _ = tokio::time::timeout(CLOSE_GRACE, self.socket.flush()).await;
+                return;
+            }
             Ending::Close(code, reason) => (code, reason),
         };
         self.outbox.close();

@@ -84,9 +84,9 @@ fn install() -> Result<(), String> {
         }
     };
     let install = ["install", "-y", "--no-install-recommends", "chromium"];
-    apt(&install).or_else(|_| {
+    apt(&install).or_else(|first| {
         // The package lists may be missing or stale on a fresh machine.
-        apt(&["update"])?;
+        apt(&["update"]).map_err(|update| format!("{first}; then {update}"))?;
         apt(&install)
     })
 }

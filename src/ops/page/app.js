@@ -62,7 +62,7 @@ function trim(list, max) {
 
 function log(text, kind) {
   const list = $("log");
-  list.prepend(el("li", { class: kind || "" }, el("time", {}, clock()), clip(text, 300)));
+  list.prepend(el("li", { class: kind || "" }, el("time", {}, clock()), " ", clip(text, 300)));
   trim(list, MAX_LOG);
 }
 

@@ -23,12 +23,19 @@ pub fn find_or_install() -> Result<PathBuf, String> {
     if let Some(path) = find() {
         return Ok(path);
     }
-    eprintln!("chromium is not installed: installing Debian's chromium with apt-get...");
+    say("chromium is not installed: installing Debian's chromium with apt-get...");
     let started = Instant::now();
     install()?;
     let path = find().ok_or("apt-get succeeded but no chromium binary is on PATH")?;
-    eprintln!("installed chromium in {:.0?}", started.elapsed());
+    say(&format!("installed chromium in {:.0?}", started.elapsed()));
     Ok(path)
+}
+
+/// Writes a line to the real stderr: libtest captures `eprintln!`, and a skip or an install
+/// must show in a quiet `cargo test` run.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 fn find() -> Option<PathBuf> {

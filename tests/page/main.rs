@@ -1,7 +1,8 @@
 //! The browser page at `GET /`, end to end in headless Chromium against a real nats-server, the
 //! echo service and the real gateway binary: the page connects over `/ws`, shows an echoed
-//! reply with its latency and a `NO_RESPONDERS` error, and shows messages published from the
-//! page and from a Unix-socket client on a live subscription. With `PAGE_SCREENSHOT=docs/page.png`
+//! reply with its latency and a `NO_RESPONDERS` error, shows messages published from the page
+//! and from a Unix-socket client on a live subscription, and counts the messages the gateway
+//! dropped for the page while it was too busy to read. With `PAGE_SCREENSHOT=docs/page.png`
 //! it also writes the screenshot the README shows.
 //!
 //! Chromium is installed with apt-get when missing; where that is impossible the browser test
@@ -53,7 +54,9 @@ async fn page_requests_publishes_and_subscribes_in_headless_chromium() {
     let binary = match chromium::find_or_install() {
         Ok(binary) => binary,
         Err(why) => {
-            eprintln!("SKIPPED: chromium is not installed and could not be installed: {why}");
+            chromium::say(&format!(
+                "SKIPPED: chromium is not installed and could not be installed: {why}"
+            ));
             return;
         }
     };
@@ -199,6 +202,73 @@ async fn page_requests_publishes_and_subscribes_in_headless_chromium() {
     .await;
     let reply = request(&mut tab, "demo.echo", "after reconnecting").await;
     assert_eq!(reply["body"], "after reconnecting", "{reply}");
+
+    // A reader too slow for its subscription: while the page's main thread is busy, Chromium
+    // stops reading the socket, the gateway's queue (8 messages) overflows and the oldest are
+    // dropped. Every published message is then either shown or counted as dropped.
+    let small_queue = GatewayProcess::start(&nats.url(), &["--subscription-queue", "8"]);
+    tab.navigate(&format!("http://127.0.0.1:{}/", small_queue.http_port))
+        .await;
+    tab.wait_for(
+        "document.getElementById('state').dataset.state === 'connected'",
+        "the connection state `connected` on the second gateway",
+    )
+    .await;
+    tab.fill("sub-subject", "flood.>").await;
+    tab.click("sub-send").await;
+    let sid = tab
+        .wait_for(
+            "document.querySelector('#subs .sub[data-state=\"active\"]')?.dataset.sid ?? null",
+            "an active subscription on flood.>",
+        )
+        .await;
+    let sid = sid.as_str().expect("a sid").to_owned();
+    tab.eval(
+        "setTimeout(() => { const t = performance.now(); while (performance.now() - t < 3000) {} }, 0); true",
+    )
+    .await;
+    const FLOOD: usize = 2000;
+    let filler = "x".repeat(8 * 1024);
+    let mut lines = String::new();
+    for i in 0..FLOOD {
+        let line =
+            json!({ "op": "publish", "subject": "flood.x", "data": format!("{i} {filler}") });
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    let mut flooder = small_queue.json().await;
+    flooder.send_raw(lines.as_bytes()).await;
+    assert_eq!(
+        flooder
+            .call(r#"{"op":"publish","id":"last","subject":"other.x","data":""}"#)
+            .await,
+        json!({ "id": "last", "ok": true })
+    );
+    let accounted = format!(
+        "(() => {{ const card = document.querySelector('#subs .sub[data-sid={sid}]'); \
+         const shown = Number(card.querySelector('.count').textContent); \
+         const dropped = Number(card.querySelector('.dropped').textContent); \
+         return shown + dropped === {FLOOD} ? [shown, dropped] : null; }})()",
+        sid = json!(sid)
+    );
+    let counts = tab
+        .wait_for(
+            &accounted,
+            &format!("all {FLOOD} messages shown or counted as dropped"),
+        )
+        .await;
+    assert!(
+        counts[1].as_u64().is_some_and(|dropped| dropped > 0),
+        "{counts}"
+    );
+    assert_eq!(
+        tab.eval(&format!(
+            "document.querySelector('#subs .sub[data-sid={}]').classList.contains('lossy')",
+            json!(sid)
+        ))
+        .await,
+        json!(true)
+    );
 
     // Flush the events still queued, then: no script errors, no CSP violations.
     tab.eval("1").await;

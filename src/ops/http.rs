@@ -37,6 +37,12 @@ pub async fn serve(
     listener: TcpListener,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // WebSocket answers are small writes: without NODELAY, Nagle's algorithm can hold one
+    // back until the client's delayed ACK (40 ms).
+    let listener = listener.tap_io(|stream| {
+        let _ = stream.set_nodelay(true);
+    });
     axum::serve(listener, router(gateway))
         .with_graceful_shutdown(stop)
         .await

@@ -78,9 +78,9 @@ pub async fn upgrade(
         .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| {
             let connections = gateway.connections().clone();
-            // Built here, not inside the task's future, so that the future holds the socket
-            // once (an `async fn` taking it would keep its argument and the moved copy).
-            let connection = Connection::new(gateway, socket, slot);
+            // Boxed: an `async fn` keeps its arguments twice in its future (rust-lang/rust#62958),
+            // which for a 672-byte connection is most of an idle connection's memory.
+            let connection = Box::new(Connection::new(gateway, socket, slot));
             connections.track_future(connection.serve())
         })
 }
@@ -208,13 +208,15 @@ impl Connection {
         }
     }
 
-    async fn serve(mut self) {
+    async fn serve(mut self: Box<Self>) {
         let metrics = self.gateway.metrics().clone();
         metrics.connection_opened(Frontend::Ws);
         let ending = self.run().await;
         // Boxed, like every step that is not waiting: an idle connection is then only as big
-        // as `run`'s wait, not as big as its largest step.
-        Box::pin(self.end(ending)).await;
+        // as `run`'s wait, not as big as its largest step. (Each box is made in a statement of
+        // its own: a temporary in the awaiting statement would be laid out in this future.)
+        let end = Box::pin(self.end(ending));
+        end.await;
         metrics.connection_closed(Frontend::Ws);
     }
 
@@ -248,12 +250,14 @@ impl Connection {
                 }
                 batch = self.outbox.next_batch(MAX_BATCH_EVENTS) => {
                     let Some(batch) = batch else { return Ending::Gone };
-                    if let Err(ending) = Box::pin(self.write(batch)).await {
+                    let write = Box::pin(self.write(batch));
+                    if let Err(ending) = write.await {
                         return ending;
                     }
                 }
                 _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
-                    if let Err(ending) = Box::pin(self.on_timer()).await {
+                    let on_timer = Box::pin(self.on_timer());
+                    if let Err(ending) = on_timer.await {
                         return ending;
                     }
                 }
@@ -264,9 +268,13 @@ impl Connection {
                             return Ending::ClientClosed;
                         }
                         Some(Ok(message)) => {
-                            Box::pin(self.on_message(message, max_message)).await
+                            let on_message = Box::pin(self.on_message(message, max_message));
+                            on_message.await
                         }
-                        Some(Err(err)) => Box::pin(self.on_read_error(&err, max_message)).await,
+                        Some(Err(err)) => {
+                            let on_error = Box::pin(self.on_read_error(err, max_message));
+                            on_error.await
+                        }
                         None => return Ending::Gone,
                     }
                 }
@@ -362,7 +370,7 @@ impl Connection {
 
     /// A message over tungstenite's own limit cannot be skipped, so the connection ends: the
     /// client gets `TOO_LARGE` first, then close code 1009.
-    async fn on_read_error(&mut self, err: &axum::Error, max_message: usize) {
+    async fn on_read_error(&mut self, err: axum::Error, max_message: usize) {
         debug!(error = %err, "WebSocket read failed");
         self.reading = false;
         self.read_failed = true;
@@ -449,7 +457,7 @@ impl Connection {
 
     /// Ends the connection: closes the subscriptions, writes the answers still owed (unless
     /// the client is gone), then the close frame, and waits briefly for the client's.
-    async fn end(mut self, ending: Ending) {
+    async fn end(&mut self, ending: Ending) {
         self.session.close_subscriptions();
         let (code, reason) = match ending {
             Ending::Gone => return,

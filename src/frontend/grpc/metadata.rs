@@ -145,7 +145,7 @@ pub fn reply_metadata(headers: Option<&HeaderMap>, metadata: &mut MetadataMap) {
 pub fn deadline_ms(metadata: &MetadataMap) -> Option<u32> {
     let text = metadata.get("grpc-timeout")?.to_str().ok()?;
     let timeout = parse_grpc_timeout(text)?;
-    let margin = (timeout / 20).min(Duration::from_millis(50));
+    let margin = (timeout / 10).min(Duration::from_millis(100));
     let ms = (timeout - margin).as_millis().clamp(1, u32::MAX as u128);
     Some(ms as u32)
 }
@@ -186,9 +186,9 @@ mod tests {
         assert_eq!(parse_grpc_timeout("5x"), None);
         let mut metadata = MetadataMap::new();
         metadata.insert("grpc-timeout", "2000m".parse().unwrap());
-        assert_eq!(deadline_ms(&metadata), Some(1950));
-        metadata.insert("grpc-timeout", "100m".parse().unwrap());
-        assert_eq!(deadline_ms(&metadata), Some(95));
+        assert_eq!(deadline_ms(&metadata), Some(1900));
+        metadata.insert("grpc-timeout", "300m".parse().unwrap());
+        assert_eq!(deadline_ms(&metadata), Some(270));
     }
 
     #[test]

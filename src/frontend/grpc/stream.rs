@@ -121,6 +121,7 @@ impl<T> Sender<T> {
             let Some(batch) = batch else {
                 return (Ended::Done, 0);
             };
+
             // Control events come first in a batch: those from `index` on were not sent.
             for (index, event) in batch.events.into_iter().enumerate() {
                 if let Some(item) = convert(event)

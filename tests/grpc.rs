@@ -820,3 +820,99 @@ async fn a_python_grpcio_client_calls_request_through_server_reflection() {
         "{stdout}"
     );
 }
+
+#[tokio::test]
+async fn exchange_answers_an_item_over_the_frame_limit_with_too_large_and_goes_on() {
+    let nats = NatsServer::start();
+    let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
+    let gateway = GatewayProcess::start(&nats.url(), &["--max-frame-bytes", "4096"]);
+    let mut client = gateway.grpc().await;
+    let items = vec![
+        exchange(1, "demo.echo", &"x".repeat(5000)),
+        exchange(2, "demo.echo", "small"),
+    ];
+    let mut answers = client
+        .exchange(futures_util::stream::iter(items))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(answer) = answers.message().await.unwrap() {
+        match (answer.id, answer.result.unwrap()) {
+            (1, exchange_reply::Result::Error(error)) => assert_eq!(error.code, "TOO_LARGE"),
+            (2, exchange_reply::Result::Reply(reply)) => {
+                assert_eq!(reply.payload.as_ref(), b"small")
+            }
+            other => panic!("{other:?}"),
+        }
+        seen.push(answer.id);
+    }
+    seen.sort();
+    assert_eq!(seen, [1, 2]);
+
+    // Past tonic's own limit the input cannot go on: the stream ends with TOO_LARGE.
+    let items = vec![exchange(3, "demo.echo", &"x".repeat(100_000))];
+    let mut answers = client
+        .exchange(futures_util::stream::iter(items))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = answers.message().await.unwrap_err();
+    assert_error(&status, Code::ResourceExhausted, "TOO_LARGE");
+}
+
+#[tokio::test]
+async fn grpc_connections_count_against_the_shared_connection_limit() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &["--max-connections", "1"]);
+    // The harness's start-up probes (a socket connect, a TCP connect) go away first.
+    let deadline = Instant::now() + PATIENCE;
+    for frontend in ["uds", "grpc"] {
+        let series = format!("ipc_gateway_connections{{frontend=\"{frontend}\"}}");
+        while gateway.metric(&series).await.unwrap_or(0.0) != 0.0 {
+            assert!(Instant::now() < deadline, "{series} stayed up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut first = gateway.grpc().await;
+    let status = call(&mut first, request("nobody.home", "x"))
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::Unavailable, "NO_RESPONDERS");
+    // The one slot is taken: a Unix-socket client is refused, and so is a second gRPC one.
+    let mut uds = gateway.json().await;
+    let refusal = uds.recv().await;
+    assert_eq!(refusal["error"]["code"], "OVERLOADED", "{refusal}");
+    let mut second = gateway.grpc().await;
+    let status = call(&mut second, request("nobody.home", "x"))
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::ResourceExhausted, "OVERLOADED");
+    assert!(
+        status.message().contains("maximum of 1 connections"),
+        "{status:?}"
+    );
+    drop(second);
+    assert_eq!(
+        gateway
+            .metric("ipc_gateway_connections_rejected_total{frontend=\"grpc\"}")
+            .await,
+        Some(1.0)
+    );
+    // Closing the first connection gives the slot back.
+    drop(first);
+    let deadline = Instant::now() + PATIENCE;
+    while gateway
+        .metric("ipc_gateway_connections{frontend=\"grpc\"}")
+        .await
+        != Some(0.0)
+    {
+        assert!(Instant::now() < deadline, "the connection was not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut third = gateway.grpc().await;
+    let status = call(&mut third, request("nobody.home", "x"))
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::Unavailable, "NO_RESPONDERS");
+}

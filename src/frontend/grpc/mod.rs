@@ -38,8 +38,8 @@ pub const SERVICE_NAME: &str = "ipcgateway.v1.Gateway";
 /// How often the health service looks at the gateway's readiness.
 const HEALTH_POLL: Duration = Duration::from_millis(200);
 /// Room beyond `max_frame_bytes` that tonic lets a message have, so that the gateway itself
-/// can refuse a message just over the limit with TOO_LARGE (tonic's own refusal is an
-/// OUT_OF_RANGE without the gateway's error code).
+/// refuses a message just over the limit, and an Exchange stream goes on after it (a message
+/// over tonic's limit ends the stream; `status::too_large_refusal` names it TOO_LARGE too).
 const DECODE_SLACK: usize = 64 * 1024;
 
 /// Binds the gRPC port now, so a taken port fails start-up.
@@ -79,6 +79,9 @@ pub async fn serve(gateway: Gateway, listener: TcpListener) -> Result<(), String
         .http2_keepalive_timeout(keepalive)
         .max_concurrent_streams(config.grpc_max_concurrent_streams)
         .tcp_nodelay(true)
+        .layer(tower::util::MapResponseLayer::new(
+            status::too_large_refusal::<tonic::body::Body>,
+        ))
         .add_service(service)
         .add_service(health)
         .add_service(reflection_v1)

@@ -51,6 +51,7 @@ impl GatewayService {
         encoded_len: usize,
         payload: usize,
     ) -> Result<(), GatewayError> {
+        conn.check_served()?;
         if self.gateway.shutdown().is_stopping() {
             return Err(shutting_down());
         }
@@ -195,6 +196,8 @@ impl GatewayRpc for GatewayService {
         request: Request<Streaming<pb::ExchangeRequest>>,
     ) -> Result<Response<Self::ExchangeStream>, Status> {
         let conn = state_of(&request).map_err(|e| self.refuse(Op::Request, e))?;
+        conn.check_served()
+            .map_err(|e| self.refuse(Op::Request, e))?;
         if self.gateway.shutdown().is_stopping() {
             return Err(self.refuse(Op::Request, shutting_down()));
         }

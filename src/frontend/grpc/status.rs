@@ -2,6 +2,7 @@
 //! in DESIGN.md), the message starts with the stable code, and the code alone travels in the
 //! `ipc-gateway-error` metadata entry so that clients can branch on it without parsing text.
 
+use tonic::codegen::http;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 
@@ -41,6 +42,27 @@ pub fn to_status(error: &GatewayError) -> Status {
     Status::with_metadata(code_of(error.code), error.to_string(), metadata)
 }
 
+/// tonic refuses a unary message over its decoding limit itself, before any handler, with an
+/// OUT_OF_RANGE status; this gives that refusal the gateway's TOO_LARGE status and code.
+pub fn too_large_refusal<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    if headers
+        .get(GRPC_STATUS)
+        .is_some_and(|value| value.as_bytes() == OUT_OF_RANGE)
+        && let Some(status) = Status::from_header_map(headers)
+        && status.message().starts_with(TONIC_TOO_LARGE)
+    {
+        let error = GatewayError::new(ErrorCode::TooLarge, status.message());
+        let _ = to_status(&error).add_header(headers);
+    }
+    response
+}
+
+const GRPC_STATUS: &str = "grpc-status";
+const OUT_OF_RANGE: &[u8] = b"11";
+/// How tonic's decoder words its refusal (tonic 0.14).
+const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
+
 /// A gateway error as an Exchange answer carries it.
 pub fn to_message(error: GatewayError) -> pb::Error {
     pb::Error {
@@ -53,6 +75,21 @@ pub fn to_message(error: GatewayError) -> pb::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tonics_own_too_large_refusal_becomes_too_large() {
+        let refusal = Status::out_of_range(
+            "Error, decoded message length too large: found 9 bytes, the limit is: 4 bytes",
+        );
+        let response = too_large_refusal(refusal.into_http::<()>());
+        let status = Status::from_header_map(response.headers()).unwrap();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.message().starts_with("TOO_LARGE: "), "{status:?}");
+        assert_eq!(response.headers()[ERROR_KEY], "TOO_LARGE");
+        let other = Status::out_of_range("something else").into_http::<()>();
+        let status = Status::from_header_map(too_large_refusal(other).headers()).unwrap();
+        assert_eq!(status.code(), Code::OutOfRange);
+    }
 
     #[test]
     fn every_code_maps_to_its_status_with_the_code_in_metadata_and_message() {

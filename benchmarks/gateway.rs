@@ -1350,7 +1350,7 @@ fn markdown(meta: &Meta, settings: &Settings, rows: &[Row], aims: &[AimCheck]) -
     }
     let _ = writeln!(
         md,
-        "- Load generator: this process, tokio {} runtime; concurrency c = c tasks sharing one connection (one `async_nats::Client` for direct, one `ipc_gateway::client::Client` for binary, one pipelined JSON-lines connection, one framed connection to the bare echo)",
+        "- Load generator: this process, tokio {} runtime; concurrency c = c tasks sharing one connection (one `async_nats::Client` for direct, one `ipc_gateway::client::Client` for binary, one pipelined JSON-lines connection, one framed connection to the bare echo, one HTTP/2 connection for gRPC: a call per request for unary, one `Exchange` stream for Exchange)",
         if settings.client_threads == 1 {
             "current-thread".to_string()
         } else {

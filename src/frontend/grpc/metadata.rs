@@ -2,7 +2,8 @@
 //! metadata goes to NATS as headers beside the message's own `headers` (binary `-bin` values
 //! base64-encoded, since NATS headers are text); a reply's NATS headers come back as response
 //! metadata, a `-bin` name being base64-decoded again. Metadata that gRPC or HTTP/2 use
-//! themselves (`grpc-*`, `te`, `content-type`, `user-agent`) is never forwarded either way.
+//! themselves (`grpc-*`, `te`, `content-type`, `user-agent`) and the gateway's own
+//! `ipc-gateway-*` entries are never forwarded either way.
 
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ fn is_transport(name: &str) -> bool {
             name,
             "te" | "content-type" | "user-agent" | "content-length"
         )
-        || name.starts_with(super::status::ERROR_KEY)
+        || name.starts_with("ipc-gateway-")
 }
 
 /// The NATS headers of a request: the message's listed `headers`, then the call's metadata.

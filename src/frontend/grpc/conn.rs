@@ -31,11 +31,13 @@ const MAX_POLITE_REFUSALS: usize = 64;
 /// How long a refused connection stays open for its calls to get their answer.
 const REFUSAL_GRACE: Duration = Duration::from_secs(1);
 
-/// Whether the connection holds one of the gateway's connection slots.
+/// Whether the connection holds one of the gateway's connection slots. The permits are never
+/// read: holding them is the point, and dropping the state gives them back.
+#[allow(dead_code)]
 enum Slot {
-    Served(#[allow(dead_code)] OwnedSemaphorePermit),
+    Served(OwnedSemaphorePermit),
     /// Over `max_connections`: every call is refused; holds a polite-refusal permit.
-    Refused(#[allow(dead_code)] OwnedSemaphorePermit),
+    Refused(OwnedSemaphorePermit),
 }
 
 /// What every call on one HTTP/2 connection shares.

@@ -173,11 +173,17 @@ impl GatewayRpc for GatewayService {
         envelope.subject = subject(message.subject);
         envelope.queue = message.queue;
         session.handle(Decoded::Envelope(envelope)).await;
-        // The session's answer is the first control event.
+        // The session's answer is the first control event (drop notices, should messages have
+        // overflowed the queue already, come with it).
         let answer = outbox.take_batch(1);
         outbox.written(answer.control);
-        if let Some(Outbound::Error { error, .. }) = answer.events.into_iter().next() {
-            return Err(to_status(&error));
+        let mut dropped = 0;
+        for event in answer.events {
+            match event {
+                Outbound::Error { error, .. } => return Err(to_status(&error)),
+                Outbound::Dropped { count, .. } => dropped += count,
+                _ => {}
+            }
         }
         let (sender, response) = stream::channel();
         tokio::spawn(serve_subscription(
@@ -185,6 +191,7 @@ impl GatewayRpc for GatewayService {
             session,
             outbox,
             sender,
+            dropped,
         ));
         Ok(Response::new(response))
     }
@@ -221,11 +228,11 @@ async fn serve_subscription(
     session: Session,
     outbox: Arc<Outbox>,
     sender: stream::Sender<pb::SubscriptionMessage>,
+    mut dropped: u64,
 ) {
     let stall = Duration::from_millis(gateway.config().slow_client_stall_ms);
-    // Drop notices come before the messages that follow the gap: carry the count onto the
-    // next message.
-    let mut dropped = 0u64;
+    // Drop notices come before the messages that follow the gap: `dropped` carries the count
+    // onto the next message.
     let convert = |event: Outbound| match event {
         Outbound::Dropped { count, .. } => {
             dropped += count;

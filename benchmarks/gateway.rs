@@ -17,6 +17,9 @@
 //!   HTTP port), one v1 binary frame per binary message or one JSON envelope per text message,
 //!   pipelined over one connection by the same client (not judged by the aims, which are about
 //!   the Unix socket).
+//! - `gateway gRPC unary`: the `Request` rpc over one HTTP/2 connection (tonic client generated
+//!   from proto/gateway.proto), one call per request;
+//! - `gateway gRPC Exchange`: requests pipelined on one `Exchange` stream, answers matched by id.
 //!
 //! Rows at concurrency 1 are repeated (interleaved with the other modes) and reported as the
 //! median of the repeats, because single-request latency on this VM depends on CPU placement.
@@ -26,7 +29,7 @@
 //! (default 0.5), BENCH_C1_REPEATS (default 5), BENCH_REPEATS (rows at c > 1, default 1),
 //! BENCH_CONCURRENCY (default "1,16,256"), BENCH_PAYLOADS (default "128,4096"), BENCH_WORKERS
 //! (gateway worker threads, default "1,2"), BENCH_MODES (default
-//! "direct,direct-mt,bare,binary,json,ws-binary,ws-json"), BENCH_CLIENT_THREADS (load generator runtime:
+//! "direct,direct-mt,bare,binary,json,ws-binary,ws-json,grpc-unary,grpc-exchange"), BENCH_CLIENT_THREADS (load generator runtime:
 //! 1 = current-thread, default 1), BENCH_GATEWAY_ARGS (extra `serve` flags, for experiments),
 //! IPC_GATEWAY_BIN (the gateway binary; default target/release/ipc-gateway),
 //! BENCH_NO_ARTIFACTS=1 (print only), BENCH_COMMAND (the command line recorded in the
@@ -46,6 +49,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use ipc_gateway::client::Client;
+use ipc_gateway::frontend::grpc::pb::{self, exchange_reply, gateway_client::GatewayClient};
 use ipc_gateway::protocol::binary::{
     FrameHeader, FrameParts, HEADER_LEN, decode_body, frame_type, put_frame,
 };
@@ -82,8 +86,8 @@ struct Settings {
     payloads: Vec<usize>,
     workers: Vec<usize>,
     client_threads: usize,
-    /// Which modes run (BENCH_MODES: direct, direct-mt, bare, binary, json, ws-binary, ws-json);
-    /// all by default.
+    /// Which modes run (BENCH_MODES: direct, direct-mt, bare, binary, json, ws-binary, ws-json,
+    /// grpc-unary, grpc-exchange); all by default.
     modes: Vec<Mode>,
     /// Extra `ipc-gateway serve` flags for experiments (BENCH_GATEWAY_ARGS, split on spaces).
     gateway_args: Vec<String>,
@@ -119,6 +123,8 @@ fn env_modes() -> Result<Vec<Mode>, String> {
         Mode::GatewayJson,
         Mode::WsBinary,
         Mode::WsJson,
+        Mode::GrpcUnary,
+        Mode::GrpcExchange,
     ];
     let Ok(text) = std::env::var("BENCH_MODES") else {
         return Ok(all.to_vec());
@@ -133,9 +139,11 @@ fn env_modes() -> Result<Vec<Mode>, String> {
             "json" => Mode::GatewayJson,
             "ws-binary" => Mode::WsBinary,
             "ws-json" => Mode::WsJson,
+            "grpc-unary" => Mode::GrpcUnary,
+            "grpc-exchange" => Mode::GrpcExchange,
             other => {
                 return Err(format!(
-                    "BENCH_MODES: unknown mode {other:?} (direct, direct-mt, bare, binary, json, ws-binary, ws-json)"
+                    "BENCH_MODES: unknown mode {other:?} (direct, direct-mt, bare, binary, json, ws-binary, ws-json, grpc-unary, grpc-exchange)"
                 ));
             }
         };
@@ -189,6 +197,8 @@ impl Settings {
 struct GatewayProc {
     workers: usize,
     socket: PathBuf,
+    /// The gRPC port (each gateway needs its own).
+    grpc: u16,
     args: Vec<String>,
     proc: Proc,
 }
@@ -202,6 +212,7 @@ fn start_gateway(
 ) -> Result<GatewayProc, String> {
     let socket = dir.join(format!("gateway-w{workers}.sock"));
     let http = free_port()?;
+    let grpc = free_port()?;
     let args: Vec<String> = [
         "serve",
         "--nats-url",
@@ -210,6 +221,8 @@ fn start_gateway(
         &socket.display().to_string(),
         "--http",
         &format!("127.0.0.1:{http}"),
+        "--grpc",
+        &format!("127.0.0.1:{grpc}"),
         "--worker-threads",
         &workers.to_string(),
     ]
@@ -240,6 +253,7 @@ fn start_gateway(
     Ok(GatewayProc {
         workers,
         socket,
+        grpc,
         args,
         proc,
     })
@@ -660,6 +674,8 @@ enum Mode {
     WsBinary,
     /// The gateway's WebSocket: one JSON envelope per text message.
     WsJson,
+    GrpcUnary,
+    GrpcExchange,
 }
 
 impl Mode {
@@ -672,6 +688,8 @@ impl Mode {
             Mode::GatewayJson => "gateway JSON",
             Mode::WsBinary => "gateway WS binary",
             Mode::WsJson => "gateway WS JSON",
+            Mode::GrpcUnary => "gateway gRPC unary",
+            Mode::GrpcExchange => "gateway gRPC Exchange",
         }
     }
 
@@ -684,19 +702,26 @@ impl Mode {
             Mode::GatewayJson => "gateway_json",
             Mode::WsBinary => "gateway_ws_binary",
             Mode::WsJson => "gateway_ws_json",
+            Mode::GrpcUnary => "gateway_grpc_unary",
+            Mode::GrpcExchange => "gateway_grpc_exchange",
         }
     }
 
     fn is_gateway(self) -> bool {
         matches!(
             self,
-            Mode::GatewayBinary | Mode::GatewayJson | Mode::WsBinary | Mode::WsJson
+            Mode::GatewayBinary
+                | Mode::GatewayJson
+                | Mode::WsBinary
+                | Mode::WsJson
+                | Mode::GrpcUnary
+                | Mode::GrpcExchange
         )
     }
 
     /// Rows the aims are checked on: the Unix-socket modes. The aims (issue "core") compare
-    /// against direct NATS plus one bare Unix-socket hop; WebSocket rows cross TCP and
-    /// WebSocket framing instead, so they are reported beside them but not judged by them.
+    /// against direct NATS plus one bare Unix-socket hop; WebSocket and gRPC rows cross TCP and
+    /// their own framing instead, so they are reported beside them but not judged by them.
     fn in_aims(self) -> bool {
         matches!(self, Mode::GatewayBinary | Mode::GatewayJson)
     }
@@ -739,6 +764,14 @@ enum Target {
         client: Arc<PipeClient>,
         payload: Arc<str>,
     },
+    GrpcUnary {
+        client: GatewayClient<tonic::transport::Channel>,
+        payload: Bytes,
+    },
+    GrpcExchange {
+        client: Arc<ExchangeClient>,
+        payload: Bytes,
+    },
 }
 
 impl Target {
@@ -773,6 +806,12 @@ impl Target {
             }
             Target::WsJson { client, payload } => {
                 (client.request_json(payload).await?, payload.len())
+            }
+            Target::GrpcUnary { client, payload } => {
+                (grpc_request(client, payload).await?, payload.len())
+            }
+            Target::GrpcExchange { client, payload } => {
+                (client.call(payload).await?, payload.len())
             }
         };
         if got == expected {
@@ -991,6 +1030,12 @@ async fn connect_target(env: &Env<'_>, case: Case) -> Result<(Target, Option<u32
             client: Arc::new(PipeClient::connect_ws(gateway_http_port(gateway)?, false).await?),
             payload: Arc::from(text),
         },
+        Mode::GrpcUnary | Mode::GrpcExchange => {
+            let port = gateway
+                .map(|g| g.grpc)
+                .ok_or_else(|| format!("no gateway with {} worker threads", case.workers))?;
+            connect_grpc(case.mode, port, payload).await?
+        }
     };
     first_request(&target, case.mode).await?;
     Ok((target, gateway.map(|g| g.proc.pid())))
@@ -1075,6 +1120,8 @@ fn schedule(settings: &Settings) -> Vec<Case> {
             Mode::GatewayJson,
             Mode::WsBinary,
             Mode::WsJson,
+            Mode::GrpcUnary,
+            Mode::GrpcExchange,
         ] {
             if settings.modes.contains(&mode) {
                 modes.push((mode, workers));
@@ -1176,6 +1223,8 @@ fn aggregate(results: Vec<(Case, Measured)>, settings: &Settings) -> Vec<Row> {
             Mode::GatewayJson => 4,
             Mode::WsBinary => 5,
             Mode::WsJson => 6,
+            Mode::GrpcUnary => 7,
+            Mode::GrpcExchange => 8,
         };
         let payload_rank = settings.payloads.iter().position(|&p| p == case.payload);
         let c_rank = settings
@@ -1347,7 +1396,7 @@ fn markdown(meta: &Meta, settings: &Settings, rows: &[Row], aims: &[AimCheck]) -
     }
     let _ = writeln!(
         md,
-        "- Load generator: this process, tokio {} runtime; concurrency c = c tasks sharing one connection (one `async_nats::Client` for direct, one `ipc_gateway::client::Client` for binary, one pipelined JSON-lines connection, one framed connection to the bare echo)",
+        "- Load generator: this process, tokio {} runtime; concurrency c = c tasks sharing one connection (one `async_nats::Client` for direct, one `ipc_gateway::client::Client` for binary, one pipelined JSON-lines connection, one framed connection to the bare echo, one HTTP/2 connection for gRPC: a call per request for unary, one `Exchange` stream for Exchange)",
         if settings.client_threads == 1 {
             "current-thread".to_string()
         } else {
@@ -1769,5 +1818,107 @@ fn main() -> ExitCode {
             eprintln!("gateway bench: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gRPC clients (tonic, generated from proto/gateway.proto)
+
+/// A gRPC target on one HTTP/2 connection to the gateway's gRPC port.
+async fn connect_grpc(mode: Mode, port: u16, payload: Bytes) -> Result<Target, String> {
+    let url = format!("http://127.0.0.1:{port}");
+    let client = GatewayClient::connect(url.clone())
+        .await
+        .map_err(|err| format!("connect {url}: {err}"))?;
+    Ok(match mode {
+        Mode::GrpcExchange => Target::GrpcExchange {
+            client: Arc::new(ExchangeClient::open(client).await?),
+            payload,
+        },
+        _ => Target::GrpcUnary { client, payload },
+    })
+}
+
+/// One `Request` call; the reply's payload length.
+async fn grpc_request(
+    client: &GatewayClient<tonic::transport::Channel>,
+    payload: &Bytes,
+) -> Result<usize, String> {
+    let message = pb::RequestMessage {
+        subject: SUBJECT.into(),
+        payload: payload.clone(),
+        timeout_ms: Some(REQUEST_TIMEOUT.as_millis() as u32),
+        ..Default::default()
+    };
+    let reply = client
+        .clone()
+        .request(message)
+        .await
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
+    Ok(reply.into_inner().payload.len())
+}
+
+type ExchangeWaiting = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<usize, String>>>>>;
+
+/// Requests pipelined on one `Exchange` stream; a reader task hands each answer to the request
+/// with its id.
+struct ExchangeClient {
+    next_id: AtomicU64,
+    waiting: ExchangeWaiting,
+    requests: mpsc::Sender<pb::ExchangeRequest>,
+}
+
+impl ExchangeClient {
+    async fn open(mut client: GatewayClient<tonic::transport::Channel>) -> Result<Self, String> {
+        let (requests, outgoing) = mpsc::channel(1024);
+        let mut answers = client
+            .exchange(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+            .await
+            .map_err(|status| format!("Exchange: {status}"))?
+            .into_inner();
+        let waiting = ExchangeWaiting::default();
+        let table = waiting.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(answer)) = answers.message().await {
+                let result = match answer.result {
+                    Some(exchange_reply::Result::Reply(reply)) => Ok(reply.payload.len()),
+                    Some(exchange_reply::Result::Error(error)) => {
+                        Err(format!("{}: {}", error.code, error.message))
+                    }
+                    None => Err("an answer with neither reply nor error".into()),
+                };
+                let sender = table.lock().unwrap().remove(&answer.id);
+                if let Some(sender) = sender {
+                    let _ = sender.send(result);
+                }
+            }
+            // The stream ended: whoever still waits gets an error (their senders drop).
+            table.lock().unwrap().clear();
+        });
+        Ok(ExchangeClient {
+            next_id: AtomicU64::new(1),
+            waiting,
+            requests,
+        })
+    }
+
+    async fn call(&self, payload: &Bytes) -> Result<usize, String> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, answer) = oneshot::channel();
+        self.waiting.lock().unwrap().insert(id, sender);
+        let request = pb::ExchangeRequest {
+            id,
+            subject: SUBJECT.into(),
+            payload: payload.clone(),
+            timeout_ms: Some(REQUEST_TIMEOUT.as_millis() as u32),
+            ..Default::default()
+        };
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| "the Exchange stream is closed".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the Exchange stream ended before the answer".to_string())?
     }
 }

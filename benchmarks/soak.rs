@@ -1200,6 +1200,9 @@ fn run(settings: &Settings) -> Result<(Outcome, Arc<Stats>), String> {
         &socket.display().to_string(),
         "--http",
         &format!("127.0.0.1:{gateway_http}"),
+        // Its own gRPC port, so that a gateway already on 50051 cannot stop the soak.
+        "--grpc",
+        "127.0.0.1:0",
         "--worker-threads",
         "1",
     ]

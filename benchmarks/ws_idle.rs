@@ -732,6 +732,8 @@ fn run(settings: &Settings) -> Result<Run, String> {
         &dir.0.join("gateway.sock").display().to_string(),
         "--http",
         &format!("127.0.0.1:{http}"),
+        "--grpc",
+        "127.0.0.1:0",
         "--max-connections",
         &(n + 16).to_string(),
     ]

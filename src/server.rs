@@ -1,6 +1,7 @@
-//! Runs the daemon: binds the socket and the HTTP port (failing start-up clearly if either is
-//! taken), serves until SIGTERM or SIGINT, then drains: stop accepting, let in-flight requests
-//! finish up to the drain timeout, answer the rest with `UNAVAILABLE`, remove the socket file.
+//! Runs the daemon: binds the socket, the HTTP port and the gRPC port (failing start-up clearly
+//! if any is taken), serves until SIGTERM or SIGINT, then drains: stop accepting, let in-flight
+//! requests finish up to the drain timeout, answer the rest with `UNAVAILABLE`, remove the
+//! socket file.
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::core::Gateway;
+use crate::frontend::grpc;
 use crate::frontend::uds::{self, UdsListener};
 use crate::ops::http;
 
@@ -25,9 +27,13 @@ pub async fn run(config: Config) -> Result<(), String> {
     let http_listener = http::bind(config.http)
         .await
         .map_err(|e| format!("HTTP port {}: {e}", config.http))?;
+    let grpc_listener = grpc::bind(config.grpc)
+        .await
+        .map_err(|e| format!("gRPC port {}: {e}", config.grpc))?;
     info!(
         socket = %config.socket.display(),
         http = %config.http,
+        grpc = %config.grpc,
         nats = %config.nats_url,
         "ipc-gateway started"
     );
@@ -43,10 +49,20 @@ pub async fn run(config: Config) -> Result<(), String> {
         http_stop.clone().cancelled_owned(),
     ));
     let mut uds_task = tokio::spawn(uds::serve(gateway.clone(), listener));
+    let mut grpc_task = tokio::spawn(grpc::serve(gateway.clone(), grpc_listener));
+    let mut failure = None;
 
     tokio::select! {
         _ = terminate.recv() => info!("SIGTERM: shutting down"),
         _ = interrupt.recv() => info!("SIGINT: shutting down"),
+        ended = &mut grpc_task => {
+            let why = match ended {
+                Ok(Err(err)) => err,
+                _ => "the gRPC server stopped".to_owned(),
+            };
+            tracing::error!(error = %why, "shutting down");
+            failure = Some(why);
+        }
     }
     let drain = config.drain_timeout();
     info!(
@@ -72,7 +88,11 @@ pub async fn run(config: Config) -> Result<(), String> {
             }
         }
     }
-    // WebSocket connections live outside the listeners' tasks: wait for them too.
+    // gRPC stops accepting at once and ends its streams; its unary calls end with the drain.
+    if !grpc_task.is_finished() {
+        let _ = tokio::time::timeout_at(deadline.deadline(), &mut grpc_task).await;
+    }
+    // WebSocket (and gRPC) connections live outside the listeners' tasks: wait for them too.
     gateway.connections().close();
     let _ = tokio::time::timeout_at(deadline.deadline(), gateway.connections().wait()).await;
     gateway.flush().await;
@@ -80,8 +100,9 @@ pub async fn run(config: Config) -> Result<(), String> {
     let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
     upkeep.abort();
     supervisor.abort();
+    grpc_task.abort();
     info!("stopped");
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
 async fn refresh_gauges(gateway: Gateway) {

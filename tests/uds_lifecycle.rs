@@ -143,6 +143,7 @@ async fn a_second_gateway_refuses_a_live_socket_and_a_stale_socket_is_replaced()
     let gateway = GatewayProcess::start(&nats.url(), &[]);
     let output = Command::new(env!("CARGO_BIN_EXE_ipc-gateway"))
         .args(["serve", "--nats-url", &nats.url(), "--http", "127.0.0.1:0"])
+        .args(["--grpc", "127.0.0.1:0"])
         .arg("--socket")
         .arg(&gateway.socket)
         .output()
@@ -166,6 +167,8 @@ async fn a_second_gateway_refuses_a_live_socket_and_a_stale_socket_is_replaced()
             &nats.url(),
             "--http",
             &format!("127.0.0.1:{port}"),
+            "--grpc",
+            "127.0.0.1:0",
         ])
         .arg("--socket")
         .arg(&stale)

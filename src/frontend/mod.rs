@@ -1,5 +1,6 @@
 //! Front-ends: each speaks one wire and calls the shared core through a `Session`.
 
+pub mod grpc;
 pub mod outbox;
 pub mod session;
 pub mod uds;

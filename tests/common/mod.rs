@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::StreamExt;
+use ipc_gateway::frontend::grpc::pb::gateway_client::GatewayClient;
 use ipc_gateway::protocol::binary::{self, FrameHeader, FrameParts, HEADER_LEN};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -123,10 +124,12 @@ impl Drop for NatsServer {
     }
 }
 
-/// The real gateway binary, on a socket in its own temporary directory; killed when dropped.
+/// The real gateway binary, on a socket in its own temporary directory and free HTTP and gRPC
+/// ports (so tests run in parallel); killed when dropped.
 pub struct GatewayProcess {
     pub socket: PathBuf,
     pub http_port: u16,
+    pub grpc_port: u16,
     child: Option<Child>,
     _dir: tempfile::TempDir,
 }
@@ -136,12 +139,14 @@ impl GatewayProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("gw.sock");
         let http_port = free_port();
+        let grpc_port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_ipc-gateway"))
             .arg("serve")
             .args(["--nats-url", nats_url])
             .arg("--socket")
             .arg(&socket)
             .args(["--http", &format!("127.0.0.1:{http_port}")])
+            .args(["--grpc", &format!("127.0.0.1:{grpc_port}")])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -151,6 +156,7 @@ impl GatewayProcess {
         let gateway = GatewayProcess {
             socket,
             http_port,
+            grpc_port,
             child: Some(child),
             _dir: dir,
         };
@@ -163,7 +169,20 @@ impl GatewayProcess {
             std::thread::sleep(Duration::from_millis(10));
         }
         wait_for_tcp(http_port, "the gateway's HTTP port");
+        wait_for_tcp(grpc_port, "the gateway's gRPC port");
         gateway
+    }
+
+    /// The gateway's gRPC address as a URL.
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// A gRPC client (generated from proto/gateway.proto) on a new HTTP/2 connection.
+    pub async fn grpc(&self) -> GatewayClient<tonic::transport::Channel> {
+        GatewayClient::connect(self.grpc_url())
+            .await
+            .expect("connect to the gateway's gRPC port")
     }
 
     pub fn pid(&self) -> u32 {

@@ -38,6 +38,7 @@ pub const KEYS: &[&str] = &[
     "ws_max_message_bytes",
     "ws_allowed_origins",
     "ws_ping_interval_ms",
+    "ws_read_buffer_bytes",
     "grpc",
     "grpc_keepalive_ms",
     "grpc_max_concurrent_streams",
@@ -101,6 +102,10 @@ pub struct Config {
     /// How often the server pings each WebSocket; one that misses two pongs is closed.
     /// 0 = off.
     pub ws_ping_interval_ms: u64,
+    /// tungstenite's read buffer per WebSocket, allocated for the connection's life: also the
+    /// most it reads in one system call. Smaller makes idle connections cheaper, larger makes
+    /// big messages cheaper to read.
+    pub ws_read_buffer_bytes: usize,
     /// Address of the gRPC port (service `ipcgateway.v1.Gateway`, health, reflection).
     pub grpc: SocketAddr,
     /// HTTP/2 keepalive: ping interval on gRPC connections; a connection whose ping is not
@@ -154,6 +159,7 @@ impl Default for Config {
             ws_max_message_bytes: 0,
             ws_allowed_origins: Vec::new(),
             ws_ping_interval_ms: 20_000,
+            ws_read_buffer_bytes: 1024,
             grpc: SocketAddr::from(([127, 0, 0, 1], 50051)),
             grpc_keepalive_ms: 20_000,
             grpc_max_concurrent_streams: 1024,
@@ -260,6 +266,9 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.breaker_failure_rate) {
             return bad("breaker_failure_rate", "must be between 0 (off) and 1");
+        }
+        if !(64..=(1 << 20)).contains(&self.ws_read_buffer_bytes) {
+            return bad("ws_read_buffer_bytes", "must be between 64 and 1048576");
         }
         if self.max_inflight_bytes < self.max_frame_bytes {
             return bad(

@@ -170,6 +170,10 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     ws_ping_interval_ms: Option<u64>,
+    /// WebSocket read buffer per connection: idle memory vs reads per big message [default: 1024].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ws_read_buffer_bytes: Option<usize>,
     /// gRPC address [default: 127.0.0.1:50051].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::ws::*;
 use common::*;
 use futures_util::StreamExt;
+use ipc_gateway::protocol::binary::{FrameParts, frame_type};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -144,6 +145,50 @@ async fn credit_on_the_unix_socket_and_every_bad_grant() {
     for n in ["1", "2", "3"] {
         assert_eq!(conn.recv().await["data"], n);
     }
+}
+
+#[tokio::test]
+async fn credit_in_binary_frames_subscribe_param_and_credit_frame() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut conn = gateway.raw().await;
+    let publisher = nats.client().await;
+    conn.send(&frame(FrameParts {
+        frame_type: frame_type::SUBSCRIBE,
+        id: 5,
+        param: 1,
+        subject: b"frames",
+        ..FrameParts::default()
+    }))
+    .await;
+    assert_eq!(conn.recv().await.header.frame_type, frame_type::ACK);
+    publish_numbered(&publisher, "frames", 1, 3).await;
+    let first = conn.recv().await;
+    assert_eq!(
+        (first.header.frame_type, first.header.id),
+        (frame_type::MSG, 5)
+    );
+    assert_eq!(&first.payload[..], b"1");
+    conn.send(&frame(FrameParts {
+        frame_type: frame_type::CREDIT,
+        id: 5,
+        param: 2,
+        ..FrameParts::default()
+    }))
+    .await;
+    assert_eq!(&conn.recv().await.payload[..], b"2");
+    assert_eq!(&conn.recv().await.payload[..], b"3");
+    // A grant for a subscription that does not exist is an error, and the connection goes on.
+    conn.send(&frame(FrameParts {
+        frame_type: frame_type::CREDIT,
+        id: 6,
+        param: 1,
+        ..FrameParts::default()
+    }))
+    .await;
+    let error = conn.recv().await;
+    assert_eq!(error.header.frame_type, frame_type::ERROR);
+    assert_eq!(error.code(), "BAD_REQUEST");
 }
 
 #[tokio::test]

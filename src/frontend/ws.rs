@@ -32,9 +32,6 @@ use super::session::{Flow, Session};
 
 /// Events sent per batch before the writer flushes.
 const MAX_BATCH_EVENTS: usize = 256;
-/// tungstenite's read buffer starts at 128 KiB per connection by default; idle connections
-/// should cost little, and it grows for large messages.
-const READ_BUFFER: usize = 256;
 /// How long the closing handshake may take once the gateway has said goodbye.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -75,7 +72,8 @@ pub async fn upgrade(
     let max = gateway.config().ws_max_message().saturating_mul(2);
     ws.max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(READ_BUFFER)
+        // tungstenite's default is 128 KiB per connection, kept for its whole life.
+        .read_buffer_size(gateway.config().ws_read_buffer_bytes)
         .on_upgrade(move |socket| {
             let connections = gateway.connections().clone();
             // Boxed: an `async fn` keeps its arguments twice in its future (rust-lang/rust#62958),

@@ -372,6 +372,8 @@ impl Connection {
         debug!(error = %err, "WebSocket read failed");
         self.reading = false;
         self.read_failed = true;
+        // The connection ends once its answers are out; its subscriptions would keep it open.
+        self.session.close_subscriptions();
         if err.to_string().contains("too long") {
             let too_large = Decoded::Invalid {
                 id: Id::Null,

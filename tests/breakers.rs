@@ -39,7 +39,10 @@ async fn a_failing_group_opens_others_keep_working_and_a_trial_closes_it() {
     let hint = refused["error"]["retry_after_ms"]
         .as_u64()
         .expect("a retry hint");
-    assert!(hint > 0 && hint <= 700, "{hint}");
+    assert!(
+        hint > 0 && hint <= 840,
+        "the cool-down left, plus up to 20 % jitter: {hint}"
+    );
     assert!(
         started.elapsed() < Duration::from_millis(500),
         "refused at once"
@@ -118,7 +121,7 @@ async fn binary_clients_get_circuit_open_with_the_hint_in_the_param_field() {
         Err(ipc_gateway::client::ClientError::Gateway(error)) => {
             assert_eq!(error.code, ipc_gateway::protocol::ErrorCode::CircuitOpen);
             let hint = error.retry_after_ms.expect("a retry hint");
-            assert!(hint > 4000 && hint <= 5000, "{hint}");
+            assert!(hint > 4000 && hint <= 6000, "{hint}");
         }
         other => panic!("{other:?}"),
     }

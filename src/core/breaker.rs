@@ -121,6 +121,23 @@ pub struct GroupStatus {
 pub struct Breakers {
     config: BreakerConfig,
     groups: Mutex<HashMap<Arc<str>, Group>>,
+    /// Steps the retry hints' jitter (no need for a real random source: it only has to differ
+    /// from one refusal to the next).
+    jitter: std::sync::atomic::AtomicU64,
+}
+
+/// Up to this share of the wait is added to a retry hint, so that clients refused together do
+/// not all come back together when the cool-down ends.
+const RETRY_JITTER: f64 = 0.2;
+
+/// `wait` plus 0 to `RETRY_JITTER` of it, picked from `seed` (splitmix64).
+fn jittered(wait: Duration, seed: u64) -> Duration {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let share = (z >> 11) as f64 / (1u64 << 53) as f64;
+    wait + wait.mul_f64(RETRY_JITTER * share)
 }
 
 /// Permission for one request to go through; report its outcome with `record`.
@@ -135,9 +152,13 @@ pub struct Admission {
 
 impl Breakers {
     pub fn new(config: BreakerConfig) -> Arc<Breakers> {
+        let seed = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |t| t.as_nanos() as u64);
         Arc::new(Breakers {
             config,
             groups: Mutex::new(HashMap::new()),
+            jitter: std::sync::atomic::AtomicU64::new(seed),
         })
     }
 
@@ -219,7 +240,11 @@ impl Breakers {
                         "the circuit for {key} is open after repeated failures; retry after the hint"
                     ),
                 );
-                error.retry_after_ms = Some(wait.as_millis().clamp(1, u32::MAX as u128) as u32);
+                let seed = self
+                    .jitter
+                    .fetch_add(0x9E37_79B9_7F4A_7C15, std::sync::atomic::Ordering::Relaxed);
+                let hint = jittered(wait, seed);
+                error.retry_after_ms = Some(hint.as_millis().clamp(1, u32::MAX as u128) as u32);
                 return Err(error);
             }
         };
@@ -399,7 +424,11 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(error.code, ErrorCode::CircuitOpen);
-        assert_eq!(error.retry_after_ms, Some(4000));
+        let hint = error.retry_after_ms.unwrap();
+        assert!(
+            (4000..=4800).contains(&hint),
+            "the cool-down left plus jitter: {hint}"
+        );
         assert!(b.admit_at("svc.b.x", now).is_ok());
     }
 
@@ -455,7 +484,8 @@ mod tests {
             .admit_at("svc.a", later + Duration::from_secs(1))
             .err()
             .unwrap();
-        assert_eq!(error.retry_after_ms, Some(4000));
+        let hint = error.retry_after_ms.unwrap();
+        assert!((4000..=4800).contains(&hint), "{hint}");
     }
 
     #[test]
@@ -527,6 +557,20 @@ mod tests {
             state(&b, "svc.a"),
             State::Closed,
             "one failure in a new window"
+        );
+    }
+
+    #[test]
+    fn retry_hints_are_spread_over_a_fifth_of_the_wait() {
+        let wait = Duration::from_millis(1000);
+        let hints: Vec<Duration> = (0..1000u64)
+            .map(|n| jittered(wait, n.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+            .collect();
+        assert!(hints.iter().all(|h| *h >= wait && *h <= wait.mul_f64(1.2)));
+        let low = hints.iter().filter(|h| **h < wait.mul_f64(1.1)).count();
+        assert!(
+            (350..=650).contains(&low),
+            "about half below the middle: {low}"
         );
     }
 }

@@ -48,6 +48,7 @@ pub const KEYS: &[&str] = &[
     "breaker_failure_rate",
     "breaker_window_ms",
     "breaker_min_requests",
+    "breaker_reconnect_grace_ms",
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,6 +126,9 @@ pub struct Config {
     pub breaker_window_ms: u64,
     /// Requests a window needs before its failure rate counts.
     pub breaker_min_requests: u32,
+    /// After a NATS connection comes up, how long `NO_RESPONDERS` does not count against a
+    /// breaker (services reconnect after the gateway); 0 = always counts.
+    pub breaker_reconnect_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +173,7 @@ impl Default for Config {
             breaker_failure_rate: 0.0,
             breaker_window_ms: 10_000,
             breaker_min_requests: 20,
+            breaker_reconnect_grace_ms: 5000,
         }
     }
 }
@@ -310,6 +315,7 @@ impl Config {
             failure_rate: self.breaker_failure_rate,
             window: Duration::from_millis(self.breaker_window_ms),
             min_requests: self.breaker_min_requests,
+            reconnect_grace: Duration::from_millis(self.breaker_reconnect_grace_ms),
         }
     }
 

@@ -210,6 +210,10 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     breaker_min_requests: Option<u32>,
+    /// After NATS (re)connects, ms during which NO_RESPONDERS does not count; 0 = off [default: 5000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breaker_reconnect_grace_ms: Option<u64>,
 }
 
 fn main() -> ExitCode {

@@ -24,7 +24,14 @@ async fn a_failing_group_opens_others_keep_working_and_a_trial_closes_it() {
     let _other = spawn_echo(&nats.url(), "svc.other.echo", Duration::ZERO).await;
     let gateway = GatewayProcess::start(
         &nats.url(),
-        &["--breaker-failures", "3", "--breaker-cooldown-ms", "700"],
+        &[
+            "--breaker-failures",
+            "3",
+            "--breaker-cooldown-ms",
+            "700",
+            "--breaker-reconnect-grace-ms",
+            "0",
+        ],
     );
     let mut conn = gateway.json().await;
     for id in 0..3 {
@@ -78,7 +85,14 @@ async fn a_failed_trial_opens_the_breaker_again_and_bad_requests_do_not_count() 
     let nats = NatsServer::start();
     let gateway = GatewayProcess::start(
         &nats.url(),
-        &["--breaker-failures", "2", "--breaker-cooldown-ms", "300"],
+        &[
+            "--breaker-failures",
+            "2",
+            "--breaker-cooldown-ms",
+            "300",
+            "--breaker-reconnect-grace-ms",
+            "0",
+        ],
     );
     let mut conn = gateway.json().await;
     // A client's mistakes say nothing about the service.
@@ -107,7 +121,14 @@ async fn binary_clients_get_circuit_open_with_the_hint_in_the_param_field() {
     let nats = NatsServer::start();
     let gateway = GatewayProcess::start(
         &nats.url(),
-        &["--breaker-failures", "1", "--breaker-cooldown-ms", "5000"],
+        &[
+            "--breaker-failures",
+            "1",
+            "--breaker-cooldown-ms",
+            "5000",
+            "--breaker-reconnect-grace-ms",
+            "0",
+        ],
     );
     let client = ipc_gateway::client::Client::connect(&gateway.socket)
         .await
@@ -125,4 +146,45 @@ async fn binary_clients_get_circuit_open_with_the_hint_in_the_param_field() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn no_responders_just_after_nats_comes_back_do_not_open_a_breaker() {
+    let mut nats = NatsServer::start();
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--breaker-failures",
+            "2",
+            "--breaker-reconnect-grace-ms",
+            "3000",
+        ],
+    );
+    let mut conn = gateway.json().await;
+    // Right after start: the services may still be connecting.
+    for id in 0..5 {
+        let answer = conn
+            .call(&format!(r#"{{"id":{id},"subject":"svc.late.work"}}"#))
+            .await;
+        assert_eq!(answer["error"]["code"], "NO_RESPONDERS", "{answer}");
+    }
+    assert_eq!(group_state(&gateway, "svc.late").await, "CLOSED");
+    // After the grace they count.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    for id in 5..7 {
+        conn.call(&format!(r#"{{"id":{id},"subject":"svc.late.work"}}"#))
+            .await;
+    }
+    assert_eq!(group_state(&gateway, "svc.late").await, "OPEN");
+    // A NATS restart starts a new grace: a service that is not back yet is not held to it.
+    nats.kill();
+    nats.restart();
+    gateway.wait_status("/ready", 200).await;
+    for id in 10..15 {
+        let answer = conn
+            .call(&format!(r#"{{"id":{id},"subject":"svc.other.work"}}"#))
+            .await;
+        assert_eq!(answer["error"]["code"], "NO_RESPONDERS", "{answer}");
+    }
+    assert_eq!(group_state(&gateway, "svc.other").await, "CLOSED");
 }

@@ -219,6 +219,8 @@ async fn every_error_code_path_over_websocket() {
         &[
             "--breaker-failures",
             "2",
+            "--breaker-reconnect-grace-ms",
+            "0",
             "--rate-limit-requests-per-sec",
             "20",
         ],

@@ -31,14 +31,19 @@ pub struct BreakerConfig {
     pub window: Duration,
     /// Requests a window needs before its failure rate counts.
     pub min_requests: u32,
+    /// After a NATS connection comes up, how long `NO_RESPONDERS` does not count.
+    pub reconnect_grace: Duration,
 }
 
 /// What a finished request says about the service behind its subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Success,
-    /// `TIMEOUT` or `NO_RESPONDERS`: the service did not answer.
+    /// `TIMEOUT`: the service did not answer in time.
     Failure,
+    /// `NO_RESPONDERS`: nobody listens. A failure, except just after a NATS connection came
+    /// (back) up, when services are still reconnecting themselves.
+    NoResponders,
     /// Anything else (a client's bad request, NATS down, overload): says nothing.
     Neutral,
 }
@@ -47,7 +52,8 @@ impl Outcome {
     pub fn of(result: Result<(), ErrorCode>) -> Outcome {
         match result {
             Ok(()) => Outcome::Success,
-            Err(ErrorCode::Timeout | ErrorCode::NoResponders) => Outcome::Failure,
+            Err(ErrorCode::Timeout) => Outcome::Failure,
+            Err(ErrorCode::NoResponders) => Outcome::NoResponders,
             Err(_) => Outcome::Neutral,
         }
     }
@@ -121,6 +127,12 @@ pub struct GroupStatus {
 pub struct Breakers {
     config: BreakerConfig,
     groups: Mutex<HashMap<Arc<str>, Group>>,
+    /// When a NATS connection of the pool last came up. Services reconnect on their own
+    /// schedule, often a little after the gateway: `NO_RESPONDERS` within
+    /// `config.reconnect_grace` of it is not held against them. Without this, the gateway
+    /// reconnecting first after a NATS restart opened every busy service's breaker for a whole
+    /// cool-down (measured in the soak).
+    connected_at: Mutex<Option<Instant>>,
     /// Steps the retry hints' jitter (no need for a real random source: it only has to differ
     /// from one refusal to the next).
     jitter: std::sync::atomic::AtomicU64,
@@ -158,8 +170,25 @@ impl Breakers {
         Arc::new(Breakers {
             config,
             groups: Mutex::new(HashMap::new()),
+            connected_at: Mutex::new(None),
             jitter: std::sync::atomic::AtomicU64::new(seed),
         })
+    }
+
+    /// A NATS connection of the pool came up (at start or after a loss).
+    pub fn nats_connected(&self) {
+        self.nats_connected_at(Instant::now());
+    }
+
+    pub fn nats_connected_at(&self, now: Instant) {
+        *self.connected_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+    }
+
+    fn in_reconnect_grace(&self, now: Instant) -> bool {
+        self.connected_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| now.saturating_duration_since(at) < self.config.reconnect_grace)
     }
 
     fn groups(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Group>> {
@@ -257,6 +286,11 @@ impl Breakers {
     }
 
     fn settle(&self, group: &str, trial: bool, outcome: Outcome, now: Instant) {
+        let outcome = match outcome {
+            Outcome::NoResponders if self.in_reconnect_grace(now) => Outcome::Neutral,
+            Outcome::NoResponders => Outcome::Failure,
+            other => other,
+        };
         let config = self.config;
         let mut groups = self.groups();
         let Some(group) = groups.get_mut(group) else {
@@ -267,7 +301,8 @@ impl Breakers {
                 group.successes += 1;
                 group.consecutive_failures = 0;
             }
-            Outcome::Failure => {
+            // (`NoResponders` was turned into one of the others above.)
+            Outcome::Failure | Outcome::NoResponders => {
                 group.failures += 1;
                 group.consecutive_failures += 1;
             }
@@ -282,7 +317,7 @@ impl Breakers {
                     group.window_failures = 0;
                     group.change(State::Closed);
                 }
-                Outcome::Failure => group.open(now, config.cooldown),
+                Outcome::Failure | Outcome::NoResponders => group.open(now, config.cooldown),
                 // The slot goes back: the next request is the trial.
                 Outcome::Neutral => group.trial_out = false,
             }
@@ -376,6 +411,7 @@ mod tests {
             failure_rate,
             window: Duration::from_secs(10),
             min_requests: 4,
+            reconnect_grace: Duration::from_secs(5),
         })
     }
 
@@ -444,7 +480,10 @@ mod tests {
         assert_eq!(state(&b, "svc.a"), State::Closed);
         assert_eq!(Outcome::of(Err(ErrorCode::BadRequest)), Outcome::Neutral);
         assert_eq!(Outcome::of(Err(ErrorCode::Timeout)), Outcome::Failure);
-        assert_eq!(Outcome::of(Err(ErrorCode::NoResponders)), Outcome::Failure);
+        assert_eq!(
+            Outcome::of(Err(ErrorCode::NoResponders)),
+            Outcome::NoResponders
+        );
         assert_eq!(Outcome::of(Ok(())), Outcome::Success);
     }
 
@@ -571,6 +610,42 @@ mod tests {
         assert!(
             (350..=650).contains(&low),
             "about half below the middle: {low}"
+        );
+    }
+
+    #[test]
+    fn no_responders_just_after_a_nats_reconnect_do_not_count() {
+        let b = breakers(0.0);
+        let now = Instant::now();
+        b.nats_connected_at(now);
+        let soon = now + Duration::from_secs(1);
+        for _ in 0..10 {
+            b.admit_at("svc.a.x", soon)
+                .unwrap()
+                .record_at(Outcome::NoResponders, soon);
+        }
+        assert_eq!(
+            state(&b, "svc.a"),
+            State::Closed,
+            "services are reconnecting"
+        );
+        // A timeout is still a failure, grace or not.
+        for _ in 0..3 {
+            b.admit_at("svc.t.x", soon)
+                .unwrap()
+                .record_at(Outcome::Failure, soon);
+        }
+        assert_eq!(state(&b, "svc.t"), State::Open);
+        let later = now + Duration::from_secs(5) + Duration::from_millis(1);
+        for _ in 0..3 {
+            b.admit_at("svc.a.x", later)
+                .unwrap()
+                .record_at(Outcome::NoResponders, later);
+        }
+        assert_eq!(
+            state(&b, "svc.a"),
+            State::Open,
+            "after the grace they count"
         );
     }
 }

@@ -74,12 +74,14 @@ impl Gateway {
         let metrics = Metrics::new();
         let shutdown = Shutdown::default();
         let (retries, to_retry) = tokio::sync::mpsc::unbounded_channel();
+        let breakers = breaker::Breakers::new(config.breaker());
         let pool = NatsPool::connect(
             config.nats_servers()?,
             config.nats_connections,
             metrics.clone(),
             shutdown.clone(),
             retries,
+            breakers.clone(),
         )
         .await?;
         // Bounded in practice: only requests already in flight (each counted against its
@@ -92,7 +94,6 @@ impl Gateway {
         }
         metrics.nats_pool_size.set(pool.size() as f64);
         let budget = ByteBudget::new(config.max_inflight_bytes);
-        let breakers = breaker::Breakers::new(config.breaker());
         let connection_slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
         let default_subject = config.default_subject.clone().map(Subject::from);
         Ok(Gateway {

@@ -15,6 +15,7 @@ use async_nats::{Client, ConnectOptions};
 use deadpool::managed::{self, Metrics as PoolMetrics, Object, RecycleError, RecycleResult};
 use metrics::Counter;
 
+use super::breaker::Breakers;
 use super::replies::{Pending, ReplyRouter};
 use super::shutdown::Shutdown;
 use crate::ops::metrics::Metrics;
@@ -45,6 +46,9 @@ pub struct NatsManager {
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
     retries: mpsc::UnboundedSender<Pending>,
+    /// Told when a connection comes up, so that `NO_RESPONDERS` from services still
+    /// reconnecting is not held against them.
+    breakers: Arc<Breakers>,
 }
 
 impl managed::Manager for NatsManager {
@@ -54,9 +58,14 @@ impl managed::Manager for NatsManager {
     async fn create(&self) -> Result<PoolConn, Self::Error> {
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
         let (lost_sender, lost) = watch::channel(0u64);
-        let client = connect_options(index, self.metrics.nats_slow_consumer.clone(), lost_sender)
-            .connect(self.servers.clone())
-            .await?;
+        let client = connect_options(
+            index,
+            self.metrics.nats_slow_consumer.clone(),
+            lost_sender,
+            self.breakers.clone(),
+        )
+        .connect(self.servers.clone())
+        .await?;
         let router = ReplyRouter::new(
             client.new_inbox(),
             self.metrics.clone(),
@@ -103,6 +112,7 @@ fn connect_options(
     index: usize,
     slow_consumer: Counter,
     lost: watch::Sender<u64>,
+    breakers: Arc<Breakers>,
 ) -> ConnectOptions {
     let lost = Arc::new(lost);
     ConnectOptions::new()
@@ -118,6 +128,7 @@ fn connect_options(
         .event_callback(move |event| {
             let slow_consumer = slow_consumer.clone();
             let lost = lost.clone();
+            let breakers = breakers.clone();
             async move {
                 match event {
                     async_nats::Event::SlowConsumer(sid) => {
@@ -127,7 +138,10 @@ fn connect_options(
                             sid, "NATS subscription buffer full: message dropped"
                         );
                     }
-                    async_nats::Event::Connected => info!(connection = index, "NATS connected"),
+                    async_nats::Event::Connected => {
+                        breakers.nats_connected();
+                        info!(connection = index, "NATS connected");
+                    }
                     async_nats::Event::Disconnected => {
                         lost.send_modify(|drops| *drops += 1);
                         warn!(connection = index, "NATS disconnected");
@@ -204,6 +218,7 @@ impl NatsPool {
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
         retries: mpsc::UnboundedSender<Pending>,
+        breakers: Arc<Breakers>,
     ) -> Result<Arc<NatsPool>, String> {
         let manager = NatsManager {
             servers,
@@ -211,6 +226,7 @@ impl NatsPool {
             metrics,
             shutdown,
             retries,
+            breakers,
         };
         let pool = managed::Pool::builder(manager)
             .max_size(size)

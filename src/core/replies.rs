@@ -413,6 +413,7 @@ mod tests {
                 failure_rate: 0.0,
                 window: Duration::from_secs(10),
                 min_requests: 20,
+                reconnect_grace: Duration::ZERO,
             })
             .admit("svc.a")
             .unwrap(),

@@ -1662,26 +1662,8 @@ fn run() -> Result<(), String> {
     let dir = TempDir::new("ipc-gw-bench")?;
 
     // One nats-server, one echo service.
-    let nats_port = free_port()?;
-    let mut nats = Proc::spawn(
-        "nats-server",
-        Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &nats_port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file(&dir.0, "nats-server.log")?),
-    )?;
-    wait_for_tcp(nats_port, &mut nats)?;
-    let nats_url = format!("nats://127.0.0.1:{nats_port}");
-    let mut echo = Proc::spawn(
-        "ipc-gateway demo-echo",
-        Command::new(&bin)
-            .args(["demo-echo", "--nats-url", &nats_url, "--subject", SUBJECT])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file(&dir.0, "echo.log")?),
-    )?;
+    let (mut nats, nats_url) = start_nats(&dir.0)?;
+    let mut echo = start_echo(&bin, &nats_url, SUBJECT, &dir.0)?;
     let mut gateways = Vec::new();
     for &workers in &settings.workers {
         gateways.push(start_gateway(

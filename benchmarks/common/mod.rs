@@ -152,6 +152,35 @@ pub fn wait_for_tcp(port: u16, proc: &mut Proc) -> Result<(), String> {
     Ok(())
 }
 
+/// One nats-server on a free loopback port, logging into `dir`; returns it and its URL.
+pub fn start_nats(dir: &Path) -> Result<(Proc, String), String> {
+    let port = free_port()?;
+    let mut nats = Proc::spawn(
+        "nats-server",
+        Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(dir, "nats-server.log")?),
+    )?;
+    wait_for_tcp(port, &mut nats)?;
+    Ok((nats, format!("nats://127.0.0.1:{port}")))
+}
+
+/// The demo echo service (`ipc-gateway demo-echo`) answering `subject`, logging warnings
+/// into `dir`.
+pub fn start_echo(bin: &Path, nats_url: &str, subject: &str, dir: &Path) -> Result<Proc, String> {
+    Proc::spawn(
+        "ipc-gateway demo-echo",
+        Command::new(bin)
+            .args(["demo-echo", "--nats-url", nats_url, "--subject", subject])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(dir, "echo.log")?),
+    )
+}
+
 /// `GET path` on a loopback port: the status code and the body.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let address = SocketAddr::from(([127, 0, 0, 1], port));

@@ -58,14 +58,11 @@ impl Queues {
         if self.dropped.is_empty() && self.dropped.capacity() > 0 {
             self.dropped = Vec::new();
         }
-    }
-
-    fn has_stream_work(&self) -> bool {
-        !self.stream.is_empty()
-            || self
-                .credited
-                .iter()
-                .any(|c| c.credit > 0 && !c.held.is_empty())
+        for credited in &mut self.credited {
+            if credited.held.is_empty() && credited.held.capacity() > 0 {
+                credited.held = VecDeque::new();
+            }
+        }
     }
 }
 
@@ -249,11 +246,6 @@ impl Outbox {
             self.pending.fetch_sub(control, Ordering::AcqRel);
             self.room.notify_one();
         }
-    }
-
-    pub fn has_work(&self) -> bool {
-        let queues = self.queues();
-        !queues.control.is_empty() || !queues.dropped.is_empty() || queues.has_stream_work()
     }
 
     /// The client is gone: drop everything queued, accept nothing more, and return how many

@@ -315,8 +315,9 @@ impl Connection {
             if self.unanswered_pings >= 2 {
                 debug!("closing a WebSocket that missed two pongs");
                 self.gateway.metrics().heartbeat_disconnected(Frontend::Ws);
-                // Nobody answers: the close frame is a courtesy, the connection is gone.
-                self.outbox.abandon();
+                // Nobody answers: the close frame is a courtesy, the connection is gone, and
+                // so are the answers it was owed.
+                self.lost(0);
                 return Err(Ending::Close(close::POLICY, "heartbeat timeout: no pong"));
             }
             self.unanswered_pings += 1;
@@ -392,9 +393,8 @@ impl Connection {
 
     /// Writes one batch; a socket that stays full past the stall time ends the connection.
     async fn write(&mut self, batch: Batch) -> Result<(), Ending> {
-        let stall = Duration::from_millis(self.gateway.config().slow_client_stall_ms);
         let wire = self.format.unwrap_or(WireFormat::JsonLines);
-        let sent = tokio::time::timeout(stall, async {
+        let sent = tokio::time::timeout(self.stall(), async {
             for event in &batch.events {
                 let Some(message) = encode(wire, event, &mut self.buf) else {
                     continue;
@@ -407,39 +407,40 @@ impl Connection {
         // `split` leaves the rest of the encoding buffer's allocation behind, alive for as
         // long as `buf` is: start afresh so that an idle connection keeps none of it.
         self.buf = BytesMut::new();
+        self.settle_send(sent, batch.control)?;
+        self.outbox.written(batch.control);
+        Ok(())
+    }
+
+    async fn send_within_stall(&mut self, message: Message) -> Result<(), Ending> {
+        let sent = tokio::time::timeout(self.stall(), self.socket.send(message)).await;
+        self.settle_send(sent, 0)
+    }
+
+    fn stall(&self) -> Duration {
+        Duration::from_millis(self.gateway.config().slow_client_stall_ms)
+    }
+
+    /// What a send given the stall time to finish means: done, the client gone, or a client
+    /// that stopped reading. In the last two cases `unwritten_answers` (and everything still
+    /// queued) are lost.
+    fn settle_send(
+        &self,
+        sent: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
+        unwritten_answers: usize,
+    ) -> Result<(), Ending> {
         match sent {
-            Ok(Ok(())) => {
-                self.outbox.written(batch.control);
-                Ok(())
-            }
-            Ok(Err(_)) => Err(self.lost(batch.control)),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(self.lost(unwritten_answers)),
             Err(_) => {
                 debug!(
-                    stall_ms = stall.as_millis() as u64,
+                    stall_ms = self.stall().as_millis() as u64,
                     "disconnecting a WebSocket client that stopped reading"
                 );
                 self.gateway
                     .metrics()
                     .slow_client_disconnected(Frontend::Ws);
-                self.lost(batch.control);
-                Err(Ending::Close(
-                    close::SLOW_CONSUMER,
-                    "slow consumer: stopped reading",
-                ))
-            }
-        }
-    }
-
-    async fn send_within_stall(&mut self, message: Message) -> Result<(), Ending> {
-        let stall = Duration::from_millis(self.gateway.config().slow_client_stall_ms);
-        match tokio::time::timeout(stall, self.socket.send(message)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(self.lost(0)),
-            Err(_) => {
-                self.gateway
-                    .metrics()
-                    .slow_client_disconnected(Frontend::Ws);
-                self.lost(0);
+                self.lost(unwritten_answers);
                 Err(Ending::Close(
                     close::SLOW_CONSUMER,
                     "slow consumer: stopped reading",

@@ -9,6 +9,7 @@ pub mod frontend;
 pub mod ops;
 pub mod protocol;
 pub mod server;
+pub mod telemetry;
 
 pub use crate::config::Config;
 pub use crate::core::Gateway;

@@ -243,7 +243,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(err) => return fail(2, &err.to_string()),
     };
-    ipc_gateway::ops::logging::init(config.log_format);
+    ipc_gateway::telemetry::logging::init(config.log_format);
     let mut builder = if config.worker_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -326,7 +326,7 @@ async fn run_client(command: Command) -> ExitCode {
             fail(1, "the gateway closed the connection")
         }
         Command::DemoEcho { nats_url, subject } => {
-            ipc_gateway::ops::logging::init(LogFormat::Text);
+            ipc_gateway::telemetry::logging::init(LogFormat::Text);
             match ipc_gateway::demo::echo(&nats_url, &subject).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => fail(1, &format!("demo echo: {err}")),

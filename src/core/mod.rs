@@ -19,9 +19,10 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::config::Config;
-use crate::ops::metrics::{Frontend, Metrics};
+use crate::protocol::Frontend;
 use crate::protocol::subject::{SubjectUse, validate_queue_group, validate_subject};
 use crate::protocol::{Envelope, ErrorCode, GatewayError, Id, Op};
+use crate::telemetry::metrics::Metrics;
 use budget::ByteBudget;
 use pool::NatsPool;
 pub use replies::ReplySink;

@@ -18,7 +18,7 @@ use metrics::Counter;
 use super::breaker::Breakers;
 use super::replies::{Pending, ReplyRouter};
 use super::shutdown::Shutdown;
-use crate::ops::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 use tokio::sync::mpsc;
 use tokio::sync::watch;
 use tracing::{info, warn};

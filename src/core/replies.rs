@@ -22,8 +22,9 @@ use super::Reply;
 use super::breaker::{Admission, Outcome};
 use super::budget::BudgetPermit;
 use super::shutdown::Shutdown;
-use crate::ops::metrics::{Frontend, Metrics};
+use crate::protocol::Frontend;
 use crate::protocol::{ErrorCode, GatewayError, Id, Op};
+use crate::telemetry::metrics::Metrics;
 
 /// Where a request's one answer goes.
 pub trait ReplySink: Send + Sync + 'static {

@@ -14,7 +14,7 @@ use tokio::task::AbortHandle;
 
 use crate::core::ratelimit::RateLimit;
 use crate::core::{Gateway, Lane, Subscription};
-use crate::ops::metrics::Frontend;
+use crate::protocol::Frontend;
 use crate::protocol::{Decoded, Envelope, ErrorCode, GatewayError, Id, Op, Outbound};
 
 use super::outbox::Outbox;

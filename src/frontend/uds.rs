@@ -21,8 +21,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::core::Gateway;
-use crate::ops::metrics::{Frontend, Metrics};
+use crate::protocol::Frontend;
 use crate::protocol::{ErrorCode, GatewayError, Id, Outbound, WireDecoder, WireFormat};
+use crate::telemetry::metrics::Metrics;
 
 use super::outbox::Outbox;
 use super::session::{Flow, Session};

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::core::Gateway;
-use crate::ops::metrics::Frontend;
+use crate::protocol::Frontend;
 use crate::protocol::binary::BinaryDecoder;
 use crate::protocol::{Decoded, ErrorCode, GatewayError, Id, Outbound, WireFormat, json};
 

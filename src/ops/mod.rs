@@ -1,7 +1,5 @@
-//! Operations beside the core: metrics, the HTTP port (health, readiness, metrics, the browser
-//! page) and logging.
+//! The operator's HTTP port: health, readiness, status, metrics and the browser page. The
+//! server composes it with the WebSocket route; it names no front-end.
 
 pub mod http;
-pub mod logging;
-pub mod metrics;
 pub mod page;

@@ -23,8 +23,9 @@ use tracing::{debug, warn};
 
 use crate::core::ratelimit::RateLimit;
 use crate::core::{Gateway, Lane};
-use crate::ops::metrics::{Frontend, Metrics};
+use crate::protocol::Frontend;
 use crate::protocol::{ErrorCode, GatewayError};
+use crate::telemetry::metrics::Metrics;
 
 /// Connections over the limit that may be answered OVERLOADED at once.
 const MAX_POLITE_REFUSALS: usize = 64;

@@ -16,7 +16,7 @@ use tracing::debug;
 use crate::core::Gateway;
 use crate::frontend::outbox::Outbox;
 use crate::frontend::session::Session;
-use crate::ops::metrics::Frontend;
+use crate::protocol::Frontend;
 use crate::protocol::{Decoded, Envelope, ErrorCode, GatewayError, Id, Op, Outbound};
 
 use super::conn::{ConnState, state_of};

@@ -9,27 +9,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::protocol::{ErrorCode, Op};
-
-/// Which front-end a client came through; a label on every per-client metric.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Frontend {
-    Uds,
-    Ws,
-    Grpc,
-}
-
-impl Frontend {
-    pub const ALL: [Frontend; 3] = [Frontend::Uds, Frontend::Ws, Frontend::Grpc];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Frontend::Uds => "uds",
-            Frontend::Ws => "ws",
-            Frontend::Grpc => "grpc",
-        }
-    }
-}
+use crate::protocol::{ErrorCode, Frontend, Op};
 
 const OPS: [Op; 6] = [
     Op::Request,

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
+use crate::protocol::Headers;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -46,7 +46,7 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub struct ClientReply {
     pub data: Bytes,
-    pub headers: Option<HeaderMap>,
+    pub headers: Option<Headers>,
 }
 
 /// A message delivered on a subscription, or a notice that some were dropped.
@@ -55,7 +55,7 @@ pub enum SubscriptionEvent {
     Message {
         subject: String,
         reply_to: Option<String>,
-        headers: Option<HeaderMap>,
+        headers: Option<Headers>,
         data: Bytes,
     },
     Dropped(u64),
@@ -140,7 +140,7 @@ impl Client {
     pub async fn request_with(
         &self,
         subject: &str,
-        headers: Option<&HeaderMap>,
+        headers: Option<&Headers>,
         data: &[u8],
         timeout: Option<Duration>,
     ) -> Result<ClientReply, ClientError> {

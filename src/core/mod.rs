@@ -4,6 +4,8 @@
 
 pub mod breaker;
 pub mod budget;
+mod caller;
+mod nats;
 pub mod pool;
 pub mod ratelimit;
 pub mod replies;
@@ -14,16 +16,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::client::RequestErrorKind;
-use async_nats::{HeaderMap, Subject, Subscriber};
+use async_nats::{HeaderMap, Subscriber};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::config::Config;
 use crate::protocol::Frontend;
 use crate::protocol::subject::{SubjectUse, validate_queue_group, validate_subject};
-use crate::protocol::{Envelope, ErrorCode, GatewayError, Id, Op};
+use crate::protocol::{Delivery, Envelope, ErrorCode, GatewayError, Headers, Id, Op, Subject};
 use crate::telemetry::metrics::Metrics;
 use budget::ByteBudget;
+pub use caller::Caller;
 use pool::NatsPool;
 pub use replies::ReplySink;
 use shutdown::Shutdown;
@@ -35,7 +38,7 @@ const SYNC_SUBJECT: &str = "_IPC_GATEWAY.sync";
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub data: Bytes,
-    pub headers: Option<HeaderMap>,
+    pub headers: Option<Headers>,
 }
 
 #[derive(Clone)]
@@ -113,9 +116,27 @@ impl Gateway {
         })
     }
 
-    /// A connection slot, or `None` when `max_connections` clients are connected.
-    pub fn try_connection_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.inner.connection_slots.clone().try_acquire_owned().ok()
+    /// Admits a new client connection: its slot under `max_connections`, its lane and its
+    /// rate limit. Over the limit, the `OVERLOADED` every front-end answers with.
+    pub fn connect(&self, frontend: Frontend) -> Result<Caller, GatewayError> {
+        let metrics = &self.inner.metrics;
+        let Ok(slot) = self.inner.connection_slots.clone().try_acquire_owned() else {
+            metrics.connection_rejected(frontend);
+            return Err(GatewayError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "the gateway serves its maximum of {} connections; retry later",
+                    self.inner.config.max_connections
+                ),
+            ));
+        };
+        let config = &self.inner.config;
+        let limit = ratelimit::RateLimit::new(
+            config.rate_limit_requests_per_sec,
+            config.rate_limit_bytes_per_sec,
+        );
+        let lane = Lane(self.inner.pool.next_lane());
+        Ok(Caller::new(frontend, lane, limit, metrics.clone(), slot))
     }
 
     /// Tracks client connection tasks (front-ends wrap each connection in it).
@@ -211,11 +232,12 @@ impl Gateway {
     /// that sends faster than NATS takes its requests is slowed down.
     pub async fn start_request(
         &self,
-        frontend: Frontend,
+        caller: &Caller,
         envelope: Envelope,
         sink: Arc<dyn ReplySink>,
     ) {
         let started = Instant::now();
+        let frontend = caller.frontend();
         let metrics = &self.inner.metrics;
         metrics.payload_in(frontend, envelope.data.len());
         let id = envelope.id.clone();
@@ -224,8 +246,15 @@ impl Gateway {
             replies::record(metrics, frontend, started, &result);
             sink.deliver(id.clone(), result);
         };
+        if let Err(error) = caller.admit(envelope.data.len()) {
+            return fail_now(error);
+        }
         let subject = match self.target_subject(&envelope) {
-            Ok(subject) => subject,
+            Ok(subject) => nats::subject(&subject),
+            Err(error) => return fail_now(error),
+        };
+        let headers = match envelope.headers.as_ref().map(nats::header_map).transpose() {
+            Ok(headers) => headers,
             Err(error) => return fail_now(error),
         };
         let admission = match self.inner.breakers.admit(&subject) {
@@ -252,24 +281,23 @@ impl Gateway {
             permit,
             admission,
             resend: envelope.flags.retry.then(|| replies::Resend {
-                subject: subject.clone(),
-                headers: envelope.headers.clone(),
+                headers: headers.clone(),
                 data: envelope.data.clone(),
             }),
             attempts: 0,
         };
-        dispatch(metrics, picked, pending, envelope.headers, envelope.data).await;
+        dispatch(metrics, picked, pending, headers, envelope.data).await;
     }
 
     /// Sends a request and waits for its one answer (for callers that want a future).
     pub async fn request(
         &self,
-        frontend: Frontend,
+        caller: &Caller,
         envelope: Envelope,
     ) -> Result<Reply, GatewayError> {
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let sink = Arc::new(OneshotSink(std::sync::Mutex::new(Some(sender))));
-        self.start_request(frontend, envelope, sink).await;
+        self.start_request(caller, envelope, sink).await;
         receiver.await.unwrap_or_else(|_| {
             Err(GatewayError::new(
                 ErrorCode::Internal,
@@ -279,17 +307,13 @@ impl Gateway {
     }
 
     /// Publishes a message. Success means NATS's client accepted it for sending. Publishes go
-    /// through the client's `lane` (one pool connection), so that messages from one client
+    /// through the caller's lane (one pool connection), so that messages from one client
     /// reach NATS in the order it sent them.
-    pub async fn publish(
-        &self,
-        frontend: Frontend,
-        lane: Lane,
-        envelope: Envelope,
-    ) -> Result<(), GatewayError> {
+    pub async fn publish(&self, caller: &Caller, envelope: Envelope) -> Result<(), GatewayError> {
+        let frontend = caller.frontend();
         let metrics = &self.inner.metrics;
         metrics.payload_in(frontend, envelope.data.len());
-        let result = self.send_publish(lane, envelope).await;
+        let result = self.send_publish(caller, envelope).await;
         metrics.operation(
             frontend,
             Op::Publish,
@@ -298,11 +322,17 @@ impl Gateway {
         result
     }
 
-    async fn send_publish(&self, lane: Lane, envelope: Envelope) -> Result<(), GatewayError> {
-        let subject = self.target_subject(&envelope)?;
+    async fn send_publish(&self, caller: &Caller, envelope: Envelope) -> Result<(), GatewayError> {
+        caller.admit(envelope.data.len())?;
+        let subject = nats::subject(&self.target_subject(&envelope)?);
+        let headers = envelope
+            .headers
+            .as_ref()
+            .map(nats::header_map)
+            .transpose()?;
         let _permit = self.inner.budget.try_acquire(envelope.data.len())?;
-        let client = self.inner.pool.client_on(lane.0)?.client;
-        let sent = match envelope.headers {
+        let client = self.inner.pool.client_on(caller.lane().0)?.client;
+        let sent = match headers {
             Some(headers) => {
                 client
                     .publish_with_headers(subject, headers, envelope.data)
@@ -310,30 +340,32 @@ impl Gateway {
             }
             None => client.publish(subject, envelope.data).await,
         };
-        sent.map_err(|err| match err.kind() {
-            async_nats::client::PublishErrorKind::MaxPayloadExceeded => GatewayError::new(
-                ErrorCode::TooLarge,
-                format!("NATS refused the payload: {err}"),
-            ),
-            _ => GatewayError::new(
-                ErrorCode::Unavailable,
-                format!("NATS publish failed: {err}"),
-            ),
-        })
+        sent.map_err(|err| nats::publish_error(&err))
     }
 
     /// Opens a NATS subscription (wildcards allowed, optional queue group). The caller owns
     /// the `Subscriber`: dropping it unsubscribes.
     pub async fn subscribe(
         &self,
-        frontend: Frontend,
-        lane: Lane,
+        caller: &Caller,
         subject: &Subject,
         queue: Option<&str>,
     ) -> Result<Subscription, GatewayError> {
-        let result = self.open_subscription(lane, subject, queue).await;
+        let result = match caller.admit(0) {
+            Ok(()) => self
+                .open_subscription(caller.lane(), subject, queue)
+                .await
+                .map(|live| Subscription {
+                    gateway: self.clone(),
+                    lane: caller.lane(),
+                    subject: subject.clone(),
+                    queue: queue.map(str::to_owned),
+                    live,
+                }),
+            Err(error) => Err(error),
+        };
         self.inner.metrics.operation(
-            frontend,
+            caller.frontend(),
             Op::Subscribe,
             result.as_ref().map(|_| ()).map_err(|e| e.code),
         );
@@ -345,7 +377,7 @@ impl Gateway {
         lane: Lane,
         subject: &Subject,
         queue: Option<&str>,
-    ) -> Result<Subscription, GatewayError> {
+    ) -> Result<LiveSubscription, GatewayError> {
         validate_subject(subject, SubjectUse::Subscribe)?;
         if let Some(queue) = queue {
             validate_queue_group(queue)?;
@@ -353,20 +385,12 @@ impl Gateway {
         let pool::Picked {
             client, retired, ..
         } = self.inner.pool.client_on(lane.0)?;
+        let subject = nats::subject(subject);
         let subscribed = match queue {
-            Some(queue) => {
-                client
-                    .queue_subscribe(subject.clone(), queue.to_owned())
-                    .await
-            }
-            None => client.subscribe(subject.clone()).await,
+            Some(queue) => client.queue_subscribe(subject, queue.to_owned()).await,
+            None => client.subscribe(subject).await,
         };
-        let subscriber = subscribed.map_err(|err| {
-            GatewayError::new(
-                ErrorCode::Unavailable,
-                format!("NATS subscribe failed: {err}"),
-            )
-        })?;
+        let subscriber = subscribed.map_err(|err| nats::subscribe_error(&err))?;
         // The acknowledgement promises that messages published after it are delivered, so
         // wait until the server has processed the SUB. `flush()` only writes the socket; a
         // request on the same connection to a subject nobody serves comes back (as "no
@@ -383,11 +407,11 @@ impl Gateway {
             ));
         };
         match confirmed {
-            Ok(_) => Ok(Subscription {
+            Ok(_) => Ok(LiveSubscription {
                 subscriber,
                 retired,
             }),
-            Err(err) if err.kind() == RequestErrorKind::NoResponders => Ok(Subscription {
+            Err(err) if err.kind() == RequestErrorKind::NoResponders => Ok(LiveSubscription {
                 subscriber,
                 retired,
             }),
@@ -396,22 +420,6 @@ impl Gateway {
                 format!("NATS did not confirm the subscription: {err}"),
             )),
         }
-    }
-
-    /// Opens a subscription again after its NATS connection went away (not counted as a new
-    /// client operation).
-    pub async fn resubscribe(
-        &self,
-        lane: Lane,
-        subject: &Subject,
-        queue: Option<&str>,
-    ) -> Result<Subscription, GatewayError> {
-        self.open_subscription(lane, subject, queue).await
-    }
-
-    /// A lane for a new client: its publishes and subscriptions share one pool connection.
-    pub fn new_lane(&self) -> Lane {
-        Lane(self.inner.pool.next_lane())
     }
 
     /// Counts an operation that never reached the core (bad input, acks, pings).
@@ -453,15 +461,54 @@ impl Gateway {
     }
 }
 
-/// An open NATS subscription. Its stream ends when NATS ends it or when the pool retires the
-/// connection it lives on; dropping it unsubscribes.
+/// A client's subscription. It outlives the NATS connection it was opened on: when the pool
+/// replaces that connection, it subscribes again on a healthy one, with backoff. Dropping it
+/// unsubscribes.
 pub struct Subscription {
+    gateway: Gateway,
+    lane: Lane,
+    subject: Subject,
+    queue: Option<String>,
+    live: LiveSubscription,
+}
+
+impl Subscription {
+    /// The next message (waits for ever when none comes).
+    pub async fn next(&mut self) -> Delivery {
+        loop {
+            if let Some(message) = self.live.next().await {
+                return nats::delivery(message);
+            }
+            self.live = self.reopen().await;
+            tracing::info!(subject = %self.subject, "subscription restored on another NATS connection");
+        }
+    }
+
+    async fn reopen(&self) -> LiveSubscription {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            tokio::time::sleep(delay).await;
+            let opened = self
+                .gateway
+                .open_subscription(self.lane, &self.subject, self.queue.as_deref())
+                .await;
+            match opened {
+                Ok(live) => return live,
+                Err(_) => delay = (delay * 2).min(Duration::from_secs(2)),
+            }
+        }
+    }
+}
+
+/// A subscription on one NATS connection. Its stream ends when NATS ends it or when the pool
+/// retires the connection it lives on.
+struct LiveSubscription {
     subscriber: Subscriber,
     retired: tokio::sync::watch::Receiver<bool>,
 }
 
-impl Subscription {
-    pub async fn next(&mut self) -> Option<async_nats::Message> {
+impl LiveSubscription {
+    async fn next(&mut self) -> Option<async_nats::Message> {
         tokio::select! {
             message = self.subscriber.next() => message,
             _ = self.retired.wait_for(|retired| *retired) => None,
@@ -471,7 +518,7 @@ impl Subscription {
 
 /// Which pool connection a client's ordered traffic uses (see `Gateway::publish`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lane(usize);
+struct Lane(usize);
 
 /// Registers a request with its connection's router and publishes it with the reply subject.
 /// Waiting for room in the NATS client's queue is bounded by the request's deadline.
@@ -508,19 +555,7 @@ async fn dispatch(
     // The timer only starts if the send has to wait.
     let error = match tokio::time::timeout(wait, send).await {
         Ok(Ok(())) => return,
-        Ok(Err(err)) => match err.kind() {
-            async_nats::client::PublishErrorKind::MaxPayloadExceeded => GatewayError::new(
-                ErrorCode::TooLarge,
-                format!("NATS refused the payload: {err}"),
-            ),
-            async_nats::client::PublishErrorKind::InvalidSubject => {
-                GatewayError::bad_request(format!("NATS refused the subject: {err}"))
-            }
-            async_nats::client::PublishErrorKind::Send => GatewayError::new(
-                ErrorCode::Unavailable,
-                format!("NATS request failed: {err}"),
-            ),
-        },
+        Ok(Err(err)) => nats::publish_error(&err),
         Err(_) => GatewayError::new(
             ErrorCode::Timeout,
             format!(

@@ -52,10 +52,10 @@ pub struct Pending {
     pub attempts: u32,
 }
 
-/// An idempotent request's message, kept to send it again on another connection.
+/// An idempotent request's message, kept to send it again on another connection (its
+/// subject is the `Pending`'s).
 #[derive(Clone)]
 pub struct Resend {
-    pub subject: Subject,
     pub headers: Option<HeaderMap>,
     pub data: Bytes,
 }
@@ -177,8 +177,8 @@ impl ReplyRouter {
             ))
         } else {
             Ok(Reply {
+                headers: super::nats::headers(message.headers.as_ref()),
                 data: message.payload,
-                headers: message.headers,
             })
         };
         finish(&self.metrics, pending, result);

@@ -1,6 +1,7 @@
 //! Front-ends: each speaks one wire and calls the shared core through a `Session`.
 
 pub mod grpc;
+pub mod lifecycle;
 pub mod outbox;
 pub mod session;
 pub mod uds;

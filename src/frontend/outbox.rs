@@ -13,23 +13,20 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use async_nats::Message;
 use tokio::sync::Notify;
 
 use crate::core::{Reply, ReplySink};
-use crate::protocol::{GatewayError, Id, Outbound};
+use crate::protocol::{Delivery, GatewayError, Id, Outbound};
 
 #[derive(Default)]
 struct Queues {
     control: VecDeque<Outbound>,
-    stream: VecDeque<(Id, Message)>,
+    stream: VecDeque<(Id, Delivery)>,
     /// Drops not yet reported, per subscription id, in order of first drop.
     dropped: Vec<(Id, u64)>,
     /// Subscriptions under credit flow control (few per connection: a list beats a map).
     credited: Vec<Credited>,
     closed: bool,
-    /// For message-based wires (WebSocket): the close code and reason to end with.
-    close_reason: Option<(u16, &'static str)>,
 }
 
 struct Credited {
@@ -37,7 +34,7 @@ struct Credited {
     /// Messages the client still accepts.
     credit: u64,
     /// Messages waiting for credit, oldest first.
-    held: VecDeque<Message>,
+    held: VecDeque<Delivery>,
 }
 
 impl Queues {
@@ -130,7 +127,7 @@ impl Outbox {
 
     /// Queues a subscription message, dropping the oldest one when the stream class is full.
     /// Returns how many were dropped (0 or 1), for the metric.
-    pub fn push_stream(&self, sid: Id, message: Message) -> u64 {
+    pub fn push_stream(&self, sid: Id, message: Delivery) -> u64 {
         let mut queues = self.queues();
         if queues.closed {
             return 0;
@@ -261,15 +258,6 @@ impl Outbox {
         answers
     }
 
-    /// Sets the close code and reason a message-based front-end ends the connection with.
-    pub fn set_close_reason(&self, reason: (u16, &'static str)) {
-        self.queues().close_reason.get_or_insert(reason);
-    }
-
-    pub fn close_reason(&self) -> Option<(u16, &'static str)> {
-        self.queues().close_reason
-    }
-
     /// No more events will come: the writer flushes what is queued, then ends.
     pub fn close(&self) {
         self.queues().closed = true;
@@ -317,15 +305,12 @@ impl ReplySink for Outbox {
 mod tests {
     use super::*;
 
-    fn message(n: u8) -> Message {
-        Message {
+    fn message(n: u8) -> Delivery {
+        Delivery {
             subject: "s".into(),
-            reply: None,
-            payload: vec![n].into(),
+            reply_to: None,
             headers: None,
-            status: None,
-            description: None,
-            length: 1,
+            payload: vec![n].into(),
         }
     }
 

@@ -6,16 +6,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
-
-use async_nats::Subject;
 
 use tokio::task::AbortHandle;
 
-use crate::core::ratelimit::RateLimit;
-use crate::core::{Gateway, Lane, Subscription};
-use crate::protocol::Frontend;
-use crate::protocol::{Decoded, Envelope, ErrorCode, GatewayError, Id, Op, Outbound};
+use crate::core::{Caller, Gateway, Subscription};
+use crate::protocol::{
+    Decoded, Envelope, ErrorCode, Frontend, GatewayError, Id, Op, Outbound, Subject,
+};
 
 use super::outbox::Outbox;
 
@@ -29,30 +26,26 @@ pub enum Flow {
 
 pub struct Session {
     gateway: Gateway,
+    /// The connection as the core knows it (a gRPC connection's calls share one).
+    caller: Arc<Caller>,
     frontend: Frontend,
     outbox: Arc<Outbox>,
-    /// This client's publishes and subscriptions use one pool connection, keeping its order.
-    lane: Lane,
-    /// Requests and payload bytes a second, when the operator set a limit.
-    limit: RateLimit,
     subscriptions: HashMap<Id, AbortHandle>,
 }
 
 impl Session {
-    pub fn new(gateway: Gateway, frontend: Frontend, outbox: Arc<Outbox>) -> Self {
-        let config = gateway.config();
-        let limit = RateLimit::new(
-            config.rate_limit_requests_per_sec,
-            config.rate_limit_bytes_per_sec,
-        );
+    pub fn new(gateway: Gateway, caller: Arc<Caller>, outbox: Arc<Outbox>) -> Self {
         Session {
-            limit,
-            lane: gateway.new_lane(),
+            frontend: caller.frontend(),
+            caller,
             gateway,
-            frontend,
             outbox,
             subscriptions: HashMap::new(),
         }
+    }
+
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
     }
 
     /// Whether some command (a request in flight, or an answer not yet written) is still
@@ -75,35 +68,16 @@ impl Session {
                 return if fatal { Flow::Close } else { Flow::Continue };
             }
         };
-        let limited = matches!(envelope.op, Op::Request | Op::Publish | Op::Subscribe);
-        if limited
-            && !self.limit.is_off()
-            && let Err(error) = self
-                .limit
-                .admit(envelope.data.len(), tokio::time::Instant::now())
-        {
-            self.gateway
-                .count(self.frontend, Some(envelope.op), Err(error.code));
-            self.answer(Outbound::Error {
-                id: envelope.id,
-                error,
-            });
-            return Flow::Continue;
-        }
         match envelope.op {
             Op::Request => {
                 self.outbox.begin_command();
                 self.gateway
-                    .start_request(self.frontend, envelope, self.outbox.clone())
+                    .start_request(&self.caller, envelope, self.outbox.clone())
                     .await;
             }
             Op::Publish => {
                 let id = envelope.id.clone();
-                match self
-                    .gateway
-                    .publish(self.frontend, self.lane, envelope)
-                    .await
-                {
+                match self.gateway.publish(&self.caller, envelope).await {
                     Ok(()) if id.is_null() => {}
                     Ok(()) => self.answer(Outbound::Ack { id }),
                     Err(error) => self.answer(Outbound::Error { id, error }),
@@ -213,16 +187,17 @@ impl Session {
         Ok(())
     }
 
-    async fn subscribe(&mut self, envelope: Envelope) -> Result<(), GatewayError> {
+    /// Opens a subscription whose messages go to the outbox under `envelope.id`. Failures
+    /// are counted; the caller answers.
+    pub async fn subscribe(&mut self, envelope: Envelope) -> Result<(), GatewayError> {
         let sid = envelope.id.clone();
         let subject = self.check_subscription(&envelope).inspect_err(|error| {
             self.gateway
                 .count(self.frontend, Some(Op::Subscribe), Err(error.code));
         })?;
-        let queue = envelope.queue;
-        let subscriber = self
+        let subscription = self
             .gateway
-            .subscribe(self.frontend, self.lane, &subject, queue.as_deref())
+            .subscribe(&self.caller, &subject, envelope.queue.as_deref())
             .await?;
         if let Some(credit) = envelope.credit {
             self.outbox.limit_by_credit(sid.clone(), credit);
@@ -230,11 +205,9 @@ impl Session {
         let pump = tokio::spawn(pump_messages(
             self.gateway.clone(),
             self.frontend,
-            self.lane,
             self.outbox.clone(),
             sid.clone(),
-            (subject, queue),
-            subscriber,
+            subscription,
         ));
         self.gateway.metrics().subscription_opened(self.frontend);
         self.subscriptions.insert(sid, pump.abort_handle());
@@ -272,35 +245,23 @@ impl Session {
 }
 
 /// Moves one subscription's messages into the client's outbox for as long as the client holds
-/// the subscription (this task is aborted on unsubscribe). If the NATS side ends, because its
-/// pool connection was replaced, it subscribes again on a healthy one, with backoff.
+/// the subscription (this task is aborted on unsubscribe; the core re-opens the subscription
+/// itself when its NATS connection is replaced).
 async fn pump_messages(
     gateway: Gateway,
     frontend: Frontend,
-    lane: Lane,
     outbox: Arc<Outbox>,
     sid: Id,
-    (subject, queue): (Subject, Option<String>),
-    mut subscriber: Subscription,
+    mut subscription: Subscription,
 ) {
     let metrics = gateway.metrics().clone();
     loop {
-        while let Some(message) = subscriber.next().await {
-            metrics.payload_out(frontend, message.payload.len());
-            let dropped = outbox.push_stream(sid.clone(), message);
-            if dropped > 0 {
-                metrics.dropped(frontend, dropped);
-            }
+        let message = subscription.next().await;
+        metrics.payload_out(frontend, message.payload.len());
+        let dropped = outbox.push_stream(sid.clone(), message);
+        if dropped > 0 {
+            metrics.dropped(frontend, dropped);
         }
-        let mut delay = Duration::from_millis(50);
-        subscriber = loop {
-            tokio::time::sleep(delay).await;
-            match gateway.resubscribe(lane, &subject, queue.as_deref()).await {
-                Ok(subscriber) => break subscriber,
-                Err(_) => delay = (delay * 2).min(Duration::from_secs(2)),
-            }
-        };
-        tracing::info!(%subject, "subscription restored on another NATS connection");
     }
 }
 

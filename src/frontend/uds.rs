@@ -14,17 +14,16 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::core::Gateway;
-use crate::protocol::Frontend;
-use crate::protocol::{ErrorCode, GatewayError, Id, Outbound, WireDecoder, WireFormat};
-use crate::telemetry::metrics::Metrics;
+use crate::core::{Caller, Gateway};
+use crate::protocol::{Frontend, GatewayError, Id, Outbound, WireDecoder, WireFormat};
 
+use super::lifecycle::{Idle, Lifecycle, RefusalBudget, WriteRules};
 use super::outbox::Outbox;
 use super::session::{Flow, Session};
 
@@ -35,8 +34,6 @@ const FLUSH_AT: usize = 64 * 1024;
 /// Reads take up to this much at a time (and the buffer is reused), so a pipelining client's
 /// requests arrive in few system calls.
 const READ_BUFFER: usize = 64 * 1024;
-/// Connection-limit refusals that may wait (up to 2 s) to answer in the client's format.
-const MAX_POLITE_REFUSALS: usize = 64;
 
 /// The bound socket; removes its file when dropped.
 pub struct UdsListener {
@@ -107,9 +104,7 @@ impl Drop for UdsListener {
 
 /// Accepts connections until shutdown begins, then waits for every connection to finish.
 pub async fn serve(gateway: Gateway, listener: UdsListener) {
-    // Refusals that wait to learn the client's format are few at a time; past that, a
-    // connection is refused at once in JSON, so a flood cannot hold descriptors.
-    let refusals = Arc::new(Semaphore::new(MAX_POLITE_REFUSALS));
+    let refusals = RefusalBudget::default();
     let tracker = TaskTracker::new();
     gateway.set_listener_up(true);
     info!(socket = %listener.path().display(), "listening on the Unix socket");
@@ -127,24 +122,18 @@ pub async fn serve(gateway: Gateway, listener: UdsListener) {
                 continue;
             }
         };
-        let gateway = gateway.clone();
-        match gateway.try_connection_slot() {
-            Some(permit) => {
+        match gateway.connect(Frontend::Uds) {
+            Ok(caller) => {
                 let connection = gateway.connections().track_future(serve_connection(
                     gateway.clone(),
                     stream,
-                    permit,
+                    caller,
                 ));
                 tracker.spawn(connection);
             }
-            None => match refusals.clone().try_acquire_owned() {
-                Ok(refusal) => {
-                    tracker.spawn(reject_connection(gateway, stream, Some(refusal)));
-                }
-                Err(_) => {
-                    tracker.spawn(reject_connection(gateway, stream, None));
-                }
-            },
+            Err(refusal) => {
+                tracker.spawn(reject_connection(stream, refusal, refusals.polite()));
+            }
         }
     }
     gateway.set_listener_up(false);
@@ -153,14 +142,13 @@ pub async fn serve(gateway: Gateway, listener: UdsListener) {
     tracker.wait().await;
 }
 
-/// Tells a client over the connection limit why, in the format it speaks, then closes.
+/// Tells a client over the connection limit why, in the format it speaks (when the refusal
+/// budget allows waiting to learn it), then closes.
 async fn reject_connection(
-    gateway: Gateway,
     mut stream: UnixStream,
+    refusal: GatewayError,
     polite: Option<OwnedSemaphorePermit>,
 ) {
-    let max = gateway.config().max_connections;
-    gateway.metrics().connection_rejected(Frontend::Uds);
     let mut first = [0u8; 1];
     let format = match &polite {
         Some(_) => {
@@ -175,10 +163,7 @@ async fn reject_connection(
     format.encode(
         &Outbound::Error {
             id: Id::Null,
-            error: GatewayError::new(
-                ErrorCode::Overloaded,
-                format!("the gateway serves its maximum of {max} connections; retry later"),
-            ),
+            error: refusal,
         },
         &mut out,
     );
@@ -197,50 +182,43 @@ async fn reject_connection(
     .await;
 }
 
-async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSemaphorePermit) {
-    let metrics = gateway.metrics().clone();
-    metrics.connection_opened(Frontend::Uds);
+async fn serve_connection(gateway: Gateway, stream: UnixStream, caller: Caller) {
     let config = gateway.config();
     let max_inflight = config.max_inflight_per_connection;
     let (read, write) = stream.into_split();
     let outbox = Arc::new(Outbox::new(config.subscription_queue));
     let format = Arc::new(OnceLock::new());
     let peer_gone = CancellationToken::new();
+    let mut life = Lifecycle::new(&gateway, Frontend::Uds);
     let writer = tokio::spawn(write_loop(
         write,
         outbox.clone(),
         format.clone(),
         peer_gone.clone(),
-        metrics.clone(),
-        Duration::from_millis(config.slow_client_stall_ms),
+        life.writes().clone(),
     ));
     let mut frames =
         FramedRead::with_capacity(read, WireDecoder::new(config.max_frame_bytes), READ_BUFFER);
-    let mut session = Session::new(gateway.clone(), Frontend::Uds, outbox.clone());
-    // `reading`: commands are still read (during a drain, only to be refused).
-    // `draining`: shutdown began; answer what is in flight, refuse what is new, then close.
-    let mut reading = true;
-    let mut draining = false;
-    let mut fatal = false;
+    let mut session = Session::new(gateway.clone(), Arc::new(caller), outbox.clone());
     // The idle timer is re-armed lazily when it fires, not on every command.
-    let idle = (config.idle_timeout_ms > 0).then(|| Duration::from_millis(config.idle_timeout_ms));
-    let idle_timer = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400)));
+    let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
+    let idle_timer = tokio::time::sleep_until(life.idle_deadline().unwrap_or_else(far));
     tokio::pin!(idle_timer);
-    let mut last_activity = tokio::time::Instant::now();
+    let idle_on = life.idle_deadline().is_some();
     loop {
-        let done_with_subscriptions = draining || fatal || !session.has_subscriptions();
-        if !session.has_unanswered() && (draining || (!reading && done_with_subscriptions)) {
+        if life.finished(session.has_unanswered(), session.has_subscriptions()) {
             break;
         }
-        if !reading {
+        if !life.reads() {
             // A client that half-closed but keeps subscriptions open is served until it
             // closes completely.
             tokio::select! {
                 biased;
                 _ = peer_gone.cancelled() => break,
-                _ = gateway.shutdown().stopped(), if !draining => {
-                    draining = true;
-                    session.close_subscriptions();
+                _ = gateway.shutdown().stopped(), if !life.is_draining() => {
+                    if life.begin_drain() {
+                        session.close_subscriptions();
+                    }
                 }
                 _ = outbox.wait_room(), if session.has_unanswered() => {}
                 _ = hung_up(frames.get_ref()), if session.has_subscriptions() => break,
@@ -251,50 +229,44 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSema
         tokio::select! {
             biased;
             _ = peer_gone.cancelled() => break,
-            _ = gateway.shutdown().stopped(), if !draining => {
-                draining = true;
-                session.close_subscriptions();
+            _ = gateway.shutdown().stopped(), if !life.is_draining() => {
+                if life.begin_drain() {
+                    session.close_subscriptions();
+                }
             }
             // Room to read more, or (draining) a step closer to having answered everything.
-            _ = outbox.wait_room(), if !has_room || draining => {}
-            _ = &mut idle_timer, if idle.is_some() && !draining => {
-                let idle = idle.unwrap_or_default();
+            _ = outbox.wait_room(), if !has_room || life.is_draining() => {}
+            _ = &mut idle_timer, if idle_on && !life.is_draining() => {
                 let busy = session.has_subscriptions() || session.has_unanswered();
-                if !busy && last_activity.elapsed() >= idle {
-                    debug!(idle_ms = idle.as_millis() as u64, "closing an idle connection");
-                    metrics.idle_disconnected(Frontend::Uds);
-                    break;
+                match life.on_idle_timer(busy) {
+                    Idle::Close => break,
+                    Idle::CheckAt(at) => idle_timer.as_mut().reset(at),
                 }
-                let from = if busy { tokio::time::Instant::now() } else { last_activity };
-                idle_timer.as_mut().reset(from + idle);
             }
             item = frames.next(), if has_room => match item {
                 Some(Ok(decoded)) => {
-                    if idle.is_some() {
-                        last_activity = tokio::time::Instant::now();
-                    }
+                    life.touch();
                     if format.get().is_none()
                         && let Some(sniffed) = frames.decoder().format()
                     {
                         let _ = format.set(sniffed);
                     }
-                    if draining {
+                    if life.is_draining() {
                         session.refuse_shutting_down(decoded);
                     } else if session.handle(decoded).await == Flow::Close {
-                        reading = false;
-                        fatal = true;
+                        life.input_broke();
                         session.close_subscriptions();
                     }
                 }
                 Some(Err(err)) => {
                     debug!(error = %err, "read failed");
-                    reading = false;
+                    life.input_ended();
                 }
-                None => reading = false,
+                None => life.input_ended(),
             },
         }
     }
-    if draining && reading {
+    if life.reads() && life.is_draining() {
         refuse_buffered(&mut frames, &mut session);
         if let Some(sniffed) = frames.decoder().format() {
             let _ = format.set(sniffed);
@@ -304,7 +276,6 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, _slot: OwnedSema
     outbox.close();
     drop(frames);
     let _ = writer.await;
-    metrics.connection_closed(Frontend::Uds);
 }
 
 /// Resolves when the peer has closed the connection completely (not just its write side).
@@ -340,26 +311,16 @@ async fn write_loop(
     outbox: Arc<Outbox>,
     format: Arc<OnceLock<WireFormat>>,
     peer_gone: CancellationToken,
-    metrics: Arc<Metrics>,
-    stall: Duration,
+    rules: WriteRules,
 ) {
     let mut buf = BytesMut::with_capacity(FLUSH_AT);
-    // A write that cannot finish within the stall time means the client stopped reading:
-    // the timer only starts when a write has to wait.
-    let write_or_stall = async |write: &mut OwnedWriteHalf, bytes: &[u8]| -> Result<(), bool> {
-        match tokio::time::timeout(stall, write.write_all(bytes)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(false),
-            Err(_) => Err(true),
-        }
-    };
     while let Some(batch) = outbox.next_batch(MAX_BATCH_EVENTS).await {
         let wire = format.get().copied().unwrap_or(WireFormat::JsonLines);
         let mut outcome = Ok(());
         for event in &batch.events {
             wire.encode(event, &mut buf);
             if buf.len() >= FLUSH_AT {
-                outcome = write_or_stall(&mut write, &buf).await;
+                outcome = rules.send(write.write_all(&buf)).await;
                 buf.clear();
                 if outcome.is_err() {
                     break;
@@ -367,19 +328,11 @@ async fn write_loop(
             }
         }
         if outcome.is_ok() && !buf.is_empty() {
-            outcome = write_or_stall(&mut write, &buf).await;
+            outcome = rules.send(write.write_all(&buf)).await;
         }
-        if let Err(stalled) = outcome {
-            if stalled {
-                debug!(
-                    stall_ms = stall.as_millis() as u64,
-                    "disconnecting a client that stopped reading"
-                );
-                metrics.slow_client_disconnected(Frontend::Uds);
-            }
+        if outcome.is_err() {
             // The client is gone: its unwritten answers, queued or still to come, are lost.
-            let lost = batch.control + outbox.abandon();
-            metrics.late_replies.increment(lost as u64);
+            rules.lose(&outbox, batch.control);
             peer_gone.cancel();
             return;
         }

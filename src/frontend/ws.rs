@@ -18,15 +18,15 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::core::Gateway;
+use crate::core::{Caller, Gateway};
 use crate::protocol::Frontend;
 use crate::protocol::binary::BinaryDecoder;
 use crate::protocol::{Decoded, ErrorCode, GatewayError, Id, Outbound, WireFormat, json};
 
+use super::lifecycle::{Broken, Idle, Lifecycle};
 use super::outbox::{Batch, Outbox};
 use super::session::{Flow, Session};
 
@@ -38,7 +38,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Close codes the gateway ends a WebSocket with. The 4000s are this gateway's own (RFC 6455
 /// leaves them to applications); the reason text says more.
 pub mod close {
-    pub use axum::extract::ws::close_code::{AWAY, NORMAL, POLICY, PROTOCOL, SIZE};
+    pub use axum::extract::ws::close_code::{AWAY, INVALID, NORMAL, POLICY, PROTOCOL, SIZE};
     /// The client did not read its messages for longer than the stall time.
     pub const SLOW_CONSUMER: u16 = 4008;
 }
@@ -57,14 +57,11 @@ pub async fn upgrade(
         )
             .into_response();
     }
-    let Some(slot) = gateway.try_connection_slot() else {
-        gateway.metrics().connection_rejected(Frontend::Ws);
-        let max = gateway.config().max_connections;
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("OVERLOADED: the gateway serves its maximum of {max} connections; retry later"),
-        )
-            .into_response();
+    let caller = match gateway.connect(Frontend::Ws) {
+        Ok(caller) => caller,
+        Err(refusal) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, refusal.to_string()).into_response();
+        }
     };
     // tungstenite cannot skip a message over its own limit: it would have to end the
     // connection. Its limit is twice ours, so that a message a little over ours is answered
@@ -78,7 +75,7 @@ pub async fn upgrade(
             let connections = gateway.connections().clone();
             // Boxed: an `async fn` keeps its arguments twice in its future (rust-lang/rust#62958),
             // which for a 672-byte connection is most of an idle connection's memory.
-            let connection = Box::new(Connection::new(gateway, socket, slot));
+            let connection = Box::new(Connection::new(gateway, socket, caller));
             connections.track_future(connection.serve())
         })
 }
@@ -154,68 +151,53 @@ enum Ending {
 
 struct Connection {
     gateway: Gateway,
-    /// The place under `max_connections` this connection holds.
-    _slot: OwnedSemaphorePermit,
     socket: WebSocket,
     outbox: Arc<Outbox>,
     session: Session,
+    life: Lifecycle,
     /// The wire of the first message; answers use it.
     format: Option<WireFormat>,
     /// Encoding scratch, allocated on the first answer.
     buf: BytesMut,
-    /// Commands are still read (during a drain, only to be refused).
-    reading: bool,
-    /// The input broke (a message over tungstenite's limit): it can no longer be read.
+    /// The input broke at the WebSocket level: it can no longer be read, even for the
+    /// client's close frame.
     read_failed: bool,
-    draining: bool,
     /// Close code to end with once everything owed is written.
     closing: Option<(u16, &'static str)>,
     ping_interval: Option<Duration>,
     next_ping: Option<Instant>,
     /// Pings sent since the client last showed a sign of life.
     unanswered_pings: u8,
-    idle_timeout: Option<Duration>,
-    last_activity: Instant,
 }
 
 impl Connection {
-    fn new(gateway: Gateway, socket: WebSocket, slot: OwnedSemaphorePermit) -> Self {
+    fn new(gateway: Gateway, socket: WebSocket, caller: Caller) -> Self {
         let config = gateway.config();
         let outbox = Arc::new(Outbox::new(config.subscription_queue));
         let ping_interval = config.ws_ping_interval();
-        let idle_timeout =
-            (config.idle_timeout_ms > 0).then(|| Duration::from_millis(config.idle_timeout_ms));
-        let now = Instant::now();
         Connection {
-            _slot: slot,
-            session: Session::new(gateway.clone(), Frontend::Ws, outbox.clone()),
+            session: Session::new(gateway.clone(), Arc::new(caller), outbox.clone()),
+            life: Lifecycle::new(&gateway, Frontend::Ws),
             gateway,
             socket,
             outbox,
             format: None,
             buf: BytesMut::new(),
-            reading: true,
             read_failed: false,
-            draining: false,
             closing: None,
-            next_ping: ping_interval.map(|interval| now + interval),
+            next_ping: ping_interval.map(|interval| Instant::now() + interval),
             ping_interval,
             unanswered_pings: 0,
-            idle_timeout,
-            last_activity: now,
         }
     }
 
     async fn serve(mut self: Box<Self>) {
-        let metrics = self.gateway.metrics().clone();
-        metrics.connection_opened(Frontend::Ws);
         let ending = self.run().await;
         // Boxed, like every step that is not waiting: an idle connection is then only as big
         // as `run`'s wait, not as big as its largest step. (Each box is made in a statement of
         // its own: a temporary in the awaiting statement would be laid out in this future.)
         let end = Box::pin(self.end(ending));
         end.await;
-        metrics.connection_closed(Frontend::Ws);
     }
 
     /// Serves the connection until it should end: reads commands, writes what the outbox
@@ -226,13 +208,11 @@ impl Connection {
         let max_message = config.ws_max_message();
         let shutdown = self.gateway.shutdown().clone();
         loop {
-            let subscriptions_done = self.draining || !self.session.has_subscriptions();
-            if !self.session.has_unanswered()
-                && (self.draining || (!self.reading && subscriptions_done))
-            {
+            let owed = self.session.has_unanswered();
+            if self.life.finished(owed, self.session.has_subscriptions()) {
                 return match self.closing {
                     Some((code, reason)) => Ending::Close(code, reason),
-                    None if self.draining => {
+                    None if self.life.is_draining() => {
                         Ending::Close(close::AWAY, "the gateway is shutting down")
                     }
                     None => Ending::Close(close::NORMAL, "goodbye"),
@@ -240,11 +220,13 @@ impl Connection {
             }
             let has_room = self.outbox.pending() < max_inflight;
             let timer = self.next_timer();
+            let reads = self.life.reads() && (has_room || self.life.is_draining());
             tokio::select! {
                 biased;
-                _ = shutdown.stopped(), if !self.draining => {
-                    self.draining = true;
-                    self.session.close_subscriptions();
+                _ = shutdown.stopped(), if !self.life.is_draining() => {
+                    if self.life.begin_drain() {
+                        self.session.close_subscriptions();
+                    }
                 }
                 batch = self.outbox.next_batch(MAX_BATCH_EVENTS) => {
                     let Some(batch) = batch else { return Ending::Gone };
@@ -259,10 +241,10 @@ impl Connection {
                         return ending;
                     }
                 }
-                message = self.socket.recv(), if self.reading && (has_room || self.draining) => {
+                message = self.socket.recv(), if reads => {
                     match message {
                         Some(Ok(Message::Close(_))) => {
-                            self.lost(0);
+                            self.life.writes().lose(&self.outbox, 0);
                             return Ending::ClientClosed;
                         }
                         Some(Ok(message)) => {
@@ -282,11 +264,7 @@ impl Connection {
 
     /// The heartbeat's next ping or the idle check, whichever comes first.
     fn next_timer(&self) -> Option<Instant> {
-        let idle = self
-            .idle_timeout
-            .filter(|_| !self.draining)
-            .map(|idle| self.last_activity + idle);
-        match (self.next_ping, idle) {
+        match (self.next_ping, self.life.idle_deadline()) {
             (Some(ping), Some(idle)) => Some(ping.min(idle)),
             (ping, idle) => ping.or(idle),
         }
@@ -294,18 +272,9 @@ impl Connection {
 
     async fn on_timer(&mut self) -> Result<(), Ending> {
         let now = Instant::now();
-        if let Some(idle) = self.idle_timeout
-            && !self.draining
-            && now >= self.last_activity + idle
-        {
-            if self.session.has_subscriptions() || self.session.has_unanswered() {
-                self.last_activity = now;
-            } else {
-                debug!(
-                    idle_ms = idle.as_millis() as u64,
-                    "closing an idle WebSocket"
-                );
-                self.gateway.metrics().idle_disconnected(Frontend::Ws);
+        if self.life.idle_deadline().is_some_and(|due| now >= due) {
+            let busy = self.session.has_subscriptions() || self.session.has_unanswered();
+            if self.life.on_idle_timer(busy) == Idle::Close {
                 return Err(Ending::Close(close::POLICY, "idle timeout"));
             }
         }
@@ -317,7 +286,7 @@ impl Connection {
                 self.gateway.metrics().heartbeat_disconnected(Frontend::Ws);
                 // Nobody answers: the close frame is a courtesy, the connection is gone, and
                 // so are the answers it was owed.
-                self.lost(0);
+                self.life.writes().lose(&self.outbox, 0);
                 return Err(Ending::Close(close::POLICY, "heartbeat timeout: no pong"));
             }
             self.unanswered_pings += 1;
@@ -343,117 +312,113 @@ impl Connection {
                 None => return,
             },
         };
-        self.last_activity = Instant::now();
+        self.life.touch();
         self.format.get_or_insert(wire);
-        if self.draining {
+        if self.life.is_draining() {
             self.session.refuse_shutting_down(item);
         } else if self.session.handle(item).await == Flow::Close {
-            self.reading = false;
+            self.life.input_broke();
+            self.session.close_subscriptions();
             self.closing
                 .get_or_insert((close::POLICY, "unrecoverable input"));
         }
     }
 
     async fn refuse_too_large(&mut self, len: usize, max_message: usize) {
-        self.last_activity = Instant::now();
-        let too_large = Decoded::Invalid {
-            id: Id::Null,
-            error: GatewayError::new(
-                ErrorCode::TooLarge,
-                format!("a message of {len} bytes is over the limit of {max_message} bytes"),
-            ),
-            fatal: false,
-        };
-        self.session.handle(too_large).await;
+        self.life.touch();
+        let error = GatewayError::new(
+            ErrorCode::TooLarge,
+            format!("a message of {len} bytes is over the limit of {max_message} bytes"),
+        );
+        self.refuse(error).await;
     }
 
-    /// A message over tungstenite's own limit cannot be skipped, so the connection ends: the
-    /// client gets `TOO_LARGE` first, then close code 1009.
+    /// Answers input that was not a command with an error (the connection goes on).
+    async fn refuse(&mut self, error: GatewayError) {
+        let invalid = Decoded::Invalid {
+            id: Id::Null,
+            error,
+            fatal: false,
+        };
+        self.session.handle(invalid).await;
+    }
+
+    /// The WebSocket itself broke, so the connection ends once its answers are out (its
+    /// subscriptions would keep it open): a message over tungstenite's own limit, which
+    /// cannot be skipped (TOO_LARGE, then 1009), text that is not UTF-8 (1007, as RFC 6455
+    /// asks), or another protocol error (1002).
     async fn on_read_error(&mut self, err: axum::Error, max_message: usize) {
         debug!(error = %err, "WebSocket read failed");
-        self.reading = false;
+        self.life.input_broke();
         self.read_failed = true;
-        // The connection ends once its answers are out; its subscriptions would keep it open.
         self.session.close_subscriptions();
-        if err.to_string().contains("too long") {
-            let too_large = Decoded::Invalid {
-                id: Id::Null,
-                error: GatewayError::new(
+        let (error, code, reason) = match read_error_kind(err) {
+            ReadError::TooLong => (
+                Some(GatewayError::new(
                     ErrorCode::TooLarge,
                     format!("message is far over the limit of {max_message} bytes"),
-                ),
-                fatal: false,
-            };
-            self.session.handle(too_large).await;
-            self.closing = Some((close::SIZE, "message too big"));
-        } else {
-            self.closing = Some((close::PROTOCOL, "protocol error"));
+                )),
+                close::SIZE,
+                "message too big",
+            ),
+            ReadError::NotUtf8 => (
+                Some(GatewayError::bad_request(
+                    "a text message is not valid UTF-8 (send bytes in a binary message)",
+                )),
+                close::INVALID,
+                "text message is not UTF-8",
+            ),
+            ReadError::Other => (None, close::PROTOCOL, "protocol error"),
+        };
+        if let Some(error) = error {
+            self.refuse(error).await;
         }
+        self.closing = Some((code, reason));
     }
 
     /// Writes one batch; a socket that stays full past the stall time ends the connection.
     async fn write(&mut self, batch: Batch) -> Result<(), Ending> {
         let wire = self.format.unwrap_or(WireFormat::JsonLines);
-        let sent = tokio::time::timeout(self.stall(), async {
-            for event in &batch.events {
-                let Some(message) = encode(wire, event, &mut self.buf) else {
-                    continue;
-                };
-                self.socket.feed(message).await?;
-            }
-            self.socket.flush().await
-        })
-        .await;
+        let socket = &mut self.socket;
+        let buf = &mut self.buf;
+        let sent = self
+            .life
+            .writes()
+            .send(async {
+                for event in &batch.events {
+                    let Some(message) = encode(wire, event, buf) else {
+                        continue;
+                    };
+                    socket.feed(message).await?;
+                }
+                socket.flush().await
+            })
+            .await;
         // `split` leaves the rest of the encoding buffer's allocation behind, alive for as
         // long as `buf` is: start afresh so that an idle connection keeps none of it.
         self.buf = BytesMut::new();
-        self.settle_send(sent, batch.control)?;
+        self.settle(sent, batch.control)?;
         self.outbox.written(batch.control);
         Ok(())
     }
 
     async fn send_within_stall(&mut self, message: Message) -> Result<(), Ending> {
-        let sent = tokio::time::timeout(self.stall(), self.socket.send(message)).await;
-        self.settle_send(sent, 0)
+        let sent = self.life.writes().send(self.socket.send(message)).await;
+        self.settle(sent, 0)
     }
 
-    fn stall(&self) -> Duration {
-        Duration::from_millis(self.gateway.config().slow_client_stall_ms)
-    }
-
-    /// What a send given the stall time to finish means: done, the client gone, or a client
-    /// that stopped reading. In the last two cases `unwritten_answers` (and everything still
+    /// What a send given the stall time means: done, the client gone, or a client that
+    /// stopped reading. In the last two cases `unwritten_answers` (and everything still
     /// queued) are lost.
-    fn settle_send(
-        &self,
-        sent: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
-        unwritten_answers: usize,
-    ) -> Result<(), Ending> {
-        match sent {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(self.lost(unwritten_answers)),
-            Err(_) => {
-                debug!(
-                    stall_ms = self.stall().as_millis() as u64,
-                    "disconnecting a WebSocket client that stopped reading"
-                );
-                self.gateway
-                    .metrics()
-                    .slow_client_disconnected(Frontend::Ws);
-                self.lost(unwritten_answers);
-                Err(Ending::Close(
-                    close::SLOW_CONSUMER,
-                    "slow consumer: stopped reading",
-                ))
+    fn settle(&self, sent: Result<(), Broken>, unwritten_answers: usize) -> Result<(), Ending> {
+        let Err(broken) = sent else { return Ok(()) };
+        self.life.writes().lose(&self.outbox, unwritten_answers);
+        Err(match broken {
+            Broken::Gone => Ending::Gone,
+            Broken::Stalled => {
+                Ending::Close(close::SLOW_CONSUMER, "slow consumer: stopped reading")
             }
-        }
-    }
-
-    /// The client will never read what is queued: count the answers lost.
-    fn lost(&self, unwritten_answers: usize) -> Ending {
-        let lost = unwritten_answers + self.outbox.abandon();
-        self.gateway.metrics().late_replies.increment(lost as u64);
-        Ending::Gone
+        })
     }
 
     /// Ends the connection: closes the subscriptions, writes the answers still owed (unless
@@ -492,6 +457,22 @@ impl Connection {
             while let Some(Ok(_)) = self.socket.recv().await {}
         })
         .await;
+    }
+}
+
+/// What broke a WebSocket read, told by tungstenite's error kinds (not by its wording).
+enum ReadError {
+    TooLong,
+    NotUtf8,
+    Other,
+}
+
+fn read_error_kind(err: axum::Error) -> ReadError {
+    use tungstenite::error::{CapacityError, Error};
+    match err.into_inner().downcast::<Error>().map(|e| *e) {
+        Ok(Error::Capacity(CapacityError::MessageTooLong { .. })) => ReadError::TooLong,
+        Ok(Error::Utf8(_)) => ReadError::NotUtf8,
+        _ => ReadError::Other,
     }
 }
 

@@ -5,11 +5,12 @@
 use std::fmt;
 use std::sync::Arc;
 
-use async_nats::{HeaderMap, Message, Subject};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::error::GatewayError;
+use super::headers::Headers;
+use super::subject::Subject;
 
 /// A client's correlation id, echoed unchanged on the answer. JSON clients may use numbers or
 /// strings; binary frames carry a `u64` (0 means "no id").
@@ -95,7 +96,7 @@ pub struct Envelope {
     pub op: Op,
     pub id: Id,
     pub subject: Option<Subject>,
-    pub headers: Option<HeaderMap>,
+    pub headers: Option<Headers>,
     pub data: Bytes,
     pub timeout_ms: Option<u32>,
     pub queue: Option<String>,
@@ -146,7 +147,7 @@ pub enum Outbound {
     Reply {
         id: Id,
         data: Bytes,
-        headers: Option<HeaderMap>,
+        headers: Option<Headers>,
     },
     Ack {
         id: Id,
@@ -161,11 +162,22 @@ pub enum Outbound {
     /// A message on a subscription; `sid` is the id the client subscribed with.
     Msg {
         sid: Id,
-        message: Message,
+        message: Delivery,
     },
     /// `count` subscription messages were dropped since the last notice for `sid`.
     Dropped {
         sid: Id,
         count: u64,
     },
+}
+
+/// A message delivered on a subscription, as every wire shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The subject it was published on (the concrete one, not the subscription's wildcard).
+    pub subject: Subject,
+    /// Where an answer goes, when the publisher asked for one.
+    pub reply_to: Option<Subject>,
+    pub headers: Option<Headers>,
+    pub payload: Bytes,
 }

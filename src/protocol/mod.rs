@@ -1,15 +1,19 @@
-//! The wire: the envelope every front-end produces, its error codes, subject rules, and the
-//! two codecs (binary frames and JSON lines) behind one sniffing decoder.
+//! The wire: the envelope every front-end produces, its error codes, its own small types (a
+//! subject, headers, a delivered message), and the two codecs (binary frames and JSON lines)
+//! behind one sniffing decoder. Nothing here knows about NATS, the core or a front-end.
 
 pub mod binary;
 pub mod envelope;
 pub mod error;
 mod frontend;
+pub mod headers;
 pub mod json;
 pub mod subject;
 mod wire;
 
-pub use envelope::{Decoded, Envelope, Flags, Id, Op, Outbound};
+pub use envelope::{Decoded, Delivery, Envelope, Flags, Id, Op, Outbound};
 pub use error::{ErrorCode, GatewayError};
 pub use frontend::Frontend;
+pub use headers::Headers;
+pub use subject::Subject;
 pub use wire::{WireDecoder, WireFormat};

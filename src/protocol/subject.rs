@@ -1,7 +1,84 @@
-//! NATS subject and queue-group validation, done by the gateway so that every front-end gives
-//! the same clear `BAD_REQUEST` before anything reaches NATS.
+//! Subjects as the wire carries them, and their validation: a `Subject` is UTF-8 text held in
+//! `Bytes` (a slice of the read buffer where the codec could manage it), and `validate_subject`
+//! gives every front-end the same clear `BAD_REQUEST` before anything reaches NATS.
+
+use std::fmt;
+use std::ops::Deref;
+
+use bytes::Bytes;
 
 use super::error::GatewayError;
+
+/// A subject (or reply subject): UTF-8 text, cheap to clone. Whether it is a valid subject for
+/// a given use is `validate_subject`'s question, asked by the core.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Subject(Bytes);
+
+impl Subject {
+    /// Takes bytes that must be UTF-8 (without copying them).
+    pub fn from_utf8(bytes: Bytes) -> Result<Subject, GatewayError> {
+        match std::str::from_utf8(&bytes) {
+            Ok(_) => Ok(Subject(bytes)),
+            Err(_) => Err(GatewayError::bad_request("subject is not UTF-8")),
+        }
+    }
+
+    pub const fn from_static(text: &'static str) -> Subject {
+        Subject(Bytes::from_static(text.as_bytes()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // SAFETY: every constructor checked or was given UTF-8.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+
+    /// The text's bytes, shared (no copy).
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.0
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+}
+
+impl Deref for Subject {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Subject {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<String> for Subject {
+    fn from(text: String) -> Self {
+        Subject(Bytes::from(text))
+    }
+}
+
+impl From<&str> for Subject {
+    fn from(text: &str) -> Self {
+        Subject(Bytes::copy_from_slice(text.as_bytes()))
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
 
 /// The longest subject the gateway accepts; NATS itself has no hard limit, but a subject is
 /// sent with every message and a megabyte-long one is always a mistake.

@@ -7,14 +7,12 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
-use async_nats::header::{HeaderName, HeaderValue};
 use base64::Engine;
 use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD_NO_PAD};
 use tonic::metadata::{BinaryMetadataValue, KeyAndValueRef, MetadataKey, MetadataMap};
 
-use crate::protocol::GatewayError;
+use crate::protocol::{GatewayError, Headers};
 
 use super::pb;
 
@@ -39,21 +37,12 @@ fn is_transport(name: &str) -> bool {
 pub fn request_headers(
     metadata: &MetadataMap,
     listed: Vec<pb::Header>,
-) -> Result<Option<HeaderMap>, GatewayError> {
-    let mut headers: Option<HeaderMap> = None;
+) -> Result<Option<Headers>, GatewayError> {
+    let mut headers: Option<Headers> = None;
     for header in listed {
-        let name: HeaderName = header.name.parse().map_err(|_| {
-            GatewayError::bad_request(format!("header name {:?} is not valid", header.name))
-        })?;
-        let value: HeaderValue = header.value.parse().map_err(|_| {
-            GatewayError::bad_request(format!(
-                "header {:?} has a value with a line break",
-                header.name
-            ))
-        })?;
         headers
-            .get_or_insert_with(HeaderMap::new)
-            .append(name, value);
+            .get_or_insert_with(Headers::new)
+            .append(header.name, header.value)?;
     }
     for entry in metadata.iter() {
         let (name, value) = match entry {
@@ -76,44 +65,36 @@ pub fn request_headers(
                 (key.as_str(), STANDARD_NO_PAD.encode(bytes))
             }
         };
-        let (Ok(name), Ok(value)) = (name.parse::<HeaderName>(), value.parse::<HeaderValue>())
-        else {
-            return Err(GatewayError::bad_request(format!(
-                "metadata {name:?} cannot be a NATS header"
-            )));
-        };
         headers
-            .get_or_insert_with(HeaderMap::new)
-            .append(name, value);
+            .get_or_insert_with(Headers::new)
+            .append(name, value)
+            .map_err(|_| {
+                GatewayError::bad_request(format!("metadata {name:?} cannot be a NATS header"))
+            })?;
     }
     Ok(headers)
 }
 
 /// NATS headers as the messages of the proto list them.
-pub fn listed(headers: Option<&HeaderMap>) -> Vec<pb::Header> {
+pub fn listed(headers: Option<&Headers>) -> Vec<pb::Header> {
     let Some(headers) = headers else {
         return Vec::new();
     };
-    let mut out = Vec::with_capacity(headers.len());
-    for (name, values) in headers.iter() {
-        let name: &str = name.as_ref();
-        for value in values {
-            out.push(pb::Header {
-                name: name.to_owned(),
-                value: value.as_str().to_owned(),
-            });
-        }
-    }
-    out
+    headers
+        .pairs()
+        .map(|(name, value)| pb::Header {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        })
+        .collect()
 }
 
 /// Adds a reply's NATS headers to the response metadata. Names that cannot be gRPC metadata
 /// (or that the transport owns) and `-bin` values that are not base64 are left out: they are
 /// still in the reply message's `headers`.
-pub fn reply_metadata(headers: Option<&HeaderMap>, metadata: &mut MetadataMap) {
+pub fn reply_metadata(headers: Option<&Headers>, metadata: &mut MetadataMap) {
     let Some(headers) = headers else { return };
     for (name, values) in headers.iter() {
-        let name: &str = name.as_ref();
         let lower = name.to_ascii_lowercase();
         if is_transport(&lower) {
             continue;
@@ -123,7 +104,7 @@ pub fn reply_metadata(headers: Option<&HeaderMap>, metadata: &mut MetadataMap) {
                 let Ok(key) = MetadataKey::from_bytes(lower.as_bytes()) else {
                     continue;
                 };
-                let Ok(bytes) = LENIENT_BASE64.decode(value.as_str()) else {
+                let Ok(bytes) = LENIENT_BASE64.decode(value) else {
                     continue;
                 };
                 metadata.append_bin(key, BinaryMetadataValue::from_bytes(&bytes));
@@ -143,6 +124,16 @@ pub fn reply_metadata(headers: Option<&HeaderMap>, metadata: &mut MetadataMap) {
 /// The call's gRPC deadline (`grpc-timeout`), less a small margin: the gateway answers
 /// `TIMEOUT` a little before the client gives up, so the client gets the gateway's error
 /// rather than its own (and before tonic's own timer cancels the call).
+/// A request's deadline in ms: the call's (see `deadline_ms`) or the message's `timeout_ms`,
+/// whichever is tighter; `None` leaves it to the gateway's default.
+pub fn request_deadline_ms(metadata: &MetadataMap, timeout_ms: Option<u32>) -> Option<u32> {
+    let message = timeout_ms.filter(|ms| *ms > 0);
+    match (deadline_ms(metadata), message) {
+        (Some(call), Some(message)) => Some(call.min(message)),
+        (call, message) => call.or(message),
+    }
+}
+
 pub fn deadline_ms(metadata: &MetadataMap) -> Option<u32> {
     let text = metadata.get("grpc-timeout")?.to_str().ok()?;
     let timeout = parse_grpc_timeout(text)?;
@@ -193,6 +184,19 @@ mod tests {
     }
 
     #[test]
+    fn the_tighter_of_the_call_deadline_and_timeout_ms_wins() {
+        let mut metadata = MetadataMap::new();
+        assert_eq!(request_deadline_ms(&metadata, Some(300)), Some(300));
+        assert_eq!(request_deadline_ms(&metadata, Some(0)), None);
+        assert_eq!(request_deadline_ms(&metadata, None), None);
+        metadata.insert("grpc-timeout", "10S".parse().unwrap());
+        assert_eq!(request_deadline_ms(&metadata, Some(300)), Some(300));
+        assert_eq!(request_deadline_ms(&metadata, None), Some(9900));
+        metadata.insert("grpc-timeout", "300m".parse().unwrap());
+        assert_eq!(request_deadline_ms(&metadata, Some(5000)), Some(270));
+    }
+
+    #[test]
     fn metadata_becomes_headers_and_reply_headers_come_back_as_metadata() {
         let mut metadata = MetadataMap::new();
         metadata.insert("x-trace", "abc".parse().unwrap());
@@ -204,9 +208,9 @@ mod tests {
             value: "1".into(),
         }];
         let headers = request_headers(&metadata, listed).unwrap().unwrap();
-        assert_eq!(headers.get("x-trace").unwrap().as_str(), "abc");
-        assert_eq!(headers.get("X-Listed").unwrap().as_str(), "1");
-        assert_eq!(headers.get("x-raw-bin").unwrap().as_str(), "AP8B");
+        assert_eq!(headers.get("x-trace").unwrap(), "abc");
+        assert_eq!(headers.get("X-Listed").unwrap(), "1");
+        assert_eq!(headers.get("x-raw-bin").unwrap(), "AP8B");
         assert!(headers.get("grpc-timeout").is_none());
         assert!(headers.get("content-type").is_none());
 

@@ -4,26 +4,25 @@
 //! connection; `stream.rs` writes it out.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_nats::Subject;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::debug;
 
 use crate::core::Gateway;
+use crate::frontend::lifecycle::{Broken, Lifecycle};
 use crate::frontend::outbox::Outbox;
-use crate::frontend::session::Session;
-use crate::protocol::Frontend;
-use crate::protocol::{Decoded, Envelope, ErrorCode, GatewayError, Id, Op, Outbound};
+use crate::frontend::session::{Flow, Session};
+use crate::protocol::{
+    Decoded, Envelope, ErrorCode, Frontend, GatewayError, Headers, Id, Op, Outbound, Subject,
+};
 
 use super::conn::{ConnState, state_of};
-use super::metadata::{deadline_ms, listed, reply_metadata, request_headers};
+use super::metadata::{listed, reply_metadata, request_deadline_ms, request_headers};
 use super::pb::gateway_server::Gateway as GatewayRpc;
 use super::pb::{self, exchange_reply};
-use super::status::{to_message, to_status};
+use super::status::{input_failure, to_message, to_status};
 use super::stream::{self, Ended, ResponseStream};
 
 const FRONTEND: Frontend = Frontend::Grpc;
@@ -43,20 +42,23 @@ impl GatewayService {
         to_status(&error)
     }
 
-    /// What every call checks first: the gateway is not draining, the message is within the
-    /// frame limit, and the connection is within its rate limit.
-    fn admit(
+    /// What every call checks first: its connection is served, the gateway is not draining,
+    /// and the message is within the frame limit. Returns the connection's state.
+    fn admit<T>(
         &self,
-        conn: &ConnState,
+        request: &Request<T>,
+        op: Op,
         encoded_len: usize,
-        payload: usize,
-    ) -> Result<(), GatewayError> {
-        conn.check_served()?;
-        if self.gateway.shutdown().is_stopping() {
-            return Err(shutting_down());
-        }
-        check_size(self.gateway.config().max_frame_bytes, encoded_len)?;
-        conn.admit(payload)
+    ) -> Result<Arc<ConnState>, Status> {
+        let checked = state_of(request).and_then(|conn| {
+            conn.caller()?;
+            if self.gateway.shutdown().is_stopping() {
+                return Err(shutting_down());
+            }
+            check_size(self.gateway.config().max_frame_bytes, encoded_len)?;
+            Ok(conn)
+        });
+        checked.map_err(|error| self.refuse(op, error))
     }
 }
 
@@ -80,7 +82,7 @@ fn subject(text: String) -> Option<Subject> {
     (!text.is_empty()).then(|| Subject::from(text))
 }
 
-/// A request's envelope. The deadline is the call's (less a margin), else the message's.
+/// A request's envelope; its deadline is the tighter of the call's and the message's.
 fn request_envelope(
     id: Id,
     metadata: &MetadataMap,
@@ -93,11 +95,11 @@ fn request_envelope(
     envelope.headers = request_headers(metadata, headers)?;
     envelope.subject = subject(subject_text);
     envelope.data = payload;
-    envelope.timeout_ms = deadline_ms(metadata).or(timeout_ms);
+    envelope.timeout_ms = request_deadline_ms(metadata, timeout_ms);
     Ok(envelope)
 }
 
-fn reply_message(data: bytes::Bytes, headers: Option<&async_nats::HeaderMap>) -> pb::ReplyMessage {
+fn reply_message(data: bytes::Bytes, headers: Option<&Headers>) -> pb::ReplyMessage {
     pb::ReplyMessage {
         payload: data,
         headers: listed(headers),
@@ -110,10 +112,8 @@ impl GatewayRpc for GatewayService {
         &self,
         request: Request<pb::RequestMessage>,
     ) -> Result<Response<pb::ReplyMessage>, Status> {
-        let conn = state_of(&request).map_err(|e| self.refuse(Op::Request, e))?;
+        let conn = self.admit(&request, Op::Request, request.get_ref().encoded_len())?;
         let (metadata, _, message) = request.into_parts();
-        self.admit(&conn, message.encoded_len(), message.payload.len())
-            .map_err(|e| self.refuse(Op::Request, e))?;
         let envelope = request_envelope(
             Id::Null,
             &metadata,
@@ -123,10 +123,11 @@ impl GatewayRpc for GatewayService {
             message.timeout_ms,
         )
         .map_err(|e| self.refuse(Op::Request, e))?;
+        let caller = conn.caller().map_err(|e| to_status(&e))?;
         // The core counts the request from here on, whatever its outcome.
         let reply = self
             .gateway
-            .request(FRONTEND, envelope)
+            .request(caller, envelope)
             .await
             .map_err(|e| to_status(&e))?;
         let mut response = Response::new(reply_message(reply.data, reply.headers.as_ref()));
@@ -138,17 +139,16 @@ impl GatewayRpc for GatewayService {
         &self,
         request: Request<pb::PublishMessage>,
     ) -> Result<Response<pb::PublishAck>, Status> {
-        let conn = state_of(&request).map_err(|e| self.refuse(Op::Publish, e))?;
+        let conn = self.admit(&request, Op::Publish, request.get_ref().encoded_len())?;
         let (metadata, _, message) = request.into_parts();
-        self.admit(&conn, message.encoded_len(), message.payload.len())
-            .map_err(|e| self.refuse(Op::Publish, e))?;
         let mut envelope = Envelope::new(Op::Publish, Id::Null);
         envelope.headers =
             request_headers(&metadata, message.headers).map_err(|e| self.refuse(Op::Publish, e))?;
         envelope.subject = subject(message.subject);
         envelope.data = message.payload;
+        let caller = conn.caller().map_err(|e| to_status(&e))?;
         self.gateway
-            .publish(FRONTEND, conn.lane, envelope)
+            .publish(caller, envelope)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::PublishAck {}))
@@ -160,39 +160,23 @@ impl GatewayRpc for GatewayService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let conn = state_of(&request).map_err(|e| self.refuse(Op::Subscribe, e))?;
+        let conn = self.admit(&request, Op::Subscribe, request.get_ref().encoded_len())?;
         let message = request.into_inner();
-        self.admit(&conn, message.encoded_len(), 0)
-            .map_err(|e| self.refuse(Op::Subscribe, e))?;
-        let config = self.gateway.config();
-        let outbox = Arc::new(Outbox::new(config.subscription_queue));
-        // A session of one subscription: it keeps the NATS subscription (re-opening it if its
-        // pool connection is replaced), counts it, and unsubscribes when dropped.
-        let mut session = Session::new(self.gateway.clone(), FRONTEND, outbox.clone());
+        let caller = conn.caller().map_err(|e| to_status(&e))?.clone();
+        let outbox = Arc::new(Outbox::new(self.gateway.config().subscription_queue));
+        // The stream is a session of one subscription, opened the way every front-end opens
+        // one: the session keeps it (the core re-opens it if its NATS connection is replaced)
+        // and closes it when dropped.
+        let mut session = Session::new(self.gateway.clone(), caller, outbox);
         let mut envelope = Envelope::new(Op::Subscribe, Id::from(1));
         envelope.subject = subject(message.subject);
         envelope.queue = message.queue;
-        session.handle(Decoded::Envelope(envelope)).await;
-        // The session's answer is the first control event (drop notices, should messages have
-        // overflowed the queue already, come with it).
-        let answer = outbox.take_batch(1);
-        outbox.written(answer.control);
-        let mut dropped = 0;
-        for event in answer.events {
-            match event {
-                Outbound::Error { error, .. } => return Err(to_status(&error)),
-                Outbound::Dropped { count, .. } => dropped += count,
-                _ => {}
-            }
-        }
+        session
+            .subscribe(envelope)
+            .await
+            .map_err(|e| to_status(&e))?;
         let (sender, response) = stream::channel();
-        tokio::spawn(serve_subscription(
-            self.gateway.clone(),
-            session,
-            outbox,
-            sender,
-            dropped,
-        ));
+        tokio::spawn(serve_subscription(self.gateway.clone(), session, sender));
         Ok(Response::new(response))
     }
 
@@ -202,17 +186,15 @@ impl GatewayRpc for GatewayService {
         &self,
         request: Request<Streaming<pb::ExchangeRequest>>,
     ) -> Result<Response<Self::ExchangeStream>, Status> {
-        let conn = state_of(&request).map_err(|e| self.refuse(Op::Request, e))?;
-        conn.check_served()
-            .map_err(|e| self.refuse(Op::Request, e))?;
-        if self.gateway.shutdown().is_stopping() {
-            return Err(self.refuse(Op::Request, shutting_down()));
-        }
+        let conn = self.admit(&request, Op::Request, 0)?;
+        let caller = conn.caller().map_err(|e| to_status(&e))?.clone();
         let (metadata, _, inbound) = request.into_parts();
+        let outbox = Arc::new(Outbox::new(self.gateway.config().subscription_queue));
+        let session = Session::new(self.gateway.clone(), caller, outbox);
         let (sender, response) = stream::channel();
         tokio::spawn(serve_exchange(
             self.gateway.clone(),
-            conn,
+            session,
             metadata,
             inbound,
             sender,
@@ -226,13 +208,13 @@ impl GatewayRpc for GatewayService {
 async fn serve_subscription(
     gateway: Gateway,
     session: Session,
-    outbox: Arc<Outbox>,
     sender: stream::Sender<pb::SubscriptionMessage>,
-    mut dropped: u64,
 ) {
-    let stall = Duration::from_millis(gateway.config().slow_client_stall_ms);
+    let life = Lifecycle::new(&gateway, FRONTEND);
+    let outbox = session.outbox().clone();
     // Drop notices come before the messages that follow the gap: `dropped` carries the count
     // onto the next message.
+    let mut dropped = 0;
     let convert = |event: Outbound| match event {
         Outbound::Dropped { count, .. } => {
             dropped += count;
@@ -242,30 +224,26 @@ async fn serve_subscription(
             subject: message.subject.to_string(),
             headers: listed(message.headers.as_ref()),
             payload: message.payload,
-            reply_to: message.reply.map(|r| r.to_string()).unwrap_or_default(),
+            reply_to: message.reply_to.map(|r| r.to_string()).unwrap_or_default(),
             dropped: std::mem::take(&mut dropped),
         }),
         _ => None,
     };
     let ended = tokio::select! {
-        (ended, _) = sender.write_outbox(&outbox, stall, convert) => Some(ended),
+        ended = sender.write_outbox(&outbox, life.writes(), convert) => Some(ended),
         _ = gateway.shutdown().stopped() => None,
     };
     drop(session);
     outbox.abandon();
     let status = match ended {
         None => Some(to_status(&shutting_down())),
-        Some(Ended::Stalled) => {
-            debug!("ending a subscription whose client stopped reading");
-            gateway.metrics().slow_client_disconnected(FRONTEND);
-            Some(stalled_status(stall))
-        }
-        Some(Ended::Gone) | Some(Ended::Done) => None,
+        Some(Ended::Broken(Broken::Stalled)) => Some(stalled_status(life.writes().stall())),
+        Some(Ended::Broken(Broken::Gone)) | Some(Ended::Done) => None,
     };
     sender.finish(status);
 }
 
-fn stalled_status(stall: Duration) -> Status {
+fn stalled_status(stall: std::time::Duration) -> Status {
     to_status(&GatewayError::new(
         ErrorCode::Overloaded,
         format!(
@@ -275,29 +253,19 @@ fn stalled_status(stall: Duration) -> Status {
     ))
 }
 
-/// How an Exchange stream's input ended.
-enum InputEnd {
-    /// The client closed its side (or cancelled the call).
-    Finished,
-    /// The gateway began shutting down and stopped reading.
-    Draining,
-    /// The input broke: a message over gRPC's size limit, say.
-    Failed(Status),
-}
-
 /// Serves one Exchange stream: its input and its answers, in one task. The stream ends OK
 /// when the client's input ended and everything was answered; UNAVAILABLE when the gateway
 /// shut down (requests without an answer were not sent); RESOURCE_EXHAUSTED when the client
 /// stopped reading.
 async fn serve_exchange(
     gateway: Gateway,
-    conn: Arc<ConnState>,
+    session: Session,
     metadata: MetadataMap,
     inbound: Streaming<pb::ExchangeRequest>,
     sender: stream::Sender<pb::ExchangeReply>,
 ) {
-    let outbox = Arc::new(Outbox::new(gateway.config().subscription_queue));
-    let stall = Duration::from_millis(gateway.config().slow_client_stall_ms);
+    let mut life = Lifecycle::new(&gateway, FRONTEND);
+    let outbox = session.outbox().clone();
     let gone = CancellationToken::new();
     let convert = |event: Outbound| match event {
         Outbound::Reply { id, data, headers } => Some(pb::ExchangeReply {
@@ -313,68 +281,57 @@ async fn serve_exchange(
         }),
         _ => None,
     };
+    let writes = life.writes().clone();
     let write = async {
-        let written = sender.write_outbox(&outbox, stall, convert).await;
+        let written = sender.write_outbox(&outbox, &writes, convert).await;
         gone.cancel();
         written
     };
-    let read = read_exchange(&gateway, &conn, &metadata, inbound, &outbox, &gone);
-    let (input, (ended, lost)) = tokio::join!(read, write);
-    if lost > 0 {
-        gateway.metrics().late_replies.increment(lost as u64);
-    }
-    let status = match (ended, input) {
-        (Ended::Stalled, _) => {
-            gateway.metrics().slow_client_disconnected(FRONTEND);
-            Some(stalled_status(stall))
-        }
-        (Ended::Gone, _) | (Ended::Done, InputEnd::Finished) => None,
-        (Ended::Done, InputEnd::Draining) => Some(to_status(&shutting_down())),
-        (Ended::Done, InputEnd::Failed(status)) => Some(input_failure(status)),
+    let read = read_exchange(&gateway, &mut life, session, &metadata, inbound, &gone);
+    let (input_failed, ended) = tokio::join!(read, write);
+    let status = match ended {
+        Ended::Broken(Broken::Stalled) => Some(stalled_status(writes.stall())),
+        Ended::Broken(Broken::Gone) => None,
+        Ended::Done if life.is_draining() => Some(to_status(&shutting_down())),
+        Ended::Done => input_failed.map(input_failure),
     };
     sender.finish(status);
 }
 
-/// tonic refuses a message over its decoding limit with OUT_OF_RANGE; the gateway calls that
-/// TOO_LARGE everywhere.
-fn input_failure(status: Status) -> Status {
-    if status.code() == tonic::Code::OutOfRange && status.message().contains("too large") {
-        return to_status(&GatewayError::new(ErrorCode::TooLarge, status.message()));
-    }
-    status
-}
-
-/// Reads an Exchange stream: each request starts at once and its answer, tagged with its id,
-/// reaches the outbox whenever it comes. With `max_inflight_per_connection` requests
-/// unanswered, reading pauses until answers go out. On shutdown it stops reading. Returns
-/// once the input ended and every request read was answered (then the outbox is closed).
+/// Reads an Exchange stream into its session: each request starts at once and its answer,
+/// tagged with its id, reaches the outbox whenever it comes. With
+/// `max_inflight_per_connection` requests unanswered, reading pauses until answers go out.
+/// On shutdown it stops reading. Returns once the input ended and every request read was
+/// answered (then the outbox is closed), with the status that broke the input, if one did.
 async fn read_exchange(
     gateway: &Gateway,
-    conn: &ConnState,
+    life: &mut Lifecycle,
+    mut session: Session,
     metadata: &MetadataMap,
     mut inbound: Streaming<pb::ExchangeRequest>,
-    outbox: &Arc<Outbox>,
     gone: &CancellationToken,
-) -> InputEnd {
+) -> Option<Status> {
     let config = gateway.config();
     let max_inflight = config.max_inflight_per_connection;
     let max_frame = config.max_frame_bytes;
-    let mut end = None;
-    loop {
-        if outbox.pending() == 0 && end.is_some() {
-            break;
-        }
+    let outbox = session.outbox().clone();
+    let mut failed = None;
+    // An Exchange stream's input is never read just to be refused: a drain stops reading.
+    let reads = |life: &Lifecycle| life.reads() && !life.is_draining();
+    while !life.finished(session.has_unanswered(), false) {
         let has_room = outbox.pending() < max_inflight;
         tokio::select! {
             biased;
             _ = gone.cancelled() => break,
-            _ = gateway.shutdown().stopped(), if end.is_none() => end = Some(InputEnd::Draining),
-            _ = outbox.wait_room(), if !has_room || end.is_some() => {}
-            item = inbound.message(), if has_room && end.is_none() => match item {
+            // A drain that finds the input still open ends the stream with UNAVAILABLE.
+            _ = gateway.shutdown().stopped(), if reads(life) => {
+                life.begin_drain();
+            }
+            _ = outbox.wait_room(), if !has_room || !reads(life) => {}
+            item = inbound.message(), if has_room && reads(life) => match item {
                 Ok(Some(item)) => {
                     let id = Id::from(item.id);
-                    let started = check_size(max_frame, item.encoded_len())
-                        .and_then(|()| conn.admit(item.payload.len()))
+                    let decoded = check_size(max_frame, item.encoded_len())
                         .and_then(|()| {
                             request_envelope(
                                 id.clone(),
@@ -384,26 +341,24 @@ async fn read_exchange(
                                 item.payload,
                                 item.timeout_ms,
                             )
-                        });
-                    outbox.begin_command();
-                    match started {
-                        Ok(envelope) => {
-                            gateway.start_request(FRONTEND, envelope, outbox.clone()).await;
-                        }
-                        Err(error) => {
-                            gateway.count(FRONTEND, Some(Op::Request), Err(error.code));
-                            outbox.push_control(Outbound::Error { id, error });
-                        }
+                        })
+                        .map_or_else(
+                            |error| Decoded::Invalid { id, error, fatal: false },
+                            Decoded::Envelope,
+                        );
+                    if session.handle(decoded).await == Flow::Close {
+                        life.input_broke();
                     }
                 }
-                Ok(None) => end = Some(InputEnd::Finished),
+                Ok(None) => life.input_ended(),
                 Err(status) => {
-                    debug!(%status, "an Exchange stream's input failed");
-                    end = Some(InputEnd::Failed(status));
+                    tracing::debug!(%status, "an Exchange stream's input failed");
+                    failed = Some(status);
+                    life.input_broke();
                 }
             },
         }
     }
     outbox.close();
-    end.unwrap_or(InputEnd::Finished)
+    failed
 }

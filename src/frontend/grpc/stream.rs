@@ -1,19 +1,18 @@
 //! The response side of a streaming call. The call's answers and messages wait in its
 //! `Outbox` (the same bounded queue, classes and drop policy as every other front-end); a task
 //! moves them into a small channel that tonic drains as fast as the client reads. A send into
-//! that channel that waits longer than the stall time means the client stopped reading: the
-//! stream then ends with RESOURCE_EXHAUSTED. The status a stream ends with comes after the
+//! that channel that waits longer than the stall time means the client stopped reading (the
+//! connection lifecycle's stall rule): the stream then ends with RESOURCE_EXHAUSTED. The status a stream ends with comes after the
 //! last item, once the client has read what was sent before it.
 
+use futures_util::Stream;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
-
-use futures_util::Stream;
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use crate::frontend::lifecycle::{Broken, WriteRules};
 use crate::frontend::outbox::Outbox;
 use crate::protocol::Outbound;
 
@@ -72,10 +71,8 @@ pub fn channel<T>() -> (Sender<T>, ResponseStream<T>) {
 pub enum Ended {
     /// The outbox was closed and everything in it was sent.
     Done,
-    /// The client cancelled the call (or the connection went away).
-    Gone,
-    /// The client stopped reading for longer than the stall time.
-    Stalled,
+    /// The client cancelled the call (or the connection went away), or stopped reading.
+    Broken(Broken),
 }
 
 impl<T> Sender<T> {
@@ -89,46 +86,43 @@ impl<T> Sender<T> {
         *self.end.lock().unwrap_or_else(|p| p.into_inner()) = status;
     }
 
-    async fn send(&self, item: T, stall: Duration) -> Result<(), Ended> {
+    async fn send(&self, item: T, rules: &WriteRules) -> Result<(), Broken> {
         let item = match self.items.try_send(item) {
             Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Ended::Gone),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Broken::Gone),
             Err(mpsc::error::TrySendError::Full(item)) => item,
         };
         // The timer only starts when the client is behind.
-        match tokio::time::timeout(stall, self.items.send(item)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Ended::Gone),
-            Err(_) => Err(Ended::Stalled),
-        }
+        rules.send(self.items.send(item)).await
     }
 
     /// Moves the outbox into the stream until it is closed and empty, the client goes, or the
     /// client stops reading. `convert` turns each event into an item (or into nothing). When
-    /// the client is gone, the outbox is abandoned; the answers that were lost with it are
-    /// returned (beside why the writing ended) so the caller can count them.
+    /// the client is gone, the outbox is abandoned and the answers lost with it are counted.
     pub async fn write_outbox(
         &self,
         outbox: &Outbox,
-        stall: Duration,
+        rules: &WriteRules,
         mut convert: impl FnMut(Outbound) -> Option<T>,
-    ) -> (Ended, usize) {
+    ) -> Ended {
         loop {
             let batch = tokio::select! {
                 batch = outbox.next_batch(MAX_BATCH_EVENTS) => batch,
-                _ = self.closed() => return (Ended::Gone, outbox.abandon()),
+                _ = self.closed() => {
+                    rules.lose(outbox, 0);
+                    return Ended::Broken(Broken::Gone);
+                }
             };
             let Some(batch) = batch else {
-                return (Ended::Done, 0);
+                return Ended::Done;
             };
-
             // Control events come first in a batch: those from `index` on were not sent.
             for (index, event) in batch.events.into_iter().enumerate() {
                 if let Some(item) = convert(event)
-                    && let Err(ended) = self.send(item, stall).await
+                    && let Err(broken) = self.send(item, rules).await
                 {
-                    let unsent = batch.control.saturating_sub(index);
-                    return (ended, unsent + outbox.abandon());
+                    rules.lose(outbox, batch.control.saturating_sub(index));
+                    return Ended::Broken(broken);
                 }
             }
             outbox.written(batch.control);

@@ -1,0 +1,69 @@
+//! A client connection as the core sees it: which front-end it came through, its place under
+//! `max_connections`, its NATS lane (its publishes and subscriptions share one pool
+//! connection, which keeps their order) and its rate limit. Made once, at accept, by
+//! `Gateway::connect`; every core operation takes it, so what the core decides per client
+//! (limits now; identity, policy and audit next) is decided in one place for every front-end.
+//! Dropping it gives the connection slot back.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::Lane;
+use super::ratelimit::RateLimit;
+use crate::protocol::{Frontend, GatewayError};
+use crate::telemetry::metrics::Metrics;
+
+pub struct Caller {
+    frontend: Frontend,
+    lane: Lane,
+    /// `None` when no rate limit is configured: operations then take no lock.
+    limit: Option<Mutex<RateLimit>>,
+    metrics: Arc<Metrics>,
+    /// Held, never read: dropping the caller frees its connection slot.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Caller {
+    pub(super) fn new(
+        frontend: Frontend,
+        lane: Lane,
+        limit: RateLimit,
+        metrics: Arc<Metrics>,
+        slot: OwnedSemaphorePermit,
+    ) -> Caller {
+        metrics.connection_opened(frontend);
+        Caller {
+            frontend,
+            lane,
+            limit: (!limit.is_off()).then(|| Mutex::new(limit)),
+            metrics,
+            _slot: slot,
+        }
+    }
+
+    pub fn frontend(&self) -> Frontend {
+        self.frontend
+    }
+
+    pub(super) fn lane(&self) -> Lane {
+        self.lane
+    }
+
+    /// Admits one operation carrying `bytes` of payload under the connection's rate limit.
+    pub(super) fn admit(&self, bytes: usize) -> Result<(), GatewayError> {
+        match &self.limit {
+            None => Ok(()),
+            Some(limit) => limit
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .admit(bytes, tokio::time::Instant::now()),
+        }
+    }
+}
+
+impl Drop for Caller {
+    fn drop(&mut self) {
+        self.metrics.connection_closed(self.frontend);
+    }
+}

@@ -68,6 +68,17 @@ pub enum State {
     HalfOpen,
 }
 
+impl State {
+    /// The state's name in metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::Open => "open",
+            State::HalfOpen => "half_open",
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Group {
     state: State,

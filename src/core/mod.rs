@@ -215,7 +215,7 @@ impl Gateway {
             breaker::State::HalfOpen,
         ] {
             let count = groups.iter().filter(|g| g.state == state).count();
-            metrics.breakers_in_state(state, count);
+            metrics.breakers_in_state(state.as_str(), count);
         }
         metrics
             .nats_connected

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions};
-use deadpool::managed::{self, Metrics as PoolMetrics, Object, RecycleError, RecycleResult};
+use deadpool::managed::{self, Metrics as PoolMetrics, Object, RecycleResult};
 use metrics::Counter;
 
 use super::breaker::Breakers;
@@ -96,13 +96,10 @@ impl managed::Manager for NatsManager {
         })
     }
 
-    async fn recycle(&self, conn: &mut PoolConn, _: &PoolMetrics) -> RecycleResult<Self::Error> {
-        match conn.client.connection_state() {
-            State::Connected => Ok(()),
-            state => Err(RecycleError::Message(
-                format!("NATS connection is {state}").into(),
-            )),
-        }
+    /// Never does anything: a connection is taken out of deadpool once and kept in its slot
+    /// for life (`replace` detaches it), so nothing is ever handed back to be recycled.
+    async fn recycle(&self, _: &mut PoolConn, _: &PoolMetrics) -> RecycleResult<Self::Error> {
+        Ok(())
     }
 }
 

@@ -620,7 +620,13 @@ mod tests {
         );
         let headers = envelope(&items[0]).headers.clone().unwrap();
         assert_eq!(headers.get("X-A"), Some("1"));
-        assert_eq!(headers.iter().find(|(n, _)| *n == "X-B").map(|(_, v)| v.len()), Some(2));
+        assert_eq!(
+            headers
+                .iter()
+                .find(|(n, _)| *n == "X-B")
+                .map(|(_, v)| v.len()),
+            Some(2)
+        );
         assert_eq!(error_code(&items[1]), ErrorCode::BadRequest);
     }
 

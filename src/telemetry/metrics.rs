@@ -326,15 +326,10 @@ impl Metrics {
         self.frontend(frontend).subscriptions.decrement(1.0);
     }
 
-    /// How many circuit breaker groups are in `state` (per-group detail is on `/status`;
-    /// a series per group would grow with every subject clients use).
-    pub fn breakers_in_state(&self, state: crate::core::breaker::State, count: usize) {
-        let name = match state {
-            crate::core::breaker::State::Closed => "closed",
-            crate::core::breaker::State::Open => "open",
-            crate::core::breaker::State::HalfOpen => "half_open",
-        };
-        let key = Key::from_parts("ipc_gateway_breakers", vec![Label::new("state", name)]);
+    /// How many circuit breaker groups are in the state named `state` (per-group detail is
+    /// on `/status`; a series per group would grow with every subject clients use).
+    pub fn breakers_in_state(&self, state: &'static str, count: usize) {
+        let key = Key::from_parts("ipc_gateway_breakers", vec![Label::new("state", state)]);
         self.recorder
             .register_gauge(&key, &METADATA)
             .set(count as f64);

@@ -5,14 +5,16 @@
 
 use std::time::Duration;
 
+use axum::Router;
+use axum::routing::get;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Config;
 use crate::core::Gateway;
-use crate::frontend::grpc;
 use crate::frontend::uds::{self, UdsListener};
+use crate::frontend::{grpc, ws};
 use crate::ops::http;
 
 pub async fn run(config: Config) -> Result<(), String> {
@@ -44,8 +46,8 @@ pub async fn run(config: Config) -> Result<(), String> {
     };
     let http_stop = CancellationToken::new();
     let http_task = tokio::spawn(http::serve(
-        gateway.clone(),
         http_listener,
+        http_routes(gateway.clone()),
         http_stop.clone().cancelled_owned(),
     ));
     let mut uds_task = tokio::spawn(uds::serve(gateway.clone(), listener));
@@ -103,6 +105,13 @@ pub async fn run(config: Config) -> Result<(), String> {
     grpc_task.abort();
     info!("stopped");
     failure.map_or(Ok(()), Err)
+}
+
+/// The HTTP port: the operator routes, and the WebSocket front-end at `/ws`.
+fn http_routes(gateway: Gateway) -> Router {
+    http::router()
+        .route("/ws", get(ws::upgrade))
+        .with_state(gateway)
 }
 
 async fn refresh_gauges(gateway: Gateway) {

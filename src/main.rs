@@ -6,9 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use futures_util::Stream;
 use ipc_gateway::client::{Client, ClientError, SubscriptionEvent};
 use ipc_gateway::config::{Config, LogFormat};
 use serde::Serialize;
+use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(
@@ -255,10 +257,34 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => return fail(2, &format!("cannot start the runtime: {err}")),
     };
-    match runtime.block_on(ipc_gateway::server::run(config)) {
+    let served = runtime.block_on(async {
+        // Installed before start-up, so a signal during it is not lost.
+        let stop = stop_signals()?;
+        ipc_gateway::server::run(config, stop).await
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => fail(1, &err),
     }
+}
+
+/// SIGTERM and SIGINT as the daemon's stop requests, each named for the log: the first starts
+/// the drain, another one during the drain cuts it short.
+fn stop_signals() -> Result<impl Stream<Item = &'static str> + Unpin, String> {
+    let terminate = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    let interrupt = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+    let signals = futures_util::stream::unfold(
+        (terminate, interrupt),
+        |(mut terminate, mut interrupt)| async move {
+            let cause = tokio::select! {
+                Some(()) = terminate.recv() => "SIGTERM",
+                Some(()) = interrupt.recv() => "SIGINT",
+                else => return None,
+            };
+            Some((cause, (terminate, interrupt)))
+        },
+    );
+    Ok(Box::pin(signals))
 }
 
 async fn run_client(command: Command) -> ExitCode {

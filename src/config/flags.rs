@@ -161,6 +161,7 @@ mod tests {
 
     use clap::error::ErrorKind;
     use figment::Jail;
+    use figment::providers::Format;
 
     use super::*;
     use crate::config::{KEYS, LogFormat};
@@ -296,6 +297,58 @@ mod tests {
             assert_eq!(parse(&[]).unwrap(), Flags::default());
             Ok(())
         });
+    }
+
+    /// docs/operations.md: its settings table lists every setting in order with its
+    /// environment variable, flag and default (the meaning column is prose for operators and is
+    /// not checked), and its example file uses every key and loads.
+    #[test]
+    fn the_operations_guide_lists_every_setting_with_its_default() {
+        let guide =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+                .unwrap();
+        let table = guide
+            .split("| TOML key | environment | flag | default | meaning |")
+            .nth(1)
+            .expect("the settings table");
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .skip(2)
+            .take_while(|line| line.starts_with('|'))
+            .map(|line| line[1..].splitn(5, " | ").map(str::trim).collect())
+            .collect();
+        let keys: Vec<&str> = rows.iter().map(|row| row[0].trim_matches('`')).collect();
+        assert_eq!(keys, KEYS, "the table's keys");
+        let defaults = Defaults::read();
+        for (row, setting) in rows.iter().zip(SETTINGS) {
+            assert!(row[1].contains(&format!("`{}`", setting.env())), "{row:?}");
+            assert_eq!(row[2], format!("`--{}`", setting.flag()), "{row:?}");
+            let documented = match row[3].strip_prefix('`') {
+                Some(code) => code.split('`').next().unwrap_or_default(),
+                None => row[3],
+            };
+            if setting.key == "worker_threads" {
+                // The default depends on the host.
+                assert_eq!(documented, "number of CPUs");
+            } else {
+                assert_eq!(documented, defaults.shown(setting.key), "{row:?}");
+            }
+        }
+
+        let example = guide
+            .split("Example `/etc/ipc-gateway/gateway.toml`:")
+            .nth(1)
+            .and_then(|rest| rest.split("```toml\n").nth(1))
+            .and_then(|rest| rest.split("```").next())
+            .expect("the example file");
+        for key in KEYS {
+            assert!(example.contains(&format!("{key} = ")), "{key}");
+        }
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(figment::providers::Toml::string(example))
+            .extract()
+            .unwrap();
+        config.validate().unwrap();
     }
 
     #[test]

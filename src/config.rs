@@ -1,6 +1,12 @@
 //! The one `Config`: defaults < TOML file < environment (`IPC_GATEWAY_<KEY>`, and `NATS_URL`)
 //! < command-line flags, merged by figment and validated once at start. Every error names the
 //! key that is wrong.
+//!
+//! Each setting is written down once, in the `settings!` block below: its doc comment, key,
+//! type and default. That block makes the `Config` struct, its `Default`, `KEYS` and
+//! `SETTINGS`; the key is the TOML key, `IPC_GATEWAY_<KEY>` the environment variable, and
+//! `flags` turns `SETTINGS` into the `serve` flags (`--max-frame-bytes`), whose help is the doc
+//! comment and whose default is read from `Config::default()`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,123 +18,167 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::protocol::subject::{SubjectUse, validate_subject};
 
+mod flags;
+
+pub use flags::Flags;
+
 pub const ENV_PREFIX: &str = "IPC_GATEWAY_";
 
-/// Every setting's key (TOML key, flag name with `_`, environment variable suffix).
-pub const KEYS: &[&str] = &[
-    "socket",
-    "socket_mode",
-    "nats_url",
-    "nats_connections",
-    "http",
-    "default_subject",
-    "max_frame_bytes",
-    "request_timeout_ms",
-    "max_connections",
-    "max_inflight_per_connection",
-    "max_inflight_bytes",
-    "subscription_queue",
-    "drain_timeout_ms",
-    "worker_threads",
-    "log_format",
-    "slow_client_stall_ms",
-    "rate_limit_requests_per_sec",
-    "rate_limit_bytes_per_sec",
-    "idle_timeout_ms",
-    "ws_max_message_bytes",
-    "ws_allowed_origins",
-    "ws_ping_interval_ms",
-    "ws_read_buffer_bytes",
-    "grpc",
-    "grpc_keepalive_ms",
-    "grpc_max_concurrent_streams",
-    "breaker_group_tokens",
-    "breaker_failures",
-    "breaker_cooldown_ms",
-    "breaker_failure_rate",
-    "breaker_window_ms",
-    "breaker_min_requests",
-    "breaker_reconnect_grace_ms",
-];
+/// One setting as the command line and the documentation see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setting {
+    /// The TOML key, also the environment variable's suffix and, with dashes, the flag.
+    pub key: &'static str,
+    /// The field's doc comment, as written (one string per line).
+    pub doc: &'static str,
+}
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    /// Path of the Unix socket to listen on.
-    pub socket: PathBuf,
-    /// Permission bits of the socket file, in octal ("0660").
-    #[serde(deserialize_with = "octal_mode", serialize_with = "octal_mode_out")]
-    pub socket_mode: u32,
-    /// NATS server URL(s), comma-separated for a cluster.
-    pub nats_url: String,
-    /// Connections in the NATS pool; requests are spread across them.
-    pub nats_connections: usize,
-    /// Address of the HTTP port: /health, /ready, /status, /metrics and the WebSocket /ws.
-    pub http: SocketAddr,
-    /// Subject for JSON objects that name neither op nor subject.
-    pub default_subject: Option<String>,
-    /// Largest frame or JSON line accepted, in bytes.
-    pub max_frame_bytes: usize,
-    /// Default request deadline, and the ceiling on a client's `timeout_ms`.
-    pub request_timeout_ms: u64,
-    /// Client connections served at once; the next one gets an error and is closed.
-    pub max_connections: usize,
-    /// Requests (and other commands awaiting an answer) per connection before the gateway
-    /// stops reading from that client.
-    pub max_inflight_per_connection: usize,
-    /// Payload bytes in flight through the gateway before requests get `OVERLOADED`.
-    pub max_inflight_bytes: usize,
-    /// Subscription messages queued per connection before the oldest are dropped.
-    pub subscription_queue: usize,
-    /// On SIGTERM, how long in-flight requests may take before they get `UNAVAILABLE`.
-    pub drain_timeout_ms: u64,
-    /// Tokio worker threads; 1 runs everything on one thread (often fastest on small hosts).
-    pub worker_threads: usize,
-    /// Log format: "text" or "json".
-    pub log_format: LogFormat,
-    /// A client whose answers cannot be written for this long (it stopped reading) is
-    /// disconnected.
-    pub slow_client_stall_ms: u64,
-    /// Per-connection limit on requests, publishes and subscribes a second; 0 = off.
-    pub rate_limit_requests_per_sec: u64,
-    /// Per-connection limit on payload bytes a second; 0 = off.
-    pub rate_limit_bytes_per_sec: u64,
-    /// Close connections with no traffic and no subscriptions after this long; 0 = off.
-    pub idle_timeout_ms: u64,
-    /// Largest WebSocket message accepted; 0 = the same as `max_frame_bytes`.
-    pub ws_max_message_bytes: usize,
-    /// Origins whose browser pages may open `/ws`, besides the gateway's own origin (clients
-    /// that send no `Origin`, such as programs, are always let in). "*" allows any.
-    pub ws_allowed_origins: Vec<String>,
-    /// How often the server pings each WebSocket; one that misses two pongs is closed.
-    /// 0 = off.
-    pub ws_ping_interval_ms: u64,
-    /// tungstenite's read buffer per WebSocket, allocated for the connection's life: also the
-    /// most it reads in one system call. Smaller makes idle connections cheaper, larger makes
-    /// big messages cheaper to read.
-    pub ws_read_buffer_bytes: usize,
-    /// Address of the gRPC port (service `ipcgateway.v1.Gateway`, health, reflection).
-    pub grpc: SocketAddr,
-    /// HTTP/2 keepalive: ping interval on gRPC connections; a connection whose ping is not
-    /// answered within the same time is closed. 0 = off.
-    pub grpc_keepalive_ms: u64,
-    /// Concurrent gRPC streams (calls) per HTTP/2 connection.
-    pub grpc_max_concurrent_streams: u32,
-    /// Subject tokens that name a circuit breaker's group (`svc.orders.create` → `svc.orders`).
-    pub breaker_group_tokens: usize,
-    /// Consecutive failures (TIMEOUT, NO_RESPONDERS) that open a group's breaker.
-    pub breaker_failures: u32,
-    /// How long an open breaker refuses before it lets one trial request through.
-    pub breaker_cooldown_ms: u64,
-    /// Failure rate (0 to 1) over the window that opens a breaker; 0 turns the rule off.
-    pub breaker_failure_rate: f64,
-    /// The failure-rate window.
-    pub breaker_window_ms: u64,
-    /// Requests a window needs before its failure rate counts.
-    pub breaker_min_requests: u32,
-    /// After a NATS connection comes up, how long `NO_RESPONDERS` does not count against a
-    /// breaker (services reconnect after the gateway); 0 = always counts.
-    pub breaker_reconnect_grace_ms: u64,
+impl Setting {
+    /// The command-line flag, without its leading dashes: `max-frame-bytes`.
+    pub fn flag(&self) -> String {
+        self.key.replace('_', "-")
+    }
+
+    /// The environment variable: `IPC_GATEWAY_MAX_FRAME_BYTES`.
+    pub fn env(&self) -> String {
+        format!("{ENV_PREFIX}{}", self.key.to_ascii_uppercase())
+    }
+
+    /// The doc comment as one line of prose.
+    pub fn help(&self) -> String {
+        self.doc.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// Declares the settings once. Each entry is a doc comment, optional `#[serde(...)]`
+/// attributes, then `pub key: Type = default,`; out come the struct, its `Default`, `KEYS` and
+/// `SETTINGS`, all in the order written.
+macro_rules! settings {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $(
+                $(#[doc = $doc:literal])*
+                $(#[serde($($serde:tt)*)])*
+                pub $key:ident: $ty:ty = $default:expr,
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            $(
+                $(#[doc = $doc])*
+                $(#[serde($($serde)*)])*
+                pub $key: $ty,
+            )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name {
+                    $($key: $default,)*
+                }
+            }
+        }
+
+        /// Every setting's key (TOML key, flag name with `_`, environment variable suffix).
+        pub const KEYS: &[&str] = &[$(stringify!($key)),*];
+
+        /// Every setting with its doc comment, for the flags and their help.
+        pub const SETTINGS: &[Setting] = &[
+            $(Setting {
+                key: stringify!($key),
+                doc: concat!($($doc, "\n"),*),
+            }),*
+        ];
+    };
+}
+
+settings! {
+    /// Every setting of the daemon, after merging the layers (see the module doc).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Config {
+        /// Path of the Unix socket to listen on.
+        pub socket: PathBuf = PathBuf::from("/tmp/ipc-gateway.sock"),
+        /// Permission bits of the socket file, in octal ("0660").
+        #[serde(deserialize_with = "octal_mode", serialize_with = "octal_mode_out")]
+        pub socket_mode: u32 = 0o660,
+        /// NATS server URL(s), comma-separated for a cluster. The environment variable
+        /// NATS_URL sets it too, over IPC_GATEWAY_NATS_URL.
+        pub nats_url: String = "nats://127.0.0.1:4222".into(),
+        /// Connections in the NATS pool; requests are spread across them.
+        pub nats_connections: usize = 2,
+        /// Address of the HTTP port: /health, /ready, /status, /metrics and the WebSocket /ws.
+        pub http: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
+        /// Subject for JSON objects that name neither op nor subject.
+        pub default_subject: Option<String> = None,
+        /// Largest frame or JSON line accepted, in bytes.
+        pub max_frame_bytes: usize = 1 << 20,
+        /// Default request deadline, and the ceiling on a client's `timeout_ms`.
+        pub request_timeout_ms: u64 = 5000,
+        /// Client connections served at once; the next one gets an error and is closed.
+        pub max_connections: usize = 10_000,
+        /// Requests (and other commands awaiting an answer) per connection before the gateway
+        /// stops reading from that client.
+        pub max_inflight_per_connection: usize = 1024,
+        /// Payload bytes in flight through the gateway before requests get `OVERLOADED`.
+        pub max_inflight_bytes: usize = 256 << 20,
+        /// Subscription messages queued per connection before the oldest are dropped.
+        pub subscription_queue: usize = 1024,
+        /// On SIGTERM, how long in-flight requests may take before they get `UNAVAILABLE`.
+        pub drain_timeout_ms: u64 = 5000,
+        /// Tokio worker threads, by default one per core; 1 runs everything on one thread
+        /// (often fastest on small hosts).
+        pub worker_threads: usize = std::thread::available_parallelism().map_or(1, |n| n.get()),
+        /// Log format: "text" or "json". Filter with RUST_LOG.
+        pub log_format: LogFormat = LogFormat::Text,
+        /// A client whose answers cannot be written for this long (it stopped reading) is
+        /// disconnected.
+        pub slow_client_stall_ms: u64 = 10_000,
+        /// Per-connection limit on requests, publishes and subscribes a second; 0 = off.
+        pub rate_limit_requests_per_sec: u64 = 0,
+        /// Per-connection limit on payload bytes a second; 0 = off.
+        pub rate_limit_bytes_per_sec: u64 = 0,
+        /// Close connections with no traffic and no subscriptions after this long; 0 = off.
+        pub idle_timeout_ms: u64 = 0,
+        /// Largest WebSocket message accepted; 0 = the same as `max_frame_bytes`.
+        pub ws_max_message_bytes: usize = 0,
+        /// Origins whose browser pages may open `/ws`, besides the gateway's own origin (clients
+        /// that send no `Origin`, such as programs, are always let in). "*" allows any. A list:
+        /// repeat the flag for several.
+        pub ws_allowed_origins: Vec<String> = Vec::new(),
+        /// How often the server pings each WebSocket; one that misses two pongs is closed.
+        /// 0 = off.
+        pub ws_ping_interval_ms: u64 = 20_000,
+        /// tungstenite's read buffer per WebSocket, allocated for the connection's life: also
+        /// the most it reads in one system call. Smaller makes idle connections cheaper, larger
+        /// makes big messages cheaper to read.
+        pub ws_read_buffer_bytes: usize = 1024,
+        /// Address of the gRPC port (service `ipcgateway.v1.Gateway`, health, reflection).
+        pub grpc: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 50051)),
+        /// HTTP/2 keepalive: ping interval on gRPC connections; a connection whose ping is not
+        /// answered within the same time is closed. 0 = off.
+        pub grpc_keepalive_ms: u64 = 20_000,
+        /// Concurrent gRPC streams (calls) per HTTP/2 connection.
+        pub grpc_max_concurrent_streams: u32 = 1024,
+        /// Subject tokens that name a circuit breaker's group (`svc.orders.create` →
+        /// `svc.orders`).
+        pub breaker_group_tokens: usize = 2,
+        /// Consecutive failures (TIMEOUT, NO_RESPONDERS) that open a group's breaker.
+        pub breaker_failures: u32 = 5,
+        /// How long an open breaker refuses before it lets one trial request through.
+        pub breaker_cooldown_ms: u64 = 5000,
+        /// Failure rate (0 to 1) over the window that opens a breaker; 0 turns the rule off.
+        pub breaker_failure_rate: f64 = 0.0,
+        /// The failure-rate window.
+        pub breaker_window_ms: u64 = 10_000,
+        /// Requests a window needs before its failure rate counts.
+        pub breaker_min_requests: u32 = 20,
+        /// After a NATS connection comes up, how long `NO_RESPONDERS` does not count against a
+        /// breaker (services reconnect after the gateway); 0 = always counts.
+        pub breaker_reconnect_grace_ms: u64 = 5000,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,46 +186,6 @@ pub struct Config {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            socket: PathBuf::from("/tmp/ipc-gateway.sock"),
-            socket_mode: 0o660,
-            nats_url: "nats://127.0.0.1:4222".into(),
-            nats_connections: 2,
-            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            default_subject: None,
-            max_frame_bytes: 1 << 20,
-            request_timeout_ms: 5000,
-            max_connections: 10_000,
-            max_inflight_per_connection: 1024,
-            max_inflight_bytes: 256 << 20,
-            subscription_queue: 1024,
-            drain_timeout_ms: 5000,
-            worker_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            log_format: LogFormat::Text,
-            slow_client_stall_ms: 10_000,
-            rate_limit_requests_per_sec: 0,
-            rate_limit_bytes_per_sec: 0,
-            idle_timeout_ms: 0,
-            ws_max_message_bytes: 0,
-            ws_allowed_origins: Vec::new(),
-            ws_ping_interval_ms: 20_000,
-            ws_read_buffer_bytes: 1024,
-            grpc: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            grpc_keepalive_ms: 20_000,
-            grpc_max_concurrent_streams: 1024,
-            breaker_group_tokens: 2,
-            breaker_failures: 5,
-            breaker_cooldown_ms: 5000,
-            breaker_failure_rate: 0.0,
-            breaker_window_ms: 10_000,
-            breaker_min_requests: 20,
-            breaker_reconnect_grace_ms: 5000,
-        }
-    }
 }
 
 /// A configuration error, worded for the operator: it names the key and what is wrong.

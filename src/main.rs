@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use futures_util::Stream;
 use ipc_gateway::client::{Client, ClientError, SubscriptionEvent};
-use ipc_gateway::config::{Config, LogFormat};
-use serde::Serialize;
+use ipc_gateway::config::{Config, Flags, LogFormat};
+use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(
@@ -24,7 +25,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (settings: defaults < --config file < environment < flags).
-    Serve(Box<ServeArgs>),
+    ///
+    /// Each flag below is also a TOML key (`--max-frame-bytes` is `max_frame_bytes`) and an
+    /// environment variable (`IPC_GATEWAY_MAX_FRAME_BYTES`); `NATS_URL` sets `nats_url` too.
+    Serve(ServeArgs),
     /// Send a request through a running gateway and print the reply's data.
     Request {
         subject: String,
@@ -56,7 +60,7 @@ enum Command {
     },
     /// Run the demo NATS echo service (answers each request with its own payload).
     DemoEcho {
-        #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        #[arg(long, env = "NATS_URL", default_value_t = Config::default().nats_url)]
         nats_url: String,
         #[arg(long, default_value = "demo.echo")]
         subject: String,
@@ -66,160 +70,26 @@ enum Command {
 #[derive(Args)]
 struct SocketArg {
     /// The gateway's Unix socket.
-    #[arg(
-        long,
-        env = "IPC_GATEWAY_SOCKET",
-        default_value = "/tmp/ipc-gateway.sock"
-    )]
+    #[arg(long, env = "IPC_GATEWAY_SOCKET", default_value_os_t = Config::default().socket)]
     socket: PathBuf,
 }
 
-/// Flags of `serve`; only those given are merged over the file and the environment. Each has
-/// a TOML key of the same name and an environment variable IPC_GATEWAY_<KEY>.
-#[derive(Args, Serialize)]
+/// Flags of `serve`: `--config`, and one flag per setting (`config::SETTINGS`), with its help
+/// and default taken from the setting's definition. Only the flags given are merged over the
+/// file and the environment.
+#[derive(Args)]
 struct ServeArgs {
     /// TOML configuration file.
     #[arg(long)]
-    #[serde(skip)]
     config: Option<PathBuf>,
-    /// Unix socket path [default: /tmp/ipc-gateway.sock].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    socket: Option<PathBuf>,
-    /// Socket file permissions, octal [default: 0660].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    socket_mode: Option<String>,
-    /// NATS URL; env NATS_URL [default: nats://127.0.0.1:4222].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    nats_url: Option<String>,
-    /// NATS connections in the pool [default: 2].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    nats_connections: Option<usize>,
-    /// HTTP address for /health, /ready, /status, /metrics and /ws [default: 127.0.0.1:8080].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    http: Option<String>,
-    /// Subject for JSON objects that name neither op nor subject.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    default_subject: Option<String>,
-    /// Largest frame or JSON line, in bytes [default: 1048576].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_frame_bytes: Option<usize>,
-    /// Default request deadline and ceiling on timeout_ms [default: 5000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    request_timeout_ms: Option<u64>,
-    /// Client connections at once [default: 10000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_connections: Option<usize>,
-    /// Unanswered commands per connection before the gateway stops reading it [default: 1024].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_inflight_per_connection: Option<usize>,
-    /// Payload bytes in flight before OVERLOADED [default: 268435456].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_inflight_bytes: Option<usize>,
-    /// Subscription messages queued per connection before the oldest drop [default: 1024].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    subscription_queue: Option<usize>,
-    /// Time in-flight requests get on SIGTERM [default: 5000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    drain_timeout_ms: Option<u64>,
-    /// Tokio worker threads; 1 = single-threaded [default: number of cores].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    worker_threads: Option<usize>,
-    /// Log format: text or json [default: text]. Filter with RUST_LOG.
-    #[arg(long, value_parser = ["text", "json"])]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    log_format: Option<String>,
-    /// Disconnect a client whose answers cannot be written for this long [default: 10000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    slow_client_stall_ms: Option<u64>,
-    /// Per-connection requests (and publishes, subscribes) a second; 0 = off [default: 0].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rate_limit_requests_per_sec: Option<u64>,
-    /// Per-connection payload bytes a second; 0 = off [default: 0].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rate_limit_bytes_per_sec: Option<u64>,
-    /// Close connections idle this long with no subscriptions; 0 = off [default: 0].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    idle_timeout_ms: Option<u64>,
-    /// Largest WebSocket message; 0 = --max-frame-bytes [default: 0].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ws_max_message_bytes: Option<usize>,
-    /// Browser origins allowed on /ws besides the gateway's own (repeat, or "*" for any).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ws_allowed_origins: Option<Vec<String>>,
-    /// WebSocket ping interval; two missed pongs close the connection; 0 = off [default: 20000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ws_ping_interval_ms: Option<u64>,
-    /// WebSocket read buffer per connection: idle memory vs reads per big message [default: 1024].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ws_read_buffer_bytes: Option<usize>,
-    /// gRPC address [default: 127.0.0.1:50051].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    grpc: Option<String>,
-    /// HTTP/2 keepalive ping interval on gRPC connections; 0 = off [default: 20000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    grpc_keepalive_ms: Option<u64>,
-    /// Concurrent gRPC calls per HTTP/2 connection [default: 1024].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    grpc_max_concurrent_streams: Option<u32>,
-    /// Subject tokens that name a circuit breaker group [default: 2].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    breaker_group_tokens: Option<usize>,
-    /// Consecutive failures that open a group's breaker [default: 5].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    breaker_failures: Option<u32>,
-    /// How long an open breaker refuses before one trial request [default: 5000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    breaker_cooldown_ms: Option<u64>,
-    /// Failure rate (0 to 1) over the window that opens a breaker; 0 = off [default: 0].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    breaker_failure_rate: Option<f64>,
-    /// Failure-rate window in ms [default: 10000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    breaker_window_ms: Option<u64>,
-    /// Requests a window needs before its failure rate counts [default: 20].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    breaker_min_requests: Option<u32>,
-    /// After NATS (re)connects, ms during which NO_RESPONDERS does not count; 0 = off [default: 5000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    breaker_reconnect_grace_ms: Option<u64>,
+    #[command(flatten)]
+    settings: Flags,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(*args),
+        Command::Serve(args) => serve(args),
         command => {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -239,7 +109,7 @@ fn fail(code: u8, message: &str) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    let config = match Config::load(args.config.as_deref(), &args) {
+    let config = match Config::load(args.config.as_deref(), &args.settings) {
         Ok(config) => config,
         Err(err) => return fail(2, &err.to_string()),
     };
@@ -255,10 +125,34 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => return fail(2, &format!("cannot start the runtime: {err}")),
     };
-    match runtime.block_on(ipc_gateway::server::run(config)) {
+    let served = runtime.block_on(async {
+        // Installed before start-up, so a signal during it is not lost.
+        let stop = stop_signals()?;
+        ipc_gateway::server::run(config, stop).await
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => fail(1, &err),
     }
+}
+
+/// SIGTERM and SIGINT as the daemon's stop requests, each named for the log: the first starts
+/// the drain, another one during the drain cuts it short.
+fn stop_signals() -> Result<impl Stream<Item = &'static str> + Unpin, String> {
+    let terminate = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    let interrupt = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+    let signals = futures_util::stream::unfold(
+        (terminate, interrupt),
+        |(mut terminate, mut interrupt)| async move {
+            let cause = tokio::select! {
+                Some(()) = terminate.recv() => "SIGTERM",
+                Some(()) = interrupt.recv() => "SIGINT",
+                else => return None,
+            };
+            Some((cause, (terminate, interrupt)))
+        },
+    );
+    Ok(Box::pin(signals))
 }
 
 async fn run_client(command: Command) -> ExitCode {

@@ -1,25 +1,34 @@
 //! Runs the daemon: binds the socket, the HTTP port and the gRPC port (failing start-up clearly
-//! if any is taken), serves until SIGTERM or SIGINT, then drains: stop accepting, let in-flight
+//! if any is taken), composes the HTTP routes (the operator routes and the WebSocket
+//! front-end), serves until the first stop request, then drains: stop accepting, let in-flight
 //! requests finish up to the drain timeout, answer the rest with `UNAVAILABLE`, remove the
-//! socket file.
+//! socket file. A later stop request cuts the drain short.
+//!
+//! Where stop requests come from is the caller's business: `main` turns SIGTERM and SIGINT
+//! into them; a test can run the whole server in-process and stop it through a channel.
 
 use std::time::Duration;
 
-use tokio::signal::unix::{SignalKind, signal};
+use axum::Router;
+use axum::routing::get;
+use futures_util::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Config;
 use crate::core::Gateway;
-use crate::frontend::grpc;
 use crate::frontend::uds::{self, UdsListener};
+use crate::frontend::{grpc, ws};
 use crate::ops::http;
 
-pub async fn run(config: Config) -> Result<(), String> {
-    let mut terminate =
-        signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
-    let mut interrupt =
-        signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+/// Serves until `stop` yields, then drains. Each item of `stop` is a stop request naming its
+/// cause for the log (`"SIGTERM"`): the first starts the graceful drain, and any later one
+/// during the drain answers what is still waiting with `UNAVAILABLE` at once. A stream that
+/// ends asks for nothing more (the server then runs until its gRPC server fails).
+pub async fn run(
+    config: Config,
+    mut stop: impl Stream<Item = &'static str> + Unpin,
+) -> Result<(), String> {
     let gateway = Gateway::new(config.clone()).await?;
     let listener = UdsListener::bind(&config.socket, config.socket_mode)
         .await
@@ -44,8 +53,8 @@ pub async fn run(config: Config) -> Result<(), String> {
     };
     let http_stop = CancellationToken::new();
     let http_task = tokio::spawn(http::serve(
-        gateway.clone(),
         http_listener,
+        http_routes(gateway.clone()),
         http_stop.clone().cancelled_owned(),
     ));
     let mut uds_task = tokio::spawn(uds::serve(gateway.clone(), listener));
@@ -53,8 +62,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let mut failure = None;
 
     tokio::select! {
-        _ = terminate.recv() => info!("SIGTERM: shutting down"),
-        _ = interrupt.recv() => info!("SIGINT: shutting down"),
+        Some(cause) = stop.next() => info!("{cause}: shutting down"),
         ended = &mut grpc_task => {
             let why = match ended {
                 Ok(Err(err)) => err,
@@ -71,19 +79,15 @@ pub async fn run(config: Config) -> Result<(), String> {
     );
     gateway.shutdown().begin(drain);
     // In-flight requests end by the drain deadline; the margin covers writing the answers.
-    // A second signal cuts the drain short.
+    // A second stop request cuts the drain short.
     let deadline = tokio::time::sleep(drain + Duration::from_secs(2));
     tokio::pin!(deadline);
     loop {
         tokio::select! {
             _ = &mut uds_task => break,
             _ = &mut deadline => break,
-            _ = terminate.recv() => {
-                info!("second signal: answering what is left with UNAVAILABLE");
-                gateway.shutdown().expire_drain_now();
-            }
-            _ = interrupt.recv() => {
-                info!("second signal: answering what is left with UNAVAILABLE");
+            Some(cause) = stop.next() => {
+                info!(%cause, "second signal: answering what is left with UNAVAILABLE");
                 gateway.shutdown().expire_drain_now();
             }
         }
@@ -103,6 +107,13 @@ pub async fn run(config: Config) -> Result<(), String> {
     grpc_task.abort();
     info!("stopped");
     failure.map_or(Ok(()), Err)
+}
+
+/// The HTTP port: the operator routes, and the WebSocket front-end at `/ws`.
+fn http_routes(gateway: Gateway) -> Router {
+    http::router()
+        .route("/ws", get(ws::upgrade))
+        .with_state(gateway)
 }
 
 async fn refresh_gauges(gateway: Gateway) {

@@ -1,7 +1,8 @@
-//! The HTTP port: `GET /health` (the process is alive), `GET /ready` (200 only when NATS is
-//! connected and the listener is up; 503 with a JSON body naming what is not), and
-//! `GET /metrics` (Prometheus text), `GET /status`, the WebSocket at `GET /ws`, and the browser
-//! page at `GET /` (see `page`).
+//! The HTTP port's operator routes: `GET /health` (the process is alive), `GET /ready` (200 only
+//! when NATS is connected and the listener is up; 503 with a JSON body naming what is not),
+//! `GET /metrics` (Prometheus text), `GET /status`, and the browser page at `GET /` (see
+//! `page`). The server merges the front-ends' routes (the WebSocket at `/ws`) into this router
+//! before serving it; this module names no front-end.
 
 use std::net::SocketAddr;
 
@@ -14,15 +15,15 @@ use tokio::net::TcpListener;
 
 use crate::core::Gateway;
 
-pub fn router(gateway: Gateway) -> Router {
+/// The operator routes, still waiting for their `Gateway` state so that the server can merge
+/// more routes before it calls `with_state`.
+pub fn router() -> Router<Gateway> {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
-        .route("/ws", get(crate::frontend::ws::upgrade))
         .merge(super::page::routes())
-        .with_state(gateway)
 }
 
 /// Binds the HTTP port now (so a taken port fails start-up) and serves it until shutdown.
@@ -30,20 +31,21 @@ pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(address).await
 }
 
-/// Serves until `stop` resolves. The daemon stops it after the drain, so that `/ready`
-/// answers 503 `shutting_down` while in-flight requests finish.
+/// Serves `app` (the operator routes with whatever the server merged in) until `stop`
+/// resolves. The daemon stops it after the drain, so that `/ready` answers 503
+/// `shutting_down` while in-flight requests finish.
 pub async fn serve(
-    gateway: Gateway,
     listener: TcpListener,
+    app: Router,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
-    // WebSocket answers are small writes: without NODELAY, Nagle's algorithm can hold one
-    // back until the client's delayed ACK (40 ms).
+    // Long-lived connections upgraded here (the WebSocket) carry small writes: without NODELAY,
+    // Nagle's algorithm can hold one back until the client's delayed ACK (40 ms).
     let listener = listener.tap_io(|stream| {
         let _ = stream.set_nodelay(true);
     });
-    axum::serve(listener, router(gateway))
+    axum::serve(listener, app)
         .with_graceful_shutdown(stop)
         .await
 }

@@ -126,6 +126,9 @@ settings! {
         pub max_inflight_bytes: usize = 256 << 20,
         /// Subscription messages queued per connection before the oldest are dropped.
         pub subscription_queue: usize = 1024,
+        /// Subscriptions one connection (or one gRPC connection's calls together) may hold;
+        /// past it, subscribe gets `OVERLOADED`.
+        pub max_subscriptions_per_connection: usize = 1000,
         /// On SIGTERM, how long in-flight requests may take before they get `UNAVAILABLE`.
         pub drain_timeout_ms: u64 = 5000,
         /// Tokio worker threads, by default one per core; 1 runs everything on one thread
@@ -257,6 +260,10 @@ impl Config {
             ),
             ("max_inflight_bytes", self.max_inflight_bytes),
             ("subscription_queue", self.subscription_queue),
+            (
+                "max_subscriptions_per_connection",
+                self.max_subscriptions_per_connection,
+            ),
             ("worker_threads", self.worker_threads),
         ] {
             if value == 0 {

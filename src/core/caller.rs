@@ -5,13 +5,14 @@
 //! (limits now; identity, policy and audit next) is decided in one place for every front-end.
 //! Dropping it gives the connection slot back.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::Lane;
 use super::ratelimit::RateLimit;
-use crate::protocol::{Frontend, GatewayError};
+use crate::protocol::{ErrorCode, Frontend, GatewayError};
 use crate::telemetry::metrics::Metrics;
 
 pub struct Caller {
@@ -20,8 +21,19 @@ pub struct Caller {
     /// `None` when no rate limit is configured: operations then take no lock.
     limit: Option<Mutex<RateLimit>>,
     metrics: Arc<Metrics>,
+    /// Subscriptions open now (shared with each `SubscriptionSlot`).
+    subscriptions: Arc<AtomicUsize>,
     /// Held, never read: dropping the caller frees its connection slot.
     _slot: OwnedSemaphorePermit,
+}
+
+/// One of a connection's `max_subscriptions_per_connection`; given back when dropped.
+pub struct SubscriptionSlot(Arc<AtomicUsize>);
+
+impl Drop for SubscriptionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Caller {
@@ -38,6 +50,7 @@ impl Caller {
             lane,
             limit: (!limit.is_off()).then(|| Mutex::new(limit)),
             metrics,
+            subscriptions: Arc::default(),
             _slot: slot,
         }
     }
@@ -59,6 +72,23 @@ impl Caller {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .admit(bytes, tokio::time::Instant::now()),
         }
+    }
+}
+
+impl Caller {
+    /// A place for one more subscription, or `OVERLOADED` when the connection holds `max`.
+    pub(super) fn subscription_slot(&self, max: usize) -> Result<SubscriptionSlot, GatewayError> {
+        let taken = self.subscriptions.fetch_add(1, Ordering::AcqRel);
+        let slot = SubscriptionSlot(self.subscriptions.clone());
+        if taken >= max {
+            return Err(GatewayError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "this connection holds its maximum of {max} subscriptions (--max-subscriptions-per-connection); unsubscribe first"
+                ),
+            ));
+        }
+        Ok(slot)
     }
 }
 

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::client::RequestErrorKind;
 use async_nats::{HeaderMap, Subscriber};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -30,9 +29,6 @@ pub use caller::Caller;
 use pool::NatsPool;
 pub use replies::ReplySink;
 use shutdown::Shutdown;
-
-/// A subject no service listens on; requests to it make a cheap round trip to the server.
-const SYNC_SUBJECT: &str = "_IPC_GATEWAY.sync";
 
 /// A successful request's answer.
 #[derive(Debug, Clone)]
@@ -351,8 +347,9 @@ impl Gateway {
         subject: &Subject,
         queue: Option<&str>,
     ) -> Result<Subscription, GatewayError> {
-        let result = match caller.admit(0) {
-            Ok(()) => self
+        let max = self.inner.config.max_subscriptions_per_connection;
+        let result = match caller.admit(0).and_then(|()| caller.subscription_slot(max)) {
+            Ok(slot) => self
                 .open_subscription(caller.lane(), subject, queue)
                 .await
                 .map(|live| Subscription {
@@ -361,6 +358,7 @@ impl Gateway {
                     subject: subject.clone(),
                     queue: queue.map(str::to_owned),
                     live,
+                    _slot: slot,
                 }),
             Err(error) => Err(error),
         };
@@ -383,7 +381,9 @@ impl Gateway {
             validate_queue_group(queue)?;
         }
         let pool::Picked {
-            client, retired, ..
+            client,
+            retired,
+            router,
         } = self.inner.pool.client_on(lane.0)?;
         let subject = nats::subject(subject);
         let subscribed = match queue {
@@ -392,32 +392,32 @@ impl Gateway {
         };
         let subscriber = subscribed.map_err(|err| nats::subscribe_error(&err))?;
         // The acknowledgement promises that messages published after it are delivered, so
-        // wait until the server has processed the SUB. `flush()` only writes the socket; a
-        // request on the same connection to a subject nobody serves comes back (as "no
-        // responders") only after the server has handled everything sent before it.
-        let sync = async_nats::Request::new().timeout(None);
-        let confirmed = tokio::time::timeout(
-            self.inner.config.request_timeout(),
-            client.send_request(SYNC_SUBJECT, sync),
-        );
-        let Ok(confirmed) = confirmed.await else {
-            return Err(GatewayError::new(
+        // wait until the server has processed the SUB. `flush()` only writes the socket;
+        // a message this connection sends to one of its own unguessable reply subjects comes
+        // back only after the server has handled everything sent before it, and nobody else
+        // (a `>` subscriber, say) can disturb that round trip.
+        let mut sync = router.sync_point();
+        let confirmed = async {
+            client
+                .publish(sync.subject.clone(), Bytes::new())
+                .await
+                .map_err(|err| nats::publish_error(&err))?;
+            (&mut sync.came_back).await.map_err(|_| {
+                GatewayError::new(
+                    ErrorCode::Unavailable,
+                    "the NATS connection was lost before it confirmed the subscription",
+                )
+            })
+        };
+        match tokio::time::timeout(self.inner.config.request_timeout(), confirmed).await {
+            Ok(Ok(())) => Ok(LiveSubscription {
+                subscriber,
+                retired,
+            }),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(GatewayError::new(
                 ErrorCode::Unavailable,
                 "NATS did not confirm the subscription in time",
-            ));
-        };
-        match confirmed {
-            Ok(_) => Ok(LiveSubscription {
-                subscriber,
-                retired,
-            }),
-            Err(err) if err.kind() == RequestErrorKind::NoResponders => Ok(LiveSubscription {
-                subscriber,
-                retired,
-            }),
-            Err(err) => Err(GatewayError::new(
-                ErrorCode::Unavailable,
-                format!("NATS did not confirm the subscription: {err}"),
             )),
         }
     }
@@ -470,6 +470,8 @@ pub struct Subscription {
     subject: Subject,
     queue: Option<String>,
     live: LiveSubscription,
+    /// Counts against the caller's `max_subscriptions_per_connection` while open.
+    _slot: caller::SubscriptionSlot,
 }
 
 impl Subscription {

@@ -67,7 +67,7 @@ impl managed::Manager for NatsManager {
         .connect(self.servers.clone())
         .await?;
         let router = ReplyRouter::new(
-            client.new_inbox(),
+            super::replies::random_inbox(),
             self.metrics.clone(),
             Some(self.retries.clone()),
         );

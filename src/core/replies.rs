@@ -5,8 +5,17 @@
 //! oneshot or timer per request. Deadlines are kept in order in one set, and the router's
 //! single timer fires for the earliest. Losing or retiring the connection, or the end of the
 //! drain, fails the waiting requests at once: every request gets exactly one answer.
+//!
+//! Reply subjects are unguessable and taken only whole: the prefix has 128 random bits per
+//! connection, and each request's subject carries a random 64-bit nonce beside its token. A
+//! message on a guessed or stale subject never answers a request (it is counted in
+//! `ipc_gateway_reply_mismatches_total`). The same subscription confirms subscriptions: a
+//! message the connection sends to one of its own reply subjects comes back only after
+//! nats-server has handled everything the connection sent before it, and nobody else can
+//! send to, or guess, that subject.
 
 use std::collections::{BTreeSet, HashMap};
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +24,9 @@ use async_nats::HeaderMap;
 use async_nats::{Message, Subject, Subscriber};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{Notify, mpsc, watch};
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::Reply;
@@ -60,12 +71,35 @@ pub struct Resend {
     pub data: Bytes,
 }
 
-#[derive(Default)]
 struct Waiting {
-    requests: HashMap<u64, Pending>,
+    /// Each request with the nonce its reply subject carries.
+    requests: HashMap<u64, (u64, Pending)>,
     deadlines: BTreeSet<(Instant, u64)>,
+    /// Confirmations in flight (see `sync_point`), by token, with their nonce.
+    syncs: HashMap<u64, (u64, oneshot::Sender<()>)>,
     /// Retired or closed: no new requests, and why (the refusal's message).
     closed: Option<&'static str>,
+    /// Nonces: a cryptographic generator seeded by the OS, one per router.
+    rng: StdRng,
+}
+
+impl Waiting {
+    fn new() -> Waiting {
+        Waiting {
+            requests: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            syncs: HashMap::new(),
+            closed: None,
+            rng: StdRng::from_os_rng(),
+        }
+    }
+}
+
+/// A fresh reply prefix: `_INBOX.` and 128 random bits.
+pub fn random_inbox() -> String {
+    let mut rng = StdRng::from_os_rng();
+    let bits = (u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64());
+    format!("_INBOX.{bits:032x}")
 }
 
 pub struct ReplyRouter {
@@ -91,7 +125,7 @@ impl ReplyRouter {
     ) -> Arc<ReplyRouter> {
         Arc::new(ReplyRouter {
             prefix: format!("{inbox}."),
-            waiting: Mutex::new(Waiting::default()),
+            waiting: Mutex::new(Waiting::new()),
             next_token: AtomicU64::new(1),
             earlier_deadline: Notify::new(),
             metrics,
@@ -126,35 +160,107 @@ impl ReplyRouter {
             .first()
             .is_none_or(|(first, _)| deadline < *first);
         waiting.deadlines.insert((deadline, token));
-        waiting.requests.insert(token, pending);
+        let nonce = waiting.rng.next_u64();
+        waiting.requests.insert(token, (nonce, pending));
         drop(waiting);
         if earliest {
             self.earlier_deadline.notify_one();
         }
-        let mut reply = String::with_capacity(self.prefix.len() + 20);
+        Some((token, self.reply_subject(token, nonce)))
+    }
+
+    /// `<prefix><token>_<nonce in hex>`: one subject token, matched by `<prefix>*`.
+    fn reply_subject(&self, token: u64, nonce: u64) -> Subject {
+        let mut reply = String::with_capacity(self.prefix.len() + 38);
         reply.push_str(&self.prefix);
         reply.push_str(itoa::Buffer::new().format(token));
-        Some((token, Subject::from(reply)))
+        let _ = write!(reply, "_{nonce:016x}");
+        Subject::from(reply)
+    }
+
+    /// The token and nonce a reply subject names, if it is one of ours.
+    fn parse_reply(&self, subject: &str) -> Option<(u64, u64)> {
+        let (token, nonce) = subject
+            .strip_prefix(self.prefix.as_str())?
+            .split_once('_')?;
+        if nonce.len() != 16 {
+            return None;
+        }
+        Some((token.parse().ok()?, u64::from_str_radix(nonce, 16).ok()?))
+    }
+
+    /// A subject only this connection receives and nobody can guess, and what resolves when
+    /// a message sent to it on this connection has come back: everything the connection
+    /// sent before that message has then been handled by nats-server.
+    pub fn sync_point(self: &Arc<Self>) -> SyncPoint {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        let mut waiting = self.waiting();
+        let nonce = waiting.rng.next_u64();
+        waiting.syncs.insert(token, (nonce, sender));
+        drop(waiting);
+        SyncPoint {
+            subject: self.reply_subject(token, nonce),
+            came_back: receiver,
+            router: self.clone(),
+            token,
+        }
     }
 
     /// Takes a request back (its publish failed).
     pub fn take(&self, token: u64) -> Option<Pending> {
         let mut waiting = self.waiting();
-        let pending = waiting.requests.remove(&token)?;
+        let (_, pending) = waiting.requests.remove(&token)?;
         waiting.deadlines.remove(&(pending.deadline, token));
         drop(waiting);
         Some(pending)
     }
 
+    /// Takes the request (or confirmation) a reply subject names, only if its nonce is the
+    /// one that subject was made with.
+    fn claim(&self, token: u64, nonce: u64) -> Claim {
+        let mut waiting = self.waiting();
+        if let Some((expected, _)) = waiting.requests.get(&token) {
+            if *expected != nonce {
+                return Claim::Mismatch;
+            }
+            let Some((_, pending)) = waiting.requests.remove(&token) else {
+                return Claim::Nobody;
+            };
+            waiting.deadlines.remove(&(pending.deadline, token));
+            return Claim::Request(Box::new(pending));
+        }
+        match waiting.syncs.get(&token) {
+            Some((expected, _)) if *expected != nonce => Claim::Mismatch,
+            Some(_) => match waiting.syncs.remove(&token) {
+                Some((_, sender)) => Claim::Sync(sender),
+                None => Claim::Nobody,
+            },
+            None => Claim::Nobody,
+        }
+    }
+
     fn on_reply(&self, message: Message) {
-        let token = message
-            .subject
-            .strip_prefix(self.prefix.as_str())
-            .and_then(|token| token.parse::<u64>().ok());
-        let Some(pending) = token.and_then(|token| self.take(token)) else {
-            // After its deadline (or after its connection was given up): nobody waits for it.
-            self.metrics.late_replies.increment(1);
-            return;
+        let claim = match self.parse_reply(&message.subject) {
+            Some((token, nonce)) => self.claim(token, nonce),
+            None => Claim::Mismatch,
+        };
+        let pending = match claim {
+            Claim::Request(pending) => *pending,
+            Claim::Sync(sender) => {
+                let _ = sender.send(());
+                return;
+            }
+            Claim::Nobody => {
+                // After its deadline (or after its connection was given up): nobody waits.
+                self.metrics.late_replies.increment(1);
+                return;
+            }
+            Claim::Mismatch => {
+                // A guessed, forged or malformed reply subject: it answers nothing.
+                self.metrics.reply_mismatches.increment(1);
+                return;
+            }
         };
         let no_responders = message.status == Some(async_nats::StatusCode::NO_RESPONDERS);
         if no_responders
@@ -201,7 +307,7 @@ impl ReplyRouter {
                 return Some(deadline);
             }
             waiting.deadlines.pop_first();
-            let pending = waiting.requests.remove(&token);
+            let pending = waiting.requests.remove(&token).map(|(_, pending)| pending);
             drop(waiting);
             if let Some(pending) = pending {
                 let error = GatewayError::new(
@@ -236,10 +342,12 @@ impl ReplyRouter {
                 waiting.closed = close;
             }
             waiting.deadlines.clear();
+            // Confirmations waiting on this connection fail too (their senders are dropped).
+            waiting.syncs.clear();
             waiting
                 .requests
                 .drain()
-                .map(|(_, pending)| pending)
+                .map(|(_, (_, pending))| pending)
                 .collect()
         };
         for pending in drained {
@@ -338,6 +446,30 @@ impl ReplyRouter {
                 return;
             }
         }
+    }
+}
+
+/// What a reply subject names.
+enum Claim {
+    Request(Box<Pending>),
+    Sync(oneshot::Sender<()>),
+    /// Nobody waits any more (answered, expired or given up).
+    Nobody,
+    /// Not a subject this router made: a guessed or forged one.
+    Mismatch,
+}
+
+/// A pending confirmation (see `ReplyRouter::sync_point`); dropping it forgets it.
+pub struct SyncPoint {
+    pub subject: Subject,
+    pub came_back: oneshot::Receiver<()>,
+    router: Arc<ReplyRouter>,
+    token: u64,
+}
+
+impl Drop for SyncPoint {
+    fn drop(&mut self) {
+        self.router.waiting().syncs.remove(&self.token);
     }
 }
 
@@ -472,23 +604,78 @@ mod tests {
         assert_eq!(router.expire(Instant::now()), None);
     }
 
-    #[test]
-    fn a_reply_for_an_unknown_token_is_counted_as_late() {
-        let metrics = Metrics::new();
-        let router = ReplyRouter::new("_INBOX.t".into(), metrics.clone(), None);
-        router.on_reply(Message {
-            subject: "_INBOX.t.999".into(),
+    fn reply(subject: &str) -> Message {
+        Message {
+            subject: subject.into(),
             reply: None,
             payload: "x".into(),
             headers: None,
             status: None,
             description: None,
             length: 1,
-        });
+        }
+    }
+
+    #[test]
+    fn a_reply_after_its_request_ended_is_late_and_a_guessed_one_answers_nothing() {
+        let metrics = Metrics::new();
+        let router = ReplyRouter::new(random_inbox(), metrics.clone(), None);
+        let sink = Arc::new(Collect::default());
+        let later = Instant::now() + Duration::from_secs(60);
+        let (token, subject) = router.register(pending(&sink, 1, later)).unwrap();
+        assert!(subject.starts_with("_INBOX."));
+        // Forged: the right token with another nonce, a plain token as the old routers made,
+        // and garbage. None of them answers the request.
+        let (prefix, _) = subject.rsplit_once('_').unwrap();
+        router.on_reply(reply(&format!("{prefix}_{:016x}", 7u64)));
+        router.on_reply(reply(&format!("{}{token}", router.prefix)));
+        router.on_reply(reply(&format!("{}x_y", router.prefix)));
+        assert_eq!(sink.codes().len(), 0, "a forged reply answered a request");
+        let text = metrics.render();
+        assert!(
+            text.contains("ipc_gateway_reply_mismatches_total 3"),
+            "{text}"
+        );
+        // The real one answers it, once; the same subject again is late.
+        router.on_reply(reply(&subject));
+        assert_eq!(sink.codes(), [(Id::from(1), None)]);
+        router.on_reply(reply(&subject));
         assert!(
             metrics
                 .render()
                 .contains("ipc_gateway_late_replies_total 1")
         );
+    }
+
+    #[test]
+    fn reply_prefixes_and_nonces_are_random() {
+        let a = random_inbox();
+        let b = random_inbox();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), "_INBOX.".len() + 32);
+        let router = ReplyRouter::new(a, Metrics::new(), None);
+        let sink = Arc::new(Collect::default());
+        let later = Instant::now() + Duration::from_secs(60);
+        let (_, first) = router.register(pending(&sink, 1, later)).unwrap();
+        let (_, second) = router.register(pending(&sink, 2, later)).unwrap();
+        let nonce = |s: &Subject| s.rsplit_once('_').unwrap().1.to_owned();
+        assert_ne!(nonce(&first), nonce(&second));
+    }
+
+    #[tokio::test]
+    async fn a_sync_point_resolves_only_on_its_own_subject_and_is_forgotten_when_dropped() {
+        let router = ReplyRouter::new(random_inbox(), Metrics::new(), None);
+        let mut point = router.sync_point();
+        let (prefix, _) = point.subject.rsplit_once('_').unwrap();
+        router.on_reply(reply(&format!("{prefix}_{:016x}", 1u64)));
+        assert!(
+            point.came_back.try_recv().is_err(),
+            "a guessed subject confirmed"
+        );
+        router.on_reply(reply(&point.subject));
+        assert!(point.came_back.try_recv().is_ok());
+        let abandoned = router.sync_point();
+        drop(abandoned);
+        assert!(router.waiting().syncs.is_empty());
     }
 }

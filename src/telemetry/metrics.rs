@@ -77,6 +77,7 @@ pub struct Metrics {
     pub nats_slow_consumer: Counter,
     pub nats_replaced: Counter,
     pub late_replies: Counter,
+    pub reply_mismatches: Counter,
     pub retries: Counter,
 }
 
@@ -186,6 +187,10 @@ impl Metrics {
             "Answers discarded because nobody waited for them: replies after their request's deadline, and answers for a client that had gone.",
         );
         describe(
+            "ipc_gateway_reply_mismatches_total",
+            "Messages on the gateway's reply subjects that no request was sent with (guessed, forged or malformed subjects): they answer nothing.",
+        );
+        describe(
             "ipc_gateway_nats_replaced_total",
             "Pool connections replaced because they stayed down while NATS was reachable.",
         );
@@ -227,6 +232,7 @@ impl Metrics {
             nats_slow_consumer: counter(&recorder, "ipc_gateway_nats_slow_consumer_total", vec![]),
             nats_replaced: counter(&recorder, "ipc_gateway_nats_replaced_total", vec![]),
             late_replies: counter(&recorder, "ipc_gateway_late_replies_total", vec![]),
+            reply_mismatches: counter(&recorder, "ipc_gateway_reply_mismatches_total", vec![]),
             retries: counter(&recorder, "ipc_gateway_retries_total", vec![]),
             operations: (0..Frontend::ALL.len() * (OPS.len() + 1) * OUTCOMES)
                 .map(|_| OnceLock::new())

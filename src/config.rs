@@ -181,6 +181,9 @@ settings! {
         /// After a NATS connection comes up, how long `NO_RESPONDERS` does not count against a
         /// breaker (services reconnect after the gateway); 0 = always counts.
         pub breaker_reconnect_grace_ms: u64 = 5000,
+        /// A `TIMEOUT` counts against a breaker only when the request waited at least this
+        /// long: a client's own short `timeout_ms` says nothing about the service.
+        pub breaker_min_timeout_ms: u64 = 1000,
     }
 }
 
@@ -333,6 +336,7 @@ impl Config {
             window: Duration::from_millis(self.breaker_window_ms),
             min_requests: self.breaker_min_requests,
             reconnect_grace: Duration::from_millis(self.breaker_reconnect_grace_ms),
+            min_timeout: Duration::from_millis(self.breaker_min_timeout_ms),
         }
     }
 

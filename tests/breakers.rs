@@ -1,6 +1,7 @@
-//! Circuit breakers end to end: a failing service's group opens and refuses at once with a
-//! retry hint, other groups keep working, and after the cool-down one trial request closes the
-//! breaker again when the service is back.
+//! Circuit breakers end to end: a subject nobody serves opens its own breaker and is refused
+//! at once with a retry hint, while the rest of its group and other groups keep working; a
+//! slow service opens its whole group, but a client's own short deadline does not; after the
+//! cool-down one trial request closes the breaker again when the service is back.
 
 mod common;
 
@@ -33,6 +34,7 @@ async fn a_failing_group_opens_others_keep_working_and_a_trial_closes_it() {
             "0",
         ],
     );
+    let _list = spawn_echo(&nats.url(), "svc.orders.list", Duration::ZERO).await;
     let mut conn = gateway.json().await;
     for id in 0..3 {
         let reply = conn
@@ -41,7 +43,9 @@ async fn a_failing_group_opens_others_keep_working_and_a_trial_closes_it() {
         assert_eq!(reply["error"]["code"], "NO_RESPONDERS");
     }
     let started = Instant::now();
-    let refused = conn.call(r#"{"id":"x","subject":"svc.orders.list"}"#).await;
+    let refused = conn
+        .call(r#"{"id":"x","subject":"svc.orders.create"}"#)
+        .await;
     assert_eq!(refused["error"]["code"], "CIRCUIT_OPEN", "{refused}");
     let hint = refused["error"]["retry_after_ms"]
         .as_u64()
@@ -54,11 +58,18 @@ async fn a_failing_group_opens_others_keep_working_and_a_trial_closes_it() {
         started.elapsed() < Duration::from_millis(500),
         "refused at once"
     );
-    assert_eq!(group_state(&gateway, "svc.orders").await, "OPEN");
+    assert_eq!(group_state(&gateway, "svc.orders.create").await, "OPEN");
+    assert_eq!(group_state(&gateway, "svc.orders").await, "CLOSED");
     assert_eq!(
         gateway.metric("ipc_gateway_breakers{state=\"open\"}").await,
         Some(1.0)
     );
+
+    // Nobody on svc.orders.create says nothing about the rest of its group.
+    let reply = conn
+        .call(r#"{"id":"l","subject":"svc.orders.list","data":"listed"}"#)
+        .await;
+    assert_eq!(reply["data"], "listed", "{reply}");
 
     // Another group is not affected.
     let reply = conn
@@ -73,7 +84,7 @@ async fn a_failing_group_opens_others_keep_working_and_a_trial_closes_it() {
         .call(r#"{"id":"t","subject":"svc.orders.create","data":"back"}"#)
         .await;
     assert_eq!(trial["data"], "back", "{trial}");
-    assert_eq!(group_state(&gateway, "svc.orders").await, "CLOSED");
+    assert_eq!(group_state(&gateway, "svc.orders.create").await, "CLOSED");
     assert_eq!(
         gateway.metric("ipc_gateway_breakers{state=\"open\"}").await,
         Some(0.0)
@@ -105,7 +116,7 @@ async fn a_failed_trial_opens_the_breaker_again_and_bad_requests_do_not_count() 
     for _ in 0..2 {
         conn.call(r#"{"subject":"svc.pay.do"}"#).await;
     }
-    assert_eq!(group_state(&gateway, "svc.pay").await, "OPEN");
+    assert_eq!(group_state(&gateway, "svc.pay.do").await, "OPEN");
     tokio::time::sleep(Duration::from_millis(350)).await;
     let trial = conn.call(r#"{"subject":"svc.pay.do"}"#).await;
     assert_eq!(
@@ -169,13 +180,18 @@ async fn no_responders_just_after_nats_comes_back_do_not_open_a_breaker() {
         assert_eq!(answer["error"]["code"], "NO_RESPONDERS", "{answer}");
     }
     assert_eq!(group_state(&gateway, "svc.late").await, "CLOSED");
-    // After the grace they count.
+    assert_eq!(
+        group_state(&gateway, "svc.late.work").await,
+        "",
+        "nothing counted"
+    );
+    // After the grace they count (against the exact subject).
     tokio::time::sleep(Duration::from_millis(3100)).await;
     for id in 5..7 {
         conn.call(&format!(r#"{{"id":{id},"subject":"svc.late.work"}}"#))
             .await;
     }
-    assert_eq!(group_state(&gateway, "svc.late").await, "OPEN");
+    assert_eq!(group_state(&gateway, "svc.late.work").await, "OPEN");
     // A NATS restart starts a new grace: a service that is not back yet is not held to it.
     nats.kill();
     nats.restart();
@@ -187,4 +203,50 @@ async fn no_responders_just_after_nats_comes_back_do_not_open_a_breaker() {
         assert_eq!(answer["error"]["code"], "NO_RESPONDERS", "{answer}");
     }
     assert_eq!(group_state(&gateway, "svc.other").await, "CLOSED");
+    assert_eq!(group_state(&gateway, "svc.other.work").await, "");
+}
+
+#[tokio::test]
+async fn a_slow_service_opens_its_group_but_an_impatient_client_does_not() {
+    let nats = NatsServer::start();
+    let _slow = spawn_echo(&nats.url(), "svc.slow.a", Duration::from_secs(2)).await;
+    let _fast = spawn_echo(&nats.url(), "svc.slow.b", Duration::ZERO).await;
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--breaker-failures",
+            "2",
+            "--breaker-min-timeout-ms",
+            "300",
+            "--breaker-reconnect-grace-ms",
+            "0",
+        ],
+    );
+    let mut conn = gateway.json().await;
+    // Deadlines shorter than breaker_min_timeout_ms accuse nobody, however many.
+    for id in 0..5 {
+        let reply = conn
+            .call(&format!(
+                r#"{{"id":{id},"subject":"svc.slow.a","timeout_ms":50}}"#
+            ))
+            .await;
+        assert_eq!(reply["error"]["code"], "TIMEOUT", "{reply}");
+    }
+    assert_eq!(group_state(&gateway, "svc.slow").await, "CLOSED");
+    let reply = conn
+        .call(r#"{"id":"b","subject":"svc.slow.b","data":"ok"}"#)
+        .await;
+    assert_eq!(reply["data"], "ok");
+    // Requests that waited long enough do: the whole group opens.
+    for id in 10..12 {
+        let reply = conn
+            .call(&format!(
+                r#"{{"id":{id},"subject":"svc.slow.a","timeout_ms":400}}"#
+            ))
+            .await;
+        assert_eq!(reply["error"]["code"], "TIMEOUT", "{reply}");
+    }
+    assert_eq!(group_state(&gateway, "svc.slow").await, "OPEN");
+    let refused = conn.call(r#"{"id":"c","subject":"svc.slow.b"}"#).await;
+    assert_eq!(refused["error"]["code"], "CIRCUIT_OPEN", "{refused}");
 }

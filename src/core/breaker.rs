@@ -5,6 +5,15 @@
 //! failure opens it again. A trial that ends without an outcome (its admission dropped: the
 //! request was cancelled, or failed for a reason that says nothing about the service) gives its
 //! slot back, so the breaker can never stay HALF_OPEN for good.
+//!
+//! What counts against whom, so that one client cannot open a breaker healthy requests share:
+//! - `TIMEOUT` counts against the group (a slow service is slow for all its subjects), but only
+//!   when the request waited at least `min_timeout`: a client's own impatient `timeout_ms`
+//!   says nothing about the service.
+//! - `NO_RESPONDERS` counts against the exact subject only: nobody listening on
+//!   `demo.echo.nope` says nothing about `demo.echo`. Such an entry opens and refuses only that
+//!   subject; it is checked beside the group's.
+//! - A success counts for both.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +42,8 @@ pub struct BreakerConfig {
     pub min_requests: u32,
     /// After a NATS connection comes up, how long `NO_RESPONDERS` does not count.
     pub reconnect_grace: Duration,
+    /// A `TIMEOUT` counts only when the request waited at least this long.
+    pub min_timeout: Duration,
 }
 
 /// What a finished request says about the service behind its subject.
@@ -55,6 +66,19 @@ impl Outcome {
             Err(ErrorCode::Timeout) => Outcome::Failure,
             Err(ErrorCode::NoResponders) => Outcome::NoResponders,
             Err(_) => Outcome::Neutral,
+        }
+    }
+
+    /// A finished request's outcome: a `TIMEOUT` of a request that waited less than
+    /// `min_timeout` is the client's impatience, not the service's failure.
+    pub fn of_request(
+        result: Result<(), ErrorCode>,
+        waited: Duration,
+        min_timeout: Duration,
+    ) -> Outcome {
+        match Outcome::of(result) {
+            Outcome::Failure if waited < min_timeout => Outcome::Neutral,
+            outcome => outcome,
         }
     }
 }
@@ -170,6 +194,9 @@ pub struct Admission {
     /// `None` when the group is not tracked (the table of groups is full of open ones).
     group: Option<Arc<str>>,
     trial: bool,
+    /// The exact subject's own entry (see the top of the file), when it has one.
+    subject: Option<Arc<str>>,
+    subject_trial: bool,
     recorded: bool,
 }
 
@@ -229,6 +256,16 @@ impl Breakers {
     ) -> Result<Admission, GatewayError> {
         let name = self.group_of(subject);
         let mut groups = self.groups();
+        // The exact subject's entry first (it exists only after a NO_RESPONDERS on it).
+        let mut exact = None;
+        if name != subject
+            && let Some((key, _)) = groups.get_key_value(subject)
+        {
+            let key = key.clone();
+            let entry = groups.get_mut(&key).expect("just found");
+            let trial = self.try_pass(&key, entry, now)?;
+            exact = Some((key, trial));
+        }
         if !groups.contains_key(name) && groups.len() >= MAX_GROUPS {
             // Forget healthy groups first, then any closed one; if every group is open, the
             // new one goes untracked (a breaker cannot open for it, nothing grows).
@@ -236,14 +273,18 @@ impl Breakers {
             if groups.len() >= MAX_GROUPS {
                 groups.retain(|_, g| g.state != State::Closed);
             }
-            if groups.len() >= MAX_GROUPS {
-                return Ok(Admission {
-                    breakers: self.clone(),
-                    group: None,
-                    trial: false,
-                    recorded: false,
-                });
-            }
+        }
+        let (subject_entry, subject_trial) = exact.map_or((None, false), |(k, t)| (Some(k), t));
+        let mut admission = Admission {
+            breakers: self.clone(),
+            group: None,
+            trial: false,
+            subject: subject_entry,
+            subject_trial,
+            recorded: false,
+        };
+        if !groups.contains_key(name) && groups.len() >= MAX_GROUPS {
+            return Ok(admission);
         }
         let (key, group) = match groups.get_key_value(name) {
             Some((key, _)) => {
@@ -257,16 +298,33 @@ impl Breakers {
                 (key, group)
             }
         };
-        let trial = match group.state {
-            State::Closed => false,
+        match self.try_pass(&key, group, now) {
+            Ok(trial) => {
+                admission.group = Some(key);
+                admission.trial = trial;
+                Ok(admission)
+            }
+            Err(refusal) => {
+                // The subject's trial slot (if it took one) goes back with the admission.
+                drop(groups);
+                drop(admission);
+                Err(refusal)
+            }
+        }
+    }
+
+    /// Whether an entry lets a request through now: `Ok(true)` for its one trial.
+    fn try_pass(&self, key: &str, group: &mut Group, now: Instant) -> Result<bool, GatewayError> {
+        match group.state {
+            State::Closed => Ok(false),
             State::Open if now >= group.open_until => {
                 group.change(State::HalfOpen);
                 group.trial_out = true;
-                true
+                Ok(true)
             }
             State::HalfOpen if !group.trial_out => {
                 group.trial_out = true;
-                true
+                Ok(true)
             }
             State::Open | State::HalfOpen => {
                 let wait = if group.state == State::Open {
@@ -285,18 +343,14 @@ impl Breakers {
                     .fetch_add(0x9E37_79B9_7F4A_7C15, std::sync::atomic::Ordering::Relaxed);
                 let hint = jittered(wait, seed);
                 error.retry_after_ms = Some(hint.as_millis().clamp(1, u32::MAX as u128) as u32);
-                return Err(error);
+                Err(error)
             }
-        };
-        Ok(Admission {
-            breakers: self.clone(),
-            group: Some(key),
-            trial,
-            recorded: false,
-        })
+        }
     }
 
-    fn settle(&self, group: &str, trial: bool, outcome: Outcome, now: Instant) {
+    /// Records an outcome for one entry; `create` makes the entry when it is not tracked yet
+    /// (an exact subject's first NO_RESPONDERS).
+    fn settle(&self, name: &str, trial: bool, outcome: Outcome, now: Instant, create: bool) {
         let outcome = match outcome {
             Outcome::NoResponders if self.in_reconnect_grace(now) => Outcome::Neutral,
             Outcome::NoResponders => Outcome::Failure,
@@ -304,7 +358,15 @@ impl Breakers {
         };
         let config = self.config;
         let mut groups = self.groups();
-        let Some(group) = groups.get_mut(group) else {
+        if create && outcome == Outcome::Failure && !groups.contains_key(name) {
+            if groups.len() >= MAX_GROUPS {
+                groups.retain(|_, g| g.state != State::Closed || g.consecutive_failures > 0);
+            }
+            if groups.len() < MAX_GROUPS {
+                groups.insert(Arc::from(name), Group::new(now));
+            }
+        }
+        let Some(group) = groups.get_mut(name) else {
             return;
         };
         match outcome {
@@ -385,27 +447,72 @@ impl Breakers {
 }
 
 impl Admission {
-    /// Reports what the request said about its service.
-    pub fn record(self, outcome: Outcome) {
-        self.record_at(outcome, Instant::now())
+    /// The configured `min_timeout` (see `Outcome::of_request`).
+    pub fn min_timeout(&self) -> Duration {
+        self.breakers.config.min_timeout
     }
 
-    pub fn record_at(mut self, outcome: Outcome, now: Instant) {
+    /// Reports what a request to `subject` said about its service (see the top of the file
+    /// for what counts against the group and what against the exact subject).
+    pub fn record(self, outcome: Outcome, subject: &str) {
+        self.record_for(outcome, subject, Instant::now())
+    }
+
+    /// `record` for a request whose subject is its group's name (tests, mostly).
+    pub fn record_at(self, outcome: Outcome, now: Instant) {
+        let group = self.group.clone();
+        self.record_for(outcome, group.as_deref().unwrap_or(""), now)
+    }
+
+    pub fn record_for(mut self, outcome: Outcome, subject: &str, now: Instant) {
         self.recorded = true;
-        if let Some(group) = &self.group {
-            self.breakers.settle(group, self.trial, outcome, now);
+        let (for_group, for_subject) = match outcome {
+            Outcome::Success => (Outcome::Success, Outcome::Success),
+            Outcome::Failure => (Outcome::Failure, Outcome::Neutral),
+            Outcome::NoResponders => (Outcome::Neutral, Outcome::NoResponders),
+            Outcome::Neutral => (Outcome::Neutral, Outcome::Neutral),
+        };
+        let group = self.group.as_deref();
+        // A subject that is its own group keeps one entry: NO_RESPONDERS counts there.
+        if group == Some(subject) || (group.is_none() && self.subject.is_none()) {
+            if let Some(group) = group {
+                self.breakers.settle(group, self.trial, outcome, now, false);
+            }
+            return;
+        }
+        if let Some(group) = group {
+            self.breakers
+                .settle(group, self.trial, for_group, now, false);
+        }
+        match &self.subject {
+            Some(entry) => self
+                .breakers
+                .settle(entry, self.subject_trial, for_subject, now, false),
+            None if for_subject == Outcome::NoResponders && !subject.is_empty() => {
+                self.breakers.settle(subject, false, for_subject, now, true)
+            }
+            None => {}
         }
     }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        if !self.recorded
-            && self.trial
+        if self.recorded {
+            return;
+        }
+        let now = Instant::now();
+        if self.trial
             && let Some(group) = &self.group
         {
             self.breakers
-                .settle(group, true, Outcome::Neutral, Instant::now());
+                .settle(group, true, Outcome::Neutral, now, false);
+        }
+        if self.subject_trial
+            && let Some(subject) = &self.subject
+        {
+            self.breakers
+                .settle(subject, true, Outcome::Neutral, now, false);
         }
     }
 }
@@ -423,6 +530,7 @@ mod tests {
             window: Duration::from_secs(10),
             min_requests: 4,
             reconnect_grace: Duration::from_secs(5),
+            min_timeout: Duration::from_secs(1),
         })
     }
 
@@ -658,5 +766,71 @@ mod tests {
             State::Open,
             "after the grace they count"
         );
+    }
+
+    #[test]
+    fn no_responders_on_one_subject_open_only_that_subject() {
+        let b = breakers(0.0);
+        let now = Instant::now() + Duration::from_secs(60); // past the reconnect grace
+        for _ in 0..3 {
+            b.admit_at("demo.echo.nope", now).unwrap().record_for(
+                Outcome::NoResponders,
+                "demo.echo.nope",
+                now,
+            );
+        }
+        assert_eq!(
+            state(&b, "demo.echo"),
+            State::Closed,
+            "the group is healthy"
+        );
+        assert_eq!(state(&b, "demo.echo.nope"), State::Open);
+        let refused = b.admit_at("demo.echo.nope", now).err().unwrap();
+        assert_eq!(refused.code, ErrorCode::CircuitOpen);
+        assert!(refused.message.contains("demo.echo.nope"), "{refused}");
+        // The healthy subjects of the group still go through.
+        for subject in ["demo.echo", "demo.echo.other"] {
+            b.admit_at(subject, now)
+                .unwrap()
+                .record_for(Outcome::Success, subject, now);
+        }
+        // After the cool-down one trial goes to the subject; its success closes it.
+        let later = now + Duration::from_secs(6);
+        let trial = b.admit_at("demo.echo.nope", later).unwrap();
+        assert_eq!(
+            b.admit_at("demo.echo.nope", later).err().map(|e| e.code),
+            Some(ErrorCode::CircuitOpen),
+            "one trial at a time"
+        );
+        trial.record_for(Outcome::Success, "demo.echo.nope", later);
+        assert_eq!(state(&b, "demo.echo.nope"), State::Closed);
+    }
+
+    #[test]
+    fn timeouts_count_against_the_group_only_when_the_request_waited_long_enough() {
+        let b = breakers(0.0);
+        let now = Instant::now();
+        let min = Duration::from_secs(1);
+        for _ in 0..10 {
+            let impatient =
+                Outcome::of_request(Err(ErrorCode::Timeout), Duration::from_millis(5), min);
+            assert_eq!(impatient, Outcome::Neutral);
+            b.admit_at("svc.a.x", now)
+                .unwrap()
+                .record_for(impatient, "svc.a.x", now);
+        }
+        assert_eq!(state(&b, "svc.a"), State::Closed);
+        for _ in 0..3 {
+            let slow = Outcome::of_request(Err(ErrorCode::Timeout), min, min);
+            b.admit_at("svc.a.x", now)
+                .unwrap()
+                .record_for(slow, "svc.a.x", now);
+        }
+        assert_eq!(
+            state(&b, "svc.a"),
+            State::Open,
+            "a slow service opens its group"
+        );
+        assert!(b.admit_at("svc.a.other", now).is_err());
     }
 }

@@ -477,9 +477,9 @@ impl Drop for SyncPoint {
 pub fn finish(metrics: &Metrics, pending: Pending, result: Result<Reply, GatewayError>) {
     record(metrics, pending.frontend, pending.started, &result);
     drop(pending.permit);
-    pending
-        .admission
-        .record(Outcome::of(result.as_ref().map(|_| ()).map_err(|e| e.code)));
+    let code = result.as_ref().map(|_| ()).map_err(|e| e.code);
+    let outcome = Outcome::of_request(code, pending.timeout, pending.admission.min_timeout());
+    pending.admission.record(outcome, &pending.subject);
     if !pending.sink.deliver(pending.id, result) {
         // The client left before its answer came.
         metrics.late_replies.increment(1);
@@ -547,6 +547,7 @@ mod tests {
                 window: Duration::from_secs(10),
                 min_requests: 20,
                 reconnect_grace: Duration::ZERO,
+                min_timeout: Duration::ZERO,
             })
             .admit("svc.a")
             .unwrap(),

@@ -920,3 +920,44 @@ async fn grpc_connections_count_against_the_shared_connection_limit() {
         .unwrap_err();
     assert_error(&status, Code::Unavailable, "NO_RESPONDERS");
 }
+
+#[tokio::test]
+async fn timeout_ms_tighter_than_the_call_deadline_wins() {
+    let nats = NatsServer::start();
+    let _slow = spawn_echo(&nats.url(), "svc.slow", Duration::from_secs(4)).await;
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut client = gateway.grpc().await;
+    let mut message = tonic::Request::new(pb::RequestMessage {
+        timeout_ms: Some(300),
+        ..request("svc.slow", "x")
+    });
+    message.set_timeout(Duration::from_secs(10));
+    let started = Instant::now();
+    let status = client.request(message).await.unwrap_err();
+    let took = started.elapsed();
+    assert_error(&status, Code::DeadlineExceeded, "TIMEOUT");
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_millis(1500),
+        "timeout_ms 300 under a 10 s deadline took {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn publish_and_request_with_the_same_bad_subject_get_the_same_code() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut client = gateway.grpc().await;
+    for subject in ["a b", "a..b", "a.*", "a.>", ".a", "a."] {
+        let requested = call(&mut client, request(subject, "x")).await.unwrap_err();
+        assert_error(&requested, Code::InvalidArgument, "BAD_REQUEST");
+        let published = client
+            .publish(pb::PublishMessage {
+                subject: subject.into(),
+                payload: b"x".to_vec().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_error(&published, Code::InvalidArgument, "BAD_REQUEST");
+    }
+}

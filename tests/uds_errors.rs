@@ -374,3 +374,33 @@ async fn a_subscriber_that_does_not_read_loses_the_oldest_messages_and_is_told_h
         .unwrap();
     assert_eq!(counted, dropped as f64);
 }
+
+#[tokio::test]
+async fn publish_and_request_with_the_same_bad_subject_get_the_same_code() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut conn = gateway.json().await;
+    for subject in ["a b", "a..b", "a.*", "a.>", ".a", "a."] {
+        for op in ["request", "publish"] {
+            let line = json!({"op": op, "id": 1, "subject": subject, "data": "x"}).to_string();
+            let answer = conn.call(&line).await;
+            assert_eq!(
+                answer["error"]["code"], "BAD_REQUEST",
+                "{op} {subject:?}: {answer}"
+            );
+        }
+    }
+    // Binary frames: a subject that is not UTF-8, both ways.
+    let mut raw = gateway.raw().await;
+    for kind in [frame_type::REQUEST, frame_type::PUBLISH] {
+        raw.send(&frame(FrameParts {
+            frame_type: kind,
+            id: 7,
+            subject: b"a.\xff",
+            payload: b"x",
+            ..FrameParts::default()
+        }))
+        .await;
+        assert_eq!(raw.recv().await.code(), "BAD_REQUEST");
+    }
+}

@@ -344,3 +344,42 @@ async fn a_client_close_is_answered_at_once_and_ends_its_subscriptions() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_text_message_that_is_not_utf8_closes_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut ws = connect(&gateway, None).await.unwrap();
+    let bad = Frame::message(
+        Bytes::from_static(b"{\"subject\":\"a\",\"data\":\"\xff\xfe\"}"),
+        OpCode::Data(Data::Text),
+        true,
+    );
+    ws.send(Message::Frame(bad)).await.unwrap();
+    let answer = next_json(&mut ws).await;
+    assert_eq!(answer["error"]["code"], "BAD_REQUEST", "{answer}");
+    assert_eq!(
+        close_code(&mut ws).await,
+        Some(1007),
+        "RFC 6455: invalid data"
+    );
+}
+
+#[tokio::test]
+async fn publish_and_request_with_the_same_bad_subject_get_the_same_code_over_websocket() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut ws = connect(&gateway, None).await.unwrap();
+    for subject in ["a b", "a..b", "a.*", "a.>", ".a", "a."] {
+        for op in ["request", "publish"] {
+            let line = json!({"op": op, "id": 1, "subject": subject, "data": "x"}).to_string();
+            let answer = call(&mut ws, &line).await;
+            assert_eq!(
+                answer["error"]["code"], "BAD_REQUEST",
+                "{op} {subject:?}: {answer}"
+            );
+        }
+    }
+}

@@ -663,6 +663,18 @@ fn the_example_policy_loads_and_means_what_its_comments_say() {
 }
 
 #[test]
+fn the_example_policy_in_the_docs_is_the_file_in_dist() {
+    let docs =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/policy.md"))
+            .unwrap();
+    let example = std::fs::read_to_string(example_path()).unwrap();
+    assert!(
+        docs.contains(&example),
+        "docs/policy.md quotes dist/policy.example.toml whole"
+    );
+}
+
+#[test]
 fn load_names_the_file_it_cannot_read_or_parse() {
     let missing = Path::new("/nonexistent/policy.toml");
     let error = Policy::load(missing).unwrap_err();

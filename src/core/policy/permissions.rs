@@ -26,47 +26,62 @@ pub enum SubscribeDecision {
     Filtered,
 }
 
-/// One operation's resolved rules.
+/// One operation's resolved rules. Boxed slices: a connection holds three of these, and most
+/// hold no explicit allow at all.
 #[derive(Debug, Clone, Default)]
 struct Rules {
     /// Allows, none a subset of another.
-    allow: Vec<Arc<str>>,
+    allow: Box<[Arc<str>]>,
     /// Denies, none a subset of another.
-    deny: Vec<Arc<str>>,
-    /// For each namespace of `RESERVED` (same order), the allows that lie inside it.
-    explicit: [Vec<Arc<str>>; RESERVED.len()],
+    deny: Box<[Arc<str>]>,
+    /// The allows that lie inside a reserved namespace, each with the namespace's index in
+    /// `RESERVED`; none a subset of another.
+    explicit: Box<[(usize, Arc<str>)]>,
 }
 
 impl Rules {
     fn new(allow: Vec<Arc<str>>, deny: Vec<Arc<str>>) -> Rules {
         let allow = sorted_unique(allow);
-        let explicit = RESERVED.map(|namespace| {
-            without_covered_by_others(
-                allow
-                    .iter()
-                    .filter(|pattern| is_subset(pattern, namespace))
-                    .cloned()
-                    .collect(),
-            )
-        });
+        let explicit = without_covered_by_others(
+            allow
+                .iter()
+                .filter(|pattern| RESERVED.iter().any(|ns| is_subset(pattern, ns)))
+                .cloned()
+                .collect(),
+        )
+        .into_iter()
+        .filter_map(|pattern| {
+            let namespace = RESERVED.iter().position(|ns| is_subset(&pattern, ns))?;
+            Some((namespace, pattern))
+        })
+        .collect();
         Rules {
             // An explicit allow that a broader one also covers stays in `explicit`; `allow`
             // needs only the broadest.
-            allow: without_covered_by_others(allow),
-            deny: without_covered_by_others(sorted_unique(deny)),
+            allow: without_covered_by_others(allow).into(),
+            deny: without_covered_by_others(sorted_unique(deny)).into(),
             explicit,
         }
+    }
+
+    /// The explicit allows of one reserved namespace.
+    fn explicit(&self, namespace: usize) -> impl Iterator<Item = &str> {
+        self.explicit
+            .iter()
+            .filter(move |(of, _)| *of == namespace)
+            .map(|(_, pattern)| &**pattern)
     }
 
     /// Whether a wildcard-free subject is allowed: an allow matches it (an explicit one if it is
     /// reserved) and no deny does.
     fn permits(&self, subject: &str) -> bool {
         let allowed = match reserved_namespace(subject) {
-            Some(namespace) => &self.explicit[namespace],
-            None => &self.allow,
+            Some(namespace) => self
+                .explicit(namespace)
+                .any(|pattern| matches(pattern, subject)),
+            None => self.allow.iter().any(|pattern| matches(pattern, subject)),
         };
-        allowed.iter().any(|pattern| matches(pattern, subject))
-            && !self.deny.iter().any(|pattern| matches(pattern, subject))
+        allowed && !self.deny.iter().any(|pattern| matches(pattern, subject))
     }
 
     fn subscribe(&self, pattern: &str) -> SubscribeDecision {
@@ -77,16 +92,16 @@ impl Rules {
             return SubscribeDecision::Denied;
         }
         let mut filtered = self.deny.iter().any(|deny| overlaps(pattern, deny));
-        for (namespace, explicit) in RESERVED.iter().zip(&self.explicit) {
+        for (index, namespace) in RESERVED.iter().enumerate() {
             let Some(inside) = intersection(pattern, namespace) else {
                 continue;
             };
-            if explicit.iter().any(|allow| is_subset(&inside, allow)) {
+            if self.explicit(index).any(|allow| is_subset(&inside, allow)) {
                 // Whatever it matches in this namespace is granted by name.
                 continue;
             }
             if is_subset(pattern, namespace)
-                && !explicit.iter().any(|allow| overlaps(pattern, allow))
+                && !self.explicit(index).any(|allow| overlaps(pattern, allow))
             {
                 // Wholly inside a namespace that no allow names: nothing could be delivered.
                 return SubscribeDecision::Denied;
@@ -218,10 +233,18 @@ mod tests {
             &["orders.*", ">", "orders.>", "$JS.API.INFO", "$JS.>", ">"],
             &["a.b", "a.*", "a.*"],
         );
-        assert_eq!(rules.allow, vec![Arc::from(">")]);
-        assert_eq!(rules.deny, vec![Arc::from("a.*")]);
-        assert_eq!(rules.explicit[1], vec![Arc::from("$JS.>")]);
-        assert!(rules.explicit[0].is_empty());
+        assert_eq!(&*rules.allow, [Arc::from(">")]);
+        assert_eq!(&*rules.deny, [Arc::from("a.*")]);
+        assert_eq!(&*rules.explicit, [(1, Arc::from("$JS.>"))]);
+        assert_eq!(rules.explicit(1).collect::<Vec<_>>(), ["$JS.>"]);
+        assert_eq!(rules.explicit(0).count(), 0);
+    }
+
+    /// Every connection holds its own (unless the integrator shares them per identity).
+    #[test]
+    fn resolved_permissions_stay_small() {
+        assert!(size_of::<Rules>() <= 48, "{}", size_of::<Rules>());
+        assert!(size_of::<Resolved>() <= 152, "{}", size_of::<Resolved>());
     }
 
     #[test]

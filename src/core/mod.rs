@@ -6,6 +6,7 @@ pub mod breaker;
 pub mod budget;
 mod caller;
 mod nats;
+pub mod policy;
 pub mod pool;
 pub mod ratelimit;
 pub mod replies;

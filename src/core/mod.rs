@@ -2,6 +2,7 @@
 //! the same validation, limits, error codes and metrics whoever the client is. A `Gateway` is
 //! cheap to clone (an `Arc` inside); there is one per process.
 
+pub mod auth;
 pub mod breaker;
 pub mod budget;
 mod caller;

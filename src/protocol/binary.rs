@@ -196,7 +196,7 @@ fn decode_envelope(header: FrameHeader, body: Bytes) -> Result<Envelope, Gateway
             )));
         }
     };
-    let body = decode_body(body)?;
+    let body = split_body(body, Writer::Client)?;
     let mut envelope = Envelope::new(op, frame_id(header.id));
     if !body.subject.is_empty() {
         envelope.subject = Some(Subject::from_utf8(body.subject)?);
@@ -220,8 +220,22 @@ fn decode_envelope(header: FrameHeader, body: Bytes) -> Result<Envelope, Gateway
     Ok(envelope)
 }
 
-/// Splits a body into its parts; every length is checked against what is left.
-pub fn decode_body(mut body: Bytes) -> Result<FrameBody, GatewayError> {
+/// Who wrote a frame, which decides whether `Ipc-Gateway-*` headers may be in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writer {
+    /// A client: only the gateway sets those headers.
+    Client,
+    /// The gateway: a service's reply may carry them.
+    Gateway,
+}
+
+/// Splits the body of a frame the gateway sent (a client reading its answers) into its parts;
+/// every length is checked against what is left.
+pub fn decode_body(body: Bytes) -> Result<FrameBody, GatewayError> {
+    split_body(body, Writer::Gateway)
+}
+
+fn split_body(mut body: Bytes, writer: Writer) -> Result<FrameBody, GatewayError> {
     let short = || GatewayError::bad_request("frame body is shorter than its lengths say");
     let take = |body: &mut Bytes, len: usize| -> Result<Bytes, GatewayError> {
         if body.len() < len {
@@ -247,7 +261,7 @@ pub fn decode_body(mut body: Bytes) -> Result<FrameBody, GatewayError> {
     let headers = if headers_block.is_empty() {
         None
     } else {
-        Some(decode_headers(headers_block)?)
+        Some(decode_headers(headers_block, writer)?)
     };
     Ok(FrameBody {
         subject,
@@ -257,7 +271,7 @@ pub fn decode_body(mut body: Bytes) -> Result<FrameBody, GatewayError> {
     })
 }
 
-fn decode_headers(mut block: Bytes) -> Result<Headers, GatewayError> {
+fn decode_headers(mut block: Bytes, writer: Writer) -> Result<Headers, GatewayError> {
     let mut map = Headers::new();
     let text = |block: &mut Bytes| -> Result<String, GatewayError> {
         if block.len() < 2 {
@@ -273,7 +287,10 @@ fn decode_headers(mut block: Bytes) -> Result<Headers, GatewayError> {
     while !block.is_empty() {
         let name = text(&mut block)?;
         let value = text(&mut block)?;
-        map.append(name, value)?;
+        match writer {
+            Writer::Client => map.append(name, value)?,
+            Writer::Gateway => map.append_from_gateway(name, value)?,
+        }
     }
     Ok(map)
 }
@@ -537,6 +554,39 @@ mod tests {
         assert!(decoded.get("X-Big").is_none());
         assert_eq!(decoded.get("X-Ok"), Some("1"));
         assert_eq!(&envelope.data[..], b"p");
+    }
+
+    #[test]
+    fn a_client_frame_with_a_gateway_header_is_refused_but_a_gateway_frame_may_carry_one() {
+        let mut headers = Headers::new();
+        headers.append_trusted("Ipc-Gateway-Uid", "0".into());
+        let frame = |frame_type| {
+            let mut out = BytesMut::new();
+            put_frame(
+                FrameParts {
+                    frame_type,
+                    id: 9,
+                    subject: b"s",
+                    headers: Some(&headers),
+                    payload: b"p",
+                    ..FrameParts::default()
+                },
+                &mut out,
+            );
+            out
+        };
+        match BinaryDecoder::new(1024).decode(&mut frame(frame_type::REQUEST)) {
+            Some(Decoded::Invalid { id, error, fatal }) => {
+                assert_eq!(id, Id::from(9));
+                assert_eq!(error.code, ErrorCode::BadRequest);
+                assert!(error.message.contains("set by the gateway only"), "{error}");
+                assert!(!fatal);
+            }
+            other => panic!("{other:?}"),
+        }
+        let reply = frame(frame_type::REPLY).freeze().slice(HEADER_LEN..);
+        let body = decode_body(reply).unwrap();
+        assert_eq!(body.headers.unwrap().get("Ipc-Gateway-Uid"), Some("0"));
     }
 
     #[test]

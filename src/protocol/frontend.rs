@@ -20,3 +20,10 @@ impl Frontend {
         }
     }
 }
+
+/// As its name (`"uds"`, `"ws"`, `"grpc"`): the form audit records and identities carry.
+impl serde::Serialize for Frontend {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}

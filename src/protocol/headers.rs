@@ -1,10 +1,13 @@
 //! Message headers as the wire carries them, and the one place they are validated. Every
 //! front-end builds `Headers` through `append`, so a header that NATS could not carry (a name
 //! with a colon, space or control character; a value with a line break) is the same
-//! `BAD_REQUEST` whichever wire it came on. Names keep their case and their order of first
-//! appearance; a name may have several values.
+//! `BAD_REQUEST` whichever wire it came on. So is a name only the gateway may set
+//! (`Ipc-Gateway-*`, any case: the caller's identity, stamped by the core with
+//! `append_trusted`). Names keep their case and their order of first appearance; a name may
+//! have several values.
 
 use super::error::GatewayError;
+use super::identity::{RESERVED_HEADER_PREFIX, is_reserved_header};
 
 /// Why a header was refused; the caller words the message for its wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,6 +16,8 @@ pub enum HeaderError {
     Name,
     /// Contains a line break.
     Value,
+    /// Starts with `Ipc-Gateway-` (any case): only the gateway sets those.
+    Reserved,
 }
 
 impl HeaderError {
@@ -21,6 +26,11 @@ impl HeaderError {
         GatewayError::bad_request(match self {
             HeaderError::Name => format!("header name {name:?} is not valid"),
             HeaderError::Value => format!("header {name:?} has a value with a line break"),
+            HeaderError::Reserved => {
+                format!(
+                    "header names starting with {RESERVED_HEADER_PREFIX} are set by the gateway only"
+                )
+            }
         })
     }
 }
@@ -62,8 +72,22 @@ impl Headers {
         Headers::default()
     }
 
-    /// Adds one value under `name` after checking both.
+    /// Adds one value a client sent under `name` after checking both; a name only the gateway
+    /// may set (`Ipc-Gateway-*`) is refused too.
     pub fn append(
+        &mut self,
+        name: impl AsRef<str> + Into<String>,
+        value: impl Into<String>,
+    ) -> Result<(), GatewayError> {
+        if is_reserved_header(name.as_ref()) {
+            return Err(HeaderError::Reserved.to_error(name.as_ref()));
+        }
+        self.append_from_gateway(name, value)
+    }
+
+    /// Adds one value the gateway sent (a client reading its frames): checked like `append`,
+    /// but `Ipc-Gateway-*` names are let through, since a service's reply may carry them.
+    pub fn append_from_gateway(
         &mut self,
         name: impl AsRef<str> + Into<String>,
         value: impl Into<String>,
@@ -76,7 +100,8 @@ impl Headers {
         Ok(())
     }
 
-    /// Adds a header that is known to be valid (it came from NATS, which already parsed it).
+    /// Adds a header without checking it: one that came from NATS (which already parsed it),
+    /// or one the gateway sets itself (the caller's `Ipc-Gateway-*` identity headers).
     pub fn append_trusted(&mut self, name: impl AsRef<str> + Into<String>, value: String) {
         self.push(name, value);
     }
@@ -144,6 +169,32 @@ mod tests {
         assert_eq!(pairs, [("X-Trace", "abc"), ("X-Trace", "def")]);
         assert_eq!(headers.get("X-Trace"), Some("abc"));
         assert_eq!(headers.get("x-trace"), None, "names keep their case");
+    }
+
+    #[test]
+    fn a_client_can_never_set_a_gateway_header() {
+        let mut headers = Headers::new();
+        for name in ["ipc-gateway-uid", "Ipc-Gateway-Identity", "IPC-GATEWAY-SUB"] {
+            let error = headers.append(name, "0").unwrap_err();
+            assert_eq!(error.code, crate::protocol::ErrorCode::BadRequest);
+            assert_eq!(
+                error.message,
+                "header names starting with Ipc-Gateway- are set by the gateway only"
+            );
+        }
+        assert!(headers.is_empty(), "refused headers are not kept");
+        headers.append("X-Ipc-Gateway-Uid", "0").unwrap();
+        headers.append_trusted("Ipc-Gateway-Uid", "1001".into());
+        headers
+            .append_from_gateway("Ipc-Gateway-User", "alice")
+            .unwrap();
+        let error = headers
+            .append_from_gateway("Ipc-Gateway-Pid", "1\n2")
+            .unwrap_err();
+        assert!(error.message.contains("line break"), "{error}");
+        assert_eq!(headers.get("Ipc-Gateway-Uid"), Some("1001"));
+        assert_eq!(headers.get("Ipc-Gateway-User"), Some("alice"));
+        assert_eq!(headers.len(), 3);
     }
 
     #[test]

@@ -631,6 +631,27 @@ mod tests {
     }
 
     #[test]
+    fn a_gateway_header_from_a_client_is_refused_and_the_line_keeps_its_id() {
+        let mut decoder = JsonLinesDecoder::new(1024);
+        let items = decode_all(
+            &mut decoder,
+            b"{\"id\":7,\"subject\":\"a\",\"headers\":{\"ipc-gateway-uid\":\"0\"}}\n",
+        );
+        match &items[0] {
+            Decoded::Invalid { id, error, fatal } => {
+                assert_eq!(*id, Id::from(7));
+                assert_eq!(error.code, ErrorCode::BadRequest);
+                assert_eq!(
+                    error.message,
+                    "header names starting with Ipc-Gateway- are set by the gateway only"
+                );
+                assert!(!fatal, "the connection stays open");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn encodes_replies_errors_and_binary_data() {
         let mut out = BytesMut::new();
         encode(

@@ -1,12 +1,14 @@
 //! The wire: the envelope every front-end produces, its error codes, its own small types (a
-//! subject, headers, a delivered message), and the two codecs (binary frames and JSON lines)
-//! behind one sniffing decoder. Nothing here knows about NATS, the core or a front-end.
+//! subject, headers, a delivered message, the caller's identity), and the two codecs (binary
+//! frames and JSON lines) behind one sniffing decoder. Nothing here knows about NATS, the core
+//! or a front-end.
 
 pub mod binary;
 pub mod envelope;
 pub mod error;
 mod frontend;
 pub mod headers;
+pub mod identity;
 pub mod json;
 pub mod subject;
 mod wire;
@@ -15,5 +17,6 @@ pub use envelope::{Decoded, Delivery, Envelope, Flags, Id, Op, Outbound};
 pub use error::{ErrorCode, GatewayError};
 pub use frontend::Frontend;
 pub use headers::Headers;
+pub use identity::Identity;
 pub use subject::Subject;
 pub use wire::{WireDecoder, WireFormat};

@@ -184,6 +184,25 @@ settings! {
         /// A `TIMEOUT` counts against a breaker only when the request waited at least this
         /// long: a client's own short `timeout_ms` says nothing about the service.
         pub breaker_min_timeout_ms: u64 = 1000,
+        /// HS256 shared secret for bearer JWTs (WebSocket and gRPC): a file of at least 32
+        /// bytes, its trailing line break ignored.
+        pub auth_jwt_secret_file: Option<PathBuf> = None,
+        /// PEM public key for bearer JWTs: RSA (RS256), EC P-256 (ES256) or Ed25519 (EdDSA).
+        pub auth_jwt_public_key_file: Option<PathBuf> = None,
+        /// Required `aud` claim of bearer JWTs; none = `aud` is not checked.
+        pub auth_jwt_audience: Option<String> = None,
+        /// Refuse WebSocket upgrades without a token (401) and gRPC calls without one
+        /// (UNAUTHENTICATED). Unix-socket callers are always identified by the kernel.
+        pub auth_required: bool = false,
+        /// The subject policy (TOML, see docs/policy.md), reloaded on SIGHUP; none = every
+        /// identity may use every subject except the reserved ones.
+        pub policy: Option<PathBuf> = None,
+        /// Stamp every message sent to NATS with the caller's identity (`Ipc-Gateway-*`
+        /// headers).
+        pub identity_headers: bool = true,
+        /// Connections one identified caller (a uid, or a token's subject) may hold at once;
+        /// 0 = unlimited. Anonymous callers are bounded by max_connections only.
+        pub max_connections_per_identity: usize = 0,
     }
 }
 

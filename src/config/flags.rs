@@ -59,7 +59,8 @@ impl FromArgMatches for Flags {
 fn flag(setting: &Setting, defaults: &Defaults) -> Arg {
     let key = setting.key;
     let list = defaults.is_list(key);
-    Arg::new(key)
+    let switch = defaults.is_bool(key);
+    let arg = Arg::new(key)
         .long(leak(setting.flag()))
         .value_name(leak(key.to_ascii_uppercase()))
         .help(format!(
@@ -72,7 +73,13 @@ fn flag(setting: &Setting, defaults: &Defaults) -> Arg {
         } else {
             ArgAction::Set
         })
-        .value_parser(move |text: &str| read(key, list, text))
+        .value_parser(move |text: &str| read(key, list, text));
+    if switch {
+        // `--auth-required` alone means true; `--identity-headers false` says false.
+        arg.num_args(0..=1).default_missing_value("true")
+    } else {
+        arg
+    }
 }
 
 /// clap (without its `string` feature) takes flag names as `&'static str`. The command is
@@ -135,6 +142,11 @@ impl Defaults {
         self.0.get(key).is_some_and(serde_json::Value::is_array)
     }
 
+    /// Whether the setting is true/false, so that its flag alone means true.
+    fn is_bool(&self, key: &str) -> bool {
+        self.0.get(key).is_some_and(serde_json::Value::is_boolean)
+    }
+
     /// The default as `--help` shows it: text without quotes, a list joined with ", ", and
     /// "none" for no value or an empty list.
     fn shown(&self, key: &str) -> String {
@@ -180,6 +192,7 @@ mod tests {
     fn help_entry<'a>(help: &'a str, flag: &str) -> &'a str {
         let start = help
             .find(&format!("{flag} <"))
+            .or_else(|| help.find(&format!("{flag} [<")))
             .unwrap_or_else(|| panic!("{flag} is not in the help:\n{help}"));
         let entry = &help[start..];
         let end = entry

@@ -26,7 +26,7 @@ use crate::protocol::subject::{SubjectUse, validate_queue_group, validate_subjec
 use crate::protocol::{Delivery, Envelope, ErrorCode, GatewayError, Headers, Id, Op, Subject};
 use crate::telemetry::metrics::Metrics;
 use budget::ByteBudget;
-pub use caller::Caller;
+pub use caller::{Caller, HeldSlot, Slot};
 use pool::NatsPool;
 pub use replies::ReplySink;
 use shutdown::Shutdown;
@@ -119,24 +119,38 @@ impl Gateway {
     /// Admits a new client connection: its slot under `max_connections`, its lane and its
     /// rate limit. Over the limit, the `OVERLOADED` every front-end answers with.
     pub fn connect(&self, frontend: Frontend) -> Result<Caller, GatewayError> {
-        let metrics = &self.inner.metrics;
-        let Ok(slot) = self.inner.connection_slots.clone().try_acquire_owned() else {
-            metrics.connection_rejected(frontend);
-            return Err(GatewayError::new(
-                ErrorCode::Overloaded,
-                format!(
-                    "the gateway serves its maximum of {} connections; retry later",
-                    self.inner.config.max_connections
-                ),
-            ));
-        };
+        let slot = self.slot(frontend)?;
+        Ok(self.connect_with(frontend, slot))
+    }
+
+    /// A place under `max_connections` for a connection that is not a client yet (an HTTP
+    /// connection in its handshake), to be handed to `connect_with` if it becomes one. Over the
+    /// limit, the refusal `connect` gives, counted under `frontend`.
+    pub fn slot(&self, frontend: Frontend) -> Result<Slot, GatewayError> {
+        match self.inner.connection_slots.clone().try_acquire_owned() {
+            Ok(permit) => Ok(Slot::new(permit)),
+            Err(_) => {
+                self.inner.metrics.connection_rejected(frontend);
+                Err(GatewayError::new(
+                    ErrorCode::Overloaded,
+                    format!(
+                        "the gateway serves its maximum of {} connections; retry later",
+                        self.inner.config.max_connections
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Admits a client connection that already holds its slot (see `slot`).
+    pub fn connect_with(&self, frontend: Frontend, slot: Slot) -> Caller {
         let config = &self.inner.config;
         let limit = ratelimit::RateLimit::new(
             config.rate_limit_requests_per_sec,
             config.rate_limit_bytes_per_sec,
         );
         let lane = Lane(self.inner.pool.next_lane());
-        Ok(Caller::new(frontend, lane, limit, metrics.clone(), slot))
+        Caller::new(frontend, lane, limit, self.inner.metrics.clone(), slot)
     }
 
     /// Tracks client connection tasks (front-ends wrap each connection in it).

@@ -53,6 +53,7 @@ pub async fn run(
     };
     let http_stop = CancellationToken::new();
     let http_task = tokio::spawn(http::serve(
+        gateway.clone(),
         http_listener,
         http_routes(gateway.clone()),
         http_stop.clone().cancelled_owned(),

@@ -265,6 +265,8 @@ async fn an_upgraded_websocket_holds_one_slot_and_idle_or_oversized_http_connect
         sockets.push(ws);
     }
     assert_eq!(connect(&gateway, None).await.err(), Some(503));
+    // A full gateway still answers its operators.
+    assert_eq!(get(gateway.http_port, "/health").await.0, 200);
     let mut refused = gateway.json().await;
     let refusal = refused.recv().await;
     assert_eq!(refusal["error"]["code"], "OVERLOADED", "{refusal}");

@@ -117,28 +117,30 @@ impl Gateway {
     }
 
     /// Admits a new client connection: its slot under `max_connections`, its lane and its
-    /// rate limit. Over the limit, the `OVERLOADED` every front-end answers with.
+    /// rate limit. Over the limit, the `OVERLOADED` every front-end answers with, counted.
     pub fn connect(&self, frontend: Frontend) -> Result<Caller, GatewayError> {
-        let slot = self.slot(frontend)?;
-        Ok(self.connect_with(frontend, slot))
+        match self.slot() {
+            Ok(slot) => Ok(self.connect_with(frontend, slot)),
+            Err(refusal) => {
+                self.inner.metrics.connection_rejected(frontend);
+                Err(refusal)
+            }
+        }
     }
 
     /// A place under `max_connections` for a connection that is not a client yet (an HTTP
     /// connection in its handshake), to be handed to `connect_with` if it becomes one. Over the
-    /// limit, the refusal `connect` gives, counted under `frontend`.
-    pub fn slot(&self, frontend: Frontend) -> Result<Slot, GatewayError> {
+    /// limit, the refusal `connect` gives (not counted: the caller decides what it refuses).
+    pub fn slot(&self) -> Result<Slot, GatewayError> {
         match self.inner.connection_slots.clone().try_acquire_owned() {
             Ok(permit) => Ok(Slot::new(permit)),
-            Err(_) => {
-                self.inner.metrics.connection_rejected(frontend);
-                Err(GatewayError::new(
-                    ErrorCode::Overloaded,
-                    format!(
-                        "the gateway serves its maximum of {} connections; retry later",
-                        self.inner.config.max_connections
-                    ),
-                ))
-            }
+            Err(_) => Err(GatewayError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "the gateway serves its maximum of {} connections; retry later",
+                    self.inner.config.max_connections
+                ),
+            )),
         }
     }
 

@@ -12,6 +12,10 @@
 //!   leaves places for the others). The slot goes into each request's extensions as a
 //!   `HeldSlot`: a WebSocket upgrade takes it over for its client, so an upgraded connection
 //!   counts once; the handshake place is given back when the connection ends or upgrades.
+//! - When every place under `max_connections` is taken, up to `OPERATOR_RESERVE` more
+//!   connections are served from a reserve, so that `/health`, `/ready` and `/metrics` still
+//!   answer on a full gateway; such a connection cannot become a WebSocket (its upgrade asks
+//!   the core for a place like any new client, and is refused while there is none).
 //! - Request headers must arrive within `http_header_timeout_ms`, and a kept-alive connection
 //!   waiting for its next request is closed after as long (hyper's header read timeout, which
 //!   starts again each time the connection waits for a request).
@@ -47,6 +51,8 @@ use tracing::{debug, warn};
 use crate::core::{Gateway, HeldSlot};
 use crate::protocol::{ErrorCode, Frontend, GatewayError};
 
+/// HTTP connections served beyond `max_connections` when every place is taken (see the top).
+const OPERATOR_RESERVE: usize = 16;
 /// Refusals answered cleanly at once; past that, answered without waiting and closed at once.
 const MAX_POLITE_REFUSALS: usize = 64;
 /// How long a polite refusal waits for the client to finish sending and close.
@@ -89,6 +95,7 @@ pub async fn serve(
     let limits = Limits {
         handshakes: Arc::new(Semaphore::new(config.http_handshake_limit())),
         handshake_limit: config.http_handshake_limit(),
+        reserve: Arc::new(Semaphore::new(OPERATOR_RESERVE)),
         polite: Arc::new(Semaphore::new(MAX_POLITE_REFUSALS)),
     };
     let mut http = http1::Builder::new();
@@ -156,6 +163,8 @@ struct Limits {
     /// `http_max_handshakes`: connections that are HTTP, not (yet) WebSocket.
     handshakes: Arc<Semaphore>,
     handshake_limit: usize,
+    /// Connections served while every place under `max_connections` is taken.
+    reserve: Arc<Semaphore>,
     /// Refusals being answered cleanly at once.
     polite: Arc<Semaphore>,
 }
@@ -165,17 +174,27 @@ struct Admitted {
     /// Its place among the connections that are HTTP, given back when the connection ends
     /// (an upgrade ends it here: hyper hands the socket over).
     _handshake: OwnedSemaphorePermit,
-    /// Its place under `max_connections`, until the WebSocket upgrade takes it over.
-    held: HeldSlot,
+    place: Place,
+}
+
+enum Place {
+    /// A place under `max_connections`, until the WebSocket upgrade takes it over.
+    Slot(HeldSlot),
+    /// A place in the operator reserve, given back when the connection ends.
+    Reserve(OwnedSemaphorePermit),
 }
 
 impl Limits {
-    /// A handshake place, then a connection slot; over either limit, the `OVERLOADED`
-    /// refusal, counted in `connections_rejected_total{frontend="ws"}`.
+    /// A handshake place, then a connection slot or, on a full gateway, a place in the
+    /// reserve; past them, the `OVERLOADED` refusal, counted in
+    /// `connections_rejected_total{frontend="ws"}`.
     fn admit(&self, gateway: &Gateway) -> Result<Admitted, GatewayError> {
-        let Ok(handshake) = self.handshakes.clone().try_acquire_owned() else {
+        let refuse = |refusal: GatewayError| {
             gateway.metrics().connection_rejected(Frontend::Ws);
-            return Err(GatewayError::new(
+            Err(refusal)
+        };
+        let Ok(handshake) = self.handshakes.clone().try_acquire_owned() else {
+            return refuse(GatewayError::new(
                 ErrorCode::Overloaded,
                 format!(
                     "the gateway serves its maximum of {} HTTP connections; retry later",
@@ -183,10 +202,16 @@ impl Limits {
                 ),
             ));
         };
-        let slot = gateway.slot(Frontend::Ws)?;
+        let place = match gateway.slot() {
+            Ok(slot) => Place::Slot(HeldSlot::new(slot)),
+            Err(full) => match self.reserve.clone().try_acquire_owned() {
+                Ok(reserve) => Place::Reserve(reserve),
+                Err(_) => return refuse(full),
+            },
+        };
         Ok(Admitted {
             _handshake: handshake,
-            held: HeldSlot::new(slot),
+            place,
         })
     }
 }
@@ -206,15 +231,21 @@ impl Connection {
         let Connection {
             http,
             app,
-            admitted: Admitted { _handshake, held },
+            admitted: Admitted { _handshake, place },
             stopping,
             grace,
         } = self;
         // Every request carries the connection's slot, for a WebSocket upgrade to take over.
         // The service holds one clone for the connection's life: whoever drops the last one
         // without taking the slot gives it back.
+        let (held, _reserve) = match place {
+            Place::Slot(held) => (Some(held), None),
+            Place::Reserve(reserve) => (None, Some(reserve)),
+        };
         let app = app.map_request(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(held.clone());
+            if let Some(held) = &held {
+                request.extensions_mut().insert(held.clone());
+            }
             request
         });
         let connection = http

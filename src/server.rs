@@ -46,6 +46,12 @@ pub async fn run(
         nats = %config.nats_url,
         "ipc-gateway started"
     );
+    if config.http.ip().is_unspecified() && config.public_origins.is_empty() {
+        tracing::warn!(
+            http = %config.http,
+            "only pages loaded from loopback may open /ws: list the origins browsers use for this gateway in public_origins"
+        );
+    }
     let upkeep = tokio::spawn(refresh_gauges(gateway.clone()));
     let supervisor = {
         let gateway = gateway.clone();

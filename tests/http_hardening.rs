@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 
 use common::ws::{call, connect};
 use common::{GatewayProcess, NatsServer, PATIENCE, spawn_echo};
+use ipc_gateway::frontend::grpc::pb;
 
 const ECHO: &str = r#"{"op":"request","id":1,"subject":"demo.echo","data":"hi","timeout_ms":2000}"#;
 
@@ -129,6 +130,17 @@ async fn uds_request_works(gateway: &GatewayProcess) {
     assert_eq!(answer["ok"], true, "{answer}");
 }
 
+/// A request through a new gRPC connection.
+async fn grpc_request_works(gateway: &GatewayProcess) {
+    let request = pb::RequestMessage {
+        subject: "demo.echo".into(),
+        payload: b"hi".to_vec().into(),
+        ..Default::default()
+    };
+    let reply = gateway.grpc().await.request(request).await;
+    assert_eq!(reply.expect("a gRPC reply").into_inner().payload, b"hi"[..]);
+}
+
 #[tokio::test]
 async fn a_slowloris_leaves_the_socket_health_and_websockets_served_and_is_timed_out() {
     let nats = NatsServer::start();
@@ -152,8 +164,10 @@ async fn a_slowloris_leaves_the_socket_health_and_websockets_served_and_is_timed
     let mut stalled = slowloris(gateway.http_port, 300).await;
     let flooded_in = flood_began.elapsed();
 
-    // (a) A new Unix-socket client is served: the flood holds at most half the slots.
+    // (a) A new Unix-socket client is served, and a new gRPC one: the flood holds at most
+    // half the slots.
     uds_request_works(&gateway).await;
+    grpc_request_works(&gateway).await;
     // (c) The WebSocket opened before the flood is served.
     assert_eq!(call(&mut ws, ECHO).await["ok"], true);
     // (b) A new HTTP client is refused, answered, while the stalled ones hold every HTTP place…
@@ -214,6 +228,7 @@ async fn ten_times_more_half_sent_requests_than_slots_hold_no_more_descriptors_t
         "{fds_during} descriptors open, {fds_before} before the flood"
     );
     uds_request_works(&gateway).await;
+    grpc_request_works(&gateway).await;
 
     // No bare reset: every connection was refused with a 503 first, or held (at most 100 at a
     // time, each until the header timeout).

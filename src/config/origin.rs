@@ -128,7 +128,7 @@ fn host_of(ip: IpAddr) -> String {
 
 /// The origins a page served from `address` has: `http` and `https` for each name a browser
 /// can reach it by without the operator saying so.
-pub fn own_origins_of(address: SocketAddr) -> Vec<Origin> {
+fn own_origins_of(address: SocketAddr) -> Vec<Origin> {
     let ip = address.ip();
     let mut hosts = match ip {
         // `[::]` takes IPv4 connections too (unless the host sets IPV6_V6ONLY).

@@ -19,8 +19,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::protocol::subject::{SubjectUse, validate_subject};
 
 mod flags;
+mod origin;
 
 pub use flags::Flags;
+pub use origin::Origin;
 
 pub const ENV_PREFIX: &str = "IPC_GATEWAY_";
 
@@ -111,6 +113,14 @@ settings! {
         pub nats_connections: usize = 2,
         /// Address of the HTTP port: /health, /ready, /status, /metrics and the WebSocket /ws.
         pub http: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
+        /// How long an HTTP client may take to send a request's headers, and how long a
+        /// kept-alive HTTP connection may wait for its next request, before it is closed.
+        pub http_header_timeout_ms: u64 = 10_000,
+        /// HTTP connections at once that are not WebSockets (yet): sending a request, being
+        /// answered, or kept alive between requests. Each also takes a place under
+        /// max_connections; this cap keeps a flood of them from taking every place from the
+        /// other clients. Past it, 503. 0 = half of max_connections.
+        pub http_max_handshakes: usize = 0,
         /// Subject for JSON objects that name neither op nor subject.
         pub default_subject: Option<String> = None,
         /// Largest frame or JSON line accepted, in bytes.
@@ -147,9 +157,14 @@ settings! {
         pub idle_timeout_ms: u64 = 0,
         /// Largest WebSocket message accepted; 0 = the same as `max_frame_bytes`.
         pub ws_max_message_bytes: usize = 0,
-        /// Origins whose browser pages may open `/ws`, besides the gateway's own origin (clients
-        /// that send no `Origin`, such as programs, are always let in). "*" allows any. A list:
-        /// repeat the flag for several.
+        /// The gateway's own origins (`scheme://host[:port]`): browser pages from them may open
+        /// `/ws`. Empty: the http:// and https:// forms of the `http` address, and of
+        /// localhost when that address is loopback; 0.0.0.0 and [::] stand for loopback. Behind
+        /// a proxy, or listening on a public address, list the origins browsers use. A list.
+        pub public_origins: Vec<String> = Vec::new(),
+        /// Origins whose browser pages may open `/ws`, besides the gateway's own (clients that
+        /// send no `Origin`, such as programs, are always let in). "*" allows any, "null" the
+        /// opaque origin. A list: repeat the flag for several.
         pub ws_allowed_origins: Vec<String> = Vec::new(),
         /// How often the server pings each WebSocket; one that misses two pongs is closed.
         /// 0 = off.
@@ -320,6 +335,12 @@ impl Config {
                 "must be at least max_frame_bytes, or a frame that fits could never be sent",
             );
         }
+        if self.http_header_timeout_ms == 0 {
+            return bad("http_header_timeout_ms", "must be at least 1");
+        }
+        if let Err(err) = self.validate_origins() {
+            return Err(ConfigError(err));
+        }
         if let Some(subject) = &self.default_subject
             && let Err(err) = validate_subject(subject, SubjectUse::Publish)
         {
@@ -356,6 +377,19 @@ impl Config {
             min_requests: self.breaker_min_requests,
             reconnect_grace: Duration::from_millis(self.breaker_reconnect_grace_ms),
             min_timeout: Duration::from_millis(self.breaker_min_timeout_ms),
+        }
+    }
+
+    /// The HTTP header read timeout (also the keep-alive idle time).
+    pub fn http_header_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_header_timeout_ms)
+    }
+
+    /// The cap in force on HTTP connections that are not WebSockets.
+    pub fn http_handshake_limit(&self) -> usize {
+        match self.http_max_handshakes {
+            0 => (self.max_connections / 2).max(1),
+            n => n,
         }
     }
 

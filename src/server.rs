@@ -46,6 +46,12 @@ pub async fn run(
         nats = %config.nats_url,
         "ipc-gateway started"
     );
+    if config.http.ip().is_unspecified() && config.public_origins.is_empty() {
+        tracing::warn!(
+            http = %config.http,
+            "only pages loaded from loopback may open /ws: list the origins browsers use for this gateway in public_origins"
+        );
+    }
     let upkeep = tokio::spawn(refresh_gauges(gateway.clone()));
     let supervisor = {
         let gateway = gateway.clone();
@@ -53,6 +59,7 @@ pub async fn run(
     };
     let http_stop = CancellationToken::new();
     let http_task = tokio::spawn(http::serve(
+        gateway.clone(),
         http_listener,
         http_routes(gateway.clone()),
         http_stop.clone().cancelled_owned(),

@@ -4,6 +4,10 @@
 //! `Gateway::connect`; every core operation takes it, so what the core decides per client
 //! (limits now; identity, policy and audit next) is decided in one place for every front-end.
 //! Dropping it gives the connection slot back.
+//!
+//! A connection can hold its `Slot` before it is a client: the HTTP port takes one for each
+//! connection in its handshake and offers it through a `HeldSlot`; the WebSocket upgrade takes
+//! it for its `Caller`, so that a connection counts once, whether HTTP or WebSocket.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +28,7 @@ pub struct Caller {
     /// Subscriptions open now (shared with each `SubscriptionSlot`).
     subscriptions: Arc<AtomicUsize>,
     /// Held, never read: dropping the caller frees its connection slot.
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 /// One of a connection's `max_subscriptions_per_connection`; given back when dropped.
@@ -42,7 +46,7 @@ impl Caller {
         lane: Lane,
         limit: RateLimit,
         metrics: Arc<Metrics>,
-        slot: OwnedSemaphorePermit,
+        slot: Slot,
     ) -> Caller {
         metrics.connection_opened(frontend);
         Caller {
@@ -89,6 +93,39 @@ impl Caller {
             ));
         }
         Ok(slot)
+    }
+}
+
+/// A place under `max_connections`. Dropping it gives the place back.
+pub struct Slot {
+    /// Held, never read.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Slot {
+    pub(super) fn new(permit: OwnedSemaphorePermit) -> Slot {
+        Slot { _permit: permit }
+    }
+}
+
+/// A connection's slot, held for the client the connection may become: the HTTP port keeps one
+/// per connection in its handshake (and puts a clone of this in each request's extensions);
+/// the WebSocket upgrade takes the slot for its `Caller`. Whoever holds the last clone and
+/// has not taken the slot frees it by dropping.
+#[derive(Clone)]
+pub struct HeldSlot(Arc<Mutex<Option<Slot>>>);
+
+impl HeldSlot {
+    pub fn new(slot: Slot) -> HeldSlot {
+        HeldSlot(Arc::new(Mutex::new(Some(slot))))
+    }
+
+    /// The slot, once: `None` if it was taken already.
+    pub fn take(&self) -> Option<Slot> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
     }
 }
 

@@ -27,7 +27,7 @@ use crate::protocol::subject::{SubjectUse, validate_queue_group, validate_subjec
 use crate::protocol::{Delivery, Envelope, ErrorCode, GatewayError, Headers, Id, Op, Subject};
 use crate::telemetry::metrics::Metrics;
 use budget::ByteBudget;
-pub use caller::Caller;
+pub use caller::{Caller, HeldSlot, Slot};
 use pool::NatsPool;
 pub use replies::ReplySink;
 use shutdown::Shutdown;
@@ -115,26 +115,42 @@ impl Gateway {
     }
 
     /// Admits a new client connection: its slot under `max_connections`, its lane and its
-    /// rate limit. Over the limit, the `OVERLOADED` every front-end answers with.
+    /// rate limit. Over the limit, the `OVERLOADED` every front-end answers with, counted.
     pub fn connect(&self, frontend: Frontend) -> Result<Caller, GatewayError> {
-        let metrics = &self.inner.metrics;
-        let Ok(slot) = self.inner.connection_slots.clone().try_acquire_owned() else {
-            metrics.connection_rejected(frontend);
-            return Err(GatewayError::new(
+        match self.slot() {
+            Ok(slot) => Ok(self.connect_with(frontend, slot)),
+            Err(refusal) => {
+                self.inner.metrics.connection_rejected(frontend);
+                Err(refusal)
+            }
+        }
+    }
+
+    /// A place under `max_connections` for a connection that is not a client yet (an HTTP
+    /// connection in its handshake), to be handed to `connect_with` if it becomes one. Over the
+    /// limit, the refusal `connect` gives (not counted: the caller decides what it refuses).
+    pub fn slot(&self) -> Result<Slot, GatewayError> {
+        match self.inner.connection_slots.clone().try_acquire_owned() {
+            Ok(permit) => Ok(Slot::new(permit)),
+            Err(_) => Err(GatewayError::new(
                 ErrorCode::Overloaded,
                 format!(
                     "the gateway serves its maximum of {} connections; retry later",
                     self.inner.config.max_connections
                 ),
-            ));
-        };
+            )),
+        }
+    }
+
+    /// Admits a client connection that already holds its slot (see `slot`).
+    pub fn connect_with(&self, frontend: Frontend, slot: Slot) -> Caller {
         let config = &self.inner.config;
         let limit = ratelimit::RateLimit::new(
             config.rate_limit_requests_per_sec,
             config.rate_limit_bytes_per_sec,
         );
         let lane = Lane(self.inner.pool.next_lane());
-        Ok(Caller::new(frontend, lane, limit, metrics.clone(), slot))
+        Caller::new(frontend, lane, limit, self.inner.metrics.clone(), slot)
     }
 
     /// Tracks client connection tasks (front-ends wrap each connection in it).

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -21,7 +22,8 @@ use futures_util::SinkExt;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::core::{Caller, Gateway};
+use crate::config::Config;
+use crate::core::{Caller, Gateway, HeldSlot};
 use crate::protocol::Frontend;
 use crate::protocol::binary::BinaryDecoder;
 use crate::protocol::{Decoded, ErrorCode, GatewayError, Id, Outbound, WireFormat, json};
@@ -43,25 +45,34 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
 }
 
-/// `GET /ws`: checks the origin and the connection limit, then upgrades.
+/// `GET /ws`: checks the origin and the connection limit, then upgrades. On the HTTP port the
+/// connection already holds a place under `max_connections` (a `HeldSlot` in the request's
+/// extensions): the WebSocket takes it over, so the connection is counted once.
 pub async fn upgrade(
     State(gateway): State<Gateway>,
+    held: Option<Extension<HeldSlot>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if let Err(origin) = origin_allowed(&gateway, &headers) {
+    if let Err(origin) = origin_allowed(gateway.config(), &headers) {
         debug!(%origin, "refusing a WebSocket from a foreign origin");
         return (
             StatusCode::FORBIDDEN,
-            format!("origin {origin} may not open /ws (see --ws-allowed-origins)"),
+            format!(
+                "origin {origin} may not open /ws (see --public-origins and --ws-allowed-origins)"
+            ),
         )
             .into_response();
     }
-    let caller = match gateway.connect(Frontend::Ws) {
-        Ok(caller) => caller,
-        Err(refusal) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, refusal.to_string()).into_response();
-        }
+    let slot = held.and_then(|Extension(held)| held.take());
+    let caller = match slot {
+        Some(slot) => gateway.connect_with(Frontend::Ws, slot),
+        None => match gateway.connect(Frontend::Ws) {
+            Ok(caller) => caller,
+            Err(refusal) => {
+                return (StatusCode::SERVICE_UNAVAILABLE, refusal.to_string()).into_response();
+            }
+        },
     };
     // tungstenite cannot skip a message over its own limit: it would have to end the
     // connection. Its limit is twice ours, so that a message a little over ours is answered
@@ -80,27 +91,18 @@ pub async fn upgrade(
         })
 }
 
-/// Programs send no `Origin`; browsers do, and only the gateway's own origin and the
-/// configured ones are let in.
-fn origin_allowed(gateway: &Gateway, headers: &HeaderMap) -> Result<(), String> {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+/// Programs send no `Origin`; browsers do, and only pages from the gateway's own origins and
+/// the configured ones are let in (see `Config::allows_origin`; the Host header plays no
+/// part). `Err` names the origin refused.
+fn origin_allowed(config: &Config, headers: &HeaderMap) -> Result<(), String> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
     };
-    let allowed = &gateway.config().ws_allowed_origins;
-    if allowed
-        .iter()
-        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
-    {
-        return Ok(());
+    match origin.to_str() {
+        Ok(origin) if config.allows_origin(origin) => Ok(()),
+        Ok(origin) => Err(origin.to_owned()),
+        Err(_) => Err(String::from_utf8_lossy(origin.as_bytes()).into_owned()),
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    let own = origin
-        .split_once("://")
-        .is_some_and(|(_, authority)| !host.is_empty() && authority.eq_ignore_ascii_case(host));
-    if own { Ok(()) } else { Err(origin.to_owned()) }
 }
 
 /// Decodes one WebSocket message into one item.

@@ -351,6 +351,8 @@ async fn each_error_code_comes_back_as_its_status_with_the_code_in_metadata() {
             "2",
             "--breaker-cooldown-ms",
             "60000",
+            "--breaker-min-timeout-ms",
+            "100",
             "--rate-limit-requests-per-sec",
             "30",
         ],

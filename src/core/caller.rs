@@ -1,25 +1,44 @@
-//! A client connection as the core sees it: which front-end it came through, its place under
-//! `max_connections`, its NATS lane (its publishes and subscriptions share one pool
-//! connection, which keeps their order) and its rate limit. Made once, at accept, by
-//! `Gateway::connect`; every core operation takes it, so what the core decides per client
-//! (limits now; identity, policy and audit next) is decided in one place for every front-end.
-//! Dropping it gives the connection slot back.
+//! A client connection as the core sees it, and who is calling on it. `Conn` is the
+//! connection: which front-end, its place under `max_connections` (and under its identity's
+//! `max_connections_per_identity`), its NATS lane (its publishes and subscriptions share one
+//! pool connection, which keeps their order), its rate limit, its subscription count and the
+//! replies it may send. `Caller` is a connection plus an `Authorized` identity: a Unix socket
+//! or WebSocket has one for its life (a WebSocket `auth` message swaps it), a gRPC connection
+//! one per call (each call carries its own token). Every core operation takes a `Caller`, so
+//! limits, policy, identity headers and audit are decided once for every front-end. Dropping
+//! the last `Caller` of a connection gives its slots back.
 //!
 //! A connection can hold its `Slot` before it is a client: the HTTP port takes one for each
 //! connection in its handshake and offers it through a `HeldSlot`; the WebSocket upgrade takes
 //! it for its `Caller`, so that a connection counts once, whether HTTP or WebSocket.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 
 use super::Lane;
+use super::access::{Authorized, IdentityLease};
 use super::ratelimit::RateLimit;
-use crate::protocol::{ErrorCode, Frontend, GatewayError};
+use crate::protocol::{ErrorCode, Frontend, GatewayError, Identity};
 use crate::telemetry::metrics::Metrics;
 
+/// Reply subjects a connection may answer at once (the oldest is forgotten beyond).
+const MAX_RESPONSES: usize = 1024;
+
+/// Connection ids, for logs and the audit log.
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Clone)]
 pub struct Caller {
+    conn: Arc<Conn>,
+    who: Arc<Authorized>,
+}
+
+struct Conn {
+    id: u64,
     frontend: Frontend,
     lane: Lane,
     /// `None` when no rate limit is configured: operations then take no lock.
@@ -27,7 +46,12 @@ pub struct Caller {
     metrics: Arc<Metrics>,
     /// Subscriptions open now (shared with each `SubscriptionSlot`).
     subscriptions: Arc<AtomicUsize>,
-    /// Held, never read: dropping the caller frees its connection slot.
+    /// Reply subjects of requests this connection received, each answerable once until its
+    /// instant (nats-server's `allow_responses`).
+    responses: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Held, never read: the connection's place under its identity's limit.
+    _lease: Option<IdentityLease>,
+    /// Held, never read: dropping the connection frees its place under `max_connections`.
     _slot: Slot,
 }
 
@@ -42,34 +66,62 @@ impl Drop for SubscriptionSlot {
 
 impl Caller {
     pub(super) fn new(
-        frontend: Frontend,
-        lane: Lane,
-        limit: RateLimit,
+        (frontend, lane, limit): (Frontend, Lane, RateLimit),
         metrics: Arc<Metrics>,
-        slot: Slot,
+        (slot, lease): (Slot, Option<IdentityLease>),
+        who: Arc<Authorized>,
     ) -> Caller {
         metrics.connection_opened(frontend);
-        Caller {
+        let conn = Conn {
+            id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
             frontend,
             lane,
             limit: (!limit.is_off()).then(|| Mutex::new(limit)),
             metrics,
             subscriptions: Arc::default(),
+            responses: Mutex::default(),
+            _lease: lease,
             _slot: slot,
+        };
+        Caller {
+            conn: Arc::new(conn),
+            who,
         }
     }
 
     pub fn frontend(&self) -> Frontend {
-        self.frontend
+        self.conn.frontend
+    }
+
+    /// The connection's id (unique in this process).
+    pub fn conn_id(&self) -> u64 {
+        self.conn.id
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.who.identity
+    }
+
+    pub fn authorized(&self) -> &Arc<Authorized> {
+        &self.who
+    }
+
+    /// The same connection with another caller on it (a gRPC call's token, a WebSocket
+    /// `auth`, the same identity under a reloaded policy).
+    pub fn with(&self, who: Arc<Authorized>) -> Caller {
+        Caller {
+            conn: self.conn.clone(),
+            who,
+        }
     }
 
     pub(super) fn lane(&self) -> Lane {
-        self.lane
+        self.conn.lane
     }
 
     /// Admits one operation carrying `bytes` of payload under the connection's rate limit.
     pub(super) fn admit(&self, bytes: usize) -> Result<(), GatewayError> {
-        match &self.limit {
+        match &self.conn.limit {
             None => Ok(()),
             Some(limit) => limit
                 .lock()
@@ -77,13 +129,12 @@ impl Caller {
                 .admit(bytes, tokio::time::Instant::now()),
         }
     }
-}
 
-impl Caller {
     /// A place for one more subscription, or `OVERLOADED` when the connection holds `max`.
     pub(super) fn subscription_slot(&self, max: usize) -> Result<SubscriptionSlot, GatewayError> {
-        let taken = self.subscriptions.fetch_add(1, Ordering::AcqRel);
-        let slot = SubscriptionSlot(self.subscriptions.clone());
+        let subscriptions = &self.conn.subscriptions;
+        let taken = subscriptions.fetch_add(1, Ordering::AcqRel);
+        let slot = SubscriptionSlot(subscriptions.clone());
         if taken >= max {
             return Err(GatewayError::new(
                 ErrorCode::Overloaded,
@@ -93,6 +144,47 @@ impl Caller {
             ));
         }
         Ok(slot)
+    }
+
+    /// The connection received a request whose answer goes to `reply_to`: it may publish
+    /// there once, until `until`.
+    pub(super) fn may_answer(&self, reply_to: &str, until: Instant) {
+        let mut responses = self
+            .conn
+            .responses
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if responses.len() >= MAX_RESPONSES {
+            let now = Instant::now();
+            responses.retain(|_, expires| *expires > now);
+            if responses.len() >= MAX_RESPONSES
+                && let Some(oldest) = responses
+                    .iter()
+                    .min_by_key(|(_, expires)| **expires)
+                    .map(|(subject, _)| subject.clone())
+            {
+                responses.remove(&oldest);
+            }
+        }
+        responses.insert(Arc::from(reply_to), until);
+    }
+
+    /// Whether the connection may answer on `subject` now (and uses that answer up).
+    pub(super) fn take_answer(&self, subject: &str) -> bool {
+        let mut responses = self
+            .conn
+            .responses
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        responses
+            .remove(subject)
+            .is_some_and(|expires| expires > Instant::now())
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.metrics.connection_closed(self.frontend);
     }
 }
 
@@ -126,11 +218,5 @@ impl HeldSlot {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take()
-    }
-}
-
-impl Drop for Caller {
-    fn drop(&mut self) {
-        self.metrics.connection_closed(self.frontend);
     }
 }

@@ -2,6 +2,7 @@
 //! the same validation, limits, error codes and metrics whoever the client is. A `Gateway` is
 //! cheap to clone (an `Arc` inside); there is one per process.
 
+mod access;
 pub mod auth;
 pub mod breaker;
 pub mod budget;
@@ -24,10 +25,14 @@ use futures_util::StreamExt;
 use crate::config::Config;
 use crate::protocol::Frontend;
 use crate::protocol::subject::{SubjectUse, validate_queue_group, validate_subject};
-use crate::protocol::{Delivery, Envelope, ErrorCode, GatewayError, Headers, Id, Op, Subject};
+use crate::protocol::{
+    Delivery, Envelope, ErrorCode, GatewayError, Headers, Id, Identity, Op, Subject,
+};
 use crate::telemetry::metrics::Metrics;
+pub use access::Authorized;
 use budget::ByteBudget;
 pub use caller::{Caller, HeldSlot, Slot};
+use policy::SubscribeDecision;
 use pool::NatsPool;
 pub use replies::ReplySink;
 use shutdown::Shutdown;
@@ -57,6 +62,8 @@ struct Inner {
     shutdown: Shutdown,
     default_subject: Option<Subject>,
     listener_up: AtomicBool,
+    /// Policy, tokens, local users, per-identity counts.
+    access: access::Access,
 }
 
 /// What `/ready` reports.
@@ -73,6 +80,7 @@ pub struct Readiness {
 impl Gateway {
     /// Builds the core and starts connecting to NATS; returns at once even if NATS is down.
     pub async fn new(config: Config) -> Result<Gateway, String> {
+        let access = access::Access::new(&config)?;
         let metrics = Metrics::new();
         let shutdown = Shutdown::default();
         let (retries, to_retry) = tokio::sync::mpsc::unbounded_channel();
@@ -110,20 +118,22 @@ impl Gateway {
                 shutdown,
                 default_subject,
                 listener_up: AtomicBool::new(false),
+                access,
             }),
         })
     }
 
-    /// Admits a new client connection: its slot under `max_connections`, its lane and its
-    /// rate limit. Over the limit, the `OVERLOADED` every front-end answers with, counted.
-    pub fn connect(&self, frontend: Frontend) -> Result<Caller, GatewayError> {
-        match self.slot() {
-            Ok(slot) => Ok(self.connect_with(frontend, slot)),
-            Err(refusal) => {
-                self.inner.metrics.connection_rejected(frontend);
-                Err(refusal)
-            }
+    /// Admits a new client connection for `identity`: its slot under `max_connections` (and
+    /// `max_connections_per_identity`), its lane and its rate limit. Over a limit, the
+    /// `OVERLOADED` every front-end answers with, counted.
+    pub fn connect(&self, frontend: Frontend, identity: Identity) -> Result<Caller, GatewayError> {
+        let connected = self
+            .slot()
+            .and_then(|slot| self.connect_with(frontend, identity, slot));
+        if connected.is_err() {
+            self.inner.metrics.connection_rejected(frontend);
         }
+        connected
     }
 
     /// A place under `max_connections` for a connection that is not a client yet (an HTTP
@@ -142,15 +152,86 @@ impl Gateway {
         }
     }
 
-    /// Admits a client connection that already holds its slot (see `slot`).
-    pub fn connect_with(&self, frontend: Frontend, slot: Slot) -> Caller {
+    /// Admits a client connection that already holds its slot (see `slot`); refused only
+    /// when its identity holds `max_connections_per_identity` already.
+    pub fn connect_with(
+        &self,
+        frontend: Frontend,
+        identity: Identity,
+        slot: Slot,
+    ) -> Result<Caller, GatewayError> {
         let config = &self.inner.config;
+        let lease = self.inner.access.lease(&identity)?;
         let limit = ratelimit::RateLimit::new(
             config.rate_limit_requests_per_sec,
             config.rate_limit_bytes_per_sec,
         );
         let lane = Lane(self.inner.pool.next_lane());
-        Caller::new(frontend, lane, limit, self.inner.metrics.clone(), slot)
+        let who = self.inner.access.authorize(identity);
+        Ok(Caller::new(
+            (frontend, lane, limit),
+            self.inner.metrics.clone(),
+            (slot, lease),
+            who,
+        ))
+    }
+
+    /// What the policy in force lets `identity` do.
+    pub fn authorize(&self, identity: Identity) -> Arc<Authorized> {
+        self.inner.access.authorize(identity)
+    }
+
+    /// `caller` under the policy in force, when it was reloaded since the caller was made.
+    pub fn refreshed(&self, caller: &Caller) -> Option<Caller> {
+        let who = self.inner.access.refreshed(caller.authorized())?;
+        Some(caller.with(who))
+    }
+
+    /// A bearer token's identity, or `UNAUTHENTICATED`.
+    pub fn verify_token(
+        &self,
+        token: &str,
+        frontend: Frontend,
+        addr: Option<String>,
+    ) -> Result<Identity, GatewayError> {
+        self.inner.access.verify(token, frontend, addr)
+    }
+
+    /// Whether callers without a token are refused (WebSocket and gRPC).
+    pub fn auth_required(&self) -> bool {
+        self.inner.access.auth_required()
+    }
+
+    /// A Unix-socket peer's identity from its kernel credentials.
+    pub async fn local_identity(&self, uid: u32, gid: u32, pid: Option<i32>) -> Identity {
+        self.inner.access.local(uid, gid, pid).await
+    }
+
+    /// Reloads what SIGHUP reloads: the policy. A file that does not load keeps the policy in
+    /// force; the error says why (it is logged and counted).
+    pub async fn reload(&self) -> Result<(), String> {
+        match self.inner.access.reload_policy().await {
+            Ok(Some(version)) => {
+                tracing::info!(version, "policy reloaded");
+                self.inner.metrics.policy_reload(true);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(error) => {
+                tracing::error!(%error, "policy reload failed; the policy in force stays");
+                self.inner.metrics.policy_reload(false);
+                Err(error.to_string())
+            }
+        }
+    }
+
+    /// Whether `identity` may see per-client detail on `/status`.
+    pub fn may_see_status(&self, identity: Identity) -> bool {
+        self.inner
+            .access
+            .authorize(identity)
+            .permissions
+            .may_see_status()
     }
 
     /// Tracks client connection tasks (front-ends wrap each connection in it).
@@ -264,10 +345,13 @@ impl Gateway {
             return fail_now(error);
         }
         let subject = match self.target_subject(&envelope) {
-            Ok(subject) => nats::subject(&subject),
+            Ok(subject) if caller.authorized().permissions.may_request(&subject) => {
+                nats::subject(&subject)
+            }
+            Ok(subject) => return fail_now(forbidden(caller, "request", &subject)),
             Err(error) => return fail_now(error),
         };
-        let headers = match envelope.headers.as_ref().map(nats::header_map).transpose() {
+        let headers = match self.outgoing_headers(caller, envelope.headers.as_ref()) {
             Ok(headers) => headers,
             Err(error) => return fail_now(error),
         };
@@ -338,12 +422,12 @@ impl Gateway {
 
     async fn send_publish(&self, caller: &Caller, envelope: Envelope) -> Result<(), GatewayError> {
         caller.admit(envelope.data.len())?;
-        let subject = nats::subject(&self.target_subject(&envelope)?);
-        let headers = envelope
-            .headers
-            .as_ref()
-            .map(nats::header_map)
-            .transpose()?;
+        let subject = self.target_subject(&envelope)?;
+        if !caller.authorized().permissions.may_publish(&subject) && !caller.take_answer(&subject) {
+            return Err(forbidden(caller, "publish", &subject));
+        }
+        let subject = nats::subject(&subject);
+        let headers = self.outgoing_headers(caller, envelope.headers.as_ref())?;
         let _permit = self.inner.budget.try_acquire(envelope.data.len())?;
         let client = self.inner.pool.client_on(caller.lane().0)?.client;
         let sent = match headers {
@@ -366,16 +450,23 @@ impl Gateway {
         queue: Option<&str>,
     ) -> Result<Subscription, GatewayError> {
         let max = self.inner.config.max_subscriptions_per_connection;
-        let result = match caller.admit(0).and_then(|()| caller.subscription_slot(max)) {
-            Ok(slot) => self
+        let admitted = caller
+            .admit(0)
+            .and_then(|()| validate_subject(subject, SubjectUse::Subscribe))
+            .and_then(|()| self.subscribe_decision(caller, subject))
+            .and_then(|filter| Ok((filter, caller.subscription_slot(max)?)));
+        let result = match admitted {
+            Ok((filtered, slot)) => self
                 .open_subscription(caller.lane(), subject, queue)
                 .await
                 .map(|live| Subscription {
                     gateway: self.clone(),
-                    lane: caller.lane(),
+                    caller: caller.clone(),
                     subject: subject.clone(),
                     queue: queue.map(str::to_owned),
                     live,
+                    filtered,
+                    policy: self.inner.access.watch(),
                     _slot: slot,
                 }),
             Err(error) => Err(error),
@@ -447,6 +538,35 @@ impl Gateway {
             .operation_or_invalid(frontend, op, outcome);
     }
 
+    /// Whether `caller` may subscribe to `pattern`: `Ok(true)` when its messages must be
+    /// filtered at delivery (the pattern overlaps a deny or a reserved namespace).
+    fn subscribe_decision(&self, caller: &Caller, pattern: &str) -> Result<bool, GatewayError> {
+        match caller.authorized().permissions.may_subscribe(pattern) {
+            SubscribeDecision::Allowed => Ok(false),
+            SubscribeDecision::Filtered => Ok(true),
+            SubscribeDecision::Denied => Err(forbidden(caller, "subscribe", pattern)),
+        }
+    }
+
+    /// A message's NATS headers: the client's, then the caller's identity (unless stamping
+    /// is off). `None` when there are none.
+    fn outgoing_headers(
+        &self,
+        caller: &Caller,
+        headers: Option<&Headers>,
+    ) -> Result<Option<HeaderMap>, GatewayError> {
+        let stamp = &caller.authorized().stamp;
+        let mut map = match headers {
+            Some(headers) => nats::header_map(headers)?,
+            None if stamp.is_empty() => return Ok(None),
+            None => HeaderMap::new(),
+        };
+        for (name, value) in stamp {
+            map.insert(name.clone(), value.clone());
+        }
+        Ok(Some(map))
+    }
+
     /// The subject to send to: the envelope's, validated, or the configured default.
     fn target_subject(&self, envelope: &Envelope) -> Result<Subject, GatewayError> {
         match &envelope.subject {
@@ -480,28 +600,80 @@ impl Gateway {
 }
 
 /// A client's subscription. It outlives the NATS connection it was opened on: when the pool
-/// replaces that connection, it subscribes again on a healthy one, with backoff. Dropping it
-/// unsubscribes.
+/// replaces that connection, it subscribes again on a healthy one, with backoff. It applies
+/// the policy to what it delivers (filtering what the caller may not see, and ending itself
+/// when a reloaded policy no longer allows it), and lets the caller answer each request it
+/// delivers. Dropping it unsubscribes.
 pub struct Subscription {
     gateway: Gateway,
-    lane: Lane,
+    caller: Caller,
     subject: Subject,
     queue: Option<String>,
     live: LiveSubscription,
+    /// Deliveries are checked against the caller's permissions (see `subscribe_decision`).
+    filtered: bool,
+    /// Changes when the policy is reloaded.
+    policy: tokio::sync::watch::Receiver<u64>,
     /// Counts against the caller's `max_subscriptions_per_connection` while open.
     _slot: caller::SubscriptionSlot,
 }
 
+/// What a subscription yields.
+pub enum SubscriptionEvent {
+    Message(Delivery),
+    /// A reloaded policy no longer allows the subscription: it has ended.
+    Revoked(GatewayError),
+}
+
 impl Subscription {
-    /// The next message (waits for ever when none comes).
-    pub async fn next(&mut self) -> Delivery {
+    /// The next message the caller may see (waits for ever when none comes), or the end of
+    /// the subscription when a reloaded policy took it away.
+    pub async fn next(&mut self) -> SubscriptionEvent {
         loop {
-            if let Some(message) = self.live.next().await {
-                return nats::delivery(message);
+            let message = tokio::select! {
+                message = self.live.next() => message,
+                changed = self.policy.changed() => {
+                    if changed.is_ok()
+                        && let Err(error) = self.recheck()
+                    {
+                        return SubscriptionEvent::Revoked(error);
+                    }
+                    continue;
+                }
+            };
+            let Some(message) = message else {
+                self.live = self.reopen().await;
+                tracing::info!(subject = %self.subject, "subscription restored on another NATS connection");
+                continue;
+            };
+            if self.filtered
+                && !self
+                    .caller
+                    .authorized()
+                    .permissions
+                    .may_receive(message.subject.as_str())
+            {
+                continue;
             }
-            self.live = self.reopen().await;
-            tracing::info!(subject = %self.subject, "subscription restored on another NATS connection");
+            if let Some(reply_to) = &message.reply {
+                let until =
+                    tokio::time::Instant::now() + self.gateway.inner.config.request_timeout();
+                self.caller.may_answer(reply_to.as_str(), until);
+            }
+            return SubscriptionEvent::Message(nats::delivery(message));
         }
+    }
+
+    /// After a policy reload: the caller's permissions under the new policy, and whether the
+    /// subscription is still allowed (and filtered).
+    fn recheck(&mut self) -> Result<(), GatewayError> {
+        if let Some(refreshed) = self.gateway.refreshed(&self.caller) {
+            self.caller = refreshed;
+        }
+        self.filtered = self
+            .gateway
+            .subscribe_decision(&self.caller, &self.subject)?;
+        Ok(())
     }
 
     async fn reopen(&self) -> LiveSubscription {
@@ -510,7 +682,7 @@ impl Subscription {
             tokio::time::sleep(delay).await;
             let opened = self
                 .gateway
-                .open_subscription(self.lane, &self.subject, self.queue.as_deref())
+                .open_subscription(self.caller.lane(), &self.subject, self.queue.as_deref())
                 .await;
             match opened {
                 Ok(live) => return live,
@@ -629,6 +801,17 @@ async fn retry_lost_requests(
             dispatch(&metrics, picked, pending, resend.headers, resend.data).await;
         });
     }
+}
+
+/// The `FORBIDDEN` a policy refusal is: it names the op, the subject and who asked.
+fn forbidden(caller: &Caller, op: &str, subject: &str) -> GatewayError {
+    GatewayError::new(
+        ErrorCode::Forbidden,
+        format!(
+            "{} may not {op} {subject:?} (policy)",
+            caller.authorized().who()
+        ),
+    )
 }
 
 /// Hands one answer to a waiting future.

@@ -6,10 +6,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::task::AbortHandle;
 
-use crate::core::{Caller, Gateway, Subscription};
+use crate::core::{Caller, Gateway, Subscription, SubscriptionEvent};
 use crate::protocol::{
     Decoded, Envelope, ErrorCode, Frontend, GatewayError, Id, Op, Outbound, Subject,
 };
@@ -27,20 +28,24 @@ pub enum Flow {
 pub struct Session {
     gateway: Gateway,
     /// The connection as the core knows it (a gRPC connection's calls share one).
-    caller: Arc<Caller>,
+    caller: Caller,
     frontend: Frontend,
     outbox: Arc<Outbox>,
     subscriptions: HashMap<Id, AbortHandle>,
+    /// Subscriptions the gateway ended itself (a reloaded policy took them away) and not yet
+    /// forgotten here: their pumps count them.
+    revoked: Arc<AtomicUsize>,
 }
 
 impl Session {
-    pub fn new(gateway: Gateway, caller: Arc<Caller>, outbox: Arc<Outbox>) -> Self {
+    pub fn new(gateway: Gateway, caller: Caller, outbox: Arc<Outbox>) -> Self {
         Session {
             frontend: caller.frontend(),
             caller,
             gateway,
             outbox,
             subscriptions: HashMap::new(),
+            revoked: Arc::default(),
         }
     }
 
@@ -54,12 +59,30 @@ impl Session {
         self.outbox.pending() > 0
     }
 
-    pub fn has_subscriptions(&self) -> bool {
+    pub fn has_subscriptions(&mut self) -> bool {
+        self.forget_revoked();
         !self.subscriptions.is_empty()
+    }
+
+    /// Forgets the subscriptions whose pumps ended because the policy took them away.
+    fn forget_revoked(&mut self) {
+        if self.revoked.load(Ordering::Acquire) > 0 {
+            self.revoked.store(0, Ordering::Release);
+            self.subscriptions.retain(|_, pump| !pump.is_finished());
+        }
+    }
+
+    /// The identity the connection acts as.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
     }
 
     /// Handles one decoded item. A request's answer reaches the outbox when it comes.
     pub async fn handle(&mut self, item: Decoded) -> Flow {
+        if let Some(refreshed) = self.gateway.refreshed(&self.caller) {
+            // The policy was reloaded: act under the new one.
+            self.caller = refreshed;
+        }
         let envelope = match item {
             Decoded::Envelope(envelope) => envelope,
             Decoded::Invalid { id, error, fatal } => {
@@ -103,6 +126,7 @@ impl Session {
                 self.gateway.count(self.frontend, Some(Op::Ping), Ok(()));
                 self.answer(Outbound::Pong { id: envelope.id });
             }
+            Op::Auth => return self.authenticate(envelope),
             // A grant is not answered (it may come once per message); only a bad one is.
             Op::Credit => {
                 let result = self.grant(&envelope);
@@ -120,6 +144,44 @@ impl Session {
             }
         }
         Flow::Continue
+    }
+
+    /// A WebSocket connection presents a token: it acts as the token's subject from now on.
+    /// A bad token ends the connection (after its answer).
+    fn authenticate(&mut self, envelope: Envelope) -> Flow {
+        let id = envelope.id.clone();
+        let verified = match (self.frontend, envelope.token) {
+            (Frontend::Ws, Some(token)) => {
+                let addr = self.caller.identity().addr.clone();
+                self.gateway.verify_token(&token, Frontend::Ws, addr)
+            }
+            (Frontend::Ws, None) => Err(GatewayError::bad_request(
+                "auth needs \"token\": a bearer JWT",
+            )),
+            _ => Err(GatewayError::bad_request(
+                "auth is for WebSocket connections (the Unix socket identifies its callers by uid; gRPC calls carry authorization metadata)",
+            )),
+        };
+        self.gateway.count(
+            self.frontend,
+            Some(Op::Auth),
+            verified.as_ref().map(|_| ()).map_err(|e| e.code),
+        );
+        match verified {
+            Ok(identity) => {
+                self.caller = self.caller.with(self.gateway.authorize(identity));
+                self.answer(Outbound::Authenticated { id });
+                Flow::Continue
+            }
+            Err(error) if error.code == ErrorCode::BadRequest => {
+                self.answer(Outbound::Error { id, error });
+                Flow::Continue
+            }
+            Err(error) => {
+                self.answer(Outbound::Error { id, error });
+                Flow::Close
+            }
+        }
     }
 
     /// Answers a command that did not go to the core as a request.
@@ -195,6 +257,7 @@ impl Session {
             self.gateway
                 .count(self.frontend, Some(Op::Subscribe), Err(error.code));
         })?;
+        self.forget_revoked();
         let subscription = self
             .gateway
             .subscribe(&self.caller, &subject, envelope.queue.as_deref())
@@ -205,7 +268,7 @@ impl Session {
         let pump = tokio::spawn(pump_messages(
             self.gateway.clone(),
             self.frontend,
-            self.outbox.clone(),
+            (self.outbox.clone(), self.revoked.clone()),
             sid.clone(),
             subscription,
         ));
@@ -215,6 +278,7 @@ impl Session {
     }
 
     fn unsubscribe(&mut self, sid: &Id) -> Result<(), GatewayError> {
+        self.forget_revoked();
         let result = match self.subscriptions.remove(sid) {
             Some(pump) => {
                 // Aborting the pump drops its `Subscriber`, which unsubscribes from NATS.
@@ -250,13 +314,24 @@ impl Session {
 async fn pump_messages(
     gateway: Gateway,
     frontend: Frontend,
-    outbox: Arc<Outbox>,
+    (outbox, revoked): (Arc<Outbox>, Arc<AtomicUsize>),
     sid: Id,
     mut subscription: Subscription,
 ) {
     let metrics = gateway.metrics().clone();
     loop {
-        let message = subscription.next().await;
+        let message = match subscription.next().await {
+            SubscriptionEvent::Message(message) => message,
+            SubscriptionEvent::Revoked(error) => {
+                // The client is told; the notice counts as an answer to write.
+                outbox.begin_command();
+                outbox.purge(&sid);
+                outbox.push_control(Outbound::Unsubscribed { sid, error });
+                metrics.subscription_closed(frontend);
+                revoked.fetch_add(1, Ordering::AcqRel);
+                return;
+            }
+        };
         metrics.payload_out(frontend, message.payload.len());
         let dropped = outbox.push_stream(sid.clone(), message);
         if dropped > 0 {

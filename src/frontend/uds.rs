@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::core::{Caller, Gateway};
-use crate::protocol::{Frontend, GatewayError, Id, Outbound, WireDecoder, WireFormat};
+use crate::protocol::{Frontend, GatewayError, Id, Identity, Outbound, WireDecoder, WireFormat};
 
 use super::lifecycle::{Idle, Lifecycle, RefusalBudget, WriteRules};
 use super::outbox::Outbox;
@@ -122,24 +122,33 @@ pub async fn serve(gateway: Gateway, listener: UdsListener) {
                 continue;
             }
         };
-        match gateway.connect(Frontend::Uds) {
-            Ok(caller) => {
-                let connection = gateway.connections().track_future(serve_connection(
-                    gateway.clone(),
-                    stream,
-                    caller,
-                ));
-                tracker.spawn(connection);
-            }
-            Err(refusal) => {
-                tracker.spawn(reject_connection(stream, refusal, refusals.polite()));
-            }
-        }
+        let connection = accept_connection(gateway.clone(), stream, refusals.clone());
+        tracker.spawn(gateway.connections().track_future(connection));
     }
     gateway.set_listener_up(false);
     drop(listener);
     tracker.close();
     tracker.wait().await;
+}
+
+/// Takes the caller's identity from the kernel (SO_PEERCRED: uid, gid, pid; the names once
+/// per user), then serves the connection, or refuses it when a limit is reached.
+async fn accept_connection(gateway: Gateway, stream: UnixStream, refusals: RefusalBudget) {
+    let identity = match stream.peer_cred() {
+        Ok(cred) => {
+            gateway
+                .local_identity(cred.uid(), cred.gid(), cred.pid())
+                .await
+        }
+        Err(err) => {
+            warn!(error = %err, "no peer credentials on a Unix-socket connection");
+            Identity::anonymous(Frontend::Uds, None)
+        }
+    };
+    match gateway.connect(Frontend::Uds, identity) {
+        Ok(caller) => serve_connection(gateway, stream, caller).await,
+        Err(refusal) => reject_connection(stream, refusal, refusals.polite()).await,
+    }
 }
 
 /// Tells a client over the connection limit why, in the format it speaks (when the refusal
@@ -199,7 +208,7 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, caller: Caller) 
     ));
     let mut frames =
         FramedRead::with_capacity(read, WireDecoder::new(config.max_frame_bytes), READ_BUFFER);
-    let mut session = Session::new(gateway.clone(), Arc::new(caller), outbox.clone());
+    let mut session = Session::new(gateway.clone(), caller, outbox.clone());
     // The idle timer is re-armed lazily when it fires, not on every command.
     let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
     let idle_timer = tokio::time::sleep_until(life.idle_deadline().unwrap_or_else(far));

@@ -23,10 +23,11 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::config::Config;
+use crate::core::auth;
 use crate::core::{Caller, Gateway, HeldSlot};
 use crate::protocol::Frontend;
 use crate::protocol::binary::BinaryDecoder;
-use crate::protocol::{Decoded, ErrorCode, GatewayError, Id, Outbound, WireFormat, json};
+use crate::protocol::{Decoded, ErrorCode, GatewayError, Id, Identity, Outbound, WireFormat, json};
 
 use super::lifecycle::{Broken, Idle, Lifecycle};
 use super::outbox::{Batch, Outbox};
@@ -64,15 +65,30 @@ pub async fn upgrade(
         )
             .into_response();
     }
+    let (identity, wants_v1) = match identify(&gateway, &headers) {
+        Ok(identified) => identified,
+        Err(refusal) => {
+            debug!(error = %refusal, "refusing a WebSocket without valid credentials");
+            return (StatusCode::UNAUTHORIZED, refusal.to_string()).into_response();
+        }
+    };
     let slot = held.and_then(|Extension(held)| held.take());
-    let caller = match slot {
-        Some(slot) => gateway.connect_with(Frontend::Ws, slot),
-        None => match gateway.connect(Frontend::Ws) {
-            Ok(caller) => caller,
-            Err(refusal) => {
-                return (StatusCode::SERVICE_UNAVAILABLE, refusal.to_string()).into_response();
-            }
-        },
+    let connected = match slot {
+        Some(slot) => gateway.connect_with(Frontend::Ws, identity, slot),
+        None => gateway.connect(Frontend::Ws, identity),
+    };
+    let caller = match connected {
+        Ok(caller) => caller,
+        Err(refusal) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, refusal.to_string()).into_response();
+        }
+    };
+    // A browser that offered subprotocols needs one selected: `ipc-gateway.v1`, never the
+    // bearer entry (the token is not echoed).
+    let ws = if wants_v1 {
+        ws.protocols([auth::SUBPROTOCOL_V1])
+    } else {
+        ws
     };
     // tungstenite cannot skip a message over its own limit: it would have to end the
     // connection. Its limit is twice ours, so that a message a little over ours is answered
@@ -89,6 +105,33 @@ pub async fn upgrade(
             let connection = Box::new(Connection::new(gateway, socket, caller));
             connections.track_future(connection.serve())
         })
+}
+
+/// Who opens the WebSocket: a bearer JWT from `Authorization: Bearer`, or (browsers cannot set
+/// headers on a WebSocket) from a `bearer.<jwt>` entry in the subprotocol list; anonymous
+/// without one, unless tokens are required. A bad token is always refused. Also whether the
+/// client offered the `ipc-gateway.v1` subprotocol.
+fn identify(gateway: &Gateway, headers: &HeaderMap) -> Result<(Identity, bool), GatewayError> {
+    let offered = headers
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|list| list.to_str().ok())
+        .map_or((None, false), auth::bearer_from_subprotocols);
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(auth::bearer_from_header)
+        .or(offered.0);
+    let identity = match token {
+        Some(token) => gateway.verify_token(token, Frontend::Ws, None)?,
+        None if gateway.auth_required() => {
+            return Err(GatewayError::new(
+                ErrorCode::Unauthenticated,
+                "this gateway requires a token: Authorization: Bearer <jwt>, or a \"bearer.<jwt>\" subprotocol",
+            ));
+        }
+        None => Identity::anonymous(Frontend::Ws, None),
+    };
+    Ok((identity, offered.1))
 }
 
 /// Programs send no `Origin`; browsers do, and only pages from the gateway's own origins and
@@ -178,7 +221,7 @@ impl Connection {
         let outbox = Arc::new(Outbox::new(config.subscription_queue));
         let ping_interval = config.ws_ping_interval();
         Connection {
-            session: Session::new(gateway.clone(), Arc::new(caller), outbox.clone()),
+            session: Session::new(gateway.clone(), caller, outbox.clone()),
             life: Lifecycle::new(&gateway, Frontend::Ws),
             gateway,
             socket,

@@ -31,6 +31,8 @@ pub mod frame_type {
     pub const MSG: u8 = 0x84;
     pub const DROPPED: u8 = 0x85;
     pub const PONG: u8 = 0x86;
+    /// The gateway ended the subscription named by the id; aux and payload as in ERROR.
+    pub const UNSUBSCRIBED: u8 = 0x87;
 }
 
 /// Flag bits (header byte 3).
@@ -394,6 +396,19 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             frame_type: frame_type::DROPPED,
             id: sid.as_u64(),
             param: (*count).min(u32::MAX as u64) as u32,
+            ..FrameParts::default()
+        },
+        // Binary frames carry no `auth` (their connections are identified otherwise).
+        Outbound::Authenticated { id } => FrameParts {
+            frame_type: frame_type::ACK,
+            id: id.as_u64(),
+            ..FrameParts::default()
+        },
+        Outbound::Unsubscribed { sid, error } => FrameParts {
+            frame_type: frame_type::UNSUBSCRIBED,
+            id: sid.as_u64(),
+            aux: error.code.as_str().as_bytes(),
+            payload: error.message.as_bytes(),
             ..FrameParts::default()
         },
     };

@@ -63,6 +63,8 @@ pub enum Op {
     Ping,
     /// Grants a credit-controlled subscription more messages (`id` names the subscription).
     Credit,
+    /// Presents a bearer token (WebSocket connections that came in anonymous).
+    Auth,
 }
 
 impl Op {
@@ -74,6 +76,7 @@ impl Op {
             "unsubscribe" => Op::Unsubscribe,
             "ping" => Op::Ping,
             "credit" => Op::Credit,
+            "auth" => Op::Auth,
             _ => return None,
         })
     }
@@ -103,6 +106,8 @@ pub struct Envelope {
     /// Subscribe: the messages the gateway may send before the client grants more (none =
     /// no flow control). Credit: how many more it grants.
     pub credit: Option<u32>,
+    /// Auth: the bearer token.
+    pub token: Option<String>,
     pub flags: Flags,
 }
 
@@ -117,6 +122,7 @@ impl Envelope {
             timeout_ms: None,
             queue: None,
             credit: None,
+            token: None,
             flags: Flags::default(),
         }
     }
@@ -168,6 +174,15 @@ pub enum Outbound {
     Dropped {
         sid: Id,
         count: u64,
+    },
+    /// The token of an `auth` message was accepted: the connection now acts as its subject.
+    Authenticated {
+        id: Id,
+    },
+    /// The gateway ended subscription `sid` (a reloaded policy no longer allows it).
+    Unsubscribed {
+        sid: Id,
+        error: GatewayError,
     },
 }
 

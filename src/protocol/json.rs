@@ -140,6 +140,9 @@ struct JsonEnvelope<'a> {
     /// credit: the subscription it is for.
     #[serde(default)]
     sid: Id,
+    /// auth: the bearer token.
+    #[serde(default)]
+    token: Option<String>,
 }
 
 /// Only the id, to answer a line whose other fields are wrong with the right id.
@@ -240,7 +243,7 @@ fn build_envelope(line: &Bytes, parsed: JsonEnvelope<'_>) -> Result<Envelope, (I
             fail(
                 &id,
                 format!(
-                    "unknown op {name:?}; expected request, publish, subscribe, unsubscribe, credit or ping"
+                    "unknown op {name:?}; expected request, publish, subscribe, unsubscribe, credit, ping or auth"
                 ),
             )
         })?,
@@ -282,6 +285,7 @@ fn build_envelope(line: &Bytes, parsed: JsonEnvelope<'_>) -> Result<Envelope, (I
         envelope.headers = Some(header_map(headers).map_err(|error| (envelope.id.clone(), error))?);
     }
     envelope.timeout_ms = parsed.timeout_ms;
+    envelope.token = parsed.token;
     envelope.queue = parsed.queue;
     envelope.flags = Flags {
         retry: parsed.retry,
@@ -388,6 +392,23 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             put(w, b",\"count\":");
             json(w, count);
             put(w, b"}\n");
+        }
+        Outbound::Authenticated { id } => {
+            put(w, b"{\"op\":\"auth\"");
+            if !id.is_null() {
+                put(w, b",\"id\":");
+                json(w, id);
+            }
+            put(w, b",\"ok\":true}\n");
+        }
+        Outbound::Unsubscribed { sid, error } => {
+            put(w, b"{\"op\":\"unsubscribed\",\"sid\":");
+            json(w, sid);
+            put(w, b",\"error\":{\"code\":\"");
+            put(w, error.code.as_str().as_bytes());
+            put(w, b"\",\"message\":");
+            json(w, &error.message);
+            put(w, b"}}\n");
         }
     }
 }

@@ -11,13 +11,14 @@ use metrics_exporter_prometheus::{
 
 use crate::protocol::{ErrorCode, Frontend, Op};
 
-const OPS: [Op; 6] = [
+const OPS: [Op; 7] = [
     Op::Request,
     Op::Publish,
     Op::Subscribe,
     Op::Unsubscribe,
     Op::Ping,
     Op::Credit,
+    Op::Auth,
 ];
 const OUTCOMES: usize = ErrorCode::ALL.len() + 1;
 
@@ -29,6 +30,7 @@ fn op_name(op: Op) -> &'static str {
         Op::Unsubscribe => "unsubscribe",
         Op::Ping => "ping",
         Op::Credit => "credit",
+        Op::Auth => "auth",
     }
 }
 
@@ -79,6 +81,7 @@ pub struct Metrics {
     pub late_replies: Counter,
     pub reply_mismatches: Counter,
     pub retries: Counter,
+    policy_reloads: [Counter; 2],
 }
 
 const METADATA: Metadata<'static> = Metadata::new("ipc_gateway", metrics::Level::INFO, None);
@@ -187,6 +190,10 @@ impl Metrics {
             "Answers discarded because nobody waited for them: replies after their request's deadline, and answers for a client that had gone.",
         );
         describe(
+            "ipc_gateway_policy_reloads_total",
+            "Policy reloads (SIGHUP) by outcome: ok, or failed (the file did not load; the policy in force stayed).",
+        );
+        describe(
             "ipc_gateway_reply_mismatches_total",
             "Messages on the gateway's reply subjects that no request was sent with (guessed, forged or malformed subjects): they answer nothing.",
         );
@@ -234,6 +241,13 @@ impl Metrics {
             late_replies: counter(&recorder, "ipc_gateway_late_replies_total", vec![]),
             reply_mismatches: counter(&recorder, "ipc_gateway_reply_mismatches_total", vec![]),
             retries: counter(&recorder, "ipc_gateway_retries_total", vec![]),
+            policy_reloads: ["ok", "failed"].map(|outcome| {
+                counter(
+                    &recorder,
+                    "ipc_gateway_policy_reloads_total",
+                    vec![Label::new("outcome", outcome)],
+                )
+            }),
             operations: (0..Frontend::ALL.len() * (OPS.len() + 1) * OUTCOMES)
                 .map(|_| OnceLock::new())
                 .collect(),
@@ -339,6 +353,11 @@ impl Metrics {
         self.recorder
             .register_gauge(&key, &METADATA)
             .set(count as f64);
+    }
+
+    /// Counts a policy reload that loaded (`true`) or kept the old policy (`false`).
+    pub fn policy_reload(&self, loaded: bool) {
+        self.policy_reloads[usize::from(!loaded)].increment(1);
     }
 
     /// The Prometheus text exposition of every series.

@@ -312,7 +312,20 @@ pub async fn spawn_echo(
             let client = client.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                let _ = match message.headers {
+                // The gateway's identity headers are for the service, not echoed back.
+                let headers = message.headers.map(|headers| {
+                    headers
+                        .iter()
+                        .filter(|(name, _)| {
+                            let name: &str = name.as_ref();
+                            !name.to_ascii_lowercase().starts_with("ipc-gateway-")
+                        })
+                        .flat_map(|(name, values)| {
+                            values.iter().map(move |v| (name.clone(), v.clone()))
+                        })
+                        .collect::<async_nats::HeaderMap>()
+                });
+                let _ = match headers.filter(|headers| !headers.is_empty()) {
                     Some(headers) => {
                         client
                             .publish_with_headers(reply, headers, message.payload)

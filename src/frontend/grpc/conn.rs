@@ -23,14 +23,14 @@ use tracing::{debug, warn};
 
 use crate::core::{Caller, Gateway};
 use crate::frontend::lifecycle::RefusalBudget;
-use crate::protocol::{ErrorCode, Frontend, GatewayError};
+use crate::protocol::{ErrorCode, Frontend, GatewayError, Identity};
 
 /// How long a refused connection stays open for its calls to get their answer.
 const REFUSAL_GRACE: Duration = Duration::from_secs(1);
 
 /// Whether the connection was admitted under `max_connections`.
 enum Admitted {
-    Served(Arc<Caller>),
+    Served(Caller),
     /// Over the limit: every call gets this refusal. The permit (held, never read) is the
     /// connection's share of the polite-refusal budget.
     Refused(GatewayError, #[allow(dead_code)] OwnedSemaphorePermit),
@@ -45,7 +45,7 @@ pub struct ConnState {
 
 impl ConnState {
     /// The connection as the core knows it, or the refusal of a connection over the limit.
-    pub fn caller(&self) -> Result<&Arc<Caller>, GatewayError> {
+    pub fn caller(&self) -> Result<&Caller, GatewayError> {
         match &self.admitted {
             Admitted::Served(caller) => Ok(caller),
             Admitted::Refused(refusal, _) => Err(refusal.clone()),
@@ -141,8 +141,11 @@ pub fn incoming(
                     continue;
                 }
             };
-            let (admitted, close_at) = match gateway.connect(Frontend::Grpc) {
-                Ok(caller) => (Admitted::Served(Arc::new(caller)), None),
+            // Until a call shows a token, its caller is the anonymous peer at this address.
+            let addr = stream.peer_addr().ok().map(|addr| addr.to_string());
+            let anonymous = Identity::anonymous(Frontend::Grpc, addr);
+            let (admitted, close_at) = match gateway.connect(Frontend::Grpc, anonymous) {
+                Ok(caller) => (Admitted::Served(caller), None),
                 Err(refusal) => {
                     debug!("refusing a gRPC connection: the connection limit is reached");
                     let Some(polite) = refusals.polite() else {

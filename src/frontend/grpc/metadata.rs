@@ -22,12 +22,13 @@ const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
-/// Metadata the gRPC transport owns: not the application's, so not forwarded.
+/// Metadata the gRPC transport owns, and the caller's credentials: not the application's,
+/// so never forwarded (a token must not reach every service and subscriber).
 fn is_transport(name: &str) -> bool {
     name.starts_with("grpc-")
         || matches!(
             name,
-            "te" | "content-type" | "user-agent" | "content-length"
+            "te" | "content-type" | "user-agent" | "content-length" | "authorization"
         )
         || name.starts_with("ipc-gateway-")
 }
@@ -45,6 +46,16 @@ pub fn request_headers(
             .append(header.name, header.value)?;
     }
     for entry in metadata.iter() {
+        let key = match &entry {
+            KeyAndValueRef::Ascii(key, _) => key.as_str(),
+            KeyAndValueRef::Binary(key, _) => key.as_str(),
+        };
+        // Only the gateway says who the caller is.
+        if crate::protocol::identity::is_reserved_header(key) {
+            return Err(GatewayError::bad_request(format!(
+                "metadata {key:?}: names starting with ipc-gateway- are set by the gateway only"
+            )));
+        }
         let (name, value) = match entry {
             KeyAndValueRef::Ascii(key, value) => {
                 if is_transport(key.as_str()) {

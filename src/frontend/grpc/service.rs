@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::core::Gateway;
+use crate::core::{Caller, Gateway, auth};
 use crate::frontend::lifecycle::{Broken, Lifecycle};
 use crate::frontend::outbox::Outbox;
 use crate::frontend::session::{Flow, Session};
@@ -18,7 +18,7 @@ use crate::protocol::{
     Decoded, Envelope, ErrorCode, Frontend, GatewayError, Headers, Id, Op, Outbound, Subject,
 };
 
-use super::conn::{ConnState, state_of};
+use super::conn::state_of;
 use super::metadata::{listed, reply_metadata, request_deadline_ms, request_headers};
 use super::pb::gateway_server::Gateway as GatewayRpc;
 use super::pb::{self, exchange_reply};
@@ -43,22 +43,44 @@ impl GatewayService {
     }
 
     /// What every call checks first: its connection is served, the gateway is not draining,
-    /// and the message is within the frame limit. Returns the connection's state.
-    fn admit<T>(
-        &self,
-        request: &Request<T>,
-        op: Op,
-        encoded_len: usize,
-    ) -> Result<Arc<ConnState>, Status> {
+    /// the message is within the frame limit, and who calls: the token in the call's
+    /// `authorization: Bearer` metadata, else the connection's anonymous peer (refused when
+    /// tokens are required). Returns the call's caller.
+    fn admit<T>(&self, request: &Request<T>, op: Op, encoded_len: usize) -> Result<Caller, Status> {
         let checked = state_of(request).and_then(|conn| {
-            conn.caller()?;
+            let caller = conn.caller()?;
             if self.gateway.shutdown().is_stopping() {
                 return Err(shutting_down());
             }
             check_size(self.gateway.config().max_frame_bytes, encoded_len)?;
-            Ok(conn)
+            self.identify(caller, request.metadata())
         });
         checked.map_err(|error| self.refuse(op, error))
+    }
+
+    fn identify(&self, caller: &Caller, metadata: &MetadataMap) -> Result<Caller, GatewayError> {
+        let Some(value) = metadata.get("authorization") else {
+            if self.gateway.auth_required() {
+                return Err(GatewayError::new(
+                    ErrorCode::Unauthenticated,
+                    "this gateway requires a token: authorization: Bearer <jwt> metadata",
+                ));
+            }
+            return Ok(caller.clone());
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(auth::bearer_from_header)
+            .ok_or_else(|| {
+                GatewayError::new(
+                    ErrorCode::Unauthenticated,
+                    "authorization metadata must be \"Bearer <jwt>\"",
+                )
+            })?;
+        let addr = caller.identity().addr.clone();
+        let identity = self.gateway.verify_token(token, FRONTEND, addr)?;
+        Ok(caller.with(self.gateway.authorize(identity)))
     }
 }
 
@@ -112,7 +134,7 @@ impl GatewayRpc for GatewayService {
         &self,
         request: Request<pb::RequestMessage>,
     ) -> Result<Response<pb::ReplyMessage>, Status> {
-        let conn = self.admit(&request, Op::Request, request.get_ref().encoded_len())?;
+        let caller = self.admit(&request, Op::Request, request.get_ref().encoded_len())?;
         let (metadata, _, message) = request.into_parts();
         let envelope = request_envelope(
             Id::Null,
@@ -123,11 +145,10 @@ impl GatewayRpc for GatewayService {
             message.timeout_ms,
         )
         .map_err(|e| self.refuse(Op::Request, e))?;
-        let caller = conn.caller().map_err(|e| to_status(&e))?;
         // The core counts the request from here on, whatever its outcome.
         let reply = self
             .gateway
-            .request(caller, envelope)
+            .request(&caller, envelope)
             .await
             .map_err(|e| to_status(&e))?;
         let mut response = Response::new(reply_message(reply.data, reply.headers.as_ref()));
@@ -139,16 +160,15 @@ impl GatewayRpc for GatewayService {
         &self,
         request: Request<pb::PublishMessage>,
     ) -> Result<Response<pb::PublishAck>, Status> {
-        let conn = self.admit(&request, Op::Publish, request.get_ref().encoded_len())?;
+        let caller = self.admit(&request, Op::Publish, request.get_ref().encoded_len())?;
         let (metadata, _, message) = request.into_parts();
         let mut envelope = Envelope::new(Op::Publish, Id::Null);
         envelope.headers =
             request_headers(&metadata, message.headers).map_err(|e| self.refuse(Op::Publish, e))?;
         envelope.subject = subject(message.subject);
         envelope.data = message.payload;
-        let caller = conn.caller().map_err(|e| to_status(&e))?;
         self.gateway
-            .publish(caller, envelope)
+            .publish(&caller, envelope)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::PublishAck {}))
@@ -160,9 +180,8 @@ impl GatewayRpc for GatewayService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let conn = self.admit(&request, Op::Subscribe, request.get_ref().encoded_len())?;
+        let caller = self.admit(&request, Op::Subscribe, request.get_ref().encoded_len())?;
         let message = request.into_inner();
-        let caller = conn.caller().map_err(|e| to_status(&e))?.clone();
         let outbox = Arc::new(Outbox::new(self.gateway.config().subscription_queue));
         // The stream is a session of one subscription, opened the way every front-end opens
         // one: the session keeps it (the core re-opens it if its NATS connection is replaced)
@@ -186,8 +205,7 @@ impl GatewayRpc for GatewayService {
         &self,
         request: Request<Streaming<pb::ExchangeRequest>>,
     ) -> Result<Response<Self::ExchangeStream>, Status> {
-        let conn = self.admit(&request, Op::Request, 0)?;
-        let caller = conn.caller().map_err(|e| to_status(&e))?.clone();
+        let caller = self.admit(&request, Op::Request, 0)?;
         let (metadata, _, inbound) = request.into_parts();
         let outbox = Arc::new(Outbox::new(self.gateway.config().subscription_queue));
         let session = Session::new(self.gateway.clone(), caller, outbox);

@@ -1,0 +1,265 @@
+//! Who may do what: the policy in force (reloaded atomically), the JWT verifier, the cache of
+//! local users, per-identity connection counts, and `Authorized`: an identity with the
+//! permissions the policy gives it and the identity headers every message it sends carries.
+//! The core asks this module before anything reaches NATS.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_nats::header::{HeaderName, HeaderValue};
+use tokio::sync::watch;
+
+use super::auth::{JwtVerifier, LocalIdentities};
+use super::policy::{Permissions, Policy, PolicyError, Who};
+use crate::config::Config;
+use crate::protocol::{ErrorCode, Frontend, GatewayError, Identity};
+
+/// How long a local user's names and groups are remembered.
+const LOCAL_NAMES_TTL: Duration = Duration::from_secs(60);
+
+/// An identity and what the policy in force (`version`) lets it do.
+pub struct Authorized {
+    pub identity: Identity,
+    pub permissions: Permissions,
+    pub version: u64,
+    /// The `Ipc-Gateway-*` headers, made once (empty when stamping is off).
+    pub(super) stamp: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Authorized {
+    /// The short form for messages and logs.
+    pub fn who(&self) -> String {
+        self.identity.short_form()
+    }
+}
+
+/// The policy in force and its version (bumped by every successful reload).
+struct PolicyState {
+    policy: Policy,
+    version: u64,
+}
+
+pub struct Access {
+    policy_file: Option<PathBuf>,
+    state: RwLock<Arc<PolicyState>>,
+    /// Tells open subscriptions that the policy changed.
+    changed: watch::Sender<u64>,
+    jwt: Option<JwtVerifier>,
+    locals: Arc<LocalIdentities>,
+    stamp_identity: bool,
+    auth_required: bool,
+    max_per_identity: usize,
+    /// Connections per identified caller (only counted when `max_per_identity` is set).
+    per_identity: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Access {
+    /// Loads the policy and the JWT keys; an error names the file and what is wrong.
+    pub fn new(config: &Config) -> Result<Access, String> {
+        let policy = match &config.policy {
+            Some(path) => Policy::load(path).map_err(|e| e.to_string())?,
+            None => Policy::allow_all(),
+        };
+        let jwt = JwtVerifier::from_files(
+            config.auth_jwt_secret_file.as_deref(),
+            config.auth_jwt_public_key_file.as_deref(),
+            config.auth_jwt_audience.clone(),
+        )?;
+        if config.auth_required && jwt.is_none() {
+            return Err(
+                "auth_required needs auth_jwt_secret_file or auth_jwt_public_key_file to verify tokens with"
+                    .into(),
+            );
+        }
+        Ok(Access {
+            policy_file: config.policy.clone(),
+            state: RwLock::new(Arc::new(PolicyState { policy, version: 1 })),
+            changed: watch::channel(1).0,
+            jwt,
+            locals: Arc::new(LocalIdentities::new(LOCAL_NAMES_TTL)),
+            stamp_identity: config.identity_headers,
+            auth_required: config.auth_required,
+            max_per_identity: config.max_connections_per_identity,
+            per_identity: Arc::default(),
+        })
+    }
+
+    fn state(&self) -> Arc<PolicyState> {
+        self.state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.state().version
+    }
+
+    /// Resolves what `identity` may do under the policy in force.
+    pub fn authorize(&self, identity: Identity) -> Arc<Authorized> {
+        let state = self.state();
+        let permissions = state.policy.resolve(&who(&identity));
+        let stamp = if self.stamp_identity {
+            identity
+                .headers()
+                .into_iter()
+                .filter_map(|(name, value)| Some((name.parse().ok()?, value.parse().ok()?)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Arc::new(Authorized {
+            identity,
+            permissions,
+            version: state.version,
+            stamp,
+        })
+    }
+
+    /// The same identity under the policy in force now, when it changed since `who` was made.
+    pub fn refreshed(&self, who: &Arc<Authorized>) -> Option<Arc<Authorized>> {
+        (who.version != self.version()).then(|| self.authorize(who.identity.clone()))
+    }
+
+    /// A bearer token's identity, or `UNAUTHENTICATED`.
+    pub fn verify(
+        &self,
+        token: &str,
+        frontend: Frontend,
+        addr: Option<String>,
+    ) -> Result<Identity, GatewayError> {
+        let Some(jwt) = &self.jwt else {
+            return Err(GatewayError::new(
+                ErrorCode::Unauthenticated,
+                "this gateway accepts no tokens (no --auth-jwt-secret-file or --auth-jwt-public-key-file)",
+            ));
+        };
+        Ok(jwt.verify(token)?.identity(frontend, addr))
+    }
+
+    pub fn auth_required(&self) -> bool {
+        self.auth_required
+    }
+
+    /// A Unix-socket peer's identity (names looked up at most once a minute per user, off the
+    /// async threads: the name service may be slow).
+    pub async fn local(&self, uid: u32, gid: u32, pid: Option<i32>) -> Identity {
+        let locals = self.locals.clone();
+        let resolve = move || locals.resolve(uid, gid, pid, std::time::Instant::now());
+        match tokio::task::spawn_blocking(resolve).await {
+            Ok(identity) => identity,
+            // The lookup panicked: the kernel's numbers are still the identity.
+            Err(_) => Identity {
+                uid: Some(uid),
+                gid: Some(gid),
+                pid,
+                ..Identity::anonymous(Frontend::Uds, None)
+            },
+        }
+    }
+
+    /// Counts a new connection of an identified caller against `max_connections_per_identity`.
+    pub fn lease(&self, identity: &Identity) -> Result<Option<IdentityLease>, GatewayError> {
+        if self.max_per_identity == 0 || identity.is_anonymous() {
+            return Ok(None);
+        }
+        let key = identity_key(identity);
+        let mut counts = self
+            .per_identity
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = counts.entry(key.clone()).or_insert(0);
+        if *count >= self.max_per_identity {
+            return Err(GatewayError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "{key} holds its maximum of {} connections (--max-connections-per-identity); retry later",
+                    self.max_per_identity
+                ),
+            ));
+        }
+        *count += 1;
+        Ok(Some(IdentityLease {
+            counts: self.per_identity.clone(),
+            key,
+        }))
+    }
+
+    /// Reads the policy file again. A file that does not load keeps the policy in force.
+    pub async fn reload_policy(&self) -> Result<Option<u64>, PolicyError> {
+        let Some(path) = self.policy_file.clone() else {
+            return Ok(None);
+        };
+        let loaded = tokio::task::spawn_blocking(move || Policy::load(&path))
+            .await
+            .map_err(|join| PolicyError::Read {
+                path: PathBuf::new(),
+                source: std::io::Error::other(join.to_string()),
+            })??;
+        let version = {
+            let mut state = self
+                .state
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let version = state.version + 1;
+            *state = Arc::new(PolicyState {
+                policy: loaded,
+                version,
+            });
+            version
+        };
+        self.changed.send_replace(version);
+        Ok(Some(version))
+    }
+
+    /// Resolves when the policy changes.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// What the policy matches an identity by.
+fn who(identity: &Identity) -> Who<'_> {
+    Who {
+        uid: identity.uid,
+        gid: identity.gid,
+        groups: &identity.groups,
+        user: identity.user.as_deref(),
+        group: identity.group.as_deref(),
+        group_names: &identity.group_names,
+        sub: identity.sub.as_deref(),
+        anonymous: identity.is_anonymous(),
+    }
+}
+
+/// The name connections are counted under: the uid for local users, the token's subject else.
+fn identity_key(identity: &Identity) -> String {
+    match (identity.uid, &identity.sub) {
+        (Some(uid), _) => format!("uid={uid}"),
+        (None, Some(sub)) => format!("sub={sub}"),
+        (None, None) => "anonymous".into(),
+    }
+}
+
+/// One connection counted against its identity; given back when dropped.
+pub struct IdentityLease {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for IdentityLease {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}

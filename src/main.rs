@@ -128,7 +128,8 @@ fn serve(args: ServeArgs) -> ExitCode {
     let served = runtime.block_on(async {
         // Installed before start-up, so a signal during it is not lost.
         let stop = stop_signals()?;
-        ipc_gateway::server::run(config, stop).await
+        let reloads = reload_signals()?;
+        ipc_gateway::server::run(config, stop, reloads).await
     });
     match served {
         Ok(()) => ExitCode::SUCCESS,
@@ -152,6 +153,16 @@ fn stop_signals() -> Result<impl Stream<Item = &'static str> + Unpin, String> {
             Some((cause, (terminate, interrupt)))
         },
     );
+    Ok(Box::pin(signals))
+}
+
+/// SIGHUP as the daemon's reload requests (the policy file, the audit log's file).
+fn reload_signals() -> Result<impl Stream<Item = ()> + Unpin + Send + 'static, String> {
+    let hangup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP handler: {e}"))?;
+    let signals = futures_util::stream::unfold(hangup, |mut hangup| async move {
+        hangup.recv().await?;
+        Some(((), hangup))
+    });
     Ok(Box::pin(signals))
 }
 

@@ -28,6 +28,7 @@ use crate::ops::http;
 pub async fn run(
     config: Config,
     mut stop: impl Stream<Item = &'static str> + Unpin,
+    reloads: impl Stream<Item = ()> + Unpin + Send + 'static,
 ) -> Result<(), String> {
     let gateway = Gateway::new(config.clone()).await?;
     let listener = UdsListener::bind(&config.socket, config.socket_mode)
@@ -53,6 +54,7 @@ pub async fn run(
         );
     }
     let upkeep = tokio::spawn(refresh_gauges(gateway.clone()));
+    let reloader = tokio::spawn(reload_on_request(gateway.clone(), reloads));
     let supervisor = {
         let gateway = gateway.clone();
         tokio::spawn(async move { gateway.supervise_pool().await })
@@ -110,6 +112,7 @@ pub async fn run(
     http_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
     upkeep.abort();
+    reloader.abort();
     supervisor.abort();
     grpc_task.abort();
     info!("stopped");
@@ -121,6 +124,15 @@ fn http_routes(gateway: Gateway) -> Router {
     http::router()
         .route("/ws", get(ws::upgrade))
         .with_state(gateway)
+}
+
+/// Each reload request (SIGHUP) reloads the policy; a file that does not load keeps the
+/// policy in force (the gateway logs why and counts it).
+async fn reload_on_request(gateway: Gateway, mut reloads: impl Stream<Item = ()> + Unpin) {
+    while reloads.next().await.is_some() {
+        info!("SIGHUP: reloading");
+        let _ = gateway.reload().await;
+    }
 }
 
 async fn refresh_gauges(gateway: Gateway) {

@@ -78,6 +78,12 @@ pub struct Metrics {
     pub nats_replaced: Counter,
     pub late_replies: Counter,
     pub retries: Counter,
+    /// Audit log (telemetry::audit): records written, records lost (queue full in drop mode,
+    /// or unwritable at shutdown), failed writes, and queue slots in use.
+    pub audit_records: Counter,
+    pub audit_lost: Counter,
+    pub audit_write_errors: Counter,
+    pub audit_queue: Gauge,
 }
 
 const METADATA: Metadata<'static> = Metadata::new("ipc_gateway", metrics::Level::INFO, None);
@@ -189,6 +195,18 @@ impl Metrics {
             "ipc_gateway_nats_replaced_total",
             "Pool connections replaced because they stayed down while NATS was reachable.",
         );
+        describe(
+            "ipc_gateway_audit_records_total",
+            "Audit records written to the audit log (audit_lost notices not included).",
+        );
+        describe(
+            "ipc_gateway_audit_records_lost_total",
+            "Audit records lost: the queue was full (overflow drop), or they could not be written at shutdown.",
+        );
+        describe(
+            "ipc_gateway_audit_write_errors_total",
+            "Failed attempts to write, rotate or reopen the audit log (writing is retried).",
+        );
         let describe_gauge = |name: &'static str, help: &'static str| {
             recorder.describe_gauge(name.into(), None, help.into());
         };
@@ -213,6 +231,10 @@ impl Metrics {
             "ipc_gateway_nats_pool_size",
             "Pool connections to NATS configured.",
         );
+        describe_gauge(
+            "ipc_gateway_audit_queue",
+            "Audit queue slots in use: records waiting for the writer, and reservations (overflow block) not yet written.",
+        );
         recorder.describe_histogram(
             "ipc_gateway_request_duration_seconds".into(),
             Some(metrics::Unit::Seconds),
@@ -228,6 +250,10 @@ impl Metrics {
             nats_replaced: counter(&recorder, "ipc_gateway_nats_replaced_total", vec![]),
             late_replies: counter(&recorder, "ipc_gateway_late_replies_total", vec![]),
             retries: counter(&recorder, "ipc_gateway_retries_total", vec![]),
+            audit_records: counter(&recorder, "ipc_gateway_audit_records_total", vec![]),
+            audit_lost: counter(&recorder, "ipc_gateway_audit_records_lost_total", vec![]),
+            audit_write_errors: counter(&recorder, "ipc_gateway_audit_write_errors_total", vec![]),
+            audit_queue: gauge(&recorder, "ipc_gateway_audit_queue", vec![]),
             operations: (0..Frontend::ALL.len() * (OPS.len() + 1) * OUTCOMES)
                 .map(|_| OnceLock::new())
                 .collect(),

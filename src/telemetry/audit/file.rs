@@ -4,6 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -171,8 +172,14 @@ impl LogFile {
     }
 }
 
+/// Opens `path` for appending; a new file gets mode 0640 (less the umask): an audit log names
+/// who did what, so it is not for every local user to read.
 fn open_append(path: &Path) -> io::Result<(File, u64)> {
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)?;
     let size = file.metadata()?.len();
     Ok((file, size))
 }
@@ -220,6 +227,20 @@ mod tests {
         assert_eq!(fs::read_to_string(numbered(&path, 1)).unwrap(), "four\n");
         assert_eq!(fs::read_to_string(numbered(&path, 2)).unwrap(), "three\n");
         assert!(!numbered(&path, 3).exists());
+    }
+
+    #[test]
+    fn new_files_are_not_world_readable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut file = LogFile::open(&path, 10, 1).unwrap();
+        write_all(&mut file, b"0123456789\n");
+        file.rotate().unwrap();
+        for file in [path.clone(), numbered(&path, 1)] {
+            let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o007, 0, "{} has mode {mode:o}", file.display());
+        }
     }
 
     #[test]

@@ -192,6 +192,12 @@ impl Audit {
     /// free slot and holds it (so the write cannot fail); with `Overflow::Drop` or off it is
     /// ready at once and holds nothing (the write takes a slot if one is free, else the
     /// record is lost and counted). After `shutdown` it is ready at once, and its record lost.
+    ///
+    /// In block mode a slot is only freed when a reservation's record is written (or the
+    /// reservation dropped). So a task that drives operations holding reservations must keep
+    /// driving them while it waits here (await it as one branch of the loop that also
+    /// completes operations, or in the reading half only): if it stops completing them to
+    /// wait for a slot, and they hold the last slots, nothing ever frees one.
     pub async fn reserve(&self) -> Reservation {
         let Some(handle) = &self.handle else {
             return Reservation::off();

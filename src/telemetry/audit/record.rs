@@ -525,10 +525,7 @@ mod tests {
     #[test]
     fn a_record_is_small_enough_to_queue_by_the_ten_thousand() {
         // 65,536 queued records should stay well under 20 MB.
-        assert!(
-            std::mem::size_of::<Record>() <= 256,
-            "{}",
-            std::mem::size_of::<Record>()
-        );
+        let size = std::mem::size_of::<Record>();
+        assert!(size <= 256, "{size}");
     }
 }

@@ -742,3 +742,312 @@ fn overflow_parses_from_flags_and_toml() {
     assert_eq!(Overflow::default(), Overflow::Drop);
     assert_eq!(Overflow::Block.to_string(), "block");
 }
+
+/// What a record costs the caller (build it, reserve, write it into the queue) and how many
+/// records a second the writer thread gets into a file. Run it in release mode:
+///
+/// `cargo test --release --lib telemetry::audit::tests::bench_audit -- --ignored --nocapture`
+///
+/// It prints a Markdown report and writes it to `artifacts/audit/writer.md`.
+#[test]
+#[ignore]
+fn bench_audit() {
+    use std::fmt::Write as _;
+    use std::hint::black_box;
+
+    const N: u64 = 1_000_000;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let conn = AuditConn::new(
+        Frontend::Uds,
+        42,
+        AuditIdentity {
+            uid: Some(1001),
+            gid: Some(1001),
+            pid: Some(4242),
+            user: Some("alice".into()),
+            group: Some("alice".into()),
+            ..Default::default()
+        },
+    );
+    let subject = Subject::from_static("svc.orders.create");
+    let make = |n: u64| {
+        conn.record(Op::Request)
+            .subject(subject.clone())
+            .id(n.into())
+            .ok()
+            .latency(Duration::from_micros(85))
+            .bytes_in(128)
+            .bytes_out(128)
+    };
+    let per_record = |elapsed: Duration| elapsed.as_nanos() as f64 / N as f64;
+    let mut report = String::new();
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split(':')
+                    .nth(1)
+                    .map(str::trim)
+                    .map(String::from)
+            })
+        })
+        .unwrap_or_default();
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .unwrap_or_default();
+    writeln!(
+        report,
+        "# Audit log writer: cost per record and writer throughput\n"
+    )
+    .unwrap();
+    writeln!(
+        report,
+        "`cargo test --release --lib telemetry::audit::tests::bench_audit -- --ignored --nocapture`\n"
+    )
+    .unwrap();
+    writeln!(
+        report,
+        "commit {commit}, {profile} build, {} CPUs ({cpu}), shared with other work; {N} request records of about {} bytes each (five identity fields); one current-thread Tokio runtime makes them, the writer thread writes them to a file on ext4 (rotation at 100 MiB).\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        make(0).to_json().len() + 1
+    )
+    .unwrap();
+    writeln!(report, "| what | result |\n| --- | --- |").unwrap();
+
+    // Building a record alone.
+    let start = Instant::now();
+    for n in 0..N {
+        black_box(make(n));
+    }
+    let build = per_record(start.elapsed());
+    writeln!(report, "| build a record (caller) | {build:.0} ns |").unwrap();
+
+    // Off: what reserve + write cost when the audit log is off.
+    let off = Audit::off();
+    let start = Instant::now();
+    runtime.block_on(async {
+        for n in 0..N {
+            off.reserve().await.write(black_box(make(n)));
+        }
+    });
+    let off_cost = per_record(start.elapsed()) - build;
+    writeln!(
+        report,
+        "| reserve + write, audit off (caller) | {off_cost:.0} ns |"
+    )
+    .unwrap();
+
+    for overflow in [Overflow::Drop, Overflow::Block] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let metrics = Metrics::new();
+        let config = AuditConfig {
+            overflow,
+            ..config(&path)
+        };
+        let audit = Audit::start(config, metrics.clone()).unwrap();
+        let start = Instant::now();
+        runtime.block_on(async {
+            for n in 0..N {
+                let reservation = audit.reserve().await;
+                reservation.write(make(n));
+            }
+        });
+        let offered = start.elapsed();
+        runtime.block_on(audit.shutdown()).unwrap();
+        let total = start.elapsed();
+        let written = metric(&metrics, "ipc_gateway_audit_records_total");
+        let lost = metric(&metrics, "ipc_gateway_audit_records_lost_total");
+        let bytes: u64 = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().metadata().unwrap().len())
+            .sum();
+        writeln!(
+            report,
+            "| {overflow}: build + reserve + write (caller) | {:.0} ns a record ({:.0} ns without building it); {lost} of {N} lost |",
+            per_record(offered),
+            per_record(offered) - build,
+        )
+        .unwrap();
+        writeln!(
+            report,
+            "| {overflow}: first record to shutdown done | {:.2} s: {:.0} records/s written, {:.0} MB/s |",
+            total.as_secs_f64(),
+            written as f64 / total.as_secs_f64(),
+            bytes as f64 / total.as_secs_f64() / 1e6
+        )
+        .unwrap();
+    }
+    println!("{report}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("artifacts/audit");
+    fs::create_dir_all(&out).unwrap();
+    fs::write(out.join("writer.md"), report).unwrap();
+}
+
+/// One record of each kind, as docs/audit.md shows them.
+fn examples() -> Vec<Record> {
+    use std::time::UNIX_EPOCH;
+    let at = |micros: u64| UNIX_EPOCH + Duration::from_micros(1_796_516_596_000_000 + micros);
+    let alice = AuditConn::new(
+        Frontend::Uds,
+        7,
+        AuditIdentity {
+            uid: Some(1001),
+            gid: Some(100),
+            pid: Some(4242),
+            user: Some("alice".into()),
+            group: Some("staff".into()),
+            ..Default::default()
+        },
+    );
+    let anonymous = AuditConn::new(
+        Frontend::Ws,
+        12,
+        AuditIdentity {
+            addr: Some("127.0.0.1:51234".into()),
+            ..Default::default()
+        },
+    );
+    let mut bob = anonymous.clone();
+    bob.set_identity(AuditIdentity {
+        sub: Some("bob".into()),
+        addr: Some("127.0.0.1:51234".into()),
+        ..Default::default()
+    });
+    let service = AuditConn::new(
+        Frontend::Grpc,
+        31,
+        AuditIdentity {
+            sub: Some("billing".into()),
+            addr: Some("10.0.0.8:40512".into()),
+            ..Default::default()
+        },
+    );
+    vec![
+        alice.connected().at(at(123_456)),
+        alice
+            .record(Op::Request)
+            .at(at(125_012))
+            .id(1u64.into())
+            .subject(Subject::from_static("svc.orders.create"))
+            .ok()
+            .latency(Duration::from_micros(812))
+            .bytes_in(64)
+            .bytes_out(23),
+        alice
+            .record(Op::Publish)
+            .at(at(125_400))
+            .subject(Subject::from_static("orders.created"))
+            .ok()
+            .bytes_in(120),
+        alice
+            .record(Op::Request)
+            .at(at(5_131_877))
+            .id(2u64.into())
+            .subject(Subject::from_static("svc.orders.create"))
+            .error(ErrorCode::Timeout)
+            .latency(Duration::from_micros(5_000_861))
+            .bytes_in(64)
+            .message("no reply from svc.orders.create within 5000 ms"),
+        alice
+            .record(AuditOp::Invalid)
+            .at(at(5_200_003))
+            .error(ErrorCode::TooLarge)
+            .bytes_in(2_097_152)
+            .message("frame of 2097152 bytes is over the limit of 1048576"),
+        alice.disconnected("client").at(at(5_210_550)),
+        anonymous.connected().at(at(6_000_101)),
+        anonymous
+            .record(Op::Subscribe)
+            .at(at(6_000_922))
+            .id(Id::Text("s1".into()))
+            .subject(Subject::from_static("$SYS.>"))
+            .error(ErrorCode::Forbidden)
+            .message("subscribe to $SYS.> is not allowed"),
+        bob.record(AuditOp::Auth).at(at(6_105_310)).ok(),
+        bob.record(Op::Subscribe)
+            .at(at(6_105_933))
+            .id(Id::Text("s2".into()))
+            .subject(Subject::from_static("events.>"))
+            .ok(),
+        bob.record(Op::Unsubscribe)
+            .at(at(9_871_002))
+            .id(Id::Text("s2".into()))
+            .ok(),
+        bob.disconnected("idle").at(at(69_871_120)),
+        AuditConn::new(
+            Frontend::Ws,
+            13,
+            AuditIdentity {
+                addr: Some("127.0.0.1:51240".into()),
+                ..Default::default()
+            },
+        )
+        .refused(ErrorCode::Unauthenticated)
+        .at(at(70_000_015))
+        .message("token expired"),
+        service
+            .record(Op::Request)
+            .at(at(70_100_000))
+            .id(9u64.into())
+            .subject(Subject::from_static("svc.payments.charge"))
+            .error(ErrorCode::CircuitOpen)
+            .latency(Duration::from_micros(4))
+            .bytes_in(310)
+            .message("svc.payments is failing; retry after 3200 ms"),
+        service
+            .record(Op::Publish)
+            .at(at(70_100_250))
+            .subject(Subject::from_static("audit.trail"))
+            .error(ErrorCode::Overloaded)
+            .bytes_in(88)
+            .message("payload bytes in flight are at the limit"),
+        AuditConn::new(
+            Frontend::Grpc,
+            32,
+            AuditIdentity {
+                addr: Some("10.0.0.9:40600".into()),
+                ..Default::default()
+            },
+        )
+        .refused(ErrorCode::Overloaded)
+        .at(at(70_200_000))
+        .message("connection limit of 10000 reached"),
+        Record::policy_reload(Ok(()))
+            .at(at(80_000_000))
+            .reason("sighup")
+            .message("/etc/ipc-gateway/policy.toml: 4 grants"),
+        Record::policy_reload(Err(ErrorCode::BadRequest))
+            .at(at(90_000_000))
+            .reason("sighup")
+            .message(
+                "/etc/ipc-gateway/policy.toml line 7: unknown field `alow`; the old policy stays",
+            ),
+        Record::audit_lost(1_532).at(at(95_000_000)),
+    ]
+}
+
+#[test]
+fn the_documented_examples_are_what_the_writer_writes() {
+    let docs = include_str!("../../../docs/audit.md");
+    let missing: Vec<String> = examples()
+        .iter()
+        .map(Record::to_json)
+        .filter(|line| !docs.contains(line.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/audit.md lacks these lines:\n{}",
+        missing.join("\n")
+    );
+}

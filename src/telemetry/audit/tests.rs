@@ -748,7 +748,8 @@ fn overflow_parses_from_flags_and_toml() {
 ///
 /// `cargo test --release --lib telemetry::audit::tests::bench_audit -- --ignored --nocapture`
 ///
-/// It prints a Markdown report and writes it to `artifacts/audit/writer.md`.
+/// Each row is the median of `AUDIT_BENCH_RUNS` runs (default 5). It prints a Markdown report
+/// and writes it to `artifacts/audit/writer.md`.
 #[test]
 #[ignore]
 fn bench_audit() {
@@ -756,6 +757,12 @@ fn bench_audit() {
     use std::hint::black_box;
 
     const N: u64 = 1_000_000;
+    /// Records per burst in the paced rows; the writer catches up between bursts.
+    const BURST: u64 = 64;
+    let runs: usize = std::env::var("AUDIT_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -781,8 +788,149 @@ fn bench_audit() {
             .bytes_in(128)
             .bytes_out(128)
     };
-    let per_record = |elapsed: Duration| elapsed.as_nanos() as f64 / N as f64;
-    let mut report = String::new();
+    let ns = |elapsed: Duration, count: u64| elapsed.as_nanos() as f64 / count as f64;
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let mut rows: Vec<(String, String)> = Vec::new();
+
+    // The clock read every record makes.
+    let clock = median(
+        (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                for _ in 0..N {
+                    black_box(std::time::SystemTime::now());
+                }
+                ns(start.elapsed(), N)
+            })
+            .collect(),
+    );
+    rows.push((
+        "read the clock (`SystemTime::now`)".into(),
+        format!("{clock:.0} ns"),
+    ));
+
+    let build = median(
+        (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                for n in 0..N {
+                    black_box(make(n));
+                }
+                ns(start.elapsed(), N)
+            })
+            .collect(),
+    );
+    rows.push((
+        "build a request record (clock included), caller".into(),
+        format!("{build:.0} ns"),
+    ));
+
+    let off = Audit::off();
+    let off_total = median(
+        (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                runtime.block_on(async {
+                    for n in 0..N {
+                        off.reserve().await.write(black_box(make(n)));
+                    }
+                });
+                ns(start.elapsed(), N)
+            })
+            .collect(),
+    );
+    rows.push((
+        "audit off: build + reserve + write, caller".into(),
+        format!("{off_total:.0} ns (the build alone: {build:.0} ns)"),
+    ));
+
+    for overflow in [Overflow::Drop, Overflow::Block] {
+        // Paced: bursts of BURST records, the writer catching up between them (not timed).
+        let mut paced = Vec::new();
+        for _ in 0..runs {
+            let dir = tempfile::tempdir().unwrap();
+            let config = AuditConfig {
+                overflow,
+                ..config(&dir.path().join("audit.jsonl"))
+            };
+            let audit = Audit::start(config, Metrics::new()).unwrap();
+            let records: Vec<Vec<Record>> = (0..N / BURST / 10)
+                .map(|b| (0..BURST).map(|n| make(b * BURST + n)).collect())
+                .collect();
+            let mut enqueue = Duration::ZERO;
+            runtime.block_on(async {
+                for burst in records {
+                    let start = Instant::now();
+                    for record in burst {
+                        audit.reserve().await.write(record);
+                    }
+                    enqueue += start.elapsed();
+                    audit.flush().await.unwrap();
+                }
+                audit.shutdown().await.unwrap();
+            });
+            paced.push(ns(enqueue, N / 10));
+        }
+        rows.push((
+            format!("{overflow}: reserve + write a built record, bursts of {BURST} while the writer keeps up, caller"),
+            format!("{:.0} ns", median(paced)),
+        ));
+
+        // Flood: one task makes records as fast as it can.
+        let mut flood = Vec::new();
+        let mut throughput = Vec::new();
+        let mut lost_share = Vec::new();
+        let mut mb = Vec::new();
+        for _ in 0..runs {
+            let dir = tempfile::tempdir().unwrap();
+            let metrics = Metrics::new();
+            let config = AuditConfig {
+                overflow,
+                ..config(&dir.path().join("audit.jsonl"))
+            };
+            let audit = Audit::start(config, metrics.clone()).unwrap();
+            let start = Instant::now();
+            runtime.block_on(async {
+                for n in 0..N {
+                    audit.reserve().await.write(make(n));
+                }
+            });
+            let offered = start.elapsed();
+            runtime.block_on(audit.shutdown()).unwrap();
+            let total = start.elapsed();
+            let written = metric(&metrics, "ipc_gateway_audit_records_total");
+            let lost = metric(&metrics, "ipc_gateway_audit_records_lost_total");
+            assert_eq!(written + lost, N);
+            let bytes: u64 = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|entry| entry.unwrap().metadata().unwrap().len())
+                .sum();
+            flood.push(ns(offered, N));
+            throughput.push(written as f64 / total.as_secs_f64());
+            lost_share.push(lost as f64 / N as f64 * 100.0);
+            mb.push(bytes as f64 / total.as_secs_f64() / 1e6);
+        }
+        rows.push((
+            format!("{overflow}: build + reserve + write in a flood, caller"),
+            format!(
+                "{:.0} ns a record; {:.0} % lost",
+                median(flood),
+                median(lost_share)
+            ),
+        ));
+        rows.push((
+            format!("{overflow}: flood, writer (first record to shutdown done)"),
+            format!(
+                "{:.0} records/s written, {:.0} MB/s",
+                median(throughput),
+                median(mb)
+            ),
+        ));
+    }
+
     let profile = if cfg!(debug_assertions) {
         "debug"
     } else {
@@ -795,98 +943,34 @@ fn bench_audit() {
                 l.strip_prefix("model name")?
                     .split(':')
                     .nth(1)
-                    .map(str::trim)
-                    .map(String::from)
+                    .map(|m| m.trim().to_string())
             })
         })
         .unwrap_or_default();
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let commit = std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .output()
         .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
         .unwrap_or_default();
+    let mut report = String::new();
     writeln!(
         report,
-        "# Audit log writer: cost per record and writer throughput\n"
-    )
-    .unwrap();
-    writeln!(
-        report,
-        "`cargo test --release --lib telemetry::audit::tests::bench_audit -- --ignored --nocapture`\n"
-    )
-    .unwrap();
-    writeln!(
-        report,
-        "commit {commit}, {profile} build, {} CPUs ({cpu}), shared with other work; {N} request records of about {} bytes each (five identity fields); one current-thread Tokio runtime makes them, the writer thread writes them to a file on ext4 (rotation at 100 MiB).\n",
+        "# Audit log: cost per record and writer throughput\n\n\
+         `cargo test --release --lib telemetry::audit::tests::bench_audit -- --ignored --nocapture`\n\n\
+         commit {commit}, {profile} build, {} CPUs ({cpu}) shared with other work (load average \
+         at the end: {}); request records of {} bytes (five identity fields) made by one \
+         current-thread Tokio runtime, written by the writer thread to a file on ext4 with the \
+         default settings (queue 65,536, rotation at 100 MiB). {N} records a row ({} in the \
+         paced rows), median of {runs} runs.\n\n| what | result |\n| --- | --- |",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        make(0).to_json().len() + 1
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        make(0).to_json().len() + 1,
+        N / 10,
     )
     .unwrap();
-    writeln!(report, "| what | result |\n| --- | --- |").unwrap();
-
-    // Building a record alone.
-    let start = Instant::now();
-    for n in 0..N {
-        black_box(make(n));
-    }
-    let build = per_record(start.elapsed());
-    writeln!(report, "| build a record (caller) | {build:.0} ns |").unwrap();
-
-    // Off: what reserve + write cost when the audit log is off.
-    let off = Audit::off();
-    let start = Instant::now();
-    runtime.block_on(async {
-        for n in 0..N {
-            off.reserve().await.write(black_box(make(n)));
-        }
-    });
-    let off_cost = per_record(start.elapsed()) - build;
-    writeln!(
-        report,
-        "| reserve + write, audit off (caller) | {off_cost:.0} ns |"
-    )
-    .unwrap();
-
-    for overflow in [Overflow::Drop, Overflow::Block] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let metrics = Metrics::new();
-        let config = AuditConfig {
-            overflow,
-            ..config(&path)
-        };
-        let audit = Audit::start(config, metrics.clone()).unwrap();
-        let start = Instant::now();
-        runtime.block_on(async {
-            for n in 0..N {
-                let reservation = audit.reserve().await;
-                reservation.write(make(n));
-            }
-        });
-        let offered = start.elapsed();
-        runtime.block_on(audit.shutdown()).unwrap();
-        let total = start.elapsed();
-        let written = metric(&metrics, "ipc_gateway_audit_records_total");
-        let lost = metric(&metrics, "ipc_gateway_audit_records_lost_total");
-        let bytes: u64 = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|entry| entry.unwrap().metadata().unwrap().len())
-            .sum();
-        writeln!(
-            report,
-            "| {overflow}: build + reserve + write (caller) | {:.0} ns a record ({:.0} ns without building it); {lost} of {N} lost |",
-            per_record(offered),
-            per_record(offered) - build,
-        )
-        .unwrap();
-        writeln!(
-            report,
-            "| {overflow}: first record to shutdown done | {:.2} s: {:.0} records/s written, {:.0} MB/s |",
-            total.as_secs_f64(),
-            written as f64 / total.as_secs_f64(),
-            bytes as f64 / total.as_secs_f64() / 1e6
-        )
-        .unwrap();
+    for (what, result) in rows {
+        writeln!(report, "| {what} | {result} |").unwrap();
     }
     println!("{report}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("artifacts/audit");

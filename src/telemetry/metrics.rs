@@ -82,6 +82,12 @@ pub struct Metrics {
     pub reply_mismatches: Counter,
     pub retries: Counter,
     policy_reloads: [Counter; 2],
+    /// Audit log (telemetry::audit): records written, records lost (queue full in drop mode,
+    /// or unwritable at shutdown), failed writes, and queue slots in use.
+    pub audit_records: Counter,
+    pub audit_lost: Counter,
+    pub audit_write_errors: Counter,
+    pub audit_queue: Gauge,
 }
 
 const METADATA: Metadata<'static> = Metadata::new("ipc_gateway", metrics::Level::INFO, None);
@@ -201,6 +207,18 @@ impl Metrics {
             "ipc_gateway_nats_replaced_total",
             "Pool connections replaced because they stayed down while NATS was reachable.",
         );
+        describe(
+            "ipc_gateway_audit_records_total",
+            "Audit records written to the audit log (audit_lost notices not included).",
+        );
+        describe(
+            "ipc_gateway_audit_records_lost_total",
+            "Audit records lost: the queue was full (overflow drop), or they could not be written at shutdown.",
+        );
+        describe(
+            "ipc_gateway_audit_write_errors_total",
+            "Failed attempts to write, rotate or reopen the audit log (writing is retried).",
+        );
         let describe_gauge = |name: &'static str, help: &'static str| {
             recorder.describe_gauge(name.into(), None, help.into());
         };
@@ -225,6 +243,10 @@ impl Metrics {
             "ipc_gateway_nats_pool_size",
             "Pool connections to NATS configured.",
         );
+        describe_gauge(
+            "ipc_gateway_audit_queue",
+            "Audit queue slots in use: records waiting for the writer, and reservations (overflow block) not yet written.",
+        );
         recorder.describe_histogram(
             "ipc_gateway_request_duration_seconds".into(),
             Some(metrics::Unit::Seconds),
@@ -248,6 +270,10 @@ impl Metrics {
                     vec![Label::new("outcome", outcome)],
                 )
             }),
+            audit_records: counter(&recorder, "ipc_gateway_audit_records_total", vec![]),
+            audit_lost: counter(&recorder, "ipc_gateway_audit_records_lost_total", vec![]),
+            audit_write_errors: counter(&recorder, "ipc_gateway_audit_write_errors_total", vec![]),
+            audit_queue: gauge(&recorder, "ipc_gateway_audit_queue", vec![]),
             operations: (0..Frontend::ALL.len() * (OPS.len() + 1) * OUTCOMES)
                 .map(|_| OnceLock::new())
                 .collect(),

@@ -1,5 +1,6 @@
-//! Telemetry: what the gateway tells operators about itself (Prometheus metrics, logging set-up;
-//! the audit log and trace context join here). Core and front-ends use it; it uses neither.
+//! Telemetry: what the gateway tells operators about itself (Prometheus metrics, the audit log,
+//! logging set-up; trace context joins here). Core and front-ends use it; it uses neither.
 
+pub mod audit;
 pub mod logging;
 pub mod metrics;

@@ -218,6 +218,18 @@ settings! {
         /// Connections one identified caller (a uid, or a token's subject) may hold at once;
         /// 0 = unlimited. Anonymous callers are bounded by max_connections only.
         pub max_connections_per_identity: usize = 0,
+        /// The audit log (JSON lines, docs/audit.md): a file, or "-" for standard output;
+        /// none = off.
+        pub audit_file: Option<PathBuf> = None,
+        /// When the audit queue is full: "drop" (count the loss, write an audit_lost record)
+        /// or "block" (slow the clients down; no record is lost).
+        pub audit_overflow: crate::telemetry::audit::Overflow = crate::telemetry::audit::Overflow::Drop,
+        /// Audit records queued for the writer at most.
+        pub audit_queue: usize = 65_536,
+        /// Rotate the audit file before it passes this size; 0 = never.
+        pub audit_max_bytes: u64 = 100 << 20,
+        /// Rotated audit files kept (.1 newest ... .N oldest).
+        pub audit_keep: usize = 5,
     }
 }
 
@@ -297,6 +309,7 @@ impl Config {
             ),
             ("max_inflight_bytes", self.max_inflight_bytes),
             ("subscription_queue", self.subscription_queue),
+            ("audit_queue", self.audit_queue),
             (
                 "max_subscriptions_per_connection",
                 self.max_subscriptions_per_connection,
@@ -365,6 +378,16 @@ impl Config {
             return Err("must be a NATS URL such as nats://127.0.0.1:4222".into());
         }
         Ok(servers)
+    }
+
+    pub fn audit(&self) -> crate::telemetry::audit::AuditConfig {
+        crate::telemetry::audit::AuditConfig {
+            path: self.audit_file.clone(),
+            overflow: self.audit_overflow,
+            queue: self.audit_queue,
+            max_bytes: self.audit_max_bytes,
+            keep: self.audit_keep,
+        }
     }
 
     pub fn breaker(&self) -> crate::core::breaker::BreakerConfig {

@@ -113,6 +113,8 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
     upkeep.abort();
     reloader.abort();
+    // Last: every operation answered before now has its record on disk.
+    gateway.close_audit().await;
     supervisor.abort();
     grpc_task.abort();
     info!("stopped");

@@ -15,6 +15,7 @@ use super::auth::{JwtVerifier, LocalIdentities};
 use super::policy::{Permissions, Policy, PolicyError, Who};
 use crate::config::Config;
 use crate::protocol::{ErrorCode, Frontend, GatewayError, Identity};
+use crate::telemetry::audit::AuditIdentity;
 
 /// How long a local user's names and groups are remembered.
 const LOCAL_NAMES_TTL: Duration = Duration::from_secs(60);
@@ -26,6 +27,8 @@ pub struct Authorized {
     pub version: u64,
     /// The `Ipc-Gateway-*` headers, made once (empty when stamping is off).
     pub(super) stamp: Vec<(HeaderName, HeaderValue)>,
+    /// The identity as audit records show it, made once.
+    pub(super) audit: Arc<AuditIdentity>,
 }
 
 impl Authorized {
@@ -110,7 +113,17 @@ impl Access {
         } else {
             Vec::new()
         };
+        let audit = Arc::new(AuditIdentity {
+            uid: identity.uid,
+            gid: identity.gid,
+            pid: identity.pid,
+            user: identity.user.clone(),
+            group: identity.group.clone(),
+            sub: identity.sub.clone(),
+            addr: identity.addr.clone(),
+        });
         Arc::new(Authorized {
+            audit,
             identity,
             permissions,
             version: state.version,

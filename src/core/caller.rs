@@ -23,6 +23,7 @@ use super::Lane;
 use super::access::{Authorized, IdentityLease};
 use super::ratelimit::RateLimit;
 use crate::protocol::{ErrorCode, Frontend, GatewayError, Identity};
+use crate::telemetry::audit::{Audit, AuditIdentity, AuditOp, Record};
 use crate::telemetry::metrics::Metrics;
 
 /// Reply subjects a connection may answer at once (the oldest is forgotten beyond).
@@ -51,6 +52,11 @@ struct Conn {
     responses: Mutex<HashMap<Arc<str>, Instant>>,
     /// Held, never read: the connection's place under its identity's limit.
     _lease: Option<IdentityLease>,
+    audit: Audit,
+    /// The identity the connection opened with (its `disconnect` record names it).
+    opened_as: Arc<AuditIdentity>,
+    /// Why the connection ends, for its `disconnect` record.
+    close_reason: Mutex<&'static str>,
     /// Held, never read: dropping the connection frees its place under `max_connections`.
     _slot: Slot,
 }
@@ -67,12 +73,15 @@ impl Drop for SubscriptionSlot {
 impl Caller {
     pub(super) fn new(
         (frontend, lane, limit): (Frontend, Lane, RateLimit),
-        metrics: Arc<Metrics>,
+        (metrics, audit): (Arc<Metrics>, Audit),
         (slot, lease): (Slot, Option<IdentityLease>),
         who: Arc<Authorized>,
     ) -> Caller {
         metrics.connection_opened(frontend);
         let conn = Conn {
+            audit,
+            opened_as: who.audit.clone(),
+            close_reason: Mutex::new("closed"),
             id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
             frontend,
             lane,
@@ -83,10 +92,34 @@ impl Caller {
             _lease: lease,
             _slot: slot,
         };
-        Caller {
+        let caller = Caller {
             conn: Arc::new(conn),
             who,
+        };
+        if caller.conn.audit.is_on() {
+            caller
+                .conn
+                .audit
+                .record(caller.record(AuditOp::Connect).ok());
         }
+        caller
+    }
+
+    /// An audit record of `op` by this caller on this connection.
+    pub(super) fn record(&self, op: impl Into<AuditOp>) -> Record {
+        Record::new(op)
+            .frontend(self.conn.frontend)
+            .conn(self.conn.id)
+            .identity(self.who.audit.clone())
+    }
+
+    /// Why the connection is ending (the front-end says: idle, slow client, shutdown, ...).
+    pub fn closing(&self, reason: &'static str) {
+        *self
+            .conn
+            .close_reason
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = reason;
     }
 
     pub fn frontend(&self) -> Frontend {
@@ -185,6 +218,18 @@ impl Caller {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.metrics.connection_closed(self.frontend);
+        if self.audit.is_on() {
+            let reason = *self
+                .close_reason
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let record = Record::new(AuditOp::Disconnect)
+                .frontend(self.frontend)
+                .conn(self.id)
+                .identity(self.opened_as.clone())
+                .reason(reason);
+            self.audit.record(record);
+        }
     }
 }
 

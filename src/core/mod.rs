@@ -28,6 +28,7 @@ use crate::protocol::subject::{SubjectUse, validate_queue_group, validate_subjec
 use crate::protocol::{
     Delivery, Envelope, ErrorCode, GatewayError, Headers, Id, Identity, Op, Subject,
 };
+use crate::telemetry::audit::{Audit, AuditOp, Record};
 use crate::telemetry::metrics::Metrics;
 pub use access::Authorized;
 use budget::ByteBudget;
@@ -64,6 +65,7 @@ struct Inner {
     listener_up: AtomicBool,
     /// Policy, tokens, local users, per-identity counts.
     access: access::Access,
+    audit: Audit,
 }
 
 /// What `/ready` reports.
@@ -82,6 +84,7 @@ impl Gateway {
     pub async fn new(config: Config) -> Result<Gateway, String> {
         let access = access::Access::new(&config)?;
         let metrics = Metrics::new();
+        let audit = Audit::start(config.audit(), metrics.clone())?;
         let shutdown = Shutdown::default();
         let (retries, to_retry) = tokio::sync::mpsc::unbounded_channel();
         let breakers = breaker::Breakers::new(config.breaker());
@@ -119,6 +122,7 @@ impl Gateway {
                 default_subject,
                 listener_up: AtomicBool::new(false),
                 access,
+                audit,
             }),
         })
     }
@@ -161,7 +165,13 @@ impl Gateway {
         slot: Slot,
     ) -> Result<Caller, GatewayError> {
         let config = &self.inner.config;
-        let lease = self.inner.access.lease(&identity)?;
+        let lease = match self.inner.access.lease(&identity) {
+            Ok(lease) => lease,
+            Err(refusal) => {
+                self.audit_refused_connection(frontend, identity, refusal.code);
+                return Err(refusal);
+            }
+        };
         let limit = ratelimit::RateLimit::new(
             config.rate_limit_requests_per_sec,
             config.rate_limit_bytes_per_sec,
@@ -170,7 +180,7 @@ impl Gateway {
         let who = self.inner.access.authorize(identity);
         Ok(Caller::new(
             (frontend, lane, limit),
-            self.inner.metrics.clone(),
+            (self.inner.metrics.clone(), self.inner.audit.clone()),
             (slot, lease),
             who,
         ))
@@ -210,18 +220,38 @@ impl Gateway {
     /// Reloads what SIGHUP reloads: the policy. A file that does not load keeps the policy in
     /// force; the error says why (it is logged and counted).
     pub async fn reload(&self) -> Result<(), String> {
+        let audit = &self.inner.audit;
+        if let Err(error) = audit.reopen().await {
+            tracing::error!(%error, "the audit log could not be reopened; it goes on in the old file");
+        }
         match self.inner.access.reload_policy().await {
             Ok(Some(version)) => {
                 tracing::info!(version, "policy reloaded");
                 self.inner.metrics.policy_reload(true);
+                audit.record(Record::policy_reload(Ok(())).message(format!("version {version}")));
                 Ok(())
             }
             Ok(None) => Ok(()),
             Err(error) => {
                 tracing::error!(%error, "policy reload failed; the policy in force stays");
                 self.inner.metrics.policy_reload(false);
+                audit.record(
+                    Record::policy_reload(Err(ErrorCode::BadRequest)).message(error.to_string()),
+                );
                 Err(error.to_string())
             }
+        }
+    }
+
+    /// Audits a connection refused at accept (over a limit).
+    fn audit_refused_connection(&self, frontend: Frontend, identity: Identity, code: ErrorCode) {
+        if self.inner.audit.is_on() {
+            let who = self.inner.access.authorize(identity);
+            let record = Record::new(AuditOp::Connect)
+                .frontend(frontend)
+                .identity(who.audit.clone())
+                .error(code);
+            self.inner.audit.record(record);
         }
     }
 
@@ -335,37 +365,31 @@ impl Gateway {
         let frontend = caller.frontend();
         let metrics = &self.inner.metrics;
         metrics.payload_in(frontend, envelope.data.len());
-        let id = envelope.id.clone();
-        let fail_now = |error: GatewayError| {
-            let result = Err(error);
-            replies::record(metrics, frontend, started, &result);
-            sink.deliver(id.clone(), result);
-        };
-        if let Err(error) = caller.admit(envelope.data.len()) {
-            return fail_now(error);
-        }
-        let subject = match self.target_subject(&envelope) {
-            Ok(subject) if caller.authorized().permissions.may_request(&subject) => {
-                nats::subject(&subject)
+        let audit = self.audit_ticket(caller, Op::Request, &envelope).await;
+        let prepared = (|| {
+            caller.admit(envelope.data.len())?;
+            let subject = self.target_subject(&envelope)?;
+            if !caller.authorized().permissions.may_request(&subject) {
+                return Err(forbidden(caller, "request", &subject));
             }
-            Ok(subject) => return fail_now(forbidden(caller, "request", &subject)),
-            Err(error) => return fail_now(error),
-        };
-        let headers = match self.outgoing_headers(caller, envelope.headers.as_ref()) {
-            Ok(headers) => headers,
-            Err(error) => return fail_now(error),
-        };
-        let admission = match self.inner.breakers.admit(&subject) {
-            Ok(admission) => admission,
-            Err(error) => return fail_now(error),
-        };
-        let permit = match self.inner.budget.try_acquire(envelope.data.len()) {
-            Ok(permit) => permit,
-            Err(error) => return fail_now(error),
-        };
-        let picked = match self.inner.pool.client() {
-            Ok(picked) => picked,
-            Err(error) => return fail_now(error),
+            let subject = nats::subject(&subject);
+            let headers = self.outgoing_headers(caller, envelope.headers.as_ref())?;
+            let admission = self.inner.breakers.admit(&subject)?;
+            let permit = self.inner.budget.try_acquire(envelope.data.len())?;
+            let picked = self.inner.pool.client()?;
+            Ok((subject, headers, admission, permit, picked))
+        })();
+        let (subject, headers, admission, permit, picked) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                let result = Err(error);
+                replies::record(metrics, frontend, started, &result);
+                if let Some(audit) = audit {
+                    audit.finish(&result, started);
+                }
+                sink.deliver(envelope.id, result);
+                return;
+            }
         };
         let timeout = self.deadline(envelope.timeout_ms);
         let pending = replies::Pending {
@@ -383,6 +407,7 @@ impl Gateway {
                 data: envelope.data.clone(),
             }),
             attempts: 0,
+            audit,
         };
         dispatch(metrics, picked, pending, headers, envelope.data).await;
     }
@@ -411,7 +436,12 @@ impl Gateway {
         let frontend = caller.frontend();
         let metrics = &self.inner.metrics;
         metrics.payload_in(frontend, envelope.data.len());
+        let audit = self.audit_ticket(caller, Op::Publish, &envelope).await;
+        let started = Instant::now();
         let result = self.send_publish(caller, envelope).await;
+        if let Some(audit) = audit {
+            audit.finish(&result, started);
+        }
         metrics.operation(
             frontend,
             Op::Publish,
@@ -449,6 +479,15 @@ impl Gateway {
         subject: &Subject,
         queue: Option<&str>,
     ) -> Result<Subscription, GatewayError> {
+        let audit = match self.inner.audit.is_on() {
+            true => {
+                let mut envelope = Envelope::new(Op::Subscribe, Id::Null);
+                envelope.subject = Some(subject.clone());
+                self.audit_ticket(caller, Op::Subscribe, &envelope).await
+            }
+            false => None,
+        };
+        let started = Instant::now();
         let max = self.inner.config.max_subscriptions_per_connection;
         let admitted = caller
             .admit(0)
@@ -476,6 +515,9 @@ impl Gateway {
             Op::Subscribe,
             result.as_ref().map(|_| ()).map_err(|e| e.code),
         );
+        if let Some(audit) = audit {
+            audit.finish(&result.as_ref().map(|_| ()).map_err(Clone::clone), started);
+        }
         result
     }
 
@@ -528,6 +570,55 @@ impl Gateway {
                 ErrorCode::Unavailable,
                 "NATS did not confirm the subscription in time",
             )),
+        }
+    }
+
+    /// Counts (and audits) an operation the front-end answered itself: bad input, pings,
+    /// credit, unsubscribe, auth, refusals during the drain.
+    pub fn note(&self, caller: &Caller, op: Option<Op>, id: &Id, outcome: Result<(), ErrorCode>) {
+        self.inner
+            .metrics
+            .operation_or_invalid(caller.frontend(), op, outcome);
+        let audit = &self.inner.audit;
+        if audit.is_on() {
+            let record = match op {
+                Some(op) => caller.record(op),
+                None => caller.record(AuditOp::Invalid),
+            };
+            audit.record(record.id(id.clone()).outcome(outcome));
+        }
+    }
+
+    /// The start of an operation's audit record, with its place in the audit queue (with
+    /// `audit_overflow = "block"` this is where a client waits for the audit log).
+    async fn audit_ticket(
+        &self,
+        caller: &Caller,
+        op: Op,
+        envelope: &Envelope,
+    ) -> Option<replies::AuditTicket> {
+        let audit = &self.inner.audit;
+        if !audit.is_on() {
+            return None;
+        }
+        let reservation = audit.reserve().await;
+        let mut record = caller
+            .record(op)
+            .id(envelope.id.clone())
+            .bytes_in(envelope.data.len() as u64);
+        if let Some(subject) = &envelope.subject {
+            record = record.subject(subject.clone());
+        }
+        Some(replies::AuditTicket {
+            reservation,
+            record,
+        })
+    }
+
+    /// Writes what is queued in the audit log and closes it (the end of the drain).
+    pub async fn close_audit(&self) {
+        if let Err(error) = self.inner.audit.shutdown().await {
+            tracing::error!(%error, "the audit log did not close cleanly");
         }
     }
 

@@ -35,6 +35,7 @@ use super::budget::BudgetPermit;
 use super::shutdown::Shutdown;
 use crate::protocol::Frontend;
 use crate::protocol::{ErrorCode, GatewayError, Id, Op};
+use crate::telemetry::audit::{Record, Reservation};
 use crate::telemetry::metrics::Metrics;
 
 /// Where a request's one answer goes.
@@ -61,6 +62,50 @@ pub struct Pending {
     /// Times it was sent again. After a lost connection, services come back after the
     /// gateway does, so a re-sent request also tries again on `NO_RESPONDERS`, with backoff.
     pub attempts: u32,
+    /// Its audit record, written when it is answered (none when the audit log is off).
+    pub audit: Option<AuditTicket>,
+}
+
+/// An operation's audit record in the making, with its place in the audit queue.
+pub struct AuditTicket {
+    pub reservation: Reservation,
+    pub record: Record,
+}
+
+impl AuditTicket {
+    /// Completes the record with the operation's outcome and writes it.
+    pub fn finish<T: Answered>(
+        self,
+        result: &Result<T, GatewayError>,
+        started: std::time::Instant,
+    ) {
+        let record = self
+            .record
+            .outcome(result.as_ref().map(|_| ()).map_err(|e| e.code))
+            .latency(started.elapsed());
+        let record = match result {
+            Ok(answer) => record.bytes_out(answer.bytes_out()),
+            Err(_) => record,
+        };
+        self.reservation.write(record);
+    }
+}
+
+/// What an operation sent back, for its audit record's `bytes_out`.
+pub trait Answered {
+    fn bytes_out(&self) -> u64;
+}
+
+impl Answered for Reply {
+    fn bytes_out(&self) -> u64 {
+        self.data.len() as u64
+    }
+}
+
+impl Answered for () {
+    fn bytes_out(&self) -> u64 {
+        0
+    }
 }
 
 /// An idempotent request's message, kept to send it again on another connection (its
@@ -474,8 +519,11 @@ impl Drop for SyncPoint {
 }
 
 /// Records a finished request and hands its answer to its sink.
-pub fn finish(metrics: &Metrics, pending: Pending, result: Result<Reply, GatewayError>) {
+pub fn finish(metrics: &Metrics, mut pending: Pending, result: Result<Reply, GatewayError>) {
     record(metrics, pending.frontend, pending.started, &result);
+    if let Some(audit) = pending.audit.take() {
+        audit.finish(&result, pending.started);
+    }
     drop(pending.permit);
     let code = result.as_ref().map(|_| ()).map_err(|e| e.code);
     let outcome = Outcome::of_request(code, pending.timeout, pending.admission.min_timeout());
@@ -553,6 +601,7 @@ mod tests {
             .unwrap(),
             resend: None,
             attempts: 0,
+            audit: None,
         }
     }
 

@@ -67,9 +67,21 @@ pub struct Lifecycle {
     idle: Option<Duration>,
     last_activity: Instant,
     writes: WriteRules,
+    /// Why it ends, for the audit log's `disconnect` record.
+    reason: &'static str,
 }
 
 impl Lifecycle {
+    /// Why the connection ended (as far as this lifecycle saw; a front-end may say more).
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+
+    /// Records why the connection ends, when the front-end knows better (a failed write).
+    pub fn ends_because(&mut self, reason: &'static str) {
+        self.reason = reason;
+    }
+
     pub fn new(gateway: &Gateway, frontend: Frontend) -> Lifecycle {
         let config = gateway.config();
         Lifecycle {
@@ -79,6 +91,7 @@ impl Lifecycle {
                 .then(|| Duration::from_millis(config.idle_timeout_ms)),
             last_activity: Instant::now(),
             writes: WriteRules::new(gateway, frontend),
+            reason: "closed",
         }
     }
 
@@ -110,6 +123,7 @@ impl Lifecycle {
         self.input_open = false;
         if self.phase == Phase::Reading {
             self.phase = Phase::HalfClosed;
+            self.reason = "client closed";
         }
     }
 
@@ -119,6 +133,7 @@ impl Lifecycle {
         self.input_open = false;
         if self.phase != Phase::Draining {
             self.phase = Phase::Closing;
+            self.reason = "unrecoverable input";
         }
     }
 
@@ -129,6 +144,7 @@ impl Lifecycle {
             return false;
         }
         self.phase = Phase::Draining;
+        self.reason = "shutdown";
         true
     }
 
@@ -160,6 +176,7 @@ impl Lifecycle {
                 "closing an idle connection"
             );
             self.writes.metrics.idle_disconnected(self.writes.frontend);
+            self.reason = "idle";
             return Idle::Close;
         }
         Idle::CheckAt(self.last_activity + idle)
@@ -253,6 +270,7 @@ mod tests {
                 stall: Duration::from_millis(50),
                 metrics: Metrics::new(),
             },
+            reason: "closed",
         }
     }
 

@@ -86,7 +86,7 @@ impl Session {
         let envelope = match item {
             Decoded::Envelope(envelope) => envelope,
             Decoded::Invalid { id, error, fatal } => {
-                self.gateway.count(self.frontend, None, Err(error.code));
+                self.gateway.note(&self.caller, None, &id, Err(error.code));
                 self.answer(Outbound::Error { id, error });
                 return if fatal { Flow::Close } else { Flow::Continue };
             }
@@ -123,16 +123,18 @@ impl Session {
                 self.answer(answer);
             }
             Op::Ping => {
-                self.gateway.count(self.frontend, Some(Op::Ping), Ok(()));
+                self.gateway
+                    .note(&self.caller, Some(Op::Ping), &envelope.id, Ok(()));
                 self.answer(Outbound::Pong { id: envelope.id });
             }
             Op::Auth => return self.authenticate(envelope),
             // A grant is not answered (it may come once per message); only a bad one is.
             Op::Credit => {
                 let result = self.grant(&envelope);
-                self.gateway.count(
-                    self.frontend,
+                self.gateway.note(
+                    &self.caller,
                     Some(Op::Credit),
+                    &envelope.id,
                     result.as_ref().map_err(|e| e.code).copied(),
                 );
                 if let Err(error) = result {
@@ -162,22 +164,23 @@ impl Session {
                 "auth is for WebSocket connections (the Unix socket identifies its callers by uid; gRPC calls carry authorization metadata)",
             )),
         };
-        self.gateway.count(
-            self.frontend,
-            Some(Op::Auth),
-            verified.as_ref().map(|_| ()).map_err(|e| e.code),
-        );
         match verified {
             Ok(identity) => {
                 self.caller = self.caller.with(self.gateway.authorize(identity));
+                self.gateway.note(&self.caller, Some(Op::Auth), &id, Ok(()));
                 self.answer(Outbound::Authenticated { id });
                 Flow::Continue
             }
             Err(error) if error.code == ErrorCode::BadRequest => {
+                self.gateway
+                    .note(&self.caller, Some(Op::Auth), &id, Err(error.code));
                 self.answer(Outbound::Error { id, error });
                 Flow::Continue
             }
             Err(error) => {
+                self.gateway
+                    .note(&self.caller, Some(Op::Auth), &id, Err(error.code));
+                self.caller.closing("authentication failed");
                 self.answer(Outbound::Error { id, error });
                 Flow::Close
             }
@@ -197,7 +200,7 @@ impl Session {
             Decoded::Invalid { id, .. } => (id, None),
         };
         self.gateway
-            .count(self.frontend, op, Err(ErrorCode::Unavailable));
+            .note(&self.caller, op, &id, Err(ErrorCode::Unavailable));
         self.answer(Outbound::Error {
             id,
             error: GatewayError::new(ErrorCode::Unavailable, "the gateway is shutting down"),
@@ -255,7 +258,7 @@ impl Session {
         let sid = envelope.id.clone();
         let subject = self.check_subscription(&envelope).inspect_err(|error| {
             self.gateway
-                .count(self.frontend, Some(Op::Subscribe), Err(error.code));
+                .note(&self.caller, Some(Op::Subscribe), &sid, Err(error.code));
         })?;
         self.forget_revoked();
         let subscription = self
@@ -291,9 +294,10 @@ impl Session {
                 "no subscription with id {sid} on this connection"
             ))),
         };
-        self.gateway.count(
-            self.frontend,
+        self.gateway.note(
+            &self.caller,
             Some(Op::Unsubscribe),
+            sid,
             result.as_ref().map(|_| ()).map_err(|e| e.code),
         );
         result

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::core::{Caller, Gateway};
+use crate::core::{Caller, Gateway, Slot};
 use crate::protocol::{Frontend, GatewayError, Id, Identity, Outbound, WireDecoder, WireFormat};
 
 use super::lifecycle::{Idle, Lifecycle, RefusalBudget, WriteRules};
@@ -122,8 +122,18 @@ pub async fn serve(gateway: Gateway, listener: UdsListener) {
                 continue;
             }
         };
-        let connection = accept_connection(gateway.clone(), stream, refusals.clone());
-        tracker.spawn(gateway.connections().track_future(connection));
+        // The place under max_connections is taken at accept, before the identity is looked
+        // up, so that connections count in the order they came.
+        match gateway.slot() {
+            Ok(slot) => {
+                let connection = accept_connection(gateway.clone(), stream, slot, refusals.clone());
+                tracker.spawn(gateway.connections().track_future(connection));
+            }
+            Err(refusal) => {
+                gateway.metrics().connection_rejected(Frontend::Uds);
+                tracker.spawn(reject_connection(stream, refusal, refusals.polite()));
+            }
+        }
     }
     gateway.set_listener_up(false);
     drop(listener);
@@ -133,7 +143,12 @@ pub async fn serve(gateway: Gateway, listener: UdsListener) {
 
 /// Takes the caller's identity from the kernel (SO_PEERCRED: uid, gid, pid; the names once
 /// per user), then serves the connection, or refuses it when a limit is reached.
-async fn accept_connection(gateway: Gateway, stream: UnixStream, refusals: RefusalBudget) {
+async fn accept_connection(
+    gateway: Gateway,
+    stream: UnixStream,
+    slot: Slot,
+    refusals: RefusalBudget,
+) {
     let identity = match stream.peer_cred() {
         Ok(cred) => {
             gateway
@@ -145,9 +160,12 @@ async fn accept_connection(gateway: Gateway, stream: UnixStream, refusals: Refus
             Identity::anonymous(Frontend::Uds, None)
         }
     };
-    match gateway.connect(Frontend::Uds, identity) {
+    match gateway.connect_with(Frontend::Uds, identity, slot) {
         Ok(caller) => serve_connection(gateway, stream, caller).await,
-        Err(refusal) => reject_connection(stream, refusal, refusals.polite()).await,
+        Err(refusal) => {
+            gateway.metrics().connection_rejected(Frontend::Uds);
+            reject_connection(stream, refusal, refusals.polite()).await
+        }
     }
 }
 
@@ -237,7 +255,10 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, caller: Caller) 
         let has_room = outbox.pending() < max_inflight;
         tokio::select! {
             biased;
-            _ = peer_gone.cancelled() => break,
+            _ = peer_gone.cancelled() => {
+                life.ends_because("client gone or stopped reading");
+                break;
+            }
             _ = gateway.shutdown().stopped(), if !life.is_draining() => {
                 if life.begin_drain() {
                     session.close_subscriptions();
@@ -282,6 +303,7 @@ async fn serve_connection(gateway: Gateway, stream: UnixStream, caller: Caller) 
         }
     }
     session.close_subscriptions();
+    session.caller().closing(life.reason());
     outbox.close();
     drop(frames);
     let _ = writer.await;

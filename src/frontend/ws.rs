@@ -238,6 +238,14 @@ impl Connection {
 
     async fn serve(mut self: Box<Self>) {
         let ending = self.run().await;
+        let reason = match ending {
+            Ending::Gone => "client gone",
+            Ending::ClientClosed => "client closed",
+            Ending::Close(close::SLOW_CONSUMER, _) => "slow client",
+            Ending::Close(_, reason) if self.life.reason() == "closed" => reason,
+            Ending::Close(..) => self.life.reason(),
+        };
+        self.session.caller().closing(reason);
         // Boxed, like every step that is not waiting: an idle connection is then only as big
         // as `run`'s wait, not as big as its largest step. (Each box is made in a statement of
         // its own: a temporary in the awaiting statement would be laid out in this future.)

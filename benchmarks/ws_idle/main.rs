@@ -29,6 +29,7 @@
 //! `serve` flags), IPC_GATEWAY_BIN, WSIDLE_NO_ARTIFACTS=1 (print only), WSIDLE_COMMAND (the
 //! command recorded in the report; set by benchmarks/ws_idle.sh, which also raises `ulimit -n`).
 
+#[path = "../common/mod.rs"]
 mod common;
 
 use std::fmt::Write as _;

@@ -130,20 +130,6 @@ impl RunMeta {
         )
     }
 
-    // Stand-ins for legacy.rs, removed with it.
-    pub fn machine_now() -> Machine {
-        machine()
-    }
-    pub fn recorded_command(command_var: &str, knobs: &[&str], fallback: &str) -> String {
-        recorded_command(command_var, knobs, fallback)
-    }
-    pub fn git_state(manifest: &Path, short: bool) -> GitState {
-        git_state(manifest, short)
-    }
-    pub fn built_at(bin: &Path) -> String {
-        built_at(bin)
-    }
-
     /// ` with uncommitted changes in a, b`, or nothing when the tree was clean.
     pub fn md_uncommitted(&self) -> String {
         let dirty = &self.git_at_start.uncommitted;

@@ -13,7 +13,6 @@
 #![allow(dead_code, unused_imports)]
 
 mod http;
-mod legacy;
 mod meta;
 mod procfs;
 mod procs;
@@ -21,7 +20,6 @@ mod report;
 mod settings;
 
 pub use http::*;
-pub use legacy::*;
 pub use meta::*;
 pub use procfs::*;
 pub use procs::*;

@@ -320,8 +320,8 @@ where
 enum Split {
     /// One whole frame or line.
     Item(Bytes),
-    /// Not enough bytes yet.
-    Incomplete,
+    /// Not enough bytes yet: at least this many more are needed.
+    Incomplete(usize),
     /// The stream cannot be read on: out of sync, or over the size limit.
     Broken,
 }
@@ -332,23 +332,28 @@ async fn read_stream(mut read: OwnedReadHalf, format: WireFormat, shared: Arc<Mu
     // JSON lines: how far `buf` was already searched for a newline.
     let mut scanned = 0;
     'read: loop {
-        loop {
+        // How many more bytes the frame or line at the front of `buf` needs, at least.
+        let wanted = loop {
             let split = match format {
                 WireFormat::Binary => split_frame(&mut buf),
                 WireFormat::JsonLines => split_line(&mut buf, &mut scanned),
             };
             let item = match split {
                 Split::Item(item) => item,
-                Split::Incomplete => break,
+                Split::Incomplete(more) => break more,
                 Split::Broken => break 'read,
             };
             match decode(format, item) {
                 Some(incoming) => dispatch(&shared, incoming),
                 None => break 'read,
             }
-        }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(BATCH_BYTES);
+        };
+        if buf.capacity() - buf.len() < wanted.max(4096) {
+            // The payloads handed out are slices of this buffer. Let the tasks they were
+            // handed to run first: once they have dropped them, `reserve` reuses the buffer
+            // instead of allocating (and page-faulting) a new one for every 64 KiB read.
+            tokio::task::yield_now().await;
+            buf.reserve(wanted.max(BATCH_BYTES));
         }
         match read.read_buf(&mut buf).await {
             Ok(n) if n > 0 => {}
@@ -383,7 +388,7 @@ fn close(shared: &Mutex<Shared>) {
 /// Takes one whole binary frame off the front of `buf`.
 fn split_frame(buf: &mut BytesMut) -> Split {
     if buf.len() < HEADER_LEN {
-        return Split::Incomplete;
+        return Split::Incomplete(HEADER_LEN - buf.len());
     }
     let header = FrameHeader::parse(buf);
     if buf[0] != binary::MAGIC || header.body_len as usize > MAX_INBOUND_FRAME {
@@ -391,8 +396,7 @@ fn split_frame(buf: &mut BytesMut) -> Split {
     }
     let total = HEADER_LEN + header.body_len as usize;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
-        return Split::Incomplete;
+        return Split::Incomplete(total - buf.len());
     }
     Split::Item(buf.split_to(total).freeze())
 }
@@ -404,7 +408,7 @@ fn split_line(buf: &mut BytesMut, scanned: &mut usize) -> Split {
             return Split::Broken;
         }
         *scanned = buf.len();
-        return Split::Incomplete;
+        return Split::Incomplete(1);
     };
     let end = *scanned + offset;
     *scanned = 0;
@@ -869,7 +873,7 @@ mod tests {
         );
         assert!(matches!(
             split_line(&mut buf, &mut scanned),
-            Split::Incomplete
+            Split::Incomplete(_)
         ));
         assert_eq!(scanned, buf.len());
 
@@ -885,7 +889,7 @@ mod tests {
         );
         let whole = frame.len();
         let mut buf = BytesMut::from(&frame[..whole - 1]);
-        assert!(matches!(split_frame(&mut buf), Split::Incomplete));
+        assert!(matches!(split_frame(&mut buf), Split::Incomplete(1)));
         buf.extend_from_slice(&frame[whole - 1..]);
         let Split::Item(item) = split_frame(&mut buf) else {
             panic!("the frame is whole");

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, future};
 use ipc_gateway::client::{Client, WireFormat};
 use ipc_gateway::frontend::grpc::pb::{self, exchange_reply, gateway_client::GatewayClient};
@@ -165,30 +165,21 @@ async fn connect_ws(port: u16, format: WireFormat) -> Result<Client, String> {
         })
     });
     // Answers until the gateway closes; pings and pongs are tungstenite's business. Each
-    // message is copied out into `arena`: tungstenite's messages are slices of its read buffer,
-    // and while one is alive (the client hands reply payloads to the waiting tasks) tungstenite
-    // cannot reuse that buffer and allocates and zero-fills a new one for the next frame.
-    let mut arena = BytesMut::new();
+    // message is copied out: tungstenite's messages are slices of its read buffer, and while
+    // one is alive (the client hands reply payloads to the waiting tasks) tungstenite cannot
+    // reuse that buffer and allocates and zero-fills a new one for the next frame. A copy of
+    // its own per message (small allocations the allocator recycles) costs less than a shared
+    // arena, whose 64 KiB blocks are returned to the kernel and faulted in again.
     let stream = stream
         .take_while(|message| future::ready(matches!(message, Ok(m) if !m.is_close())))
-        .filter_map(move |message| {
+        .filter_map(|message| {
             future::ready(match message {
-                Ok(WsMessage::Binary(data)) => Some(copy_out(&mut arena, &data)),
-                Ok(WsMessage::Text(text)) => Some(copy_out(&mut arena, text.as_bytes())),
+                Ok(WsMessage::Binary(data)) => Some(Bytes::copy_from_slice(&data)),
+                Ok(WsMessage::Text(text)) => Some(Bytes::copy_from_slice(text.as_bytes())),
                 _ => None,
             })
         });
     Ok(Client::over_messages(format, sink, Box::pin(stream)))
-}
-
-/// `data` copied to the end of `arena` and split off: one allocation per 64 KiB of messages,
-/// not one per message.
-fn copy_out(arena: &mut BytesMut, data: &[u8]) -> Bytes {
-    if arena.capacity() < data.len() {
-        arena.reserve(data.len().max(64 * 1024));
-    }
-    arena.extend_from_slice(data);
-    arena.split().freeze()
 }
 
 /// A gRPC target on one HTTP/2 connection to the gateway's gRPC port.

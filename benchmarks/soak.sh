@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the soak test (benchmarks/soak.rs): installs nats-server if it is missing, builds the
+# Runs the soak test (benchmarks/soak/): installs nats-server if it is missing, builds the
 # release gateway and the soak harness, then `cargo bench --bench soak`. Steady load through
 # one gateway for SOAK_SECONDS (default 1800), nats-server killed and restarted at 1/3 and
 # 2/3, the gateway's RSS and FDs sampled every 5 s. Report: artifacts/soak/latest.{md,json}.

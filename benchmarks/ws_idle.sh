@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the idle WebSocket memory benchmark (benchmarks/ws_idle.rs): installs nats-server if it
+# Runs the idle WebSocket memory benchmark (benchmarks/ws_idle/): installs nats-server if it
 # is missing, raises the open-files limit as far as allowed, builds the release gateway and the
 # bench, then `cargo bench --bench ws_idle`. It opens WSIDLE_CONNECTIONS (default 10000) idle
 # WebSocket connections to one gateway and reports the gateway's RSS per connection in

@@ -883,7 +883,7 @@ async fn grpc_connections_count_against_the_shared_connection_limit() {
     // The harness's HTTP requests for the metrics above hold a place under max_connections
     // until the gateway sees them close (an HTTP connection counts while it is HTTP): the
     // first gRPC client may have to try again for a moment.
-    let mut first = loop {
+    let first = loop {
         let mut client = gateway.grpc().await;
         let status = call(&mut client, request("nobody.home", "x"))
             .await

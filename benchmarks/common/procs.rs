@@ -1,0 +1,207 @@
+//! Child processes the benchmarks start (nats-server, the echo service, gateways), stopped when
+//! dropped; loopback ports; the private directory for sockets and logs; the gateway binary.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::http::http_status;
+
+/// How long start-up waits (nats-server, echo service, gateway) before giving up.
+pub const START_PATIENCE: Duration = Duration::from_secs(20);
+
+/// A child process that is stopped when dropped: SIGTERM, a bounded wait, then SIGKILL.
+pub struct Proc {
+    pub name: &'static str,
+    pub child: Child,
+    exited: Option<ExitStatus>,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, command: &mut Command) -> Result<Proc, String> {
+        let child = command
+            .spawn()
+            .map_err(|err| format!("cannot start {name} ({command:?}): {err}"))?;
+        Ok(Proc {
+            name,
+            child,
+            exited: None,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none()
+            && let Ok(Some(status)) = self.child.try_wait()
+        {
+            self.exited = Some(status);
+        }
+        self.exited
+    }
+
+    /// Fails if the process has already exited.
+    pub fn check_alive(&mut self) -> Result<(), String> {
+        match self.exited() {
+            None => Ok(()),
+            Some(status) => Err(format!("{} exited early: {status}", self.name)),
+        }
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
+            if let Ok(status) = self.child.wait() {
+                self.exited = Some(status);
+            }
+        }
+    }
+
+    /// SIGTERM, up to `patience` for it to exit, then SIGKILL. The exit status, and whether
+    /// it exited by itself (false: it had to be killed).
+    pub fn stop_within(&mut self, patience: Duration) -> (Option<ExitStatus>, bool) {
+        if let Some(status) = self.exited() {
+            return (Some(status), true);
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + patience;
+        while Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                return (Some(status), true);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        (self.exited, false)
+    }
+
+    /// SIGTERM, up to 8 s, then SIGKILL.
+    pub fn stop(&mut self) {
+        self.stop_within(Duration::from_secs(8));
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .map_err(|err| format!("no free loopback port: {err}"))
+}
+
+pub fn wait_for_tcp(port: u16, proc: &mut Proc) -> Result<(), String> {
+    let deadline = Instant::now() + START_PATIENCE;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        proc.check_alive()?;
+        if Instant::now() >= deadline {
+            return Err(format!("{} did not listen on port {port}", proc.name));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// One nats-server on a free loopback port, logging into `dir`; returns it and its URL.
+pub fn start_nats(dir: &Path) -> Result<(Proc, String), String> {
+    let port = free_port()?;
+    let mut nats = Proc::spawn(
+        "nats-server",
+        Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(dir, "nats-server.log")?),
+    )?;
+    wait_for_tcp(port, &mut nats)?;
+    Ok((nats, format!("nats://127.0.0.1:{port}")))
+}
+
+/// The demo echo service (`ipc-gateway demo-echo`) answering `subject`, logging warnings
+/// into `dir`.
+pub fn start_echo(bin: &Path, nats_url: &str, subject: &str, dir: &Path) -> Result<Proc, String> {
+    Proc::spawn(
+        "ipc-gateway demo-echo",
+        Command::new(bin)
+            .args(["demo-echo", "--nats-url", nats_url, "--subject", subject])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(dir, "echo.log")?),
+    )
+}
+
+pub fn log_file(dir: &Path, name: &str) -> Result<std::fs::File, String> {
+    std::fs::File::create(dir.join(name)).map_err(|err| format!("{name}: {err}"))
+}
+
+/// A private directory for sockets and logs, removed at the end.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// `$TMPDIR/<prefix>-<pid>`, e.g. prefix `ipc-gw-bench`.
+    pub fn new(prefix: &str) -> Result<TempDir, String> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|err| format!("{}: {err}", dir.display()))?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits until `/ready` on the gateway's HTTP port answers 200. Fails with `timeout_message`
+/// after START_PATIENCE, or at once if the gateway exits.
+pub fn wait_ready(http: u16, gateway: &mut Proc, timeout_message: &str) -> Result<(), String> {
+    let deadline = Instant::now() + START_PATIENCE;
+    while http_status(http, "/ready") != Some(200) {
+        gateway.check_alive()?;
+        if Instant::now() >= deadline {
+            return Err(timeout_message.to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The gateway binary: IPC_GATEWAY_BIN, else target/release/ipc-gateway (honouring
+/// CARGO_TARGET_DIR). `script` names what builds it, for the error message.
+pub fn gateway_binary(manifest: &Path, script: &str) -> Result<PathBuf, String> {
+    let bin = match std::env::var_os("IPC_GATEWAY_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| manifest.join("target"));
+            let target = if target.is_relative() {
+                manifest.join(target)
+            } else {
+                target
+            };
+            target.join("release").join("ipc-gateway")
+        }
+    };
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "the gateway binary {} is missing: run `cargo build --release` first ({script} does)",
+            bin.display()
+        ))
+    }
+}

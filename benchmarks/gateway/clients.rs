@@ -1,0 +1,284 @@
+//! One connected client per row, cloned into every task of the row: async-nats for the direct
+//! rows; `ipc_gateway::client::Client` for the gateway's Unix socket (binary frames or JSON
+//! lines), its WebSocket (the same client over tokio-tungstenite messages) and the bare echo;
+//! and the tonic client generated from proto/gateway.proto for the gRPC rows (unary calls, or
+//! requests pipelined on one `Exchange` stream by `ExchangeClient`).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt, future};
+use ipc_gateway::client::{Client, WireFormat};
+use ipc_gateway::frontend::grpc::pb::{self, exchange_reply, gateway_client::GatewayClient};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage, Utf8Bytes as WsUtf8Bytes};
+
+use crate::settings::{Case, Mode};
+use crate::{REQUEST_TIMEOUT, SUBJECT};
+
+type Grpc = GatewayClient<tonic::transport::Channel>;
+
+/// A connected client for one row; cloned into every task.
+#[derive(Clone)]
+pub enum Target {
+    Direct {
+        client: async_nats::Client,
+        subject: async_nats::Subject,
+        payload: Bytes,
+    },
+    /// The gateway's socket or WebSocket, or the bare echo.
+    Client {
+        client: Arc<Client>,
+        payload: Bytes,
+    },
+    GrpcUnary {
+        client: Grpc,
+        payload: Bytes,
+    },
+    GrpcExchange {
+        client: Arc<ExchangeClient>,
+        payload: Bytes,
+    },
+}
+
+impl Target {
+    /// One request and its reply, which must carry the payload back.
+    pub async fn once(&self) -> Result<(), String> {
+        let (got, expected) = match self {
+            Target::Direct {
+                client,
+                subject,
+                payload,
+            } => {
+                let reply = client
+                    .request(subject.clone(), payload.clone())
+                    .await
+                    .map_err(|err| err.to_string())?;
+                (reply.payload.len(), payload.len())
+            }
+            Target::Client { client, payload } => {
+                let reply = client
+                    .request(SUBJECT, payload, Some(REQUEST_TIMEOUT))
+                    .await
+                    .map_err(|err| err.to_string())?;
+                (reply.data.len(), payload.len())
+            }
+            Target::GrpcUnary { client, payload } => {
+                (grpc_request(client, payload).await?, payload.len())
+            }
+            Target::GrpcExchange { client, payload } => {
+                (client.call(payload).await?, payload.len())
+            }
+        };
+        if got == expected {
+            Ok(())
+        } else {
+            Err(format!("reply of {got} bytes, expected {expected}"))
+        }
+    }
+}
+
+/// Where the clients of a row connect to.
+pub struct Endpoints<'a> {
+    pub nats_url: &'a str,
+    pub bare_socket: &'a Path,
+    /// The gateway of the row's worker-thread count: socket, HTTP port, gRPC port.
+    pub gateway: Option<(&'a Path, u16, u16)>,
+}
+
+/// ASCII letters: valid UTF-8 and JSON-string-safe, so that every mode carries the same bytes.
+pub fn payload_text(size: usize) -> Bytes {
+    (0..size).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// Connects the row's client and sends one request, so that connection set-up is not in the
+/// row.
+pub async fn connect(case: Case, at: &Endpoints<'_>) -> Result<Target, String> {
+    let payload = payload_text(case.payload);
+    let gateway = || {
+        at.gateway
+            .ok_or_else(|| "no gateway for this row".to_string())
+    };
+    let client = |client: Client| Target::Client {
+        client: Arc::new(client),
+        payload: payload.clone(),
+    };
+    let target = match case.mode {
+        Mode::Direct | Mode::DirectMulti => connect_direct(at.nats_url, payload.clone()).await?,
+        Mode::GatewayBinary => client(connect_socket(gateway()?.0, WireFormat::Binary).await?),
+        Mode::GatewayJson => client(connect_socket(gateway()?.0, WireFormat::JsonLines).await?),
+        Mode::Bare => client(connect_socket(at.bare_socket, WireFormat::Binary).await?),
+        Mode::WsBinary => client(connect_ws(gateway()?.1, WireFormat::Binary).await?),
+        Mode::WsJson => client(connect_ws(gateway()?.1, WireFormat::JsonLines).await?),
+        Mode::GrpcUnary | Mode::GrpcExchange => {
+            connect_grpc(case.mode, gateway()?.2, payload.clone()).await?
+        }
+    };
+    first_request(&target, case.mode).await?;
+    Ok(target)
+}
+
+pub async fn connect_direct(url: &str, payload: Bytes) -> Result<Target, String> {
+    Ok(Target::Direct {
+        client: async_nats::ConnectOptions::new()
+            .name("ipc-gateway-bench")
+            .request_timeout(Some(REQUEST_TIMEOUT))
+            .connect(url)
+            .await
+            .map_err(|err| format!("connect {url}: {err}"))?,
+        subject: async_nats::Subject::from_static(SUBJECT),
+        payload,
+    })
+}
+
+/// One request first, so that connection set-up is not in the row.
+pub async fn first_request(target: &Target, mode: Mode) -> Result<(), String> {
+    let check = tokio::time::timeout(REQUEST_TIMEOUT, target.once())
+        .await
+        .map_err(|_| format!("{}: first request timed out", mode.name()))?;
+    check.map_err(|err| format!("{}: first request failed: {err}", mode.name()))
+}
+
+async fn connect_socket(path: &Path, format: WireFormat) -> Result<Client, String> {
+    Client::connect_with(path, format)
+        .await
+        .map_err(|err| format!("connect {}: {err}", path.display()))
+}
+
+/// The client over one WebSocket connection to the gateway's `GET /ws` (TCP_NODELAY on this
+/// side): a binary message per v1 frame, or a text message per JSON envelope.
+async fn connect_ws(port: u16, format: WireFormat) -> Result<Client, String> {
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
+        .await
+        .map_err(|err| format!("connect {url}: {err}"))?;
+    let (sink, stream) = ws.split();
+    let sink = sink.with(move |frame: Bytes| {
+        future::ready(match format {
+            WireFormat::Binary => Ok(WsMessage::Binary(frame)),
+            WireFormat::JsonLines => WsUtf8Bytes::try_from(frame)
+                .map(WsMessage::Text)
+                .map_err(tungstenite::Error::from),
+        })
+    });
+    // Answers until the gateway closes; pings and pongs are tungstenite's business. Each
+    // message is copied out: tungstenite's messages are slices of its read buffer, and while
+    // one is alive (the client hands reply payloads to the waiting tasks) tungstenite cannot
+    // reuse that buffer and allocates and zero-fills a new one for the next frame. A copy of
+    // its own per message (small allocations the allocator recycles) costs less than a shared
+    // arena, whose 64 KiB blocks are returned to the kernel and faulted in again.
+    let stream = stream
+        .take_while(|message| future::ready(matches!(message, Ok(m) if !m.is_close())))
+        .filter_map(|message| {
+            future::ready(match message {
+                Ok(WsMessage::Binary(data)) => Some(Bytes::copy_from_slice(&data)),
+                Ok(WsMessage::Text(text)) => Some(Bytes::copy_from_slice(text.as_bytes())),
+                _ => None,
+            })
+        });
+    Ok(Client::over_messages(format, sink, Box::pin(stream)))
+}
+
+/// A gRPC target on one HTTP/2 connection to the gateway's gRPC port.
+async fn connect_grpc(mode: Mode, port: u16, payload: Bytes) -> Result<Target, String> {
+    let url = format!("http://127.0.0.1:{port}");
+    let client = GatewayClient::connect(url.clone())
+        .await
+        .map_err(|err| format!("connect {url}: {err}"))?;
+    Ok(match mode {
+        Mode::GrpcExchange => Target::GrpcExchange {
+            client: Arc::new(ExchangeClient::open(client).await?),
+            payload,
+        },
+        _ => Target::GrpcUnary { client, payload },
+    })
+}
+
+/// One `Request` call; the reply's payload length.
+async fn grpc_request(client: &Grpc, payload: &Bytes) -> Result<usize, String> {
+    let message = pb::RequestMessage {
+        subject: SUBJECT.into(),
+        payload: payload.clone(),
+        timeout_ms: Some(REQUEST_TIMEOUT.as_millis() as u32),
+        ..Default::default()
+    };
+    let reply = client
+        .clone()
+        .request(message)
+        .await
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
+    Ok(reply.into_inner().payload.len())
+}
+
+type ExchangeWaiting = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<usize, String>>>>>;
+
+/// Requests pipelined on one `Exchange` stream; a reader task hands each answer to the request
+/// with its id.
+pub struct ExchangeClient {
+    next_id: AtomicU64,
+    waiting: ExchangeWaiting,
+    requests: mpsc::Sender<pb::ExchangeRequest>,
+}
+
+impl ExchangeClient {
+    async fn open(mut client: Grpc) -> Result<Self, String> {
+        let (requests, outgoing) = mpsc::channel(1024);
+        let answers = client
+            .exchange(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+            .await
+            .map_err(|status| format!("Exchange: {status}"))?
+            .into_inner();
+        let waiting = ExchangeWaiting::default();
+        tokio::spawn(read_answers(answers, waiting.clone()));
+        Ok(ExchangeClient {
+            next_id: AtomicU64::new(1),
+            waiting,
+            requests,
+        })
+    }
+
+    async fn call(&self, payload: &Bytes) -> Result<usize, String> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, answer) = oneshot::channel();
+        lock(&self.waiting).insert(id, sender);
+        let request = pb::ExchangeRequest {
+            id,
+            subject: SUBJECT.into(),
+            payload: payload.clone(),
+            timeout_ms: Some(REQUEST_TIMEOUT.as_millis() as u32),
+            ..Default::default()
+        };
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| "the Exchange stream is closed".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the Exchange stream ended before the answer".to_string())?
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn read_answers(mut answers: tonic::Streaming<pb::ExchangeReply>, waiting: ExchangeWaiting) {
+    while let Ok(Some(answer)) = answers.message().await {
+        let result = match answer.result {
+            Some(exchange_reply::Result::Reply(reply)) => Ok(reply.payload.len()),
+            Some(exchange_reply::Result::Error(error)) => {
+                Err(format!("{}: {}", error.code, error.message))
+            }
+            None => Err("an answer with neither reply nor error".into()),
+        };
+        let sender = lock(&waiting).remove(&answer.id);
+        if let Some(sender) = sender {
+            let _ = sender.send(result);
+        }
+    }
+    // The stream ended: whoever still waits gets an error (their senders drop).
+    lock(&waiting).clear();
+}

@@ -1,0 +1,44 @@
+//! The knobs (WSIDLE_* in the environment), checked.
+
+use std::time::Duration;
+
+use crate::common::{env_args, env_artifacts, env_f64};
+
+pub struct Settings {
+    pub connections: usize,
+    pub sources: usize,
+    pub big_bytes: usize,
+    pub handshakes: usize,
+    pub min_client_processes: usize,
+    pub settle: Duration,
+    pub gateway_args: Vec<String>,
+    pub artifacts: bool,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Settings, String> {
+        Ok(Settings {
+            connections: env_f64("WSIDLE_CONNECTIONS", 10_000.0, 1.0, 1e6)? as usize,
+            sources: env_f64("WSIDLE_SOURCES", 4.0, 1.0, 250.0)? as usize,
+            big_bytes: env_f64("WSIDLE_BIG_BYTES", 4096.0, 0.0, 1e6)? as usize,
+            handshakes: env_f64("WSIDLE_HANDSHAKES", 64.0, 1.0, 4096.0)? as usize,
+            min_client_processes: env_f64("WSIDLE_CLIENT_PROCESSES", 1.0, 1.0, 64.0)? as usize,
+            settle: Duration::from_secs_f64(env_f64("WSIDLE_SETTLE_SECONDS", 30.0, 1.0, 600.0)?),
+            gateway_args: env_args("WSIDLE_GATEWAY_ARGS"),
+            artifacts: env_artifacts("WSIDLE_NO_ARTIFACTS"),
+        })
+    }
+}
+
+/// The knobs recorded in the command line when benchmarks/ws_idle.sh did not set
+/// WSIDLE_COMMAND.
+pub const KNOBS: &[&str] = &[
+    "WSIDLE_CONNECTIONS",
+    "WSIDLE_SOURCES",
+    "WSIDLE_BIG_BYTES",
+    "WSIDLE_HANDSHAKES",
+    "WSIDLE_CLIENT_PROCESSES",
+    "WSIDLE_SETTLE_SECONDS",
+    "WSIDLE_GATEWAY_ARGS",
+    "IPC_GATEWAY_BIN",
+];

@@ -161,3 +161,393 @@ async fn subscriptions_per_connection_are_bounded_on_every_front_end() {
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     drop(streams);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Who is calling, and what the policy lets them do: the helpers.
+
+const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_ipc-gateway");
+/// The second local user the tests act as (`nobody` on Debian).
+const NOBODY: u32 = 65534;
+/// A HS256 secret the gateways under test verify tokens with (32 bytes, the minimum).
+const SECRET: &[u8] = b"trust-tests-secret-0123456789abc";
+/// What a forger signs with instead.
+const WRONG_SECRET: &[u8] = b"forgers-secret-00000000000000000";
+
+fn key_file(name: &str) -> String {
+    format!("{}/tests/fixtures/keys/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A service written here as a plain NATS client: it answers every request on its subject
+/// with the request's own payload (and no headers), and hands the test each message exactly
+/// as NATS delivered it, so the test sees what a real service would see.
+struct Service {
+    messages: tokio::sync::mpsc::UnboundedReceiver<async_nats::Message>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Service {
+    async fn start(nats: &NatsServer, subject: &str) -> Service {
+        let client = nats.client().await;
+        let mut subscriber = client.subscribe(subject.to_owned()).await.unwrap();
+        confirmed(&client).await;
+        let (sender, messages) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Some(message) = subscriber.next().await {
+                if let Some(reply) = message.reply.clone() {
+                    let _ = client.publish(reply, message.payload.clone()).await;
+                }
+                let _ = sender.send(message);
+            }
+        });
+        Service {
+            messages,
+            _task: task,
+        }
+    }
+
+    /// The next message the service received.
+    async fn next(&mut self) -> async_nats::Message {
+        tokio::time::timeout(PATIENCE, self.messages.recv())
+            .await
+            .expect("the service received a message in time")
+            .expect("the service runs")
+    }
+}
+
+/// Returns once nats-server has processed everything `client` sent before (its SUBs above
+/// all): `flush()` only writes the socket, so a message to a subject only this client
+/// listens on makes the round trip.
+async fn confirmed(client: &async_nats::Client) {
+    let subject = format!("trust.sync.{}", client.new_inbox().replace('.', "_"));
+    let mut sync = client.subscribe(subject.clone()).await.unwrap();
+    client.publish(subject, "".into()).await.unwrap();
+    client.flush().await.unwrap();
+    tokio::time::timeout(PATIENCE, sync.next())
+        .await
+        .expect("nats-server answered the sync round trip")
+        .expect("sync subscription open");
+}
+
+/// One header's first value, the name compared in any case.
+fn header(message: &async_nats::Message, name: &str) -> Option<String> {
+    message
+        .headers
+        .as_ref()?
+        .iter()
+        .find(|(key, _)| {
+            let key: &str = key.as_ref();
+            key.eq_ignore_ascii_case(name)
+        })
+        .and_then(|(_, values)| values.first())
+        .map(|value| value.as_str().to_owned())
+}
+
+/// Every header name the message carries.
+fn header_names(message: &async_nats::Message) -> Vec<String> {
+    message.headers.as_ref().map_or_else(Vec::new, |headers| {
+        headers
+            .iter()
+            .map(|(name, _)| {
+                let name: &str = name.as_ref();
+                name.to_owned()
+            })
+            .collect()
+    })
+}
+
+/// The `Ipc-Gateway-*` header names a message carries.
+fn identity_header_names(message: &async_nats::Message) -> Vec<String> {
+    header_names(message)
+        .into_iter()
+        .filter(|name| name.to_ascii_lowercase().starts_with("ipc-gateway-"))
+        .collect()
+}
+
+/// A policy file in a directory of its own; rewrite it and send SIGHUP to reload.
+struct PolicyFile {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl PolicyFile {
+    fn new(text: &str) -> PolicyFile {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, text).unwrap();
+        PolicyFile { _dir: dir, path }
+    }
+
+    fn write(&self, text: &str) {
+        std::fs::write(&self.path, text).unwrap();
+    }
+
+    fn arg(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+/// A file holding `SECRET`, for `--auth-jwt-secret-file`.
+struct SecretFile {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl SecretFile {
+    fn new() -> SecretFile {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwt.secret");
+        std::fs::write(&path, [SECRET, b"\n"].concat()).unwrap();
+        SecretFile { _dir: dir, path }
+    }
+
+    fn arg(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Claims for `sub` that expire `exp_in` seconds from now (negative: expired that long ago).
+fn claims(sub: &str, exp_in: i64) -> serde_json::Value {
+    json!({"sub": sub, "iat": unix_now(), "exp": unix_now() + exp_in})
+}
+
+fn hs256(claims: &serde_json::Value, secret: &[u8]) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret).unwrap(),
+    )
+    .unwrap()
+}
+
+fn eddsa(claims: &serde_json::Value, private_key_file: &str) -> String {
+    let pem = std::fs::read(key_file(private_key_file)).unwrap();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+        claims,
+        &jsonwebtoken::EncodingKey::from_ed_pem(&pem).unwrap(),
+    )
+    .unwrap()
+}
+
+/// A gRPC request to `subject`, with `authorization: Bearer <token>` when given.
+fn grpc_request(subject: &str, token: Option<&str>) -> tonic::Request<pb::RequestMessage> {
+    let mut request = tonic::Request::new(pb::RequestMessage {
+        subject: subject.into(),
+        payload: "hi".into(),
+        timeout_ms: Some(5000),
+        ..Default::default()
+    });
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    request
+}
+
+/// Waits until a counter reaches `value` (a reload is applied by the gateway's own task).
+async fn wait_metric(gateway: &GatewayProcess, series: &str, value: f64) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let now = gateway.metric(series).await.unwrap_or(0.0);
+        if now >= value {
+            assert_eq!(now, value, "{series}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} stayed at {now}, wanted {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `setpriv` when this process may use it to run something as another uid (root, with
+/// util-linux installed); `None` (and the test prints why it skips) otherwise.
+fn setpriv() -> Option<&'static str> {
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|meta| meta.uid() == 0);
+    let found = ["/usr/bin/setpriv", "/bin/setpriv"]
+        .into_iter()
+        .find(|path| std::path::Path::new(path).exists());
+    match (root, found) {
+        (true, Some(path)) => Some(path),
+        (false, _) => {
+            println!("SKIPPED: the test process is not root, so it cannot run a second uid");
+            None
+        }
+        (true, None) => {
+            println!("SKIPPED: setpriv (util-linux) is not installed");
+            None
+        }
+    }
+}
+
+/// Lets other local users reach the gateway's socket: its directory is a 0700 temporary
+/// directory (the socket itself gets `--socket-mode 0666`).
+fn share_socket_directory(gateway: &GatewayProcess) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = gateway.socket.parent().unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Runs `program args…` as `uid` (its own group, no supplementary groups) and returns its
+/// output and its pid.
+async fn run_as(
+    setpriv: &str,
+    uid: u32,
+    program: &str,
+    args: &[&str],
+) -> (std::process::Output, u32) {
+    let id = uid.to_string();
+    let child = tokio::process::Command::new(setpriv)
+        .args(["--reuid", &id, "--regid", &id, "--clear-groups", program])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run setpriv");
+    let pid = child.id().expect("a pid");
+    let output = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .expect("the client as another uid finished in time")
+        .expect("its output");
+    (output, pid)
+}
+
+/// A JSON-lines client for the Unix socket, in Python, to be run as another uid: it sends
+/// each argument after the socket path as one line and prints each answer line.
+const PY_JSON_CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rwb")
+for line in sys.argv[2:]:
+    f.write(line.encode() + b"\n")
+    f.flush()
+    print(f.readline().decode().strip(), flush=True)
+"#;
+
+fn python3() -> Option<&'static str> {
+    // Not the PATH's python3: a root-only pyenv shim comes first there on some machines.
+    ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|path| std::path::Path::new(path).exists())
+}
+
+// ---------------------------------------------------------------------------------------------
+// A second local user.
+
+#[tokio::test]
+async fn a_second_local_uid_is_identified_by_the_kernel_and_held_to_its_grants() {
+    let Some(setpriv) = setpriv() else { return };
+    let nats = NatsServer::start();
+    // Listens on every svc subject, so a refused request would show up here if it leaked.
+    let mut service = Service::start(&nats, "svc.>").await;
+    let policy = PolicyFile::new(&format!(
+        "[[grant]]\nmatch = {{ uid = {NOBODY} }}\nrequest = {{ allow = [\"svc.ok.>\"] }}\n"
+    ));
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &["--policy", policy.arg(), "--socket-mode", "0666"],
+    );
+    share_socket_directory(&gateway);
+    let socket = gateway.socket.to_str().unwrap();
+
+    let (denied, _) = run_as(
+        setpriv,
+        NOBODY,
+        GATEWAY_BIN,
+        &["request", "svc.denied", "no", "--socket", socket],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(!denied.status.success(), "{denied:?}");
+    assert!(stderr.starts_with("FORBIDDEN: "), "{stderr}");
+    assert!(
+        stderr.contains("uid=65534"),
+        "the refusal names the caller: {stderr}"
+    );
+
+    let (allowed, pid) = run_as(
+        setpriv,
+        NOBODY,
+        GATEWAY_BIN,
+        &["request", "svc.ok.x", "yes", "--socket", socket],
+    )
+    .await;
+    assert!(allowed.status.success(), "{allowed:?}");
+    assert_eq!(String::from_utf8_lossy(&allowed.stdout), "yes\n");
+    // The first message the service sees is the allowed one: the refused request never
+    // reached NATS.
+    let seen = service.next().await;
+    assert_eq!(seen.subject.as_str(), "svc.ok.x");
+    assert_eq!(header(&seen, "Ipc-Gateway-Uid").as_deref(), Some("65534"));
+    assert_eq!(header(&seen, "Ipc-Gateway-User").as_deref(), Some("nobody"));
+    assert_eq!(header(&seen, "Ipc-Gateway-Pid"), Some(pid.to_string()));
+    assert_eq!(
+        header(&seen, "Ipc-Gateway-Frontend").as_deref(),
+        Some("uds")
+    );
+    assert_eq!(
+        header(&seen, "Ipc-Gateway-Identity"),
+        Some(format!("uid=65534 user=nobody pid={pid}"))
+    );
+
+    // The grant is nobody's: root (this process) on the same socket is refused the same
+    // subject.
+    let mut root = gateway.json().await;
+    let refused = root
+        .call(&json!({"id":1,"subject":"svc.ok.x","data":"root"}).to_string())
+        .await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("uid=0"),
+        "{refused}"
+    );
+
+    // Claiming another uid in a header is refused, on a connection that stays open.
+    let Some(python) = python3() else {
+        println!("SKIPPED (the rest): no python3 outside root's home to run as uid {NOBODY}");
+        return;
+    };
+    let lines = [
+        json!({"id":1,"subject":"svc.ok.x","data":"forged","headers":{"Ipc-Gateway-Uid":"0"}}),
+        json!({"id":2,"subject":"svc.ok.x","data":"forged","headers":{"ipc-gateway-identity":"uid=0 user=root"}}),
+        json!({"id":3,"subject":"svc.ok.x","data":"honest","headers":{"X-Claim":"uid=0"}}),
+    ]
+    .map(|line| line.to_string());
+    let mut args = vec!["-c", PY_JSON_CLIENT, socket];
+    args.extend(lines.iter().map(String::as_str));
+    let (forged, _) = run_as(setpriv, NOBODY, python, &args).await;
+    assert!(forged.status.success(), "{forged:?}");
+    let answers: Vec<serde_json::Value> = String::from_utf8_lossy(&forged.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    for answer in &answers[..2] {
+        assert_eq!(answer["error"]["code"], "BAD_REQUEST", "{answer}");
+    }
+    assert_eq!(answers[2]["data"], "honest", "{}", answers[2]);
+    let seen = service.next().await;
+    assert_eq!(
+        seen.payload.as_ref(),
+        b"honest",
+        "a forged request reached NATS"
+    );
+    assert_eq!(header(&seen, "Ipc-Gateway-Uid").as_deref(), Some("65534"));
+    assert_eq!(header(&seen, "X-Claim").as_deref(), Some("uid=0"));
+}

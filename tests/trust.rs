@@ -551,3 +551,222 @@ async fn a_second_local_uid_is_identified_by_the_kernel_and_held_to_its_grants()
     assert_eq!(header(&seen, "Ipc-Gateway-Uid").as_deref(), Some("65534"));
     assert_eq!(header(&seen, "X-Claim").as_deref(), Some("uid=0"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reserved subjects, snooping and answering.
+
+#[tokio::test]
+async fn without_a_policy_reserved_subjects_are_refused_and_filtered_out_of_a_wildcard() {
+    let nats = NatsServer::start();
+    let _echo = spawn_echo(&nats.url(), "svc.x", Duration::ZERO).await;
+    // A plain NATS tap proves that what the gateway's client must not see did go over the bus.
+    let tap_client = nats.client().await;
+    let mut tap = tap_client.subscribe(">").await.unwrap();
+    confirmed(&tap_client).await;
+    // One NATS connection: everything below reaches the gateway in the order NATS sent it.
+    let gateway = GatewayProcess::start(&nats.url(), &["--nats-connections", "1"]);
+    let mut watcher = gateway.json().await;
+    for subject in [
+        "_INBOX.>",
+        "$SYS.>",
+        "$JS.>",
+        "$JS.API.>",
+        "$KV.>",
+        "$O.>",
+        "_IPC_GATEWAY.>",
+    ] {
+        let refused = watcher
+            .call(&json!({"op":"subscribe","id":"r","subject":subject}).to_string())
+            .await;
+        assert_eq!(
+            refused["error"]["code"], "FORBIDDEN",
+            "subscribe {subject}: {refused}"
+        );
+    }
+    for subject in ["$JS.API.INFO", "$SYS.REQ.SERVER.PING"] {
+        // Refused before NATS: not NO_RESPONDERS (this nats-server has no JetStream).
+        let refused = watcher
+            .call(&json!({"id":"q","subject":subject,"data":"","timeout_ms":2000}).to_string())
+            .await;
+        assert_eq!(
+            refused["error"]["code"], "FORBIDDEN",
+            "request {subject}: {refused}"
+        );
+    }
+    let refused = watcher
+        .call(&json!({"op":"publish","id":"p","subject":"_INBOX.x","data":"spoof"}).to_string())
+        .await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    // The connection is still served, and `>` means "all I may see".
+    let ack = watcher
+        .call(r#"{"op":"subscribe","id":"all","subject":">"}"#)
+        .await;
+    assert_eq!(ack, json!({"id":"all","ok":true}));
+
+    let mut requester = gateway.json().await;
+    let reply = requester
+        .call(r#"{"id":1,"subject":"svc.x","data":"secret-answer","timeout_ms":5000}"#)
+        .await;
+    assert_eq!(reply["data"], "secret-answer", "{reply}");
+    let request = watcher.recv().await;
+    assert_eq!(request["subject"], "svc.x", "{request}");
+    let reply_to = request["reply_to"]
+        .as_str()
+        .expect("a request has reply_to");
+    assert!(reply_to.starts_with("_INBOX."), "{reply_to}");
+
+    let publisher = nats.client().await;
+    for (subject, data) in [
+        ("$SYS.x", "system"),
+        ("_INBOX.someone.1", "inbox"),
+        ("events.x", "visible"),
+    ] {
+        publisher.publish(subject, data.into()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    // The echo's answer on the requester's reply subject, `$SYS.x` and `_INBOX.someone.1` all
+    // came before `events.x`: the next message is `events.x`, so none of them was delivered.
+    let next = watcher.recv().await;
+    assert_eq!(
+        (next["subject"].as_str(), next["data"].as_str()),
+        (Some("events.x"), Some("visible")),
+        "{next}"
+    );
+    // ... although they were on the bus.
+    let mut wanted = vec![
+        (reply_to.to_owned(), "secret-answer"),
+        ("$SYS.x".to_owned(), "system"),
+        ("_INBOX.someone.1".to_owned(), "inbox"),
+    ];
+    while !wanted.is_empty() {
+        let message = tokio::time::timeout(PATIENCE, tap.next())
+            .await
+            .unwrap_or_else(|_| panic!("the tap never saw {wanted:?}"))
+            .unwrap();
+        wanted.retain(|(subject, data)| {
+            !(message.subject.as_str() == subject && message.payload.as_ref() == data.as_bytes())
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_sees_a_reply_subject_cannot_snoop_on_or_answer_other_requests() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut snoop = gateway.json().await;
+    let ack = snoop
+        .call(r#"{"op":"subscribe","id":"s","subject":"svc.x"}"#)
+        .await;
+    assert_eq!(ack["ok"], true);
+    let mut victim = gateway.json().await;
+    victim
+        .send(r#"{"id":1,"subject":"svc.x","data":"q","timeout_ms":8000}"#)
+        .await;
+    let request = snoop.recv().await;
+    assert_eq!(request["subject"], "svc.x", "{request}");
+    let reply_to = request["reply_to"].as_str().unwrap().to_owned();
+    let (prefix, _token) = reply_to.rsplit_once('.').unwrap();
+    for pattern in [
+        format!("{prefix}.*"),
+        format!("{prefix}.>"),
+        "_INBOX.>".to_owned(),
+        "_INBOX.*.*".to_owned(),
+    ] {
+        let refused = snoop
+            .call(&json!({"op":"subscribe","id":"snoop","subject":pattern}).to_string())
+            .await;
+        assert_eq!(
+            refused["error"]["code"], "FORBIDDEN",
+            "{pattern}: {refused}"
+        );
+    }
+    // A third client that saw the reply subject (it leaked, say) may not answer it: only the
+    // client the request was delivered to may.
+    let mut spoofer = gateway.json().await;
+    let refused = spoofer
+        .call(&json!({"op":"publish","id":"p","subject":reply_to,"data":"SPOOF"}).to_string())
+        .await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    let answered = snoop
+        .call(&json!({"op":"publish","id":"a","subject":reply_to,"data":"real"}).to_string())
+        .await;
+    assert_eq!(answered, json!({"id":"a","ok":true}));
+    let reply = victim.recv().await;
+    assert_eq!(
+        (reply["id"].as_i64(), reply["data"].as_str()),
+        (Some(1), Some("real")),
+        "{reply}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_answers_a_request_it_received_once_although_it_may_publish_nothing() {
+    let nats = NatsServer::start();
+    // Local processes (this test runs as one uid) serve `svc.>` and may publish nothing;
+    // anonymous WebSocket clients may request it.
+    let policy = PolicyFile::new(
+        r#"
+[[grant]]
+match = { anonymous = false }
+subscribe = { allow = ["svc.>"] }
+
+[[grant]]
+match = { anonymous = true }
+request = { allow = ["svc.>"] }
+"#,
+    );
+    let gateway = GatewayProcess::start(&nats.url(), &["--policy", policy.arg()]);
+    let mut server = gateway.json().await;
+    let ack = server
+        .call(r#"{"op":"subscribe","id":"s","subject":"svc.>"}"#)
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    let refused = server
+        .call(r#"{"op":"publish","id":"p","subject":"svc.other","data":"x"}"#)
+        .await;
+    assert_eq!(
+        refused["error"]["code"], "FORBIDDEN",
+        "publishes nothing: {refused}"
+    );
+
+    let mut requester = ws::connect(&gateway, None).await.unwrap();
+    ws::send(
+        &mut requester,
+        r#"{"id":7,"subject":"svc.add","data":"1+1","timeout_ms":8000}"#,
+    )
+    .await;
+    let request = server.recv().await;
+    assert_eq!(request["subject"], "svc.add", "{request}");
+    let reply_to = request["reply_to"].as_str().unwrap().to_owned();
+    let answered = server
+        .call(&json!({"op":"publish","id":"a1","subject":reply_to,"data":"2"}).to_string())
+        .await;
+    assert_eq!(answered, json!({"id":"a1","ok":true}));
+    let reply = ws::next_json(&mut requester).await;
+    assert_eq!(reply["id"], 7, "{reply}");
+    assert_eq!(reply["data"], "2", "{reply}");
+    // The answer carries who answered, like every message the gateway sends for a client.
+    assert_eq!(reply["headers"]["Ipc-Gateway-Uid"], "0", "{reply}");
+
+    let again = server
+        .call(&json!({"op":"publish","id":"a2","subject":reply_to,"data":"3"}).to_string())
+        .await;
+    assert_eq!(
+        again["error"]["code"], "FORBIDDEN",
+        "a second answer: {again}"
+    );
+    let (prefix, _) = reply_to.rsplit_once('.').unwrap();
+    for subject in [
+        "_INBOX.x".to_owned(),
+        format!("{prefix}.1"),
+        format!("{reply_to}x"),
+    ] {
+        let refused = server
+            .call(&json!({"op":"publish","id":"i","subject":subject,"data":"4"}).to_string())
+            .await;
+        assert_eq!(
+            refused["error"]["code"], "FORBIDDEN",
+            "{subject}: {refused}"
+        );
+    }
+}

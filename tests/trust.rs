@@ -770,3 +770,397 @@ request = { allow = ["svc.>"] }
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tokens: WebSocket and gRPC.
+
+/// Bob (a token's subject) may request `svc.>`; anonymous callers only `public.>`.
+const TOKEN_POLICY: &str = r#"
+[[grant]]
+match = { sub = "bob" }
+request = { allow = ["svc.>"] }
+
+[[grant]]
+match = { anonymous = true }
+request = { allow = ["public.>"] }
+"#;
+
+/// A token with `alg: none` and no signature.
+fn unsigned(claims: &serde_json::Value) -> String {
+    use base64::Engine;
+    let encode = |value: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+    };
+    format!(
+        "{}.{}.",
+        encode(json!({"alg":"none","typ":"JWT"})),
+        encode(claims.clone())
+    )
+}
+
+/// Asserts that the service saw a request from the token subject `bob` on `frontend`, and
+/// nothing of the token itself.
+fn assert_from_bob(seen: &async_nats::Message, frontend: &str, token: &str) {
+    assert_eq!(header(seen, "Ipc-Gateway-Sub").as_deref(), Some("bob"));
+    assert_eq!(
+        header(seen, "Ipc-Gateway-Identity").as_deref(),
+        Some("sub=bob")
+    );
+    assert_eq!(
+        header(seen, "Ipc-Gateway-Frontend").as_deref(),
+        Some(frontend)
+    );
+    assert_eq!(header(seen, "Ipc-Gateway-Uid"), None, "a token has no uid");
+    assert_eq!(header(seen, "Authorization"), None, "{:?}", seen.headers);
+    let leaked = seen
+        .headers
+        .iter()
+        .flat_map(|headers| headers.iter())
+        .any(|(_, values)| values.iter().any(|value| value.as_str().contains(token)));
+    assert!(!leaked, "the token reached the service: {:?}", seen.headers);
+}
+
+/// The WebSocket request every token test sends; returns the answer.
+async fn ws_request(ws: &mut ws::Ws, subject: &str, data: &str) -> serde_json::Value {
+    ws::call(
+        ws,
+        &json!({"id":1,"subject":subject,"data":data,"timeout_ms":5000}).to_string(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn websocket_takes_an_hs256_token_in_the_authorization_header_or_the_subprotocol_list() {
+    let nats = NatsServer::start();
+    let mut service = Service::start(&nats, "svc.>").await;
+    let policy = PolicyFile::new(TOKEN_POLICY);
+    let secret = SecretFile::new();
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--policy",
+            policy.arg(),
+            "--auth-jwt-secret-file",
+            secret.arg(),
+        ],
+    );
+    let valid = hs256(&claims("bob", 600), SECRET);
+
+    // Without a token: anonymous, and the policy for anonymous callers applies.
+    let (mut anonymous, _) = ws::connect_with_headers(&gateway, &[]).await.unwrap();
+    let refused = ws_request(&mut anonymous, "svc.who", "anonymous").await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+
+    // The Authorization header (the scheme word in any case).
+    for scheme in ["Bearer", "bearer"] {
+        let authorization = format!("{scheme} {valid}");
+        let (mut bob, _) = ws::connect_with_headers(&gateway, &[("Authorization", &authorization)])
+            .await
+            .unwrap();
+        let reply = ws_request(&mut bob, "svc.who", scheme).await;
+        assert_eq!(reply["data"], scheme, "{reply}");
+        let seen = service.next().await;
+        assert_eq!(seen.payload.as_ref(), scheme.as_bytes());
+        assert_from_bob(&seen, "ws", &valid);
+    }
+
+    // The subprotocol list, as a browser sends it: `ipc-gateway.v1` is selected, the token
+    // is not echoed.
+    let offered = format!("ipc-gateway.v1, bearer.{valid}");
+    let (mut browser, response) =
+        ws::connect_with_headers(&gateway, &[("Sec-WebSocket-Protocol", &offered)])
+            .await
+            .unwrap();
+    let selected = response.headers().get("sec-websocket-protocol");
+    assert_eq!(
+        selected.and_then(|value| value.to_str().ok()),
+        Some("ipc-gateway.v1")
+    );
+    for (name, value) in response.headers() {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        assert!(
+            !value.contains(&valid),
+            "the token echoed in {name}: {value}"
+        );
+    }
+    let reply = ws_request(&mut browser, "svc.who", "subprotocol").await;
+    assert_eq!(reply["data"], "subprotocol", "{reply}");
+    assert_from_bob(&service.next().await, "ws", &valid);
+
+    // A bad token is refused on the upgrade, in either form.
+    let bad = [
+        ("expired", hs256(&claims("bob", -3600), SECRET)),
+        ("forged", hs256(&claims("bob", 600), WRONG_SECRET)),
+        ("unsigned", unsigned(&claims("bob", 600))),
+        ("malformed", "not.a-jwt.at-all".to_owned()),
+    ];
+    for (what, token) in &bad {
+        let authorization = format!("Bearer {token}");
+        let refused =
+            ws::connect_with_headers(&gateway, &[("Authorization", &authorization)]).await;
+        assert_eq!(refused.err(), Some(401), "{what} token in Authorization");
+        let offered = format!("ipc-gateway.v1, bearer.{token}");
+        let refused =
+            ws::connect_with_headers(&gateway, &[("Sec-WebSocket-Protocol", &offered)]).await;
+        assert_eq!(
+            refused.err(),
+            Some(401),
+            "{what} token in the subprotocol list"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_websocket_auth_message_changes_who_is_calling_and_a_bad_one_closes_with_1008() {
+    let nats = NatsServer::start();
+    let mut service = Service::start(&nats, "svc.>").await;
+    let policy = PolicyFile::new(TOKEN_POLICY);
+    let secret = SecretFile::new();
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--policy",
+            policy.arg(),
+            "--auth-jwt-secret-file",
+            secret.arg(),
+        ],
+    );
+    let valid = hs256(&claims("bob", 600), SECRET);
+
+    let mut ws = ws::connect(&gateway, None).await.unwrap();
+    let refused = ws_request(&mut ws, "svc.who", "before").await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    let authenticated = ws::call(
+        &mut ws,
+        &json!({"op":"auth","id":1,"token":valid}).to_string(),
+    )
+    .await;
+    assert_eq!(authenticated, json!({"op":"auth","id":1,"ok":true}));
+    // Same connection, now bob: bob's grant applies, and the service is told it is bob.
+    let reply = ws_request(&mut ws, "svc.who", "after").await;
+    assert_eq!(reply["data"], "after", "{reply}");
+    let seen = service.next().await;
+    assert_eq!(seen.payload.as_ref(), b"after");
+    assert_from_bob(&seen, "ws", &valid);
+
+    for (what, token) in [
+        ("expired", hs256(&claims("bob", -3600), SECRET)),
+        ("forged", hs256(&claims("bob", 600), WRONG_SECRET)),
+    ] {
+        let mut ws = ws::connect(&gateway, None).await.unwrap();
+        let answer = ws::call(
+            &mut ws,
+            &json!({"op":"auth","id":1,"token":token}).to_string(),
+        )
+        .await;
+        assert_eq!(answer["id"], 1, "{what}: {answer}");
+        assert_eq!(
+            answer["error"]["code"], "UNAUTHENTICATED",
+            "{what}: {answer}"
+        );
+        assert_eq!(ws::close_code(&mut ws).await, Some(1008), "{what}");
+    }
+}
+
+#[tokio::test]
+async fn with_auth_required_websocket_and_grpc_callers_without_a_token_are_refused() {
+    let nats = NatsServer::start();
+    let mut service = Service::start(&nats, "svc.>").await;
+    let secret = SecretFile::new();
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &["--auth-required", "--auth-jwt-secret-file", secret.arg()],
+    );
+    let valid = hs256(&claims("bob", 600), SECRET);
+
+    assert_eq!(ws::connect(&gateway, None).await.err(), Some(401));
+    let refused =
+        ws::connect_with_headers(&gateway, &[("Sec-WebSocket-Protocol", "ipc-gateway.v1")]).await;
+    assert_eq!(
+        refused.err(),
+        Some(401),
+        "a subprotocol list without a token"
+    );
+    let authorization = format!("Bearer {valid}");
+    let (mut ws, _) = ws::connect_with_headers(&gateway, &[("Authorization", &authorization)])
+        .await
+        .unwrap();
+    let reply = ws_request(&mut ws, "svc.who", "ws").await;
+    assert_eq!(reply["data"], "ws", "{reply}");
+    assert_from_bob(&service.next().await, "ws", &valid);
+
+    let mut client = gateway.grpc().await;
+    let status = client
+        .request(grpc_request("svc.who", None))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    let status = client
+        .subscribe(pb::SubscribeRequest {
+            subject: "svc.>".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    let reply = client
+        .request(grpc_request("svc.who", Some(&valid)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.payload.as_ref(), b"hi");
+    assert_from_bob(&service.next().await, "grpc", &valid);
+}
+
+#[tokio::test]
+async fn grpc_calls_each_carry_their_own_hs256_token_which_never_reaches_the_service() {
+    let nats = NatsServer::start();
+    let mut service = Service::start(&nats, "svc.>").await;
+    let policy = PolicyFile::new(TOKEN_POLICY);
+    let secret = SecretFile::new();
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--policy",
+            policy.arg(),
+            "--auth-jwt-secret-file",
+            secret.arg(),
+        ],
+    );
+    let valid = hs256(&claims("bob", 600), SECRET);
+    // One HTTP/2 connection for every call below: the identity is the call's, not the
+    // connection's.
+    let mut client = gateway.grpc().await;
+
+    let mut request = grpc_request("svc.who", Some(&valid));
+    request
+        .metadata_mut()
+        .insert("x-trace", "t1".parse().unwrap());
+    let reply = client.request(request).await.unwrap().into_inner();
+    assert_eq!(reply.payload.as_ref(), b"hi");
+    let seen = service.next().await;
+    assert_from_bob(&seen, "grpc", &valid);
+    // Other metadata is forwarded, so the missing `authorization` was left out on purpose.
+    assert_eq!(header(&seen, "x-trace").as_deref(), Some("t1"));
+
+    let status = client
+        .request(grpc_request("svc.who", None))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        tonic::Code::PermissionDenied,
+        "anonymous: {status:?}"
+    );
+    assert!(status.message().starts_with("FORBIDDEN"), "{status:?}");
+
+    let mut wrong_scheme = grpc_request("svc.who", None);
+    wrong_scheme
+        .metadata_mut()
+        .insert("authorization", format!("Basic {valid}").parse().unwrap());
+    let bad = [
+        (
+            "expired",
+            grpc_request("svc.who", Some(&hs256(&claims("bob", -3600), SECRET))),
+        ),
+        (
+            "forged",
+            grpc_request("svc.who", Some(&hs256(&claims("bob", 600), WRONG_SECRET))),
+        ),
+        (
+            "unsigned",
+            grpc_request("svc.who", Some(&unsigned(&claims("bob", 600)))),
+        ),
+        ("malformed", grpc_request("svc.who", Some("garbage"))),
+        ("not bearer", wrong_scheme),
+    ];
+    for (what, request) in bad {
+        let status = client.request(request).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unauthenticated,
+            "{what}: {status:?}"
+        );
+        assert_eq!(
+            status
+                .metadata()
+                .get("ipc-gateway-error")
+                .and_then(|v| v.to_str().ok()),
+            Some("UNAUTHENTICATED"),
+            "{what}"
+        );
+    }
+    // None of the refused calls reached NATS: the next message the service sees is this one.
+    let reply = client
+        .request(grpc_request("svc.last", Some(&valid)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.payload.as_ref(), b"hi");
+    assert_eq!(service.next().await.subject.as_str(), "svc.last");
+}
+
+#[tokio::test]
+async fn eddsa_tokens_are_checked_with_the_public_key_on_websocket_and_grpc() {
+    let nats = NatsServer::start();
+    let mut service = Service::start(&nats, "svc.>").await;
+    let policy = PolicyFile::new(TOKEN_POLICY);
+    let public_key = key_file("ed25519.pub.pem");
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--policy",
+            policy.arg(),
+            "--auth-jwt-public-key-file",
+            &public_key,
+        ],
+    );
+    let valid = eddsa(&claims("bob", 600), "ed25519.pem");
+
+    let authorization = format!("Bearer {valid}");
+    let (mut ws, _) = ws::connect_with_headers(&gateway, &[("Authorization", &authorization)])
+        .await
+        .unwrap();
+    let reply = ws_request(&mut ws, "svc.who", "eddsa").await;
+    assert_eq!(reply["data"], "eddsa", "{reply}");
+    assert_from_bob(&service.next().await, "ws", &valid);
+
+    let mut client = gateway.grpc().await;
+    let reply = client
+        .request(grpc_request("svc.who", Some(&valid)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.payload.as_ref(), b"hi");
+    assert_from_bob(&service.next().await, "grpc", &valid);
+
+    let public_pem = std::fs::read(&public_key).unwrap();
+    let bad = [
+        ("expired", eddsa(&claims("bob", -3600), "ed25519.pem")),
+        (
+            "signed with another key",
+            eddsa(&claims("bob", 600), "ed25519-other.pem"),
+        ),
+        // The classic confusion: HS256 with the public key as the shared secret.
+        (
+            "HS256 keyed with the public key",
+            hs256(&claims("bob", 600), &public_pem),
+        ),
+        ("HS256", hs256(&claims("bob", 600), SECRET)),
+    ];
+    for (what, token) in &bad {
+        let authorization = format!("Bearer {token}");
+        let refused =
+            ws::connect_with_headers(&gateway, &[("Authorization", &authorization)]).await;
+        assert_eq!(refused.err(), Some(401), "WebSocket, {what}");
+        let status = client
+            .request(grpc_request("svc.who", Some(token)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unauthenticated,
+            "gRPC, {what}: {status:?}"
+        );
+    }
+}

@@ -650,6 +650,54 @@ async fn without_a_policy_reserved_subjects_are_refused_and_filtered_out_of_a_wi
 }
 
 #[tokio::test]
+async fn a_grant_that_names_a_reserved_namespace_lets_only_that_one_through_a_wildcard() {
+    let nats = NatsServer::start();
+    let _echo = spawn_echo(&nats.url(), "svc.x", Duration::ZERO).await;
+    let policy = PolicyFile::new(
+        r#"
+[[grant]]
+match = { any = true }
+subscribe = { allow = [">", "$SYS.>"] }
+request = { allow = [">"] }
+"#,
+    );
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &["--nats-connections", "1", "--policy", policy.arg()],
+    );
+    let mut watcher = gateway.json().await;
+    let ack = watcher
+        .call(r#"{"op":"subscribe","id":"all","subject":">"}"#)
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    let refused = watcher
+        .call(r#"{"op":"subscribe","id":"i","subject":"_INBOX.>"}"#)
+        .await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    let mut requester = gateway.json().await;
+    let reply = requester
+        .call(r#"{"id":1,"subject":"svc.x","data":"answer","timeout_ms":5000}"#)
+        .await;
+    assert_eq!(reply["data"], "answer", "{reply}");
+    let publisher = nats.client().await;
+    for (subject, data) in [
+        ("_INBOX.someone.1", "inbox"),
+        ("$SYS.x", "system"),
+        ("events.x", "visible"),
+    ] {
+        publisher.publish(subject, data.into()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    // In NATS's order: the request, (not the answer on the requester's inbox, nor
+    // `_INBOX.someone.1`), `$SYS.x`, `events.x`.
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("events.x") {
+        seen.push(watcher.recv().await["subject"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen, ["svc.x", "$SYS.x", "events.x"]);
+}
+
+#[tokio::test]
 async fn a_client_that_sees_a_reply_subject_cannot_snoop_on_or_answer_other_requests() {
     let nats = NatsServer::start();
     let gateway = GatewayProcess::start(&nats.url(), &[]);
@@ -1163,4 +1211,344 @@ async fn eddsa_tokens_are_checked_with_the_public_key_on_websocket_and_grpc() {
             "gRPC, {what}: {status:?}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reloading the policy.
+
+const OK_RELOADS: &str = r#"ipc_gateway_policy_reloads_total{outcome="ok"}"#;
+const FAILED_RELOADS: &str = r#"ipc_gateway_policy_reloads_total{outcome="failed"}"#;
+
+#[tokio::test]
+async fn a_sighup_reload_applies_to_open_connections_and_a_broken_file_keeps_the_policy() {
+    let nats = NatsServer::start();
+    let _service = Service::start(&nats, "svc.>").await;
+    // This test's connections are all local processes of one uid.
+    let policy = PolicyFile::new(
+        r#"
+[[grant]]
+match = { anonymous = false }
+request = { allow = ["svc.a.>"] }
+subscribe = { allow = ["events.>", "keep.>"] }
+"#,
+    );
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &["--policy", policy.arg(), "--nats-connections", "1"],
+    );
+    let mut conn = gateway.json().await;
+    let request = |subject: &str| json!({"id":subject,"subject":subject,"data":"x"}).to_string();
+    assert_eq!(conn.call(&request("svc.a.1")).await["data"], "x");
+    let refused = conn.call(&request("svc.b.1")).await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    for (sid, subject) in [("ev", "events.>"), ("keep", "keep.>")] {
+        let ack = conn
+            .call(&json!({"op":"subscribe","id":sid,"subject":subject}).to_string())
+            .await;
+        assert_eq!(ack["ok"], true, "{ack}");
+    }
+
+    // Swap svc.a for svc.b, and take events away.
+    policy.write(
+        r#"
+[[grant]]
+match = { anonymous = false }
+request = { allow = ["svc.b.>"] }
+subscribe = { allow = ["keep.>"] }
+"#,
+    );
+    gateway.signal("HUP");
+    wait_metric(&gateway, OK_RELOADS, 1.0).await;
+    // The subscription the new policy does not allow is ended, with a notice.
+    let notice = conn.recv().await;
+    assert_eq!(notice["op"], "unsubscribed", "{notice}");
+    assert_eq!(notice["sid"], "ev", "{notice}");
+    assert_eq!(notice["error"]["code"], "FORBIDDEN", "{notice}");
+    // The same connection, under the new rules.
+    let refused = conn.call(&request("svc.a.2")).await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    assert_eq!(conn.call(&request("svc.b.2")).await["data"], "x");
+    let refused = conn
+        .call(r#"{"op":"subscribe","id":"ev2","subject":"events.>"}"#)
+        .await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    // No more messages on the ended subscription; the other one still delivers (and comes
+    // after, so the first was not delivered).
+    let publisher = nats.client().await;
+    publisher.publish("events.x", "gone".into()).await.unwrap();
+    publisher.publish("keep.x", "kept".into()).await.unwrap();
+    publisher.flush().await.unwrap();
+    let message = conn.recv().await;
+    assert_eq!(
+        (message["sid"].as_str(), message["data"].as_str()),
+        (Some("keep"), Some("kept")),
+        "{message}"
+    );
+    let ack = conn.call(r#"{"op":"unsubscribe","id":"ev"}"#).await;
+    assert_eq!(ack["error"]["code"], "BAD_REQUEST", "ev is gone: {ack}");
+
+    // A file that does not load (a misspelt key; it would give svc.a back) keeps the policy.
+    policy.write(
+        r#"
+[[grant]]
+match = { anonymous = false }
+request = { allow = ["svc.a.>", "svc.b.>"] }
+subscribe = { allow = ["events.>", "keep.>"] }
+publsh = { allow = [">"] }
+"#,
+    );
+    gateway.signal("HUP");
+    wait_metric(&gateway, FAILED_RELOADS, 1.0).await;
+    assert_eq!(gateway.metric(OK_RELOADS).await, Some(1.0));
+    let refused = conn.call(&request("svc.a.3")).await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    assert_eq!(conn.call(&request("svc.b.3")).await["data"], "x");
+    let refused = conn
+        .call(r#"{"op":"subscribe","id":"ev3","subject":"events.>"}"#)
+        .await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    publisher.publish("keep.y", "still".into()).await.unwrap();
+    publisher.flush().await.unwrap();
+    let message = conn.recv().await;
+    assert_eq!(
+        (message["sid"].as_str(), message["data"].as_str()),
+        (Some("keep"), Some("still")),
+        "{message}"
+    );
+    // A new connection gets the policy in force too.
+    let mut fresh = gateway.json().await;
+    let refused = fresh.call(&request("svc.a.4")).await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits and identity headers.
+
+#[tokio::test]
+async fn connections_per_identity_are_bounded_and_a_closed_one_frees_its_place() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--max-connections-per-identity",
+            "2",
+            "--socket-mode",
+            "0666",
+        ],
+    );
+    let ping = r#"{"op":"ping","id":1}"#;
+    let mut first = gateway.json().await;
+    assert_eq!(first.call(ping).await, json!({"op":"pong","id":1}));
+    let mut second = gateway.json().await;
+    assert_eq!(second.call(ping).await, json!({"op":"pong","id":1}));
+    let mut third = gateway.json().await;
+    let refused = third.call(ping).await;
+    assert_eq!(refused["error"]["code"], "OVERLOADED", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max-connections-per-identity"),
+        "{refused}"
+    );
+    assert_eq!(
+        third.recv_or_eof().await,
+        None,
+        "the refused connection is closed"
+    );
+
+    // The limit is per identity: another uid still gets in.
+    if let Some(setpriv) = setpriv() {
+        share_socket_directory(&gateway);
+        let socket = gateway.socket.to_str().unwrap();
+        let (other, _) = run_as(
+            setpriv,
+            NOBODY,
+            GATEWAY_BIN,
+            &["publish", "events.x", "hi", "--socket", socket],
+        )
+        .await;
+        assert!(
+            other.status.success(),
+            "uid {NOBODY} was refused: {other:?}"
+        );
+    }
+
+    // The first connection goes; once the gateway has seen it close, its place is free.
+    drop(first);
+    let deadline = Instant::now() + PATIENCE;
+    let mut conn = loop {
+        let mut conn = gateway.json().await;
+        let answer = conn.call(ping).await;
+        if answer["op"] == "pong" {
+            break conn;
+        }
+        assert_eq!(answer["error"]["code"], "OVERLOADED", "{answer}");
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(conn.call(ping).await["op"], "pong");
+    assert_eq!(second.call(ping).await["op"], "pong");
+}
+
+#[tokio::test]
+async fn with_identity_headers_off_the_service_sees_none_and_clients_still_cannot_set_them() {
+    let nats = NatsServer::start();
+    let mut service = Service::start(&nats, "svc.>").await;
+    let mut events = Service::start(&nats, "events.>").await;
+    let stamping = GatewayProcess::start(&nats.url(), &[]);
+    let plain = GatewayProcess::start(&nats.url(), &["--identity-headers", "false"]);
+    let request =
+        json!({"id":1,"subject":"svc.h","data":"x","headers":{"X-Trace":"t1"}}).to_string();
+    let publish = json!({"op":"publish","id":2,"subject":"events.h","data":"y"}).to_string();
+
+    // The same messages through a gateway that stamps: the service sees who sent them.
+    let mut conn = stamping.json().await;
+    assert_eq!(conn.call(&request).await["data"], "x");
+    assert_eq!(conn.call(&publish).await["ok"], true);
+    let seen = service.next().await;
+    assert_eq!(header(&seen, "Ipc-Gateway-Uid").as_deref(), Some("0"));
+    assert_eq!(header(&seen, "X-Trace").as_deref(), Some("t1"));
+    assert_eq!(
+        header(&events.next().await, "Ipc-Gateway-Uid").as_deref(),
+        Some("0")
+    );
+
+    let mut conn = plain.json().await;
+    assert_eq!(conn.call(&request).await["data"], "x");
+    assert_eq!(conn.call(&publish).await["ok"], true);
+    let seen = service.next().await;
+    assert_eq!(identity_header_names(&seen), Vec::<String>::new());
+    assert_eq!(
+        header(&seen, "X-Trace").as_deref(),
+        Some("t1"),
+        "the client's headers still go"
+    );
+    let seen = events.next().await;
+    assert_eq!(
+        identity_header_names(&seen),
+        Vec::<String>::new(),
+        "{:?}",
+        seen.headers
+    );
+    let mut client = plain.grpc().await;
+    client.request(grpc_request("svc.g", None)).await.unwrap();
+    let seen = service.next().await;
+    assert_eq!(
+        identity_header_names(&seen),
+        Vec::<String>::new(),
+        "{:?}",
+        seen.headers
+    );
+
+    // Stamping off does not let a client claim an identity.
+    let forged = json!({"id":3,"subject":"svc.h","data":"z","headers":{"Ipc-Gateway-Uid":"0"}});
+    let refused = conn.call(&forged.to_string()).await;
+    assert_eq!(refused["error"]["code"], "BAD_REQUEST", "{refused}");
+}
+
+#[tokio::test]
+async fn a_client_set_identity_header_is_refused_on_every_front_end() {
+    let nats = NatsServer::start();
+    let mut service = Service::start(&nats, "svc.>").await;
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+
+    // JSON lines on the Unix socket, any case.
+    let mut conn = gateway.json().await;
+    for name in [
+        "Ipc-Gateway-Uid",
+        "ipc-gateway-identity",
+        "IPC-GATEWAY-SUB",
+        "Ipc-Gateway-Anything",
+    ] {
+        for op in ["request", "publish"] {
+            let line = json!({"op":op,"id":1,"subject":"svc.h","data":"x","headers":{name:"0"}});
+            let refused = conn.call(&line.to_string()).await;
+            assert_eq!(
+                refused["error"]["code"], "BAD_REQUEST",
+                "{op} {name}: {refused}"
+            );
+        }
+    }
+    // Binary frames on the Unix socket.
+    let mut raw = gateway.raw().await;
+    let mut headers = ipc_gateway::protocol::Headers::new();
+    headers.append_from_gateway("Ipc-Gateway-Uid", "0").unwrap();
+    raw.send(&frame(ipc_gateway::protocol::binary::FrameParts {
+        frame_type: ipc_gateway::protocol::binary::frame_type::REQUEST,
+        id: 5,
+        subject: b"svc.h",
+        headers: Some(&headers),
+        payload: b"x",
+        ..Default::default()
+    }))
+    .await;
+    let refused = raw.recv().await;
+    assert_eq!(
+        (refused.header.frame_type, refused.header.id, refused.code()),
+        (
+            ipc_gateway::protocol::binary::frame_type::ERROR,
+            5,
+            "BAD_REQUEST".to_owned()
+        )
+    );
+    // WebSocket.
+    let mut ws = ws::connect(&gateway, None).await.unwrap();
+    let refused = ws::call(
+        &mut ws,
+        &json!({"id":1,"subject":"svc.h","data":"x","headers":{"ipc-gateway-pid":"1"}}).to_string(),
+    )
+    .await;
+    assert_eq!(refused["error"]["code"], "BAD_REQUEST", "{refused}");
+    // gRPC: a listed header, and call metadata.
+    let mut client = gateway.grpc().await;
+    let mut listed = grpc_request("svc.h", None);
+    listed.get_mut().headers.push(pb::Header {
+        name: "Ipc-Gateway-Uid".into(),
+        value: "0".into(),
+    });
+    let status = client.request(listed).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let mut metadata = grpc_request("svc.h", None);
+    metadata
+        .metadata_mut()
+        .insert("ipc-gateway-uid", "0".parse().unwrap());
+    let status = client.request(metadata).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let mut publish = tonic::Request::new(pb::PublishMessage {
+        subject: "svc.h".into(),
+        payload: "x".into(),
+        ..Default::default()
+    });
+    publish
+        .metadata_mut()
+        .insert("ipc-gateway-identity", "uid=0".parse().unwrap());
+    let status = client.publish(publish).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // Every connection is still served, and nothing above reached NATS: the first message
+    // the service sees is this one.
+    let reply = conn
+        .call(r#"{"id":9,"subject":"svc.last","data":"ok"}"#)
+        .await;
+    assert_eq!(reply["data"], "ok", "{reply}");
+    assert_eq!(service.next().await.subject.as_str(), "svc.last");
+    assert_eq!(
+        ws::call(&mut ws, r#"{"op":"ping","id":2}"#).await["op"],
+        "pong"
+    );
+    client
+        .request(grpc_request("svc.last", None))
+        .await
+        .unwrap();
+    raw.send(&frame(ipc_gateway::protocol::binary::FrameParts {
+        frame_type: ipc_gateway::protocol::binary::frame_type::PING,
+        id: 6,
+        ..Default::default()
+    }))
+    .await;
+    assert_eq!(raw.recv().await.header.id, 6);
 }

@@ -3,6 +3,8 @@
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+pub use tokio_tungstenite::tungstenite::handshake::client::Response;
+use tokio_tungstenite::tungstenite::http::HeaderName;
 
 use futures_util::{SinkExt, StreamExt};
 
@@ -14,16 +16,31 @@ pub type Ws =
 /// Opens `/ws`, with an `Origin` header as a browser would send; `Err` carries the HTTP status
 /// of a refused upgrade.
 pub async fn connect(gateway: &GatewayProcess, origin: Option<&str>) -> Result<Ws, u16> {
+    let headers: Vec<(&str, &str)> = origin
+        .map(|origin| ("Origin", origin))
+        .into_iter()
+        .collect();
+    connect_with_headers(gateway, &headers)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// Opens `/ws` with these request headers (`Authorization`, `Sec-WebSocket-Protocol`, …) and
+/// returns the upgrade's response too (its headers say which subprotocol was selected); `Err`
+/// carries the HTTP status of a refused upgrade.
+pub async fn connect_with_headers(
+    gateway: &GatewayProcess,
+    headers: &[(&str, &str)],
+) -> Result<(Ws, Response), u16> {
     let mut request = format!("ws://127.0.0.1:{}/ws", gateway.http_port)
         .into_client_request()
         .unwrap();
-    if let Some(origin) = origin {
-        request
-            .headers_mut()
-            .insert("Origin", origin.parse().unwrap());
+    for (name, value) in headers {
+        let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+        request.headers_mut().insert(name, value.parse().unwrap());
     }
     match tokio_tungstenite::connect_async(request).await {
-        Ok((ws, _)) => Ok(ws),
+        Ok(connected) => Ok(connected),
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             Err(response.status().as_u16())
         }

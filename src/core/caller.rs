@@ -50,8 +50,8 @@ struct Conn {
     /// Reply subjects of requests this connection received, each answerable once until its
     /// instant (nats-server's `allow_responses`).
     responses: Mutex<HashMap<Arc<str>, Instant>>,
-    /// Held, never read: the connection's place under its identity's limit.
-    _lease: Option<IdentityLease>,
+    /// The connection's place under its identity's limit (moves with a WebSocket `auth`).
+    lease: Mutex<Option<IdentityLease>>,
     audit: Audit,
     /// The identity the connection opened with (its `disconnect` record names it).
     opened_as: Arc<AuditIdentity>,
@@ -89,7 +89,7 @@ impl Caller {
             metrics,
             subscriptions: Arc::default(),
             responses: Mutex::default(),
-            _lease: lease,
+            lease: Mutex::new(lease),
             _slot: slot,
         };
         let caller = Caller {
@@ -103,6 +103,15 @@ impl Caller {
                 .record(caller.record(AuditOp::Connect).ok());
         }
         caller
+    }
+
+    /// The connection now counts against another identity's limit.
+    pub(super) fn move_lease(&self, lease: Option<IdentityLease>) {
+        *self
+            .conn
+            .lease
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = lease;
     }
 
     /// An audit record of `op` by this caller on this connection.

@@ -186,6 +186,19 @@ impl Gateway {
         ))
     }
 
+    /// The caller of a connection that authenticated in-band (a WebSocket `auth` message): the
+    /// same connection, now counted against the new identity's `max_connections_per_identity`
+    /// (`OVERLOADED` when it holds its maximum already).
+    pub fn reauthenticate(
+        &self,
+        caller: &Caller,
+        identity: Identity,
+    ) -> Result<Caller, GatewayError> {
+        let lease = self.inner.access.lease(&identity)?;
+        caller.move_lease(lease);
+        Ok(caller.with(self.inner.access.authorize(identity)))
+    }
+
     /// What the policy in force lets `identity` do.
     pub fn authorize(&self, identity: Identity) -> Arc<Authorized> {
         self.inner.access.authorize(identity)

@@ -164,14 +164,16 @@ impl Session {
                 "auth is for WebSocket connections (the Unix socket identifies its callers by uid; gRPC calls carry authorization metadata)",
             )),
         };
+        let verified =
+            verified.and_then(|identity| self.gateway.reauthenticate(&self.caller, identity));
         match verified {
-            Ok(identity) => {
-                self.caller = self.caller.with(self.gateway.authorize(identity));
+            Ok(caller) => {
+                self.caller = caller;
                 self.gateway.note(&self.caller, Some(Op::Auth), &id, Ok(()));
                 self.answer(Outbound::Authenticated { id });
                 Flow::Continue
             }
-            Err(error) if error.code == ErrorCode::BadRequest => {
+            Err(error) if matches!(error.code, ErrorCode::BadRequest | ErrorCode::Overloaded) => {
                 self.gateway
                     .note(&self.caller, Some(Op::Auth), &id, Err(error.code));
                 self.answer(Outbound::Error { id, error });

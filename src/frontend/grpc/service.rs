@@ -231,9 +231,16 @@ async fn serve_subscription(
     let life = Lifecycle::new(&gateway, FRONTEND);
     let outbox = session.outbox().clone();
     // Drop notices come before the messages that follow the gap: `dropped` carries the count
-    // onto the next message.
+    // onto the next message. A reloaded policy that took the subscription away ends the
+    // stream with that refusal (PERMISSION_DENIED).
     let mut dropped = 0;
+    let mut revoked = None;
     let convert = |event: Outbound| match event {
+        Outbound::Unsubscribed { error, .. } => {
+            revoked = Some(error);
+            outbox.close();
+            None
+        }
         Outbound::Dropped { count, .. } => {
             dropped += count;
             None
@@ -254,6 +261,7 @@ async fn serve_subscription(
     drop(session);
     outbox.abandon();
     let status = match ended {
+        _ if revoked.is_some() => revoked.as_ref().map(to_status),
         None => Some(to_status(&shutting_down())),
         Some(Ended::Broken(Broken::Stalled)) => Some(stalled_status(life.writes().stall())),
         Some(Ended::Broken(Broken::Gone)) | Some(Ended::Done) => None,

@@ -9,6 +9,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// A policy that lets these tests read the breaker groups on /status.
+const STATUS_POLICY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/open-with-status.toml"
+);
+
 async fn group_state(gateway: &GatewayProcess, group: &str) -> String {
     let body = gateway.get("/status").await.1;
     let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
@@ -26,6 +32,8 @@ async fn a_failing_group_opens_others_keep_working_and_a_trial_closes_it() {
     let gateway = GatewayProcess::start(
         &nats.url(),
         &[
+            "--policy",
+            STATUS_POLICY,
             "--breaker-failures",
             "3",
             "--breaker-cooldown-ms",
@@ -97,6 +105,8 @@ async fn a_failed_trial_opens_the_breaker_again_and_bad_requests_do_not_count() 
     let gateway = GatewayProcess::start(
         &nats.url(),
         &[
+            "--policy",
+            STATUS_POLICY,
             "--breaker-failures",
             "2",
             "--breaker-cooldown-ms",
@@ -133,6 +143,8 @@ async fn binary_clients_get_circuit_open_with_the_hint_in_the_param_field() {
     let gateway = GatewayProcess::start(
         &nats.url(),
         &[
+            "--policy",
+            STATUS_POLICY,
             "--breaker-failures",
             "1",
             "--breaker-cooldown-ms",
@@ -165,6 +177,8 @@ async fn no_responders_just_after_nats_comes_back_do_not_open_a_breaker() {
     let gateway = GatewayProcess::start(
         &nats.url(),
         &[
+            "--policy",
+            STATUS_POLICY,
             "--breaker-failures",
             "2",
             "--breaker-reconnect-grace-ms",
@@ -214,6 +228,8 @@ async fn a_slow_service_opens_its_group_but_an_impatient_client_does_not() {
     let gateway = GatewayProcess::start(
         &nats.url(),
         &[
+            "--policy",
+            STATUS_POLICY,
             "--breaker-failures",
             "2",
             "--breaker-min-timeout-ms",

@@ -1757,3 +1757,69 @@ async fn a_client_set_identity_header_is_refused_on_every_front_end() {
     .await;
     assert_eq!(raw.recv().await.header.id, 6);
 }
+
+#[tokio::test]
+async fn status_shows_breaker_groups_only_to_callers_granted_status() {
+    let nats = NatsServer::start();
+    let policy = PolicyFile::new(
+        r#"
+[[grant]]
+match = { any = true }
+request = { allow = [">"] }
+
+[[grant]]
+match = { sub = "ops" }
+status = true
+"#,
+    );
+    let secret = SecretFile::new();
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--policy",
+            policy.arg(),
+            "--auth-jwt-secret-file",
+            secret.arg(),
+        ],
+    );
+    // A request nobody serves makes a breaker entry named after its subject.
+    let mut conn = gateway.json().await;
+    let answer = conn.call(r#"{"subject":"secret.project.x"}"#).await;
+    assert_eq!(answer["error"]["code"], "NO_RESPONDERS");
+    let get = |token: Option<String>| {
+        let port = gateway.http_port;
+        async move {
+            let mut request =
+                format!("GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+            if let Some(token) = token {
+                request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+            }
+            request.push_str("\r\n");
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+                .await
+                .unwrap();
+            let mut response = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut response).await;
+            String::from_utf8_lossy(&response).into_owned()
+        }
+    };
+    let anonymous = get(None).await;
+    assert!(anonymous.starts_with("HTTP/1.1 200"), "{anonymous}");
+    assert!(anonymous.contains("breakers_by_state"), "{anonymous}");
+    assert!(
+        !anonymous.contains("secret.project"),
+        "subjects leak: {anonymous}"
+    );
+    let someone = get(Some(hs256(&claims("bob", 300), SECRET))).await;
+    assert!(!someone.contains("secret.project"), "{someone}");
+    let ops = get(Some(hs256(&claims("ops", 300), SECRET))).await;
+    assert!(ops.contains("secret.project"), "{ops}");
+    let forged = get(Some(hs256(&claims("ops", 300), WRONG_SECRET))).await;
+    assert!(forged.starts_with("HTTP/1.1 401"), "{forged}");
+    // /health, /ready and /metrics stay open.
+    assert_eq!(gateway.get("/health").await.0, 200);
+    assert_eq!(gateway.get("/metrics").await.0, 200);
+}

@@ -49,7 +49,7 @@ use tower::ServiceExt;
 use tracing::{debug, warn};
 
 use crate::core::{Gateway, HeldSlot};
-use crate::protocol::{ErrorCode, Frontend, GatewayError};
+use crate::protocol::{ErrorCode, Frontend, GatewayError, Identity};
 
 /// HTTP connections served beyond `max_connections` when every place is taken (see the top).
 const OPERATOR_RESERVE: usize = 16;
@@ -331,12 +331,40 @@ async fn ready(State(gateway): State<Gateway>) -> Response {
     (status, Json(readiness)).into_response()
 }
 
-/// Readiness and every circuit breaker group, for operators.
-async fn status(State(gateway): State<Gateway>) -> Json<serde_json::Value> {
+/// Readiness and the circuit breakers, for operators. The breaker groups name the subjects
+/// clients use, so only a caller the policy grants `status` sees them (a bearer token in
+/// `Authorization`); anyone else gets readiness and how many breakers are in each state. A bad
+/// token is 401.
+async fn status(State(gateway): State<Gateway>, headers: axum::http::HeaderMap) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(crate::core::auth::bearer_from_header);
+    let identity = match token {
+        Some(token) => match gateway.verify_token(token, Frontend::Ws, None) {
+            Ok(identity) => identity,
+            Err(error) => return (StatusCode::UNAUTHORIZED, error.to_string()).into_response(),
+        },
+        None => Identity::anonymous(Frontend::Ws, None),
+    };
+    let breakers = gateway.breaker_status();
+    if gateway.may_see_status(identity) {
+        return Json(serde_json::json!({
+            "readiness": gateway.readiness(),
+            "breakers": breakers,
+        }))
+        .into_response();
+    }
+    let mut states = std::collections::BTreeMap::<&str, usize>::new();
+    for group in &breakers {
+        *states.entry(group.state.as_str()).or_default() += 1;
+    }
     Json(serde_json::json!({
         "readiness": gateway.readiness(),
-        "breakers": gateway.breaker_status(),
+        "breakers_by_state": states,
+        "detail": "breaker groups are shown to callers the policy grants status (docs/policy.md)",
     }))
+    .into_response()
 }
 
 async fn metrics(State(gateway): State<Gateway>) -> Response {

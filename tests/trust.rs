@@ -1790,7 +1790,7 @@ status = true
         let port = gateway.http_port;
         async move {
             let mut request =
-                format!("GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+                String::from("GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
             if let Some(token) = token {
                 request.push_str(&format!("Authorization: Bearer {token}\r\n"));
             }

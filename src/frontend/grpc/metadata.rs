@@ -2,8 +2,9 @@
 //! metadata goes to NATS as headers beside the message's own `headers` (binary `-bin` values
 //! base64-encoded, since NATS headers are text); a reply's NATS headers come back as response
 //! metadata, a `-bin` name being base64-decoded again. Metadata that gRPC or HTTP/2 use
-//! themselves (`grpc-*`, `te`, `content-type`, `user-agent`) and the gateway's own
-//! `ipc-gateway-*` entries are never forwarded either way.
+//! themselves (`grpc-*`, `te`, `content-type`, `user-agent`) and the caller's `authorization`
+//! are never forwarded; `ipc-gateway-*` metadata from a client is refused (`BAD_REQUEST`: only
+//! the gateway says who the caller is) and never copied from a reply's headers either.
 
 use std::time::Duration;
 

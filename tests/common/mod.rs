@@ -305,7 +305,15 @@ pub async fn spawn_echo(
         .subscribe(subject.to_owned())
         .await
         .expect("echo subscribes");
-    client.flush().await.expect("flush");
+    // `flush()` only writes the socket: a message to a subject only this client listens on
+    // comes back after nats-server has handled the SUB above (it handles one connection's
+    // operations in order), so the service is really listening when this returns.
+    let confirm = client.new_inbox();
+    let mut echo_back = client.subscribe(confirm.clone()).await.expect("subscribe");
+    client.publish(confirm, "".into()).await.expect("publish");
+    tokio::time::timeout(PATIENCE, echo_back.next())
+        .await
+        .expect("the echo service's subscription is confirmed in time");
     tokio::spawn(async move {
         while let Some(message) = requests.next().await {
             let Some(reply) = message.reply else { continue };

@@ -374,7 +374,8 @@ async fn page_with_auth_required_connects_only_with_a_valid_token_in_the_field()
 
     // The token is kept nowhere but the field, and never written to the page's log.
     assert_eq!(
-        tab.eval("localStorage.length + sessionStorage.length").await,
+        tab.eval("localStorage.length + sessionStorage.length")
+            .await,
         json!(0)
     );
     let page_text = tab.eval("document.body.innerText").await;

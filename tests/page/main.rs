@@ -2,8 +2,10 @@
 //! echo service and the real gateway binary: the page connects over `/ws`, shows an echoed
 //! reply with its latency and a `NO_RESPONDERS` error, shows messages published from the page
 //! and from a Unix-socket client on a live subscription, and counts the messages the gateway
-//! dropped for the page while it was too busy to read. With `PAGE_SCREENSHOT=docs/page.png`
-//! it also writes the screenshot the README shows.
+//! dropped for the page while it was too busy to read. With `--auth-required`, the page
+//! without a token (or with a forged one) shows the refusal, and with a valid token typed into
+//! its field it connects and its requests reach the service as that token's `sub`. With
+//! `PAGE_SCREENSHOT=docs/page.png` it also writes the screenshot the README shows.
 //!
 //! Chromium is installed with apt-get when missing; where that is impossible the browser test
 //! prints `SKIPPED: ...` and passes.
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use chromium::{Browser, Tab, http_get_full};
 use common::*;
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 const WIDTH: u32 = 1200;
@@ -279,6 +282,211 @@ async fn page_requests_publishes_and_subscribes_in_headless_chromium() {
     );
     drop(tab);
     drop(browser);
+}
+
+/// A HS256 secret for `--auth-jwt-secret-file` (32 bytes, the minimum).
+const SECRET: &[u8] = b"page-tests-secret-0123456789abcd";
+/// Alice may request `demo.>`; nobody else may do anything.
+const ALICE_POLICY: &str = r#"
+[[grant]]
+match = { sub = "alice" }
+request = { allow = ["demo.>"] }
+"#;
+
+#[tokio::test]
+async fn page_with_auth_required_connects_only_with_a_valid_token_in_the_field() {
+    let binary = match chromium::find_or_install() {
+        Ok(binary) => binary,
+        Err(why) => {
+            chromium::say(&format!(
+                "SKIPPED: chromium is not installed and could not be installed: {why}"
+            ));
+            return;
+        }
+    };
+    let nats = NatsServer::start();
+    // The echo service, written here as a plain NATS client so the test sees the headers the
+    // gateway sent it.
+    let mut service = RecordingEcho::start(&nats, "demo.echo").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let secret = dir.path().join("jwt.secret");
+    std::fs::write(&secret, SECRET).expect("write the secret");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, ALICE_POLICY).expect("write the policy");
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--auth-jwt-secret-file",
+            secret.to_str().unwrap(),
+            "--auth-required",
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+    );
+    let browser = Browser::launch(&binary, WIDTH, HEIGHT);
+    let mut tab = browser.first_tab().await;
+
+    // Without a token the page connects on load as always, and is refused (HTTP 401).
+    tab.navigate(&format!("http://127.0.0.1:{}/", gateway.http_port))
+        .await;
+    let refused = wait_refused(&mut tab, "the refusal without a token").await;
+    assert_eq!(
+        refused,
+        "connection refused: a token may be required or invalid"
+    );
+    assert_eq!(
+        tab.eval("document.getElementById('token').type").await,
+        "password"
+    );
+
+    // A token signed with another secret is refused as well.
+    let forged = hs256("alice", b"forgers-secret-00000000000000000");
+    tab.fill("token", &forged).await;
+    tab.click("connect").await;
+    wait_refused(&mut tab, "the refusal of a forged token").await;
+
+    // Alice's token, typed into the field: connected, with ipc-gateway.v1 selected.
+    let valid = hs256("alice", SECRET);
+    tab.fill("token", &valid).await;
+    tab.click("connect").await;
+    tab.wait_for(
+        "document.getElementById('state').dataset.state === 'connected'",
+        "the state `connected` with a token",
+    )
+    .await;
+    assert_eq!(tab.eval("ws.protocol").await, "ipc-gateway.v1");
+
+    let reply = request(&mut tab, "demo.echo", "hello from alice").await;
+    assert_eq!(reply["class"], "result ok", "{reply}");
+    assert_eq!(reply["body"], "hello from alice", "{reply}");
+    let seen = service.next().await;
+    assert_eq!(seen.payload.as_ref(), b"hello from alice");
+    assert_eq!(header(&seen, "Ipc-Gateway-Sub").as_deref(), Some("alice"));
+    assert!(
+        !format!("{:?}", seen.headers).contains(&valid),
+        "the service saw the token: {:?}",
+        seen.headers
+    );
+
+    // The policy applies to alice: outside demo.> is FORBIDDEN.
+    let forbidden = request(&mut tab, "other.echo", "not for alice").await;
+    assert_eq!(forbidden["badge"], "FORBIDDEN", "{forbidden}");
+
+    // The token is kept nowhere but the field, and never written to the page's log.
+    assert_eq!(
+        tab.eval("localStorage.length + sessionStorage.length")
+            .await,
+        json!(0)
+    );
+    let page_text = tab.eval("document.body.innerText").await;
+    assert!(
+        !page_text.as_str().unwrap_or("").contains(&valid),
+        "the page shows the token"
+    );
+
+    // Flush the events still queued: only the refused handshakes were reported (Chromium
+    // logs each as an error), no script errors and no CSP violations.
+    tab.eval("1").await;
+    let unexpected: Vec<&String> = tab
+        .problems
+        .iter()
+        .filter(|problem| !problem.contains("WebSocket connection to"))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "the page reported problems: {:#?}",
+        tab.problems
+    );
+    drop(tab);
+    drop(browser);
+}
+
+/// Waits for the page to show a refused connection; returns the message it shows.
+async fn wait_refused(tab: &mut Tab, what: &str) -> Value {
+    tab.wait_for(
+        "(() => { const detail = document.getElementById('state-detail'); \
+         return document.getElementById('state').dataset.state === 'disconnected' \
+           && detail.className === 'err' && detail.textContent.includes('refused') \
+           ? detail.textContent : null; })()",
+        what,
+    )
+    .await
+}
+
+/// A HS256 token for `sub`, valid for ten minutes.
+fn hs256(sub: &str, secret: &[u8]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({ "sub": sub, "iat": now, "exp": now + 600 }),
+        &jsonwebtoken::EncodingKey::from_secret(secret).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Answers every request on its subject with the request's own payload, and hands the test
+/// each message as NATS delivered it (with the gateway's `Ipc-Gateway-*` headers).
+struct RecordingEcho {
+    messages: tokio::sync::mpsc::UnboundedReceiver<async_nats::Message>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl RecordingEcho {
+    async fn start(nats: &NatsServer, subject: &str) -> RecordingEcho {
+        let client = nats.client().await;
+        let mut subscriber = client.subscribe(subject.to_owned()).await.unwrap();
+        client.flush().await.unwrap();
+        // nats-server has the subscription once it answers a round trip on this connection.
+        wait_subscription(nats, subject).await;
+        let (sender, messages) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Some(message) = subscriber.next().await {
+                if let Some(reply) = message.reply.clone() {
+                    let _ = client.publish(reply, message.payload.clone()).await;
+                }
+                let _ = sender.send(message);
+            }
+        });
+        RecordingEcho {
+            messages,
+            _task: task,
+        }
+    }
+
+    async fn next(&mut self) -> async_nats::Message {
+        tokio::time::timeout(PATIENCE, self.messages.recv())
+            .await
+            .expect("the service received a message in time")
+            .expect("the service runs")
+    }
+}
+
+/// One header's first value, the name compared in any case.
+fn header(message: &async_nats::Message, name: &str) -> Option<String> {
+    message
+        .headers
+        .as_ref()?
+        .iter()
+        .find(|(key, _)| {
+            let key: &str = key.as_ref();
+            key.eq_ignore_ascii_case(name)
+        })
+        .and_then(|(_, values)| values.first())
+        .map(|value| value.as_str().to_owned())
+}
+
+async fn wait_subscription(nats: &NatsServer, subject: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while nats.subscriptions_on(subject).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nats-server never held a subscription on {subject}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Sends a request from the page's form and returns the finished result row as

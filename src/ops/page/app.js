@@ -6,6 +6,9 @@
 const MAX_RESULTS = 20;
 const MAX_MESSAGES = 50;
 const MAX_LOG = 200;
+// The subprotocol the gateway selects when a browser offers a token (docs/identity.md).
+const PROTOCOL = "ipc-gateway.v1";
+const REFUSED = "connection refused: a token may be required or invalid";
 
 const $ = (id) => document.getElementById(id);
 
@@ -80,11 +83,12 @@ function gatewayUrl() {
   return url.href;
 }
 
-function setState(state, detail) {
+function setState(state, detail, problem) {
   const node = $("state");
   node.textContent = state;
   node.dataset.state = state;
   $("state-detail").textContent = detail || "";
+  $("state-detail").className = problem ? "err" : "muted";
   const open = state === "connected";
   $("connect").disabled = state === "connecting" || open;
   $("connect").textContent = state === "disconnected" && ws !== null ? "Reconnect" : "Connect";
@@ -93,18 +97,44 @@ function setState(state, detail) {
   for (const id of ["req-send", "pub-send", "sub-send"]) $(id).disabled = !open;
 }
 
-function connect() {
+// The token typed into the page, if any. It is read when connecting and lives only in the
+// field: never stored, never logged. A pasted "Bearer " prefix is dropped.
+function token() {
+  return $("token").value.trim().replace(/^bearer\s+/i, "");
+}
+
+// A browser cannot set headers on a WebSocket, so a token goes in the subprotocol list as
+// "bearer.<jwt>"; the gateway selects ipc-gateway.v1 and never echoes the token back.
+// Without a token the socket is opened exactly as before, with no subprotocol.
+function openSocket(url, bearer) {
+  return bearer ? new WebSocket(url, [PROTOCOL, "bearer." + bearer]) : new WebSocket(url);
+}
+
+function connect(event) {
+  if (event) event.preventDefault();
   if (ws && ws.readyState <= WebSocket.OPEN) return;
   const url = gatewayUrl();
+  const bearer = token();
+  const withToken = bearer ? " with a token" : "";
   $("url").textContent = url;
-  const socket = new WebSocket(url);
+  let socket;
+  try {
+    socket = openSocket(url, bearer);
+  } catch {
+    // A subprotocol name is a restricted set of characters (a JWT is base64url and dots).
+    setState("disconnected", "the token cannot be sent: it is not a JWT", true);
+    log("the token has characters a JWT cannot have: not connected", "err");
+    return;
+  }
   ws = socket;
+  let opened = false;
   setState("connecting");
-  log("connecting to " + url);
+  log("connecting to " + url + withToken);
   socket.onopen = () => {
     if (ws !== socket) return;
-    setState("connected");
-    log("connected", "ok");
+    opened = true;
+    setState("connected", withToken.trim());
+    log("connected" + withToken, "ok");
   };
   socket.onmessage = (event) => {
     if (ws !== socket) return;
@@ -115,7 +145,7 @@ function connect() {
     let message;
     try {
       message = JSON.parse(event.data);
-    } catch (err) {
+    } catch {
       log("not JSON: " + event.data, "err");
       return;
     }
@@ -123,9 +153,17 @@ function connect() {
   };
   socket.onclose = (event) => {
     if (ws !== socket) return;
+    if (!opened) {
+      // The browser does not say why an upgrade failed (a 401 looks like any other
+      // failure), so the page names the likely cause.
+      setState("disconnected", REFUSED, true);
+      log(REFUSED, "err");
+      connectionLost();
+      return;
+    }
     const why = "closed" + (event.code ? " with " + event.code : "") +
       (event.reason ? ": " + event.reason : "");
-    setState("disconnected", why);
+    setState("disconnected", why, event.code !== 1000);
     log(why, event.code === 1000 ? "" : "err");
     connectionLost();
   };
@@ -377,7 +415,7 @@ function ping() {
 }
 
 window.addEventListener("DOMContentLoaded", () => {
-  $("connect").addEventListener("click", connect);
+  $("conn-form").addEventListener("submit", connect);
   $("disconnect").addEventListener("click", disconnect);
   $("ping").addEventListener("click", ping);
   $("req-form").addEventListener("submit", sendRequest);

@@ -2,11 +2,9 @@
 //! retry hint, other groups keep working, and after the cool-down one trial request closes the
 //! breaker again when the service is back.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 async fn group_state(gateway: &GatewayProcess, group: &str) -> String {
     let body = gateway.get("/status").await.1;

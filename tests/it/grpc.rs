@@ -3,13 +3,11 @@
 //! their statuses, deadlines, metadata, health, reflection, slow subscribers, cancellation,
 //! the drain, and a Python grpcio client for interoperability.
 
-mod common;
-
 use std::collections::HashSet;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use ipc_gateway::frontend::grpc::pb::gateway_client::GatewayClient;
 use ipc_gateway::frontend::grpc::pb::{self, exchange_reply};

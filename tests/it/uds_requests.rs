@@ -1,12 +1,10 @@
 //! Request-reply, publish, subscribe and the default subject through the Unix socket, with a
 //! real nats-server and the real gateway binary.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use ipc_gateway::client::Client;
 use ipc_gateway::protocol::binary::{FrameParts, frame_type};

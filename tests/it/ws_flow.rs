@@ -2,12 +2,10 @@
 //! the Unix socket too: one queue for both), a client that stops reading, the heartbeat and
 //! the idle timeout.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::ws::*;
-use common::*;
+use crate::common::ws::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use ipc_gateway::protocol::binary::{FrameParts, frame_type};
 use serde_json::{Value, json};

@@ -885,7 +885,10 @@ async fn grpc_connections_count_against_the_shared_connection_limit() {
     let mut uds = gateway.json().await;
     let refusal = uds.recv().await;
     assert_eq!(refusal["error"]["code"], "OVERLOADED", "{refusal}");
-    let mut second = gateway.grpc().await;
+    // Connected by its call: a refused connection is closed after a grace of 1 s, and a channel
+    // left unused that long (a busy machine) would open, and the gateway count, a second one.
+    let lazy = Endpoint::from_shared(gateway.grpc_url()).unwrap();
+    let mut second = GatewayClient::new(lazy.connect_lazy());
     let status = call(&mut second, request("nobody.home", "x"))
         .await
         .unwrap_err();

@@ -145,7 +145,7 @@ async fn publish_reaches_nats_in_order_and_subscribe_streams_messages_with_reply
     let mut client = gateway.grpc().await;
     let direct = nats.client().await;
     let mut watcher = direct.subscribe("events.>").await.unwrap();
-    direct.flush().await.unwrap();
+    registered(&direct).await;
     for n in 0..20 {
         client
             .publish(pb::PublishMessage {

@@ -305,6 +305,21 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Returns once nats-server has registered every subscription `client` has made so far:
+/// `flush()` only writes them to the socket, and a message published from another connection
+/// meanwhile would not reach them. The server handles one connection's operations in order, so
+/// a message to a new inbox (only this connection listens there), published after them, comes
+/// back only once they are registered.
+pub async fn registered(client: &async_nats::Client) {
+    let inbox = client.new_inbox();
+    let mut probe = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client.publish(inbox, Bytes::new()).await.expect("publish");
+    tokio::time::timeout(PATIENCE, probe.next())
+        .await
+        .expect("nats-server registers a subscription in time")
+        .expect("the probe subscription is open");
+}
+
 /// Answers requests on `subject` with their own payload, after `delay`. Each reply is sent from
 /// its own task, so replies with different delays overtake each other.
 pub async fn spawn_echo(
@@ -317,7 +332,7 @@ pub async fn spawn_echo(
         .subscribe(subject.to_owned())
         .await
         .expect("echo subscribes");
-    client.flush().await.expect("flush");
+    registered(&client).await;
     tokio::spawn(async move {
         while let Some(message) = requests.next().await {
             let Some(reply) = message.reply else { continue };

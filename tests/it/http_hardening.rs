@@ -4,16 +4,14 @@
 //! answered with `503`, not reset; an upgraded WebSocket holds one slot, not two; and only the
 //! gateway's own and the configured origins may open `/ws`, whatever the Host header says.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::ws::{call, connect};
-use common::{GatewayProcess, NatsServer, PATIENCE, spawn_echo};
+use crate::common::ws::{call, connect};
+use crate::common::{GatewayProcess, NatsServer, PATIENCE, spawn_echo};
 use ipc_gateway::frontend::grpc::pb;
 
 const ECHO: &str = r#"{"op":"request","id":1,"subject":"demo.echo","data":"hi","timeout_ms":2000}"#;

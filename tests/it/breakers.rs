@@ -3,11 +3,9 @@
 //! slow service opens its whole group, but a client's own short deadline does not; after the
 //! cool-down one trial request closes the breaker again when the service is back.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A policy that lets these tests read the breaker groups on /status.
 const STATUS_POLICY: &str = concat!(

@@ -2,11 +2,9 @@
 //! connected clients carry on across the replacement. The gateway runs in-process here so the
 //! test can order a replacement directly.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ipc_gateway::Config;
 use ipc_gateway::core::Gateway;
 use ipc_gateway::frontend::uds::{self, UdsListener};

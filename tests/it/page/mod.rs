@@ -11,14 +11,12 @@
 //! prints `SKIPPED: ...` and passes.
 
 mod chromium;
-#[path = "../common/mod.rs"]
-mod common;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::common::*;
 use chromium::{Browser, Tab, http_get_full};
-use common::*;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 

@@ -5,11 +5,9 @@
 //! reloads), and what services learn of them (`Ipc-Gateway-*` headers). Real processes only:
 //! nats-server, the gateway binary, and clients as an outside program would be.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use ipc_gateway::frontend::grpc::pb;
 use serde_json::json;

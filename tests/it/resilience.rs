@@ -2,12 +2,10 @@
 //! connections. Every request must end in exactly one answer before its deadline, and other
 //! clients must keep being served.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use ipc_gateway::client::{Client, ClientError};
 use serde_json::json;
 

@@ -1,12 +1,10 @@
 //! The daemon's life: readiness follows NATS, NATS outages answer at once, graceful shutdown
 //! answers every in-flight request, the socket file is guarded, and bad configuration is named.
 
-mod common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test]

@@ -1,12 +1,10 @@
 //! Every error code a Unix-socket client can get, and that each leaves the connection usable
 //! where the protocol can resynchronise.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use bytes::BufMut;
-use common::*;
 use ipc_gateway::protocol::binary::{self, FrameParts, frame_type};
 use serde_json::json;
 

@@ -2,13 +2,11 @@
 //! Unix socket, JSON text messages and binary frames, origin checks, the message limit and
 //! close codes.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::ws::*;
+use crate::common::*;
 use bytes::Bytes;
-use common::ws::*;
-use common::*;
 use futures_util::SinkExt;
 use ipc_gateway::protocol::binary::{FrameHeader, FrameParts, HEADER_LEN, frame_type};
 use serde_json::{Value, json};

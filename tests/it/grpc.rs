@@ -3,13 +3,11 @@
 //! their statuses, deadlines, metadata, health, reflection, slow subscribers, cancellation,
 //! the drain, and a Python grpcio client for interoperability.
 
-mod common;
-
 use std::collections::HashSet;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use ipc_gateway::frontend::grpc::pb::gateway_client::GatewayClient;
 use ipc_gateway::frontend::grpc::pb::{self, exchange_reply};
@@ -147,7 +145,7 @@ async fn publish_reaches_nats_in_order_and_subscribe_streams_messages_with_reply
     let mut client = gateway.grpc().await;
     let direct = nats.client().await;
     let mut watcher = direct.subscribe("events.>").await.unwrap();
-    direct.flush().await.unwrap();
+    registered(&direct).await;
     for n in 0..20 {
         client
             .publish(pb::PublishMessage {
@@ -903,7 +901,10 @@ async fn grpc_connections_count_against_the_shared_connection_limit() {
     let mut uds = gateway.json().await;
     let refusal = uds.recv().await;
     assert_eq!(refusal["error"]["code"], "OVERLOADED", "{refusal}");
-    let mut second = gateway.grpc().await;
+    // Connected by its call: a refused connection is closed after a grace of 1 s, and a channel
+    // left unused that long (a busy machine) would open, and the gateway count, a second one.
+    let lazy = Endpoint::from_shared(gateway.grpc_url()).unwrap();
+    let mut second = GatewayClient::new(lazy.connect_lazy());
     let status = call(&mut second, request("nobody.home", "x"))
         .await
         .unwrap_err();

@@ -1,12 +1,10 @@
 //! Request-reply, publish, subscribe and the default subject through the Unix socket, with a
 //! real nats-server and the real gateway binary.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use ipc_gateway::client::Client;
 use ipc_gateway::protocol::binary::{FrameParts, frame_type};
@@ -106,7 +104,7 @@ async fn a_thousand_pipelined_binary_requests_come_back_out_of_order_matched_by_
     // Replies are delayed by different amounts, so later requests overtake earlier ones.
     let client = nats.client().await;
     let mut requests = client.subscribe("svc.jitter").await.unwrap();
-    client.flush().await.unwrap();
+    registered(&client).await;
     let service = tokio::spawn(async move {
         while let Some(message) = requests.next().await {
             let client = client.clone();
@@ -184,7 +182,7 @@ async fn publish_reaches_nats_and_is_acked_only_when_it_has_an_id() {
     let nats = NatsServer::start();
     let observer = nats.client().await;
     let mut received = observer.subscribe("events.>").await.unwrap();
-    observer.flush().await.unwrap();
+    registered(&observer).await;
     let gateway = GatewayProcess::start(&nats.url(), &[]);
     let mut conn = gateway.json().await;
     conn.send(r#"{"op":"publish","subject":"events.a","data":"x"}"#)

@@ -1,13 +1,14 @@
 //! The integration-test harness: real `nats-server` processes on free loopback ports, the real
 //! `ipc-gateway` binary, echo/slow services on NATS, and small raw clients (JSON lines, binary
 //! frames, HTTP) that speak the wire exactly as an outside program would.
-#![allow(dead_code)]
 
 pub mod ws;
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -22,11 +23,22 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 /// How long a harness read waits before the test fails: generous, it only guards hangs.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// A loopback port that nothing listens on now and that this process has not handed out
+/// before. Every integration test runs in this one process, and the kernel may hand the port
+/// one test has just let go of (to start its server on) to the next caller: the set keeps two
+/// tests, or a server's client and monitoring ports, from ever getting the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free loopback port")
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|address| address.port())
+            .expect("a free loopback port");
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 fn wait_for_tcp(port: u16, what: &str) {
@@ -293,6 +305,21 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Returns once nats-server has registered every subscription `client` has made so far:
+/// `flush()` only writes them to the socket, and a message published from another connection
+/// meanwhile would not reach them. The server handles one connection's operations in order, so
+/// a message to a new inbox (only this connection listens there), published after them, comes
+/// back only once they are registered.
+pub async fn registered(client: &async_nats::Client) {
+    let inbox = client.new_inbox();
+    let mut probe = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client.publish(inbox, Bytes::new()).await.expect("publish");
+    tokio::time::timeout(PATIENCE, probe.next())
+        .await
+        .expect("nats-server registers a subscription in time")
+        .expect("the probe subscription is open");
+}
+
 /// Answers requests on `subject` with their own payload, after `delay`. Each reply is sent from
 /// its own task, so replies with different delays overtake each other.
 pub async fn spawn_echo(
@@ -305,15 +332,7 @@ pub async fn spawn_echo(
         .subscribe(subject.to_owned())
         .await
         .expect("echo subscribes");
-    // `flush()` only writes the socket: a message to a subject only this client listens on
-    // comes back after nats-server has handled the SUB above (it handles one connection's
-    // operations in order), so the service is really listening when this returns.
-    let confirm = client.new_inbox();
-    let mut echo_back = client.subscribe(confirm.clone()).await.expect("subscribe");
-    client.publish(confirm, "".into()).await.expect("publish");
-    tokio::time::timeout(PATIENCE, echo_back.next())
-        .await
-        .expect("the echo service's subscription is confirmed in time");
+    registered(&client).await;
     tokio::spawn(async move {
         while let Some(message) = requests.next().await {
             let Some(reply) = message.reply else { continue };
@@ -422,6 +441,8 @@ pub struct RawConn {
 #[derive(Debug)]
 pub struct Frame {
     pub header: FrameHeader,
+    /// No test reads it yet; it shows in a failed assertion's `{frame:?}`.
+    #[allow(dead_code)]
     pub subject: Bytes,
     pub aux: Bytes,
     pub payload: Bytes,

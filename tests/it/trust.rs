@@ -1821,3 +1821,150 @@ status = true
     assert_eq!(gateway.get("/health").await.0, 200);
     assert_eq!(gateway.get("/metrics").await.0, 200);
 }
+
+/// The audit file's records, parsed.
+fn audit_records(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_audit_log_records_every_kind_of_event_with_its_identity_and_loses_nothing_at_shutdown()
+{
+    let nats = NatsServer::start();
+    let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let policy = PolicyFile::new(
+        r#"
+[[grant]]
+match = { any = true }
+request = { allow = ["demo.>"] }
+publish = { allow = ["events.>"] }
+subscribe = { allow = ["events.>"] }
+"#,
+    );
+    let mut gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--audit-file",
+            audit.to_str().unwrap(),
+            "--policy",
+            policy.arg(),
+        ],
+    );
+    let mut conn = gateway.json().await;
+    let reply = conn
+        .call(r#"{"id":1,"subject":"demo.echo","data":"hi"}"#)
+        .await;
+    assert_eq!(reply["data"], "hi");
+    let ack = conn
+        .call(r#"{"op":"publish","id":2,"subject":"events.a","data":"x"}"#)
+        .await;
+    assert_eq!(ack["ok"], true);
+    let ack = conn
+        .call(r#"{"op":"subscribe","id":3,"subject":"events.>"}"#)
+        .await;
+    assert_eq!(ack["ok"], true);
+    let ack = conn.call(r#"{"op":"unsubscribe","id":3}"#).await;
+    assert_eq!(ack["ok"], true);
+    let refused = conn.call(r#"{"id":4,"subject":"secret.x"}"#).await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN");
+    let bad = conn.call(r#"{"id":5,"subject":"a b"}"#).await;
+    assert_eq!(bad["error"]["code"], "BAD_REQUEST");
+    gateway.signal("HUP");
+    wait_metric(
+        &gateway,
+        "ipc_gateway_policy_reloads_total{outcome=\"ok\"}",
+        1.0,
+    )
+    .await;
+    drop(conn);
+    // Everything answered before the stop is on disk once the process has exited.
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), Some(0));
+    let records = audit_records(&audit);
+    let uid = nix_uid();
+    let find = |op: &str, outcome: &str| {
+        records
+            .iter()
+            .find(|r| r["op"] == op && r["outcome"] == outcome)
+            .unwrap_or_else(|| panic!("no {op} {outcome} record in {records:#?}"))
+            .clone()
+    };
+    let request = find("request", "ok");
+    assert_eq!(request["subject"], "demo.echo");
+    assert_eq!(request["frontend"], "uds");
+    assert_eq!(request["identity"]["uid"], uid);
+    assert_eq!(request["bytes_in"], 2);
+    assert_eq!(request["bytes_out"], 2);
+    assert!(request["latency_us"].as_u64().is_some());
+    assert!(request["ts"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(find("publish", "ok")["subject"], "events.a");
+    assert_eq!(find("subscribe", "ok")["subject"], "events.>");
+    assert_eq!(find("unsubscribe", "ok")["id"], 3);
+    assert_eq!(find("request", "FORBIDDEN")["subject"], "secret.x");
+    find("request", "BAD_REQUEST");
+    find("connect", "ok");
+    find("policy_reload", "ok");
+    let closed = records
+        .iter()
+        .find(|r| r["op"] == "disconnect" && r["identity"]["uid"] == uid)
+        .expect("a disconnect record");
+    assert!(closed["reason"].as_str().is_some(), "{closed}");
+}
+
+#[tokio::test]
+async fn the_audit_log_rotates_at_its_size_limit() {
+    let nats = NatsServer::start();
+    let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mut gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--audit-file",
+            audit.to_str().unwrap(),
+            "--audit-max-bytes",
+            "2000",
+            "--audit-keep",
+            "2",
+        ],
+    );
+    let mut conn = gateway.json().await;
+    for id in 0..40 {
+        let reply = conn
+            .call(&json!({"id": id, "subject": "demo.echo", "data": "x"}).to_string())
+            .await;
+        assert_eq!(reply["data"], "x");
+    }
+    drop(conn);
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), Some(0));
+    let rotated = dir.path().join("audit.jsonl.1");
+    assert!(rotated.exists(), "no rotated file");
+    assert!(
+        !dir.path().join("audit.jsonl.3").exists(),
+        "more than --audit-keep kept"
+    );
+    for file in [&audit, &rotated] {
+        let size = std::fs::metadata(file).unwrap().len();
+        assert!(size <= 2000, "{} is {size} bytes", file.display());
+    }
+    // The newest requests are all there, in the current file or the one before it.
+    let mut ids: Vec<u64> = [rotated, audit]
+        .iter()
+        .flat_map(|file| audit_records(file))
+        .filter(|r| r["op"] == "request")
+        .filter_map(|r| r["id"].as_u64())
+        .collect();
+    ids.sort();
+    assert_eq!(ids.last(), Some(&39));
+}
+
+fn nix_uid() -> u32 {
+    std::fs::metadata("/proc/self").map_or(0, |m| std::os::unix::fs::MetadataExt::uid(&m))
+}

@@ -881,18 +881,7 @@ async fn grpc_connections_count_against_the_shared_connection_limit() {
     // The harness's HTTP requests for the metrics above hold a place under max_connections
     // until the gateway sees them close (an HTTP connection counts while it is HTTP): the
     // first gRPC client may have to try again for a moment.
-    let first = loop {
-        let mut client = gateway.grpc().await;
-        let status = call(&mut client, request("nobody.home", "x"))
-            .await
-            .unwrap_err();
-        if gateway_code(&status) == "NO_RESPONDERS" {
-            break client;
-        }
-        assert_error(&status, Code::ResourceExhausted, "OVERLOADED");
-        assert!(Instant::now() < deadline, "the slot never came free");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let first = served_client(&gateway).await;
     let rejected_before = gateway
         .metric("ipc_gateway_connections_rejected_total{frontend=\"grpc\"}")
         .await
@@ -932,17 +921,23 @@ async fn grpc_connections_count_against_the_shared_connection_limit() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // (The metrics polls above may hold the place a moment longer, as at the start.)
+    served_client(&gateway).await;
+}
+
+/// A gRPC client whose call gets through (NO_RESPONDERS: nobody serves the subject), once the
+/// one place under `--max-connections 1` is free: until then its calls get OVERLOADED.
+async fn served_client(gateway: &GatewayProcess) -> GatewayClient<Channel> {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let mut third = gateway.grpc().await;
-        let status = call(&mut third, request("nobody.home", "x"))
+        let mut client = gateway.grpc().await;
+        let status = call(&mut client, request("nobody.home", "x"))
             .await
             .unwrap_err();
         if gateway_code(&status) == "NO_RESPONDERS" {
-            break;
+            return client;
         }
         assert_error(&status, Code::ResourceExhausted, "OVERLOADED");
-        assert!(Instant::now() < deadline, "the slot never came back");
+        assert!(Instant::now() < deadline, "the place never came free");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

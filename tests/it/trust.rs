@@ -179,42 +179,8 @@ fn key_file(name: &str) -> String {
     format!("{}/tests/fixtures/keys/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A service written here as a plain NATS client: it answers every request on its subject
-/// with the request's own payload (and no headers), and hands the test each message exactly
-/// as NATS delivered it, so the test sees what a real service would see.
-struct Service {
-    messages: tokio::sync::mpsc::UnboundedReceiver<async_nats::Message>,
-    _task: tokio::task::JoinHandle<()>,
-}
-
-impl Service {
-    async fn start(nats: &NatsServer, subject: &str) -> Service {
-        let client = nats.client().await;
-        let mut subscriber = client.subscribe(subject.to_owned()).await.unwrap();
-        confirmed(&client).await;
-        let (sender, messages) = tokio::sync::mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            while let Some(message) = subscriber.next().await {
-                if let Some(reply) = message.reply.clone() {
-                    let _ = client.publish(reply, message.payload.clone()).await;
-                }
-                let _ = sender.send(message);
-            }
-        });
-        Service {
-            messages,
-            _task: task,
-        }
-    }
-
-    /// The next message the service received.
-    async fn next(&mut self) -> async_nats::Message {
-        tokio::time::timeout(PATIENCE, self.messages.recv())
-            .await
-            .expect("the service received a message in time")
-            .expect("the service runs")
-    }
-}
+/// The tests' service (see `RecordingService`).
+type Service = RecordingService;
 
 /// Returns once nats-server has processed everything `client` sent before (its SUBs above
 /// all): `flush()` only writes the socket, so a message to a subject only this client

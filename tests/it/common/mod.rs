@@ -320,6 +320,43 @@ pub async fn registered(client: &async_nats::Client) {
         .expect("the probe subscription is open");
 }
 
+/// A service written as a plain NATS client: it answers every request on its subject with the
+/// request's own payload (and no headers), and hands the test each message exactly as NATS
+/// delivered it, `Ipc-Gateway-*` headers and all, so the test sees what a real service sees.
+pub struct RecordingService {
+    messages: tokio::sync::mpsc::UnboundedReceiver<async_nats::Message>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl RecordingService {
+    pub async fn start(nats: &NatsServer, subject: &str) -> RecordingService {
+        let client = nats.client().await;
+        let mut subscriber = client.subscribe(subject.to_owned()).await.unwrap();
+        registered(&client).await;
+        let (sender, messages) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Some(message) = subscriber.next().await {
+                if let Some(reply) = message.reply.clone() {
+                    let _ = client.publish(reply, message.payload.clone()).await;
+                }
+                let _ = sender.send(message);
+            }
+        });
+        RecordingService {
+            messages,
+            _task: task,
+        }
+    }
+
+    /// The next message the service received.
+    pub async fn next(&mut self) -> async_nats::Message {
+        tokio::time::timeout(PATIENCE, self.messages.recv())
+            .await
+            .expect("the service received a message in time")
+            .expect("the service runs")
+    }
+}
+
 /// Answers requests on `subject` with their own payload, after `delay`. Each reply is sent from
 /// its own task, so replies with different delays overtake each other.
 pub async fn spawn_echo(

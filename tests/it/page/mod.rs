@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use crate::common::*;
 use chromium::{Browser, Tab, http_get_full};
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 const WIDTH: u32 = 1200;
@@ -425,42 +424,8 @@ fn hs256(sub: &str, secret: &[u8]) -> String {
     .unwrap()
 }
 
-/// Answers every request on its subject with the request's own payload, and hands the test
-/// each message as NATS delivered it (with the gateway's `Ipc-Gateway-*` headers).
-struct RecordingEcho {
-    messages: tokio::sync::mpsc::UnboundedReceiver<async_nats::Message>,
-    _task: tokio::task::JoinHandle<()>,
-}
-
-impl RecordingEcho {
-    async fn start(nats: &NatsServer, subject: &str) -> RecordingEcho {
-        let client = nats.client().await;
-        let mut subscriber = client.subscribe(subject.to_owned()).await.unwrap();
-        client.flush().await.unwrap();
-        // nats-server has the subscription once it answers a round trip on this connection.
-        wait_subscription(nats, subject).await;
-        let (sender, messages) = tokio::sync::mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            while let Some(message) = subscriber.next().await {
-                if let Some(reply) = message.reply.clone() {
-                    let _ = client.publish(reply, message.payload.clone()).await;
-                }
-                let _ = sender.send(message);
-            }
-        });
-        RecordingEcho {
-            messages,
-            _task: task,
-        }
-    }
-
-    async fn next(&mut self) -> async_nats::Message {
-        tokio::time::timeout(PATIENCE, self.messages.recv())
-            .await
-            .expect("the service received a message in time")
-            .expect("the service runs")
-    }
-}
+/// The page test's service (see `RecordingService`).
+type RecordingEcho = RecordingService;
 
 /// One header's first value, the name compared in any case.
 fn header(message: &async_nats::Message, name: &str) -> Option<String> {
@@ -474,17 +439,6 @@ fn header(message: &async_nats::Message, name: &str) -> Option<String> {
         })
         .and_then(|(_, values)| values.first())
         .map(|value| value.as_str().to_owned())
-}
-
-async fn wait_subscription(nats: &NatsServer, subject: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while nats.subscriptions_on(subject).await == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nats-server never held a subscription on {subject}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Sends a request from the page's form and returns the finished result row as

@@ -355,15 +355,9 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
         Outbound::Error { id, error } => {
             put(w, b"{\"id\":");
             json(w, id);
-            put(w, b",\"ok\":false,\"error\":{\"code\":\"");
-            put(w, error.code.as_str().as_bytes());
-            put(w, b"\",\"message\":");
-            json(w, &error.message);
-            if let Some(retry_after_ms) = error.retry_after_ms {
-                put(w, b",\"retry_after_ms\":");
-                json(w, &retry_after_ms);
-            }
-            put(w, b"}}\n");
+            put(w, b",\"ok\":false");
+            put_error(w, error);
+            put(w, b"}\n");
         }
         Outbound::Pong { id } => {
             put(w, b"{\"op\":\"pong\"");
@@ -404,11 +398,8 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
         Outbound::Unsubscribed { sid, error } => {
             put(w, b"{\"op\":\"unsubscribed\",\"sid\":");
             json(w, sid);
-            put(w, b",\"error\":{\"code\":\"");
-            put(w, error.code.as_str().as_bytes());
-            put(w, b"\",\"message\":");
-            json(w, &error.message);
-            put(w, b"}}\n");
+            put_error(w, error);
+            put(w, b"}\n");
         }
     }
 }
@@ -422,6 +413,19 @@ fn put(w: &mut Writer<'_>, bytes: &[u8]) {
 fn json<T: serde::Serialize + ?Sized>(w: &mut Writer<'_>, value: &T) {
     // Serializing ids, strings and numbers into memory cannot fail.
     let _ = serde_json::to_writer(w, value);
+}
+
+/// `,"error":{"code":..,"message":..}`, with `retry_after_ms` when the error has a hint.
+fn put_error(w: &mut Writer<'_>, error: &GatewayError) {
+    put(w, b",\"error\":{\"code\":\"");
+    put(w, error.code.as_str().as_bytes());
+    put(w, b"\",\"message\":");
+    json(w, &error.message);
+    if let Some(retry_after_ms) = error.retry_after_ms {
+        put(w, b",\"retry_after_ms\":");
+        json(w, &retry_after_ms);
+    }
+    put(w, b"}");
 }
 
 fn put_data(w: &mut Writer<'_>, data: &Bytes) {

@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_nats::header::{HeaderName, HeaderValue};
-use tokio::sync::watch;
 
 use super::auth::{JwtVerifier, LocalIdentities};
 use super::policy::{Permissions, Policy, PolicyError, Who};
@@ -47,8 +46,6 @@ struct PolicyState {
 pub struct Access {
     policy_file: Option<PathBuf>,
     state: RwLock<Arc<PolicyState>>,
-    /// Tells open subscriptions that the policy changed.
-    changed: watch::Sender<u64>,
     jwt: Option<JwtVerifier>,
     locals: Arc<LocalIdentities>,
     stamp_identity: bool,
@@ -79,7 +76,6 @@ impl Access {
         Ok(Access {
             policy_file: config.policy.clone(),
             state: RwLock::new(Arc::new(PolicyState { policy, version: 1 })),
-            changed: watch::channel(1).0,
             jwt,
             locals: Arc::new(LocalIdentities::new(LOCAL_NAMES_TTL)),
             stamp_identity: config.identity_headers,
@@ -223,13 +219,7 @@ impl Access {
             });
             version
         };
-        self.changed.send_replace(version);
         Ok(Some(version))
-    }
-
-    /// Resolves when the policy changes.
-    pub fn watch(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
     }
 }
 

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod breaker;
 pub mod budget;
 mod caller;
+mod fanout;
 mod nats;
 pub mod policy;
 pub mod pool;
@@ -26,13 +27,14 @@ use crate::config::Config;
 use crate::protocol::Frontend;
 use crate::protocol::subject::{SubjectUse, validate_queue_group, validate_subject};
 use crate::protocol::{
-    Delivery, Envelope, ErrorCode, GatewayError, Headers, Id, Identity, Op, Subject,
+    Envelope, ErrorCode, GatewayError, Headers, Id, Identity, Op, Subject,
 };
 use crate::telemetry::audit::{Audit, AuditOp, Record};
 use crate::telemetry::metrics::Metrics;
 pub use access::Authorized;
 use budget::ByteBudget;
 pub use caller::{Caller, HeldSlot, Slot};
+pub use fanout::{DeliverySink, Subscription};
 use policy::SubscribeDecision;
 use pool::NatsPool;
 pub use replies::ReplySink;
@@ -66,6 +68,7 @@ struct Inner {
     /// Policy, tokens, local users, per-identity counts.
     access: access::Access,
     audit: Audit,
+    fanout: Arc<fanout::Fanout>,
 }
 
 /// What `/ready` reports.
@@ -88,13 +91,14 @@ impl Gateway {
         let shutdown = Shutdown::default();
         let (retries, to_retry) = tokio::sync::mpsc::unbounded_channel();
         let breakers = breaker::Breakers::new(config.breaker());
+        let fanout = Arc::new(fanout::Fanout::new(metrics.clone()));
         let pool = NatsPool::connect(
             config.nats_servers()?,
             config.nats_connections,
             metrics.clone(),
             shutdown.clone(),
             retries,
-            breakers.clone(),
+            (breakers.clone(), fanout.clone()),
         )
         .await?;
         // Bounded in practice: only requests already in flight (each counted against its
@@ -123,6 +127,7 @@ impl Gateway {
                 listener_up: AtomicBool::new(false),
                 access,
                 audit,
+                fanout,
             }),
         })
     }
@@ -240,6 +245,7 @@ impl Gateway {
         match self.inner.access.reload_policy().await {
             Ok(Some(version)) => {
                 tracing::info!(version, "policy reloaded");
+                self.recheck_subscriptions();
                 self.inner.metrics.policy_reload(true);
                 audit.record(Record::policy_reload(Ok(())).message(format!("version {version}")));
                 Ok(())
@@ -484,13 +490,16 @@ impl Gateway {
         sent.map_err(|err| nats::publish_error(&err))
     }
 
-    /// Opens a NATS subscription (wildcards allowed, optional queue group). The caller owns
-    /// the `Subscriber`: dropping it unsubscribes.
+    /// Subscribes `caller` to `subject` (wildcards allowed, optional queue group): its
+    /// messages go to `sink` under `sid`. Clients subscribed to the same (subject, queue
+    /// group) share one NATS subscription (see `fanout`). Dropping the `Subscription`
+    /// unsubscribes.
     pub async fn subscribe(
         &self,
         caller: &Caller,
         subject: &Subject,
         queue: Option<&str>,
+        (sid, sink): (Id, Arc<dyn DeliverySink>),
     ) -> Result<Subscription, GatewayError> {
         let audit = match self.inner.audit.is_on() {
             true => {
@@ -505,22 +514,17 @@ impl Gateway {
         let admitted = caller
             .admit(0)
             .and_then(|()| validate_subject(subject, SubjectUse::Subscribe))
+            .and_then(|()| queue.map_or(Ok(()), validate_queue_group))
             .and_then(|()| self.subscribe_decision(caller, subject))
             .and_then(|filter| Ok((filter, caller.subscription_slot(max)?)));
         let result = match admitted {
-            Ok((filtered, slot)) => self
-                .open_subscription(caller.lane(), subject, queue)
-                .await
-                .map(|live| Subscription {
-                    gateway: self.clone(),
-                    caller: caller.clone(),
+            Ok((filtered, slot)) => {
+                let key = fanout::TopicKey {
                     subject: subject.clone(),
-                    queue: queue.map(str::to_owned),
-                    live,
-                    filtered,
-                    policy: self.inner.access.watch(),
-                    _slot: slot,
-                }),
+                    queue: queue.map(Arc::from),
+                };
+                self.join(key, caller, (sid, sink), filtered, slot).await
+            }
             Err(error) => Err(error),
         };
         self.inner.metrics.operation(
@@ -534,24 +538,55 @@ impl Gateway {
         result
     }
 
+    /// Joins the topic for `key` (starting its dispatcher when it is new) and waits until
+    /// its NATS subscription is confirmed.
+    async fn join(
+        &self,
+        key: fanout::TopicKey,
+        caller: &Caller,
+        (sid, sink): (Id, Arc<dyn DeliverySink>),
+        filtered: bool,
+        slot: caller::SubscriptionSlot,
+    ) -> Result<Subscription, GatewayError> {
+        let fanout = &self.inner.fanout;
+        let member_key = fanout.next_member_key();
+        let active = Arc::new(AtomicBool::new(true));
+        let member = fanout::Member {
+            key: member_key,
+            sid,
+            caller: caller.clone(),
+            sink,
+            filtered,
+            active: active.clone(),
+            _slot: slot,
+        };
+        let (topic, created) = fanout.join(key, member);
+        // From here, dropping the handle (an error below, or the client going away while
+        // it waits) leaves the topic again.
+        let subscription = fanout.handle(topic.clone(), member_key, active);
+        if created {
+            let dispatcher = tokio::spawn(dispatch_topic(self.clone(), topic.clone(), caller.lane()));
+            fanout.set_dispatcher(&topic, dispatcher.abort_handle());
+        }
+        topic.opened().await?;
+        Ok(subscription)
+    }
+
+    /// Makes the NATS subscription for a topic and waits until the server confirms it.
     async fn open_subscription(
         &self,
         lane: Lane,
-        subject: &Subject,
-        queue: Option<&str>,
+        key: &fanout::TopicKey,
     ) -> Result<LiveSubscription, GatewayError> {
-        validate_subject(subject, SubjectUse::Subscribe)?;
-        if let Some(queue) = queue {
-            validate_queue_group(queue)?;
-        }
         let pool::Picked {
+            index,
             client,
             retired,
             router,
         } = self.inner.pool.client_on(lane.0)?;
-        let subject = nats::subject(subject);
-        let subscribed = match queue {
-            Some(queue) => client.queue_subscribe(subject, queue.to_owned()).await,
+        let subject = nats::subject(&key.subject);
+        let subscribed = match &key.queue {
+            Some(queue) => client.queue_subscribe(subject, queue.to_string()).await,
             None => client.subscribe(subject).await,
         };
         let subscriber = subscribed.map_err(|err| nats::subscribe_error(&err))?;
@@ -575,6 +610,7 @@ impl Gateway {
         };
         match tokio::time::timeout(self.inner.config.request_timeout(), confirmed).await {
             Ok(Ok(())) => Ok(LiveSubscription {
+                nats_sid: nats::subscriber_sid(&subscriber).map(|sid| (index, sid)),
                 subscriber,
                 retired,
             }),
@@ -583,6 +619,57 @@ impl Gateway {
                 ErrorCode::Unavailable,
                 "NATS did not confirm the subscription in time",
             )),
+        }
+    }
+
+    /// Hands one message from NATS to the topic's members that may see it.
+    fn fan_out(&self, topic: &fanout::Topic, message: async_nats::Message) {
+        let metrics = &self.inner.metrics;
+        let delivery = Arc::new(nats::delivery(message));
+        let answer_until = delivery
+            .reply_to
+            .as_ref()
+            .map(|_| tokio::time::Instant::now() + self.inner.config.request_timeout());
+        let bytes = delivery.payload.len();
+        topic.fan_out(|member| {
+            if member.filtered
+                && !member
+                    .caller
+                    .authorized()
+                    .permissions
+                    .may_receive(delivery.subject.as_str())
+            {
+                return false;
+            }
+            if let (Some(reply_to), Some(until)) = (&delivery.reply_to, answer_until) {
+                member.caller.may_answer(reply_to.as_str(), until);
+            }
+            let frontend = member.caller.frontend();
+            metrics.payload_out(frontend, bytes);
+            let dropped = member.sink.deliver(&member.sid, delivery.clone());
+            if dropped > 0 {
+                metrics.dropped(frontend, dropped);
+            }
+            true
+        });
+    }
+
+    /// After a policy reload: every subscriber's permissions under the new policy; the
+    /// subscriptions it no longer allows end (their clients are told).
+    fn recheck_subscriptions(&self) {
+        let fanout = &self.inner.fanout;
+        for topic in fanout.topics() {
+            fanout.recheck(&topic, |member| {
+                let refreshed = self.refreshed(&member.caller);
+                let caller = refreshed.as_ref().unwrap_or(&member.caller);
+                match self.subscribe_decision(caller, &topic.key.subject) {
+                    Ok(filtered) => fanout::Recheck::Keep {
+                        caller: refreshed,
+                        filtered,
+                    },
+                    Err(error) => fanout::Recheck::End(error),
+                }
+            });
         }
     }
 
@@ -703,95 +790,45 @@ impl Gateway {
     }
 }
 
-/// A client's subscription. It outlives the NATS connection it was opened on: when the pool
-/// replaces that connection, it subscribes again on a healthy one, with backoff. It applies
-/// the policy to what it delivers (filtering what the caller may not see, and ending itself
-/// when a reloaded policy no longer allows it), and lets the caller answer each request it
-/// delivers. Dropping it unsubscribes.
-pub struct Subscription {
-    gateway: Gateway,
-    caller: Caller,
-    subject: Subject,
-    queue: Option<String>,
-    live: LiveSubscription,
-    /// Deliveries are checked against the caller's permissions (see `subscribe_decision`).
-    filtered: bool,
-    /// Changes when the policy is reloaded.
-    policy: tokio::sync::watch::Receiver<u64>,
-    /// Counts against the caller's `max_subscriptions_per_connection` while open.
-    _slot: caller::SubscriptionSlot,
-}
-
-/// What a subscription yields.
-pub enum SubscriptionEvent {
-    Message(Delivery),
-    /// A reloaded policy no longer allows the subscription: it has ended.
-    Revoked(GatewayError),
-}
-
-impl Subscription {
-    /// The next message the caller may see (waits for ever when none comes), or the end of
-    /// the subscription when a reloaded policy took it away.
-    pub async fn next(&mut self) -> SubscriptionEvent {
-        loop {
-            let message = tokio::select! {
-                message = self.live.next() => message,
-                changed = self.policy.changed() => {
-                    if changed.is_ok()
-                        && let Err(error) = self.recheck()
-                    {
-                        return SubscriptionEvent::Revoked(error);
-                    }
-                    continue;
-                }
-            };
-            let Some(message) = message else {
-                self.live = self.reopen().await;
-                tracing::info!(subject = %self.subject, "subscription restored on another NATS connection");
-                continue;
-            };
-            if self.filtered
-                && !self
-                    .caller
-                    .authorized()
-                    .permissions
-                    .may_receive(message.subject.as_str())
-            {
+/// A topic's dispatcher: makes its NATS subscription, then hands every message to the
+/// members and reports what the NATS client dropped. The subscription outlives the NATS
+/// connection it was made on: when the pool replaces that connection, it subscribes again on
+/// a healthy one, with backoff. Aborted when the topic closes, which unsubscribes.
+async fn dispatch_topic(gateway: Gateway, topic: Arc<fanout::Topic>, lane: Lane) {
+    let fanout = &gateway.inner.fanout;
+    let mut live = match gateway.open_subscription(lane, &topic.key).await {
+        Ok(live) => live,
+        Err(error) => return fanout.fail(&topic, error),
+    };
+    fanout.bind(&topic, live.nats_sid);
+    topic.set_live();
+    loop {
+        let message = tokio::select! {
+            biased;
+            () = topic.losses().notified() => {
+                topic.report_losses();
                 continue;
             }
-            if let Some(reply_to) = &message.reply {
-                let until =
-                    tokio::time::Instant::now() + self.gateway.inner.config.request_timeout();
-                self.caller.may_answer(reply_to.as_str(), until);
+            message = live.next() => message,
+        };
+        match message {
+            Some(message) => gateway.fan_out(&topic, message),
+            None => {
+                live = reopen(&gateway, &topic, lane).await;
+                fanout.bind(&topic, live.nats_sid);
+                tracing::info!(subject = %topic.key.subject, "subscription restored on another NATS connection");
             }
-            return SubscriptionEvent::Message(nats::delivery(message));
         }
     }
+}
 
-    /// After a policy reload: the caller's permissions under the new policy, and whether the
-    /// subscription is still allowed (and filtered).
-    fn recheck(&mut self) -> Result<(), GatewayError> {
-        if let Some(refreshed) = self.gateway.refreshed(&self.caller) {
-            self.caller = refreshed;
-        }
-        self.filtered = self
-            .gateway
-            .subscribe_decision(&self.caller, &self.subject)?;
-        Ok(())
-    }
-
-    async fn reopen(&self) -> LiveSubscription {
-        let mut delay = Duration::from_millis(50);
-        loop {
-            tokio::time::sleep(delay).await;
-            let opened = self
-                .gateway
-                .open_subscription(self.caller.lane(), &self.subject, self.queue.as_deref())
-                .await;
-            match opened {
-                Ok(live) => return live,
-                Err(_) => delay = (delay * 2).min(Duration::from_secs(2)),
-            }
+async fn reopen(gateway: &Gateway, topic: &fanout::Topic, lane: Lane) -> LiveSubscription {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        tokio::time::sleep(delay).await;
+        match gateway.open_subscription(lane, &topic.key).await {
+            Ok(live) => return live,
+            Err(_) => delay = (delay * 2).min(Duration::from_secs(2)),
         }
     }
 }
@@ -801,6 +838,8 @@ impl Subscription {
 struct LiveSubscription {
     subscriber: Subscriber,
     retired: tokio::sync::watch::Receiver<bool>,
+    /// (pool connection index, NATS sid): how the NATS client names it in its events.
+    nats_sid: Option<(usize, u64)>,
 }
 
 impl LiveSubscription {

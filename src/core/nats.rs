@@ -48,6 +48,16 @@ fn wire_subject(subject: &async_nats::Subject) -> Subject {
     Subject::from(subject.as_str())
 }
 
+/// The sid async-nats gave a subscription: its slow-consumer events name subscriptions by it.
+/// async-nats keeps the field private but prints it (`Subscriber { sid: 7, .. }`); a test
+/// against a real server checks that this still reads it.
+pub fn subscriber_sid(subscriber: &async_nats::Subscriber) -> Option<u64> {
+    let printed = format!("{subscriber:?}");
+    let rest = printed.split_once("sid: ")?.1;
+    let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    rest[..digits].parse().ok()
+}
+
 /// A message from NATS as a client sees it.
 pub fn delivery(message: async_nats::Message) -> Delivery {
     Delivery {

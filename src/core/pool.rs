@@ -16,6 +16,7 @@ use deadpool::managed::{self, Metrics as PoolMetrics, Object, RecycleResult};
 use metrics::Counter;
 
 use super::breaker::Breakers;
+use super::fanout::Fanout;
 use super::replies::{Pending, ReplyRouter};
 use super::shutdown::Shutdown;
 use crate::telemetry::metrics::Metrics;
@@ -31,6 +32,8 @@ pub const REPLACE_AFTER: Duration = Duration::from_secs(10);
 /// One pool connection and its loss signal: the value changes each time the connection drops,
 /// so requests waiting on it can fail at once instead of waiting out their deadline.
 pub struct PoolConn {
+    /// Unique for the process's life (a replacement gets a new one).
+    pub index: usize,
     pub client: Client,
     /// Matches this connection's replies to its requests.
     pub router: Arc<ReplyRouter>,
@@ -49,6 +52,8 @@ pub struct NatsManager {
     /// Told when a connection comes up, so that `NO_RESPONDERS` from services still
     /// reconnecting is not held against them.
     breakers: Arc<Breakers>,
+    /// Told which shared subscription the NATS client dropped a message of.
+    fanout: Arc<Fanout>,
 }
 
 impl managed::Manager for NatsManager {
@@ -62,7 +67,7 @@ impl managed::Manager for NatsManager {
             index,
             self.metrics.nats_slow_consumer.clone(),
             lost_sender,
-            self.breakers.clone(),
+            (self.breakers.clone(), self.fanout.clone()),
         )
         .connect(self.servers.clone())
         .await?;
@@ -89,6 +94,7 @@ impl managed::Manager for NatsManager {
             }
         }
         Ok(PoolConn {
+            index,
             client,
             router,
             lost,
@@ -109,7 +115,7 @@ fn connect_options(
     index: usize,
     slow_consumer: Counter,
     lost: watch::Sender<u64>,
-    breakers: Arc<Breakers>,
+    (breakers, fanout): (Arc<Breakers>, Arc<Fanout>),
 ) -> ConnectOptions {
     let lost = Arc::new(lost);
     ConnectOptions::new()
@@ -126,10 +132,12 @@ fn connect_options(
             let slow_consumer = slow_consumer.clone();
             let lost = lost.clone();
             let breakers = breakers.clone();
+            let fanout = fanout.clone();
             async move {
                 match event {
                     async_nats::Event::SlowConsumer(sid) => {
                         slow_consumer.increment(1);
+                        fanout.slow_consumer(index, sid);
                         warn!(
                             connection = index,
                             sid, "NATS subscription buffer full: message dropped"
@@ -175,6 +183,8 @@ pub fn should_replace(down_for: Duration, others_connected: usize) -> bool {
 /// A client handed out for one operation, with its reply router and the signal that its
 /// connection was retired.
 pub struct Picked {
+    /// The connection's `PoolConn::index`.
+    pub index: usize,
     pub client: Client,
     pub router: Arc<ReplyRouter>,
     pub retired: watch::Receiver<bool>,
@@ -209,13 +219,13 @@ pub struct NatsPool {
 
 impl NatsPool {
     /// Creates `size` connections. Returns at once even if NATS is not up yet.
-    pub async fn connect(
+    pub(super) async fn connect(
         servers: Vec<async_nats::ServerAddr>,
         size: usize,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
         retries: mpsc::UnboundedSender<Pending>,
-        breakers: Arc<Breakers>,
+        (breakers, fanout): (Arc<Breakers>, Arc<Fanout>),
     ) -> Result<Arc<NatsPool>, String> {
         let manager = NatsManager {
             servers,
@@ -224,6 +234,7 @@ impl NatsPool {
             shutdown,
             retries,
             breakers,
+            fanout,
         };
         let pool = managed::Pool::builder(manager)
             .max_size(size)
@@ -269,6 +280,7 @@ impl NatsPool {
             let conn: &PoolConn = &slots[(start + offset) % n];
             if conn.client.connection_state() == State::Connected {
                 return Ok(Picked {
+                    index: conn.index,
                     client: conn.client.clone(),
                     router: conn.router.clone(),
                     retired: conn.retired.subscribe(),
@@ -320,7 +332,7 @@ impl NatsPool {
 
     /// Replaces the connection in `slot` with a new one made by deadpool. The old one keeps
     /// its place until the new one is connected (or 2 s pass), then is retired: subscriptions
-    /// on it end and their owners subscribe again elsewhere (see `Session`).
+    /// on it end and their topics subscribe again elsewhere (see `dispatch_topic`).
     pub async fn replace(&self, slot: usize) -> Result<(), String> {
         {
             let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
@@ -329,6 +341,7 @@ impl NatsPool {
             };
             // Detached from deadpool, it frees the place its successor is created in.
             let placeholder = Slot::Retiring(PoolConn {
+                index: current.index,
                 client: current.client.clone(),
                 router: current.router.clone(),
                 lost: current.lost.clone(),

@@ -10,18 +10,18 @@
 //!   writer takes only as many of them as the client has granted.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
 
-use crate::core::{Reply, ReplySink};
+use crate::core::{DeliverySink, Reply, ReplySink};
 use crate::protocol::{Delivery, GatewayError, Id, Outbound};
 
 #[derive(Default)]
 struct Queues {
     control: VecDeque<Outbound>,
-    stream: VecDeque<(Id, Delivery)>,
+    stream: VecDeque<(Id, Arc<Delivery>)>,
     /// Drops not yet reported, per subscription id, in order of first drop.
     dropped: Vec<(Id, u64)>,
     /// Subscriptions under credit flow control (few per connection: a list beats a map).
@@ -34,14 +34,18 @@ struct Credited {
     /// Messages the client still accepts.
     credit: u64,
     /// Messages waiting for credit, oldest first.
-    held: VecDeque<Delivery>,
+    held: VecDeque<Arc<Delivery>>,
 }
 
 impl Queues {
     fn count_drop(&mut self, sid: Id) {
+        self.count_drops(sid, 1);
+    }
+
+    fn count_drops(&mut self, sid: Id, n: u64) {
         match self.dropped.iter_mut().find(|(s, _)| *s == sid) {
-            Some((_, count)) => *count += 1,
-            None => self.dropped.push((sid, 1)),
+            Some((_, count)) => *count += n,
+            None => self.dropped.push((sid, n)),
         }
     }
 
@@ -127,7 +131,7 @@ impl Outbox {
 
     /// Queues a subscription message, dropping the oldest one when the stream class is full.
     /// Returns how many were dropped (0 or 1), for the metric.
-    pub fn push_stream(&self, sid: Id, message: Delivery) -> u64 {
+    pub fn push_stream(&self, sid: Id, message: Arc<Delivery>) -> u64 {
         let mut queues = self.queues();
         if queues.closed {
             return 0;
@@ -287,6 +291,33 @@ impl Outbox {
     }
 }
 
+/// The core hands subscription messages straight to the outbox.
+impl DeliverySink for Outbox {
+    fn deliver(&self, sid: &Id, message: Arc<Delivery>) -> u64 {
+        self.push_stream(sid.clone(), message)
+    }
+
+    fn lost(&self, sid: &Id, count: u64) {
+        let mut queues = self.queues();
+        if queues.closed {
+            return;
+        }
+        queues.count_drops(sid.clone(), count);
+        drop(queues);
+        self.writable.notify_one();
+    }
+
+    fn ended(&self, sid: &Id, error: GatewayError) {
+        // The client is told; the notice counts as an answer to write.
+        self.begin_command();
+        self.purge(sid);
+        self.push_control(Outbound::Unsubscribed {
+            sid: sid.clone(),
+            error,
+        });
+    }
+}
+
 /// The core delivers request answers straight into the outbox.
 impl ReplySink for Outbox {
     fn deliver(&self, id: Id, result: Result<Reply, GatewayError>) -> bool {
@@ -305,13 +336,13 @@ impl ReplySink for Outbox {
 mod tests {
     use super::*;
 
-    fn message(n: u8) -> Delivery {
-        Delivery {
+    fn message(n: u8) -> Arc<Delivery> {
+        Arc::new(Delivery {
             subject: "s".into(),
             reply_to: None,
             headers: None,
             payload: vec![n].into(),
-        }
+        })
     }
 
     #[test]

@@ -6,11 +6,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::task::AbortHandle;
-
-use crate::core::{Caller, Gateway, Subscription, SubscriptionEvent};
+use crate::core::{Caller, Gateway, Subscription};
 use crate::protocol::{
     Decoded, Envelope, ErrorCode, Frontend, GatewayError, Id, Op, Outbound, Subject,
 };
@@ -29,23 +26,18 @@ pub struct Session {
     gateway: Gateway,
     /// The connection as the core knows it (a gRPC connection's calls share one).
     caller: Caller,
-    frontend: Frontend,
     outbox: Arc<Outbox>,
-    subscriptions: HashMap<Id, AbortHandle>,
-    /// Subscriptions the gateway ended itself (a reloaded policy took them away) and not yet
-    /// forgotten here: their pumps count them.
-    revoked: Arc<AtomicUsize>,
+    /// Dropping one unsubscribes.
+    subscriptions: HashMap<Id, Subscription>,
 }
 
 impl Session {
     pub fn new(gateway: Gateway, caller: Caller, outbox: Arc<Outbox>) -> Self {
         Session {
-            frontend: caller.frontend(),
             caller,
             gateway,
             outbox,
             subscriptions: HashMap::new(),
-            revoked: Arc::default(),
         }
     }
 
@@ -64,12 +56,10 @@ impl Session {
         !self.subscriptions.is_empty()
     }
 
-    /// Forgets the subscriptions whose pumps ended because the policy took them away.
+    /// Forgets the subscriptions the gateway ended because the policy took them away.
     fn forget_revoked(&mut self) {
-        if self.revoked.load(Ordering::Acquire) > 0 {
-            self.revoked.store(0, Ordering::Release);
-            self.subscriptions.retain(|_, pump| !pump.is_finished());
-        }
+        self.subscriptions
+            .retain(|_, subscription| subscription.is_active());
     }
 
     /// The identity the connection acts as.
@@ -152,7 +142,7 @@ impl Session {
     /// A bad token ends the connection (after its answer).
     fn authenticate(&mut self, envelope: Envelope) -> Flow {
         let id = envelope.id.clone();
-        let verified = match (self.frontend, envelope.token) {
+        let verified = match (self.caller.frontend(), envelope.token) {
             (Frontend::Ws, Some(token)) => {
                 let addr = self.caller.identity().addr.clone();
                 self.gateway.verify_token(&token, Frontend::Ws, addr)
@@ -263,33 +253,33 @@ impl Session {
                 .note(&self.caller, Some(Op::Subscribe), &sid, Err(error.code));
         })?;
         self.forget_revoked();
-        let subscription = self
-            .gateway
-            .subscribe(&self.caller, &subject, envelope.queue.as_deref())
-            .await?;
         if let Some(credit) = envelope.credit {
+            // Before the first message can arrive.
             self.outbox.limit_by_credit(sid.clone(), credit);
         }
-        let pump = tokio::spawn(pump_messages(
-            self.gateway.clone(),
-            self.frontend,
-            (self.outbox.clone(), self.revoked.clone()),
-            sid.clone(),
-            subscription,
-        ));
-        self.gateway.metrics().subscription_opened(self.frontend);
-        self.subscriptions.insert(sid, pump.abort_handle());
-        Ok(())
+        let sink = (sid.clone(), self.outbox.clone() as _);
+        let subscribed = self
+            .gateway
+            .subscribe(&self.caller, &subject, envelope.queue.as_deref(), sink)
+            .await;
+        match subscribed {
+            Ok(subscription) => {
+                self.subscriptions.insert(sid, subscription);
+                Ok(())
+            }
+            Err(error) => {
+                self.outbox.purge(&sid);
+                Err(error)
+            }
+        }
     }
 
     fn unsubscribe(&mut self, sid: &Id) -> Result<(), GatewayError> {
         self.forget_revoked();
         let result = match self.subscriptions.remove(sid) {
-            Some(pump) => {
-                // Aborting the pump drops its `Subscriber`, which unsubscribes from NATS.
-                pump.abort();
+            Some(subscription) => {
+                drop(subscription);
                 self.outbox.purge(sid);
-                self.gateway.metrics().subscription_closed(self.frontend);
                 Ok(())
             }
             None => Err(GatewayError::bad_request(format!(
@@ -307,42 +297,7 @@ impl Session {
 
     /// Closes every subscription of this connection.
     pub fn close_subscriptions(&mut self) {
-        for (_, pump) in self.subscriptions.drain() {
-            pump.abort();
-            self.gateway.metrics().subscription_closed(self.frontend);
-        }
-    }
-}
-
-/// Moves one subscription's messages into the client's outbox for as long as the client holds
-/// the subscription (this task is aborted on unsubscribe; the core re-opens the subscription
-/// itself when its NATS connection is replaced).
-async fn pump_messages(
-    gateway: Gateway,
-    frontend: Frontend,
-    (outbox, revoked): (Arc<Outbox>, Arc<AtomicUsize>),
-    sid: Id,
-    mut subscription: Subscription,
-) {
-    let metrics = gateway.metrics().clone();
-    loop {
-        let message = match subscription.next().await {
-            SubscriptionEvent::Message(message) => message,
-            SubscriptionEvent::Revoked(error) => {
-                // The client is told; the notice counts as an answer to write.
-                outbox.begin_command();
-                outbox.purge(&sid);
-                outbox.push_control(Outbound::Unsubscribed { sid, error });
-                metrics.subscription_closed(frontend);
-                revoked.fetch_add(1, Ordering::AcqRel);
-                return;
-            }
-        };
-        metrics.payload_out(frontend, message.payload.len());
-        let dropped = outbox.push_stream(sid.clone(), message);
-        if dropped > 0 {
-            metrics.dropped(frontend, dropped);
-        }
+        self.subscriptions.clear();
     }
 }
 

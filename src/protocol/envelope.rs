@@ -168,7 +168,8 @@ pub enum Outbound {
     /// A message on a subscription; `sid` is the id the client subscribed with.
     Msg {
         sid: Id,
-        message: Delivery,
+        /// Shared by every client subscribed to the same subject on this gateway.
+        message: Arc<Delivery>,
     },
     /// `count` subscription messages were dropped since the last notice for `sid`.
     Dropped {

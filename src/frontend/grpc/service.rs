@@ -248,8 +248,12 @@ async fn serve_subscription(
         Outbound::Msg { message, .. } => Some(pb::SubscriptionMessage {
             subject: message.subject.to_string(),
             headers: listed(message.headers.as_ref()),
-            payload: message.payload,
-            reply_to: message.reply_to.map(|r| r.to_string()).unwrap_or_default(),
+            payload: message.payload.clone(),
+            reply_to: message
+                .reply_to
+                .as_ref()
+                .map(|r| r.to_string())
+                .unwrap_or_default(),
             dropped: std::mem::take(&mut dropped),
         }),
         _ => None,

@@ -111,6 +111,10 @@ settings! {
         pub nats_url: String = "nats://127.0.0.1:4222".into(),
         /// Connections in the NATS pool; requests are spread across them.
         pub nats_connections: usize = 2,
+        /// Messages one shared NATS subscription may hold between the NATS client and the
+        /// gateway's fan-out; past it the NATS client drops them, and every client on that
+        /// subscription is told how many (`dropped`).
+        pub nats_subscription_buffer: usize = 16384,
         /// Address of the HTTP port: /health, /ready, /status, /metrics and the WebSocket /ws.
         pub http: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
         /// How long an HTTP client may take to send a request's headers, and how long a
@@ -310,6 +314,7 @@ impl Config {
             ("max_inflight_bytes", self.max_inflight_bytes),
             ("subscription_queue", self.subscription_queue),
             ("audit_queue", self.audit_queue),
+            ("nats_subscription_buffer", self.nats_subscription_buffer),
             (
                 "max_subscriptions_per_connection",
                 self.max_subscriptions_per_connection,

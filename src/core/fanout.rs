@@ -84,9 +84,22 @@ pub(super) struct Member {
     pub _slot: SubscriptionSlot,
 }
 
+/// Where a message the NATS client dropped belonged.
+pub enum Loss {
+    /// A topic whose members had been told of every earlier loss.
+    FirstOfBurst(Subject),
+    /// A topic whose members have not yet been told of an earlier loss.
+    MoreOfBurst,
+    /// Not a shared subscription (the connection's reply subscription).
+    NotATopic,
+}
+
 /// What a policy recheck decides for one member.
 pub(super) enum Recheck {
-    Keep { caller: Option<Caller>, filtered: bool },
+    Keep {
+        caller: Option<Caller>,
+        filtered: bool,
+    },
     End(GatewayError),
 }
 
@@ -114,7 +127,9 @@ impl Drop for Subscription {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain data behind these locks: still consistent after a panic elsewhere.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Fanout {
@@ -228,18 +243,19 @@ impl Fanout {
     }
 
     /// The NATS client on pool connection `connection` dropped a message for its
-    /// subscription `nats_sid`.
-    pub fn slow_consumer(&self, connection: usize, nats_sid: u64) -> bool {
+    /// subscription `nats_sid`: counted on its topic. Says whether it is worth a log line.
+    pub fn slow_consumer(&self, connection: usize, nats_sid: u64) -> Loss {
         let topic = lock(&self.by_nats_sid)
             .get(&(connection, nats_sid))
             .and_then(Weak::upgrade);
-        match topic {
-            Some(topic) => {
-                topic.lost.fetch_add(1, Ordering::AcqRel);
-                topic.lost_signal.notify_one();
-                true
-            }
-            None => false,
+        let Some(topic) = topic else {
+            return Loss::NotATopic;
+        };
+        let before = topic.lost.fetch_add(1, Ordering::AcqRel);
+        topic.lost_signal.notify_one();
+        match before {
+            0 => Loss::FirstOfBurst(topic.key.subject.clone()),
+            _ => Loss::MoreOfBurst,
         }
     }
 

@@ -26,9 +26,7 @@ use futures_util::StreamExt;
 use crate::config::Config;
 use crate::protocol::Frontend;
 use crate::protocol::subject::{SubjectUse, validate_queue_group, validate_subject};
-use crate::protocol::{
-    Envelope, ErrorCode, GatewayError, Headers, Id, Identity, Op, Subject,
-};
+use crate::protocol::{Envelope, ErrorCode, GatewayError, Headers, Id, Identity, Op, Subject};
 use crate::telemetry::audit::{Audit, AuditOp, Record};
 use crate::telemetry::metrics::Metrics;
 pub use access::Authorized;
@@ -98,7 +96,11 @@ impl Gateway {
             metrics.clone(),
             shutdown.clone(),
             retries,
-            (breakers.clone(), fanout.clone()),
+            (
+                breakers.clone(),
+                fanout.clone(),
+                config.nats_subscription_buffer,
+            ),
         )
         .await?;
         // Bounded in practice: only requests already in flight (each counted against its
@@ -565,7 +567,8 @@ impl Gateway {
         // it waits) leaves the topic again.
         let subscription = fanout.handle(topic.clone(), member_key, active);
         if created {
-            let dispatcher = tokio::spawn(dispatch_topic(self.clone(), topic.clone(), caller.lane()));
+            let dispatcher =
+                tokio::spawn(dispatch_topic(self.clone(), topic.clone(), caller.lane()));
             fanout.set_dispatcher(&topic, dispatcher.abort_handle());
         }
         topic.opened().await?;

@@ -54,7 +54,9 @@ fn wire_subject(subject: &async_nats::Subject) -> Subject {
 pub fn subscriber_sid(subscriber: &async_nats::Subscriber) -> Option<u64> {
     let printed = format!("{subscriber:?}");
     let rest = printed.split_once("sid: ")?.1;
-    let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
     rest[..digits].parse().ok()
 }
 

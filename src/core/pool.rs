@@ -16,7 +16,7 @@ use deadpool::managed::{self, Metrics as PoolMetrics, Object, RecycleResult};
 use metrics::Counter;
 
 use super::breaker::Breakers;
-use super::fanout::Fanout;
+use super::fanout::{Fanout, Loss};
 use super::replies::{Pending, ReplyRouter};
 use super::shutdown::Shutdown;
 use crate::telemetry::metrics::Metrics;
@@ -54,6 +54,7 @@ pub struct NatsManager {
     breakers: Arc<Breakers>,
     /// Told which shared subscription the NATS client dropped a message of.
     fanout: Arc<Fanout>,
+    subscription_buffer: usize,
 }
 
 impl managed::Manager for NatsManager {
@@ -67,7 +68,11 @@ impl managed::Manager for NatsManager {
             index,
             self.metrics.nats_slow_consumer.clone(),
             lost_sender,
-            (self.breakers.clone(), self.fanout.clone()),
+            (
+                self.breakers.clone(),
+                self.fanout.clone(),
+                self.subscription_buffer,
+            ),
         )
         .connect(self.servers.clone())
         .await?;
@@ -115,7 +120,7 @@ fn connect_options(
     index: usize,
     slow_consumer: Counter,
     lost: watch::Sender<u64>,
-    (breakers, fanout): (Arc<Breakers>, Arc<Fanout>),
+    (breakers, fanout, subscription_buffer): (Arc<Breakers>, Arc<Fanout>, usize),
 ) -> ConnectOptions {
     let lost = Arc::new(lost);
     ConnectOptions::new()
@@ -124,9 +129,10 @@ fn connect_options(
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
         .request_timeout(None)
-        // Our outbox is the drop point that clients are told about; this buffer only has to
-        // absorb the moments when a subscription's pump task is not scheduled.
-        .subscription_capacity(16 * 1024)
+        // Each client's outbox is the drop point for a client that reads slowly; this buffer
+        // only has to absorb the moments when a topic's dispatcher is not scheduled. What it
+        // drops is counted by topic (see `Fanout::slow_consumer`).
+        .subscription_capacity(subscription_buffer)
         .reconnect_delay_callback(reconnect_delay)
         .event_callback(move |event| {
             let slow_consumer = slow_consumer.clone();
@@ -137,11 +143,19 @@ fn connect_options(
                 match event {
                     async_nats::Event::SlowConsumer(sid) => {
                         slow_consumer.increment(1);
-                        fanout.slow_consumer(index, sid);
-                        warn!(
-                            connection = index,
-                            sid, "NATS subscription buffer full: message dropped"
-                        );
+                        // One line per burst: the members get the exact count.
+                        match fanout.slow_consumer(index, sid) {
+                            Loss::FirstOfBurst(subject) => warn!(
+                                connection = index,
+                                %subject,
+                                "NATS subscription buffer full: messages dropped (see --nats-subscription-buffer)"
+                            ),
+                            Loss::MoreOfBurst => {}
+                            Loss::NotATopic => warn!(
+                                connection = index,
+                                sid, "NATS reply buffer full: a reply was dropped"
+                            ),
+                        }
                     }
                     async_nats::Event::Connected => {
                         breakers.nats_connected();
@@ -225,7 +239,7 @@ impl NatsPool {
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
         retries: mpsc::UnboundedSender<Pending>,
-        (breakers, fanout): (Arc<Breakers>, Arc<Fanout>),
+        (breakers, fanout, subscription_buffer): (Arc<Breakers>, Arc<Fanout>, usize),
     ) -> Result<Arc<NatsPool>, String> {
         let manager = NatsManager {
             servers,
@@ -235,6 +249,7 @@ impl NatsPool {
             retries,
             breakers,
             fanout,
+            subscription_buffer,
         };
         let pool = managed::Pool::builder(manager)
             .max_size(size)

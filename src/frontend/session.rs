@@ -12,7 +12,7 @@ use tokio::task::AbortHandle;
 
 use crate::core::{Caller, Gateway, Subscription, SubscriptionEvent};
 use crate::protocol::{
-    Decoded, Envelope, ErrorCode, Frontend, GatewayError, Id, Op, Outbound, Subject,
+    Decoded, Envelope, ErrorCode, Frontend, GatewayError, Id, Op, Outbound, Priority, Subject,
 };
 
 use super::outbox::Outbox;
@@ -94,8 +94,9 @@ impl Session {
         match envelope.op {
             Op::Request => {
                 self.outbox.begin_command();
+                let sink = self.outbox.replies(envelope.priority);
                 self.gateway
-                    .start_request(&self.caller, envelope, self.outbox.clone())
+                    .start_request(&self.caller, envelope, sink)
                     .await;
             }
             Op::Publish => {
@@ -275,6 +276,7 @@ impl Session {
             self.frontend,
             (self.outbox.clone(), self.revoked.clone()),
             sid.clone(),
+            envelope.priority,
             subscription,
         ));
         self.gateway.metrics().subscription_opened(self.frontend);
@@ -322,6 +324,7 @@ async fn pump_messages(
     frontend: Frontend,
     (outbox, revoked): (Arc<Outbox>, Arc<AtomicUsize>),
     sid: Id,
+    priority: Priority,
     mut subscription: Subscription,
 ) {
     let metrics = gateway.metrics().clone();
@@ -339,7 +342,7 @@ async fn pump_messages(
             }
         };
         metrics.payload_out(frontend, message.payload.len());
-        let dropped = outbox.push_stream(sid.clone(), message);
+        let dropped = outbox.push_stream(sid.clone(), message, priority);
         if dropped > 0 {
             metrics.dropped(frontend, dropped);
         }

@@ -18,14 +18,14 @@ use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
 
 use super::caller::{Caller, SubscriptionSlot};
-use crate::protocol::{Delivery, GatewayError, Id, Subject};
+use crate::protocol::{Delivery, GatewayError, Id, Priority, Subject};
 use crate::telemetry::metrics::Metrics;
 
 /// Where a client subscription's messages go: its connection's outbox.
 pub trait DeliverySink: Send + Sync {
-    /// Queues a message for subscription `sid`; returns how many older ones were dropped to
-    /// make room (for the metric; the client is told by the sink).
-    fn deliver(&self, sid: &Id, message: Arc<Delivery>) -> u64;
+    /// Queues a message for subscription `sid` of class `priority`; returns how many queued
+    /// ones were dropped to make room (for the metric; the client is told by the sink).
+    fn deliver(&self, sid: &Id, message: Arc<Delivery>, priority: Priority) -> u64;
     /// `count` messages for `sid` were lost before they reached the gateway's queues.
     fn lost(&self, sid: &Id, count: u64);
     /// The gateway ended subscription `sid` (a reloaded policy took it away).
@@ -76,6 +76,7 @@ struct Members {
 pub(super) struct Member {
     pub key: u64,
     pub sid: Id,
+    pub priority: Priority,
     pub caller: Caller,
     pub sink: Arc<dyn DeliverySink>,
     /// Deliveries are checked against the caller's permissions (see `subscribe_decision`).

@@ -26,7 +26,9 @@ use futures_util::StreamExt;
 use crate::config::Config;
 use crate::protocol::Frontend;
 use crate::protocol::subject::{SubjectUse, validate_queue_group, validate_subject};
-use crate::protocol::{Envelope, ErrorCode, GatewayError, Headers, Id, Identity, Op, Subject};
+use crate::protocol::{
+    Envelope, ErrorCode, GatewayError, Headers, Id, Identity, Op, Priority, Subject,
+};
 use crate::telemetry::audit::{Audit, AuditOp, Record};
 use crate::telemetry::metrics::Metrics;
 pub use access::Authorized;
@@ -501,7 +503,7 @@ impl Gateway {
         caller: &Caller,
         subject: &Subject,
         queue: Option<&str>,
-        (sid, sink): (Id, Arc<dyn DeliverySink>),
+        (sid, priority, sink): (Id, Priority, Arc<dyn DeliverySink>),
     ) -> Result<Subscription, GatewayError> {
         let audit = match self.inner.audit.is_on() {
             true => {
@@ -525,7 +527,8 @@ impl Gateway {
                     subject: subject.clone(),
                     queue: queue.map(Arc::from),
                 };
-                self.join(key, caller, (sid, sink), filtered, slot).await
+                self.join(key, caller, (sid, priority, sink), filtered, slot)
+                    .await
             }
             Err(error) => Err(error),
         };
@@ -546,7 +549,7 @@ impl Gateway {
         &self,
         key: fanout::TopicKey,
         caller: &Caller,
-        (sid, sink): (Id, Arc<dyn DeliverySink>),
+        (sid, priority, sink): (Id, Priority, Arc<dyn DeliverySink>),
         filtered: bool,
         slot: caller::SubscriptionSlot,
     ) -> Result<Subscription, GatewayError> {
@@ -556,6 +559,7 @@ impl Gateway {
         let member = fanout::Member {
             key: member_key,
             sid,
+            priority,
             caller: caller.clone(),
             sink,
             filtered,
@@ -649,7 +653,9 @@ impl Gateway {
             }
             let frontend = member.caller.frontend();
             metrics.payload_out(frontend, bytes);
-            let dropped = member.sink.deliver(&member.sid, delivery.clone());
+            let dropped = member
+                .sink
+                .deliver(&member.sid, delivery.clone(), member.priority);
             if dropped > 0 {
                 metrics.dropped(frontend, dropped);
             }

@@ -84,8 +84,9 @@ impl Session {
         match envelope.op {
             Op::Request => {
                 self.outbox.begin_command();
+                let sink = self.outbox.replies(envelope.priority);
                 self.gateway
-                    .start_request(&self.caller, envelope, self.outbox.clone())
+                    .start_request(&self.caller, envelope, sink)
                     .await;
             }
             Op::Publish => {
@@ -257,7 +258,7 @@ impl Session {
             // Before the first message can arrive.
             self.outbox.limit_by_credit(sid.clone(), credit);
         }
-        let sink = (sid.clone(), self.outbox.clone() as _);
+        let sink = (sid.clone(), envelope.priority, self.outbox.clone() as _);
         let subscribed = self
             .gateway
             .subscribe(&self.caller, &subject, envelope.queue.as_deref(), sink)

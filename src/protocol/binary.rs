@@ -6,7 +6,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::envelope::{Decoded, Envelope, Flags, Id, Op, Outbound};
+use super::envelope::{Decoded, Envelope, Flags, Id, Op, Outbound, Priority};
 use super::error::{ErrorCode, GatewayError};
 use super::headers::Headers;
 use super::subject::Subject;
@@ -37,7 +37,8 @@ pub mod frame_type {
 
 /// Flag bits (header byte 3).
 pub mod flag {
-    /// Bits 0–1: priority class (0 normal, 1 high, 2 low); reserved for queueing classes.
+    /// Bits 0–1: priority class (0 normal, 1 high, 2 low; 3 is refused). A SUBSCRIBE's class is
+    /// its messages' class, a REQUEST's its reply's; a MSG frame carries its subscription's.
     pub const PRIORITY_MASK: u8 = 0b0000_0011;
     /// The request is idempotent and may be retried by the gateway within its deadline.
     pub const RETRY: u8 = 0b0000_0100;
@@ -219,7 +220,18 @@ fn decode_envelope(header: FrameHeader, body: Bytes) -> Result<Envelope, Gateway
         retry: header.flags & flag::RETRY != 0,
         to_default_subject: false,
     };
+    envelope.priority = frame_priority(header.flags)?;
     Ok(envelope)
+}
+
+/// The class in flag bits 0–1; the fourth value is not one.
+fn frame_priority(flags: u8) -> Result<Priority, GatewayError> {
+    let bits = flags & flag::PRIORITY_MASK;
+    Priority::from_bits(bits).ok_or_else(|| {
+        GatewayError::bad_request(format!(
+            "priority bits (flags & 0x03) are {bits}; expected 0 (normal), 1 (high) or 2 (low)"
+        ))
+    })
 }
 
 /// Who wrote a frame, which decides whether `Ipc-Gateway-*` headers may be in it.
@@ -383,8 +395,13 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             payload: error.message.as_bytes(),
             ..FrameParts::default()
         },
-        Outbound::Msg { sid, message } => FrameParts {
+        Outbound::Msg {
+            sid,
+            message,
+            priority,
+        } => FrameParts {
             frame_type: frame_type::MSG,
+            flags: priority.bits(),
             id: sid.as_u64(),
             subject: message.subject.as_bytes(),
             aux: message.reply_to.as_ref().map_or(&[][..], |r| r.as_bytes()),
@@ -627,5 +644,66 @@ mod tests {
         let decoded = envelope.headers.unwrap();
         assert_eq!(decoded, headers);
         assert_eq!(&envelope.data[..], b"p");
+    }
+
+    #[test]
+    fn priority_bits_set_the_class_and_the_fourth_value_is_refused_with_the_frames_id() {
+        let mut decoder = BinaryDecoder::new(1024);
+        for (bits, expected) in [
+            (0u8, Priority::Normal),
+            (1, Priority::High),
+            (2, Priority::Low),
+        ] {
+            let mut buf = request_frame(3, "a", b"", 0);
+            buf[3] = bits | flag::RETRY;
+            let Some(Decoded::Envelope(envelope)) = decoder.decode(&mut buf) else {
+                panic!("bits {bits}")
+            };
+            assert_eq!(envelope.priority, expected);
+            assert!(envelope.flags.retry, "the other bits still count");
+        }
+        let mut buf = request_frame(4, "a", b"", 0);
+        buf[3] = 3;
+        buf.extend_from_slice(&request_frame(5, "a", b"", 0));
+        match decoder.decode(&mut buf) {
+            Some(Decoded::Invalid { id, error, fatal }) => {
+                assert_eq!(id, Id::from(4));
+                assert_eq!(error.code, ErrorCode::BadRequest);
+                assert!(error.message.contains("priority bits"), "{error}");
+                assert!(!fatal, "the connection goes on");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decoder.decode(&mut buf),
+            Some(Decoded::Envelope(envelope)) if envelope.id == Id::from(5)
+        ));
+    }
+
+    #[test]
+    fn a_msg_frame_carries_its_subscriptions_priority_bits() {
+        for priority in Priority::ALL {
+            let mut out = BytesMut::new();
+            encode(
+                &Outbound::Msg {
+                    sid: Id::from(7),
+                    message: std::sync::Arc::new(crate::protocol::Delivery {
+                        subject: "s".into(),
+                        reply_to: None,
+                        headers: None,
+                        payload: Bytes::from_static(b"p"),
+                    }),
+                    priority,
+                },
+                &mut out,
+            );
+            let header = FrameHeader::parse(&out);
+            assert_eq!(header.frame_type, frame_type::MSG);
+            assert_eq!(header.flags, priority.bits());
+            assert_eq!(
+                Priority::from_bits(header.flags & flag::PRIORITY_MASK),
+                Some(priority)
+            );
+        }
     }
 }

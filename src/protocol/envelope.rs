@@ -82,6 +82,59 @@ impl Op {
     }
 }
 
+/// The class a client asks for on a subscription (its messages) or a request (its reply), on a
+/// connection whose outbound queue is under pressure: high goes out first and is dropped last,
+/// low is dropped first. Binary frames carry it in flag bits 0–1, JSON lines in `"priority"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    /// Every class, in the order the outbox writes them.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    /// The class of flag bits 0–1 (0 normal, 1 high, 2 low); 3 is none.
+    pub fn from_bits(bits: u8) -> Option<Priority> {
+        match bits {
+            0 => Some(Priority::Normal),
+            1 => Some(Priority::High),
+            2 => Some(Priority::Low),
+            _ => None,
+        }
+    }
+
+    /// Flag bits 0–1 for this class.
+    pub fn bits(self) -> u8 {
+        match self {
+            Priority::Normal => 0,
+            Priority::High => 1,
+            Priority::Low => 2,
+        }
+    }
+
+    /// The JSON name (case-sensitive, as op names are).
+    pub fn parse(name: &str) -> Option<Priority> {
+        match name {
+            "high" => Some(Priority::High),
+            "normal" => Some(Priority::Normal),
+            "low" => Some(Priority::Low),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+}
+
 /// Delivery hints a client may set on a message (binary flag bits, JSON fields).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Flags {
@@ -109,6 +162,9 @@ pub struct Envelope {
     /// Auth: the bearer token.
     pub token: Option<String>,
     pub flags: Flags,
+    /// Subscribe: the class of the subscription's messages. Request: the class of its reply.
+    /// Other ops ignore it.
+    pub priority: Priority,
 }
 
 impl Envelope {
@@ -124,6 +180,7 @@ impl Envelope {
             credit: None,
             token: None,
             flags: Flags::default(),
+            priority: Priority::Normal,
         }
     }
 
@@ -165,11 +222,13 @@ pub enum Outbound {
     Pong {
         id: Id,
     },
-    /// A message on a subscription; `sid` is the id the client subscribed with.
+    /// A message on a subscription; `sid` is the id the client subscribed with, `priority`
+    /// the subscription's class (binary frames show it in their flag bits).
     Msg {
         sid: Id,
         /// Shared by every client subscribed to the same subject on this gateway.
         message: Arc<Delivery>,
+        priority: Priority,
     },
     /// `count` subscription messages were dropped since the last notice for `sid`.
     Dropped {

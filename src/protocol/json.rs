@@ -12,7 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::envelope::{Decoded, Envelope, Flags, Id, Op, Outbound};
+use super::envelope::{Decoded, Envelope, Flags, Id, Op, Outbound, Priority};
 use super::error::GatewayError;
 use super::headers::Headers;
 use super::subject::Subject;
@@ -143,6 +143,10 @@ struct JsonEnvelope<'a> {
     /// auth: the bearer token.
     #[serde(default)]
     token: Option<String>,
+    /// subscribe, request: "high", "normal" or "low". Read raw, so that a wrong type gets the
+    /// same clear answer as a wrong name.
+    #[serde(borrow, default)]
+    priority: Option<&'a RawValue>,
 }
 
 /// Only the id, to answer a line whose other fields are wrong with the right id.
@@ -284,6 +288,9 @@ fn build_envelope(line: &Bytes, parsed: JsonEnvelope<'_>) -> Result<Envelope, (I
     if let Some(headers) = parsed.headers {
         envelope.headers = Some(header_map(headers).map_err(|error| (envelope.id.clone(), error))?);
     }
+    if let Some(raw) = parsed.priority {
+        envelope.priority = priority(raw).map_err(|message| fail(&envelope.id, message))?;
+    }
     envelope.timeout_ms = parsed.timeout_ms;
     envelope.token = parsed.token;
     envelope.queue = parsed.queue;
@@ -292,6 +299,22 @@ fn build_envelope(line: &Bytes, parsed: JsonEnvelope<'_>) -> Result<Envelope, (I
         to_default_subject: false,
     };
     Ok(envelope)
+}
+
+/// `"priority"`: one of the three names (`null` is the default, normal).
+fn priority(raw: &RawValue) -> Result<Priority, String> {
+    if raw.get() == "null" {
+        return Ok(Priority::Normal);
+    }
+    serde_json::from_str::<Cow<'_, str>>(raw.get())
+        .ok()
+        .and_then(|name| Priority::parse(&name))
+        .ok_or_else(|| {
+            format!(
+                "\"priority\" must be \"high\", \"normal\" or \"low\", not {}",
+                raw.get()
+            )
+        })
 }
 
 /// A JSON string becomes its text; any other JSON value is sent as its JSON text.
@@ -367,7 +390,8 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             }
             put(w, b"}\n");
         }
-        Outbound::Msg { sid, message } => {
+        // A JSON client knows its subscriptions' classes; the line does not repeat it.
+        Outbound::Msg { sid, message, .. } => {
             put(w, b"{\"op\":\"msg\",\"sid\":");
             json(w, sid);
             put(w, b",\"subject\":");
@@ -719,5 +743,59 @@ mod tests {
             lines[2],
             serde_json::json!({"id":"b","ok":true,"data_b64":"/wA="})
         );
+    }
+
+    #[test]
+    fn priority_names_set_the_class_and_anything_else_is_a_bad_request_that_keeps_the_id() {
+        let mut decoder = JsonLinesDecoder::new(1024);
+        let items = decode_all(
+            &mut decoder,
+            concat!(
+                "{\"op\":\"subscribe\",\"id\":\"h\",\"subject\":\"a\",\"priority\":\"high\"}\n",
+                "{\"id\":1,\"subject\":\"a\",\"priority\":\"low\"}\n",
+                "{\"id\":2,\"subject\":\"a\",\"priority\":\"normal\"}\n",
+                "{\"id\":3,\"subject\":\"a\",\"priority\":null}\n",
+                "{\"id\":4,\"subject\":\"a\"}\n",
+                "{\"op\":\"subscribe\",\"id\":\"u\",\"subject\":\"a\",\"priority\":\"urgent\"}\n",
+                "{\"id\":5,\"subject\":\"a\",\"priority\":1}\n",
+                "{\"id\":6,\"subject\":\"a\",\"priority\":\"High\"}\n",
+                "{\"task\":\"t\",\"priority\":7}\n",
+            )
+            .as_bytes(),
+        );
+        assert_eq!(items.len(), 9);
+        let classes: Vec<Priority> = items[..5].iter().map(|i| envelope(i).priority).collect();
+        assert_eq!(
+            classes,
+            [
+                Priority::High,
+                Priority::Low,
+                Priority::Normal,
+                Priority::Normal,
+                Priority::Normal
+            ]
+        );
+        for (item, expected_id, shown) in [
+            (&items[5], Id::Text("u".into()), "\"urgent\""),
+            (&items[6], Id::from(5), "1"),
+            (&items[7], Id::from(6), "\"High\""),
+        ] {
+            match item {
+                Decoded::Invalid { id, error, fatal } => {
+                    assert_eq!(*id, expected_id);
+                    assert_eq!(error.code, ErrorCode::BadRequest);
+                    assert_eq!(
+                        error.message,
+                        format!(
+                            "\"priority\" must be \"high\", \"normal\" or \"low\", not {shown}"
+                        )
+                    );
+                    assert!(!fatal);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // A legacy object's own "priority" is its business: it is sent whole.
+        assert!(envelope(&items[8]).flags.to_default_subject);
     }
 }

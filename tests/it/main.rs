@@ -24,6 +24,7 @@ mod grpc;
 mod http_hardening;
 mod page;
 mod pool_replacement;
+mod priority;
 mod resilience;
 mod trust;
 mod uds_errors;

@@ -76,7 +76,9 @@ pub enum SubscriptionEvent {
         headers: Option<Headers>,
         data: Bytes,
     },
-    Dropped(u64),
+    /// `count` messages were dropped; with `gap`, an unknown number more were lost (the
+    /// gateway's NATS connection was cut).
+    Dropped { count: u64, gap: bool },
 }
 
 type Answer = Result<ClientReply, GatewayError>;
@@ -470,7 +472,11 @@ fn decode_frame(frame: Bytes) -> Option<Incoming> {
             },
         ),
         frame_type::DROPPED => {
-            Incoming::Event(header.id, SubscriptionEvent::Dropped(header.param as u64))
+            let dropped = SubscriptionEvent::Dropped {
+                count: header.param as u64,
+                gap: header.flags & crate::protocol::binary::flag::GAP != 0,
+            };
+            Incoming::Event(header.id, dropped)
         }
         _ => Incoming::Ignored,
     })
@@ -632,6 +638,8 @@ struct JsonAnswer<'a> {
     reply_to: Option<String>,
     #[serde(default)]
     count: u64,
+    #[serde(default)]
+    gap: bool,
 }
 
 #[derive(Deserialize)]
@@ -670,7 +678,13 @@ fn decode_json(line: &Bytes) -> Option<Incoming> {
                 data,
             },
         ),
-        Some("dropped") => Incoming::Event(answer.sid?, SubscriptionEvent::Dropped(answer.count)),
+        Some("dropped") => Incoming::Event(
+            answer.sid?,
+            SubscriptionEvent::Dropped {
+                count: answer.count,
+                gap: answer.gap,
+            },
+        ),
         Some("pong") => Incoming::Answer(
             answer.id.unwrap_or(0),
             Ok(ClientReply {
@@ -857,7 +871,13 @@ mod tests {
         let dropped = Bytes::from_static(br#"{"op":"dropped","sid":4,"count":12}"#);
         assert!(matches!(
             decode_json(&dropped),
-            Some(Incoming::Event(4, SubscriptionEvent::Dropped(12)))
+            Some(Incoming::Event(
+                4,
+                SubscriptionEvent::Dropped {
+                    count: 12,
+                    gap: false
+                }
+            ))
         ));
         assert!(decode_json(&Bytes::from_static(b"{nope")).is_none());
     }

@@ -225,7 +225,12 @@ async fn run_client(command: Command) -> ExitCode {
                             return ExitCode::SUCCESS;
                         }
                     }
-                    SubscriptionEvent::Dropped(n) => eprintln!("ipc-gateway: {n} messages dropped"),
+                    SubscriptionEvent::Dropped { count, gap: false } => {
+                        eprintln!("ipc-gateway: {count} messages dropped")
+                    }
+                    SubscriptionEvent::Dropped { count, gap: true } => eprintln!(
+                        "ipc-gateway: {count} messages dropped, and more lost while the gateway's NATS connection was cut"
+                    ),
                 }
             }
             fail(1, "the gateway closed the connection")

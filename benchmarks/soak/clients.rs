@@ -131,7 +131,7 @@ pub async fn subscriber(
                         highest = seq;
                     }
                 }
-                SubscriptionEvent::Dropped(count) => {
+                SubscriptionEvent::Dropped { count, .. } => {
                     stats.dropped_notices.fetch_add(1, Ordering::Relaxed);
                     stats.dropped_messages.fetch_add(count, Ordering::Relaxed);
                 }

@@ -26,8 +26,9 @@ pub trait DeliverySink: Send + Sync {
     /// Queues a message for subscription `sid` of class `priority`; returns how many queued
     /// ones were dropped to make room (for the metric; the client is told by the sink).
     fn deliver(&self, sid: &Id, message: Arc<Delivery>, priority: Priority) -> u64;
-    /// `count` messages for `sid` were lost before they reached the gateway's queues.
-    fn lost(&self, sid: &Id, count: u64);
+    /// `count` messages for `sid` were lost before they reached the gateway's queues; with
+    /// `gap`, an unknown number more (its NATS connection was cut).
+    fn lost(&self, sid: &Id, count: u64, gap: bool);
     /// The gateway ended subscription `sid` (a reloaded policy took it away).
     fn ended(&self, sid: &Id, error: GatewayError);
 }
@@ -54,6 +55,9 @@ pub(super) struct Topic {
     phase: watch::Sender<Phase>,
     /// Messages the NATS client dropped for this topic, not yet reported to its members.
     lost: AtomicU64,
+    /// The NATS connection was cut since the members were last told: what was published
+    /// until it came back is lost, in unknown number.
+    gap: AtomicBool,
     lost_signal: Notify,
     dispatcher: Mutex<Option<AbortHandle>>,
     nats_sid: Mutex<Option<(usize, u64)>>,
@@ -161,6 +165,7 @@ impl Fanout {
                     members: Mutex::default(),
                     phase: watch::Sender::new(Phase::Opening),
                     lost: AtomicU64::new(0),
+                    gap: AtomicBool::new(false),
                     lost_signal: Notify::new(),
                     dispatcher: Mutex::new(None),
                     nats_sid: Mutex::new(None),
@@ -260,6 +265,18 @@ impl Fanout {
         }
     }
 
+    /// Pool connection `connection` lost its server: every topic on it has a gap.
+    pub fn disconnected(&self, connection: usize) {
+        let topics: Vec<Arc<Topic>> = lock(&self.by_nats_sid)
+            .iter()
+            .filter(|((on, _), _)| *on == connection)
+            .filter_map(|(_, topic)| topic.upgrade())
+            .collect();
+        for topic in topics {
+            topic.interrupted();
+        }
+    }
+
     /// Every topic, for a policy recheck.
     pub fn topics(&self) -> Vec<Arc<Topic>> {
         lock(&self.topics).values().cloned().collect()
@@ -315,6 +332,13 @@ impl Topic {
         self.phase.send_replace(Phase::Live);
     }
 
+    /// The topic's NATS subscription was cut off for a while (its connection lost the server
+    /// or was replaced): the members are told there is a gap.
+    pub fn interrupted(&self) {
+        self.gap.store(true, Ordering::Release);
+        self.lost_signal.notify_one();
+    }
+
     /// Signalled when the NATS client dropped messages for this topic.
     pub fn losses(&self) -> &Notify {
         &self.lost_signal
@@ -340,12 +364,13 @@ impl Topic {
         }
     }
 
-    /// Tells the members about the messages the NATS client dropped since the last report:
-    /// each member of a plain topic lost them all; in a queue group they would have gone one
-    /// each to the members in turn.
+    /// Tells the members about the messages lost since the last report: each member of a
+    /// plain topic lost them all; in a queue group they would have gone one each to the
+    /// members in turn. A gap (an unknown number lost) concerns every member.
     pub fn report_losses(&self) -> u64 {
+        let gap = self.gap.swap(false, Ordering::AcqRel);
         let lost = self.lost.swap(0, Ordering::AcqRel);
-        if lost == 0 {
+        if lost == 0 && !gap {
             return 0;
         }
         let mut members = lock(&self.members);
@@ -355,7 +380,7 @@ impl Topic {
         }
         if self.key.queue.is_none() {
             for member in &members.list {
-                member.sink.lost(&member.sid, lost);
+                member.sink.lost(&member.sid, lost, gap);
             }
             return lost;
         }
@@ -364,8 +389,8 @@ impl Topic {
             // Member `index` is `(index - turn) mod count` places from the next turn.
             let place = (index as u64 + count - turn % count) % count;
             let share = lost / count + u64::from(place < lost % count);
-            if share > 0 {
-                member.sink.lost(&member.sid, share);
+            if share > 0 || gap {
+                member.sink.lost(&member.sid, share, gap);
             }
         }
         members.turn = ((turn + lost) % count) as usize;

@@ -823,6 +823,7 @@ async fn dispatch_topic(gateway: Gateway, topic: Arc<fanout::Topic>, lane: Lane)
         match message {
             Some(message) => gateway.fan_out(&topic, message),
             None => {
+                topic.interrupted();
                 live = reopen(&gateway, &topic, lane).await;
                 fanout.bind(&topic, live.nats_sid);
                 tracing::info!(subject = %topic.key.subject, "subscription restored on another NATS connection");

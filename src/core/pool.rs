@@ -163,6 +163,7 @@ fn connect_options(
                     }
                     async_nats::Event::Disconnected => {
                         lost.send_modify(|drops| *drops += 1);
+                        fanout.disconnected(index);
                         warn!(connection = index, "NATS disconnected");
                     }
                     other => info!(connection = index, event = %other, "NATS event"),

@@ -32,7 +32,7 @@ struct Queues {
     /// 8 bytes for them, and an idle one no heap (freed with the others when all are empty).
     lanes: Option<Box<Lanes>>,
     /// Drops not yet reported, per subscription id, in order of first drop.
-    dropped: Vec<(Id, u64)>,
+    dropped: Vec<Loss>,
     /// Subscriptions under credit flow control (few per connection: a list beats a map).
     credited: Vec<Credited>,
     /// Messages the stream lanes hold at most, together (kept here, where it fits in padding).
@@ -54,6 +54,14 @@ impl Lanes {
     }
 }
 
+/// Losses of one subscription not yet reported.
+struct Loss {
+    sid: Id,
+    count: u64,
+    /// An unknown number more were lost (its NATS connection was cut).
+    gap: bool,
+}
+
 struct Credited {
     sid: Id,
     /// Messages the client still accepts.
@@ -66,14 +74,23 @@ struct Credited {
 
 impl Queues {
     fn count_drop(&mut self, sid: Id) {
-        self.count_drops(sid, 1);
+        self.loss(sid).count += 1;
     }
 
-    fn count_drops(&mut self, sid: Id, n: u64) {
-        match self.dropped.iter_mut().find(|(s, _)| *s == sid) {
-            Some((_, count)) => *count += n,
-            None => self.dropped.push((sid, n)),
-        }
+    /// The report pending for `sid`, new if there is none.
+    fn loss(&mut self, sid: Id) -> &mut Loss {
+        let index = match self.dropped.iter().position(|loss| loss.sid == sid) {
+            Some(index) => index,
+            None => {
+                self.dropped.push(Loss {
+                    sid,
+                    count: 0,
+                    gap: false,
+                });
+                self.dropped.len() - 1
+            }
+        };
+        &mut self.dropped[index]
     }
 
     fn lanes(&mut self) -> &mut Lanes {
@@ -294,7 +311,7 @@ impl Outbox {
             lanes.stream_high.retain(|(s, _)| s != sid);
             lanes.stream_low.retain(|(s, _)| s != sid);
         }
-        queues.dropped.retain(|(s, _)| s != sid);
+        queues.dropped.retain(|loss| loss.sid != *sid);
         queues.credited.retain(|c| c.sid != *sid);
     }
 
@@ -318,9 +335,9 @@ impl Outbox {
             batch.events.push(event);
             batch.control += 1;
         }
-        for (sid, count) in queues.dropped.drain(..) {
+        for Loss { sid, count, gap } in queues.dropped.drain(..) {
             batch.dropped += count;
-            batch.events.push(Outbound::Dropped { sid, count });
+            batch.events.push(Outbound::Dropped { sid, count, gap });
         }
         for priority in Priority::ALL {
             // Credited subscriptions first within their class: their credit bounds them, so
@@ -418,12 +435,14 @@ impl DeliverySink for Outbox {
         self.push_stream(sid.clone(), message, priority)
     }
 
-    fn lost(&self, sid: &Id, count: u64) {
+    fn lost(&self, sid: &Id, count: u64, gap: bool) {
         let mut queues = self.queues();
         if queues.closed {
             return;
         }
-        queues.count_drops(sid.clone(), count);
+        let loss = queues.loss(sid.clone());
+        loss.count += count;
+        loss.gap |= gap;
         drop(queues);
         self.writable.notify_one();
     }
@@ -509,7 +528,7 @@ mod tests {
             .iter()
             .map(|event| match event {
                 Outbound::Ack { .. } => "ack".into(),
-                Outbound::Dropped { sid, count } => format!("dropped {sid} {count}"),
+                Outbound::Dropped { sid, count, .. } => format!("dropped {sid} {count}"),
                 Outbound::Msg { sid, message, .. } => format!("msg {sid} {}", message.payload[0]),
                 _ => "other".into(),
             })
@@ -531,7 +550,7 @@ mod tests {
             .events
             .iter()
             .map(|event| match event {
-                Outbound::Dropped { sid, count } => format!("dropped {sid} {count}"),
+                Outbound::Dropped { sid, count, .. } => format!("dropped {sid} {count}"),
                 Outbound::Msg { sid, message, .. } => format!("{sid} {}", message.payload[0]),
                 _ => "other".into(),
             })
@@ -614,6 +633,7 @@ mod tests {
                 Outbound::Dropped {
                     sid: Id::Text(sid),
                     count,
+                    ..
                 } => format!("dropped {sid} {count}"),
                 Outbound::Reply { id, .. } => format!("reply {id}"),
                 Outbound::Ack { id } => format!("ack {id}"),

@@ -42,6 +42,9 @@ pub mod flag {
     pub const PRIORITY_MASK: u8 = 0b0000_0011;
     /// The request is idempotent and may be retried by the gateway within its deadline.
     pub const RETRY: u8 = 0b0000_0100;
+    /// DROPPED: an unknown number more were lost besides `param` (the NATS connection the
+    /// subscription lives on was cut).
+    pub const GAP: u8 = 0b0000_1000;
 }
 
 /// The parsed fixed header.
@@ -409,8 +412,9 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             payload: &message.payload,
             ..FrameParts::default()
         },
-        Outbound::Dropped { sid, count } => FrameParts {
+        Outbound::Dropped { sid, count, gap } => FrameParts {
             frame_type: frame_type::DROPPED,
+            flags: if *gap { flag::GAP } else { 0 },
             id: sid.as_u64(),
             param: (*count).min(u32::MAX as u64) as u32,
             ..FrameParts::default()

@@ -230,10 +230,13 @@ pub enum Outbound {
         message: Arc<Delivery>,
         priority: Priority,
     },
-    /// `count` subscription messages were dropped since the last notice for `sid`.
+    /// `count` subscription messages were dropped since the last notice for `sid`; with
+    /// `gap`, an unknown number more were lost (the NATS connection the subscription lives on
+    /// was cut, and messages published until it came back never reached the gateway).
     Dropped {
         sid: Id,
         count: u64,
+        gap: bool,
     },
     /// The token of an `auth` message was accepted: the connection now acts as its subject.
     Authenticated {

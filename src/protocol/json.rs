@@ -404,11 +404,14 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             put_headers(w, message.headers.as_ref());
             put(w, b"}\n");
         }
-        Outbound::Dropped { sid, count } => {
+        Outbound::Dropped { sid, count, gap } => {
             put(w, b"{\"op\":\"dropped\",\"sid\":");
             json(w, sid);
             put(w, b",\"count\":");
             json(w, count);
+            if *gap {
+                put(w, b",\"gap\":true");
+            }
             put(w, b"}\n");
         }
         Outbound::Authenticated { id } => {

@@ -293,3 +293,81 @@ async fn messages_the_nats_client_drops_reach_every_subscriber_as_dropped_counts
         assert_eq!(message["data"], "after", "{message}");
     }
 }
+
+/// Reads until a `dropped` notice with `gap` arrives on `conn` (messages before it are fine).
+async fn wait_gap(conn: &mut JsonConn, sid: &str) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        assert!(Instant::now() < deadline, "no gap notice");
+        let Ok(event) = tokio::time::timeout(Duration::from_millis(500), conn.recv()).await else {
+            continue;
+        };
+        assert_eq!(event["sid"], sid, "{event}");
+        if event["op"] == "dropped" && event["gap"] == true {
+            return event;
+        }
+        assert_eq!(event["op"], "msg", "{event}");
+    }
+}
+
+/// Publishes `data` until `conn` gets it (the gateway may still be resubscribing).
+async fn delivered_again(nats: &NatsServer, conn: &mut JsonConn, subject: &str) {
+    let publisher = nats.client().await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the subscription never delivered again"
+        );
+        publisher
+            .publish(subject.to_owned(), "again".into())
+            .await
+            .unwrap();
+        publisher.flush().await.unwrap();
+        if let Ok(event) = tokio::time::timeout(Duration::from_millis(300), conn.recv()).await {
+            assert_eq!(event["op"], "msg", "{event}");
+            if event["data"] == "again" {
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_nats_outage_reaches_subscribers_as_a_gap_and_the_subscription_goes_on() {
+    let mut nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &["--nats-connections", "1"]);
+    let mut conn = gateway.json().await;
+    let ack = conn
+        .call(r#"{"op":"subscribe","id":"g","subject":"outage.feed"}"#)
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    nats.restart();
+    let notice = wait_gap(&mut conn, "g").await;
+    assert_eq!(notice["count"], 0, "{notice}");
+    delivered_again(&nats, &mut conn, "outage.feed").await;
+}
+
+#[tokio::test]
+async fn a_gateway_cut_off_by_nats_server_as_a_slow_consumer_tells_its_subscribers() {
+    // nats-server cuts a connection that has more than this waiting for it.
+    let nats = NatsServer::start_with_config("max_pending: 262144\nmax_payload: 65536\n");
+    let gateway = GatewayProcess::start(&nats.url(), &["--nats-connections", "1"]);
+    let mut conn = gateway.json().await;
+    let ack = conn
+        .call(r#"{"op":"subscribe","id":"s","subject":"firehose"}"#)
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    // A gateway that does not read (stopped) while 4 MiB are published to it.
+    gateway.signal("STOP");
+    let publisher = nats.client().await;
+    let chunk = bytes::Bytes::from(vec![b'x'; 32 * 1024]);
+    for _ in 0..128 {
+        publisher.publish("firehose", chunk.clone()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gateway.signal("CONT");
+    wait_gap(&mut conn, "s").await;
+    delivered_again(&nats, &mut conn, "firehose").await;
+}

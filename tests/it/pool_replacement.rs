@@ -43,18 +43,25 @@ async fn replacing_every_pool_connection_keeps_clients_subscriptions_and_request
         2,
         "the successors are connected"
     );
-    // The subscription comes back on a new connection by itself.
+    // The subscription comes back on a new connection by itself, and the client is told
+    // that messages published during the move may be lost.
     let mut delivered = false;
+    let mut gap = false;
     for attempt in 0..100 {
         publisher
             .publish("feed.a", format!("{attempt}").into())
             .await
             .unwrap();
         publisher.flush().await.unwrap();
-        if let Ok(line) = tokio::time::timeout(Duration::from_millis(100), conn.recv()).await {
-            assert_eq!(line["op"], "msg");
-            assert_eq!(line["sid"], "s");
-            delivered = true;
+        while let Ok(line) = tokio::time::timeout(Duration::from_millis(100), conn.recv()).await {
+            assert_eq!(line["sid"], "s", "{line}");
+            match line["op"].as_str() {
+                Some("dropped") if line["gap"] == true => gap = true,
+                Some("msg") => delivered = true,
+                _ => panic!("unexpected {line}"),
+            }
+        }
+        if delivered {
             break;
         }
     }
@@ -62,6 +69,7 @@ async fn replacing_every_pool_connection_keeps_clients_subscriptions_and_request
         delivered,
         "the subscription did not come back after the replacement"
     );
+    assert!(gap, "the client was not told of the gap");
     // And requests go through the new connections.
     let reply = conn
         .call(r#"{"id":1,"subject":"demo.echo","data":"after"}"#)

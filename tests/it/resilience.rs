@@ -107,12 +107,18 @@ async fn kill_9_under_pipelined_load_every_request_is_answered_in_time_and_servi
     }
     let publisher = nats.client().await;
     let started = Instant::now();
+    let mut gap = false;
     loop {
         publisher.publish("feed.x", "after".into()).await.unwrap();
         publisher.flush().await.unwrap();
         if let Ok(line) = tokio::time::timeout(Duration::from_millis(200), subscriber.recv()).await
         {
-            assert_eq!(line["op"], "msg");
+            if line["op"] == "dropped" && line["gap"] == true {
+                // The outage: what was published during it is lost, and the client is told.
+                gap = true;
+                continue;
+            }
+            assert_eq!(line["op"], "msg", "{line}");
             assert_eq!(line["data"], "after");
             break;
         }
@@ -121,6 +127,7 @@ async fn kill_9_under_pipelined_load_every_request_is_answered_in_time_and_servi
             "the subscription never delivered again"
         );
     }
+    assert!(gap, "the subscriber was not told of the outage");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -234,6 +234,7 @@ async fn serve_subscription(
     // onto the next message. A reloaded policy that took the subscription away ends the
     // stream with that refusal (PERMISSION_DENIED).
     let mut dropped = 0;
+    let mut gap = false;
     let mut revoked = None;
     let convert = |event: Outbound| match event {
         Outbound::Unsubscribed { error, .. } => {
@@ -241,8 +242,11 @@ async fn serve_subscription(
             outbox.close();
             None
         }
-        Outbound::Dropped { count, .. } => {
+        Outbound::Dropped {
+            count, gap: cut, ..
+        } => {
             dropped += count;
+            gap |= cut;
             None
         }
         Outbound::Msg { message, .. } => Some(pb::SubscriptionMessage {
@@ -255,6 +259,7 @@ async fn serve_subscription(
                 .map(|r| r.to_string())
                 .unwrap_or_default(),
             dropped: std::mem::take(&mut dropped),
+            gap: std::mem::take(&mut gap),
         }),
         _ => None,
     };

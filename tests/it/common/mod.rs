@@ -57,21 +57,38 @@ pub struct NatsServer {
     pub port: u16,
     pub monitor_port: u16,
     child: Option<Child>,
+    /// A configuration file (`-c`), for settings nats-server has no flag for.
+    config: Option<tempfile::NamedTempFile>,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        NatsServer::start_with_config("")
+    }
+
+    /// Starts with these lines of nats-server configuration (e.g. `max_pending: 1MB`).
+    pub fn start_with_config(config: &str) -> NatsServer {
+        let file = (!config.is_empty()).then(|| {
+            let mut file = tempfile::NamedTempFile::new().expect("config file");
+            std::io::Write::write_all(&mut file, config.as_bytes()).expect("write config");
+            file
+        });
         let mut server = NatsServer {
             port: free_port(),
             monitor_port: free_port(),
             child: None,
+            config: file,
         };
         server.launch();
         server
     }
 
     fn launch(&mut self) {
-        let child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config.path());
+        }
+        let child = command
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor_port.to_string()])
             .stdout(Stdio::null())

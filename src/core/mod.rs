@@ -592,10 +592,21 @@ impl Gateway {
             router,
         } = self.inner.pool.client_on(lane.0)?;
         let subject = nats::subject(&key.subject);
-        let subscribed = match &key.queue {
-            Some(queue) => client.queue_subscribe(subject, queue.to_string()).await,
-            None => client.subscribe(subject).await,
+        let subscribe = async {
+            match &key.queue {
+                Some(queue) => client.queue_subscribe(subject, queue.to_string()).await,
+                None => client.subscribe(subject).await,
+            }
         };
+        // Sending the SUB waits for room in the NATS client's queue: bounded like the rest.
+        let subscribed = tokio::time::timeout(self.inner.config.request_timeout(), subscribe)
+            .await
+            .map_err(|_| {
+                GatewayError::new(
+                    ErrorCode::Unavailable,
+                    "NATS could not take the subscription in time",
+                )
+            })?;
         let subscriber = subscribed.map_err(|err| nats::subscribe_error(&err))?;
         // The acknowledgement promises that messages published after it are delivered, so
         // wait until the server has processed the SUB. `flush()` only writes the socket;

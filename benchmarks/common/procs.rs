@@ -197,10 +197,34 @@ impl NatsServer {
 
     /// Lines of its log that contain `needle` (e.g. "Slow Consumer").
     pub fn log_lines(&self, needle: &str) -> usize {
-        std::fs::read_to_string(&self.log)
-            .map(|text| text.lines().filter(|line| line.contains(needle)).count())
-            .unwrap_or(0)
+        log_matches(&self.log, needle, 0).0
     }
+}
+
+/// How many lines of a log file contain `needle`, and the first `keep` of them.
+pub fn log_matches(log: &Path, needle: &str, keep: usize) -> (usize, Vec<String>) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut matching = text.lines().filter(|line| line.contains(needle));
+    let first: Vec<String> = matching.by_ref().take(keep).map(strip_ansi).collect();
+    (first.len() + matching.count(), first)
+}
+
+/// A log line without its terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A gateway (`ipc-gateway serve`) with its Unix socket in `dir`, its HTTP port (/ws, /ready,

@@ -53,6 +53,9 @@ pub struct CpuUse {
     pub publisher_seconds: f64,
     /// The whole machine's busy time over its capacity (all CPUs), 0..1.
     pub machine_busy: Option<f64>,
+    /// The part of that not used by this case's processes (other work on the machine, the
+    /// kernel's own threads), 0..1.
+    pub others_busy: Option<f64>,
 }
 
 pub fn between(a: &Mark, b: &Mark) -> CpuUse {
@@ -68,7 +71,7 @@ pub fn between(a: &Mark, b: &Mark) -> CpuUse {
         .zip(&b.clients)
         .map(|(x, y)| delta(*x, *y))
         .collect();
-    CpuUse {
+    let mut cpu = CpuUse {
         wall_seconds: wall,
         gateway_seconds: delta(a.gateway, b.gateway),
         gateway_nats_seconds: delta(a.gateway_nats, b.gateway_nats),
@@ -76,11 +79,21 @@ pub fn between(a: &Mark, b: &Mark) -> CpuUse {
         clients_seconds: clients.iter().sum(),
         busiest_client_share: clients.iter().fold(0.0, |m: f64, c| m.max(*c)) / wall.max(1e-9),
         publisher_seconds: delta(a.publisher, b.publisher),
-        machine_busy: match (a.machine, b.machine) {
-            (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
-                Some((busy1 - busy0) as f64 / (total1 - total0) as f64)
-            }
-            _ => None,
-        },
+        machine_busy: None,
+        others_busy: None,
+    };
+    if let (Some((busy0, total0)), Some((busy1, total1))) = (a.machine, b.machine)
+        && total1 > total0
+    {
+        let capacity = (total1 - total0) as f64 / hz;
+        let ours = cpu.gateway_seconds
+            + cpu.gateway_nats_seconds
+            + cpu.native_nats_seconds
+            + cpu.clients_seconds
+            + cpu.publisher_seconds;
+        let busy = (busy1 - busy0) as f64 / hz;
+        cpu.machine_busy = Some(busy / capacity);
+        cpu.others_busy = Some(((busy - ours) / capacity).max(0.0));
     }
+    cpu
 }

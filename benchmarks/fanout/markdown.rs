@@ -5,8 +5,10 @@
 use std::fmt::Write as _;
 
 use crate::common::fmt_opt;
+use crate::cpu::CpuUse;
 use crate::report::Report;
-use crate::run::{Case, Phase};
+use crate::run::{Case, LogSample, Phase};
+use crate::servers::Signals;
 use crate::settings::Path;
 
 pub fn render(report: &Report) -> String {
@@ -20,8 +22,51 @@ pub fn render(report: &Report) -> String {
     max_rate(&mut md, report);
     burst(&mut md, report);
     connections(&mut md, report);
+    logs(&mut md, report);
     errors(&mut md, report);
     md
+}
+
+fn logs(md: &mut String, report: &Report) {
+    let logs = &report.logs;
+    let _ = writeln!(md, "\n## Server logs over the whole run\n");
+    for (what, sample) in [
+        (
+            "\"Slow Consumer\" in the gateway's nats-server's log",
+            &logs.gateway_nats_slow_consumer,
+        ),
+        (
+            "\"Slow Consumer\" in the native nats-server's log",
+            &logs.native_nats_slow_consumer,
+        ),
+        (
+            "the gateway's \"NATS disconnected\" warnings",
+            &logs.gateway_nats_disconnected,
+        ),
+        (
+            "the gateway's \"NATS subscription buffer full\" warnings",
+            &logs.gateway_subscription_buffer_full,
+        ),
+    ] {
+        let _ = writeln!(
+            md,
+            "- {what}: {} line(s){}",
+            sample.lines,
+            first_lines(sample)
+        );
+    }
+}
+
+fn first_lines(sample: &LogSample) -> String {
+    if sample.first.is_empty() {
+        return String::new();
+    }
+    let quoted: Vec<String> = sample
+        .first
+        .iter()
+        .map(|line| format!("`{}`", line.replace('`', "'")))
+        .collect();
+    format!("; first: {}", quoted.join(" "))
 }
 
 fn describe_run(md: &mut String, report: &Report) {
@@ -111,6 +156,16 @@ fn server_share(case: &Case, phase: &Phase, window: bool) -> String {
     }
 }
 
+/// `machine busy (others)`: all CPUs' busy share, and the part not used by this case's
+/// processes.
+fn busy(cpu: &CpuUse) -> String {
+    match (cpu.machine_busy, cpu.others_busy) {
+        (Some(all), Some(others)) => format!("{} ({})", pct(all), pct(others)),
+        (Some(all), None) => pct(all),
+        _ => "—".into(),
+    }
+}
+
 fn phases<'a>(
     report: &'a Report,
     pick: impl Fn(&'a Case) -> Option<&'a Phase>,
@@ -126,7 +181,7 @@ fn sustained(md: &mut String, report: &Report) {
     let _ = writeln!(md, "\n## Sustained rate\n");
     let _ = writeln!(
         md,
-        "| K | path | publish msg/s | deliveries/s | delivered / expected | p50 ms | p99 ms | server CPU µs/delivery | server CPU (gateway + its nats / native) | client CPU µs/delivery | busiest client | machine busy |"
+        "| K | path | publish msg/s | deliveries/s | delivered / expected | p50 ms | p99 ms | server CPU µs/delivery | server CPU (gateway + its nats / native) | client CPU µs/delivery | busiest client | machine busy (others) |"
     );
     let _ = writeln!(
         md,
@@ -148,7 +203,7 @@ fn sustained(md: &mut String, report: &Report) {
             server_share(case, p, false),
             fmt_opt(p.client_cpu_us_per_delivery, 2),
             pct(p.cpu.busiest_client_share),
-            p.cpu.machine_busy.map_or("—".into(), pct),
+            busy(&p.cpu),
         );
     }
 }
@@ -157,38 +212,68 @@ fn max_rate(md: &mut String, report: &Report) {
     let _ = writeln!(md, "\n## Max rate (publisher as fast as it can)\n");
     let _ = writeln!(
         md,
-        "| K | path | published msg/s | deliveries/s while publishing | deliveries/s to the last | delivered / expected | dropped (notices) | silent loss | conns lost | p50 ms | p99 ms | server CPU µs/delivery | server CPU share | busiest client | machine busy |"
+        "| K | path | published msg/s | deliveries/s while publishing | delivered while publishing | delivered by {} s later | dropped (notices) | conns lost | p50 ms | p99 ms | server CPU µs/delivery | server CPU share | busiest client | machine busy (others) | loss signals |",
+        report.settings.max_rate_drain_seconds
     );
     let _ = writeln!(
         md,
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     );
     for (case, p) in phases(report, |c| c.max_rate.as_ref()) {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} | {} | {} of {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             case.k,
             name(case),
             p.published.messages as f64 / p.published.seconds.max(1e-9),
             p.deliveries_per_second,
-            p.deliveries_per_second_overall,
+            p.delivered_in_window,
             p.delivered,
             p.expected,
             p.dropped_notified,
-            p.silent_loss,
             p.connections_lost,
             ms(p.latency_us.p50),
             ms(p.latency_us.p99),
             fmt_opt(p.server_cpu_us_per_delivery, 2),
             server_share(case, p, true),
             pct(p.cpu_window.busiest_client_share),
-            p.cpu_window.machine_busy.map_or("—".into(), pct),
+            busy(&p.cpu_window),
+            signals_text(&p.signals),
         );
     }
     let _ = writeln!(
         md,
-        "\n\"while publishing\" counts deliveries up to the end of publishing; \"to the last\" counts every delivery up to the last one (the backlog drained after the publisher stopped). Latency at max rate is mostly queueing. Server CPU share and busiest client are over the publishing window."
+        "\n\"while publishing\" counts deliveries up to the end of publishing (published msg/s counts what the publisher's client accepted: nats-server holds a publisher back when its subscribers lag). Expected = published × subscribers: most of the backlog is still queued when the phase stops counting, so the max-rate phase does not judge loss (the burst does); its loss signals show whether a server cut off a consumer. Server CPU µs/delivery is over the deliveries counted. Latency at max rate is mostly queueing. Server CPU share and busiest client are over the publishing window. Loss signals: the servers' own counters over the phase (gateway: `ipc_gateway_dropped_messages_total`, `ipc_gateway_nats_slow_consumer_total`, slow-client disconnects; nats-server: /varz `slow_consumers` and \"Slow Consumer\" log lines of the server the path uses)."
     );
+}
+
+/// The non-zero loss signals of a phase, or "none".
+fn signals_text(sig: &Signals) -> String {
+    let mut parts = Vec::new();
+    let mut add = |value: Option<f64>, what: &str| {
+        if let Some(v) = value.filter(|v| *v != 0.0) {
+            parts.push(format!("{what} {v:.0}"));
+        }
+    };
+    add(sig.gateway_dropped_messages, "gateway dropped");
+    add(
+        sig.gateway_nats_slow_consumer,
+        "gateway async-nats slow consumer",
+    );
+    add(
+        sig.gateway_slow_client_disconnects,
+        "gateway slow-client disconnects",
+    );
+    add(sig.nats_slow_consumers, "nats-server slow consumers");
+    add(
+        Some(sig.nats_slow_consumer_log_lines),
+        "\"Slow Consumer\" log lines",
+    );
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 fn opt_delta(value: Option<f64>) -> String {
@@ -207,28 +292,38 @@ fn burst(md: &mut String, report: &Report) {
     );
     let _ = writeln!(
         md,
-        "| K | path | expected | delivered | dropped (notices) | silent loss | subscribers complete / short | conns lost | to the last delivery s | p99 ms | gateway dropped_messages Δ | gateway nats_slow_consumer Δ | gateway slow_client disconnects Δ | nats-server slow_consumers Δ | \"Slow Consumer\" log lines Δ |"
+        "| K | path | expected | delivered | dropped (notices) | silent loss | subscribers complete / short | conns lost | to the last delivery s | p50 ms | p99 ms | server CPU µs/delivery | busiest client | machine busy (others) | gateway dropped_messages Δ | gateway nats_slow_consumer Δ | gateway slow_client disconnects Δ | nats-server slow_consumers Δ | \"Slow Consumer\" log lines Δ |"
     );
     let _ = writeln!(
         md,
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for (case, p) in rows {
         let sig = &p.signals;
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {:.2} | {} | {} | {} | {} | {} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
             case.k,
             name(case),
             p.expected,
             p.delivered,
             p.dropped_notified,
-            p.silent_loss,
+            p.silent_loss.map_or_else(
+                || format!(
+                    "not known (still arriving after {:.0} s)",
+                    p.last_delivery_seconds
+                ),
+                |v| v.to_string()
+            ),
             p.per_subscriber.complete,
             p.per_subscriber.short,
             p.connections_lost,
             p.last_delivery_seconds,
+            ms(p.latency_us.p50),
             ms(p.latency_us.p99),
+            fmt_opt(p.server_cpu_us_per_delivery, 2),
+            pct(p.cpu.busiest_client_share),
+            busy(&p.cpu),
             opt_delta(sig.gateway_dropped_messages),
             opt_delta(sig.gateway_nats_slow_consumer),
             opt_delta(sig.gateway_slow_client_disconnects),
@@ -238,7 +333,7 @@ fn burst(md: &mut String, report: &Report) {
     }
     let _ = writeln!(
         md,
-        "\nsilent loss = expected − delivered − dropped (notices); expected = messages × subscribers. A subscriber is complete when its deliveries plus its dropped notices add up to the messages published. The Δ columns are the servers' own counters over the phase (\"—\": the native path has no gateway); the nats-server ones are of the server the path uses (the gateway's, or the native one)."
+        "\nsilent loss = expected − delivered − dropped (notices), once nothing more arrived for 2 s; expected = messages × subscribers. A subscriber is complete when its deliveries plus its dropped notices add up to the messages published. The Δ columns are the servers' own counters over the phase (\"—\": the native path has no gateway); the nats-server ones are of the server the path uses (the gateway's, or the native one)."
     );
 }
 

@@ -81,31 +81,39 @@ impl Publisher {
         })
     }
 
-    /// As fast as the client and the server take them, for `seconds`.
+    /// As fast as the client and the server take them, for `seconds`. No flush at the end:
+    /// when the subscribers lag, nats-server holds the publisher back and a flush could take
+    /// minutes. `messages` counts what async-nats accepted; what it still buffered goes out
+    /// later (`settle`).
     pub fn flat_out(&self, seconds: f64) -> Result<Published, String> {
         let (client, size) = (self.client.clone(), self.payload);
         self.runtime.block_on(async move {
             let started = Instant::now();
-            let until = started + Duration::from_secs_f64(seconds);
+            let until = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
             let mut seq = 0;
-            while Instant::now() < until {
-                for _ in 0..64 {
-                    client
-                        .publish(SUBJECT, message(seq, size))
-                        .await
-                        .map_err(|err| format!("publish: {err}"))?;
-                    seq += 1;
+            while tokio::time::Instant::now() < until {
+                match tokio::time::timeout_at(until, client.publish(SUBJECT, message(seq, size)))
+                    .await
+                {
+                    Ok(Ok(())) => seq += 1,
+                    Ok(Err(err)) => return Err(format!("publish: {err}")),
+                    Err(_) => break,
                 }
             }
-            client
-                .flush()
-                .await
-                .map_err(|err| format!("flush: {err}"))?;
             Ok(Published {
                 messages: seq,
                 seconds: started.elapsed().as_secs_f64(),
             })
         })
+    }
+
+    /// Waits (at most `patience`) until everything published has reached nats-server, so that
+    /// nothing of one case arrives in the next.
+    pub fn settle(&self, patience: Duration) {
+        let client = self.client.clone();
+        self.runtime.block_on(async move {
+            let _ = tokio::time::timeout(patience, client.flush()).await;
+        });
     }
 
     /// `count` messages at once, then a flush.

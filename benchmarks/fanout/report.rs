@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::SUBJECT;
 use crate::common::{GatewayBinary, RunMeta};
-use crate::run::{Case, Run};
+use crate::run::{Case, Logs, Run};
 use crate::settings::{Path, Settings};
 
 #[derive(Serialize)]
@@ -17,6 +17,7 @@ pub struct Report {
     pub nats: Nats,
     pub settings: ReportSettings,
     pub cases: Vec<Case>,
+    pub logs: Logs,
 }
 
 #[derive(Serialize)]
@@ -46,6 +47,7 @@ pub struct ReportSettings {
     pub source_addresses: usize,
     pub handshakes_in_flight_per_process: usize,
     pub drain_cap_seconds: f64,
+    pub max_rate_drain_seconds: f64,
     pub idle_seconds: f64,
     pub open_files: Option<(u64, u64)>,
 }
@@ -75,10 +77,12 @@ impl Report {
                 source_addresses: s.sources,
                 handshakes_in_flight_per_process: s.handshakes,
                 drain_cap_seconds: s.drain.as_secs_f64(),
+                max_rate_drain_seconds: s.max_drain.as_secs_f64(),
                 idle_seconds: s.idle,
                 open_files: run.open_files,
             },
             cases: run.cases,
+            logs: run.logs,
         }
     }
 }

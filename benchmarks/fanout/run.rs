@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::common::{TempDir, nofile_limit, proc_status};
+use crate::common::{TempDir, log_matches, nofile_limit, proc_status, wait_ready};
 use crate::cpu::{CpuUse, Mark, Pids, between, mark};
 use crate::fleet::{Fields, Fleet};
 use crate::hist::Hist;
@@ -23,7 +23,7 @@ use crate::settings::{Path, Settings};
 use crate::{CLIENT_FD_SPARE, GATEWAY_FD_SPARE};
 
 /// Deliveries have stopped when nothing more arrived for this long.
-const STABLE: Duration = Duration::from_secs(1);
+const STABLE: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(100);
 
 /// What the run measured, for the report.
@@ -33,6 +33,31 @@ pub struct Run {
     pub native_nats_config: String,
     pub open_files: Option<(u64, u64)>,
     pub cases: Vec<Case>,
+    pub logs: Logs,
+}
+
+/// What the servers' logs said over the whole run: how many lines matched, and the first few.
+#[derive(Debug, Serialize)]
+pub struct Logs {
+    /// "Slow Consumer" in the gateway's nats-server's log.
+    pub gateway_nats_slow_consumer: LogSample,
+    /// "Slow Consumer" in the native nats-server's log.
+    pub native_nats_slow_consumer: LogSample,
+    /// The gateway's "NATS disconnected" warnings (a pool connection lost).
+    pub gateway_nats_disconnected: LogSample,
+    /// The gateway's "NATS subscription buffer full" warnings (async-nats dropped a message).
+    pub gateway_subscription_buffer_full: LogSample,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LogSample {
+    pub lines: usize,
+    pub first: Vec<String>,
+}
+
+fn sample(log: &FsPath, needle: &str) -> LogSample {
+    let (lines, first) = log_matches(log, needle, 3);
+    LogSample { lines, first }
 }
 
 #[derive(Debug, Serialize)]
@@ -93,10 +118,13 @@ pub struct Phase {
     pub delivered: u64,
     /// The sum of the `count`s of `dropped` notices the clients received.
     pub dropped_notified: u64,
-    /// expected − delivered − dropped_notified.
-    pub silent_loss: i64,
-    /// Every expected message was delivered or notified dropped.
-    pub accounted: bool,
+    /// expected − delivered − dropped_notified, once deliveries have ended (`None` when the
+    /// wait was cut off while messages still arrived, as it always is at max rate).
+    pub silent_loss: Option<i64>,
+    /// Why the wait for deliveries ended: `accounted` (every expected message delivered or
+    /// notified dropped), `stopped` (nothing more arrived for 2 s) or `cap` (still arriving at
+    /// the cap).
+    pub drain_end: &'static str,
     /// From the start of publishing to the last count that still grew.
     pub last_delivery_seconds: f64,
     /// delivered / last_delivery_seconds.
@@ -168,12 +196,20 @@ pub fn run(settings: &Settings, bin: &FsPath) -> Result<Run, String> {
         }
     }
     servers.gateway.stop();
+    let gateway_log = dir.0.join("gateway.log");
+    let logs = Logs {
+        gateway_nats_slow_consumer: sample(&servers.gateway_nats.log, "Slow Consumer"),
+        native_nats_slow_consumer: sample(&servers.native_nats.log, "Slow Consumer"),
+        gateway_nats_disconnected: sample(&gateway_log, "NATS disconnected"),
+        gateway_subscription_buffer_full: sample(&gateway_log, "subscription buffer full"),
+    };
     Ok(Run {
         gateway_args: servers.gateway_args.join(" "),
         gateway_nats_config: servers.gateway_nats.config.clone(),
         native_nats_config: servers.native_nats.config.clone(),
         open_files,
         cases,
+        logs,
     })
 }
 
@@ -209,7 +245,13 @@ fn run_case(
         Path::Gateway => 0.0,
         Path::Native => 1.0,
     };
-    if let Err(err) = servers.gateway.check_alive() {
+    // A max-rate phase may have had the gateway's NATS connections cut off: the next gateway
+    // case starts once they are back.
+    if let Err(err) = wait_ready(
+        servers.http,
+        &mut servers.gateway,
+        "the gateway is not ready",
+    ) {
         case.error = Some(err);
         return case;
     }
@@ -225,6 +267,7 @@ fn run_case(
     }
     fleet.close();
     servers.wait_connections_at_most(path, baseline, Duration::from_secs(30));
+    publisher.settle(Duration::from_secs(30));
     case
 }
 
@@ -330,17 +373,30 @@ fn phase(
     let expected = published.messages * subscribers;
 
     // Wait for the rest.
+    let cap = match kind {
+        Kind::Max => s.max_drain,
+        _ => s.drain,
+    };
     let mut total = accounted(&in_window);
     let mut last = (Instant::now(), mark(pids));
     let drain_started = Instant::now();
-    while total < expected && last.0.elapsed() < STABLE && drain_started.elapsed() < s.drain {
+    let drain_end = loop {
+        if total >= expected {
+            break "accounted";
+        }
+        if last.0.elapsed() >= STABLE {
+            break "stopped";
+        }
+        if drain_started.elapsed() >= cap {
+            break "cap";
+        }
         std::thread::sleep(POLL);
         let now = accounted(&fleet.ask("count", "count")?);
         if now != total {
             total = now;
             last = (Instant::now(), mark(pids));
         }
-    }
+    };
     let report = fleet.ask(&format!("report {}", published.messages), "report")?;
     let signals = signals_delta(&signals_before, &servers.signals(path));
 
@@ -371,8 +427,9 @@ fn phase(
         deliveries_per_second: delivered_in_window as f64 / cpu_window.wall_seconds.max(1e-9),
         delivered,
         dropped_notified: dropped,
-        silent_loss: expected as i64 - delivered as i64 - dropped as i64,
-        accounted: delivered + dropped >= expected,
+        silent_loss: (drain_end != "cap")
+            .then_some(expected as i64 - delivered as i64 - dropped as i64),
+        drain_end,
         last_delivery_seconds,
         deliveries_per_second_overall: delivered as f64 / last_delivery_seconds.max(1e-9),
         per_subscriber: PerSubscriber {
@@ -398,13 +455,15 @@ fn phase(
         signals,
     };
     eprintln!(
-        "   {kind:?}: published {} in {:.2} s; delivered {} of {} ({:.0}/s in the window), dropped {dropped}, silent loss {}; p50 {} µs p99 {} µs; server CPU {} µs/delivery",
+        "   {kind:?}: published {} in {:.2} s; delivered {} of {} ({:.0}/s in the window), dropped {dropped}, silent loss {} (wait: {drain_end}); p50 {} µs p99 {} µs; server CPU {} µs/delivery",
         result.published.messages,
         result.published.seconds,
         result.delivered,
         result.expected,
         result.deliveries_per_second,
-        result.silent_loss,
+        result
+            .silent_loss
+            .map_or("not known".into(), |v| v.to_string()),
         result
             .latency_us
             .p50

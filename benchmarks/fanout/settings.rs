@@ -48,8 +48,12 @@ pub struct Settings {
     pub per_process: usize,
     pub sources: usize,
     pub handshakes: usize,
-    /// Longest wait for deliveries to stop after a phase's publishing ended.
+    /// Longest wait for the deliveries of a sustained or burst phase after its publishing
+    /// ended.
     pub drain: Duration,
+    /// How long the max-rate phase keeps counting after its publishing ended (its backlog can
+    /// take far longer to deliver, so it is not waited for).
+    pub max_drain: Duration,
     /// Seconds of the idle phase (0 skips it).
     pub idle: f64,
     pub gateway_args: Vec<String>,
@@ -76,7 +80,13 @@ impl Settings {
             per_process: env_f64("FANOUT_PER_PROCESS", 5000.0, 1.0, 19_900.0)? as usize,
             sources: env_f64("FANOUT_SOURCES", 4.0, 1.0, 250.0)? as usize,
             handshakes: env_f64("FANOUT_HANDSHAKES", 64.0, 1.0, 4096.0)? as usize,
-            drain: Duration::from_secs_f64(env_f64("FANOUT_DRAIN_SECONDS", 15.0, 1.0, 600.0)?),
+            drain: Duration::from_secs_f64(env_f64("FANOUT_DRAIN_SECONDS", 90.0, 1.0, 600.0)?),
+            max_drain: Duration::from_secs_f64(env_f64(
+                "FANOUT_MAX_DRAIN_SECONDS",
+                2.0,
+                0.0,
+                600.0,
+            )?),
             idle: env_f64("FANOUT_IDLE_SECONDS", 2.0, 0.0, 600.0)?,
             gateway_args: env_args("FANOUT_GATEWAY_ARGS"),
             artifacts: env_artifacts("FANOUT_NO_ARTIFACTS"),
@@ -97,6 +107,7 @@ pub const KNOBS: &[&str] = &[
     "FANOUT_SOURCES",
     "FANOUT_HANDSHAKES",
     "FANOUT_DRAIN_SECONDS",
+    "FANOUT_MAX_DRAIN_SECONDS",
     "FANOUT_IDLE_SECONDS",
     "FANOUT_GATEWAY_ARGS",
     "IPC_GATEWAY_BIN",

@@ -351,6 +351,9 @@ fn phase(
     pids: &Pids,
     s: &Settings,
 ) -> Result<Phase, String> {
+    if path == Path::Gateway && !servers.wait_gateway_ready(Duration::from_secs(30)) {
+        return Err("the gateway's /ready did not say 200 within 30 s".into());
+    }
     let subscribers = Fleet::sum(&fleet.ask("reset", "reset")?, "alive");
     let signals_before = servers.signals(path);
     let rate = s.rate / k as f64;

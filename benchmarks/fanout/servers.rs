@@ -11,7 +11,8 @@ use serde::Serialize;
 
 use crate::GATEWAY_FD_SPARE;
 use crate::common::{
-    NatsServer, Proc, http_get, metric_labeled, metric_sum, start_gateway, start_nats_server,
+    NatsServer, Proc, http_get, http_status, metric_labeled, metric_sum, start_gateway,
+    start_nats_server,
 };
 use crate::settings::{Path, Settings};
 
@@ -129,6 +130,22 @@ impl Servers {
                 metric_labeled(&text, "ipc_gateway_connections", "frontend=\"ws\"")
             }),
             Path::Native => self.native_nats.varz("connections"),
+        }
+    }
+
+    /// Waits (at most `cap`) until the gateway's /ready says 200 (its NATS connections are up:
+    /// nats-server may have cut them off as slow consumers in the phase before). Whether it
+    /// was ready.
+    pub fn wait_gateway_ready(&self, cap: Duration) -> bool {
+        let deadline = Instant::now() + cap;
+        loop {
+            if http_status(self.http, "/ready") == Some(200) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

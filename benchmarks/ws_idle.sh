@@ -2,10 +2,13 @@
 # Runs the idle WebSocket memory benchmark (benchmarks/ws_idle/): installs nats-server if it
 # is missing, raises the open-files limit as far as allowed, builds the release gateway and the
 # bench, then `cargo bench --bench ws_idle`. It opens WSIDLE_CONNECTIONS (default 10000) idle
-# WebSocket connections to one gateway and reports the gateway's RSS per connection in
-# artifacts/ws-idle/latest.{md,json}. Other knobs (environment): WSIDLE_SOURCES,
-# WSIDLE_BIG_BYTES, WSIDLE_HANDSHAKES, WSIDLE_CLIENT_PROCESSES, WSIDLE_SETTLE_SECONDS,
-# WSIDLE_GATEWAY_ARGS, IPC_GATEWAY_BIN, WSIDLE_NO_ARTIFACTS (see benchmarks/README.md).
+# WebSocket connections to one gateway and reports the gateway's RSS per connection; then, side
+# by side, RSS per connection of the gateway and of nats-server's own WebSocket listener at
+# 1,000 / 5,000 / 19,000 connections (idle, one subscription each on one subject, each on its
+# own subject). Report: artifacts/ws-idle/latest.{md,json}. Other knobs (environment):
+# WSIDLE_SOURCES, WSIDLE_BIG_BYTES, WSIDLE_HANDSHAKES, WSIDLE_CLIENT_PROCESSES,
+# WSIDLE_SETTLE_SECONDS, WSIDLE_GATEWAY_ARGS, WSIDLE_COMPARE, WSIDLE_COMPARE_SERVERS,
+# WSIDLE_COMPARE_MODES, IPC_GATEWAY_BIN, WSIDLE_NO_ARTIFACTS (see benchmarks/README.md).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,7 +31,8 @@ export WSIDLE_CONNECTIONS="${WSIDLE_CONNECTIONS:-10000}"
 # The exact command, with every knob that was set, goes into the report.
 recorded="WSIDLE_CONNECTIONS=${WSIDLE_CONNECTIONS}"
 for knob in WSIDLE_SOURCES WSIDLE_BIG_BYTES WSIDLE_HANDSHAKES WSIDLE_CLIENT_PROCESSES \
-    WSIDLE_SETTLE_SECONDS WSIDLE_GATEWAY_ARGS IPC_GATEWAY_BIN WSIDLE_NO_ARTIFACTS; do
+    WSIDLE_SETTLE_SECONDS WSIDLE_GATEWAY_ARGS WSIDLE_COMPARE WSIDLE_COMPARE_SERVERS \
+    WSIDLE_COMPARE_MODES IPC_GATEWAY_BIN WSIDLE_NO_ARTIFACTS; do
     if [[ -n "${!knob:-}" ]]; then
         recorded+=" ${knob}=${!knob}"
     fi

@@ -1,4 +1,4 @@
-//! Helpers shared by the benchmarks (`gateway/`, `soak/`, `ws_idle/`). Each includes this
+//! Helpers shared by the benchmarks (`gateway/`, `soak/`, `ws_idle/`, `fanout/`). Each includes this
 //! folder with `#[path = "../common/mod.rs"] mod common;`, so helpers a bench does not use are
 //! not dead code.
 //!
@@ -6,10 +6,14 @@
 //!   version, git state, gateway binary), collected in one place;
 //! - `report`: writing a report's JSON and its Markdown (made from the same structure), and
 //!   the formatting helpers the renderers share;
-//! - `procs`: child processes that stop when dropped, nats-server, the echo service, ports;
+//! - `procs`: child processes that stop when dropped, nats-server (bare, or from a config
+//!   file with a monitoring port and its own WebSocket listener), the gateway, the echo
+//!   service, ports;
 //! - `http`: a tiny HTTP GET for /ready and /metrics, Prometheus text readers;
 //! - `procfs`: what /proc says about a process (memory, FDs, CPU, limits);
-//! - `settings`: numbers and lists from the environment.
+//! - `settings`: numbers and lists from the environment;
+//! - `ws`: WebSocket client connections by the thousand: the gateway's JSON ping and
+//!   subscribe, and the NATS protocol over nats-server's own WebSocket listener.
 #![allow(dead_code, unused_imports)]
 
 mod http;
@@ -18,6 +22,7 @@ mod procfs;
 mod procs;
 mod report;
 mod settings;
+mod ws;
 
 pub use http::*;
 pub use meta::*;
@@ -25,3 +30,4 @@ pub use procfs::*;
 pub use procs::*;
 pub use report::*;
 pub use settings::*;
+pub use ws::*;

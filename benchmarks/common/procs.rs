@@ -1,12 +1,14 @@
 //! Child processes the benchmarks start (nats-server, the echo service, gateways), stopped when
 //! dropped; loopback ports; the private directory for sockets and logs; the gateway binary.
+//! `start_nats` is a bare nats-server; `start_nats_server` one from a config file with a
+//! monitoring port and, when asked, nats-server's own WebSocket listener.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::http::http_status;
+use super::http::{http_get, http_status};
 
 /// How long start-up waits (nats-server, echo service, gateway) before giving up.
 pub const START_PATIENCE: Duration = Duration::from_secs(20);
@@ -127,6 +129,145 @@ pub fn start_nats(dir: &Path) -> Result<(Proc, String), String> {
     )?;
     wait_for_tcp(port, &mut nats)?;
     Ok((nats, format!("nats://127.0.0.1:{port}")))
+}
+
+/// A nats-server started from a config file in `dir`: a client port, a monitoring port and,
+/// when asked, its own WebSocket listener (`websocket { no_tls: true }`); it logs into
+/// `dir/<name>.log`.
+pub struct NatsServer {
+    pub proc: Proc,
+    pub url: String,
+    pub monitor: u16,
+    pub ws_port: Option<u16>,
+    pub log: PathBuf,
+    /// The config file's text, for reports.
+    pub config: String,
+}
+
+pub fn start_nats_server(dir: &Path, name: &str, websocket: bool) -> Result<NatsServer, String> {
+    let port = free_port()?;
+    let monitor = free_port()?;
+    let ws_port = if websocket { Some(free_port()?) } else { None };
+    let mut config = format!("listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\n");
+    if let Some(ws) = ws_port {
+        config += &format!("websocket {{\n  listen: \"127.0.0.1:{ws}\"\n  no_tls: true\n}}\n");
+    }
+    let path = dir.join(format!("{name}.conf"));
+    std::fs::write(&path, &config).map_err(|err| format!("{}: {err}", path.display()))?;
+    let log = dir.join(format!("{name}.log"));
+    let mut proc = Proc::spawn(
+        "nats-server",
+        Command::new("nats-server")
+            .arg("-c")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(dir, &format!("{name}.log"))?),
+    )?;
+    wait_for_tcp(port, &mut proc)?;
+    wait_for_tcp(monitor, &mut proc)?;
+    if let Some(ws) = ws_port {
+        wait_for_tcp(ws, &mut proc)?;
+    }
+    Ok(NatsServer {
+        proc,
+        url: format!("nats://127.0.0.1:{port}"),
+        monitor,
+        ws_port,
+        log,
+        config,
+    })
+}
+
+impl NatsServer {
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// A number from the monitoring port's `/varz` (e.g. `slow_consumers`, `connections`,
+    /// `subscriptions`, `mem`).
+    pub fn varz(&self, field: &str) -> Option<f64> {
+        let (status, body) = http_get(self.monitor, "/varz")?;
+        if status != 200 {
+            return None;
+        }
+        let value: serde_json::Value = serde_json::from_str(&body).ok()?;
+        value.get(field)?.as_f64()
+    }
+
+    /// Lines of its log that contain `needle` (e.g. "Slow Consumer").
+    pub fn log_lines(&self, needle: &str) -> usize {
+        log_matches(&self.log, needle, 0).0
+    }
+}
+
+/// How many lines of a log file contain `needle`, and the first `keep` of them.
+pub fn log_matches(log: &Path, needle: &str, keep: usize) -> (usize, Vec<String>) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut matching = text.lines().filter(|line| line.contains(needle));
+    let first: Vec<String> = matching.by_ref().take(keep).map(strip_ansi).collect();
+    (first.len() + matching.count(), first)
+}
+
+/// A log line without its terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A gateway (`ipc-gateway serve`) with its Unix socket in `dir`, its HTTP port (/ws, /ready,
+/// /metrics) on a free loopback port, gRPC on any free port, room for `max_connections`, and
+/// `extra` flags last; it logs warnings into `dir/<log>`. Returns it once /ready says 200, with
+/// its arguments and HTTP port.
+pub fn start_gateway(
+    bin: &Path,
+    nats_url: &str,
+    dir: &Path,
+    max_connections: usize,
+    extra: &[String],
+    log: &str,
+) -> Result<(Proc, Vec<String>, u16), String> {
+    let http = free_port()?;
+    let mut args: Vec<String> = [
+        "serve",
+        "--nats-url",
+        nats_url,
+        "--socket",
+        &dir.join(format!("{log}.sock")).display().to_string(),
+        "--http",
+        &format!("127.0.0.1:{http}"),
+        "--grpc",
+        "127.0.0.1:0",
+        "--max-connections",
+        &max_connections.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().cloned());
+    let mut gateway = Proc::spawn(
+        "ipc-gateway serve",
+        Command::new(bin)
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(dir, &format!("{log}.log"))?),
+    )?;
+    wait_ready(http, &mut gateway, "the gateway did not become ready")?;
+    Ok((gateway, args, http))
 }
 
 /// The demo echo service (`ipc-gateway demo-echo`) answering `subject`, logging warnings

@@ -56,3 +56,22 @@ pub fn env_list(
     }
     Ok(values)
 }
+
+/// A comma-separated list of words, each one of `allowed` (e.g. FANOUT_PATHS=gateway,native);
+/// unset gives `default`.
+pub fn env_words(name: &str, default: &[&str], allowed: &[&str]) -> Result<Vec<String>, String> {
+    let Ok(text) = std::env::var(name) else {
+        return Ok(default.iter().map(|w| w.to_string()).collect());
+    };
+    let mut words = Vec::new();
+    for word in text.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        if !allowed.contains(&word) {
+            return Err(format!("{name}: {word:?} is not one of {allowed:?}"));
+        }
+        words.push(word.to_owned());
+    }
+    if words.is_empty() {
+        return Err(format!("{name} is empty"));
+    }
+    Ok(words)
+}

@@ -3,7 +3,10 @@
 //! asks for.
 //!
 //! Environment from the parent: WSIDLE_PORT, WSIDLE_COUNT, WSIDLE_FIRST (index of its first
-//! connection, for the source addresses), WSIDLE_SOURCES, WSIDLE_BIG_BYTES, WSIDLE_HANDSHAKES.
+//! connection, for the source addresses and own subjects), WSIDLE_SOURCES, WSIDLE_BIG_BYTES,
+//! WSIDLE_HANDSHAKES, WSIDLE_SERVER (`gateway`, or `native`: nats-server's own WebSocket
+//! listener) and WSIDLE_MODE (`idle`, `shared`: one subscription each on one subject, `own`:
+//! one each on its own subject). On a native connection it answers the server's PINGs.
 //! It prints one status line per stage on stdout: `<stage> ok=N failed=N lost=N secs=S
 //! error=<first error or ->`, stages `opened`, `big` and `closed`; it reads the commands `big`
 //! and `close` from stdin, one a line.
@@ -17,8 +20,10 @@ use futures_util::StreamExt;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
+use futures_util::SinkExt;
+
 use crate::BIG_IN_FLIGHT;
-use crate::ws::{big_request, close, open, source_address};
+use crate::ws::{Mode, Server, big_request, close, open, source_address};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -37,7 +42,10 @@ enum Event {
 
 struct Conn {
     port: u16,
+    index: usize,
     source: Ipv4Addr,
+    server: Server,
+    mode: Mode,
     big_bytes: usize,
     handshakes: Arc<Semaphore>,
     big_slots: Arc<Semaphore>,
@@ -49,7 +57,7 @@ struct Conn {
 /// send its big message, then to close.
 async fn connection(mut c: Conn) {
     let permit = c.handshakes.acquire().await;
-    let opened = open(c.port, c.source).await;
+    let opened = open(c.port, c.source, c.server, c.mode, c.index).await;
     drop(permit);
     let mut ws = match opened {
         Ok(ws) => ws,
@@ -88,6 +96,14 @@ async fn connection(mut c: Conn) {
                 Some(Ok(Message::Close(frame))) => {
                     let _ = c.events.send(Event::Lost(format!("closed by the gateway: {frame:?}")));
                     return;
+                }
+                Some(Ok(Message::Binary(data))) if c.server == Server::Native => {
+                    if memchr::memmem::find(&data, b"PING\r\n").is_some()
+                        && let Err(err) = ws.send(Message::binary(&b"PONG\r\n"[..])).await
+                    {
+                        let _ = c.events.send(Event::Lost(format!("send PONG: {err}")));
+                        return;
+                    }
                 }
                 Some(Ok(_)) => {}
                 Some(Err(err)) => {
@@ -147,6 +163,8 @@ struct ClientEnv {
     sources: usize,
     big_bytes: usize,
     handshakes: usize,
+    server: Server,
+    mode: Mode,
 }
 
 pub fn client_main() -> Result<(), String> {
@@ -157,6 +175,16 @@ pub fn client_main() -> Result<(), String> {
         sources: env_usize("WSIDLE_SOURCES")?,
         big_bytes: env_usize("WSIDLE_BIG_BYTES")?,
         handshakes: env_usize("WSIDLE_HANDSHAKES")?,
+        server: std::env::var("WSIDLE_SERVER")
+            .ok()
+            .as_deref()
+            .map_or(Some(Server::Gateway), Server::parse)
+            .ok_or("WSIDLE_SERVER must be gateway or native")?,
+        mode: std::env::var("WSIDLE_MODE")
+            .ok()
+            .as_deref()
+            .map_or(Some(Mode::Idle), Mode::parse)
+            .ok_or("WSIDLE_MODE must be idle, shared or own")?,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -176,7 +204,10 @@ async fn serve(env: ClientEnv) {
     for index in env.first..env.first + env.count {
         tokio::spawn(connection(Conn {
             port: env.port,
+            index,
             source: source_address(index, env.sources),
+            server: env.server,
+            mode: env.mode,
             big_bytes: env.big_bytes,
             handshakes: handshakes.clone(),
             big_slots: big_slots.clone(),

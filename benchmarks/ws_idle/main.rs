@@ -18,6 +18,12 @@
 //!    it back (tungstenite's buffers grow to fit and never shrink); memory is read again;
 //! 4. every connection is closed; memory is read once more.
 //!
+//! Then, side by side (compare.rs), the same question for the gateway and for nats-server's own
+//! WebSocket listener: for each N in WSIDLE_COMPARE (1,000, 5,000, 19,000) and each mode (idle;
+//! one subscription each on one subject; one each on its own subject), fresh servers, a
+//! baseline, N connections, and the measured process's RSS per connection (for native: the
+//! nats-server serving the WebSocket clients).
+//!
 //! Memory comes from /proc/PID/status (VmRSS, RssAnon) and /proc/PID/smaps_rollup
 //! (Private_Dirty). Per connection = (stage − baseline) / N. The bound is 4 KiB of RSS
 //! per idle connection, its aim 2 KiB.
@@ -26,18 +32,22 @@
 //! WSIDLE_BIG_BYTES (4096; 0 skips step 3), WSIDLE_HANDSHAKES (handshakes in flight per client
 //! process, 64), WSIDLE_CLIENT_PROCESSES (at least this many client processes, 1),
 //! WSIDLE_SETTLE_SECONDS (longest wait for memory to settle, 30), WSIDLE_GATEWAY_ARGS (extra
-//! `serve` flags), IPC_GATEWAY_BIN, WSIDLE_NO_ARTIFACTS=1 (print only), WSIDLE_COMMAND (the
-//! command recorded in the report; set by benchmarks/ws_idle.sh, which also raises `ulimit -n`).
+//! `serve` flags), WSIDLE_COMPARE (the side-by-side Ns; 0 skips them), WSIDLE_COMPARE_SERVERS
+//! (gateway,native), WSIDLE_COMPARE_MODES (idle,shared,own), IPC_GATEWAY_BIN,
+//! WSIDLE_NO_ARTIFACTS=1 (print only), WSIDLE_COMMAND (the command recorded in the report; set
+//! by benchmarks/ws_idle.sh, which also raises `ulimit -n`).
 //!
-//! The modules: `settings` (the knobs), `ws` (one WebSocket connection: open, echo, close),
-//! `clients` (the client process), `stages` (the parent's side of the client processes),
-//! `memory` (the gateway's memory once it has settled), `run` (the stages in order), `report`
-//! (per-connection figures and checks: the JSON) and `markdown` (the same report as Markdown).
+//! The modules: `settings` (the knobs), `ws` (one WebSocket connection of a kind: gateway or
+//! native, idle or subscribed; echo, close), `clients` (the client process), `stages` (the
+//! parent's side of the client processes), `memory` (a process's memory once it has settled),
+//! `run` (the stages in order), `compare` (the side-by-side rows), `report` (per-connection
+//! figures and checks: the JSON) and `markdown` (the same report as Markdown).
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod clients;
+mod compare;
 mod markdown;
 mod memory;
 mod report;
@@ -49,7 +59,7 @@ mod ws;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use common::{RunMeta, RunSpec, write_latest};
+use common::{RunMeta, RunSpec, TempDir, write_latest};
 use report::Report;
 use settings::Settings;
 
@@ -82,8 +92,10 @@ fn ws_idle() -> Result<(), String> {
     })?;
     let bin = meta.gateway_bin.clone();
     let run = run::run(&settings, &bin)?;
+    let dir = TempDir::new("ipc-gw-wsidle-compare")?;
+    let side_by_side = compare::compare(&settings, &bin, &dir.0);
     meta.finish();
-    let report = Report::build(meta, run, &settings);
+    let report = Report::build(meta, run, side_by_side, &settings);
     let md = markdown::render(&report);
     println!("{md}");
     if settings.artifacts {

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use crate::common::payload_label;
 use crate::memory::Snapshot;
 use crate::report::{Nofile, PerConn, Report};
+use crate::ws::{Mode, Server};
 use crate::{SUBJECT, report};
 
 pub fn render(report: &Report) -> String {
@@ -23,7 +24,122 @@ pub fn render(report: &Report) -> String {
         md,
         "\nRSS counts the gateway process's resident pages only: kernel socket buffers are not in it. glibc malloc keeps freed memory in its arenas, so \"after all closed\" shows what was not given back to the kernel, not a leak by itself."
     );
+    side_by_side(&mut md, report);
     md
+}
+
+fn bytes(value: Option<f64>) -> String {
+    value.map_or("—".into(), |b| {
+        format!("{b:.0} B ({:.2} KiB)", b / 1024.0)
+    })
+}
+
+fn mode_text(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Idle => "idle",
+        Mode::Shared => "1 subscription each, one subject",
+        Mode::Own => "1 subscription each, own subject",
+    }
+}
+
+/// The gateway next to nats-server's own WebSocket listener.
+fn side_by_side(md: &mut String, report: &Report) {
+    let rows = &report.side_by_side;
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\n## Side by side: the gateway vs nats-server's own WebSocket listener\n"
+    );
+    let _ = writeln!(
+        md,
+        "Each row starts fresh servers: for the gateway a nats-server and a gateway (`--max-connections N+16`), for native a nats-server with `websocket {{ no_tls: true }}` (RSS of that nats-server, which serves the WebSocket clients). One warm-up connection of the row's kind opens and closes, the process settles (the baseline), N connections open and set themselves up (gateway: a ping, or `subscribe` and its ack; native: `CONNECT`, the `SUB` if any, `PING` → `PONG`) and stay idle, the process settles again. Per connection = (VmRSS loaded − baseline) / N. \"+ its nats-server\" adds what the gateway's own nats-server grew by (the gateway's subscriptions live there too).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| N | connections | gateway | gateway's nats-server | gateway + its nats-server | native nats-server |"
+    );
+    let _ = writeln!(md, "| ---: | --- | ---: | ---: | ---: | ---: |");
+    let mut keys: Vec<(usize, Mode)> = Vec::new();
+    for row in rows {
+        if !keys.contains(&(row.connections, row.mode)) {
+            keys.push((row.connections, row.mode));
+        }
+    }
+    for (n, mode) in keys {
+        let find = |server: Server| {
+            rows.iter()
+                .find(|r| r.connections == n && r.mode == mode && r.server == server)
+        };
+        let per =
+            |server: Server| find(server).and_then(|r| r.per_connection.as_ref().map(|p| p.vm_rss));
+        let gateway_nats = find(Server::Gateway).and_then(|r| r.gateway_nats_per_connection_bytes);
+        let sum = per(Server::Gateway).zip(gateway_nats).map(|(a, b)| a + b);
+        let _ = writeln!(
+            md,
+            "| {n} | {} | {} | {} | {} | {} |",
+            mode_text(mode),
+            bytes(per(Server::Gateway)),
+            bytes(gateway_nats),
+            bytes(sum),
+            bytes(per(Server::Native)),
+        );
+    }
+    let _ = writeln!(md, "\nThe readings behind it:\n");
+    let _ = writeln!(
+        md,
+        "| N | server | connections | baseline VmRSS KiB | loaded VmRSS KiB | RssAnon per conn | settled | server subscriptions | its nats-server VmRSS KiB (before → after) | opened |"
+    );
+    let _ = writeln!(
+        md,
+        "| ---: | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"
+    );
+    for row in rows {
+        let (base, loaded) = (row.baseline.as_ref(), row.loaded.as_ref());
+        let settled = |snap: Option<&Snapshot>| {
+            snap.map_or("—".into(), |s| {
+                if s.settled {
+                    "yes".to_string()
+                } else {
+                    format!("NO ({:.0} s)", s.settle_seconds)
+                }
+            })
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
+            row.connections,
+            match row.server {
+                Server::Gateway => "gateway",
+                Server::Native => "native nats-server",
+            },
+            mode_text(row.mode),
+            base.map_or("—".into(), |s| s.memory.vm_rss.to_string()),
+            loaded.map_or("—".into(), |s| s.memory.vm_rss.to_string()),
+            bytes(row.per_connection.as_ref().map(|p| p.rss_anon)),
+            settled(base),
+            settled(loaded),
+            row.server_subscriptions
+                .map_or("—".into(), |v| format!("{v:.0}")),
+            row.gateway_nats_rss_kib
+                .map_or("—".into(), |(a, b)| format!("{a} → {b}")),
+            row.opened
+                .as_ref()
+                .map_or("—".into(), |o| format!("{} ({} failed)", o.ok, o.failed)),
+        );
+    }
+    for row in rows {
+        if let Some(err) = &row.error {
+            let _ = writeln!(
+                md,
+                "\n- {} {} {}: {err}",
+                row.connections,
+                row.server.name(),
+                row.mode.name()
+            );
+        }
+    }
 }
 
 fn limits_text(limits: Option<Nofile>) -> String {

@@ -41,13 +41,14 @@ impl Serialize for Snapshot {
 }
 
 /// Waits until VmRSS moved at most SETTLE_KIB over SETTLE_WINDOW (at most `cap`), then reads
-/// the gateway's memory, its FDs and its WebSocket connection gauge.
-pub fn settle(pid: u32, http: u16, cap: Duration) -> Result<Snapshot, String> {
+/// the process's memory, its FDs and (for a gateway: its HTTP port) its WebSocket connection
+/// gauge.
+pub fn settle(pid: u32, http: Option<u16>, cap: Duration) -> Result<Snapshot, String> {
     let started = Instant::now();
     let window = (SETTLE_WINDOW.as_millis() / SAMPLE_EVERY.as_millis()) as usize + 1;
     let mut samples: Vec<u64> = Vec::new();
     let settled = loop {
-        let memory = proc_memory(pid).ok_or("the gateway is gone")?;
+        let memory = proc_memory(pid).ok_or("the server is gone")?;
         samples.push(memory.vm_rss);
         if samples.len() >= window {
             let last = &samples[samples.len() - window..];
@@ -63,8 +64,9 @@ pub fn settle(pid: u32, http: u16, cap: Duration) -> Result<Snapshot, String> {
         }
         std::thread::sleep(SAMPLE_EVERY);
     };
-    let memory = proc_memory(pid).ok_or("the gateway is gone")?;
-    let ws_connections = http_get(http, "/metrics")
+    let memory = proc_memory(pid).ok_or("the server is gone")?;
+    let ws_connections = http
+        .and_then(|http| http_get(http, "/metrics"))
         .filter(|(status, _)| *status == 200)
         .and_then(|(_, body)| metric_labeled(&body, "ipc_gateway_connections", "frontend=\"ws\""));
     Ok(Snapshot {

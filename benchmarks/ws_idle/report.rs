@@ -6,6 +6,7 @@
 use serde::Serialize;
 
 use crate::common::{GatewayBinary, RunMeta};
+use crate::compare::Row;
 use crate::memory::Snapshot;
 use crate::run::Run;
 use crate::settings::Settings;
@@ -29,6 +30,8 @@ pub struct Report {
     pub per_connection: PerConnection,
     pub connections: Connections,
     pub checks: Checks,
+    /// The gateway next to nats-server's own WebSocket listener (compare.rs).
+    pub side_by_side: Vec<Row>,
 }
 
 #[derive(Serialize)]
@@ -77,7 +80,7 @@ pub struct Stages {
 }
 
 /// Bytes per connection between a stage and the baseline.
-#[derive(Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct PerConn {
     #[serde(rename = "vm_rss_bytes")]
     pub vm_rss: f64,
@@ -114,7 +117,7 @@ fn per_conn(after: Option<u64>, before: Option<u64>, n: usize) -> Option<f64> {
     Some((after? as f64 - before? as f64) * 1024.0 / n as f64)
 }
 
-fn per_connection(stage: &Snapshot, baseline: &Snapshot, n: usize) -> PerConn {
+pub fn per_connection(stage: &Snapshot, baseline: &Snapshot, n: usize) -> PerConn {
     let (s, b) = (&stage.memory, &baseline.memory);
     PerConn {
         vm_rss: per_conn(Some(s.vm_rss), Some(b.vm_rss), n).unwrap_or(f64::NAN),
@@ -124,7 +127,7 @@ fn per_connection(stage: &Snapshot, baseline: &Snapshot, n: usize) -> PerConn {
 }
 
 impl Report {
-    pub fn build(meta: RunMeta, run: Run, s: &Settings) -> Report {
+    pub fn build(meta: RunMeta, run: Run, side_by_side: Vec<Row>, s: &Settings) -> Report {
         let n = s.connections;
         let per = |snap: &Snapshot| per_connection(snap, &run.baseline, n);
         let per_connection = PerConnection {
@@ -180,6 +183,7 @@ impl Report {
                 closed: run.closed,
             },
             checks,
+            side_by_side,
         }
     }
 }

@@ -3,17 +3,13 @@
 //! larger echo on each; close; the gateway's memory read after each stage.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{
-    Proc, START_PATIENCE, TempDir, free_port, log_file, nofile_limit, start_echo, start_nats,
-    wait_ready,
-};
+use crate::common::{self, Proc, START_PATIENCE, TempDir, nofile_limit, start_echo, start_nats};
 use crate::memory::{Snapshot, settle, wait_for_gauge};
 use crate::settings::Settings;
 use crate::stages::{ClientProc, StageResult, stage};
-use crate::ws::{big_request, close, open, source_address};
+use crate::ws::{Mode, Server, big_request, close, open, source_address};
 use crate::{CLIENT_FD_SPARE, GATEWAY_FD_SPARE, SUBJECT};
 
 /// What the run measured, for the report.
@@ -49,7 +45,7 @@ pub fn run(settings: &Settings, bin: &Path) -> Result<Run, String> {
     );
     warm_up(http, settings.big_bytes)?;
     wait_for_gauge(http, 0.0, Duration::from_secs(10));
-    let baseline = settle(pid, http, settings.settle)?;
+    let baseline = settle(pid, Some(http), settings.settle)?;
     eprintln!("baseline: VmRSS {} KiB", baseline.memory.vm_rss);
 
     let mut clients = start_clients(&client_counts, http, settings)?;
@@ -66,7 +62,7 @@ pub fn run(settings: &Settings, bin: &Path) -> Result<Run, String> {
         ));
     }
     wait_for_gauge(http, n as f64, Duration::from_secs(10));
-    let idle = settle(pid, http, settings.settle)?;
+    let idle = settle(pid, Some(http), settings.settle)?;
     eprintln!("{n} idle: VmRSS {} KiB", idle.memory.vm_rss);
 
     let big = big_stage(&mut clients, pid, http, settings)?;
@@ -79,7 +75,7 @@ pub fn run(settings: &Settings, bin: &Path) -> Result<Run, String> {
         client.proc.stop();
     }
     wait_for_gauge(http, 0.0, Duration::from_secs(20));
-    let after_close = settle(pid, http, settings.settle)?;
+    let after_close = settle(pid, Some(http), settings.settle)?;
     eprintln!("after close: VmRSS {} KiB", after_close.memory.vm_rss);
     gateway.stop();
 
@@ -132,35 +128,14 @@ fn start_gateway(
     dir: &TempDir,
     settings: &Settings,
 ) -> Result<(Proc, Vec<String>, u16), String> {
-    let http = free_port()?;
-    let mut args: Vec<String> = [
-        "serve",
-        "--nats-url",
+    common::start_gateway(
+        bin,
         nats_url,
-        "--socket",
-        &dir.0.join("gateway.sock").display().to_string(),
-        "--http",
-        &format!("127.0.0.1:{http}"),
-        "--grpc",
-        "127.0.0.1:0",
-        "--max-connections",
-        &(settings.connections + 16).to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(settings.gateway_args.iter().cloned());
-    let mut gateway = Proc::spawn(
-        "ipc-gateway serve",
-        Command::new(bin)
-            .args(&args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file(&dir.0, "gateway.log")?),
-    )?;
-    wait_ready(http, &mut gateway, "the gateway did not become ready")?;
-    Ok((gateway, args, http))
+        &dir.0,
+        settings.connections + 16,
+        &settings.gateway_args,
+        "gateway",
+    )
 }
 
 /// The warm-up connection: a ping, one big echo request (retried until the echo service has
@@ -171,7 +146,7 @@ fn warm_up(port: u16, big_bytes: usize) -> Result<(), String> {
         .build()
         .map_err(|err| format!("runtime: {err}"))?;
     runtime.block_on(async {
-        let mut ws = open(port, source_address(0, 1)).await?;
+        let mut ws = open(port, source_address(0, 1), Server::Gateway, Mode::Idle, 0).await?;
         let deadline = Instant::now() + START_PATIENCE;
         let size = big_bytes.max(1);
         while let Err(err) = big_request(&mut ws, size).await {
@@ -194,7 +169,8 @@ fn start_clients(
     let mut clients = Vec::new();
     let mut first = 0;
     for &count in counts {
-        clients.push(ClientProc::start(&exe, http, first, count, settings)?);
+        let kind = (Server::Gateway, Mode::Idle);
+        clients.push(ClientProc::start(&exe, http, first, count, kind, settings)?);
         first += count;
     }
     eprintln!(
@@ -222,7 +198,7 @@ fn big_stage(
         "{} B echo on every connection: {} ok, {} failed in {:.1} s",
         settings.big_bytes, result.ok, result.failed, result.seconds
     );
-    let snapshot = settle(pid, http, settings.settle)?;
+    let snapshot = settle(pid, Some(http), settings.settle)?;
     eprintln!(
         "after the big message: VmRSS {} KiB",
         snapshot.memory.vm_rss

@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::STAGE_PATIENCE;
 use crate::common::Proc;
 use crate::settings::Settings;
+use crate::ws::{Mode, Server};
 
 pub struct ClientProc {
     pub proc: Proc,
@@ -24,6 +25,7 @@ impl ClientProc {
         port: u16,
         first: usize,
         count: usize,
+        kind: (Server, Mode),
         s: &Settings,
     ) -> Result<Self, String> {
         let mut proc = Proc::spawn(
@@ -36,6 +38,8 @@ impl ClientProc {
                 .env("WSIDLE_SOURCES", s.sources.to_string())
                 .env("WSIDLE_BIG_BYTES", s.big_bytes.to_string())
                 .env("WSIDLE_HANDSHAKES", s.handshakes.to_string())
+                .env("WSIDLE_SERVER", kind.0.name())
+                .env("WSIDLE_MODE", kind.1.name())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit()),

@@ -1,79 +1,110 @@
-//! One idle WebSocket connection as the clients use it: bound to a loopback source address,
-//! upgraded with small client buffers, one ping round trip; one larger echo request; a close.
-//! Plain tokio-tungstenite with JSON text messages: thousands of these live in one client
-//! process, so each is only the socket and its buffers (no tasks, no queues).
+//! One idle WebSocket connection as the clients use it (the socket and its buffers, no tasks or
+//! queues: thousands live in one client process), built on `common/ws.rs`: bound to a loopback
+//! source address, upgraded with small client buffers, then set up by its kind. On the
+//! gateway: one ping round trip, or one subscription (acknowledged); on nats-server's own
+//! WebSocket listener: CONNECT, the subscription if any, and PING → PONG. Also the larger echo
+//! request of step 3 and the close.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 
-use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
 use serde_json::Value;
-use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use crate::common::{Ws, connect, gateway_ping, gateway_subscribe, json_round_trip, nats_open};
 use crate::{STEP_PATIENCE, SUBJECT};
 
-pub type Ws = WebSocketStream<TcpStream>;
+pub use crate::common::source_address;
 
-pub fn source_address(index: usize, sources: usize) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, 0, 2 + (index % sources) as u8)
+/// Which server the connections go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Server {
+    /// The gateway's `GET /ws` (JSON envelopes).
+    Gateway,
+    /// nats-server's own WebSocket listener (NATS protocol).
+    Native,
 }
 
-/// Binds to `source` (any port), connects to the gateway, upgrades to WebSocket and does one
-/// ping round trip.
-pub async fn open(port: u16, source: Ipv4Addr) -> Result<Ws, String> {
-    let socket = TcpSocket::new_v4().map_err(|err| format!("socket: {err}"))?;
-    socket
-        .bind(SocketAddr::from((source, 0)))
-        .map_err(|err| format!("bind {source}: {err}"))?;
-    let stream = tokio::time::timeout(
-        STEP_PATIENCE,
-        socket.connect(SocketAddr::from(([127, 0, 0, 1], port))),
-    )
-    .await
-    .map_err(|_| "connect timed out".to_string())?
-    .map_err(|err| format!("connect from {source}: {err}"))?;
-    let _ = stream.set_nodelay(true);
-    // The client's own buffers: small, so that 10,000 connections fit one client process.
-    let config = WebSocketConfig::default().read_buffer_size(4096);
-    let (mut ws, _) = tokio::time::timeout(
-        STEP_PATIENCE,
-        tokio_tungstenite::client_async_with_config(
-            format!("ws://127.0.0.1:{port}/ws"),
-            stream,
-            Some(config),
-        ),
-    )
-    .await
-    .map_err(|_| "WebSocket handshake timed out".to_string())?
-    .map_err(|err| format!("WebSocket handshake: {err}"))?;
-    let pong = round_trip(&mut ws, r#"{"op":"ping","id":1}"#.to_owned()).await?;
-    if pong["op"] != "pong" {
-        return Err(format!("expected a pong, got {pong}"));
+/// What each connection does once open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Nothing but the set-up round trip (ping, or PING/PONG).
+    Idle,
+    /// One subscription, the same subject for every connection (`wsidle.all`).
+    Shared,
+    /// One subscription each, on its own subject (`wsidle.own.<index>`).
+    Own,
+}
+
+impl Server {
+    pub fn name(self) -> &'static str {
+        match self {
+            Server::Gateway => "gateway",
+            Server::Native => "native",
+        }
     }
-    Ok(ws)
+
+    pub fn parse(word: &str) -> Option<Server> {
+        match word {
+            "gateway" => Some(Server::Gateway),
+            "native" => Some(Server::Native),
+            _ => None,
+        }
+    }
 }
 
-/// Sends one text message and returns the next text message, parsed.
-async fn round_trip(ws: &mut Ws, text: String) -> Result<Value, String> {
-    ws.send(Message::text(text))
-        .await
-        .map_err(|err| format!("send: {err}"))?;
-    let deadline = tokio::time::Instant::now() + STEP_PATIENCE;
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await {
-            Err(_) => return Err("no answer in time".into()),
-            Ok(None) => return Err("the gateway closed the connection".into()),
-            Ok(Some(Err(err))) => return Err(format!("read: {err}")),
-            Ok(Some(Ok(Message::Text(text)))) => {
-                return serde_json::from_str(text.as_str())
-                    .map_err(|err| format!("bad JSON from the gateway: {err}"));
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Idle => "idle",
+            Mode::Shared => "shared",
+            Mode::Own => "own",
+        }
+    }
+
+    pub fn parse(word: &str) -> Option<Mode> {
+        match word {
+            "idle" => Some(Mode::Idle),
+            "shared" => Some(Mode::Shared),
+            "own" => Some(Mode::Own),
+            _ => None,
+        }
+    }
+
+    /// The subject connection `index` subscribes to, if any.
+    fn subject(self, index: usize) -> Option<String> {
+        match self {
+            Mode::Idle => None,
+            Mode::Shared => Some("wsidle.all".into()),
+            Mode::Own => Some(format!("wsidle.own.{index}")),
+        }
+    }
+}
+
+/// Binds to `source`, connects to `port` on `server` and sets the connection up for `mode`.
+pub async fn open(
+    port: u16,
+    source: Ipv4Addr,
+    server: Server,
+    mode: Mode,
+    index: usize,
+) -> Result<Ws, String> {
+    let subject = mode.subject(index);
+    match server {
+        Server::Gateway => {
+            let mut ws = connect(port, source, "/ws", STEP_PATIENCE).await?;
+            match &subject {
+                None => gateway_ping(&mut ws, STEP_PATIENCE).await?,
+                Some(subject) => gateway_subscribe(&mut ws, "s", subject, STEP_PATIENCE).await?,
             }
-            Ok(Some(Ok(Message::Close(frame)))) => {
-                return Err(format!("the gateway closed the connection: {frame:?}"));
-            }
-            Ok(Some(Ok(_))) => continue,
+            Ok(ws)
+        }
+        Server::Native => {
+            let mut ws = connect(port, source, "/", STEP_PATIENCE).await?;
+            let subjects: Vec<&str> = subject.as_deref().into_iter().collect();
+            nats_open(&mut ws, &subjects, STEP_PATIENCE).await?;
+            Ok(ws)
         }
     }
 }
@@ -84,7 +115,7 @@ pub async fn big_request(ws: &mut Ws, size: usize) -> Result<(), String> {
     let request = format!(
         r#"{{"op":"request","id":2,"subject":"{SUBJECT}","timeout_ms":10000,"data":"{data}"}}"#
     );
-    let reply = round_trip(ws, request).await?;
+    let reply: Value = json_round_trip(ws, request, STEP_PATIENCE).await?;
     if reply["ok"] != true {
         return Err(format!("echo request failed: {}", reply["error"]));
     }
@@ -94,15 +125,16 @@ pub async fn big_request(ws: &mut Ws, size: usize) -> Result<(), String> {
     }
 }
 
-/// Sends a close frame and waits for the gateway's close (or the end of the stream).
+/// Sends a close frame and waits for the server's close (or the end of the stream).
 pub async fn close(mut ws: Ws) -> Result<(), String> {
+    use futures_util::StreamExt;
     ws.close(None)
         .await
         .map_err(|err| format!("close: {err}"))?;
     let deadline = tokio::time::Instant::now() + STEP_PATIENCE;
     loop {
         match tokio::time::timeout_at(deadline, ws.next()).await {
-            Err(_) => return Err("the gateway did not close in time".into()),
+            Err(_) => return Err("the server did not close in time".into()),
             Ok(None) | Ok(Some(Err(_))) => return Ok(()),
             Ok(Some(Ok(_))) => continue,
         }

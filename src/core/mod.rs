@@ -642,13 +642,14 @@ impl Gateway {
 
     /// Hands one message from NATS to the topic's members that may see it.
     fn fan_out(&self, topic: &fanout::Topic, message: async_nats::Message) {
-        let metrics = &self.inner.metrics;
         let delivery = Arc::new(nats::delivery(message));
         let answer_until = delivery
             .reply_to
             .as_ref()
             .map(|_| tokio::time::Instant::now() + self.inner.config.request_timeout());
-        let bytes = delivery.payload.len();
+        // Counted per front-end once per message, not once per member.
+        let mut delivered = [0u64; Frontend::ALL.len()];
+        let mut dropped = [0u64; Frontend::ALL.len()];
         topic.fan_out(|member| {
             if member.filtered
                 && !member
@@ -662,16 +663,23 @@ impl Gateway {
             if let (Some(reply_to), Some(until)) = (&delivery.reply_to, answer_until) {
                 member.caller.may_answer(reply_to.as_str(), until);
             }
-            let frontend = member.caller.frontend();
-            metrics.payload_out(frontend, bytes);
-            let dropped = member
+            let frontend = member.caller.frontend() as usize;
+            delivered[frontend] += 1;
+            dropped[frontend] += member
                 .sink
                 .deliver(&member.sid, delivery.clone(), member.priority);
-            if dropped > 0 {
-                metrics.dropped(frontend, dropped);
-            }
             true
         });
+        let metrics = &self.inner.metrics;
+        for frontend in Frontend::ALL {
+            let index = frontend as usize;
+            if delivered[index] > 0 {
+                metrics.payload_out(frontend, delivered[index] as usize * delivery.payload.len());
+            }
+            if dropped[index] > 0 {
+                metrics.dropped(frontend, dropped[index]);
+            }
+        }
     }
 
     /// After a policy reload: every subscriber's permissions under the new policy; the

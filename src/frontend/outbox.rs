@@ -495,6 +495,7 @@ mod tests {
             reply_to: None,
             headers: None,
             payload: vec![n].into(),
+            json_tail: Default::default(),
         })
     }
 

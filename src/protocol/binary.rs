@@ -696,6 +696,7 @@ mod tests {
                         reply_to: None,
                         headers: None,
                         payload: Bytes::from_static(b"p"),
+                        json_tail: Default::default(),
                     }),
                     priority,
                 },

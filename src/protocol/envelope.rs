@@ -258,4 +258,25 @@ pub struct Delivery {
     pub reply_to: Option<Subject>,
     pub headers: Option<Headers>,
     pub payload: Bytes,
+    /// Its JSON `msg` line after the `sid`, made by the first JSON client it is written to
+    /// and copied for the others (escaping it once per fan-out, not once per subscriber).
+    pub json_tail: EncodedOnce,
 }
+
+/// An encoding made once and shared. Not part of the value: it compares equal always.
+#[derive(Debug, Clone, Default)]
+pub struct EncodedOnce(std::sync::OnceLock<Bytes>);
+
+impl EncodedOnce {
+    pub fn get_or_init(&self, encode: impl FnOnce() -> Bytes) -> &Bytes {
+        self.0.get_or_init(encode)
+    }
+}
+
+impl PartialEq for EncodedOnce {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for EncodedOnce {}

@@ -394,15 +394,21 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
         Outbound::Msg { sid, message, .. } => {
             put(w, b"{\"op\":\"msg\",\"sid\":");
             json(w, sid);
-            put(w, b",\"subject\":");
-            json(w, message.subject.as_str());
-            if let Some(reply) = &message.reply_to {
-                put(w, b",\"reply_to\":");
-                json(w, reply.as_str());
-            }
-            put_data(w, &message.payload);
-            put_headers(w, message.headers.as_ref());
-            put(w, b"}\n");
+            let tail = message.json_tail.get_or_init(|| {
+                let mut tail = BytesMut::new();
+                let w = &mut (&mut tail).writer();
+                put(w, b",\"subject\":");
+                json(w, message.subject.as_str());
+                if let Some(reply) = &message.reply_to {
+                    put(w, b",\"reply_to\":");
+                    json(w, reply.as_str());
+                }
+                put_data(w, &message.payload);
+                put_headers(w, message.headers.as_ref());
+                put(w, b"}\n");
+                tail.freeze()
+            });
+            put(w, tail);
         }
         Outbound::Dropped { sid, count, gap } => {
             put(w, b"{\"op\":\"dropped\",\"sid\":");

@@ -295,7 +295,9 @@ async fn open(
 ) -> Result<(Ws, Option<NatsReader>), String> {
     match path {
         Path::Gateway => {
-            let mut ws = connect(port, source, "/ws", STEP_PATIENCE).await?;
+            // `/ws?batch=true` unless the parent said otherwise (FANOUT_WS_BATCH).
+            let ws_path = std::env::var("FANOUT_CLIENT_WS_PATH").unwrap_or("/ws".into());
+            let mut ws = connect(port, source, &ws_path, STEP_PATIENCE).await?;
             gateway_subscribe(&mut ws, "s", SUBJECT, STEP_PATIENCE).await?;
             Ok((ws, None))
         }
@@ -318,8 +320,8 @@ fn close_reason(frame: Option<tokio_tungstenite::tungstenite::protocol::CloseFra
     }
 }
 
-/// The gateway's JSON envelopes: `msg` is a delivery, `dropped` carries a count, an
-/// `unsubscribed` notice ends the subscription.
+/// The gateway's JSON envelopes, one per message or (batched) one per line: `msg` is a
+/// delivery, `dropped` carries a count, an `unsubscribed` notice ends the subscription.
 async fn read_gateway(ws: &mut Ws, conn: usize, stats: &Rc<RefCell<Stats>>) -> String {
     loop {
         let text = match ws.next().await {
@@ -329,22 +331,23 @@ async fn read_gateway(ws: &mut Ws, conn: usize, stats: &Rc<RefCell<Stats>>) -> S
             Some(Err(err)) => return format!("read: {err}"),
             None => return "the connection ended".into(),
         };
-        let text = text.as_bytes();
         let mut stats = stats.borrow_mut();
-        if text.starts_with(br#"{"op":"msg""#) {
-            match memchr::memmem::find(text, br#""data":""#) {
-                Some(at) => stats.deliver(conn, &text[at + 8..]),
-                None => stats.deliver(conn, b""),
+        for line in text.as_bytes().split(|b| *b == b'\n') {
+            if line.starts_with(br#"{"op":"msg""#) {
+                match memchr::memmem::find(line, br#""data":""#) {
+                    Some(at) => stats.deliver(conn, &line[at + 8..]),
+                    None => stats.deliver(conn, b""),
+                }
+            } else if line.starts_with(br#"{"op":"dropped""#) {
+                let count = number_after(line, br#""count":"#).unwrap_or(0);
+                stats.dropped += count;
+                stats.conns[conn].dropped += count;
+            } else if line.starts_with(br#"{"op":"unsubscribed""#) {
+                return format!(
+                    "the gateway ended the subscription: {}",
+                    String::from_utf8_lossy(line)
+                );
             }
-        } else if text.starts_with(br#"{"op":"dropped""#) {
-            let count = number_after(text, br#""count":"#).unwrap_or(0);
-            stats.dropped += count;
-            stats.conns[conn].dropped += count;
-        } else if text.starts_with(br#"{"op":"unsubscribed""#) {
-            return format!(
-                "the gateway ended the subscription: {}",
-                String::from_utf8_lossy(text)
-            );
         }
     }
 }

@@ -81,6 +81,7 @@ impl Fleet {
                 Command::new(&exe)
                     .env("FANOUT_ROLE", "client")
                     .env("FANOUT_CLIENT_PATH", path.name())
+                    .env("FANOUT_CLIENT_WS_PATH", s.gateway_ws_path)
                     .env("FANOUT_CLIENT_PORT", port.to_string())
                     .env("FANOUT_CLIENT_COUNT", count.to_string())
                     .env("FANOUT_CLIENT_FIRST", first.to_string())

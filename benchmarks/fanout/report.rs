@@ -37,6 +37,7 @@ pub struct Nats {
 #[derive(Serialize)]
 pub struct ReportSettings {
     pub subject: &'static str,
+    pub gateway_ws_path: &'static str,
     pub ks: Vec<usize>,
     pub paths: Vec<Path>,
     pub seconds: f64,
@@ -67,6 +68,7 @@ impl Report {
             },
             settings: ReportSettings {
                 subject: SUBJECT,
+                gateway_ws_path: s.gateway_ws_path,
                 ks: s.ks.clone(),
                 paths: s.paths.clone(),
                 seconds: s.seconds,

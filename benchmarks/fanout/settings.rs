@@ -57,6 +57,9 @@ pub struct Settings {
     /// Seconds of the idle phase (0 skips it).
     pub idle: f64,
     pub gateway_args: Vec<String>,
+    /// The gateway path's WebSocket URL path: `/ws?batch=true` (several events per message,
+    /// as nats-server's own listener sends) unless FANOUT_WS_BATCH=false.
+    pub gateway_ws_path: &'static str,
     pub artifacts: bool,
 }
 
@@ -89,6 +92,11 @@ impl Settings {
             )?),
             idle: env_f64("FANOUT_IDLE_SECONDS", 2.0, 0.0, 600.0)?,
             gateway_args: env_args("FANOUT_GATEWAY_ARGS"),
+            gateway_ws_path: match env_words("FANOUT_WS_BATCH", &["true"], &["true", "false"])?[..]
+            {
+                [ref word] if word == "false" => "/ws",
+                _ => "/ws?batch=true",
+            },
             artifacts: env_artifacts("FANOUT_NO_ARTIFACTS"),
         })
     }
@@ -110,5 +118,6 @@ pub const KNOBS: &[&str] = &[
     "FANOUT_MAX_DRAIN_SECONDS",
     "FANOUT_IDLE_SECONDS",
     "FANOUT_GATEWAY_ARGS",
+    "FANOUT_WS_BATCH",
     "IPC_GATEWAY_BIN",
 ];

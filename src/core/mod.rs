@@ -665,9 +665,10 @@ impl Gateway {
             }
             let frontend = member.caller.frontend() as usize;
             delivered[frontend] += 1;
-            dropped[frontend] += member
-                .sink
-                .deliver(&member.sid, delivery.clone(), member.priority);
+            dropped[frontend] +=
+                member
+                    .sink
+                    .deliver(&member.sid, delivery.clone(), member.priority);
             true
         });
         let metrics = &self.inner.metrics;

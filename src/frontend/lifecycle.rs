@@ -17,6 +17,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -214,7 +215,14 @@ impl WriteRules {
     /// Runs one write with the stall time as its limit (the timer only matters when the
     /// write has to wait). A stalled client is counted.
     pub async fn send<T, E>(&self, write: impl Future<Output = Result<T, E>>) -> Result<T, Broken> {
-        match tokio::time::timeout(self.stall, write).await {
+        let mut write = std::pin::pin!(write);
+        // Most writes complete at once: only a write that waits needs the timer.
+        let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+        let outcome = match first {
+            Poll::Ready(result) => Ok(result),
+            Poll::Pending => tokio::time::timeout(self.stall, write).await,
+        };
+        match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(_)) => Err(Broken::Gone),
             Err(_) => {

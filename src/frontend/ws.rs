@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Extension;
-use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
@@ -53,8 +53,13 @@ pub async fn upgrade(
     State(gateway): State<Gateway>,
     held: Option<Extension<HeldSlot>>,
     headers: HeaderMap,
+    RawQuery(query): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let batched = match wants_batches(query.as_deref()) {
+        Ok(batched) => batched,
+        Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
+    };
     if let Err(origin) = origin_allowed(gateway.config(), &headers) {
         debug!(%origin, "refusing a WebSocket from a foreign origin");
         return (
@@ -102,9 +107,32 @@ pub async fn upgrade(
             let connections = gateway.connections().clone();
             // Boxed: an `async fn` keeps its arguments twice in its future (rust-lang/rust#62958),
             // which for a 672-byte connection is most of an idle connection's memory.
-            let connection = Box::new(Connection::new(gateway, socket, caller));
+            let connection = Box::new(Connection::new(gateway, socket, caller, batched));
             connections.track_future(connection.serve())
         })
+}
+
+/// Whether the client asked for batches (`GET /ws?batch=true`): then one WebSocket message
+/// may carry several events, each a JSON line ending in a newline, or whole binary frames one
+/// after the other. Fewer, larger messages cost both ends far less per event.
+fn wants_batches(query: Option<&str>) -> Result<bool, String> {
+    let mut batched = false;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        batched = match pair {
+            "batch" | "batch=true" | "batch=1" => true,
+            "batch=false" | "batch=0" => false,
+            other => {
+                return Err(format!(
+                    "unknown /ws parameter {other:?}: the only one is batch=true|false"
+                ));
+            }
+        };
+    }
+    Ok(batched)
 }
 
 /// Who opens the WebSocket: a bearer JWT from `Authorization: Bearer`, or (browsers cannot set
@@ -202,8 +230,8 @@ struct Connection {
     life: Lifecycle,
     /// The wire of the first message; answers use it.
     format: Option<WireFormat>,
-    /// Encoding scratch, allocated on the first answer.
-    buf: BytesMut,
+    /// Several events per WebSocket message (`?batch=true`).
+    batched: bool,
     /// The input broke at the WebSocket level: it can no longer be read, even for the
     /// client's close frame.
     read_failed: bool,
@@ -216,7 +244,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(gateway: Gateway, socket: WebSocket, caller: Caller) -> Self {
+    fn new(gateway: Gateway, socket: WebSocket, caller: Caller, batched: bool) -> Self {
         let config = gateway.config();
         let outbox = Arc::new(Outbox::new(config.subscription_queue));
         let ping_interval = config.ws_ping_interval();
@@ -227,7 +255,7 @@ impl Connection {
             socket,
             outbox,
             format: None,
-            buf: BytesMut::new(),
+            batched,
             read_failed: false,
             closing: None,
             next_ping: ping_interval.map(|interval| Instant::now() + interval),
@@ -433,23 +461,27 @@ impl Connection {
     async fn write(&mut self, batch: Batch) -> Result<(), Ending> {
         let wire = self.format.unwrap_or(WireFormat::JsonLines);
         let socket = &mut self.socket;
-        let buf = &mut self.buf;
         let sent = self
             .life
             .writes()
             .send(async {
-                for event in &batch.events {
-                    let Some(message) = encode(wire, event, buf) else {
-                        continue;
-                    };
-                    socket.feed(message).await?;
+                if self.batched {
+                    let mut events = batch.events.iter().peekable();
+                    while events.peek().is_some() {
+                        let message = encode_several(wire, &mut events);
+                        socket.feed(message).await?;
+                    }
+                } else {
+                    for event in &batch.events {
+                        let Some(message) = encode(wire, event) else {
+                            continue;
+                        };
+                        socket.feed(message).await?;
+                    }
                 }
                 socket.flush().await
             })
             .await;
-        // `split` leaves the rest of the encoding buffer's allocation behind, alive for as
-        // long as `buf` is: start afresh so that an idle connection keeps none of it.
-        self.buf = BytesMut::new();
         self.settle(sent, batch.control)?;
         self.outbox.written(batch.control);
         Ok(())
@@ -529,16 +561,48 @@ fn read_error_kind(err: axum::Error) -> ReadError {
     }
 }
 
-/// One event as one WebSocket message in the connection's wire format.
-fn encode(wire: WireFormat, event: &Outbound, buf: &mut BytesMut) -> Option<Message> {
-    wire.encode(event, buf);
+/// Room for a typical event's encoding (a larger one grows its buffer).
+const ENCODE_CAPACITY: usize = 256;
+/// A batched message takes events until it is this big (browsers handle big messages less
+/// well than many medium ones).
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// Events, as many as fit `BATCH_BYTES` (at least one), as one WebSocket message: JSON lines
+/// each with its newline, or binary frames one after the other.
+fn encode_several<'a>(
+    wire: WireFormat,
+    events: &mut std::iter::Peekable<impl Iterator<Item = &'a Outbound>>,
+) -> Message {
+    let mut buf = BytesMut::with_capacity(ENCODE_CAPACITY);
+    while let Some(event) = events.next_if(|_| buf.len() < BATCH_BYTES) {
+        wire.encode(event, &mut buf);
+    }
+    let bytes = Vec::from(buf);
     match wire {
-        WireFormat::Binary => Some(Message::Binary(buf.split().freeze())),
+        WireFormat::Binary => Message::Binary(bytes.into()),
+        // SAFETY: as in `encode`.
+        WireFormat::JsonLines => {
+            Message::Text(unsafe { String::from_utf8_unchecked(bytes) }.into())
+        }
+    }
+}
+
+/// One event as one WebSocket message in the connection's wire format. Each message is
+/// encoded into a buffer of its own that becomes the message without a copy (and is freed
+/// with it), rather than split off a shared one.
+fn encode(wire: WireFormat, event: &Outbound) -> Option<Message> {
+    let mut buf = BytesMut::with_capacity(ENCODE_CAPACITY);
+    wire.encode(event, &mut buf);
+    let mut bytes = Vec::from(buf);
+    match wire {
+        WireFormat::Binary => Some(Message::Binary(bytes.into())),
         WireFormat::JsonLines => {
             // One JSON envelope per text message, without the line's newline.
-            let mut line = buf.split();
-            line.truncate(line.len().saturating_sub(1));
-            Utf8Bytes::try_from(line.freeze()).ok().map(Message::Text)
+            bytes.pop();
+            // SAFETY: the JSON encoder writes only UTF-8: ASCII punctuation, serde_json's
+            // escaping of `&str`s, and payloads either checked to be UTF-8 or base64.
+            let text = unsafe { String::from_utf8_unchecked(bytes) };
+            Some(Message::Text(text.into()))
         }
     }
 }

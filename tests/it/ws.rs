@@ -381,3 +381,108 @@ async fn publish_and_request_with_the_same_bad_subject_get_the_same_code_over_we
         }
     }
 }
+
+/// Publishes `n` numbered messages on `subject` in one go.
+async fn publish_burst(nats: &NatsServer, subject: &str, n: usize) {
+    let publisher = nats.client().await;
+    for i in 0..n {
+        publisher
+            .publish(subject.to_owned(), format!("{i}").into())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn with_batch_true_one_message_carries_several_json_lines_in_order() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let (mut ws, _) = connect_to(&gateway, "/ws?batch=true", &[]).await.unwrap();
+    let ack = call(
+        &mut ws,
+        r#"{"op":"subscribe","id":"b","subject":"batch.json"}"#,
+    )
+    .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    let total = 200;
+    publish_burst(&nats, "batch.json", total).await;
+    let (mut seen, mut most_in_one) = (Vec::new(), 0);
+    while seen.len() < total {
+        let Message::Text(text) = next(&mut ws).await else {
+            continue;
+        };
+        assert!(
+            text.ends_with('\n'),
+            "each line ends with a newline: {text:?}"
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        most_in_one = most_in_one.max(lines.len());
+        for line in lines {
+            let message: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(message["op"], "msg", "{message}");
+            seen.push(message["data"].as_str().unwrap().parse::<usize>().unwrap());
+        }
+    }
+    assert_eq!(seen, (0..total).collect::<Vec<_>>(), "all, in order");
+    assert!(most_in_one > 1, "a burst of {total} never shared a message");
+}
+
+#[tokio::test]
+async fn with_batch_true_binary_frames_follow_each_other_in_one_message() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let (mut ws, _) = connect_to(&gateway, "/ws?batch=1", &[]).await.unwrap();
+    let subscribe = frame(FrameParts {
+        frame_type: frame_type::SUBSCRIBE,
+        id: 7,
+        subject: b"batch.bin",
+        ..FrameParts::default()
+    });
+    ws.send(Message::Binary(Bytes::from(subscribe.to_vec())))
+        .await
+        .unwrap();
+    let Message::Binary(ack) = next(&mut ws).await else {
+        panic!("no ack")
+    };
+    assert_eq!(FrameHeader::parse(&ack).frame_type, frame_type::ACK);
+    let total = 200;
+    publish_burst(&nats, "batch.bin", total).await;
+    let (mut seen, mut most_in_one) = (Vec::new(), 0);
+    while seen.len() < total {
+        let Message::Binary(data) = next(&mut ws).await else {
+            continue;
+        };
+        let mut rest = &data[..];
+        let mut frames = 0;
+        while !rest.is_empty() {
+            let header = FrameHeader::parse(rest);
+            assert_eq!((header.frame_type, header.id), (frame_type::MSG, 7));
+            let end = HEADER_LEN + header.body_len as usize;
+            // The payload (the number) ends the frame.
+            let digits = rest[..end]
+                .iter()
+                .rev()
+                .take_while(|b| b.is_ascii_digit())
+                .count();
+            let number = std::str::from_utf8(&rest[end - digits..end]).unwrap();
+            seen.push(number.parse::<usize>().unwrap());
+            rest = &rest[end..];
+            frames += 1;
+        }
+        most_in_one = most_in_one.max(frames);
+    }
+    assert_eq!(seen, (0..total).collect::<Vec<_>>(), "all, in order");
+    assert!(most_in_one > 1, "a burst of {total} never shared a message");
+}
+
+#[tokio::test]
+async fn an_unknown_ws_parameter_is_refused_before_the_upgrade() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    for path in ["/ws?batch=maybe", "/ws?format=json"] {
+        let refused = connect_to(&gateway, path, &[]).await.unwrap_err();
+        assert_eq!(refused, 400, "{path}");
+    }
+    assert!(connect_to(&gateway, "/ws?batch=false", &[]).await.is_ok());
+}

@@ -32,7 +32,16 @@ pub async fn connect_with_headers(
     gateway: &GatewayProcess,
     headers: &[(&str, &str)],
 ) -> Result<(Ws, Response), u16> {
-    let mut request = format!("ws://127.0.0.1:{}/ws", gateway.http_port)
+    connect_to(gateway, "/ws", headers).await
+}
+
+/// Opens `path` (`/ws` with a query, say) with these request headers.
+pub async fn connect_to(
+    gateway: &GatewayProcess,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Ws, Response), u16> {
+    let mut request = format!("ws://127.0.0.1:{}{path}", gateway.http_port)
         .into_client_request()
         .unwrap();
     for (name, value) in headers {

@@ -83,7 +83,8 @@ pub struct Connect {
     pub first_error: Option<String>,
     /// `ipc_gateway_subscriptions`, or the native nats-server's /varz `subscriptions`.
     pub server_subscriptions: Option<f64>,
-    /// VmRSS with the K subscribers connected.
+    /// VmRSS with the K subscribers connected (the servers run through all cases: this
+    /// includes what earlier cases grew them to).
     pub rss_kib: Rss,
 }
 
@@ -92,6 +93,16 @@ pub struct Rss {
     pub gateway: Option<u64>,
     pub gateway_nats: Option<u64>,
     pub native_nats: Option<u64>,
+}
+
+/// The servers' VmRSS now.
+fn rss(servers: &Servers) -> Rss {
+    let kib = |pid| proc_status(pid).map(|(rss, _)| rss);
+    Rss {
+        gateway: kib(servers.gateway.pid()),
+        gateway_nats: kib(servers.gateway_nats.pid()),
+        native_nats: kib(servers.native_nats.pid()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +153,8 @@ pub struct Phase {
     pub server_cpu_us_per_delivery: Option<f64>,
     pub client_cpu_us_per_delivery: Option<f64>,
     pub signals: Signals,
+    /// The servers' VmRSS at the end of the phase.
+    pub rss_after_kib: Rss,
 }
 
 /// Subscribers by what they got (delivered + dropped notices) against what was published.
@@ -287,11 +300,7 @@ fn phases(
         seconds: ready.iter().map(|r| r.float("secs")).fold(0.0, f64::max),
         first_error: ready.iter().find_map(|r| r.error.clone()),
         server_subscriptions: wait_subscriptions(servers, path, ok as f64),
-        rss_kib: Rss {
-            gateway: proc_status(servers.gateway.pid()).map(|(rss, _)| rss),
-            gateway_nats: proc_status(servers.gateway_nats.pid()).map(|(rss, _)| rss),
-            native_nats: proc_status(servers.native_nats.pid()).map(|(rss, _)| rss),
-        },
+        rss_kib: rss(servers),
     };
     eprintln!(
         "   {} of {k} subscribed in {:.1} s ({} failed)",
@@ -456,6 +465,7 @@ fn phase(
         cpu_window,
         cpu,
         signals,
+        rss_after_kib: rss(servers),
     };
     eprintln!(
         "   {kind:?}: published {} in {:.2} s; delivered {} of {} ({:.0}/s in the window), dropped {dropped}, silent loss {} (wait: {drain_end}); p50 {} µs p99 {} µs; server CPU {} µs/delivery",

@@ -226,8 +226,11 @@ pub fn run(settings: &Settings, bin: &FsPath) -> Result<Run, String> {
     })
 }
 
-fn split(k: usize, per_process: usize) -> Vec<usize> {
-    let processes = k.div_ceil(per_process).max(1);
+fn split(k: usize, per_process: usize, min_processes: usize) -> Vec<usize> {
+    let processes = k
+        .div_ceil(per_process)
+        .max(min_processes)
+        .clamp(1, k.max(1));
     (0..processes)
         .map(|i| k / processes + usize::from(i < k % processes))
         .collect()
@@ -241,7 +244,7 @@ fn run_case(
     publisher: &Publisher,
     s: &Settings,
 ) -> Case {
-    let counts = split(k, per_process);
+    let counts = split(k, per_process, s.min_processes);
     let mut case = Case {
         path,
         k,

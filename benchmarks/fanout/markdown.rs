@@ -103,8 +103,13 @@ fn describe_run(md: &mut String, report: &Report) {
     );
     let _ = writeln!(
         md,
-        "- Subscribers: K WebSocket connections on subject `{}`, from client processes (this bench binary again, one thread each, at most {} connections each), bound to {} loopback source addresses. gateway path: `GET /ws`, `{{\"op\":\"subscribe\",\"id\":\"s\",\"subject\":\"{}\"}}` and its ack; native path: `CONNECT {{\"verbose\":false,\"pedantic\":false}}`, `SUB {} 1`, `PING` → `PONG` on nats-server's listener",
-        s.subject, s.connections_per_client_process, s.source_addresses, s.subject, s.subject
+        "- Subscribers: K WebSocket connections on subject `{}`, from client processes (this bench binary again, one thread each, at least {} of them, at most {} connections each), bound to {} loopback source addresses. gateway path: `GET /ws`, `{{\"op\":\"subscribe\",\"id\":\"s\",\"subject\":\"{}\"}}` and its ack; native path: `CONNECT {{\"verbose\":false,\"pedantic\":false}}`, `SUB {} 1`, `PING` → `PONG` on nats-server's listener",
+        s.subject,
+        s.min_client_processes,
+        s.connections_per_client_process,
+        s.source_addresses,
+        s.subject,
+        s.subject
     );
     let _ = writeln!(
         md,

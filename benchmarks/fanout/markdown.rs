@@ -118,13 +118,14 @@ fn describe_run(md: &mut String, report: &Report) {
     );
     let _ = writeln!(
         md,
-        "- Phases per case: idle {} s (nothing published); sustained: {} deliveries/s (K × the publish rate) for {} s; burst: {} messages at once; max rate: the publisher as fast as it can for {} s. After publishing each waits until every message is delivered or notified dropped, or nothing more arrives for 1 s (at most {} s)",
+        "- Phases per case: idle {} s (nothing published); sustained: {} deliveries/s (K × the publish rate) for {} s; burst: {} messages at once; max rate: the publisher as fast as it can for {} s. After publishing, sustained and burst wait until every message is delivered or notified dropped, or nothing more arrives for 2 s (at most {} s); max rate counts {} s more",
         s.idle_seconds,
         s.sustained_deliveries_per_second,
         s.seconds,
         s.burst_messages,
         s.seconds,
-        s.drain_cap_seconds
+        s.drain_cap_seconds,
+        s.max_rate_drain_seconds
     );
     let _ = writeln!(
         md,

@@ -5,9 +5,10 @@
 # subject it measures the gateway's /ws next to nats-server's own WebSocket listener (sustained
 # rate, burst, max rate: deliveries/s, latency, CPU per delivery, loss) and writes
 # artifacts/fanout/latest.{md,json}. Knobs (environment): FANOUT_KS, FANOUT_PATHS,
-# FANOUT_SECONDS, FANOUT_RATE, FANOUT_BURST, FANOUT_PAYLOAD, FANOUT_PER_PROCESS, FANOUT_SOURCES,
-# FANOUT_HANDSHAKES, FANOUT_DRAIN_SECONDS, FANOUT_MAX_DRAIN_SECONDS, FANOUT_IDLE_SECONDS, FANOUT_GATEWAY_ARGS,
-# IPC_GATEWAY_BIN, FANOUT_NO_ARTIFACTS (see benchmarks/README.md).
+# FANOUT_SECONDS, FANOUT_RATE, FANOUT_BURST, FANOUT_PAYLOAD, FANOUT_PER_PROCESS,
+# FANOUT_CLIENT_PROCESSES, FANOUT_SOURCES, FANOUT_HANDSHAKES, FANOUT_DRAIN_SECONDS,
+# FANOUT_MAX_DRAIN_SECONDS, FANOUT_IDLE_SECONDS, FANOUT_GATEWAY_ARGS, IPC_GATEWAY_BIN,
+# FANOUT_NO_ARTIFACTS (see benchmarks/README.md).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,7 +29,7 @@ echo "open-files limit: soft $(ulimit -Sn), hard $(ulimit -Hn)" >&2
 # The exact command, with every knob that was set, goes into the report.
 recorded=""
 for knob in FANOUT_KS FANOUT_PATHS FANOUT_SECONDS FANOUT_RATE FANOUT_BURST FANOUT_PAYLOAD \
-    FANOUT_PER_PROCESS FANOUT_SOURCES FANOUT_HANDSHAKES FANOUT_DRAIN_SECONDS FANOUT_MAX_DRAIN_SECONDS \
+    FANOUT_PER_PROCESS FANOUT_CLIENT_PROCESSES FANOUT_SOURCES FANOUT_HANDSHAKES FANOUT_DRAIN_SECONDS FANOUT_MAX_DRAIN_SECONDS \
     FANOUT_IDLE_SECONDS FANOUT_GATEWAY_ARGS IPC_GATEWAY_BIN FANOUT_NO_ARTIFACTS; do
     if [[ -n "${!knob:-}" ]]; then
         recorded+="${knob}=${!knob} "

@@ -15,7 +15,8 @@
 //!   {"verbose":false,"pedantic":false}`, `SUB fan.x 1`, `PING` and wait for the PONG.
 //!
 //! The clients live in client processes: this binary again with FANOUT_ROLE=client, each
-//! holding up to FANOUT_PER_PROCESS (5,000) connections on one thread, answering the parent's
+//! holding up to FANOUT_PER_PROCESS (5,000) connections on one thread (at least
+//! FANOUT_CLIENT_PROCESSES = 2 processes), answering the parent's
 //! commands over stdin/stdout. Then the phases: idle (nothing published: what the connections
 //! cost at rest), sustained (FANOUT_RATE deliveries a second, i.e. FANOUT_RATE / K messages a
 //! second, for FANOUT_SECONDS), burst (FANOUT_BURST = 300 messages at once) and max rate (the
@@ -25,9 +26,10 @@
 //! servers (the gateway's /metrics, nats-server's /varz `slow_consumers` and its log).
 //!
 //! Settings (environment): FANOUT_KS, FANOUT_PATHS, FANOUT_SECONDS, FANOUT_RATE, FANOUT_BURST,
-//! FANOUT_PAYLOAD, FANOUT_PER_PROCESS, FANOUT_SOURCES, FANOUT_HANDSHAKES, FANOUT_DRAIN_SECONDS,
-//! FANOUT_IDLE_SECONDS, FANOUT_GATEWAY_ARGS, IPC_GATEWAY_BIN, FANOUT_NO_ARTIFACTS=1 (print
-//! only), FANOUT_COMMAND (the command recorded in the report; set by benchmarks/fanout.sh).
+//! FANOUT_PAYLOAD, FANOUT_PER_PROCESS, FANOUT_CLIENT_PROCESSES, FANOUT_SOURCES,
+//! FANOUT_HANDSHAKES, FANOUT_DRAIN_SECONDS, FANOUT_MAX_DRAIN_SECONDS, FANOUT_IDLE_SECONDS,
+//! FANOUT_GATEWAY_ARGS, IPC_GATEWAY_BIN, FANOUT_NO_ARTIFACTS=1 (print only), FANOUT_COMMAND
+//! (the command recorded in the report; set by benchmarks/fanout.sh).
 //!
 //! The modules: `settings` (the knobs and the two paths), `hist` (the latency histogram the
 //! clients send back), `clients` (the client process), `fleet` (the parent's side of the

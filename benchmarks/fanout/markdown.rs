@@ -7,7 +7,10 @@ use std::fmt::Write as _;
 use crate::common::fmt_opt;
 use crate::cpu::CpuUse;
 use crate::report::Report;
-use crate::run::{Case, LogSample, Phase};
+use crate::run::{Case, LogSample, Phase, Rss};
+
+/// A client process at this share of its one core is marked as near its limit.
+const NEAR_LIMIT: f64 = 0.7;
 use crate::servers::Signals;
 use crate::settings::Path;
 
@@ -100,8 +103,9 @@ fn describe_run(md: &mut String, report: &Report) {
     );
     let _ = writeln!(
         md,
-        "- Subscribers: K WebSocket connections on subject `{}`, from client processes (this bench binary again, one thread each, at most {} connections each), bound to {} loopback source addresses. gateway path: `GET {}`, `{{\"op\":\"subscribe\",\"id\":\"s\",\"subject\":\"{}\"}}` and its ack; native path: `CONNECT {{\"verbose\":false,\"pedantic\":false}}`, `SUB {} 1`, `PING` → `PONG` on nats-server's listener (which puts as many NATS messages in one WebSocket message as it has ready, as `?batch=true` lets the gateway do)",
+        "- Subscribers: K WebSocket connections on subject `{}`, from client processes (this bench binary again, one thread each, at least {} of them, at most {} connections each), bound to {} loopback source addresses. gateway path: `GET {}`, `{{\"op\":\"subscribe\",\"id\":\"s\",\"subject\":\"{}\"}}` and its ack; native path: `CONNECT {{\"verbose\":false,\"pedantic\":false}}`, `SUB {} 1`, `PING` → `PONG` on nats-server's listener (which puts as many NATS messages in one WebSocket message as it has ready, as `?batch=true` lets the gateway do)",
         s.subject,
+        s.min_client_processes,
         s.connections_per_client_process,
         s.source_addresses,
         s.gateway_ws_path,
@@ -115,13 +119,14 @@ fn describe_run(md: &mut String, report: &Report) {
     );
     let _ = writeln!(
         md,
-        "- Phases per case: idle {} s (nothing published); sustained: {} deliveries/s (K × the publish rate) for {} s; burst: {} messages at once; max rate: the publisher as fast as it can for {} s. After publishing each waits until every message is delivered or notified dropped, or nothing more arrives for 1 s (at most {} s)",
+        "- Phases per case: idle {} s (nothing published); sustained: {} deliveries/s (K × the publish rate) for {} s; burst: {} messages at once; max rate: the publisher as fast as it can for {} s. After publishing, sustained and burst wait until every message is delivered or notified dropped, or nothing more arrives for 2 s (at most {} s); max rate counts {} s more",
         s.idle_seconds,
         s.sustained_deliveries_per_second,
         s.seconds,
         s.burst_messages,
         s.seconds,
-        s.drain_cap_seconds
+        s.drain_cap_seconds,
+        s.max_rate_drain_seconds
     );
     let _ = writeln!(
         md,
@@ -171,6 +176,25 @@ fn busy(cpu: &CpuUse) -> String {
     }
 }
 
+/// A client process's CPU share, marked when it comes near the one core it can use: the
+/// deliveries/s of that row may then be the client's limit rather than the server's.
+fn client_share(share: f64) -> String {
+    if share >= NEAR_LIMIT {
+        format!("{} (near its limit)", pct(share))
+    } else {
+        pct(share)
+    }
+}
+
+/// `gateway + its nats-server` or the native nats-server, MiB.
+fn server_rss(case: &Case, rss: &Rss) -> String {
+    let mib = |kib: Option<u64>| fmt_opt(kib.map(|v| v as f64 / 1024.0), 0);
+    match case.path {
+        Path::Gateway => format!("{} + {}", mib(rss.gateway), mib(rss.gateway_nats)),
+        Path::Native => mib(rss.native_nats),
+    }
+}
+
 fn phases<'a>(
     report: &'a Report,
     pick: impl Fn(&'a Case) -> Option<&'a Phase>,
@@ -207,7 +231,7 @@ fn sustained(md: &mut String, report: &Report) {
             fmt_opt(p.server_cpu_us_per_delivery, 2),
             server_share(case, p, false),
             fmt_opt(p.client_cpu_us_per_delivery, 2),
-            pct(p.cpu.busiest_client_share),
+            client_share(p.cpu.busiest_client_share),
             busy(&p.cpu),
         );
     }
@@ -217,17 +241,17 @@ fn max_rate(md: &mut String, report: &Report) {
     let _ = writeln!(md, "\n## Max rate (publisher as fast as it can)\n");
     let _ = writeln!(
         md,
-        "| K | path | published msg/s | deliveries/s while publishing | delivered while publishing | delivered by {} s later | dropped (notices) | conns lost | p50 ms | p99 ms | server CPU µs/delivery | server CPU share | busiest client | machine busy (others) | loss signals |",
+        "| K | path | published msg/s | deliveries/s while publishing | delivered while publishing | delivered by {} s later | dropped (notices) | conns lost | p50 ms | p99 ms | server CPU µs/delivery | server CPU share | server RSS after, MiB | busiest client | machine busy (others) | loss signals |",
         report.settings.max_rate_drain_seconds
     );
     let _ = writeln!(
         md,
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     );
     for (case, p) in phases(report, |c| c.max_rate.as_ref()) {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.0} | {} | {} of {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} | {} | {} of {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             case.k,
             name(case),
             p.published.messages as f64 / p.published.seconds.max(1e-9),
@@ -241,7 +265,8 @@ fn max_rate(md: &mut String, report: &Report) {
             ms(p.latency_us.p99),
             fmt_opt(p.server_cpu_us_per_delivery, 2),
             server_share(case, p, true),
-            pct(p.cpu_window.busiest_client_share),
+            server_rss(case, &p.rss_after_kib),
+            client_share(p.cpu_window.busiest_client_share),
             busy(&p.cpu_window),
             signals_text(&p.signals),
         );
@@ -327,7 +352,7 @@ fn burst(md: &mut String, report: &Report) {
             ms(p.latency_us.p50),
             ms(p.latency_us.p99),
             fmt_opt(p.server_cpu_us_per_delivery, 2),
-            pct(p.cpu.busiest_client_share),
+            client_share(p.cpu.busiest_client_share),
             busy(&p.cpu),
             opt_delta(sig.gateway_dropped_messages),
             opt_delta(sig.gateway_nats_slow_consumer),
@@ -346,7 +371,7 @@ fn connections(md: &mut String, report: &Report) {
     let _ = writeln!(md, "\n## Connections and idle cost\n");
     let _ = writeln!(
         md,
-        "| K | path | client processes | subscribed | subscribe time s | server subscriptions | RSS MiB (gateway + its nats / native) | idle server CPU | idle clients CPU s |"
+        "| K | path | client processes | subscribed | subscribe time s | server subscriptions | server RSS when subscribed, MiB | idle server CPU | idle clients CPU s |"
     );
     let _ = writeln!(
         md,
@@ -383,6 +408,11 @@ fn connections(md: &mut String, report: &Report) {
             fmt_opt(c.server_subscriptions, 0),
         );
     }
+    let _ = writeln!(
+        md,
+        "\nThe same servers serve every case, so their RSS includes what earlier cases (max-rate phases above all) grew them to; memory per connection is measured by `ws_idle` (artifacts/ws-idle/). nats-server's subscriptions include its own (about 60). Idle CPU is over {} s with nothing published.",
+        report.settings.idle_seconds
+    );
 }
 
 fn errors(md: &mut String, report: &Report) {

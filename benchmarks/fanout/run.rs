@@ -83,7 +83,8 @@ pub struct Connect {
     pub first_error: Option<String>,
     /// `ipc_gateway_subscriptions`, or the native nats-server's /varz `subscriptions`.
     pub server_subscriptions: Option<f64>,
-    /// VmRSS with the K subscribers connected.
+    /// VmRSS with the K subscribers connected (the servers run through all cases: this
+    /// includes what earlier cases grew them to).
     pub rss_kib: Rss,
 }
 
@@ -92,6 +93,16 @@ pub struct Rss {
     pub gateway: Option<u64>,
     pub gateway_nats: Option<u64>,
     pub native_nats: Option<u64>,
+}
+
+/// The servers' VmRSS now.
+fn rss(servers: &Servers) -> Rss {
+    let kib = |pid| proc_status(pid).map(|(rss, _)| rss);
+    Rss {
+        gateway: kib(servers.gateway.pid()),
+        gateway_nats: kib(servers.gateway_nats.pid()),
+        native_nats: kib(servers.native_nats.pid()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +153,8 @@ pub struct Phase {
     pub server_cpu_us_per_delivery: Option<f64>,
     pub client_cpu_us_per_delivery: Option<f64>,
     pub signals: Signals,
+    /// The servers' VmRSS at the end of the phase.
+    pub rss_after_kib: Rss,
 }
 
 /// Subscribers by what they got (delivered + dropped notices) against what was published.
@@ -213,8 +226,11 @@ pub fn run(settings: &Settings, bin: &FsPath) -> Result<Run, String> {
     })
 }
 
-fn split(k: usize, per_process: usize) -> Vec<usize> {
-    let processes = k.div_ceil(per_process).max(1);
+fn split(k: usize, per_process: usize, min_processes: usize) -> Vec<usize> {
+    let processes = k
+        .div_ceil(per_process)
+        .max(min_processes)
+        .clamp(1, k.max(1));
     (0..processes)
         .map(|i| k / processes + usize::from(i < k % processes))
         .collect()
@@ -228,7 +244,7 @@ fn run_case(
     publisher: &Publisher,
     s: &Settings,
 ) -> Case {
-    let counts = split(k, per_process);
+    let counts = split(k, per_process, s.min_processes);
     let mut case = Case {
         path,
         k,
@@ -287,11 +303,7 @@ fn phases(
         seconds: ready.iter().map(|r| r.float("secs")).fold(0.0, f64::max),
         first_error: ready.iter().find_map(|r| r.error.clone()),
         server_subscriptions: wait_subscriptions(servers, path, ok as f64),
-        rss_kib: Rss {
-            gateway: proc_status(servers.gateway.pid()).map(|(rss, _)| rss),
-            gateway_nats: proc_status(servers.gateway_nats.pid()).map(|(rss, _)| rss),
-            native_nats: proc_status(servers.native_nats.pid()).map(|(rss, _)| rss),
-        },
+        rss_kib: rss(servers),
     };
     eprintln!(
         "   {} of {k} subscribed in {:.1} s ({} failed)",
@@ -456,6 +468,7 @@ fn phase(
         cpu_window,
         cpu,
         signals,
+        rss_after_kib: rss(servers),
     };
     eprintln!(
         "   {kind:?}: published {} in {:.2} s; delivered {} of {} ({:.0}/s in the window), dropped {dropped}, silent loss {} (wait: {drain_end}); p50 {} µs p99 {} µs; server CPU {} µs/delivery",

@@ -46,6 +46,9 @@ pub struct Settings {
     pub payload: usize,
     /// Most connections one client process holds.
     pub per_process: usize,
+    /// At least this many client processes (each is one thread: two keep a small K from
+    /// being bound by one client thread).
+    pub min_processes: usize,
     pub sources: usize,
     pub handshakes: usize,
     /// Longest wait for the deliveries of a sustained or burst phase after its publishing
@@ -81,6 +84,7 @@ impl Settings {
             burst: env_f64("FANOUT_BURST", 300.0, 0.0, 1e6)? as usize,
             payload: env_f64("FANOUT_PAYLOAD", 64.0, 40.0, 1e6)? as usize,
             per_process: env_f64("FANOUT_PER_PROCESS", 5000.0, 1.0, 19_900.0)? as usize,
+            min_processes: env_f64("FANOUT_CLIENT_PROCESSES", 2.0, 1.0, 64.0)? as usize,
             sources: env_f64("FANOUT_SOURCES", 4.0, 1.0, 250.0)? as usize,
             handshakes: env_f64("FANOUT_HANDSHAKES", 64.0, 1.0, 4096.0)? as usize,
             drain: Duration::from_secs_f64(env_f64("FANOUT_DRAIN_SECONDS", 90.0, 1.0, 600.0)?),
@@ -112,6 +116,7 @@ pub const KNOBS: &[&str] = &[
     "FANOUT_BURST",
     "FANOUT_PAYLOAD",
     "FANOUT_PER_PROCESS",
+    "FANOUT_CLIENT_PROCESSES",
     "FANOUT_SOURCES",
     "FANOUT_HANDSHAKES",
     "FANOUT_DRAIN_SECONDS",

@@ -69,6 +69,9 @@ struct Stats {
     dropped: u64,
     /// Messages whose payload had no send time.
     unparsed: u64,
+    /// `dropped` notices with `"gap":true` (an unknown number lost: the gateway's NATS
+    /// connection was cut).
+    gaps: u64,
     hist: Hist,
     conns: Vec<ConnStats>,
     lost: u64,
@@ -80,6 +83,7 @@ impl Stats {
         self.delivered = 0;
         self.dropped = 0;
         self.unparsed = 0;
+        self.gaps = 0;
         self.hist.clear();
         self.lost = 0;
         self.first_error = None;
@@ -133,12 +137,13 @@ impl Stats {
         let min = opened().map(|c| c.delivered).min().unwrap_or(0);
         let max = opened().map(|c| c.delivered).max().unwrap_or(0);
         format!(
-            "report delivered={} dropped={} alive={} lost={} complete={complete} short={short} over={over} min={min} max={max} unparsed={} hist={} error={}",
+            "report delivered={} dropped={} alive={} lost={} complete={complete} short={short} over={over} min={min} max={max} unparsed={} gaps={} hist={} error={}",
             self.delivered,
             self.dropped,
             self.alive(),
             self.lost,
             self.unparsed,
+            self.gaps,
             self.hist.encode(),
             self.first_error
                 .as_deref()
@@ -342,6 +347,9 @@ async fn read_gateway(ws: &mut Ws, conn: usize, stats: &Rc<RefCell<Stats>>) -> S
                 let count = number_after(line, br#""count":"#).unwrap_or(0);
                 stats.dropped += count;
                 stats.conns[conn].dropped += count;
+                if memchr::memmem::find(line, br#""gap":true"#).is_some() {
+                    stats.gaps += 1;
+                }
             } else if line.starts_with(br#"{"op":"unsubscribed""#) {
                 return format!(
                     "the gateway ended the subscription: {}",

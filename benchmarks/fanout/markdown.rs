@@ -322,22 +322,23 @@ fn burst(md: &mut String, report: &Report) {
     );
     let _ = writeln!(
         md,
-        "| K | path | expected | delivered | dropped (notices) | silent loss | subscribers complete / short | conns lost | to the last delivery s | p50 ms | p99 ms | server CPU µs/delivery | busiest client | machine busy (others) | gateway dropped_messages Δ | gateway nats_slow_consumer Δ | gateway slow_client disconnects Δ | nats-server slow_consumers Δ | \"Slow Consumer\" log lines Δ |"
+        "| K | path | expected | delivered | dropped (notices) | gap notices | silent loss | subscribers complete / short | conns lost | to the last delivery s | p50 ms | p99 ms | server CPU µs/delivery | busiest client | machine busy (others) | gateway dropped_messages Δ | gateway nats_slow_consumer Δ | gateway slow_client disconnects Δ | nats-server slow_consumers Δ | \"Slow Consumer\" log lines Δ |"
     );
     let _ = writeln!(
         md,
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for (case, p) in rows {
         let sig = &p.signals;
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
             case.k,
             name(case),
             p.expected,
             p.delivered,
             p.dropped_notified,
+            p.gap_notices,
             p.silent_loss.map_or_else(
                 || format!(
                     "not known (still arriving after {:.0} s)",
@@ -363,7 +364,7 @@ fn burst(md: &mut String, report: &Report) {
     }
     let _ = writeln!(
         md,
-        "\nsilent loss = expected − delivered − dropped (notices), once nothing more arrived for 2 s; expected = messages × subscribers. A subscriber is complete when its deliveries plus its dropped notices add up to the messages published. The Δ columns are the servers' own counters over the phase (\"—\": the native path has no gateway); the nats-server ones are of the server the path uses (the gateway's, or the native one)."
+        "\nsilent loss = expected − delivered − dropped (notices), once nothing more arrived for 2 s (a subscriber that got a gap notice was told that an unknown number were lost, so its share of this is not silent); expected = messages × subscribers. A subscriber is complete when its deliveries plus its dropped notices add up to the messages published. The Δ columns are the servers' own counters over the phase (\"—\": the native path has no gateway); the nats-server ones are of the server the path uses (the gateway's, or the native one)."
     );
 }
 

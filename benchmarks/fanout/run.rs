@@ -144,6 +144,9 @@ pub struct Phase {
     pub connections_lost: u64,
     pub first_error: Option<String>,
     pub unparsed: u64,
+    /// `dropped` notices with `gap` (the gateway told its subscribers that an unknown number
+    /// were lost): silent loss is then not silent, but its size is unknown.
+    pub gap_notices: u64,
     pub latency_us: Latency,
     /// CPU over the publishing window.
     pub cpu_window: CpuUse,
@@ -457,6 +460,7 @@ fn phase(
         connections_lost: Fleet::sum(&report, "lost"),
         first_error: report.iter().find_map(|r| r.error.clone()),
         unparsed: Fleet::sum(&report, "unparsed"),
+        gap_notices: Fleet::sum(&report, "gaps"),
         latency_us: Latency {
             samples: hist.count(),
             p50: hist.quantile(0.5),

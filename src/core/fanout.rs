@@ -160,6 +160,7 @@ impl Fanout {
             .entry(key.clone())
             .or_insert_with(|| {
                 created = true;
+                self.metrics.nats_subscriptions.increment(1.0);
                 Arc::new(Topic {
                     key,
                     members: Mutex::default(),
@@ -215,6 +216,7 @@ impl Fanout {
             .is_some_and(|current| Arc::ptr_eq(current, topic))
         {
             topics.remove(&topic.key);
+            self.metrics.nats_subscriptions.decrement(1.0);
         }
         if let Some(dispatcher) = lock(&topic.dispatcher).take() {
             dispatcher.abort();
@@ -273,6 +275,7 @@ impl Fanout {
             .filter_map(|(_, topic)| topic.upgrade())
             .collect();
         for topic in topics {
+            self.metrics.nats_gaps.increment(1);
             topic.interrupted();
         }
     }

@@ -843,6 +843,7 @@ async fn dispatch_topic(gateway: Gateway, topic: Arc<fanout::Topic>, lane: Lane)
         match message {
             Some(message) => gateway.fan_out(&topic, message),
             None => {
+                gateway.inner.metrics.nats_gaps.increment(1);
                 topic.interrupted();
                 live = reopen(&gateway, &topic, lane).await;
                 fanout.bind(&topic, live.nats_sid);

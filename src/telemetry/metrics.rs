@@ -76,6 +76,10 @@ pub struct Metrics {
     pub inflight_bytes: Gauge,
     pub nats_connected: Gauge,
     pub nats_pool_size: Gauge,
+    /// Shared NATS subscriptions (one per subject and queue group with a client on it).
+    pub nats_subscriptions: Gauge,
+    /// Times a shared subscription's NATS connection was cut and its clients told of a gap.
+    pub nats_gaps: Counter,
     pub nats_slow_consumer: Counter,
     pub nats_replaced: Counter,
     pub late_replies: Counter,
@@ -184,6 +188,10 @@ impl Metrics {
             "Subscription messages the NATS client dropped before the gateway queued them (at least this many).",
         );
         describe(
+            "ipc_gateway_nats_gaps_total",
+            "Times a shared subscription's NATS connection was cut and its clients were told that messages may be lost (dropped notices with gap).",
+        );
+        describe(
             "ipc_gateway_disconnects_total",
             "Connections the gateway closed: slow_client (stopped reading past the stall time), idle, or heartbeat (a WebSocket that missed two pongs).",
         );
@@ -244,6 +252,10 @@ impl Metrics {
             "Pool connections to NATS configured.",
         );
         describe_gauge(
+            "ipc_gateway_nats_subscriptions",
+            "Shared NATS subscriptions: one per subject pattern and queue group that some client subscribes to.",
+        );
+        describe_gauge(
             "ipc_gateway_audit_queue",
             "Audit queue slots in use: records waiting for the writer, and reservations (overflow block) not yet written.",
         );
@@ -258,6 +270,8 @@ impl Metrics {
             inflight_bytes: gauge(&recorder, "ipc_gateway_inflight_bytes", vec![]),
             nats_connected: gauge(&recorder, "ipc_gateway_nats_connected", vec![]),
             nats_pool_size: gauge(&recorder, "ipc_gateway_nats_pool_size", vec![]),
+            nats_subscriptions: gauge(&recorder, "ipc_gateway_nats_subscriptions", vec![]),
+            nats_gaps: counter(&recorder, "ipc_gateway_nats_gaps_total", vec![]),
             nats_slow_consumer: counter(&recorder, "ipc_gateway_nats_slow_consumer_total", vec![]),
             nats_replaced: counter(&recorder, "ipc_gateway_nats_replaced_total", vec![]),
             late_replies: counter(&recorder, "ipc_gateway_late_replies_total", vec![]),

@@ -67,6 +67,16 @@ async fn clients_on_one_subject_share_one_nats_subscription_and_each_gets_every_
     assert_eq!(ack["ok"], true, "{ack}");
     wait_subscriptions(&nats, "fan.a", 1).await;
     wait_subscriptions(&nats, "fan.*", 1).await;
+    assert_eq!(
+        gateway.metric("ipc_gateway_nats_subscriptions").await,
+        Some(2.0)
+    );
+    assert_eq!(
+        gateway
+            .metric("ipc_gateway_subscriptions{frontend=\"uds\"}")
+            .await,
+        Some(4.0)
+    );
 
     let publisher = nats.client().await;
     for n in 0..5 {
@@ -133,6 +143,10 @@ async fn clients_on_one_subject_share_one_nats_subscription_and_each_gets_every_
     wait_subscriptions(&nats, "fan.*", 1).await;
     drop(conns);
     wait_subscriptions(&nats, "fan.*", 0).await;
+    assert_eq!(
+        gateway.metric("ipc_gateway_nats_subscriptions").await,
+        Some(0.0)
+    );
 }
 
 #[tokio::test]
@@ -346,6 +360,8 @@ async fn a_nats_outage_reaches_subscribers_as_a_gap_and_the_subscription_goes_on
     let notice = wait_gap(&mut conn, "g").await;
     assert_eq!(notice["count"], 0, "{notice}");
     delivered_again(&nats, &mut conn, "outage.feed").await;
+    let gaps = gateway.metric("ipc_gateway_nats_gaps_total").await;
+    assert!(gaps >= Some(1.0), "{gaps:?}");
 }
 
 #[tokio::test]

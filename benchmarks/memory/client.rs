@@ -9,6 +9,8 @@
 //! - `unsub`: every connection unsubscribes all it holds; ok = acknowledged.
 //! - `expect M SECS`: waits until every connection has had M messages (or `dropped` counts)
 //!   since it opened; ok = connections that did, msgs/dropped = totals.
+//! - `pub SUBJECT COUNT BYTES`: connection 0 publishes COUNT messages of BYTES (for runs
+//!   by hand; the parent publishes from a NATS client of its own).
 //! - `close`: closes every connection.
 //!
 //! Environment from the parent: MEMBENCH_PORT, MEMBENCH_COUNT, MEMBENCH_FIRST (index of its
@@ -37,6 +39,8 @@ enum Command {
     Own(String, usize),
     Unsub,
     Expect(u64, Duration),
+    /// The first connection of the first process publishes COUNT messages of BYTES.
+    Publish(String, usize, usize),
     Close,
 }
 
@@ -108,6 +112,11 @@ pub fn client_main() -> Result<(), String> {
                     Duration::from_secs_f64(secs.parse().unwrap_or(60.0)),
                 ),
                 ["close"] => Command::Close,
+                ["pub", subject, count, bytes] => Command::Publish(
+                    (*subject).to_owned(),
+                    count.parse().unwrap_or(1),
+                    bytes.parse().unwrap_or(0),
+                ),
                 _ => continue,
             };
             let started = Instant::now();
@@ -379,6 +388,21 @@ impl Conn {
                 }
                 let ok = self.msgs + self.dropped >= want;
                 self.report(usize::from(ok), usize::from(!ok), None, false);
+                Ok(true)
+            }
+            Command::Publish(subject, count, bytes) => {
+                if self.index == 0 {
+                    let data = "x".repeat(bytes);
+                    for _ in 0..count {
+                        ws.feed(Message::text(format!(
+                            r#"{{"op":"publish","subject":"{subject}","data":"{data}"}}"#
+                        )))
+                        .await
+                        .map_err(|err| format!("send: {err}"))?;
+                    }
+                    ws.flush().await.map_err(|err| format!("send: {err}"))?;
+                }
+                self.report(1, 0, None, false);
                 Ok(true)
             }
             Command::Close => {

@@ -1,11 +1,14 @@
 //! The process's memory allocator, chosen when the binary is built (the library never picks
-//! one): glibc's malloc unless a feature names another. See docs/operations.md ("Memory and
-//! the allocator") for why the default is what it is, with the numbers in artifacts/memory/.
+//! one). The default build uses jemalloc (the `jemalloc` feature, on by default): of glibc
+//! malloc, glibc with its tunables or a periodic `malloc_trim`, mimalloc and jemalloc, it gave
+//! memory back best after bursts and subscription churn, at no cost per request (the numbers:
+//! artifacts/memory/latest.md; docs/operations.md, "Memory and the allocator").
 //!
-//! - `mimalloc`: mimalloc (its C source is built by the crate; no system library).
-//! - `jemalloc`: jemalloc, with background threads returning unused pages.
-//! - neither: glibc malloc; `IPC_GATEWAY_MALLOC_TRIM_MS` > 0 starts a thread that calls
-//!   `malloc_trim(0)` that often, handing freed pages of every arena back to the kernel.
+//! - `jemalloc` (default): jemalloc built from the crate's vendored source, with background
+//!   threads returning unused pages (settings below).
+//! - `mimalloc`: mimalloc (its C source is built by the crate).
+//! - `--no-default-features`: glibc malloc; `IPC_GATEWAY_MALLOC_TRIM_MS` > 0 starts a thread
+//!   that calls `malloc_trim(0)` that often, handing freed pages of every arena back.
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]

@@ -11,6 +11,8 @@ use ipc_gateway::client::{Client, ClientError, SubscriptionEvent};
 use ipc_gateway::config::{Config, Flags, LogFormat};
 use tokio::signal::unix::{SignalKind, signal};
 
+mod allocator;
+
 #[derive(Parser)]
 #[command(
     name = "ipc-gateway",
@@ -114,6 +116,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(err) => return fail(2, &err.to_string()),
     };
     ipc_gateway::telemetry::logging::init(config.log_format);
+    tracing::debug!(allocator = allocator::NAME, "memory allocator");
+    allocator::start_trimming();
     let mut builder = if config.worker_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {

@@ -14,6 +14,8 @@ pub mod pool;
 pub mod ratelimit;
 pub mod replies;
 pub mod shutdown;
+#[cfg(test)]
+mod sizes;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -825,7 +827,10 @@ impl Gateway {
 /// a healthy one, with backoff. Aborted when the topic closes, which unsubscribes.
 async fn dispatch_topic(gateway: Gateway, topic: Arc<fanout::Topic>, lane: Lane) {
     let fanout = &gateway.inner.fanout;
-    let mut live = match gateway.open_subscription(lane, &topic.key).await {
+    // Opening (and reopening) is boxed: its future is large (~1 KiB) and short-lived, and a
+    // topic's task then keeps only the loop's wait for its whole life.
+    let opening = Box::pin(gateway.open_subscription(lane, &topic.key));
+    let mut live = match opening.await {
         Ok(live) => live,
         Err(error) => return fanout.fail(&topic, error),
     };
@@ -845,7 +850,8 @@ async fn dispatch_topic(gateway: Gateway, topic: Arc<fanout::Topic>, lane: Lane)
             None => {
                 gateway.inner.metrics.nats_gaps.increment(1);
                 topic.interrupted();
-                live = reopen(&gateway, &topic, lane).await;
+                let reopening = Box::pin(reopen(&gateway, &topic, lane));
+                live = reopening.await;
                 fanout.bind(&topic, live.nats_sid);
                 tracing::info!(subject = %topic.key.subject, "subscription restored on another NATS connection");
             }

@@ -103,12 +103,19 @@ pub async fn upgrade(
         .max_frame_size(max)
         // tungstenite's default is 128 KiB per connection, kept for its whole life.
         .read_buffer_size(gateway.config().ws_read_buffer_bytes)
+        // Each frame goes straight down to the HTTP port's `Gather`, which sends a batch in one
+        // write at the flush and then frees its buffer; tungstenite's own would keep what the
+        // largest batch grew it to (up to 128 KiB) for the connection's life.
+        .write_buffer_size(0)
         .on_upgrade(move |socket| {
             let connections = gateway.connections().clone();
             // Boxed: an `async fn` keeps its arguments twice in its future (rust-lang/rust#62958),
             // which for a 672-byte connection is most of an idle connection's memory.
             let connection = Box::new(Connection::new(gateway, socket, caller, batched));
-            connections.track_future(connection.serve())
+            // A task of its own, so that axum's upgrade task (which would hold this future
+            // inside its own, 896 bytes in all) ends now: the connection's task is 768.
+            tokio::spawn(connections.track_future(connection.serve()));
+            std::future::ready(())
         })
 }
 
@@ -604,5 +611,24 @@ fn encode(wire: WireFormat, event: &Outbound) -> Option<Message> {
             let text = unsafe { String::from_utf8_unchecked(bytes) };
             Some(Message::Text(text.into()))
         }
+    }
+}
+
+#[cfg(test)]
+mod sizes {
+    use super::*;
+
+    fn future_size<A, F: Future>(_: fn(A) -> F) -> usize {
+        size_of::<F>()
+    }
+
+    /// An idle connection is its task (this future in a tokio cell, in steps of 128 bytes),
+    /// the boxed `Connection` and tungstenite's read buffer (artifacts/memory/).
+    #[test]
+    fn an_idle_connection_stays_small() {
+        let serve = future_size(Connection::serve);
+        assert!(serve <= 640, "the connection's future is {serve} bytes");
+        let connection = size_of::<Connection>();
+        assert!(connection <= 640, "a Connection is {connection} bytes");
     }
 }

@@ -1,5 +1,6 @@
 //! The operator's HTTP port: health, readiness, status, metrics and the browser page. The
 //! server composes it with the WebSocket route; it names no front-end.
 
+mod gather;
 pub mod http;
 pub mod page;

@@ -5,9 +5,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use async_nats::HeaderMap;
 use async_nats::header::{HeaderName, HeaderValue};
 use tokio::sync::watch;
 
@@ -27,6 +29,9 @@ pub struct Authorized {
     pub version: u64,
     /// The `Ipc-Gateway-*` headers, made once (empty when stamping is off).
     pub(super) stamp: Vec<(HeaderName, HeaderValue)>,
+    /// The same headers as a ready map (`None` when stamping is off): a message without
+    /// headers of its own is sent with a clone of it, which costs no hashing and no growing.
+    pub(super) stamped: Option<HeaderMap>,
     /// The identity as audit records show it, made once.
     pub(super) audit: Arc<AuditIdentity>,
 }
@@ -47,6 +52,8 @@ struct PolicyState {
 pub struct Access {
     policy_file: Option<PathBuf>,
     state: RwLock<Arc<PolicyState>>,
+    /// `state`'s version, read on every command (`refreshed`) without taking the lock.
+    version: AtomicU64,
     /// Tells open subscriptions that the policy changed.
     changed: watch::Sender<u64>,
     jwt: Option<JwtVerifier>,
@@ -79,6 +86,7 @@ impl Access {
         Ok(Access {
             policy_file: config.policy.clone(),
             state: RwLock::new(Arc::new(PolicyState { policy, version: 1 })),
+            version: AtomicU64::new(1),
             changed: watch::channel(1).0,
             jwt,
             locals: Arc::new(LocalIdentities::new(LOCAL_NAMES_TTL)),
@@ -97,14 +105,14 @@ impl Access {
     }
 
     pub fn version(&self) -> u64 {
-        self.state().version
+        self.version.load(Ordering::Acquire)
     }
 
     /// Resolves what `identity` may do under the policy in force.
     pub fn authorize(&self, identity: Identity) -> Arc<Authorized> {
         let state = self.state();
         let permissions = state.policy.resolve(&who(&identity));
-        let stamp = if self.stamp_identity {
+        let stamp: Vec<(HeaderName, HeaderValue)> = if self.stamp_identity {
             identity
                 .headers()
                 .into_iter()
@@ -113,6 +121,7 @@ impl Access {
         } else {
             Vec::new()
         };
+        let stamped = (!stamp.is_empty()).then(|| stamp.iter().cloned().collect());
         let audit = Arc::new(AuditIdentity {
             uid: identity.uid,
             gid: identity.gid,
@@ -128,6 +137,7 @@ impl Access {
             permissions,
             version: state.version,
             stamp,
+            stamped,
         })
     }
 
@@ -221,6 +231,7 @@ impl Access {
                 policy: loaded,
                 version,
             });
+            self.version.store(version, Ordering::Release);
             version
         };
         self.changed.send_replace(version);

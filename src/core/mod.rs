@@ -389,10 +389,10 @@ impl Gateway {
             let headers = self.outgoing_headers(caller, envelope.headers.as_ref())?;
             let admission = self.inner.breakers.admit(&subject)?;
             let permit = self.inner.budget.try_acquire(envelope.data.len())?;
-            let picked = self.inner.pool.client()?;
-            Ok((subject, headers, admission, permit, picked))
+            let requester = self.inner.pool.requester()?;
+            Ok((subject, headers, admission, permit, requester))
         })();
-        let (subject, headers, admission, permit, picked) = match prepared {
+        let (subject, headers, admission, permit, requester) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
                 let result = Err(error);
@@ -405,7 +405,7 @@ impl Gateway {
             }
         };
         let timeout = self.deadline(envelope.timeout_ms);
-        let pending = replies::Pending {
+        let pending = Box::new(replies::Pending {
             id: envelope.id,
             sink: sink.clone(),
             frontend,
@@ -421,8 +421,8 @@ impl Gateway {
             }),
             attempts: 0,
             audit,
-        };
-        dispatch(metrics, picked, pending, headers, envelope.data).await;
+        });
+        dispatch(metrics, &requester, pending, headers, envelope.data).await;
     }
 
     /// Sends a request and waits for its one answer (for callers that want a future).
@@ -659,13 +659,13 @@ impl Gateway {
         caller: &Caller,
         headers: Option<&Headers>,
     ) -> Result<Option<HeaderMap>, GatewayError> {
-        let stamp = &caller.authorized().stamp;
-        let mut map = match headers {
-            Some(headers) => nats::header_map(headers)?,
-            None if stamp.is_empty() => return Ok(None),
-            None => HeaderMap::new(),
+        let who = caller.authorized();
+        let Some(headers) = headers else {
+            // The common case: only the identity, from the map made with the caller.
+            return Ok(who.stamped.clone());
         };
-        for (name, value) in stamp {
+        let mut map = nats::header_map(headers)?;
+        for (name, value) in &who.stamp {
             map.insert(name.clone(), value.clone());
         }
         Ok(Some(map))
@@ -820,47 +820,40 @@ struct Lane(usize);
 /// Waiting for room in the NATS client's queue is bounded by the request's deadline.
 async fn dispatch(
     metrics: &Metrics,
-    picked: pool::Picked,
-    pending: replies::Pending,
+    requester: &pool::Requester,
+    pending: Box<replies::Pending>,
     headers: Option<HeaderMap>,
     data: Bytes,
 ) {
     let subject = pending.subject.clone();
-    let wait = pending
-        .deadline
-        .saturating_duration_since(tokio::time::Instant::now());
-    let Some((token, reply_to)) = picked.router.register(pending) else {
+    let (deadline, timeout) = (pending.deadline, pending.timeout);
+    let Some((token, reply_to)) = requester.router.register(pending) else {
         return; // answered by the router
     };
+    let client = &requester.client;
     let send = async {
         match headers {
             Some(headers) => {
-                picked
-                    .client
+                client
                     .publish_with_reply_and_headers(subject, reply_to, headers, data)
                     .await
             }
-            None => {
-                picked
-                    .client
-                    .publish_with_reply(subject, reply_to, data)
-                    .await
-            }
+            None => client.publish_with_reply(subject, reply_to, data).await,
         }
     };
     // The timer only starts if the send has to wait.
-    let error = match tokio::time::timeout(wait, send).await {
+    let error = match tokio::time::timeout_at(deadline, send).await {
         Ok(Ok(())) => return,
         Ok(Err(err)) => nats::publish_error(&err),
         Err(_) => GatewayError::new(
             ErrorCode::Timeout,
             format!(
                 "NATS could not take the request within {} ms",
-                wait.as_millis()
+                timeout.as_millis()
             ),
         ),
     };
-    if let Some(pending) = picked.router.take(token) {
+    if let Some(pending) = requester.router.take(token) {
         replies::finish(metrics, pending, Err(error));
     }
 }
@@ -868,7 +861,7 @@ async fn dispatch(
 /// Sends idempotent requests whose connection was lost again, on any connected pool
 /// connection, within their own deadline (waiting for NATS to come back if need be).
 async fn retry_lost_requests(
-    mut lost: tokio::sync::mpsc::UnboundedReceiver<replies::Pending>,
+    mut lost: tokio::sync::mpsc::UnboundedReceiver<Box<replies::Pending>>,
     pool: Arc<NatsPool>,
     metrics: Arc<Metrics>,
 ) {
@@ -886,9 +879,9 @@ async fn retry_lost_requests(
                 tokio::time::sleep(backoff.min(left)).await;
             }
             pending.attempts += 1;
-            let picked = loop {
-                if let Ok(picked) = pool.client() {
-                    break picked;
+            let requester = loop {
+                if let Ok(requester) = pool.requester() {
+                    break requester;
                 }
                 if tokio::time::Instant::now() >= pending.deadline {
                     let error = GatewayError::new(
@@ -902,7 +895,7 @@ async fn retry_lost_requests(
             let Some(resend) = pending.resend.clone() else {
                 return;
             };
-            dispatch(&metrics, picked, pending, resend.headers, resend.data).await;
+            dispatch(&metrics, &requester, pending, resend.headers, resend.data).await;
         });
     }
 }

@@ -145,9 +145,9 @@ settings! {
         pub max_subscriptions_per_connection: usize = 1000,
         /// On SIGTERM, how long in-flight requests may take before they get `UNAVAILABLE`.
         pub drain_timeout_ms: u64 = 5000,
-        /// Tokio worker threads, by default one per core; 1 runs everything on one thread
-        /// (often fastest on small hosts).
-        pub worker_threads: usize = std::thread::available_parallelism().map_or(1, |n| n.get()),
+        /// Tokio worker threads, by default half the cores (at least 1: the gateway shares its
+        /// host with nats-server and the services); 1 runs everything on one thread.
+        pub worker_threads: usize = default_worker_threads(),
         /// Log format: "text" or "json". Filter with RUST_LOG.
         pub log_format: LogFormat = LogFormat::Text,
         /// A client whose answers cannot be written for this long (it stopped reading) is
@@ -445,6 +445,14 @@ impl Config {
 
 /// Reads permission bits written in octal, as a string ("0660") or as the digits a TOML or
 /// environment integer leaves (660).
+/// Half the cores, at least 1. The gateway runs beside nats-server and the services it
+/// fronts; on a 2-core host one worker used less CPU per request than two in every measured row
+/// (UDS, WebSocket, gRPC; artifacts/bench/request-path.md), and a second worker only moved work
+/// between threads that compete with NATS for the same cores.
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
 fn octal_mode<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]

@@ -222,7 +222,7 @@ mod tests {
             );
         }
         // Spelled out, so that the rendering is checked too, not only agreement with itself.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
         for (flag, shown) in [
             ("--socket", "/tmp/ipc-gateway.sock".to_owned()),
             ("--socket-mode", "0660".to_owned()),
@@ -231,7 +231,7 @@ mod tests {
             ("--log-format", "text".to_owned()),
             ("--default-subject", "none".to_owned()),
             ("--breaker-failure-rate", "0.0".to_owned()),
-            ("--worker-threads", cores.to_string()),
+            ("--worker-threads", workers.to_string()),
         ] {
             let entry = help_entry(&help, flag);
             assert!(entry.contains(&format!("[default: {shown}]")), "{entry}");
@@ -342,7 +342,7 @@ mod tests {
             };
             if setting.key == "worker_threads" {
                 // The default depends on the host.
-                assert_eq!(documented, "number of CPUs");
+                assert_eq!(documented, "half the CPUs, at least 1");
             } else {
                 assert_eq!(documented, defaults.shown(setting.key), "{row:?}");
             }

@@ -5,9 +5,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use async_nats::HeaderMap;
 use async_nats::header::{HeaderName, HeaderValue};
 
 use super::auth::{JwtVerifier, LocalIdentities};
@@ -26,6 +28,9 @@ pub struct Authorized {
     pub version: u64,
     /// The `Ipc-Gateway-*` headers, made once (empty when stamping is off).
     pub(super) stamp: Vec<(HeaderName, HeaderValue)>,
+    /// The same headers as a ready map (`None` when stamping is off): a message without
+    /// headers of its own is sent with a clone of it, which costs no hashing and no growing.
+    pub(super) stamped: Option<HeaderMap>,
     /// The identity as audit records show it, made once.
     pub(super) audit: Arc<AuditIdentity>,
 }
@@ -46,6 +51,8 @@ struct PolicyState {
 pub struct Access {
     policy_file: Option<PathBuf>,
     state: RwLock<Arc<PolicyState>>,
+    /// `state`'s version, read on every command (`refreshed`) without taking the lock.
+    version: AtomicU64,
     jwt: Option<JwtVerifier>,
     locals: Arc<LocalIdentities>,
     stamp_identity: bool,
@@ -76,6 +83,7 @@ impl Access {
         Ok(Access {
             policy_file: config.policy.clone(),
             state: RwLock::new(Arc::new(PolicyState { policy, version: 1 })),
+            version: AtomicU64::new(1),
             jwt,
             locals: Arc::new(LocalIdentities::new(LOCAL_NAMES_TTL)),
             stamp_identity: config.identity_headers,
@@ -93,14 +101,14 @@ impl Access {
     }
 
     pub fn version(&self) -> u64 {
-        self.state().version
+        self.version.load(Ordering::Acquire)
     }
 
     /// Resolves what `identity` may do under the policy in force.
     pub fn authorize(&self, identity: Identity) -> Arc<Authorized> {
         let state = self.state();
         let permissions = state.policy.resolve(&who(&identity));
-        let stamp = if self.stamp_identity {
+        let stamp: Vec<(HeaderName, HeaderValue)> = if self.stamp_identity {
             identity
                 .headers()
                 .into_iter()
@@ -109,6 +117,7 @@ impl Access {
         } else {
             Vec::new()
         };
+        let stamped = (!stamp.is_empty()).then(|| stamp.iter().cloned().collect());
         let audit = Arc::new(AuditIdentity {
             uid: identity.uid,
             gid: identity.gid,
@@ -124,6 +133,7 @@ impl Access {
             permissions,
             version: state.version,
             stamp,
+            stamped,
         })
     }
 
@@ -217,6 +227,7 @@ impl Access {
                 policy: loaded,
                 version,
             });
+            self.version.store(version, Ordering::Release);
             version
         };
         Ok(Some(version))

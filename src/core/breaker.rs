@@ -105,6 +105,8 @@ impl State {
 
 #[derive(Debug)]
 struct Group {
+    /// The key it is stored under, so that one look-up finds both.
+    key: Arc<str>,
     state: State,
     /// OPEN: when a trial may go. HALF_OPEN: unused.
     open_until: Instant,
@@ -120,8 +122,9 @@ struct Group {
 }
 
 impl Group {
-    fn new(now: Instant) -> Group {
+    fn new(key: Arc<str>, now: Instant) -> Group {
         Group {
+            key,
             state: State::Closed,
             open_until: now,
             trial_out: false,
@@ -259,20 +262,11 @@ impl Breakers {
         // The exact subject's entry first (it exists only after a NO_RESPONDERS on it).
         let mut exact = None;
         if name != subject
-            && let Some((key, _)) = groups.get_key_value(subject)
+            && let Some(entry) = groups.get_mut(subject)
         {
-            let key = key.clone();
-            let entry = groups.get_mut(&key).expect("just found");
+            let key = entry.key.clone();
             let trial = self.try_pass(&key, entry, now)?;
             exact = Some((key, trial));
-        }
-        if !groups.contains_key(name) && groups.len() >= MAX_GROUPS {
-            // Forget healthy groups first, then any closed one; if every group is open, the
-            // new one goes untracked (a breaker cannot open for it, nothing grows).
-            groups.retain(|_, g| g.state != State::Closed || g.consecutive_failures > 0);
-            if groups.len() >= MAX_GROUPS {
-                groups.retain(|_, g| g.state != State::Closed);
-            }
         }
         let (subject_entry, subject_trial) = exact.map_or((None, false), |(k, t)| (Some(k), t));
         let mut admission = Admission {
@@ -283,22 +277,35 @@ impl Breakers {
             subject_trial,
             recorded: false,
         };
-        if !groups.contains_key(name) && groups.len() >= MAX_GROUPS {
-            return Ok(admission);
-        }
-        let (key, group) = match groups.get_key_value(name) {
-            Some((key, _)) => {
-                let key = key.clone();
-                let group = groups.get_mut(&key).expect("just found");
-                (key, group)
+        // The common case, a group tracked already, takes one look-up.
+        let (key, passed) = match groups.get_mut(name) {
+            Some(group) => {
+                let key = group.key.clone();
+                let passed = self.try_pass(&key, group, now);
+                (key, passed)
             }
             None => {
+                if groups.len() >= MAX_GROUPS {
+                    // Forget healthy groups first, then any closed one; if every group is
+                    // open, the new one goes untracked (a breaker cannot open for it, nothing
+                    // grows).
+                    groups.retain(|_, g| g.state != State::Closed || g.consecutive_failures > 0);
+                    if groups.len() >= MAX_GROUPS {
+                        groups.retain(|_, g| g.state != State::Closed);
+                    }
+                    if groups.len() >= MAX_GROUPS {
+                        return Ok(admission);
+                    }
+                }
                 let key: Arc<str> = Arc::from(name);
-                let group = groups.entry(key.clone()).or_insert_with(|| Group::new(now));
-                (key, group)
+                let group = groups
+                    .entry(key.clone())
+                    .or_insert_with(|| Group::new(key.clone(), now));
+                let passed = self.try_pass(&key, group, now);
+                (key, passed)
             }
         };
-        match self.try_pass(&key, group, now) {
+        match passed {
             Ok(trial) => {
                 admission.group = Some(key);
                 admission.trial = trial;
@@ -363,7 +370,8 @@ impl Breakers {
                 groups.retain(|_, g| g.state != State::Closed || g.consecutive_failures > 0);
             }
             if groups.len() < MAX_GROUPS {
-                groups.insert(Arc::from(name), Group::new(now));
+                let key: Arc<str> = Arc::from(name);
+                groups.insert(key.clone(), Group::new(key, now));
             }
         }
         let Some(group) = groups.get_mut(name) else {

@@ -37,6 +37,8 @@ pub struct PoolConn {
     pub client: Client,
     /// Matches this connection's replies to its requests.
     pub router: Arc<ReplyRouter>,
+    /// The client and router again, behind one `Arc`: what a request takes (see `requester`).
+    pub requester: Arc<Requester>,
     pub lost: watch::Receiver<u64>,
     /// Set when the pool retires this connection: subscriptions on it end and move elsewhere.
     pub retired: Arc<watch::Sender<bool>>,
@@ -48,7 +50,7 @@ pub struct NatsManager {
     next_index: AtomicUsize,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
-    retries: mpsc::UnboundedSender<Pending>,
+    retries: mpsc::UnboundedSender<Box<Pending>>,
     /// Told when a connection comes up, so that `NO_RESPONDERS` from services still
     /// reconnecting is not held against them.
     breakers: Arc<Breakers>,
@@ -100,6 +102,10 @@ impl managed::Manager for NatsManager {
         }
         Ok(PoolConn {
             index,
+            requester: Arc::new(Requester {
+                client: client.clone(),
+                router: router.clone(),
+            }),
             client,
             router,
             lost,
@@ -129,6 +135,9 @@ fn connect_options(
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
         .request_timeout(None)
+        // Every subject the gateway publishes to was checked already (`validate_subject`,
+        // stricter than async-nats's check) or is one of its own reply subjects.
+        .skip_subject_validation(true)
         // Each client's outbox is the drop point for a client that reads slowly; this buffer
         // only has to absorb the moments when a topic's dispatcher is not scheduled. What it
         // drops is counted by topic (see `Fanout::slow_consumer`).
@@ -205,6 +214,14 @@ pub struct Picked {
     pub retired: watch::Receiver<bool>,
 }
 
+/// What a request needs of its pool connection: the client to publish on and the router its
+/// reply comes back through. Handed out as one `Arc` clone (a `Picked` costs a `Client` clone,
+/// a dozen atomic operations, and a watch subscription that requests never look at).
+pub struct Requester {
+    pub client: Client,
+    pub router: Arc<ReplyRouter>,
+}
+
 /// A pool slot: a connection deadpool manages, or one already detached from deadpool that
 /// keeps serving until its successor is connected.
 enum Slot {
@@ -239,7 +256,7 @@ impl NatsPool {
         size: usize,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
-        retries: mpsc::UnboundedSender<Pending>,
+        retries: mpsc::UnboundedSender<Box<Pending>>,
         (breakers, fanout, subscription_buffer): (Arc<Breakers>, Arc<Fanout>, usize),
     ) -> Result<Arc<NatsPool>, String> {
         let manager = NatsManager {
@@ -278,9 +295,10 @@ impl NatsPool {
         self.slots.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A connected client, round-robin; `UNAVAILABLE` at once when none is connected.
-    pub fn client(&self) -> Result<Picked, GatewayError> {
-        self.client_on(self.next_lane())
+    /// A connected connection for a request, round-robin; `UNAVAILABLE` at once when none is
+    /// connected.
+    pub fn requester(&self) -> Result<Arc<Requester>, GatewayError> {
+        self.connected_from(self.next_lane(), |conn| conn.requester.clone())
     }
 
     /// The next slot in round-robin order.
@@ -290,17 +308,26 @@ impl NatsPool {
 
     /// The client in slot `start`, or the next connected one after it.
     pub fn client_on(&self, start: usize) -> Result<Picked, GatewayError> {
+        self.connected_from(start, |conn| Picked {
+            index: conn.index,
+            client: conn.client.clone(),
+            router: conn.router.clone(),
+            retired: conn.retired.subscribe(),
+        })
+    }
+
+    /// `take` of the connection in slot `start`, or of the next connected one after it.
+    fn connected_from<T>(
+        &self,
+        start: usize,
+        take: impl FnOnce(&PoolConn) -> T,
+    ) -> Result<T, GatewayError> {
         let slots = self.slots();
         let n = slots.len();
         for offset in 0..n {
             let conn: &PoolConn = &slots[(start + offset) % n];
             if conn.client.connection_state() == State::Connected {
-                return Ok(Picked {
-                    index: conn.index,
-                    client: conn.client.clone(),
-                    router: conn.router.clone(),
-                    retired: conn.retired.subscribe(),
-                });
+                return Ok(take(conn));
             }
         }
         Err(GatewayError::new(
@@ -360,6 +387,7 @@ impl NatsPool {
                 index: current.index,
                 client: current.client.clone(),
                 router: current.router.clone(),
+                requester: current.requester.clone(),
                 lost: current.lost.clone(),
                 retired: current.retired.clone(),
             });

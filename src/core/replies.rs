@@ -15,7 +15,7 @@
 //! send to, or guess, that subject.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fmt::Write as _;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -116,12 +116,37 @@ pub struct Resend {
     pub data: Bytes,
 }
 
+/// Hashes the router's tokens. They come from the router's own counter, never from a client,
+/// so SipHash's protection against chosen keys buys nothing here; a multiply spreads the
+/// sequential tokens over the table (hashbrown reads the top bits too).
+#[derive(Default)]
+struct TokenHasher(u64);
+
+impl Hasher for TokenHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, token: u64) {
+        self.0 = token.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type TokenMap<V> = HashMap<u64, V, BuildHasherDefault<TokenHasher>>;
+
 struct Waiting {
-    /// Each request with the nonce its reply subject carries.
-    requests: HashMap<u64, (u64, Pending)>,
+    /// Each request with the nonce its reply subject carries. Boxed: a request moves from
+    /// the front-end to this map to its answer as one pointer, not a few hundred bytes.
+    requests: TokenMap<(u64, Box<Pending>)>,
     deadlines: BTreeSet<(Instant, u64)>,
     /// Confirmations in flight (see `sync_point`), by token, with their nonce.
-    syncs: HashMap<u64, (u64, oneshot::Sender<()>)>,
+    syncs: TokenMap<(u64, oneshot::Sender<()>)>,
     /// Retired or closed: no new requests, and why (the refusal's message).
     closed: Option<&'static str>,
     /// Nonces: a cryptographic generator seeded by the OS, one per router.
@@ -131,9 +156,9 @@ struct Waiting {
 impl Waiting {
     fn new() -> Waiting {
         Waiting {
-            requests: HashMap::new(),
+            requests: TokenMap::default(),
             deadlines: BTreeSet::new(),
-            syncs: HashMap::new(),
+            syncs: TokenMap::default(),
             closed: None,
             rng: StdRng::from_os_rng(),
         }
@@ -156,7 +181,7 @@ pub struct ReplyRouter {
     earlier_deadline: Notify,
     metrics: Arc<Metrics>,
     /// Where idempotent requests go when this connection is lost (see `Gateway`'s retry task).
-    retries: Option<mpsc::UnboundedSender<Pending>>,
+    retries: Option<mpsc::UnboundedSender<Box<Pending>>>,
 }
 
 /// Replies handled per wakeup before the router looks at its deadlines again.
@@ -166,7 +191,7 @@ impl ReplyRouter {
     pub fn new(
         inbox: String,
         metrics: Arc<Metrics>,
-        retries: Option<mpsc::UnboundedSender<Pending>>,
+        retries: Option<mpsc::UnboundedSender<Box<Pending>>>,
     ) -> Arc<ReplyRouter> {
         Arc::new(ReplyRouter {
             prefix: format!("{inbox}."),
@@ -190,7 +215,7 @@ impl ReplyRouter {
     /// Registers a request and returns its token and reply subject. When the router takes
     /// no more requests (its connection is being replaced), it answers the request itself
     /// with `UNAVAILABLE` and returns `None`.
-    pub fn register(&self, pending: Pending) -> Option<(u64, Subject)> {
+    pub fn register(&self, pending: Box<Pending>) -> Option<(u64, Subject)> {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let deadline = pending.deadline;
         let mut waiting = self.waiting();
@@ -216,10 +241,19 @@ impl ReplyRouter {
 
     /// `<prefix><token>_<nonce in hex>`: one subject token, matched by `<prefix>*`.
     fn reply_subject(&self, token: u64, nonce: u64) -> Subject {
-        let mut reply = String::with_capacity(self.prefix.len() + 38);
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut digits = itoa::Buffer::new();
+        let token = digits.format(token);
+        // The exact length: `Bytes` then takes the string over without another allocation.
+        let mut reply = String::with_capacity(self.prefix.len() + token.len() + 17);
         reply.push_str(&self.prefix);
-        reply.push_str(itoa::Buffer::new().format(token));
-        let _ = write!(reply, "_{nonce:016x}");
+        reply.push_str(token);
+        let mut hex = [b'_'; 17];
+        for (i, digit) in hex[1..].iter_mut().enumerate() {
+            *digit = HEX[((nonce >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        // The 17 bytes are ASCII.
+        reply.push_str(std::str::from_utf8(&hex).unwrap_or_default());
         Subject::from(reply)
     }
 
@@ -253,7 +287,7 @@ impl ReplyRouter {
     }
 
     /// Takes a request back (its publish failed).
-    pub fn take(&self, token: u64) -> Option<Pending> {
+    pub fn take(&self, token: u64) -> Option<Box<Pending>> {
         let mut waiting = self.waiting();
         let (_, pending) = waiting.requests.remove(&token)?;
         waiting.deadlines.remove(&(pending.deadline, token));
@@ -273,7 +307,7 @@ impl ReplyRouter {
                 return Claim::Nobody;
             };
             waiting.deadlines.remove(&(pending.deadline, token));
-            return Claim::Request(Box::new(pending));
+            return Claim::Request(pending);
         }
         match waiting.syncs.get(&token) {
             Some((expected, _)) if *expected != nonce => Claim::Mismatch,
@@ -291,7 +325,7 @@ impl ReplyRouter {
             None => Claim::Mismatch,
         };
         let pending = match claim {
-            Claim::Request(pending) => *pending,
+            Claim::Request(pending) => pending,
             Claim::Sync(sender) => {
                 let _ = sender.send(());
                 return;
@@ -335,7 +369,7 @@ impl ReplyRouter {
         finish(&self.metrics, pending, result);
     }
 
-    fn answer_no_responders(&self, pending: Pending) {
+    fn answer_no_responders(&self, pending: Box<Pending>) {
         let error = GatewayError::new(
             ErrorCode::NoResponders,
             format!("no service listens on {}", pending.subject),
@@ -381,7 +415,7 @@ impl ReplyRouter {
     }
 
     fn give_up_all(&self, error: &GatewayError, close: Option<&'static str>, retry: bool) {
-        let drained: Vec<Pending> = {
+        let drained: Vec<Box<Pending>> = {
             let mut waiting = self.waiting();
             if close.is_some() {
                 waiting.closed = close;
@@ -519,15 +553,18 @@ impl Drop for SyncPoint {
 }
 
 /// Records a finished request and hands its answer to its sink.
-pub fn finish(metrics: &Metrics, mut pending: Pending, result: Result<Reply, GatewayError>) {
-    record(metrics, pending.frontend, pending.started, &result);
+pub fn finish(metrics: &Metrics, mut pending: Box<Pending>, result: Result<Reply, GatewayError>) {
+    // One clock reading for the latency and the breaker.
+    let now = Instant::now();
+    let latency = now.into_std().saturating_duration_since(pending.started);
+    record_latency(metrics, pending.frontend, latency, &result);
     if let Some(audit) = pending.audit.take() {
         audit.finish(&result, pending.started);
     }
     drop(pending.permit);
     let code = result.as_ref().map(|_| ()).map_err(|e| e.code);
     let outcome = Outcome::of_request(code, pending.timeout, pending.admission.min_timeout());
-    pending.admission.record(outcome, &pending.subject);
+    pending.admission.record_for(outcome, &pending.subject, now);
     if !pending.sink.deliver(pending.id, result) {
         // The client left before its answer came.
         metrics.late_replies.increment(1);
@@ -541,12 +578,21 @@ pub fn record(
     started: std::time::Instant,
     result: &Result<Reply, GatewayError>,
 ) {
+    record_latency(metrics, frontend, started.elapsed(), result);
+}
+
+fn record_latency(
+    metrics: &Metrics,
+    frontend: Frontend,
+    latency: Duration,
+    result: &Result<Reply, GatewayError>,
+) {
     metrics.operation(
         frontend,
         Op::Request,
         result.as_ref().map(|_| ()).map_err(|e| e.code),
     );
-    metrics.request_latency(frontend, started.elapsed().as_secs_f64());
+    metrics.request_latency(frontend, latency.as_secs_f64());
     if let Ok(reply) = result {
         metrics.payload_out(frontend, reply.data.len());
     }
@@ -577,8 +623,8 @@ mod tests {
         }
     }
 
-    fn pending(sink: &Arc<Collect>, id: u64, deadline: Instant) -> Pending {
-        Pending {
+    fn pending(sink: &Arc<Collect>, id: u64, deadline: Instant) -> Box<Pending> {
+        Box::new(Pending {
             id: Id::from(id),
             sink: sink.clone(),
             frontend: Frontend::Uds,
@@ -602,7 +648,7 @@ mod tests {
             resend: None,
             attempts: 0,
             audit: None,
-        }
+        })
     }
 
     #[test]

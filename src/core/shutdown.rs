@@ -2,6 +2,8 @@
 //! flight) and `drain_expired` (the drain time is over; whatever is still waiting gets
 //! `UNAVAILABLE` now). One small type so every front-end follows the same sequence.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -9,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone, Default)]
 pub struct Shutdown {
     stop: CancellationToken,
+    /// `stop`, readable without a lock (front-ends ask between the commands of one read).
+    stopping: Arc<AtomicBool>,
     drain_expired: CancellationToken,
 }
 
@@ -18,6 +22,7 @@ impl Shutdown {
         if self.stop.is_cancelled() {
             return;
         }
+        self.stopping.store(true, Ordering::Release);
         self.stop.cancel();
         let expired = self.drain_expired.clone();
         tokio::spawn(async move {
@@ -32,7 +37,7 @@ impl Shutdown {
     }
 
     pub fn is_stopping(&self) -> bool {
-        self.stop.is_cancelled()
+        self.stopping.load(Ordering::Acquire)
     }
 
     pub async fn stopped(&self) {

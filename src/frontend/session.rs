@@ -99,7 +99,9 @@ impl Session {
             }
             Op::Subscribe => {
                 let id = envelope.id.clone();
-                let answer = match self.subscribe(envelope).await {
+                // Boxed: a subscribe's state is large and rare; the request path's future
+                // (this one) stays small.
+                let answer = match Box::pin(self.subscribe(envelope)).await {
                     Ok(()) => Outbound::Ack { id },
                     Err(error) => Outbound::Error { id, error },
                 };

@@ -14,7 +14,7 @@ use super::subject::Subject;
 
 /// A client's correlation id, echoed unchanged on the answer. JSON clients may use numbers or
 /// strings; binary frames carry a `u64` (0 means "no id").
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize)]
 #[serde(untagged)]
 pub enum Id {
     #[default]
@@ -34,6 +34,65 @@ impl Id {
             Id::Number(n) => n.as_u64().unwrap_or(0),
             _ => 0,
         }
+    }
+}
+
+/// What `#[serde(untagged)]` said of an id that is none of the three (kept word for word).
+const NOT_AN_ID: &str = "data did not match any variant of untagged enum Id";
+
+/// By the JSON value's type, in one pass: `#[serde(untagged)]` buffered every id and built (and
+/// threw away) an error for each variant it tried first, on every JSON request.
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Id, D::Error> {
+        struct IdVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for IdVisitor {
+            type Value = Id;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("null, a number or a string")
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Id, E> {
+                Ok(Id::Null)
+            }
+
+            fn visit_none<E: serde::de::Error>(self) -> Result<Id, E> {
+                Ok(Id::Null)
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Id, E> {
+                Ok(Id::Number(value.into()))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Id, E> {
+                Ok(Id::Number(value.into()))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Id, E> {
+                serde_json::Number::from_f64(value)
+                    .map(Id::Number)
+                    .ok_or_else(|| E::custom(NOT_AN_ID))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Id, E> {
+                Ok(Id::Text(Arc::from(value)))
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Id, E> {
+                Err(E::custom(NOT_AN_ID))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Id, A::Error> {
+                Err(serde::de::Error::custom(NOT_AN_ID))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Id, A::Error> {
+                Err(serde::de::Error::custom(NOT_AN_ID))
+            }
+        }
+
+        deserializer.deserialize_any(IdVisitor)
     }
 }
 
@@ -280,3 +339,26 @@ impl PartialEq for EncodedOnce {
 }
 
 impl Eq for EncodedOnce {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_read_as_the_untagged_enum_read_them() {
+        let read = |text: &str| serde_json::from_str::<Id>(text).map_err(|e| e.to_string());
+        assert_eq!(read("null"), Ok(Id::Null));
+        assert_eq!(read("7"), Ok(Id::from(7)));
+        assert_eq!(read("-7"), Ok(Id::Number((-7i64).into())));
+        assert_eq!(read("1.5").map(|id| id.to_string()), Ok("1.5".into()));
+        assert_eq!(read(r#""a b""#), Ok(Id::Text("a b".into())));
+        for bad in ["true", "[1]", r#"{"a":1}"#] {
+            let error = read(bad).unwrap_err();
+            assert!(error.starts_with(NOT_AN_ID), "{bad}: {error}");
+        }
+        assert_eq!(
+            serde_json::to_string(&[Id::Null, Id::from(3), Id::Text("x".into())]).unwrap(),
+            r#"[null,3,"x"]"#
+        );
+    }
+}

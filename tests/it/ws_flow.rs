@@ -271,18 +271,23 @@ async fn a_client_that_stops_reading_gets_dropped_notices_then_is_disconnected()
             Some(Err(_)) | None => break,
         }
     }
+    // Whether a `dropped` notice is among what the socket held depends on timing: it is only
+    // written if the subscription's queue overflowed while the socket still had room, that is
+    // if the pump outran the writer before the socket filled. A gateway whose writer keeps up
+    // (one worker thread, a cheaper request path) fills the socket first, and the notice for
+    // the drops that follow is never written: the client is disconnected with it queued.
+    // What always holds: the client got messages, the gateway dropped (and counted) others,
+    // and every notice the client did get is counted.
+    let counted = gateway
+        .metric(r#"ipc_gateway_dropped_messages_total{frontend="ws"}"#)
+        .await
+        .unwrap();
     assert!(
-        messages > 0 && dropped > 0,
-        "{messages} messages, {dropped} dropped"
+        messages > 0 && counted > 0.0,
+        "{messages} messages, {dropped} dropped notices, {counted} drops counted"
     );
     assert!(matches!(close, None | Some(4008)), "close code {close:?}");
-    assert!(
-        gateway
-            .metric(r#"ipc_gateway_dropped_messages_total{frontend="ws"}"#)
-            .await
-            .unwrap()
-            >= dropped as f64
-    );
+    assert!(counted >= dropped as f64);
     assert_eq!(
         call(&mut other, r#"{"op":"ping","id":1}"#).await,
         json!({"op":"pong","id":1})

@@ -26,16 +26,42 @@ pub struct Authorized {
     pub identity: Identity,
     pub permissions: Permissions,
     pub version: u64,
-    /// The `Ipc-Gateway-*` headers, made once (empty when stamping is off).
-    pub(super) stamp: Vec<(HeaderName, HeaderValue)>,
-    /// The same headers as a ready map (`None` when stamping is off): a message without
-    /// headers of its own is sent with a clone of it, which costs no hashing and no growing.
-    pub(super) stamped: Option<HeaderMap>,
+    /// Whether messages carry the `Ipc-Gateway-*` headers (`identity_headers`).
+    stamps: bool,
+    /// Those headers, made on the first message that needs them: a connection that never
+    /// sends (an idle or subscribe-only one) keeps none of them.
+    stamp: std::sync::OnceLock<Stamp>,
     /// The identity as audit records show it, made once.
     pub(super) audit: Arc<AuditIdentity>,
 }
 
+/// The `Ipc-Gateway-*` headers of one identity.
+pub(super) struct Stamp {
+    /// Empty when stamping is off.
+    pub list: Vec<(HeaderName, HeaderValue)>,
+    /// The same headers as a ready map (`None` when stamping is off): a message without
+    /// headers of its own is sent with a clone of it, which costs no hashing and no growing.
+    pub map: Option<HeaderMap>,
+}
+
 impl Authorized {
+    /// The identity headers its messages carry, made once.
+    pub(super) fn stamp(&self) -> &Stamp {
+        self.stamp.get_or_init(|| {
+            let list: Vec<(HeaderName, HeaderValue)> = if self.stamps {
+                self.identity
+                    .headers()
+                    .into_iter()
+                    .filter_map(|(name, value)| Some((name.parse().ok()?, value.parse().ok()?)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let map = (!list.is_empty()).then(|| list.iter().cloned().collect());
+            Stamp { list, map }
+        })
+    }
+
     /// The short form for messages and logs.
     pub fn who(&self) -> String {
         self.identity.short_form()
@@ -108,16 +134,6 @@ impl Access {
     pub fn authorize(&self, identity: Identity) -> Arc<Authorized> {
         let state = self.state();
         let permissions = state.policy.resolve(&who(&identity));
-        let stamp: Vec<(HeaderName, HeaderValue)> = if self.stamp_identity {
-            identity
-                .headers()
-                .into_iter()
-                .filter_map(|(name, value)| Some((name.parse().ok()?, value.parse().ok()?)))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let stamped = (!stamp.is_empty()).then(|| stamp.iter().cloned().collect());
         let audit = Arc::new(AuditIdentity {
             uid: identity.uid,
             gid: identity.gid,
@@ -132,8 +148,8 @@ impl Access {
             identity,
             permissions,
             version: state.version,
-            stamp,
-            stamped,
+            stamps: self.stamp_identity,
+            stamp: std::sync::OnceLock::new(),
         })
     }
 

@@ -806,13 +806,13 @@ impl Gateway {
         caller: &Caller,
         headers: Option<&Headers>,
     ) -> Result<Option<HeaderMap>, GatewayError> {
-        let who = caller.authorized();
+        let stamp = caller.authorized().stamp();
         let Some(headers) = headers else {
-            // The common case: only the identity, from the map made with the caller.
-            return Ok(who.stamped.clone());
+            // The common case: only the identity, from the map made for the caller.
+            return Ok(stamp.map.clone());
         };
         let mut map = nats::header_map(headers)?;
-        for (name, value) in &who.stamp {
+        for (name, value) in &stamp.list {
             map.insert(name.clone(), value.clone());
         }
         Ok(Some(map))

@@ -1934,3 +1934,72 @@ async fn the_audit_log_rotates_at_its_size_limit() {
 fn nix_uid() -> u32 {
     std::fs::metadata("/proc/self").map_or(0, |m| std::os::unix::fs::MetadataExt::uid(&m))
 }
+
+#[tokio::test]
+async fn a_reload_ends_one_member_of_a_shared_subscription_and_keeps_the_others() {
+    let nats = NatsServer::start();
+    // A local process and an anonymous WebSocket subscribe to the same subject: one NATS
+    // subscription on the gateway, two members with different permissions.
+    let policy = PolicyFile::new(
+        r#"
+[[grant]]
+match = { anonymous = false }
+subscribe = { allow = ["shared.>"] }
+
+[[grant]]
+match = { anonymous = true }
+subscribe = { allow = ["shared.>"] }
+"#,
+    );
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &["--policy", policy.arg(), "--nats-connections", "1"],
+    );
+    let mut local = gateway.json().await;
+    let ack = local
+        .call(r#"{"op":"subscribe","id":"l","subject":"shared.news"}"#)
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    let mut browser = ws::connect(&gateway, None).await.unwrap();
+    let ack = ws::call(
+        &mut browser,
+        r#"{"op":"subscribe","id":"b","subject":"shared.news"}"#,
+    )
+    .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    assert_eq!(nats.subscriptions_on("shared.news").await, 1);
+
+    // Anonymous clients lose the subject.
+    policy.write(
+        r#"
+[[grant]]
+match = { anonymous = false }
+subscribe = { allow = ["shared.>"] }
+"#,
+    );
+    gateway.signal("HUP");
+    wait_metric(&gateway, OK_RELOADS, 1.0).await;
+    let notice = ws::next_json(&mut browser).await;
+    assert_eq!(
+        (&notice["op"], &notice["sid"], &notice["error"]["code"]),
+        (&json!("unsubscribed"), &json!("b"), &json!("FORBIDDEN")),
+        "{notice}"
+    );
+    // The local member still has the shared NATS subscription and its messages.
+    assert_eq!(nats.subscriptions_on("shared.news").await, 1);
+    let publisher = nats.client().await;
+    publisher
+        .publish("shared.news", "hello".into())
+        .await
+        .unwrap();
+    publisher.flush().await.unwrap();
+    let message = local.recv().await;
+    assert_eq!(
+        (message["sid"].as_str(), message["data"].as_str()),
+        (Some("l"), Some("hello")),
+        "{message}"
+    );
+    let silent =
+        tokio::time::timeout(Duration::from_millis(300), ws::next_json(&mut browser)).await;
+    assert!(silent.is_err(), "the ended member got more: {silent:?}");
+}

@@ -31,8 +31,9 @@ pub struct Authorized {
     /// Those headers, made on the first message that needs them: a connection that never
     /// sends (an idle or subscribe-only one) keeps none of them.
     stamp: std::sync::OnceLock<Stamp>,
-    /// The identity as audit records show it, made once.
-    pub(super) audit: Arc<AuditIdentity>,
+    /// The identity as audit records show it, made on the first record (never when the
+    /// audit log is off).
+    audit: std::sync::OnceLock<Arc<AuditIdentity>>,
 }
 
 /// The `Ipc-Gateway-*` headers of one identity.
@@ -45,6 +46,24 @@ pub(super) struct Stamp {
 }
 
 impl Authorized {
+    /// The identity as audit records show it, made once.
+    pub(super) fn audit_identity(&self) -> Arc<AuditIdentity> {
+        let identity = &self.identity;
+        self.audit
+            .get_or_init(|| {
+                Arc::new(AuditIdentity {
+                    uid: identity.uid,
+                    gid: identity.gid,
+                    pid: identity.pid,
+                    user: identity.user.clone(),
+                    group: identity.group.clone(),
+                    sub: identity.sub.clone(),
+                    addr: identity.addr.clone(),
+                })
+            })
+            .clone()
+    }
+
     /// The identity headers its messages carry, made once.
     pub(super) fn stamp(&self) -> &Stamp {
         self.stamp.get_or_init(|| {
@@ -134,17 +153,8 @@ impl Access {
     pub fn authorize(&self, identity: Identity) -> Arc<Authorized> {
         let state = self.state();
         let permissions = state.policy.resolve(&who(&identity));
-        let audit = Arc::new(AuditIdentity {
-            uid: identity.uid,
-            gid: identity.gid,
-            pid: identity.pid,
-            user: identity.user.clone(),
-            group: identity.group.clone(),
-            sub: identity.sub.clone(),
-            addr: identity.addr.clone(),
-        });
         Arc::new(Authorized {
-            audit,
+            audit: std::sync::OnceLock::new(),
             identity,
             permissions,
             version: state.version,

@@ -54,7 +54,9 @@ struct Conn {
     lease: Mutex<Option<IdentityLease>>,
     audit: Audit,
     /// The identity the connection opened with (its `disconnect` record names it).
-    opened_as: Arc<AuditIdentity>,
+    /// Who the connection was opened as, for its audit records (`None` with the audit log
+    /// off).
+    opened_as: Option<Arc<AuditIdentity>>,
     /// Why the connection ends, for its `disconnect` record.
     close_reason: Mutex<&'static str>,
     /// Held, never read: dropping the connection frees its place under `max_connections`.
@@ -79,8 +81,8 @@ impl Caller {
     ) -> Caller {
         metrics.connection_opened(frontend);
         let conn = Conn {
+            opened_as: audit.is_on().then(|| who.audit_identity()),
             audit,
-            opened_as: who.audit.clone(),
             close_reason: Mutex::new("closed"),
             id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
             frontend,
@@ -119,7 +121,7 @@ impl Caller {
         Record::new(op)
             .frontend(self.conn.frontend)
             .conn(self.conn.id)
-            .identity(self.who.audit.clone())
+            .identity(self.who.audit_identity())
     }
 
     /// Why the connection is ending (the front-end says: idle, slow client, shutdown, ...).
@@ -227,7 +229,9 @@ impl Caller {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.metrics.connection_closed(self.frontend);
-        if self.audit.is_on() {
+        if self.audit.is_on()
+            && let Some(opened_as) = &self.opened_as
+        {
             let reason = *self
                 .close_reason
                 .lock()
@@ -235,7 +239,7 @@ impl Drop for Conn {
             let record = Record::new(AuditOp::Disconnect)
                 .frontend(self.frontend)
                 .conn(self.id)
-                .identity(self.opened_as.clone())
+                .identity(opened_as.clone())
                 .reason(reason);
             self.audit.record(record);
         }

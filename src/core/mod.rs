@@ -276,7 +276,7 @@ impl Gateway {
             let who = self.inner.access.authorize(identity);
             let record = Record::new(AuditOp::Connect)
                 .frontend(frontend)
-                .identity(who.audit.clone())
+                .identity(who.audit_identity())
                 .error(code);
             self.inner.audit.record(record);
         }

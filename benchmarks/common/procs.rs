@@ -97,6 +97,54 @@ impl Drop for Proc {
     }
 }
 
+/// A client process a bench starts (the bench binary again, told its role in the
+/// environment): commands go to its stdin one per line, and the lines it prints come back
+/// through a channel that a thread fills.
+pub struct LineProc {
+    pub proc: Proc,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl LineProc {
+    /// Starts `command` with its stdin and stdout piped to this process (stderr inherited).
+    pub fn spawn(name: &'static str, command: &mut Command) -> Result<LineProc, String> {
+        let mut proc = Proc::spawn(
+            name,
+            command
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit()),
+        )?;
+        let stdin = proc.child.stdin.take().ok_or("client stdin")?;
+        let stdout = proc.child.stdout.take().ok_or("client stdout")?;
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(LineProc { proc, stdin, lines })
+    }
+
+    /// Sends one command line.
+    pub fn send(&mut self, command: &str) -> Result<(), String> {
+        use std::io::Write as _;
+        writeln!(self.stdin, "{command}")
+            .and_then(|()| self.stdin.flush())
+            .map_err(|err| format!("client process: {err}"))
+    }
+
+    /// The next line it printed, or `None` when none came within `patience`.
+    pub fn recv(&self, patience: Duration) -> Option<String> {
+        self.lines.recv_timeout(patience).ok()
+    }
+}
+
 pub fn free_port() -> Result<u16, String> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())

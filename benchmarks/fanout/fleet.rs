@@ -3,23 +3,15 @@
 //! answers with (`<word> key=value ... error=<text>`).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write as _};
-use std::process::{Command, Stdio};
-use std::sync::mpsc as std_mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-use crate::common::Proc;
+use crate::common::LineProc;
 use crate::settings::{Path, Settings};
 
 /// How long the client processes may take to connect and subscribe, or to answer a command.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(300);
 const ANSWER_PATIENCE: Duration = Duration::from_secs(60);
-
-struct ClientProc {
-    proc: Proc,
-    stdin: std::process::ChildStdin,
-    lines: std_mpsc::Receiver<String>,
-}
 
 /// One status line: its fields, and the text after `error=` (None for `-`).
 #[derive(Debug, Default)]
@@ -66,7 +58,7 @@ impl Fields {
 
 /// The client processes of one case.
 pub struct Fleet {
-    clients: Vec<ClientProc>,
+    clients: Vec<LineProc>,
 }
 
 impl Fleet {
@@ -76,7 +68,7 @@ impl Fleet {
         let mut clients = Vec::new();
         let mut first = 0;
         for &count in counts {
-            let mut proc = Proc::spawn(
+            clients.push(LineProc::spawn(
                 "fanout client",
                 Command::new(&exe)
                     .env("FANOUT_ROLE", "client")
@@ -86,23 +78,8 @@ impl Fleet {
                     .env("FANOUT_CLIENT_COUNT", count.to_string())
                     .env("FANOUT_CLIENT_FIRST", first.to_string())
                     .env("FANOUT_SOURCES", s.sources.to_string())
-                    .env("FANOUT_HANDSHAKES", s.handshakes.to_string())
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::inherit()),
-            )?;
-            let stdin = proc.child.stdin.take().ok_or("client stdin")?;
-            let stdout = proc.child.stdout.take().ok_or("client stdout")?;
-            let (sender, lines) = std_mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if sender.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-            clients.push(ClientProc { proc, stdin, lines });
+                    .env("FANOUT_HANDSHAKES", s.handshakes.to_string()),
+            )?);
             first += count;
         }
         Ok(Fleet { clients })
@@ -120,9 +97,7 @@ impl Fleet {
     /// Sends `command` to every process and returns their answers (lines starting `word`).
     pub fn ask(&mut self, command: &str, word: &str) -> Result<Vec<Fields>, String> {
         for client in &mut self.clients {
-            writeln!(client.stdin, "{command}")
-                .and_then(|()| client.stdin.flush())
-                .map_err(|err| format!("client process: {err}"))?;
+            client.send(command)?;
         }
         self.answers(word, ANSWER_PATIENCE)
     }
@@ -130,7 +105,7 @@ impl Fleet {
     fn answers(&mut self, word: &str, patience: Duration) -> Result<Vec<Fields>, String> {
         let mut all = Vec::new();
         for client in &mut self.clients {
-            let line = client.lines.recv_timeout(patience).map_err(|_| {
+            let line = client.recv(patience).ok_or_else(|| {
                 format!("a client process gave no {word:?} line within {patience:?}")
             })?;
             all.push(Fields::parse(&line, word)?);

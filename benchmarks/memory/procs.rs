@@ -1,13 +1,11 @@
 //! The parent's side of the client processes: how many, starting them, giving every one a
 //! command and adding up their status lines.
 
-use std::io::{BufRead, BufReader, Write as _};
-use std::process::{Command, Stdio};
-use std::sync::mpsc as std_mpsc;
+use std::process::Command;
 
 use serde::Serialize;
 
-use crate::common::{Proc, nofile_limit};
+use crate::common::{LineProc, nofile_limit};
 use crate::settings::Settings;
 use crate::{CLIENT_FD_SPARE, GATEWAY_FD_SPARE, STAGE_PATIENCE};
 
@@ -58,14 +56,8 @@ impl StageResult {
     }
 }
 
-struct ClientProc {
-    _proc: Proc,
-    stdin: std::process::ChildStdin,
-    lines: std_mpsc::Receiver<String>,
-}
-
 /// The client processes holding one scenario's connections.
-pub struct Clients(Vec<ClientProc>);
+pub struct Clients(Vec<LineProc>);
 
 impl Clients {
     /// Opens `count` connections to the gateway's HTTP port, spread over as many client
@@ -89,7 +81,7 @@ impl Clients {
         let mut first = 0;
         for i in 0..processes {
             let share = count / processes + usize::from(i < count % processes);
-            let mut proc = Proc::spawn(
+            clients.push(LineProc::spawn(
                 "memory bench client",
                 Command::new(&exe)
                     .env("MEMBENCH_ROLE", "client")
@@ -97,27 +89,8 @@ impl Clients {
                     .env("MEMBENCH_COUNT", share.to_string())
                     .env("MEMBENCH_FIRST", first.to_string())
                     .env("MEMBENCH_SOURCES", settings.sources.to_string())
-                    .env("MEMBENCH_HANDSHAKES", settings.handshakes.to_string())
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::inherit()),
-            )?;
-            let stdin = proc.child.stdin.take().ok_or("client stdin")?;
-            let stdout = proc.child.stdout.take().ok_or("client stdout")?;
-            let (sender, lines) = std_mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if sender.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-            clients.push(ClientProc {
-                _proc: proc,
-                stdin,
-                lines,
-            });
+                    .env("MEMBENCH_HANDSHAKES", settings.handshakes.to_string()),
+            )?);
             first += share;
         }
         let mut clients = Clients(clients);
@@ -135,9 +108,7 @@ impl Clients {
     /// Gives every client process `command` (its first word names the status line).
     pub fn command(&mut self, command: &str) -> Result<StageResult, String> {
         for client in &mut self.0 {
-            writeln!(client.stdin, "{command}")
-                .and_then(|()| client.stdin.flush())
-                .map_err(|err| format!("client process: {err}"))?;
+            client.send(command)?;
         }
         let stage = command.split_whitespace().next().unwrap_or(command);
         self.collect(stage)
@@ -160,7 +131,7 @@ impl Clients {
     fn collect(&mut self, stage: &str) -> Result<StageResult, String> {
         let mut total = StageResult::default();
         for client in &mut self.0 {
-            let line = client.lines.recv_timeout(STAGE_PATIENCE).map_err(|_| {
+            let line = client.recv(STAGE_PATIENCE).ok_or_else(|| {
                 format!("a client process said nothing for {STAGE_PATIENCE:?} after {stage}")
             })?;
             total.add(StageResult::parse(&line, stage)?);

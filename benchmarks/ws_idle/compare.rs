@@ -222,7 +222,7 @@ fn measure(row: &mut Row, s: &Settings, bin: &Path, dir: &Path) -> Result<(), St
     row.loaded = Some(loaded);
     row.closed = Some(stage(&mut clients, Some("close"), "closed")?);
     for client in &mut clients {
-        client.proc.stop();
+        client.0.proc.stop();
     }
     Ok(())
 }

@@ -72,7 +72,7 @@ pub fn run(settings: &Settings, bin: &Path) -> Result<Run, String> {
         closed.ok, closed.failed, closed.seconds
     );
     for client in &mut clients {
-        client.proc.stop();
+        client.0.proc.stop();
     }
     wait_for_gauge(http, 0.0, Duration::from_secs(20));
     let after_close = settle(pid, Some(http), settings.settle)?;

@@ -1,23 +1,17 @@
 //! The parent's side of the client processes: starting them, giving them commands and adding
 //! up the status line each prints per stage.
 
-use std::io::{BufRead, BufReader, Write as _};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc as std_mpsc;
+use std::process::Command;
 
 use serde::Serialize;
 
 use crate::STAGE_PATIENCE;
-use crate::common::Proc;
+use crate::common::LineProc;
 use crate::settings::Settings;
 use crate::ws::{Mode, Server};
 
-pub struct ClientProc {
-    pub proc: Proc,
-    stdin: std::process::ChildStdin,
-    lines: std_mpsc::Receiver<String>,
-}
+pub struct ClientProc(pub LineProc);
 
 impl ClientProc {
     pub fn start(
@@ -28,7 +22,7 @@ impl ClientProc {
         kind: (Server, Mode),
         s: &Settings,
     ) -> Result<Self, String> {
-        let mut proc = Proc::spawn(
+        LineProc::spawn(
             "ws_idle client",
             Command::new(exe)
                 .env("WSIDLE_ROLE", "client")
@@ -39,34 +33,18 @@ impl ClientProc {
                 .env("WSIDLE_BIG_BYTES", s.big_bytes.to_string())
                 .env("WSIDLE_HANDSHAKES", s.handshakes.to_string())
                 .env("WSIDLE_SERVER", kind.0.name())
-                .env("WSIDLE_MODE", kind.1.name())
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit()),
-        )?;
-        let stdin = proc.child.stdin.take().ok_or("client stdin")?;
-        let stdout = proc.child.stdout.take().ok_or("client stdout")?;
-        let (sender, lines) = std_mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(ClientProc { proc, stdin, lines })
+                .env("WSIDLE_MODE", kind.1.name()),
+        )
+        .map(ClientProc)
     }
 
     fn command(&mut self, command: &str) -> Result<(), String> {
-        writeln!(self.stdin, "{command}")
-            .and_then(|()| self.stdin.flush())
-            .map_err(|err| format!("client process: {err}"))
+        self.0.send(command)
     }
 
     /// Waits for the status line of `stage`.
     fn wait(&mut self, stage: &str) -> Result<StageResult, String> {
-        let line = self.lines.recv_timeout(STAGE_PATIENCE).map_err(|_| {
+        let line = self.0.recv(STAGE_PATIENCE).ok_or_else(|| {
             format!("a client process said nothing for {STAGE_PATIENCE:?} in stage {stage}")
         })?;
         StageResult::parse(&line, stage)

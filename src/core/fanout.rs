@@ -370,22 +370,22 @@ impl Topic {
     /// Tells the members about the messages lost since the last report: each member of a
     /// plain topic lost them all; in a queue group they would have gone one each to the
     /// members in turn. A gap (an unknown number lost) concerns every member.
-    pub fn report_losses(&self) -> u64 {
+    pub fn report_losses(&self) {
         let gap = self.gap.swap(false, Ordering::AcqRel);
         let lost = self.lost.swap(0, Ordering::AcqRel);
         if lost == 0 && !gap {
-            return 0;
+            return;
         }
         let mut members = lock(&self.members);
         let count = members.list.len() as u64;
         if count == 0 {
-            return lost;
+            return;
         }
         if self.key.queue.is_none() {
             for member in &members.list {
                 member.sink.lost(&member.sid, lost, gap);
             }
-            return lost;
+            return;
         }
         let turn = members.turn as u64;
         for (index, member) in members.list.iter().enumerate() {
@@ -397,6 +397,5 @@ impl Topic {
             }
         }
         members.turn = ((turn + lost) % count) as usize;
-        lost
     }
 }

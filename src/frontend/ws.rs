@@ -480,10 +480,7 @@ impl Connection {
                     }
                 } else {
                     for event in &batch.events {
-                        let Some(message) = encode(wire, event) else {
-                            continue;
-                        };
-                        socket.feed(message).await?;
+                        socket.feed(encode(wire, event)).await?;
                     }
                 }
                 socket.flush().await
@@ -597,19 +594,19 @@ fn encode_several<'a>(
 /// One event as one WebSocket message in the connection's wire format. Each message is
 /// encoded into a buffer of its own that becomes the message without a copy (and is freed
 /// with it), rather than split off a shared one.
-fn encode(wire: WireFormat, event: &Outbound) -> Option<Message> {
+fn encode(wire: WireFormat, event: &Outbound) -> Message {
     let mut buf = BytesMut::with_capacity(ENCODE_CAPACITY);
     wire.encode(event, &mut buf);
     let mut bytes = Vec::from(buf);
     match wire {
-        WireFormat::Binary => Some(Message::Binary(bytes.into())),
+        WireFormat::Binary => Message::Binary(bytes.into()),
         WireFormat::JsonLines => {
             // One JSON envelope per text message, without the line's newline.
             bytes.pop();
             // SAFETY: the JSON encoder writes only UTF-8: ASCII punctuation, serde_json's
             // escaping of `&str`s, and payloads either checked to be UTF-8 or base64.
             let text = unsafe { String::from_utf8_unchecked(bytes) };
-            Some(Message::Text(text.into()))
+            Message::Text(text.into())
         }
     }
 }

@@ -101,6 +101,19 @@ settings! {
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct Config {
+        /// This gateway's name among several on one NATS cluster: shown in /status, every
+        /// audit record and the `Ipc-Gateway-Id` header, and where presence says a client is.
+        /// Letters, digits, `-`, `_`, `.`, at most 64. None: the host name, `-`, the pid.
+        pub gateway_id: Option<String> = None,
+        /// Subject prefix of named clients: a message to `<prefix>.bob` reaches the client
+        /// registered as `bob`, on whichever gateway it is connected to.
+        pub client_subject_prefix: String = "client".into(),
+        /// JetStream KV bucket of presence (named clients: where each one is connected).
+        pub presence_bucket: String = "ipc_presence".into(),
+        /// How long a presence entry outlives its gateway: refreshed at a third of this while
+        /// the client is connected, so a gateway killed without cleaning up leaves no entry
+        /// older than this.
+        pub presence_ttl_ms: u64 = 15_000,
         /// Path of the Unix socket to listen on.
         pub socket: PathBuf = PathBuf::from("/tmp/ipc-gateway.sock"),
         /// Permission bits of the socket file, in octal ("0660").
@@ -237,6 +250,21 @@ settings! {
     }
 }
 
+fn is_gateway_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+fn is_gateway_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.chars().all(is_gateway_id_char)
+}
+
+/// The kernel's host name (`uname -n`); empty when it cannot be read.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_default()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -295,6 +323,14 @@ impl Config {
         }
         if let Err(err) = self.nats_servers() {
             return bad("nats_url", &err);
+        }
+        if let Some(id) = &self.gateway_id
+            && !is_gateway_id(id)
+        {
+            return bad(
+                "gateway_id",
+                "must be 1 to 64 letters, digits, '-', '_' or '.'",
+            );
         }
         if self.nats_connections == 0 || self.nats_connections > 64 {
             return bad("nats_connections", "must be between 1 and 64");
@@ -385,8 +421,28 @@ impl Config {
         Ok(servers)
     }
 
+    /// `gateway_id`, or when none is set the host name and the pid (`web-3-4242`), with any
+    /// character a gateway id may not hold replaced by `-`.
+    pub fn resolved_gateway_id(&self) -> String {
+        if let Some(id) = &self.gateway_id {
+            return id.clone();
+        }
+        let host: String = host_name()
+            .chars()
+            .map(|c| if is_gateway_id_char(c) { c } else { '-' })
+            .take(50)
+            .collect();
+        let host = if host.is_empty() {
+            "gateway".into()
+        } else {
+            host
+        };
+        format!("{host}-{}", std::process::id())
+    }
+
     pub fn audit(&self) -> crate::telemetry::audit::AuditConfig {
         crate::telemetry::audit::AuditConfig {
+            gateway: Some(self.resolved_gateway_id().into()),
             path: self.audit_file.clone(),
             overflow: self.audit_overflow,
             queue: self.audit_queue,
@@ -511,6 +567,18 @@ mod tests {
     }
 
     #[test]
+    fn the_gateway_id_defaults_to_the_host_name_and_pid() {
+        let id = Config::default().resolved_gateway_id();
+        assert!(id.ends_with(&format!("-{}", std::process::id())), "{id}");
+        assert!(is_gateway_id(&id), "{id}");
+        let named = Config {
+            gateway_id: Some("web-1".into()),
+            ..Config::default()
+        };
+        assert_eq!(named.resolved_gateway_id(), "web-1");
+    }
+
+    #[test]
     fn errors_name_the_bad_key() {
         Jail::expect_with(|jail| {
             jail.create_file("bad.toml", "max_frame_bytes = \"lots\"")?;
@@ -535,6 +603,9 @@ mod tests {
             jail.create_file("url.toml", "nats_url = \"nats://a:4222, nats://b:99999\"")?;
             let err = Config::load(Some(Path::new("url.toml")), &Flags::default()).unwrap_err();
             assert!(err.to_string().contains("nats_url"), "{err}");
+            jail.create_file("id.toml", "gateway_id = \"web 1\"")?;
+            let err = Config::load(Some(Path::new("id.toml")), &Flags::default()).unwrap_err();
+            assert!(err.to_string().contains("gateway_id"), "{err}");
             Ok(())
         });
     }

@@ -15,6 +15,7 @@ use async_nats::header::{HeaderName, HeaderValue};
 use super::auth::{JwtVerifier, LocalIdentities};
 use super::policy::{Permissions, Policy, PolicyError, Who};
 use crate::config::Config;
+use crate::protocol::identity::GATEWAY_ID_HEADER;
 use crate::protocol::{ErrorCode, Frontend, GatewayError, Identity};
 use crate::telemetry::audit::AuditIdentity;
 
@@ -26,8 +27,9 @@ pub struct Authorized {
     pub identity: Identity,
     pub permissions: Permissions,
     pub version: u64,
-    /// Whether messages carry the `Ipc-Gateway-*` headers (`identity_headers`).
-    stamps: bool,
+    /// The gateway id when messages carry the `Ipc-Gateway-*` headers (`identity_headers`);
+    /// `None` when they carry none.
+    stamps: Option<Arc<str>>,
     /// Those headers, made on the first message that needs them: a connection that never
     /// sends (an idle or subscribe-only one) keeps none of them.
     stamp: std::sync::OnceLock<Stamp>,
@@ -67,14 +69,15 @@ impl Authorized {
     /// The identity headers its messages carry, made once.
     pub(super) fn stamp(&self) -> &Stamp {
         self.stamp.get_or_init(|| {
-            let list: Vec<(HeaderName, HeaderValue)> = if self.stamps {
-                self.identity
+            let list: Vec<(HeaderName, HeaderValue)> = match &self.stamps {
+                Some(gateway) => self
+                    .identity
                     .headers()
                     .into_iter()
+                    .chain([(GATEWAY_ID_HEADER, gateway.to_string())])
                     .filter_map(|(name, value)| Some((name.parse().ok()?, value.parse().ok()?)))
-                    .collect()
-            } else {
-                Vec::new()
+                    .collect(),
+                None => Vec::new(),
             };
             let map = (!list.is_empty()).then(|| list.iter().cloned().collect());
             Stamp { list, map }
@@ -100,7 +103,8 @@ pub struct Access {
     version: AtomicU64,
     jwt: Option<JwtVerifier>,
     locals: Arc<LocalIdentities>,
-    stamp_identity: bool,
+    /// The gateway id when messages are stamped with the caller's identity.
+    stamp_identity: Option<Arc<str>>,
     auth_required: bool,
     max_per_identity: usize,
     /// Connections per identified caller (only counted when `max_per_identity` is set).
@@ -131,7 +135,9 @@ impl Access {
             version: AtomicU64::new(1),
             jwt,
             locals: Arc::new(LocalIdentities::new(LOCAL_NAMES_TTL)),
-            stamp_identity: config.identity_headers,
+            stamp_identity: config
+                .identity_headers
+                .then(|| config.resolved_gateway_id().into()),
             auth_required: config.auth_required,
             max_per_identity: config.max_connections_per_identity,
             per_identity: Arc::default(),
@@ -158,7 +164,7 @@ impl Access {
             identity,
             permissions,
             version: state.version,
-            stamps: self.stamp_identity,
+            stamps: self.stamp_identity.clone(),
             stamp: std::sync::OnceLock::new(),
         })
     }

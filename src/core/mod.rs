@@ -88,7 +88,9 @@ pub struct Readiness {
 
 impl Gateway {
     /// Builds the core and starts connecting to NATS; returns at once even if NATS is down.
-    pub async fn new(config: Config) -> Result<Gateway, String> {
+    pub async fn new(mut config: Config) -> Result<Gateway, String> {
+        // Resolved once, so /status, the audit log and the headers name the same gateway.
+        config.gateway_id = Some(config.resolved_gateway_id());
         let access = access::Access::new(&config)?;
         let metrics = Metrics::new();
         let audit = Audit::start(config.audit(), metrics.clone())?;
@@ -294,6 +296,11 @@ impl Gateway {
     /// Tracks client connection tasks (front-ends wrap each connection in it).
     pub fn connections(&self) -> &tokio_util::task::TaskTracker {
         &self.inner.connections
+    }
+
+    /// This gateway's id (`gateway_id`, resolved at start).
+    pub fn id(&self) -> &str {
+        self.inner.config.gateway_id.as_deref().unwrap_or_default()
     }
 
     pub fn config(&self) -> &Config {

@@ -355,6 +355,7 @@ async fn status(State(gateway): State<Gateway>, headers: axum::http::HeaderMap) 
     let breakers = gateway.breaker_status();
     if gateway.may_see_status(identity) {
         return Json(serde_json::json!({
+            "gateway_id": gateway.id(),
             "readiness": gateway.readiness(),
             "breakers": breakers,
         }))
@@ -365,6 +366,7 @@ async fn status(State(gateway): State<Gateway>, headers: axum::http::HeaderMap) 
         *states.entry(group.state.as_str()).or_default() += 1;
     }
     Json(serde_json::json!({
+        "gateway_id": gateway.id(),
         "readiness": gateway.readiness(),
         "breakers_by_state": states,
         "detail": "breaker groups are shown to callers the policy grants status (docs/policy.md)",

@@ -30,6 +30,8 @@ pub const PID_HEADER: &str = "Ipc-Gateway-Pid";
 pub const SUB_HEADER: &str = "Ipc-Gateway-Sub";
 /// The front-end the client came through: `uds`, `ws` or `grpc`.
 pub const FRONTEND_HEADER: &str = "Ipc-Gateway-Frontend";
+/// The id of the gateway the client is connected to (`gateway_id`).
+pub const GATEWAY_ID_HEADER: &str = "Ipc-Gateway-Id";
 
 /// Whether a header name is one only the gateway may set (`Ipc-Gateway-` in any case).
 pub fn is_reserved_header(name: &str) -> bool {

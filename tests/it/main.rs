@@ -19,6 +19,7 @@
 mod common;
 
 mod breakers;
+mod cluster;
 mod fanout;
 mod grpc;
 mod http_hardening;

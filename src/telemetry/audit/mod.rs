@@ -79,6 +79,9 @@ impl fmt::Display for Overflow {
 /// The audit log's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditConfig {
+    /// The gateway id every record carries (`"gateway"`), so that the logs of several
+    /// gateways can be merged; `None` leaves it out.
+    pub gateway: Option<Arc<str>>,
     /// The file to append to; `-` is standard output; `None` turns the audit log off.
     pub path: Option<PathBuf>,
     pub overflow: Overflow,
@@ -99,6 +102,7 @@ impl AuditConfig {
 impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
+            gateway: None,
             path: None,
             overflow: Overflow::Drop,
             queue: AuditConfig::DEFAULT_QUEUE,
@@ -168,7 +172,12 @@ impl Audit {
             slots: Semaphore::new(config.queue),
             capacity: config.queue,
         });
-        let writer = writer::Writer::new(queue.clone(), metrics.clone(), output);
+        let writer = writer::Writer::new(
+            queue.clone(),
+            metrics.clone(),
+            output,
+            config.gateway.clone(),
+        );
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run())

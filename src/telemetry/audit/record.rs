@@ -258,49 +258,77 @@ impl Record {
     }
 }
 
+/// A record as its audit line shows it: with the gateway that wrote it, when known.
+pub(super) struct Line<'a> {
+    record: &'a Record,
+    gateway: Option<&'a str>,
+}
+
+impl Record {
+    pub(super) fn line<'a>(&'a self, gateway: Option<&'a str>) -> Line<'a> {
+        Line {
+            record: self,
+            gateway,
+        }
+    }
+}
+
 impl Serialize for Record {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.line(None).serialize(serializer)
+    }
+}
+
+impl Serialize for Line<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let Line {
+            record: this,
+            gateway,
+        } = self;
         let mut map = serializer.serialize_map(None)?;
-        map.serialize_entry("ts", &Timestamp(self.ts))?;
-        map.serialize_entry("op", self.op.as_str())?;
-        if let Some(frontend) = self.frontend {
+        map.serialize_entry("ts", &Timestamp(this.ts))?;
+        map.serialize_entry("op", this.op.as_str())?;
+        if let Some(gateway) = gateway {
+            map.serialize_entry("gateway", gateway)?;
+        }
+        if let Some(frontend) = this.frontend {
             map.serialize_entry("frontend", frontend.as_str())?;
         }
-        if let Some(conn) = self.conn {
+        if let Some(conn) = this.conn {
             map.serialize_entry("conn", &conn)?;
         }
-        if !self.id.is_null() {
-            map.serialize_entry("id", &self.id)?;
+        if !this.id.is_null() {
+            map.serialize_entry("id", &this.id)?;
         }
-        if let Some(subject) = &self.subject {
+        if let Some(subject) = &this.subject {
             map.serialize_entry("subject", subject.as_str())?;
         }
-        if let Some(outcome) = self.outcome {
+        if let Some(outcome) = this.outcome {
             let outcome = match outcome {
                 Ok(()) => "ok",
                 Err(code) => code.as_str(),
             };
             map.serialize_entry("outcome", outcome)?;
         }
-        if let Some(latency_us) = self.latency_us {
+        if let Some(latency_us) = this.latency_us {
             map.serialize_entry("latency_us", &latency_us)?;
         }
-        if let Some(bytes) = self.bytes_in {
+        if let Some(bytes) = this.bytes_in {
             map.serialize_entry("bytes_in", &bytes)?;
         }
-        if let Some(bytes) = self.bytes_out {
+        if let Some(bytes) = this.bytes_out {
             map.serialize_entry("bytes_out", &bytes)?;
         }
-        if let Some(count) = self.count {
+        if let Some(count) = this.count {
             map.serialize_entry("count", &count)?;
         }
-        if let Some(reason) = &self.reason {
+        if let Some(reason) = &this.reason {
             map.serialize_entry("reason", reason)?;
         }
-        if let Some(message) = &self.message {
+        if let Some(message) = &this.message {
             map.serialize_entry("message", message)?;
         }
-        if let Some(identity) = &self.identity {
+        if let Some(identity) = &this.identity {
             map.serialize_entry("identity", identity.as_ref())?;
         }
         map.end()

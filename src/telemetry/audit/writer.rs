@@ -25,6 +25,8 @@ const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 
 pub(super) struct Writer {
+    /// The gateway id every line carries.
+    gateway: Option<Arc<str>>,
     queue: Arc<Queue>,
     metrics: Arc<Metrics>,
     out: Output,
@@ -53,8 +55,14 @@ struct Failure {
 }
 
 impl Writer {
-    pub(super) fn new(queue: Arc<Queue>, metrics: Arc<Metrics>, out: Output) -> Writer {
+    pub(super) fn new(
+        queue: Arc<Queue>,
+        metrics: Arc<Metrics>,
+        out: Output,
+        gateway: Option<Arc<str>>,
+    ) -> Writer {
         Writer {
+            gateway,
             queue,
             metrics,
             out,
@@ -181,7 +189,9 @@ impl Writer {
     /// its size, and writes the buffer when it is large.
     fn push_line(&mut self, record: &Record, counts: bool) {
         let line_start = self.buf.len();
-        if let Err(err) = serde_json::to_writer(&mut self.buf, record) {
+        if let Err(err) =
+            serde_json::to_writer(&mut self.buf, &record.line(self.gateway.as_deref()))
+        {
             self.buf.truncate(line_start);
             if counts {
                 self.metrics.audit_lost.increment(1);

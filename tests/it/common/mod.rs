@@ -2,6 +2,7 @@
 //! `ipc-gateway` binary, echo/slow services on NATS, and small raw clients (JSON lines, binary
 //! frames, HTTP) that speak the wire exactly as an outside program would.
 
+pub mod cluster;
 pub mod ws;
 
 use std::collections::BTreeSet;
@@ -103,6 +104,10 @@ impl NatsServer {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// kill -9, as a crash would.

@@ -1,10 +1,13 @@
 //! Several gateways on a 3-node NATS cluster: clients on different gateways talk through
 //! subjects, and the gateways ride out the loss of a node.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
 
 use crate::common::cluster::NatsCluster;
-use crate::common::{GatewayProcess, RecordingService};
+use crate::common::ws::{self, Ws};
+use crate::common::{GatewayProcess, JsonConn, PATIENCE, RecordingService};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_test_cluster_routes_its_nodes_and_has_jetstream() {
@@ -93,5 +96,215 @@ async fn each_gateway_names_itself_in_status_headers_and_audit_records() {
     assert!(records.iter().any(|r| r["op"] == "request"));
     for record in &records {
         assert_eq!(record["gateway"], "gw-a", "{record}");
+    }
+}
+
+/// Keeps breakers out of these tests: `NO_RESPONDERS` while interest crosses the routes, and
+/// the `TIMEOUT`s of a failover, are what the tests look at, not what a breaker makes of them.
+const NO_BREAKERS: [&str; 4] = [
+    "--breaker-failures",
+    "1000000",
+    "--breaker-min-timeout-ms",
+    "3600000",
+];
+
+/// A client of either front-end that speaks JSON envelopes.
+enum Peer {
+    Ws(Box<Ws>),
+    Uds(JsonConn),
+}
+
+impl Peer {
+    async fn send(&mut self, line: &str) {
+        match self {
+            Peer::Ws(socket) => ws::send(socket, line).await,
+            Peer::Uds(conn) => conn.send(line).await,
+        }
+    }
+
+    /// The next envelope; fails the test after `PATIENCE`.
+    async fn recv(&mut self) -> Value {
+        match self {
+            Peer::Ws(socket) => ws::next_json(socket).await,
+            Peer::Uds(conn) => conn.recv().await,
+        }
+    }
+
+    /// The next envelope if one comes within `wait`.
+    async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
+        tokio::time::timeout(wait, self.recv()).await.ok()
+    }
+
+    async fn call(&mut self, line: &str) -> Value {
+        self.send(line).await;
+        self.recv().await
+    }
+}
+
+/// Requests `subject` until a service answers: its interest reaches the asker's node over a
+/// route some time after it subscribed, and until then the answer is `NO_RESPONDERS`.
+async fn request_until_served(peer: &mut Peer, subject: &str, data: &str) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    for id in 0.. {
+        let request =
+            json!({"op":"request","id":id,"subject":subject,"data":data,"timeout_ms":5000});
+        let reply = peer.call(&request.to_string()).await;
+        assert_eq!(reply["id"], id, "{reply}");
+        if reply["ok"] == true {
+            return reply;
+        }
+        assert_eq!(reply["error"]["code"], "NO_RESPONDERS", "{reply}");
+        assert!(Instant::now() < deadline, "{subject} was never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    unreachable!()
+}
+
+/// `asker` requests `subject` and `answerer`, subscribed to it as `sid`, answers: it gets the
+/// request as a `msg` with `reply_to` and publishes its answer there. Retried while the
+/// subscription's interest is still on its way over the routes (`NO_RESPONDERS`).
+async fn request_answered_by(asker: &mut Peer, answerer: &mut Peer, subject: &str, sid: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    for id in 0.. {
+        let request = json!({"op":"request","id":id,"subject":subject,"data":format!("q{id}"),"timeout_ms":5000});
+        asker.send(&request.to_string()).await;
+        let reply = tokio::select! {
+            reply = asker.recv() => reply,
+            message = answerer.recv() => {
+                assert_eq!(message["op"], "msg", "{message}");
+                assert_eq!(message["sid"], sid, "{message}");
+                assert_eq!(message["subject"], subject, "{message}");
+                assert_eq!(message["data"], format!("q{id}"), "{message}");
+                let reply_to = message["reply_to"].as_str().expect("a request has reply_to");
+                let answer = json!({"op":"publish","subject":reply_to,"data":format!("a{id}")});
+                answerer.send(&answer.to_string()).await;
+                asker.recv().await
+            }
+        };
+        assert_eq!(reply["id"], id, "{reply}");
+        if reply["ok"] == true {
+            assert_eq!(reply["data"], format!("a{id}"), "{reply}");
+            return;
+        }
+        assert_eq!(reply["error"]["code"], "NO_RESPONDERS", "{reply}");
+        assert!(Instant::now() < deadline, "{sid} never got the request");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `publisher` publishes on `subject` until `subscriber` (subscribed as `sid`) gets a message:
+/// its interest crosses the routes asynchronously. Then one last publish, `last`, is read: it
+/// must be the next thing after the copies of the first ones that were already on their way.
+async fn publish_until_delivered(
+    publisher: &mut Peer,
+    subscriber: &mut Peer,
+    subject: &str,
+    sid: &str,
+) {
+    let deadline = Instant::now() + PATIENCE;
+    let mut first = None;
+    for n in 0.. {
+        let publish = json!({"op":"publish","subject":subject,"data":format!("p{n}")});
+        publisher.send(&publish.to_string()).await;
+        if let Some(message) = subscriber.recv_within(Duration::from_millis(200)).await {
+            first = Some(message);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{sid} never got a message");
+    }
+    let mut message = first.unwrap();
+    let last = json!({"op":"publish","id":"last","subject":subject,"data":"last"});
+    let ack = publisher.call(&last.to_string()).await;
+    assert_eq!(ack, json!({"id":"last","ok":true}));
+    loop {
+        assert_eq!(message["op"], "msg", "{message}");
+        assert_eq!(message["sid"], sid, "{message}");
+        assert_eq!(message["subject"], subject, "{message}");
+        if message["data"] == "last" {
+            return;
+        }
+        assert!(
+            message["data"].as_str().unwrap().starts_with('p'),
+            "{message}"
+        );
+        message = subscriber.recv().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_and_a_socket_client_on_two_gateways_talk_through_the_cluster() {
+    let cluster = NatsCluster::start().await;
+    cluster.wait_routed().await;
+    let first = GatewayProcess::start(
+        &cluster.nodes[0].url(),
+        &[&["--gateway-id", "gw-1"][..], &NO_BREAKERS].concat(),
+    );
+    let second = GatewayProcess::start(
+        &cluster.nodes[1].url(),
+        &[&["--gateway-id", "gw-2"][..], &NO_BREAKERS].concat(),
+    );
+    // A plain NATS service on the third node, which neither gateway is connected to.
+    let mut service = RecordingService::start(&cluster.nodes[2], "cluster.svc.echo").await;
+    let mut browser = Peer::Ws(Box::new(ws::connect(&first, None).await.expect("upgrade")));
+    let mut program = Peer::Uds(second.json().await);
+
+    // Both request the service on node 2: it sees which gateway and front-end each came from.
+    let reply = request_until_served(&mut browser, "cluster.svc.echo", "from ws").await;
+    assert_eq!(reply["data"], "from ws");
+    let seen = service.next().await;
+    let headers = seen.headers.expect("identity headers");
+    assert_eq!(headers.get("Ipc-Gateway-Id").unwrap().as_str(), "gw-1");
+    let reply = request_until_served(&mut program, "cluster.svc.echo", "from uds").await;
+    assert_eq!(reply["data"], "from uds");
+    let seen = service.next().await;
+    let headers = seen.headers.expect("identity headers");
+    assert_eq!(headers.get("Ipc-Gateway-Id").unwrap().as_str(), "gw-2");
+
+    // Each client serves requests for the other, through the other's gateway and node.
+    let ack = program
+        .call(r#"{"op":"subscribe","id":"asks","subject":"cluster.ask.uds"}"#)
+        .await;
+    assert_eq!(ack, json!({"id":"asks","ok":true}));
+    request_answered_by(&mut browser, &mut program, "cluster.ask.uds", "asks").await;
+    let ack = browser
+        .call(r#"{"op":"subscribe","id":"asks","subject":"cluster.ask.ws"}"#)
+        .await;
+    assert_eq!(ack, json!({"id":"asks","ok":true}));
+    request_answered_by(&mut program, &mut browser, "cluster.ask.ws", "asks").await;
+
+    // Publishes cross both ways.
+    let ack = program
+        .call(r#"{"op":"subscribe","id":"events","subject":"cluster.events.>"}"#)
+        .await;
+    assert_eq!(ack, json!({"id":"events","ok":true}));
+    publish_until_delivered(
+        &mut browser,
+        &mut program,
+        "cluster.events.from_ws",
+        "events",
+    )
+    .await;
+    let ack = browser
+        .call(r#"{"op":"subscribe","id":"events","subject":"cluster.events.>"}"#)
+        .await;
+    assert_eq!(ack, json!({"id":"events","ok":true}));
+    // The socket client's own subscription sees its publishes too.
+    let publish = r#"{"op":"publish","id":"p","subject":"cluster.events.from_uds","data":"x"}"#;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        assert_eq!(program.call(publish).await, json!({"id":"p","ok":true}));
+        let own = program.recv().await;
+        assert_eq!(own["data"], "x", "{own}");
+        if let Some(message) = browser.recv_within(Duration::from_millis(200)).await {
+            assert_eq!(message["op"], "msg", "{message}");
+            assert_eq!(message["sid"], "events");
+            assert_eq!(message["subject"], "cluster.events.from_uds");
+            assert_eq!(message["data"], "x");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the WebSocket client never got a message"
+        );
     }
 }

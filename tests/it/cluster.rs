@@ -1,13 +1,16 @@
 //! Several gateways on a 3-node NATS cluster: clients on different gateways talk through
 //! subjects, and the gateways ride out the loss of a node.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::common::cluster::NatsCluster;
 use crate::common::ws::{self, Ws};
-use crate::common::{GatewayProcess, JsonConn, PATIENCE, RecordingService};
+use crate::common::{GatewayProcess, JsonConn, PATIENCE, RecordingService, http_get, registered};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_test_cluster_routes_its_nodes_and_has_jetstream() {
@@ -305,6 +308,138 @@ async fn a_websocket_client_and_a_socket_client_on_two_gateways_talk_through_the
         assert!(
             Instant::now() < deadline,
             "the WebSocket client never got a message"
+        );
+    }
+}
+
+/// How many other nodes' routes have told `node` of interest in exactly `subject`.
+async fn routed_interest(cluster: &NatsCluster, node: usize, subject: &str) -> usize {
+    let (_, body) = http_get(cluster.nodes[node].monitor_port, "/routez?subs=1").await;
+    let Ok(routez) = serde_json::from_str::<Value>(&body) else {
+        return 0;
+    };
+    let mut peers: Vec<&str> = routez["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|route| {
+            route["subscriptions_list"]
+                .as_array()
+                .is_some_and(|subs| subs.iter().any(|s| s == subject))
+        })
+        .filter_map(|route| route["remote_name"].as_str())
+        .collect();
+    peers.sort_unstable();
+    peers.dedup();
+    peers.len()
+}
+
+/// Waits until `node` knows of interest in `subject` on `peers` other nodes.
+async fn wait_routed_interest(cluster: &NatsCluster, node: usize, subject: &str, peers: usize) {
+    let deadline = Instant::now() + PATIENCE;
+    while routed_interest(cluster, node, subject).await < peers {
+        assert!(
+            Instant::now() < deadline,
+            "node {node} never learnt of {subject} on {peers} other nodes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One instance of a service in a NATS queue group, as a plain NATS client: answers each
+/// request with `<name>:<payload>` and counts what it answered.
+struct Instance {
+    answered: Arc<AtomicUsize>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Instance {
+    async fn start(url: &str, subject: &str, queue: &str, name: usize) -> Instance {
+        let client = async_nats::connect(url).await.expect("connect");
+        let mut requests = client
+            .queue_subscribe(subject.to_owned(), queue.to_owned())
+            .await
+            .expect("queue subscribe");
+        registered(&client).await;
+        let answered = Arc::new(AtomicUsize::new(0));
+        let count = answered.clone();
+        let task = tokio::spawn(async move {
+            while let Some(request) = requests.next().await {
+                let Some(reply) = request.reply else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut data = format!("{name}:").into_bytes();
+                data.extend_from_slice(&request.payload);
+                let _ = client.publish(reply, data.into()).await;
+            }
+        });
+        Instance {
+            answered,
+            _task: task,
+        }
+    }
+
+    fn answered(&self) -> usize {
+        self.answered.load(Ordering::SeqCst)
+    }
+}
+
+/// Sends `count` pipelined requests on one socket connection and returns, per request, the
+/// instance that answered it; every request must get exactly one answer, a reply to it.
+async fn pipelined_requests(gateway: &GatewayProcess, subject: &str, count: usize) -> Vec<usize> {
+    let mut conn = gateway.json().await;
+    for id in 0..count {
+        let request = json!({"op":"request","id":id,"subject":subject,"data":format!("r{id}"),"timeout_ms":5000});
+        conn.send(&request.to_string()).await;
+    }
+    let mut by = vec![None; count];
+    for _ in 0..count {
+        let reply = conn.recv().await;
+        assert_eq!(reply["ok"], true, "{reply}");
+        let id = reply["id"].as_u64().expect("an id") as usize;
+        let (instance, data) = reply["data"].as_str().unwrap().split_once(':').unwrap();
+        assert_eq!(data, format!("r{id}"), "a reply went to the wrong request");
+        assert!(by[id].is_none(), "request {id} was answered twice");
+        by[id] = Some(instance.parse().unwrap());
+    }
+    conn.assert_silent(Duration::from_millis(300)).await;
+    by.into_iter().map(Option::unwrap).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_group_requests_through_two_gateways_spread_over_instances_on_every_node() {
+    let cluster = NatsCluster::start().await;
+    cluster.wait_routed().await;
+    let subject = "cluster.work.resize";
+    let mut instances = Vec::new();
+    for (name, node) in cluster.nodes.iter().enumerate() {
+        instances.push(Instance::start(&node.url(), subject, "workers", name).await);
+    }
+    // Every node knows of the members on the other two before the first request.
+    for node in 0..3 {
+        wait_routed_interest(&cluster, node, subject, 2).await;
+    }
+    let first = GatewayProcess::start(&cluster.nodes[0].url(), &NO_BREAKERS);
+    let second = GatewayProcess::start(&cluster.nodes[1].url(), &NO_BREAKERS);
+
+    let per_gateway = 300;
+    let (from_first, from_second) = tokio::join!(
+        pipelined_requests(&first, subject, per_gateway),
+        pipelined_requests(&second, subject, per_gateway),
+    );
+    let mut replies = [0usize; 3];
+    for instance in from_first.iter().chain(&from_second) {
+        replies[*instance] += 1;
+    }
+    let answered: Vec<usize> = instances.iter().map(Instance::answered).collect();
+    eprintln!("replies by instance {replies:?}; requests each instance answered {answered:?}");
+    // One member of the group got each request: the instances answered as many as were sent.
+    assert_eq!(answered.iter().sum::<usize>(), 2 * per_gateway);
+    assert_eq!(answered, replies);
+    for (instance, count) in answered.iter().enumerate() {
+        assert!(
+            *count > 0,
+            "instance {instance} (on node {instance}) got none of {}",
+            2 * per_gateway
         );
     }
 }

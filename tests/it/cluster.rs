@@ -2,7 +2,7 @@
 //! subjects, and the gateways ride out the loss of a node.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -442,4 +442,344 @@ async fn queue_group_requests_through_two_gateways_spread_over_instances_on_ever
             2 * per_gateway
         );
     }
+}
+
+/// The nodes that hold a client connection named `name` (from each running node's `/connz`).
+async fn nodes_holding(cluster: &NatsCluster, name: &str) -> Vec<usize> {
+    let mut holding = Vec::new();
+    for (index, node) in cluster.nodes.iter().enumerate() {
+        if !node.is_running() {
+            continue;
+        }
+        let (_, body) = http_get(node.monitor_port, "/connz?limit=1024").await;
+        let connz: Value = serde_json::from_str(&body).unwrap_or_default();
+        let held = connz["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|conn| conn["name"] == name);
+        if held {
+            holding.push(index);
+        }
+    }
+    holding
+}
+
+/// Waits until exactly one node holds the client connection `name`, and returns it.
+async fn node_holding(cluster: &NatsCluster, name: &str) -> usize {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let [node] = nodes_holding(cluster, name).await[..] {
+            return node;
+        }
+        assert!(Instant::now() < deadline, "no node holds {name}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What one load connection saw: each request's id and when it was sent, and each answer's
+/// id, when it came and its error code (`None` for a reply).
+#[derive(Default)]
+struct LoadRun {
+    sent: Vec<(u64, Instant)>,
+    answers: Vec<(u64, Instant, Option<String>)>,
+}
+
+const FAILOVER_TIMEOUT_MS: u64 = 2000;
+
+/// One socket client sending a request every `pace` until `stop`, reading answers as they
+/// come; after `stop` it reads until every request is answered and then 500 ms more, to see
+/// any second answer.
+async fn request_load(
+    gateway: &GatewayProcess,
+    connection: u64,
+    subject: &str,
+    pace: Duration,
+    stop: Arc<AtomicBool>,
+) -> LoadRun {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let stream = tokio::net::UnixStream::connect(&gateway.socket)
+        .await
+        .expect("connect");
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    let mut run = LoadRun::default();
+    let mut tick = tokio::time::interval(pace);
+    let mut stopped: Option<Instant> = None;
+    let mut quiet_from: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick(), if stopped.is_none() => {
+                if stop.load(Ordering::SeqCst) {
+                    stopped = Some(Instant::now());
+                    continue;
+                }
+                let id = connection * 1_000_000 + run.sent.len() as u64;
+                let request = json!({"op":"request","id":id,"subject":subject,"data":id.to_string(),"timeout_ms":FAILOVER_TIMEOUT_MS});
+                write.write_all(format!("{request}\n").as_bytes()).await.expect("write");
+                run.sent.push((id, Instant::now()));
+            }
+            line = lines.next_line() => {
+                let line = line.expect("read").expect("the gateway keeps the connection open");
+                let answer: Value = serde_json::from_str(&line).expect("JSON");
+                let id = answer["id"].as_u64().expect("an answer names its request");
+                let code = if answer["ok"] == true {
+                    let data = answer["data"].as_str().unwrap_or_default();
+                    assert!(data.ends_with(&format!(":{id}")), "a reply went to the wrong request: {answer}");
+                    None
+                } else {
+                    Some(answer["error"]["code"].as_str().unwrap_or_default().to_owned())
+                };
+                run.answers.push((id, Instant::now(), code));
+            }
+            () = tokio::time::sleep(Duration::from_millis(50)), if stopped.is_some() => {}
+        }
+        if let Some(stopped) = stopped {
+            if run.answers.len() >= run.sent.len() {
+                let quiet = *quiet_from.get_or_insert_with(Instant::now);
+                if quiet.elapsed() >= Duration::from_millis(500) {
+                    return run;
+                }
+            }
+            if stopped.elapsed() > Duration::from_millis(FAILOVER_TIMEOUT_MS) + PATIENCE {
+                return run; // the counts below say what is missing
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_gateways_node_under_load_every_request_answered_once_and_it_moves_on() {
+    let mut cluster = NatsCluster::start().await;
+    cluster.wait_routed().await;
+    // One pool connection: it lives on one node, and killing that node leaves the gateway no
+    // other connection to fall back on. It must move to a surviving node by itself.
+    let gateway = GatewayProcess::start(
+        &cluster.urls(),
+        &[
+            &["--nats-connections", "1", "--gateway-id", "gw-a"][..],
+            &NO_BREAKERS,
+        ]
+        .concat(),
+    );
+    let doomed = node_holding(&cluster, "ipc-gateway-0").await;
+    let survivors: Vec<usize> = (0..3).filter(|node| *node != doomed).collect();
+    eprintln!("the gateway is on node {doomed}; killing it");
+
+    // The service: one instance per node in a queue group; one of them dies with the node.
+    let subject = "cluster.fail.echo";
+    let mut instances = Vec::new();
+    for (name, node) in cluster.nodes.iter().enumerate() {
+        instances.push(Instance::start(&node.url(), subject, "echo", name).await);
+    }
+    for node in 0..3 {
+        wait_routed_interest(&cluster, node, subject, 2).await;
+    }
+    let mut probe = Peer::Uds(gateway.json().await);
+    request_until_served(&mut probe, subject, "ready?").await;
+
+    // A subscriber on the gateway, fed by a publisher on a surviving node.
+    let mut subscriber = gateway.json().await;
+    let ack = subscriber
+        .call(r#"{"op":"subscribe","id":"feed","subject":"cluster.fail.feed"}"#)
+        .await;
+    assert_eq!(ack, json!({"id":"feed","ok":true}));
+    let stop_publishing = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let client = cluster.nodes[survivors[0]].client().await;
+        let stop = stop_publishing.clone();
+        tokio::spawn(async move {
+            let mut published = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            while !stop.load(Ordering::SeqCst) {
+                tick.tick().await;
+                let seq = published.len() as u64;
+                client
+                    .publish("cluster.fail.feed", seq.to_string().into())
+                    .await
+                    .expect("publish");
+                published.push(Instant::now());
+            }
+            published
+        })
+    };
+    let stop_reading = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop_reading.clone();
+        tokio::spawn(async move {
+            let mut events = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(event) =
+                    tokio::time::timeout(Duration::from_millis(100), subscriber.recv()).await
+                {
+                    events.push((Instant::now(), event));
+                }
+            }
+            events
+        })
+    };
+
+    // Four socket clients, a request every 5 ms each, through the kill.
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let gateway = Arc::new(gateway);
+    let loads: Vec<_> = (1..=4)
+        .map(|connection| {
+            let gateway = gateway.clone();
+            let stop = stop_load.clone();
+            tokio::spawn(async move {
+                request_load(
+                    &gateway,
+                    connection,
+                    subject,
+                    Duration::from_millis(5),
+                    stop,
+                )
+                .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.nodes[doomed].kill();
+    let killed = Instant::now();
+
+    // The gateway moves to a surviving node by itself.
+    gateway.wait_status("/ready", 200).await;
+    let now_on = node_holding(&cluster, "ipc-gateway-0").await;
+    assert!(survivors.contains(&now_on), "{now_on}");
+    // Load goes on for a while after the failover.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_load.store(true, Ordering::SeqCst);
+    let mut runs = Vec::new();
+    for load in loads {
+        runs.push(load.await.unwrap());
+    }
+
+    // Every request got exactly one answer.
+    let mut answers_per_id = std::collections::HashMap::new();
+    let (mut sent, mut ok) = (0, 0);
+    let mut errors = std::collections::BTreeMap::<String, usize>::new();
+    for run in &runs {
+        sent += run.sent.len();
+        for (id, _, code) in &run.answers {
+            *answers_per_id.entry(*id).or_insert(0) += 1;
+            match code {
+                None => ok += 1,
+                Some(code) => *errors.entry(code.clone()).or_insert(0) += 1,
+            }
+        }
+        for (id, _) in &run.sent {
+            assert_eq!(
+                answers_per_id.get(id),
+                Some(&1),
+                "request {id} got no answer or more than one"
+            );
+        }
+    }
+    assert_eq!(answers_per_id.len(), sent, "answers to requests never sent");
+    assert_eq!(ok + errors.values().sum::<usize>(), sent);
+    // During the failover: UNAVAILABLE for the requests in flight on the lost connection and
+    // those sent while the gateway had none; TIMEOUT for a request whose message or reply was
+    // lost with the node. Nothing else: the service had live instances on the other nodes all
+    // along (so never NO_RESPONDERS), and every other code would be a bug.
+    for code in errors.keys() {
+        assert!(
+            code == "UNAVAILABLE" || code == "TIMEOUT",
+            "{code} during a failover: {errors:?}"
+        );
+    }
+
+    // Errors only around the kill, and requests succeed again within seconds.
+    let all: Vec<(Instant, Instant, &Option<String>)> = runs
+        .iter()
+        .flat_map(|run| {
+            let sent_at: std::collections::HashMap<u64, Instant> =
+                run.sent.iter().copied().collect();
+            run.answers
+                .iter()
+                .map(move |(id, at, code)| (sent_at[id], *at, code))
+        })
+        .collect();
+    assert!(
+        all.iter()
+            .all(|(_, at, code)| code.is_none() || *at >= killed),
+        "an error before the kill"
+    );
+    let recovered = all
+        .iter()
+        .filter(|(sent, _, code)| *sent > killed && code.is_none())
+        .map(|(_, at, _)| *at)
+        .min()
+        .expect("requests succeeded again after the kill");
+    let last_error = all
+        .iter()
+        .filter(|(_, _, code)| code.is_some())
+        .map(|(_, at, _)| *at)
+        .max();
+    let settled = recovered + Duration::from_secs(1);
+    let failed_after = all
+        .iter()
+        .filter(|(sent, _, code)| *sent > settled && code.is_some())
+        .count();
+    eprintln!(
+        "failover: {sent} requests, {ok} replies, errors {errors:?}; first reply to a request sent after the kill {:?} after it; last error {:?} after it; {failed_after} failed after recovery + 1 s",
+        recovered - killed,
+        last_error.map(|at| at - killed),
+    );
+    assert!(
+        recovered - killed < Duration::from_secs(10),
+        "requests took {:?} to succeed again",
+        recovered - killed
+    );
+    assert_eq!(failed_after, 0, "requests still failed after the failover");
+
+    // The subscription delivers again, and the outage reached the subscriber as a gap notice.
+    // The publisher has gone on all along: by now the subscription has delivered again.
+    stop_reading.store(true, Ordering::SeqCst);
+    let events = reader.await.unwrap();
+    stop_publishing.store(true, Ordering::SeqCst);
+    let published = publisher.await.unwrap();
+    let mut previous: Option<u64> = None;
+    let mut told = false;
+    let mut gap_at = None;
+    let mut resumed_at = None;
+    for (at, event) in &events {
+        match event["op"].as_str() {
+            Some("dropped") => {
+                assert_eq!(event["sid"], "feed", "{event}");
+                told = true;
+                if event["gap"] == true && *at >= killed && gap_at.is_none() {
+                    gap_at = Some(*at);
+                }
+            }
+            Some("msg") => {
+                let seq: u64 = event["data"].as_str().unwrap().parse().unwrap();
+                if let Some(previous) = previous {
+                    assert!(seq > previous, "out of order: {seq} after {previous}");
+                    assert!(
+                        seq == previous + 1 || told,
+                        "messages {}..{seq} were lost without a dropped notice",
+                        previous + 1
+                    );
+                }
+                if gap_at.is_some() && resumed_at.is_none() {
+                    resumed_at = Some(*at);
+                }
+                previous = Some(seq);
+                told = false;
+            }
+            _ => panic!("unexpected {event}"),
+        }
+    }
+    let gap_at = gap_at.expect("the subscriber was told of the gap (dropped, gap:true)");
+    let resumed_at = resumed_at.expect("the subscription delivered again after the failover");
+    eprintln!(
+        "subscription: {} published, {} delivered; gap notice {:?} after the kill, delivering again {:?} after it",
+        published.len(),
+        events.iter().filter(|(_, e)| e["op"] == "msg").count(),
+        gap_at - killed,
+        resumed_at - killed,
+    );
+    let gaps = gateway.metric("ipc_gateway_nats_gaps_total").await;
+    assert!(gaps >= Some(1.0), "{gaps:?}");
+    drop(instances);
 }

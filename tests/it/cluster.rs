@@ -781,5 +781,47 @@ async fn kill_9_of_the_gateways_node_under_load_every_request_answered_once_and_
     );
     let gaps = gateway.metric("ipc_gateway_nats_gaps_total").await;
     assert!(gaps >= Some(1.0), "{gaps:?}");
-    drop(instances);
+
+    // The killed node comes back on its ports and store: the cluster heals. Its routes and
+    // JetStream come back, the service instance that died with it is served requests again
+    // (its client reconnected by itself), and its clients get what gateway clients publish.
+    let restarted = Instant::now();
+    cluster.nodes[doomed].restart();
+    cluster.wait_routed().await;
+    cluster.wait_healthy().await;
+    let back = cluster.nodes[doomed].client().await;
+    let mut healed = back.subscribe("cluster.fail.healed").await.unwrap();
+    registered(&back).await;
+    let mut client = gateway.json().await;
+    let deadline = Instant::now() + PATIENCE * 3;
+    let before = instances[doomed].answered();
+    let mut id = 0;
+    while instances[doomed].answered() == before {
+        id += 1;
+        let request = json!({"op":"request","id":id,"subject":subject,"data":"again","timeout_ms":FAILOVER_TIMEOUT_MS});
+        let reply = client.call(&request.to_string()).await;
+        assert_eq!(reply["ok"], true, "{reply}");
+        assert!(
+            Instant::now() < deadline,
+            "the instance on the restarted node never got a request"
+        );
+    }
+    eprintln!(
+        "restart: routed and healthy, and its instance served again, {:?} after the restart",
+        restarted.elapsed()
+    );
+    let publish = r#"{"op":"publish","id":"h","subject":"cluster.fail.healed","data":"healed"}"#;
+    let message = loop {
+        assert_eq!(client.call(publish).await, json!({"id":"h","ok":true}));
+        if let Ok(Some(message)) =
+            tokio::time::timeout(Duration::from_millis(200), healed.next()).await
+        {
+            break message;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a client of the restarted node never got a message"
+        );
+    };
+    assert_eq!(&message.payload[..], b"healed");
 }

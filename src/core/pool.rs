@@ -29,6 +29,14 @@ use crate::protocol::{ErrorCode, GatewayError};
 /// A connection stays down this long, while another slot is connected, before it is replaced.
 pub const REPLACE_AFTER: Duration = Duration::from_secs(10);
 
+/// How often a connection on which the server has sent nothing pings it. async-nats gives a
+/// connection up (and reconnects, to another node of a cluster) at the third tick without a
+/// word from the server, so a server that hangs, or a host that vanishes without closing its
+/// connections, is left within 3 × this. async-nats's default, 60 s, kept requests timing out
+/// on a hung node for 3 minutes while `/ready` said 200. A busy connection sends no pings
+/// (every message from the server restarts the timer); an idle one a PING every 2 s.
+pub const PING_INTERVAL: Duration = Duration::from_secs(2);
+
 /// One pool connection and its loss signal: the value changes each time the connection drops,
 /// so requests waiting on it can fail at once instead of waiting out their deadline.
 pub struct PoolConn {
@@ -134,6 +142,7 @@ fn connect_options(
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
+        .ping_interval(PING_INTERVAL)
         .request_timeout(None)
         // Every subject the gateway publishes to was checked already (`validate_subject`,
         // stricter than async-nats's check) or is one of its own reply subjects.

@@ -110,6 +110,11 @@ impl NatsServer {
         self.child.is_some()
     }
 
+    /// The server's process id while it runs (to stop it with SIGSTOP, as a host that hangs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// kill -9, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

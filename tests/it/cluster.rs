@@ -549,20 +549,103 @@ async fn request_load(
     }
 }
 
-/// A gateway under load on a 3-node cluster, for the failover tests: its one pool connection
-/// lives on node `doomed`, which the test then takes away, so the gateway has no other
-/// connection to fall back on and must move to a surviving node by itself. Four socket
-/// clients send a request every 5 ms each to a queue-group service; a socket subscriber is fed
-/// by a publisher on a surviving node every 5 ms.
+/// What the loads on one gateway saw, checked on the way: every request answered exactly once,
+/// with a reply or UNAVAILABLE or TIMEOUT, and no error before the cut.
+struct Summary {
+    sent: usize,
+    ok: usize,
+    errors: std::collections::BTreeMap<String, usize>,
+    /// Each answer: when its request was sent, when it came, its error code.
+    answers: Vec<(Instant, Instant, Option<String>)>,
+    /// When the first reply to a request sent after the cut came.
+    recovered: Option<Instant>,
+    /// The last error, as time after the cut.
+    last_error: Option<Duration>,
+    /// When the last request that failed was sent.
+    last_failed_sent: Option<Instant>,
+}
+
+fn summarize(runs: &[LoadRun], cut: Instant) -> Summary {
+    let mut answers_per_id = std::collections::HashMap::new();
+    let (mut sent, mut ok) = (0, 0);
+    let mut errors = std::collections::BTreeMap::<String, usize>::new();
+    let mut answers = Vec::new();
+    for run in runs {
+        sent += run.sent.len();
+        let sent_at: std::collections::HashMap<u64, Instant> = run.sent.iter().copied().collect();
+        for (id, at, code) in &run.answers {
+            *answers_per_id.entry(*id).or_insert(0) += 1;
+            match code {
+                None => ok += 1,
+                Some(code) => *errors.entry(code.clone()).or_insert(0) += 1,
+            }
+            let sent = *sent_at
+                .get(id)
+                .expect("an answer to a request this client sent");
+            answers.push((sent, *at, code.clone()));
+        }
+        for (id, _) in &run.sent {
+            assert_eq!(
+                answers_per_id.get(id),
+                Some(&1),
+                "request {id} got no answer or more than one"
+            );
+        }
+    }
+    assert_eq!(answers_per_id.len(), sent, "answers to requests never sent");
+    assert_eq!(ok + errors.values().sum::<usize>(), sent);
+    // During a failover: UNAVAILABLE for the requests waiting on the lost connection and those
+    // sent while the gateway had none; TIMEOUT for a request whose message or reply was lost
+    // with the node (or sat on a hung node's connection until its deadline). Nothing else: the
+    // service had instances on the surviving nodes all along, whose interest every node knew
+    // (so never NO_RESPONDERS), and any other code is a bug.
+    for code in errors.keys() {
+        assert!(
+            code == "UNAVAILABLE" || code == "TIMEOUT",
+            "{code} during a failover: {errors:?}"
+        );
+    }
+    assert!(
+        answers
+            .iter()
+            .all(|(_, at, code)| code.is_none() || *at >= cut),
+        "an error before the cut"
+    );
+    let recovered = answers
+        .iter()
+        .filter(|(sent, _, code)| *sent > cut && code.is_none())
+        .map(|(_, at, _)| *at)
+        .min();
+    let failed = || answers.iter().filter(|(_, _, code)| code.is_some());
+    let last_error = failed().map(|(_, at, _)| *at - cut).max();
+    let last_failed_sent = failed().map(|(sent, _, _)| *sent).max();
+    Summary {
+        sent,
+        ok,
+        errors,
+        answers,
+        recovered,
+        last_error,
+        last_failed_sent,
+    }
+}
+
+/// Two gateways under load on a 3-node cluster, for the failover tests. The first has one
+/// pool connection, on node `doomed`, which the test then takes away: it has no other
+/// connection to fall back on and must move to a surviving node by itself. Four socket clients
+/// send it a request every 5 ms each, to a queue-group service; a socket subscriber on it is
+/// fed by a publisher on a surviving node every 5 ms. The second gateway has the default pool
+/// (two connections, each on a node picked at random) and two socket clients like the others.
 struct Failover {
     cluster: NatsCluster,
     gateway: Arc<GatewayProcess>,
+    second: Arc<GatewayProcess>,
     doomed: usize,
-    survivors: Vec<usize>,
     /// The service's instances by node (none on `doomed` unless asked for).
     instances: Vec<Option<Instance>>,
     stop_load: Arc<AtomicBool>,
-    loads: Vec<tokio::task::JoinHandle<LoadRun>>,
+    /// Each load with whether it is on the second gateway.
+    loads: Vec<(bool, tokio::task::JoinHandle<LoadRun>)>,
     stop_publishing: Arc<AtomicBool>,
     publisher: tokio::task::JoinHandle<usize>,
     stop_reading: Arc<AtomicBool>,
@@ -601,6 +684,12 @@ impl Failover {
             wait_routed_interest(&cluster, node, FAILOVER_SUBJECT, others).await;
         }
         let mut probe = Peer::Uds(gateway.json().await);
+        request_until_served(&mut probe, FAILOVER_SUBJECT, "ready?").await;
+        let second = GatewayProcess::start(
+            &cluster.urls(),
+            &[&["--gateway-id", "gw-b"][..], &NO_BREAKERS].concat(),
+        );
+        let mut probe = Peer::Uds(second.json().await);
         request_until_served(&mut probe, FAILOVER_SUBJECT, "ready?").await;
 
         let mut subscriber = gateway.json().await;
@@ -644,22 +733,28 @@ impl Failover {
 
         let stop_load = Arc::new(AtomicBool::new(false));
         let gateway = Arc::new(gateway);
-        let loads = (1..=4)
+        let second = Arc::new(second);
+        let loads = (1..=6)
             .map(|connection| {
-                let gateway = gateway.clone();
+                let on_second = connection > 4;
+                let gateway = match on_second {
+                    true => second.clone(),
+                    false => gateway.clone(),
+                };
                 let stop = stop_load.clone();
-                tokio::spawn(async move {
+                let load = tokio::spawn(async move {
                     let pace = Duration::from_millis(5);
                     request_load(&gateway, connection, FAILOVER_SUBJECT, pace, stop).await
-                })
+                });
+                (on_second, load)
             })
             .collect();
         tokio::time::sleep(Duration::from_secs(1)).await;
         Failover {
             cluster,
             gateway,
+            second,
             doomed,
-            survivors,
             instances,
             stop_load,
             loads,
@@ -670,92 +765,74 @@ impl Failover {
         }
     }
 
-    /// After the doomed node was taken away at `cut`: the gateway moves to a surviving node
-    /// by itself within `within`, every request gets exactly one answer, and the subscriber
-    /// is told of the gap and delivered to again. Stops the load, the publisher and the
-    /// subscriber.
+    /// After the doomed node was taken away at `cut`: the first gateway moves to a surviving
+    /// node by itself within `within` and the second serves again by then, every request gets
+    /// exactly one answer, and the subscriber is told of the gap and delivered to again. Stops
+    /// the load, the publisher and the subscriber.
     async fn check(&mut self, cut: Instant, within: Duration) {
-        let now_on = node_holding(&self.cluster, "ipc-gateway-0", &self.survivors).await;
+        // Through its one connection, a request can succeed only once that connection is on a
+        // surviving node.
+        let mut probe = self.gateway.json().await;
+        for id in 0.. {
+            let request = json!({"op":"request","id":id,"subject":FAILOVER_SUBJECT,"data":"probe","timeout_ms":1000});
+            let reply = probe.call(&request.to_string()).await;
+            if reply["ok"] == true {
+                break;
+            }
+            let code = reply["error"]["code"].as_str().unwrap_or_default();
+            assert!(code == "UNAVAILABLE" || code == "TIMEOUT", "{reply}");
+            assert!(
+                cut.elapsed() < within,
+                "the gateway was still not served {within:?} after the cut: {reply}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let moved = cut.elapsed();
+        // (A hung node's monitoring port would not answer: ask the others.)
+        let others: Vec<usize> = (0..3).filter(|node| *node != self.doomed).collect();
+        let now_on = nodes_holding(&self.cluster, "ipc-gateway-0", &others).await;
         self.gateway.wait_status("/ready", 200).await;
+        self.second.wait_status("/ready", 200).await;
         // Load goes on for a while after the failover.
         tokio::time::sleep(Duration::from_secs(3)).await;
         self.stop_load.store(true, Ordering::SeqCst);
         let mut runs = Vec::new();
-        for load in self.loads.drain(..) {
-            runs.push(load.await.unwrap());
-        }
-
-        // Every request got exactly one answer.
-        let mut answers_per_id = std::collections::HashMap::new();
-        let (mut sent, mut ok) = (0, 0);
-        let mut errors = std::collections::BTreeMap::<String, usize>::new();
-        for run in &runs {
-            sent += run.sent.len();
-            for (id, _, code) in &run.answers {
-                *answers_per_id.entry(*id).or_insert(0) += 1;
-                match code {
-                    None => ok += 1,
-                    Some(code) => *errors.entry(code.clone()).or_insert(0) += 1,
-                }
-            }
-            for (id, _) in &run.sent {
-                assert_eq!(
-                    answers_per_id.get(id),
-                    Some(&1),
-                    "request {id} got no answer or more than one"
-                );
+        let mut second_runs = Vec::new();
+        for (on_second, load) in self.loads.drain(..) {
+            match on_second {
+                true => second_runs.push(load.await.unwrap()),
+                false => runs.push(load.await.unwrap()),
             }
         }
-        assert_eq!(answers_per_id.len(), sent, "answers to requests never sent");
-        assert_eq!(ok + errors.values().sum::<usize>(), sent);
-        // During a failover: UNAVAILABLE for the requests waiting on the lost connection and
-        // those sent while the gateway had none; TIMEOUT for a request whose message or reply
-        // was lost with the node (or sat on a hung node's connection until its deadline).
-        // Nothing else: the service had instances on the surviving nodes all along, whose
-        // interest every node knew (so never NO_RESPONDERS), and any other code is a bug.
-        for code in errors.keys() {
-            assert!(
-                code == "UNAVAILABLE" || code == "TIMEOUT",
-                "{code} during a failover: {errors:?}"
-            );
-        }
-
-        // Errors only after the cut, and requests succeed again once the gateway moved.
-        let all: Vec<(Instant, Instant, &Option<String>)> = runs
-            .iter()
-            .flat_map(|run| {
-                let sent_at: std::collections::HashMap<u64, Instant> =
-                    run.sent.iter().copied().collect();
-                run.answers
-                    .iter()
-                    .map(move |(id, at, code)| (sent_at[id], *at, code))
-            })
-            .collect();
-        assert!(
-            all.iter().all(|(_, at, code)| code.is_none() || *at >= cut),
-            "an error before the cut"
+        let second = summarize(&second_runs, cut);
+        eprintln!(
+            "second gateway (default pool): {} requests, {} replies, errors {:?}; last error {:?} after the cut",
+            second.sent, second.ok, second.errors, second.last_error
         );
-        let recovered = all
-            .iter()
-            .filter(|(sent, _, code)| *sent > cut && code.is_none())
-            .map(|(_, at, _)| *at)
-            .min()
+        assert!(
+            second
+                .last_failed_sent
+                .is_none_or(|sent| sent < cut + within),
+            "the second gateway still failed requests {within:?} after the cut"
+        );
+
+        let first = summarize(&runs, cut);
+        let recovered = first
+            .recovered
             .expect("requests succeeded again after the cut");
-        let last_error = all
-            .iter()
-            .filter(|(_, _, code)| code.is_some())
-            .map(|(_, at, _)| *at)
-            .max();
         let settled = recovered + Duration::from_secs(1);
-        let failed_after = all
+        let failed_after = first
+            .answers
             .iter()
             .filter(|(sent, _, code)| *sent > settled && code.is_some())
             .count();
         eprintln!(
-            "failover: {sent} requests, {ok} replies, errors {errors:?}; the gateway on node {now_on} {moved:?} after the cut (seen from /connz); first reply to a request sent after the cut {:?} after it; last error {:?} after it; {failed_after} failed after recovery + 1 s",
+            "failover: {} requests, {} replies, errors {:?}; a probe served {moved:?} after the cut (the gateway now on node {now_on:?}); first reply to a request sent after the cut {:?} after it; last error {:?} after it; {failed_after} failed after recovery + 1 s",
+            first.sent,
+            first.ok,
+            first.errors,
             recovered - cut,
-            last_error.map(|at| at - cut),
+            first.last_error,
         );
         assert!(
             recovered - cut < within,

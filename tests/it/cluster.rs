@@ -1,5 +1,6 @@
 //! Several gateways on a 3-node NATS cluster: clients on different gateways talk through
-//! subjects, and the gateways ride out the loss of a node.
+//! subjects, queue groups spread over the nodes, and the gateways ride out a node that is
+//! killed or hangs (every request answered exactly once, subscribers told of the gap).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod breaker;
 pub mod budget;
 mod caller;
+mod durable;
 mod fanout;
 mod nats;
 pub mod policy;
@@ -38,6 +39,7 @@ use crate::telemetry::metrics::Metrics;
 pub use access::Authorized;
 use budget::ByteBudget;
 pub use caller::{Caller, HeldSlot, Slot};
+pub use durable::Stored;
 pub use fanout::{DeliverySink, Subscription};
 use policy::SubscribeDecision;
 use pool::NatsPool;
@@ -512,14 +514,7 @@ impl Gateway {
     }
 
     async fn send_publish(&self, caller: &Caller, envelope: Envelope) -> Result<(), GatewayError> {
-        caller.admit(envelope.data.len())?;
-        let subject = self.target_subject(&envelope)?;
-        if !caller.authorized().permissions.may_publish(&subject) && !caller.take_answer(&subject) {
-            return Err(forbidden(caller, "publish", &subject));
-        }
-        let subject = nats::subject(&subject);
-        let headers = self.outgoing_headers(caller, envelope.headers.as_ref())?;
-        let _permit = self.inner.budget.try_acquire(envelope.data.len())?;
+        let (subject, headers, _permit) = self.check_publish(caller, &envelope)?;
         let client = self.inner.pool.client_on(caller.lane().0)?.client;
         let sent = match headers {
             Some(headers) => {
@@ -530,6 +525,24 @@ impl Gateway {
             None => client.publish(subject, envelope.data).await,
         };
         sent.map_err(|err| nats::publish_error(&err))
+    }
+
+    /// What every publish (plain or durable) passes before it is sent: the rate limit, the
+    /// subject and the policy, the message's headers, the byte budget.
+    fn check_publish(
+        &self,
+        caller: &Caller,
+        envelope: &Envelope,
+    ) -> Result<(async_nats::Subject, Option<HeaderMap>, budget::BudgetPermit), GatewayError> {
+        caller.admit(envelope.data.len())?;
+        let subject = self.target_subject(envelope)?;
+        if !caller.authorized().permissions.may_publish(&subject) && !caller.take_answer(&subject) {
+            return Err(forbidden(caller, "publish", &subject));
+        }
+        let subject = nats::subject(&subject);
+        let headers = self.outgoing_headers(caller, envelope.headers.as_ref())?;
+        let permit = self.inner.budget.try_acquire(envelope.data.len())?;
+        Ok((subject, headers, permit))
     }
 
     /// Subscribes `caller` to `subject` (wildcards allowed, optional queue group): its
@@ -819,6 +832,7 @@ impl Gateway {
             return Ok(stamp.map.clone());
         };
         let mut map = nats::header_map(headers)?;
+        durable::scope_msg_id(&mut map, caller, self.id());
         for (name, value) in &stamp.list {
             map.insert(name.clone(), value.clone());
         }

@@ -89,6 +89,23 @@ impl Session {
                     .start_request(&self.caller, envelope, sink)
                     .await;
             }
+            Op::Publish if envelope.flags.durable => {
+                // Always answered, when the stream's ack comes; later publishes go on meanwhile.
+                self.outbox.begin_command();
+                let id = envelope.id.clone();
+                let stored = self.gateway.publish_durable(&self.caller, envelope).await;
+                let outbox = self.outbox.clone();
+                tokio::spawn(async move {
+                    outbox.push_control(match stored.await {
+                        Ok(stored) => Outbound::Stored {
+                            id,
+                            stream: stored.stream,
+                            seq: stored.seq,
+                        },
+                        Err(error) => Outbound::Error { id, error },
+                    });
+                });
+            }
             Op::Publish => {
                 let id = envelope.id.clone();
                 match self.gateway.publish(&self.caller, envelope).await {

@@ -167,11 +167,25 @@ impl GatewayRpc for GatewayService {
             request_headers(&metadata, message.headers).map_err(|e| self.refuse(Op::Publish, e))?;
         envelope.subject = subject(message.subject);
         envelope.data = message.payload;
+        if message.durable {
+            envelope.flags.durable = true;
+            envelope.id = match message.msg_id {
+                id if id.is_empty() => Id::Null,
+                id => Id::Text(id.into()),
+            };
+            envelope.timeout_ms = request_deadline_ms(&metadata, message.timeout_ms);
+            let stored = self.gateway.publish_durable(&caller, envelope).await;
+            let stored = stored.await.map_err(|e| to_status(&e))?;
+            return Ok(Response::new(pb::PublishAck {
+                stream: stored.stream.to_string(),
+                seq: stored.seq,
+            }));
+        }
         self.gateway
             .publish(&caller, envelope)
             .await
             .map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::PublishAck {}))
+        Ok(Response::new(pb::PublishAck::default()))
     }
 
     type SubscribeStream = ResponseStream<pb::SubscriptionMessage>;
@@ -260,6 +274,7 @@ async fn serve_subscription(
                 .unwrap_or_default(),
             dropped: std::mem::take(&mut dropped),
             gap: std::mem::take(&mut gap),
+            seq: message.seq.unwrap_or(0),
         }),
         _ => None,
     };

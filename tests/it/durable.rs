@@ -1,0 +1,269 @@
+//! Durable publish and replay through JetStream on the 3-node test cluster: a publish stored in
+//! a stream (answered with its stream and sequence, deduplicated by the caller's scoped id), its
+//! errors, and subscriptions that replay a stream from a sequence or a time and then go on live.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use ipc_gateway::protocol::binary::{FrameParts, flag, frame_type};
+use serde_json::json;
+
+use crate::common::cluster::NatsCluster;
+use crate::common::{GatewayProcess, NatsServer, PATIENCE, RawConn, frame, ws};
+
+/// A HS256 secret the gateways under test verify tokens with (32 bytes, the minimum).
+const SECRET: &[u8] = b"durable-tests-secret-0123456789a";
+
+/// A file holding `SECRET`, for `--auth-jwt-secret-file`.
+struct SecretFile {
+    dir: tempfile::TempDir,
+}
+
+impl SecretFile {
+    fn new() -> SecretFile {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("jwt.secret"), SECRET).unwrap();
+        SecretFile { dir }
+    }
+
+    fn arg(&self) -> String {
+        self.dir.path().join("jwt.secret").display().to_string()
+    }
+}
+
+fn token(sub: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": sub, "iat": now, "exp": now + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET).unwrap(),
+    )
+    .unwrap()
+}
+
+/// A WebSocket client that presents a token for `sub`.
+async fn ws_as(gateway: &GatewayProcess, sub: &str) -> ws::Ws {
+    let bearer = format!("Bearer {}", token(sub));
+    ws::connect_with_headers(gateway, &[("Authorization", &bearer)])
+        .await
+        .expect("upgrade")
+        .0
+}
+
+/// Makes a stream (with a direct JetStream client on `node`) and returns it.
+async fn make_stream(node: &NatsServer, config: stream::Config) -> stream::Stream {
+    let context = jetstream::new(node.client().await);
+    context.create_stream(config).await.expect("create stream")
+}
+
+fn r3(name: &str, subjects: &[&str]) -> stream::Config {
+    stream::Config {
+        name: name.into(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        num_replicas: 3,
+        ..Default::default()
+    }
+}
+
+async fn messages_in(stream: &mut stream::Stream) -> u64 {
+    stream.info().await.expect("stream info").state.messages
+}
+
+fn uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_publish_is_stored_once_per_identity_and_id_with_the_callers_headers() {
+    let cluster = NatsCluster::start().await;
+    let mut orders = make_stream(&cluster.nodes[1], r3("ORDERS", &["orders.>"])).await;
+    let secret = SecretFile::new();
+    let gateway = GatewayProcess::start(
+        &cluster.nodes[0].url(),
+        &[
+            "--gateway-id",
+            "gw-d",
+            "--auth-jwt-secret-file",
+            &secret.arg(),
+        ],
+    );
+    let mut client = gateway.json().await;
+
+    let first = client
+        .call(r#"{"op":"publish","id":1,"subject":"orders.new","data":"one","durable":true}"#)
+        .await;
+    assert_eq!(first, json!({"id":1,"ok":true,"stream":"ORDERS","seq":1}));
+    let stored = orders.get_raw_message(1).await.expect("stored message");
+    assert_eq!(&stored.payload[..], b"one");
+    let header = |name: &str| stored.headers.get(name).map(|v| v.as_str().to_owned());
+    assert_eq!(header("Ipc-Gateway-Id").as_deref(), Some("gw-d"));
+    assert_eq!(header("Ipc-Gateway-Uid"), Some(uid().to_string()));
+    assert_eq!(header("Nats-Msg-Id"), Some(format!("uid={}:1", uid())));
+
+    // The client did not hear back (say) and sends it again: stored once.
+    let again = client
+        .call(r#"{"op":"publish","id":1,"subject":"orders.new","data":"one","durable":true}"#)
+        .await;
+    assert_eq!(again, first);
+    assert_eq!(messages_in(&mut orders).await, 1);
+
+    // Other identities reusing the id are theirs: stored separately.
+    let mut alice = ws_as(&gateway, "alice").await;
+    let mut bob = ws_as(&gateway, "bob").await;
+    let line = r#"{"op":"publish","id":1,"subject":"orders.new","data":"theirs","durable":true}"#;
+    let from_alice = ws::call(&mut alice, line).await;
+    let from_bob = ws::call(&mut bob, line).await;
+    assert_eq!(from_alice["seq"], 2, "{from_alice}");
+    assert_eq!(from_bob["seq"], 3, "{from_bob}");
+    assert_eq!(ws::call(&mut alice, line).await["seq"], 2);
+    assert_eq!(messages_in(&mut orders).await, 3);
+    let bobs = orders.get_raw_message(3).await.unwrap();
+    assert_eq!(
+        bobs.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some("sub=bob:1")
+    );
+
+    // A Nats-Msg-Id header of the client's own is scoped too: bob cannot name alice's.
+    let forged = r#"{"op":"publish","id":5,"subject":"orders.new","data":"forged","durable":true,"headers":{"Nats-Msg-Id":"sub=alice:1"}}"#;
+    let answer = ws::call(&mut bob, forged).await;
+    assert_eq!(answer["seq"], 4, "{answer}");
+    let forged = orders.get_raw_message(4).await.unwrap();
+    assert_eq!(
+        forged.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some("sub=bob:sub=alice%3A1")
+    );
+
+    // Without an id it is still answered (with a null id), and never deduplicated.
+    let anonymous = r#"{"op":"publish","subject":"orders.new","data":"no id","durable":true}"#;
+    assert_eq!(
+        client.call(anonymous).await,
+        json!({"id":null,"ok":true,"stream":"ORDERS","seq":5})
+    );
+    assert_eq!(client.call(anonymous).await["seq"], 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_publish_errors_have_their_own_codes() {
+    let cluster = NatsCluster::start().await;
+    let _orders = make_stream(&cluster.nodes[1], r3("ORDERS", &["orders.>"])).await;
+    let gateway = GatewayProcess::start(&cluster.nodes[0].url(), &[]);
+    let mut client = gateway.json().await;
+
+    let answer = client
+        .call(r#"{"op":"publish","id":1,"subject":"loose.end","data":"x","durable":true}"#)
+        .await;
+    assert_eq!(answer["error"]["code"], "NO_STREAM", "{answer}");
+    assert_eq!(answer["id"], 1);
+    // Bad input is BAD_REQUEST, not a publish.
+    let answer = client
+        .call(r#"{"op":"request","id":2,"subject":"orders.x","durable":true}"#)
+        .await;
+    assert_eq!(answer["error"]["code"], "BAD_REQUEST", "{answer}");
+    let answer = client
+        .call(r#"{"op":"publish","id":3,"subject":"orders.x","durable":"yes"}"#)
+        .await;
+    assert_eq!(answer["error"]["code"], "BAD_REQUEST", "{answer}");
+    // The stream works before its quorum is lost.
+    let answer = client
+        .call(r#"{"op":"publish","id":4,"subject":"orders.x","data":"x","durable":true}"#)
+        .await;
+    assert_eq!(answer["seq"], 1, "{answer}");
+
+    // Two of three replicas gone: the stream cannot store anything, so no ack comes.
+    let mut cluster = cluster;
+    cluster.nodes[1].kill();
+    cluster.nodes[2].kill();
+    let answer = client
+        .call(r#"{"op":"publish","id":5,"subject":"orders.x","data":"y","durable":true,"timeout_ms":500}"#)
+        .await;
+    assert_eq!(answer["error"]["code"], "TIMEOUT", "{answer}");
+    assert_eq!(answer["id"], 5);
+
+    // NATS itself gone: UNAVAILABLE.
+    cluster.nodes[0].kill();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let answer = client
+            .call(r#"{"op":"publish","id":6,"subject":"orders.x","data":"z","durable":true,"timeout_ms":500}"#)
+            .await;
+        if answer["error"]["code"] == "UNAVAILABLE" {
+            break;
+        }
+        // Until the gateway notices the connection is gone, the ack just does not come.
+        assert_eq!(answer["error"]["code"], "TIMEOUT", "{answer}");
+        assert!(std::time::Instant::now() < deadline, "never UNAVAILABLE");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_publish_over_binary_frames_and_grpc() {
+    let cluster = NatsCluster::start().await;
+    let mut orders = make_stream(&cluster.nodes[2], r3("ORDERS", &["orders.>"])).await;
+    let gateway = GatewayProcess::start(&cluster.nodes[0].url(), &[]);
+
+    let mut raw = RawConn::connect(&gateway.socket).await;
+    raw.send(&frame(FrameParts {
+        frame_type: frame_type::PUBLISH,
+        flags: flag::STREAM,
+        id: 9,
+        subject: b"orders.bin",
+        payload: b"binary",
+        ..FrameParts::default()
+    }))
+    .await;
+    let ack = raw.recv().await;
+    assert_eq!(ack.header.frame_type, frame_type::ACK, "{ack:?}");
+    assert_eq!(ack.header.id, 9);
+    assert_eq!(ack.header.flags & flag::STREAM, flag::STREAM);
+    assert_eq!(&ack.aux[..], b"ORDERS");
+    assert_eq!(ack.payload[..], 1u64.to_be_bytes());
+    raw.send(&frame(FrameParts {
+        frame_type: frame_type::PUBLISH,
+        flags: flag::STREAM,
+        id: 10,
+        subject: b"nowhere.bin",
+        payload: b"binary",
+        ..FrameParts::default()
+    }))
+    .await;
+    let error = raw.recv().await;
+    assert_eq!(error.header.frame_type, frame_type::ERROR, "{error:?}");
+    assert_eq!(error.code(), "NO_STREAM");
+
+    let mut grpc = gateway.grpc().await;
+    use ipc_gateway::frontend::grpc::pb;
+    let message = pb::PublishMessage {
+        subject: "orders.grpc".into(),
+        payload: "grpc".into(),
+        durable: true,
+        msg_id: "3f1c2e".into(),
+        ..Default::default()
+    };
+    let ack = grpc
+        .publish(message.clone())
+        .await
+        .expect("stored")
+        .into_inner();
+    assert_eq!((ack.stream.as_str(), ack.seq), ("ORDERS", 2));
+    let ack = grpc.publish(message).await.expect("stored").into_inner();
+    assert_eq!(ack.seq, 2, "the same msg_id is stored once");
+    assert_eq!(messages_in(&mut orders).await, 2);
+    let status = grpc
+        .publish(pb::PublishMessage {
+            subject: "nowhere.grpc".into(),
+            durable: true,
+            ..Default::default()
+        })
+        .await
+        .expect_err("no stream");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        status.metadata().get("ipc-gateway-error").unwrap(),
+        "NO_STREAM"
+    );
+}

@@ -13,6 +13,7 @@ mod nats;
 pub mod policy;
 pub mod pool;
 pub mod ratelimit;
+pub mod replay;
 pub mod replies;
 pub mod shutdown;
 #[cfg(test)]
@@ -40,9 +41,10 @@ pub use access::Authorized;
 use budget::ByteBudget;
 pub use caller::{Caller, HeldSlot, Slot};
 pub use durable::Stored;
-pub use fanout::{DeliverySink, Subscription};
+pub use fanout::DeliverySink;
 use policy::SubscribeDecision;
 use pool::NatsPool;
+pub use replay::{Replayed, Subscription};
 pub use replies::ReplySink;
 use shutdown::Shutdown;
 
@@ -75,6 +77,8 @@ struct Inner {
     access: access::Access,
     audit: Audit,
     fanout: Arc<fanout::Fanout>,
+    /// Subscriptions that replay a stream watch this for policy reloads.
+    replays: replay::Replays,
 }
 
 /// What `/ready` reports.
@@ -140,6 +144,7 @@ impl Gateway {
                 access,
                 audit,
                 fanout,
+                replays: replay::Replays::new(),
             }),
         })
     }
@@ -258,6 +263,7 @@ impl Gateway {
             Ok(Some(version)) => {
                 tracing::info!(version, "policy reloaded");
                 self.recheck_subscriptions();
+                self.inner.replays.policy_reloaded();
                 self.inner.metrics.policy_reload(true);
                 audit.record(Record::policy_reload(Ok(())).message(format!("version {version}")));
                 Ok(())
@@ -627,7 +633,7 @@ impl Gateway {
             fanout.set_dispatcher(&topic, dispatcher.abort_handle());
         }
         topic.opened().await?;
-        Ok(subscription)
+        Ok(Subscription::shared(subscription))
     }
 
     /// Makes the NATS subscription for a topic and waits until the server confirms it.

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::core::{Caller, Gateway, Subscription};
+use crate::core::{Caller, Gateway, Replayed, Subscription};
 use crate::protocol::{
     Decoded, Envelope, ErrorCode, Frontend, GatewayError, Id, Op, Outbound, Subject,
 };
@@ -119,7 +119,12 @@ impl Session {
                 // Boxed: a subscribe's state is large and rare; the request path's future
                 // (this one) stays small.
                 let answer = match Box::pin(self.subscribe(envelope)).await {
-                    Ok(()) => Outbound::Ack { id },
+                    Ok(None) => Outbound::Ack { id },
+                    Ok(Some(replayed)) => Outbound::Replaying {
+                        id,
+                        stream: replayed.stream,
+                        truncated: replayed.truncated,
+                    },
                     Err(error) => Outbound::Error { id, error },
                 };
                 self.answer(answer);
@@ -264,9 +269,13 @@ impl Session {
         Ok(())
     }
 
-    /// Opens a subscription whose messages go to the outbox under `envelope.id`. Failures
-    /// are counted; the caller answers.
-    pub async fn subscribe(&mut self, envelope: Envelope) -> Result<(), GatewayError> {
+    /// Opens a subscription whose messages go to the outbox under `envelope.id` (with
+    /// `since`, replaying a stream first: then where it starts). Failures are counted; the
+    /// caller answers.
+    pub async fn subscribe(
+        &mut self,
+        envelope: Envelope,
+    ) -> Result<Option<Replayed>, GatewayError> {
         let sid = envelope.id.clone();
         let subject = self.check_subscription(&envelope).inspect_err(|error| {
             self.gateway
@@ -278,19 +287,28 @@ impl Session {
             self.outbox.limit_by_credit(sid.clone(), credit);
         }
         let sink = (sid.clone(), envelope.priority, self.outbox.clone() as _);
-        let subscribed = self
-            .gateway
-            .subscribe(&self.caller, &subject, envelope.queue.as_deref(), sink)
-            .await;
+        let queue = envelope.queue.as_deref();
+        let subscribed = match envelope.since.as_deref() {
+            None => self
+                .gateway
+                .subscribe(&self.caller, &subject, queue, sink)
+                .await
+                .map(|subscription| (subscription, None)),
+            Some(since) => self
+                .gateway
+                .subscribe_replay(&self.caller, &subject, queue, *since, sink)
+                .await
+                .map(|(subscription, replayed)| (subscription, Some(replayed))),
+        };
         match subscribed {
-            Ok(subscription) => {
+            Ok((subscription, replayed)) => {
                 if self.subscriptions.len() == self.subscriptions.capacity() {
                     // Grown by doubling from one (a Vec's first push would make room for 4).
                     self.subscriptions
                         .reserve_exact(self.subscriptions.len().max(1));
                 }
                 self.subscriptions.push((sid, subscription));
-                Ok(())
+                Ok(replayed)
             }
             Err(error) => {
                 self.outbox.purge(&sid);

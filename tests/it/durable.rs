@@ -267,3 +267,271 @@ async fn durable_publish_over_binary_frames_and_grpc() {
         "NO_STREAM"
     );
 }
+
+/// Publishes `payload` to `subject` through JetStream directly and returns its sequence.
+async fn store(context: &jetstream::Context, subject: &str, payload: String) -> u64 {
+    context
+        .publish(subject.to_owned(), payload.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored")
+        .sequence
+}
+
+/// Reads `msg` lines of subscription `sid` until one with sequence `last`; returns every
+/// (seq, data) read, checking each line is a message of `sid`.
+async fn read_until(
+    client: &mut crate::common::JsonConn,
+    sid: &str,
+    last: u64,
+) -> Vec<(u64, String)> {
+    let mut seen = Vec::new();
+    loop {
+        let line = client.recv().await;
+        assert_eq!(line["op"], "msg", "{line}");
+        assert_eq!(line["sid"], sid, "{line}");
+        let seq = line["seq"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no seq: {line}"));
+        seen.push((seq, line["data"].as_str().unwrap().to_owned()));
+        if seq >= last {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reconnects_with_its_last_seq_misses_nothing_and_sees_nothing_twice() {
+    let cluster = NatsCluster::start().await;
+    let _events = make_stream(&cluster.nodes[1], r3("EVENTS", &["events.>"])).await;
+    let gateway = GatewayProcess::start(&cluster.nodes[0].url(), &[]);
+    let context = jetstream::new(cluster.nodes[2].client().await);
+    const TOTAL: u64 = 300;
+    // Some history before anyone subscribes, then a publisher that keeps going throughout.
+    for n in 1..=20 {
+        store(&context, "events.a", format!("m{n}")).await;
+    }
+    let publisher = tokio::spawn({
+        let context = context.clone();
+        async move {
+            for n in 21..=TOTAL {
+                let subject = if n % 2 == 0 { "events.a" } else { "events.b" };
+                store(&context, subject, format!("m{n}")).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+
+    let mut first = gateway.json().await;
+    let answer = first
+        .call(r#"{"op":"subscribe","id":"s","subject":"events.>","since_seq":0}"#)
+        .await;
+    assert_eq!(answer, json!({"id":"s","ok":true,"stream":"EVENTS"}));
+    let mut seen = read_until(&mut first, "s", 50).await;
+    drop(first); // the connection is gone: the client lost whatever was on its way
+
+    let last = seen.last().unwrap().0;
+    let mut second = gateway.json().await;
+    let answer = second
+        .call(&format!(
+            r#"{{"op":"subscribe","id":"again","subject":"events.>","since_seq":{last}}}"#
+        ))
+        .await;
+    assert_eq!(answer, json!({"id":"again","ok":true,"stream":"EVENTS"}));
+    seen.extend(read_until(&mut second, "again", TOTAL).await);
+    publisher.await.unwrap();
+
+    let expected: Vec<(u64, String)> = (1..=TOTAL).map(|n| (n, format!("m{n}"))).collect();
+    assert_eq!(seen, expected, "contiguous, in order, each once");
+    // And nothing more after the last one: live delivery goes on from the same consumer.
+    let seq = store(&context, "events.a", "live".into()).await;
+    let line = second.recv().await;
+    assert_eq!(
+        (line["seq"].as_u64(), &line["data"]),
+        (Some(seq), &json!("live"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_says_when_the_stream_no_longer_holds_its_start_and_replays_from_a_time() {
+    let cluster = NatsCluster::start().await;
+    let small = stream::Config {
+        max_messages: 5,
+        ..r3("SMALL", &["small.>"])
+    };
+    let _small = make_stream(&cluster.nodes[1], small).await;
+    let _events = make_stream(&cluster.nodes[1], r3("EVENTS", &["events.>"])).await;
+    let context = jetstream::new(cluster.nodes[2].client().await);
+    for n in 1..=10 {
+        store(&context, "small.x", format!("m{n}")).await;
+    }
+    let secret = SecretFile::new();
+    let gateway = GatewayProcess::start(
+        &cluster.nodes[0].url(),
+        &["--auth-jwt-secret-file", &secret.arg()],
+    );
+    let mut client = gateway.json().await;
+
+    // Messages 1-5 are gone: the replay starts at 6, and says so.
+    let answer = client
+        .call(r#"{"op":"subscribe","id":"one","subject":"small.>","since_seq":2}"#)
+        .await;
+    assert_eq!(
+        answer,
+        json!({"id":"one","ok":true,"stream":"SMALL","truncated":true,"first_seq":6})
+    );
+    let seen = read_until(&mut client, "one", 10).await;
+    assert_eq!(
+        seen.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        [6, 7, 8, 9, 10]
+    );
+    // From a point it still holds: no truncation.
+    let answer = client
+        .call(r#"{"op":"subscribe","id":"two","subject":"small.x","since_seq":8}"#)
+        .await;
+    assert_eq!(answer, json!({"id":"two","ok":true,"stream":"SMALL"}));
+    let seen = read_until(&mut client, "two", 10).await;
+    assert_eq!(
+        seen.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        [9, 10]
+    );
+
+    // since_time, on a WebSocket: from the stored time of message 3 of EVENTS.
+    let mut events = jetstream::new(cluster.nodes[1].client().await)
+        .get_stream("EVENTS")
+        .await
+        .unwrap();
+    for n in 1..=4 {
+        store(&context, "events.t", format!("t{n}")).await;
+        // Distinct stored times, whatever the clock's resolution.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let third = events.get_raw_message(3).await.unwrap().time;
+    let since = third
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let mut ws = ws_as(&gateway, "carol").await;
+    let answer = ws::call(
+        &mut ws,
+        &format!(r#"{{"op":"subscribe","id":"t","subject":"events.t","since_time":"{since}"}}"#),
+    )
+    .await;
+    assert_eq!(answer, json!({"id":"t","ok":true,"stream":"EVENTS"}));
+    for n in 3..=4 {
+        let line = ws::next_json(&mut ws).await;
+        assert_eq!(line["seq"], n, "{line}");
+        assert_eq!(line["data"], format!("t{n}"));
+    }
+    assert_eq!(events.info().await.unwrap().state.messages, 4);
+
+    // Errors: no stream; a queue group; both starting points; a bad time.
+    for (line, code) in [
+        (
+            r#"{"op":"subscribe","id":"e1","subject":"loose.>","since_seq":0}"#,
+            "NO_STREAM",
+        ),
+        (
+            r#"{"op":"subscribe","id":"e2","subject":"small.x","queue":"q","since_seq":0}"#,
+            "BAD_REQUEST",
+        ),
+        (
+            r#"{"op":"subscribe","id":"e3","subject":"small.x","since_seq":0,"since_time":"2026-01-01T00:00:00Z"}"#,
+            "BAD_REQUEST",
+        ),
+        (
+            r#"{"op":"subscribe","id":"e4","subject":"small.x","since_time":"noon"}"#,
+            "BAD_REQUEST",
+        ),
+    ] {
+        let answer = ws::call(&mut ws, line).await;
+        assert_eq!(answer["error"]["code"], code, "{line}: {answer}");
+    }
+    // The failed ones did not take subscription ids: "e1" can be used again.
+    let answer = ws::call(
+        &mut ws,
+        r#"{"op":"subscribe","id":"e1","subject":"small.x","since_seq":9}"#,
+    )
+    .await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let line = ws::next_json(&mut ws).await;
+    assert_eq!(
+        (line["sid"].as_str(), line["seq"].as_u64()),
+        (Some("e1"), Some(10))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_over_binary_frames_and_grpc() {
+    let cluster = NatsCluster::start().await;
+    let _events = make_stream(&cluster.nodes[1], r3("EVENTS", &["events.>"])).await;
+    let context = jetstream::new(cluster.nodes[2].client().await);
+    for n in 1..=3 {
+        store(&context, "events.b", format!("b{n}")).await;
+    }
+    let gateway = GatewayProcess::start(&cluster.nodes[0].url(), &[]);
+
+    let mut raw = RawConn::connect(&gateway.socket).await;
+    raw.send(&frame(FrameParts {
+        frame_type: frame_type::SUBSCRIBE,
+        flags: flag::STREAM,
+        id: 4,
+        subject: b"events.>",
+        payload: &1u64.to_be_bytes(),
+        ..FrameParts::default()
+    }))
+    .await;
+    let ack = raw.recv().await;
+    assert_eq!(
+        (ack.header.frame_type, ack.header.id),
+        (frame_type::ACK, 4),
+        "{ack:?}"
+    );
+    assert_eq!(ack.header.flags, flag::STREAM);
+    assert_eq!(&ack.aux[..], b"EVENTS");
+    for n in 2..=3u64 {
+        let msg = raw.recv().await;
+        assert_eq!(msg.header.frame_type, frame_type::MSG, "{msg:?}");
+        assert_eq!(msg.header.flags & flag::STREAM, flag::STREAM);
+        assert_eq!(msg.aux[..], n.to_be_bytes());
+        assert_eq!(msg.payload, format!("b{n}").as_bytes());
+    }
+
+    use ipc_gateway::frontend::grpc::pb;
+    let mut grpc = gateway.grpc().await;
+    let response = grpc
+        .subscribe(pb::SubscribeRequest {
+            subject: "events.b".into(),
+            since_seq: Some(2),
+            ..Default::default()
+        })
+        .await
+        .expect("subscribed");
+    assert_eq!(
+        response.metadata().get("ipc-gateway-stream").unwrap(),
+        "EVENTS"
+    );
+    let mut messages = response.into_inner();
+    let next = tokio::time::timeout(PATIENCE, messages.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((next.seq, &next.payload[..]), (3, &b"b3"[..]));
+    let live = store(&context, "events.b", "b4".into()).await;
+    let next = tokio::time::timeout(PATIENCE, messages.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((next.seq, &next.payload[..]), (live, &b"b4"[..]));
+    let status = grpc
+        .subscribe(pb::SubscribeRequest {
+            subject: "loose.end".into(),
+            since_seq: Some(0),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no stream");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+}

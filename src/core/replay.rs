@@ -380,9 +380,7 @@ async fn replay(
             biased;
             Ok(()) = policy.changed() => {
                 if let Err(error) = gateway.recheck_replay(&mut member) {
-                    member.active.store(false, Ordering::Release);
-                    member.sink.ended(&member.sid, error);
-                    return;
+                    return end(member, error);
                 }
                 continue;
             }
@@ -400,6 +398,17 @@ async fn replay(
             }
         }
     }
+}
+
+/// Ends a replay the policy no longer allows: its place under the connection's subscription
+/// limit is free before the client hears of it.
+fn end(member: Member, error: GatewayError) {
+    member.active.store(false, Ordering::Release);
+    let Member {
+        sid, sink, _slot, ..
+    } = member;
+    drop(_slot);
+    sink.ended(&sid, error);
 }
 
 /// A new consumer from `position`, on a connected pool connection, with backoff.

@@ -535,3 +535,141 @@ async fn replay_over_binary_frames_and_grpc() {
         .expect_err("no stream");
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_rides_out_the_loss_of_the_gateways_nats_node_without_a_gap() {
+    let mut cluster = NatsCluster::start().await;
+    let _events = make_stream(&cluster.nodes[1], r3("EVENTS", &["events.>"])).await;
+    // Node 0 only: the gateway learns the others from it, and goes to them when it dies.
+    let gateway = GatewayProcess::start(&cluster.nodes[0].url(), &[]);
+    let context = jetstream::new(cluster.nodes[2].client().await);
+    // Stored once each even when a publish is retried across the stream's leader election.
+    let store_once = |n: u64| {
+        let context = context.clone();
+        async move {
+            let deadline = std::time::Instant::now() + PATIENCE * 3;
+            loop {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", n.to_string().as_str());
+                let sent = context
+                    .publish_with_headers("events.f", headers, format!("m{n}").into())
+                    .await;
+                let stored = match sent {
+                    Ok(ack) => ack.await.ok(),
+                    Err(_) => None,
+                };
+                if let Some(ack) = stored {
+                    assert_eq!(ack.sequence, n, "one message per number");
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "m{n} was never stored"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    for n in 1..=20 {
+        store_once(n).await;
+    }
+    let mut client = gateway.json().await;
+    let answer = client
+        .call(r#"{"op":"subscribe","id":"f","subject":"events.f","since_seq":0}"#)
+        .await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let mut seen = read_until(&mut client, "f", 20).await;
+
+    cluster.nodes[0].kill();
+    for n in 21..=60 {
+        store_once(n).await;
+    }
+    seen.extend(read_until(&mut client, "f", 60).await);
+    let expected: Vec<(u64, String)> = (1..=60).map(|n| (n, format!("m{n}"))).collect();
+    assert_eq!(
+        seen, expected,
+        "contiguous, in order, each once, across the failover"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaying_subscription_obeys_the_policy_the_subscription_limit_and_unsubscribe() {
+    let cluster = NatsCluster::start().await;
+    let _events = make_stream(&cluster.nodes[1], r3("EVENTS", &["events.>", "other.>"])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    let grant = |subscribe: &str| {
+        format!(
+            "[[grant]]\nmatch = {{ anonymous = false }}\npublish = {{ allow = [\"events.>\"] }}\nsubscribe = {{ allow = [\"{subscribe}\"] }}\n"
+        )
+    };
+    std::fs::write(&policy, grant("events.>")).unwrap();
+    let gateway = GatewayProcess::start(
+        &cluster.nodes[0].url(),
+        &[
+            "--policy",
+            policy.to_str().unwrap(),
+            "--max-subscriptions-per-connection",
+            "2",
+        ],
+    );
+    let mut client = gateway.json().await;
+    let subscribe = |sid: &str, subject: &str| {
+        json!({"op":"subscribe","id":sid,"subject":subject,"since_seq":0}).to_string()
+    };
+    let refused = client.call(&subscribe("o", "other.>")).await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    assert_eq!(client.call(&subscribe("r", "events.>")).await["ok"], true);
+    assert_eq!(client.call(&subscribe("a", "events.a")).await["ok"], true);
+    let over = client.call(&subscribe("b", "events.b")).await;
+    assert_eq!(over["error"]["code"], "OVERLOADED", "{over}");
+    let done = client.call(r#"{"op":"unsubscribe","id":"a"}"#).await;
+    assert_eq!(done, json!({"id":"a","ok":true}));
+    assert_eq!(client.call(&subscribe("b", "events.b")).await["ok"], true);
+
+    // A durable publish through the gateway reaches "r" (and not "b", another subject; nor
+    // "a", unsubscribed).
+    let publish = r#"{"op":"publish","id":"p1","subject":"events.a","data":"x","durable":true}"#;
+    client.send(publish).await;
+    let mut lines = vec![client.recv().await, client.recv().await];
+    lines.sort_by_key(|line| line["op"].is_null());
+    assert_eq!(lines[0]["sid"], "r", "{lines:?}");
+    assert_eq!(lines[0]["seq"], 1, "{lines:?}");
+    assert_eq!(
+        lines[1],
+        json!({"id":"p1","ok":true,"stream":"EVENTS","seq":1})
+    );
+
+    // The policy takes events.> away: both replays end, with a notice each.
+    std::fs::write(&policy, grant("keep.>")).unwrap();
+    gateway.signal("HUP");
+    let mut ended = Vec::new();
+    for _ in 0..2 {
+        let notice = client.recv().await;
+        assert_eq!(notice["op"], "unsubscribed", "{notice}");
+        assert_eq!(notice["error"]["code"], "FORBIDDEN", "{notice}");
+        ended.push(notice["sid"].as_str().unwrap().to_owned());
+    }
+    ended.sort();
+    assert_eq!(ended, ["b", "r"]);
+    let publish = r#"{"op":"publish","id":"p2","subject":"events.b","data":"y","durable":true}"#;
+    let answer = client.call(publish).await;
+    assert_eq!(
+        answer["seq"], 2,
+        "only the answer comes, no message: {answer}"
+    );
+    client.assert_silent(Duration::from_millis(300)).await;
+    // Their places are free again.
+    assert_eq!(
+        client
+            .call(r#"{"op":"subscribe","id":"k1","subject":"keep.x"}"#)
+            .await["ok"],
+        true
+    );
+    assert_eq!(
+        client
+            .call(r#"{"op":"subscribe","id":"k2","subject":"keep.y"}"#)
+            .await["ok"],
+        true
+    );
+}

@@ -536,6 +536,34 @@ async fn replay_over_binary_frames_and_grpc() {
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
 }
 
+/// Reads `msg`s of subscription "f" on a WebSocket until sequence `last`, each within `patience`.
+async fn ws_read_until(client: &mut ws::Ws, last: u64, patience: Duration) -> Vec<(u64, String)> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut seen = Vec::new();
+    loop {
+        let message = tokio::time::timeout(patience, client.next())
+            .await
+            .expect("the replay goes on")
+            .expect("the socket is open")
+            .expect("read");
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let line: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+        assert_eq!(
+            (&line["op"], &line["sid"]),
+            (&json!("msg"), &json!("f")),
+            "{line}"
+        );
+        let seq = line["seq"].as_u64().unwrap();
+        seen.push((seq, line["data"].as_str().unwrap().to_owned()));
+        if seq >= last {
+            return seen;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_rides_out_the_loss_of_the_gateways_nats_node_without_a_gap() {
     let mut cluster = NatsCluster::start().await;
@@ -573,18 +601,24 @@ async fn a_replay_rides_out_the_loss_of_the_gateways_nats_node_without_a_gap() {
     for n in 1..=20 {
         store_once(n).await;
     }
-    let mut client = gateway.json().await;
-    let answer = client
-        .call(r#"{"op":"subscribe","id":"f","subject":"events.f","since_seq":0}"#)
-        .await;
+    // A WebSocket client: its reads can wait longer than the harness's usual patience.
+    let mut client = ws::connect(&gateway, None).await.expect("upgrade");
+    let answer = ws::call(
+        &mut client,
+        r#"{"op":"subscribe","id":"f","subject":"events.f","since_seq":0}"#,
+    )
+    .await;
     assert_eq!(answer["ok"], true, "{answer}");
-    let mut seen = read_until(&mut client, "f", 20).await;
+    let mut seen = ws_read_until(&mut client, 20, PATIENCE).await;
 
     cluster.nodes[0].kill();
     for n in 21..=60 {
         store_once(n).await;
     }
-    seen.extend(read_until(&mut client, "f", 60).await);
+    // The consumer is made again once NATS (a stream leader and a consumer placement) can: the
+    // client library retries with a backoff that grows to 10 s, and a consumer whose server
+    // died is noticed after two missed 5 s heartbeats. Wait for that, not for a guess.
+    seen.extend(ws_read_until(&mut client, 60, PATIENCE * 6).await);
     let expected: Vec<(u64, String)> = (1..=60).map(|n| (n, format!("m{n}"))).collect();
     assert_eq!(
         seen, expected,

@@ -82,6 +82,7 @@ async fn durable_publish_is_stored_once_per_identity_and_id_with_the_callers_hea
     let cluster = NatsCluster::start().await;
     let mut orders = make_stream(&cluster.nodes[1], r3("ORDERS", &["orders.>"])).await;
     let secret = SecretFile::new();
+    let audit = secret.dir.path().join("audit.jsonl");
     let gateway = GatewayProcess::start(
         &cluster.nodes[0].url(),
         &[
@@ -89,6 +90,8 @@ async fn durable_publish_is_stored_once_per_identity_and_id_with_the_callers_hea
             "gw-d",
             "--auth-jwt-secret-file",
             &secret.arg(),
+            "--audit-file",
+            audit.to_str().unwrap(),
         ],
     );
     let mut client = gateway.json().await;
@@ -144,6 +147,30 @@ async fn durable_publish_is_stored_once_per_identity_and_id_with_the_callers_hea
         json!({"id":null,"ok":true,"stream":"ORDERS","seq":5})
     );
     assert_eq!(client.call(anonymous).await["seq"], 6);
+
+    // Each is audited as a publish, with where it was stored.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .filter(|record: &serde_json::Value| record["op"] == "publish")
+            .collect();
+        let messages: Vec<&str> = records
+            .iter()
+            .filter_map(|record| record["message"].as_str())
+            .collect();
+        if messages.len() == 8 {
+            assert_eq!(messages[0], "durable stream=ORDERS seq=1");
+            assert_eq!(messages[1], "durable stream=ORDERS seq=1 duplicate");
+            assert_eq!(records[0]["outcome"], "ok", "{}", records[0]);
+            assert_eq!(records[0]["subject"], "orders.new");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{records:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::jetstream::context::{
-    GetStreamByNameErrorKind, PublishAckFuture, PublishError, PublishErrorKind,
+    GetStreamByNameErrorKind, PublishAckFuture, PublishError, PublishErrorKind, RequestError,
+    RequestErrorKind,
 };
 use async_nats::jetstream::{self, Context};
 use futures_util::future::BoxFuture;
@@ -193,7 +194,10 @@ impl Sent {
                 looked_up = true;
                 let lookup = context.stream_by_subject(message.subject.to_string());
                 match tokio::time::timeout_at(deadline, lookup).await {
-                    Ok(Err(error)) if error.kind() == GetStreamByNameErrorKind::NotFound => {
+                    Ok(Err(error))
+                        if error.kind() == GetStreamByNameErrorKind::NotFound
+                            || jetstream_absent(&error) =>
+                    {
                         return Err(no_stream(&message.subject));
                     }
                     Ok(_) => {}
@@ -209,6 +213,21 @@ impl Sent {
             ack = message.send(&context, deadline, timeout).await?;
         }
     }
+}
+
+/// Whether a JetStream API call failed because nothing answers the API: NATS has no
+/// JetStream (a server without it, or an account without it), so no stream captures anything.
+pub(super) fn jetstream_absent(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(request) = error.downcast_ref::<RequestError>()
+            && request.kind() == RequestErrorKind::NoResponders
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// The `NO_STREAM` a durable publish or a replay on an uncaptured subject gets.

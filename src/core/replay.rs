@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use super::caller::SubscriptionSlot;
-use super::durable::no_stream;
+use super::durable::{jetstream_absent, no_stream};
 use super::{Caller, DeliverySink, Gateway, fanout, nats};
 use crate::protocol::subject::{SubjectUse, validate_subject};
 use crate::protocol::{Envelope, ErrorCode, GatewayError, Id, Op, Priority, Since, Subject};
@@ -228,7 +228,10 @@ impl Gateway {
         let lookup = context.stream_by_subject(member.subject.to_string());
         let name = match tokio::time::timeout(timeout, lookup).await {
             Ok(Ok(name)) => name,
-            Ok(Err(error)) if error.kind() == GetStreamByNameErrorKind::NotFound => {
+            Ok(Err(error))
+                if error.kind() == GetStreamByNameErrorKind::NotFound
+                    || jetstream_absent(&error) =>
+            {
                 return Err(no_stream(&member.subject));
             }
             Ok(Err(error)) => return Err(jetstream_unavailable(error)),

@@ -734,3 +734,21 @@ async fn a_replaying_subscription_obeys_the_policy_the_subscription_limit_and_un
         true
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_jetstream_there_is_no_stream_at_once() {
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &["--request-timeout-ms", "30000"]);
+    let mut client = gateway.json().await;
+    let started = std::time::Instant::now();
+    let answer = client
+        .call(r#"{"op":"publish","id":1,"subject":"orders.x","data":"x","durable":true}"#)
+        .await;
+    assert_eq!(answer["error"]["code"], "NO_STREAM", "{answer}");
+    let answer = client
+        .call(r#"{"op":"subscribe","id":"s","subject":"orders.>","since_seq":0}"#)
+        .await;
+    assert_eq!(answer["error"]["code"], "NO_STREAM", "{answer}");
+    // Told, not timed out (the deadline is 30 s).
+    assert!(started.elapsed() < PATIENCE, "{:?}", started.elapsed());
+}

@@ -15,7 +15,7 @@
 //! until then) → `TIMEOUT`; NATS down or the connection lost → `UNAVAILABLE`; the stream
 //! refusing the message (a limit with `discard: new`) → `OVERLOADED`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
@@ -26,8 +26,10 @@ use async_nats::jetstream::context::{
 };
 use async_nats::jetstream::{self, Context};
 use futures_util::future::BoxFuture;
+use tokio::sync::watch;
 use tokio::time::Instant as Deadline;
 
+use super::pool::Picked;
 use super::replies::Answered;
 use super::{Caller, Gateway};
 use crate::protocol::{Envelope, ErrorCode, GatewayError, Id, Op};
@@ -109,9 +111,7 @@ impl Gateway {
         {
             headers.insert(MSG_ID, id);
         }
-        let client = self.inner.pool.client_on(caller.lane().0)?.client;
-        let mut context = jetstream::new(client);
-        context.set_timeout(timeout);
+        let context = self.jetstream_context(&self.inner.pool.client_on(caller.lane().0)?);
         let message = Message {
             subject,
             headers,
@@ -123,6 +123,64 @@ impl Gateway {
             message,
             ack,
         })
+    }
+}
+
+/// The gateway's JetStream state: a context per pool connection (each context runs a task
+/// that collects abandoned acks, and bounds the acks awaited), and the signal that tells
+/// replaying subscriptions the policy was reloaded.
+pub(super) struct JetStream {
+    /// By pool connection index.
+    contexts: Mutex<Vec<Option<PoolContext>>>,
+    policy: watch::Sender<u64>,
+}
+
+/// A pool connection's context, and whether that connection was retired.
+type PoolContext = (watch::Receiver<bool>, Context);
+
+impl Default for JetStream {
+    fn default() -> Self {
+        JetStream {
+            contexts: Mutex::default(),
+            policy: watch::Sender::new(0),
+        }
+    }
+}
+
+impl JetStream {
+    pub fn policy_reloaded(&self) {
+        self.policy.send_modify(|version| *version += 1);
+    }
+
+    pub fn policy_changes(&self) -> watch::Receiver<u64> {
+        self.policy.subscribe()
+    }
+}
+
+impl Gateway {
+    /// The JetStream context of a pool connection, made on first use and again after the
+    /// pool replaced the connection. Its timeout is the ceiling; each call has its own
+    /// deadline on top.
+    pub(super) fn jetstream_context(&self, picked: &Picked) -> Context {
+        let mut contexts = self
+            .inner
+            .jetstream
+            .contexts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if contexts.len() <= picked.index {
+            contexts.resize_with(picked.index + 1, || None);
+        }
+        let slot = &mut contexts[picked.index];
+        match slot {
+            Some((retired, context)) if !*retired.borrow() => context.clone(),
+            _ => {
+                let mut context = jetstream::new(picked.client.clone());
+                context.set_timeout(self.inner.config.request_timeout());
+                *slot = Some((picked.retired.clone(), context.clone()));
+                context
+            }
+        }
     }
 }
 

@@ -77,8 +77,8 @@ struct Inner {
     access: access::Access,
     audit: Audit,
     fanout: Arc<fanout::Fanout>,
-    /// Subscriptions that replay a stream watch this for policy reloads.
-    replays: replay::Replays,
+    /// JetStream: one context per pool connection, and the policy reloads replays watch.
+    jetstream: durable::JetStream,
 }
 
 /// What `/ready` reports.
@@ -144,7 +144,7 @@ impl Gateway {
                 access,
                 audit,
                 fanout,
-                replays: replay::Replays::new(),
+                jetstream: durable::JetStream::default(),
             }),
         })
     }
@@ -263,7 +263,7 @@ impl Gateway {
             Ok(Some(version)) => {
                 tracing::info!(version, "policy reloaded");
                 self.recheck_subscriptions();
-                self.inner.replays.policy_reloaded();
+                self.inner.jetstream.policy_reloaded();
                 self.inner.metrics.policy_reload(true);
                 audit.record(Record::policy_reload(Ok(())).message(format!("version {version}")));
                 Ok(())

@@ -74,19 +74,6 @@ pub struct Replayed {
     pub truncated: Option<u64>,
 }
 
-/// Tells replaying subscriptions that the policy was reloaded (they check theirs again).
-pub(super) struct Replays(watch::Sender<u64>);
-
-impl Replays {
-    pub fn new() -> Replays {
-        Replays(watch::Sender::new(0))
-    }
-
-    pub fn policy_reloaded(&self) {
-        self.0.send_modify(|version| *version += 1);
-    }
-}
-
 /// What a replay needs from its subscribe.
 struct Member {
     sid: Id,
@@ -223,8 +210,7 @@ impl Gateway {
     ) -> Result<(Subscription, Replayed), GatewayError> {
         let timeout = self.inner.config.request_timeout();
         let picked = self.inner.pool.client_on(member.caller.lane().0)?;
-        let mut context = jetstream::new(picked.client.clone());
-        context.set_timeout(timeout);
+        let context = self.jetstream_context(&picked);
         let lookup = context.stream_by_subject(member.subject.to_string());
         let name = match tokio::time::timeout(timeout, lookup).await {
             Ok(Ok(name)) => name,
@@ -377,7 +363,7 @@ async fn replay(
     (mut messages, mut retired): (Ordered, watch::Receiver<bool>),
 ) {
     let _closed = Closed(gateway.inner.metrics.clone(), member.caller.frontend());
-    let mut policy = gateway.inner.replays.0.subscribe();
+    let mut policy = gateway.inner.jetstream.policy_changes();
     loop {
         let message = tokio::select! {
             biased;
@@ -425,8 +411,7 @@ async fn reopen(
     loop {
         tokio::time::sleep(delay).await;
         if let Ok(picked) = gateway.inner.pool.client_on(member.caller.lane().0) {
-            let mut context = jetstream::new(picked.client);
-            context.set_timeout(gateway.inner.config.request_timeout());
+            let context = gateway.jetstream_context(&picked);
             if let Ok(messages) = open(&context, stream, &member.subject, position).await {
                 return (messages, picked.retired);
             }

@@ -93,7 +93,8 @@ impl Session {
                 // Always answered, when the stream's ack comes; later publishes go on meanwhile.
                 self.outbox.begin_command();
                 let id = envelope.id.clone();
-                let stored = self.gateway.publish_durable(&self.caller, envelope).await;
+                // Boxed for the reason subscribe is: rare, and its state is large.
+                let stored = Box::pin(self.gateway.publish_durable(&self.caller, envelope)).await;
                 let outbox = self.outbox.clone();
                 tokio::spawn(async move {
                     outbox.push_control(match stored.await {

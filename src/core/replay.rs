@@ -227,7 +227,16 @@ impl Gateway {
             .await
             .map_err(|_| jetstream_unavailable("no answer in time"))?
             .map_err(jetstream_unavailable)?;
-        let first = stream.cached_info().state.first_sequence;
+        let state = &stream.cached_info().state;
+        let (first, last) = (state.first_sequence, state.last_sequence);
+        if let Since::Seq(seq) = since
+            && seq > last
+        {
+            // Sequences only grow: the client saw this one in another stream of that name.
+            return Err(GatewayError::bad_request(format!(
+                "since_seq {seq} is past the last sequence of stream {name} ({last}); was the stream made again? Subscribe with since_seq 0 or since_time"
+            )));
+        }
         let truncated = match since {
             Since::Seq(seq) if seq.saturating_add(1) < first => Some(first),
             _ => None,

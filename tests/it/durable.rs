@@ -423,6 +423,16 @@ async fn a_replay_says_when_the_stream_no_longer_holds_its_start_and_replays_fro
         seen.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
         [9, 10]
     );
+    // A sequence the stream never reached: it was made again since the client saw it.
+    let answer = client
+        .call(r#"{"op":"subscribe","id":"three","subject":"small.x","since_seq":11}"#)
+        .await;
+    assert_eq!(answer["error"]["code"], "BAD_REQUEST", "{answer}");
+    // Its last one is fine: nothing to replay, live from there.
+    let answer = client
+        .call(r#"{"op":"subscribe","id":"four","subject":"small.x","since_seq":10}"#)
+        .await;
+    assert_eq!(answer, json!({"id":"four","ok":true,"stream":"SMALL"}));
 
     // since_time, on a WebSocket: from the stored time of message 3 of EVENTS.
     let mut events = jetstream::new(cluster.nodes[1].client().await)

@@ -242,7 +242,7 @@ impl Gateway {
             _ => None,
         };
         let position = Position::new(since);
-        let messages = open(&context, &name, &member.subject, position).await?;
+        let (messages, consumer) = open(&context, &name, &member.subject, position).await?;
         let replayed = Replayed {
             stream: Arc::from(name.as_str()),
             truncated,
@@ -250,10 +250,16 @@ impl Gateway {
         let active = member.active.clone();
         let frontend = member.caller.frontend();
         self.inner.metrics.subscription_opened(frontend);
+        let tidy = Tidy {
+            gateway: self.clone(),
+            lane: member.caller.lane(),
+            stream: name,
+            consumer,
+        };
         let task = tokio::spawn(replay(
             self.clone(),
             member,
-            (name, position),
+            (tidy, position),
             (messages, picked.retired),
         ));
         let handle = ReplayHandle {
@@ -312,13 +318,13 @@ impl Gateway {
     }
 }
 
-/// An ordered consumer on `stream` for `subject`, from `position`.
+/// An ordered consumer on `stream` for `subject`, from `position`, and its name.
 async fn open(
     context: &Context,
     stream: &str,
     subject: &Subject,
     position: Position,
-) -> Result<Ordered, GatewayError> {
+) -> Result<(Ordered, String), GatewayError> {
     let config = OrderedConfig {
         deliver_subject: context.client().new_inbox(),
         filter_subject: subject.to_string(),
@@ -334,12 +340,52 @@ async fn open(
                 format!("JetStream could not start the replay of {subject:?}: {error}"),
             )
         })?;
-    consumer.messages().await.map_err(|error| {
+    let name = consumer.cached_info().name.clone();
+    let messages = consumer.messages().await.map_err(|error| {
         GatewayError::new(
             ErrorCode::Unavailable,
             format!("the replay of {subject:?} could not subscribe: {error}"),
         )
-    })
+    })?;
+    Ok((messages, name))
+}
+
+/// Deletes a replay's consumer when the replay ends (unsubscribed, the connection gone, the
+/// policy took it away), rather than leaving it to JetStream's 30 s inactivity cleanup.
+struct Tidy {
+    gateway: Gateway,
+    lane: super::Lane,
+    stream: String,
+    /// The consumer now serving the replay (the ordered consumer makes a new one, with a new
+    /// name, after a gap; each message names the one that delivered it).
+    consumer: String,
+}
+
+impl Tidy {
+    fn serving(&mut self, consumer: &str) {
+        if self.consumer != consumer {
+            self.consumer = consumer.to_owned();
+        }
+    }
+}
+
+impl Drop for Tidy {
+    fn drop(&mut self) {
+        let (Ok(runtime), Ok(picked)) = (
+            tokio::runtime::Handle::try_current(),
+            self.gateway.inner.pool.client_on(self.lane.0),
+        ) else {
+            return;
+        };
+        let context = self.gateway.jetstream_context(&picked);
+        let (consumer, stream) = (
+            std::mem::take(&mut self.consumer),
+            std::mem::take(&mut self.stream),
+        );
+        runtime.spawn(async move {
+            let _ = context.delete_consumer_from_stream(consumer, stream).await;
+        });
+    }
 }
 
 fn jetstream_unavailable(error: impl std::fmt::Display) -> GatewayError {
@@ -368,7 +414,7 @@ impl Drop for Closed {
 async fn replay(
     gateway: Gateway,
     mut member: Member,
-    (stream, mut position): (String, Position),
+    (mut tidy, mut position): (Tidy, Position),
     (mut messages, mut retired): (Ordered, watch::Receiver<bool>),
 ) {
     let _closed = Closed(gateway.inner.metrics.clone(), member.caller.frontend());
@@ -386,13 +432,21 @@ async fn replay(
             message = messages.next() => message,
         };
         match message {
-            Some(Ok(message)) => gateway.deliver_replayed(&member, &mut position, message),
+            Some(Ok(message)) => {
+                if let Ok(info) = message.info() {
+                    tidy.serving(info.consumer);
+                }
+                gateway.deliver_replayed(&member, &mut position, message);
+            }
             // The ordered consumer recreates itself after these (a missed heartbeat, a gap).
             Some(Err(error)) => {
                 tracing::debug!(%error, subject = %member.subject, "replay consumer error");
             }
             None => {
-                (messages, retired) = reopen(&gateway, &member, &stream, position).await;
+                let (reopened, consumer, now_retired) =
+                    reopen(&gateway, &member, &tidy.stream, position).await;
+                (messages, retired) = (reopened, now_retired);
+                tidy.serving(&consumer);
             }
         }
     }
@@ -415,14 +469,16 @@ async fn reopen(
     member: &Member,
     stream: &str,
     position: Position,
-) -> (Ordered, watch::Receiver<bool>) {
+) -> (Ordered, String, watch::Receiver<bool>) {
     let mut delay = Duration::from_millis(50);
     loop {
         tokio::time::sleep(delay).await;
         if let Ok(picked) = gateway.inner.pool.client_on(member.caller.lane().0) {
             let context = gateway.jetstream_context(&picked);
-            if let Ok(messages) = open(&context, stream, &member.subject, position).await {
-                return (messages, picked.retired);
+            if let Ok((messages, consumer)) =
+                open(&context, stream, &member.subject, position).await
+            {
+                return (messages, consumer, picked.retired);
             }
         }
         delay = (delay * 2).min(Duration::from_secs(2));

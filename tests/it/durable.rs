@@ -573,6 +573,23 @@ async fn replay_over_binary_frames_and_grpc() {
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
 }
 
+/// The stream's consumers, once they are `expected` (or as they are after `PATIENCE`).
+async fn consumers(stream: &mut stream::Stream, expected: usize) -> usize {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let count = stream
+            .info()
+            .await
+            .expect("stream info")
+            .state
+            .consumer_count;
+        if count == expected || std::time::Instant::now() > deadline {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Reads `msg`s of subscription "f" on a WebSocket until sequence `last`, each within `patience`.
 async fn ws_read_until(client: &mut ws::Ws, last: u64, patience: Duration) -> Vec<(u64, String)> {
     use futures_util::StreamExt;
@@ -666,7 +683,7 @@ async fn a_replay_rides_out_the_loss_of_the_gateways_nats_node_without_a_gap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaying_subscription_obeys_the_policy_the_subscription_limit_and_unsubscribe() {
     let cluster = NatsCluster::start().await;
-    let _events = make_stream(&cluster.nodes[1], r3("EVENTS", &["events.>", "other.>"])).await;
+    let mut events = make_stream(&cluster.nodes[1], r3("EVENTS", &["events.>", "other.>"])).await;
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
     let grant = |subscribe: &str| {
@@ -694,8 +711,11 @@ async fn a_replaying_subscription_obeys_the_policy_the_subscription_limit_and_un
     assert_eq!(client.call(&subscribe("a", "events.a")).await["ok"], true);
     let over = client.call(&subscribe("b", "events.b")).await;
     assert_eq!(over["error"]["code"], "OVERLOADED", "{over}");
+    assert_eq!(consumers(&mut events, 2).await, 2);
     let done = client.call(r#"{"op":"unsubscribe","id":"a"}"#).await;
     assert_eq!(done, json!({"id":"a","ok":true}));
+    // Its consumer is deleted with it.
+    assert_eq!(consumers(&mut events, 1).await, 1);
     assert_eq!(client.call(&subscribe("b", "events.b")).await["ok"], true);
 
     // A durable publish through the gateway reaches "r" (and not "b", another subject; nor
@@ -723,6 +743,7 @@ async fn a_replaying_subscription_obeys_the_policy_the_subscription_limit_and_un
     }
     ended.sort();
     assert_eq!(ended, ["b", "r"]);
+    assert_eq!(consumers(&mut events, 0).await, 0);
     let publish = r#"{"op":"publish","id":"p2","subject":"events.b","data":"y","durable":true}"#;
     let answer = client.call(publish).await;
     assert_eq!(

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::push::{Ordered, OrderedConfig};
 use async_nats::jetstream::context::GetStreamByNameErrorKind;
+use async_nats::jetstream::stream::ConsumerErrorKind;
 use async_nats::jetstream::{self, Context};
 use futures_util::StreamExt;
 use tokio::sync::watch;
@@ -227,7 +228,21 @@ impl Gateway {
             .await
             .map_err(|_| jetstream_unavailable("no answer in time"))?
             .map_err(jetstream_unavailable)?;
-        let state = &stream.cached_info().state;
+        let info = stream.cached_info();
+        // Only what the stream captures can be replayed and then delivered live: a wider
+        // subject would silently miss the rest.
+        let subjects = &info.config.subjects;
+        if !subjects
+            .iter()
+            .any(|captured| super::policy::is_subset(&member.subject, captured))
+        {
+            return Err(GatewayError::bad_request(format!(
+                "stream {name} captures only part of {:?} (its subjects: {}): replay a subject within one of them",
+                member.subject.as_str(),
+                subjects.join(", ")
+            )));
+        }
+        let state = &info.state;
         let (first, last) = (state.first_sequence, state.last_sequence);
         if let Since::Seq(seq) = since
             && seq > last
@@ -334,11 +349,18 @@ async fn open(
     let consumer = context
         .create_consumer_on_stream(config, stream)
         .await
-        .map_err(|error| {
-            GatewayError::new(
+        .map_err(|error| match error.kind() {
+            ConsumerErrorKind::JetStream(cause)
+                if cause.error_code() == jetstream::ErrorCode::CONSUMER_FILTER_NOT_SUBSET =>
+            {
+                GatewayError::bad_request(format!(
+                    "stream {stream} captures only part of {subject:?}: subscribe to subjects within the stream's"
+                ))
+            }
+            _ => GatewayError::new(
                 ErrorCode::Unavailable,
                 format!("JetStream could not start the replay of {subject:?}: {error}"),
-            )
+            ),
         })?;
     let name = consumer.cached_info().name.clone();
     let messages = consumer.messages().await.map_err(|error| {

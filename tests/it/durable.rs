@@ -389,6 +389,7 @@ async fn a_replay_says_when_the_stream_no_longer_holds_its_start_and_replays_fro
     };
     let _small = make_stream(&cluster.nodes[1], small).await;
     let _events = make_stream(&cluster.nodes[1], r3("EVENTS", &["events.>"])).await;
+    let _narrow = make_stream(&cluster.nodes[1], r3("NARROW", &["narrow.a.>"])).await;
     let context = jetstream::new(cluster.nodes[2].client().await);
     for n in 1..=10 {
         store(&context, "small.x", format!("m{n}")).await;
@@ -478,6 +479,11 @@ async fn a_replay_says_when_the_stream_no_longer_holds_its_start_and_replays_fro
         ),
         (
             r#"{"op":"subscribe","id":"e4","subject":"small.x","since_time":"noon"}"#,
+            "BAD_REQUEST",
+        ),
+        // Wider than the stream: some of its messages could never be replayed.
+        (
+            r#"{"op":"subscribe","id":"e5","subject":"narrow.>","since_seq":0}"#,
             "BAD_REQUEST",
         ),
     ] {

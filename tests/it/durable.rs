@@ -434,6 +434,20 @@ async fn a_replay_says_when_the_stream_no_longer_holds_its_start_and_replays_fro
         .call(r#"{"op":"subscribe","id":"four","subject":"small.x","since_seq":10}"#)
         .await;
     assert_eq!(answer, json!({"id":"four","ok":true,"stream":"SMALL"}));
+    // With credit: the replay waits for the client's grants like any subscription.
+    let answer = client
+        .call(r#"{"op":"subscribe","id":"c","subject":"small.x","since_seq":5,"credit":2}"#)
+        .await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let seen = read_until(&mut client, "c", 7).await;
+    assert_eq!(seen.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [6, 7]);
+    client.assert_silent(Duration::from_millis(300)).await;
+    client.send(r#"{"op":"credit","sid":"c","n":3}"#).await;
+    let seen = read_until(&mut client, "c", 10).await;
+    assert_eq!(
+        seen.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        [8, 9, 10]
+    );
 
     // since_time, on a WebSocket: from the stored time of message 3 of EVENTS.
     let mut events = jetstream::new(cluster.nodes[1].client().await)

@@ -7,11 +7,13 @@ pub mod auth;
 pub mod breaker;
 pub mod budget;
 mod caller;
+mod durable;
 mod fanout;
 mod nats;
 pub mod policy;
 pub mod pool;
 pub mod ratelimit;
+pub mod replay;
 pub mod replies;
 pub mod shutdown;
 #[cfg(test)]
@@ -38,9 +40,11 @@ use crate::telemetry::metrics::Metrics;
 pub use access::Authorized;
 use budget::ByteBudget;
 pub use caller::{Caller, HeldSlot, Slot};
-pub use fanout::{DeliverySink, Subscription};
+pub use durable::Stored;
+pub use fanout::DeliverySink;
 use policy::SubscribeDecision;
 use pool::NatsPool;
+pub use replay::{Replayed, Subscription};
 pub use replies::ReplySink;
 use shutdown::Shutdown;
 
@@ -73,6 +77,8 @@ struct Inner {
     access: access::Access,
     audit: Audit,
     fanout: Arc<fanout::Fanout>,
+    /// JetStream: one context per pool connection, and the policy reloads replays watch.
+    jetstream: durable::JetStream,
 }
 
 /// What `/ready` reports.
@@ -138,6 +144,7 @@ impl Gateway {
                 access,
                 audit,
                 fanout,
+                jetstream: durable::JetStream::default(),
             }),
         })
     }
@@ -256,6 +263,7 @@ impl Gateway {
             Ok(Some(version)) => {
                 tracing::info!(version, "policy reloaded");
                 self.recheck_subscriptions();
+                self.inner.jetstream.policy_reloaded();
                 self.inner.metrics.policy_reload(true);
                 audit.record(Record::policy_reload(Ok(())).message(format!("version {version}")));
                 Ok(())
@@ -512,14 +520,7 @@ impl Gateway {
     }
 
     async fn send_publish(&self, caller: &Caller, envelope: Envelope) -> Result<(), GatewayError> {
-        caller.admit(envelope.data.len())?;
-        let subject = self.target_subject(&envelope)?;
-        if !caller.authorized().permissions.may_publish(&subject) && !caller.take_answer(&subject) {
-            return Err(forbidden(caller, "publish", &subject));
-        }
-        let subject = nats::subject(&subject);
-        let headers = self.outgoing_headers(caller, envelope.headers.as_ref())?;
-        let _permit = self.inner.budget.try_acquire(envelope.data.len())?;
+        let (subject, headers, _permit) = self.check_publish(caller, &envelope)?;
         let client = self.inner.pool.client_on(caller.lane().0)?.client;
         let sent = match headers {
             Some(headers) => {
@@ -530,6 +531,24 @@ impl Gateway {
             None => client.publish(subject, envelope.data).await,
         };
         sent.map_err(|err| nats::publish_error(&err))
+    }
+
+    /// What every publish (plain or durable) passes before it is sent: the rate limit, the
+    /// subject and the policy, the message's headers, the byte budget.
+    fn check_publish(
+        &self,
+        caller: &Caller,
+        envelope: &Envelope,
+    ) -> Result<(async_nats::Subject, Option<HeaderMap>, budget::BudgetPermit), GatewayError> {
+        caller.admit(envelope.data.len())?;
+        let subject = self.target_subject(envelope)?;
+        if !caller.authorized().permissions.may_publish(&subject) && !caller.take_answer(&subject) {
+            return Err(forbidden(caller, "publish", &subject));
+        }
+        let subject = nats::subject(&subject);
+        let headers = self.outgoing_headers(caller, envelope.headers.as_ref())?;
+        let permit = self.inner.budget.try_acquire(envelope.data.len())?;
+        Ok((subject, headers, permit))
     }
 
     /// Subscribes `caller` to `subject` (wildcards allowed, optional queue group): its
@@ -614,7 +633,7 @@ impl Gateway {
             fanout.set_dispatcher(&topic, dispatcher.abort_handle());
         }
         topic.opened().await?;
-        Ok(subscription)
+        Ok(Subscription::shared(subscription))
     }
 
     /// Makes the NATS subscription for a topic and waits until the server confirms it.
@@ -819,6 +838,7 @@ impl Gateway {
             return Ok(stamp.map.clone());
         };
         let mut map = nats::header_map(headers)?;
+        durable::scope_msg_id(&mut map, caller, self.id());
         for (name, value) in &stamp.list {
             map.insert(name.clone(), value.clone());
         }

@@ -67,6 +67,7 @@ pub fn delivery(message: async_nats::Message) -> Delivery {
         reply_to: message.reply.as_ref().map(wire_subject),
         headers: headers(message.headers.as_ref()),
         payload: message.payload,
+        seq: None,
         json_tail: Default::default(),
     }
 }

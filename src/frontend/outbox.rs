@@ -495,6 +495,7 @@ mod tests {
             reply_to: None,
             headers: None,
             payload: vec![n].into(),
+            seq: None,
             json_tail: Default::default(),
         })
     }

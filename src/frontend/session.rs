@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::core::{Caller, Gateway, Subscription};
+use crate::core::{Caller, Gateway, Replayed, Subscription};
 use crate::protocol::{
     Decoded, Envelope, ErrorCode, Frontend, GatewayError, Id, Op, Outbound, Subject,
 };
@@ -89,6 +89,24 @@ impl Session {
                     .start_request(&self.caller, envelope, sink)
                     .await;
             }
+            Op::Publish if envelope.flags.durable => {
+                // Always answered, when the stream's ack comes; later publishes go on meanwhile.
+                self.outbox.begin_command();
+                let id = envelope.id.clone();
+                // Boxed for the reason subscribe is: rare, and its state is large.
+                let stored = Box::pin(self.gateway.publish_durable(&self.caller, envelope)).await;
+                let outbox = self.outbox.clone();
+                tokio::spawn(async move {
+                    outbox.push_control(match stored.await {
+                        Ok(stored) => Outbound::Stored {
+                            id,
+                            stream: stored.stream,
+                            seq: stored.seq,
+                        },
+                        Err(error) => Outbound::Error { id, error },
+                    });
+                });
+            }
             Op::Publish => {
                 let id = envelope.id.clone();
                 match self.gateway.publish(&self.caller, envelope).await {
@@ -102,7 +120,12 @@ impl Session {
                 // Boxed: a subscribe's state is large and rare; the request path's future
                 // (this one) stays small.
                 let answer = match Box::pin(self.subscribe(envelope)).await {
-                    Ok(()) => Outbound::Ack { id },
+                    Ok(None) => Outbound::Ack { id },
+                    Ok(Some(replayed)) => Outbound::Replaying {
+                        id,
+                        stream: replayed.stream,
+                        truncated: replayed.truncated,
+                    },
                     Err(error) => Outbound::Error { id, error },
                 };
                 self.answer(answer);
@@ -247,9 +270,13 @@ impl Session {
         Ok(())
     }
 
-    /// Opens a subscription whose messages go to the outbox under `envelope.id`. Failures
-    /// are counted; the caller answers.
-    pub async fn subscribe(&mut self, envelope: Envelope) -> Result<(), GatewayError> {
+    /// Opens a subscription whose messages go to the outbox under `envelope.id` (with
+    /// `since`, replaying a stream first: then where it starts). Failures are counted; the
+    /// caller answers.
+    pub async fn subscribe(
+        &mut self,
+        envelope: Envelope,
+    ) -> Result<Option<Replayed>, GatewayError> {
         let sid = envelope.id.clone();
         let subject = self.check_subscription(&envelope).inspect_err(|error| {
             self.gateway
@@ -261,19 +288,28 @@ impl Session {
             self.outbox.limit_by_credit(sid.clone(), credit);
         }
         let sink = (sid.clone(), envelope.priority, self.outbox.clone() as _);
-        let subscribed = self
-            .gateway
-            .subscribe(&self.caller, &subject, envelope.queue.as_deref(), sink)
-            .await;
+        let queue = envelope.queue.as_deref();
+        let subscribed = match envelope.since.as_deref() {
+            None => self
+                .gateway
+                .subscribe(&self.caller, &subject, queue, sink)
+                .await
+                .map(|subscription| (subscription, None)),
+            Some(since) => self
+                .gateway
+                .subscribe_replay(&self.caller, &subject, queue, *since, sink)
+                .await
+                .map(|(subscription, replayed)| (subscription, Some(replayed))),
+        };
         match subscribed {
-            Ok(subscription) => {
+            Ok((subscription, replayed)) => {
                 if self.subscriptions.len() == self.subscriptions.capacity() {
                     // Grown by doubling from one (a Vec's first push would make room for 4).
                     self.subscriptions
                         .reserve_exact(self.subscriptions.len().max(1));
                 }
                 self.subscriptions.push((sid, subscription));
-                Ok(())
+                Ok(replayed)
             }
             Err(error) => {
                 self.outbox.purge(&sid);

@@ -6,7 +6,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::envelope::{Decoded, Envelope, Flags, Id, Op, Outbound, Priority};
+use super::envelope::{Decoded, Envelope, Flags, Id, Op, Outbound, Priority, Since};
 use super::error::{ErrorCode, GatewayError};
 use super::headers::Headers;
 use super::subject::Subject;
@@ -45,6 +45,17 @@ pub mod flag {
     /// DROPPED: an unknown number more were lost besides `param` (the NATS connection the
     /// subscription lives on was cut).
     pub const GAP: u8 = 0b0000_1000;
+    /// JetStream. PUBLISH: a durable publish (stored in the stream that captures the subject;
+    /// answered with an ACK that has this flag). SUBSCRIBE: replay from the subject's stream,
+    /// the payload saying from where (8 bytes, big-endian: the last sequence seen; or with
+    /// `SINCE_TIME`, an RFC 3339 time). ACK: aux is the stream's name; after a PUBLISH the
+    /// payload is the 8-byte sequence, after a SUBSCRIBE the first sequence still held when
+    /// `TRUNCATED` is set (else empty). MSG: a stream message; aux is its 8-byte sequence.
+    pub const STREAM: u8 = 0b0100_0000;
+    /// SUBSCRIBE with `STREAM`: the payload is an RFC 3339 time, not a sequence.
+    pub const SINCE_TIME: u8 = 0b1000_0000;
+    /// ACK with `STREAM` after a SUBSCRIBE: the stream no longer holds the asked-for point.
+    pub const TRUNCATED: u8 = 0b1000_0000;
 }
 
 /// The parsed fixed header.
@@ -219,12 +230,45 @@ fn decode_envelope(header: FrameHeader, body: Bytes) -> Result<Envelope, Gateway
         Op::Subscribe | Op::Credit => envelope.credit = (header.param != 0).then_some(header.param),
         _ => envelope.timeout_ms = (header.param != 0).then_some(header.param),
     }
+    let stream = header.flags & flag::STREAM != 0;
     envelope.flags = Flags {
         retry: header.flags & flag::RETRY != 0,
         to_default_subject: false,
+        durable: stream && op == Op::Publish,
     };
     envelope.priority = frame_priority(header.flags)?;
+    match op {
+        Op::Subscribe if stream => {
+            envelope.since = Some(Box::new(frame_since(header.flags, &envelope.data)?));
+            envelope.data = Bytes::new();
+        }
+        Op::Publish | Op::Subscribe => {}
+        _ if stream => {
+            return Err(GatewayError::bad_request(
+                "flag 0x40 (stream) is for PUBLISH and SUBSCRIBE frames",
+            ));
+        }
+        _ => {}
+    }
     Ok(envelope)
+}
+
+/// Where a SUBSCRIBE with the stream flag replays from: its payload.
+fn frame_since(flags: u8, payload: &[u8]) -> Result<Since, GatewayError> {
+    if flags & flag::SINCE_TIME != 0 {
+        let text = std::str::from_utf8(payload)
+            .map_err(|_| GatewayError::bad_request("since time is not UTF-8"))?;
+        return super::json::parse_time(text)
+            .map(Since::Time)
+            .map_err(GatewayError::bad_request);
+    }
+    let seq: [u8; 8] = payload.try_into().map_err(|_| {
+        GatewayError::bad_request(format!(
+            "a SUBSCRIBE with flag 0x40 (stream) carries the last sequence seen as 8 bytes (big-endian), not {} bytes",
+            payload.len()
+        ))
+    })?;
+    Ok(Since::Seq(u64::from_be_bytes(seq)))
 }
 
 /// The class in flag bits 0–1; the fourth value is not one.
@@ -372,6 +416,15 @@ pub fn put_frame(parts: FrameParts<'_>, out: &mut BytesMut) {
 
 /// Appends one outbound event as a binary frame.
 pub fn encode(event: &Outbound, out: &mut BytesMut) {
+    // The one sequence number a frame may carry, big-endian.
+    let seq_bytes = match event {
+        Outbound::Msg { message, .. } => message.seq,
+        Outbound::Stored { seq, .. } => Some(*seq),
+        Outbound::Replaying { truncated, .. } => *truncated,
+        _ => None,
+    }
+    .unwrap_or(0)
+    .to_be_bytes();
     let parts = match event {
         Outbound::Reply { id, data, headers } => FrameParts {
             frame_type: frame_type::REPLY,
@@ -404,10 +457,13 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             priority,
         } => FrameParts {
             frame_type: frame_type::MSG,
-            flags: priority.bits(),
+            flags: priority.bits() | message.seq.map_or(0, |_| flag::STREAM),
             id: sid.as_u64(),
             subject: message.subject.as_bytes(),
-            aux: message.reply_to.as_ref().map_or(&[][..], |r| r.as_bytes()),
+            aux: match message.seq {
+                Some(_) => &seq_bytes,
+                None => message.reply_to.as_ref().map_or(&[][..], |r| r.as_bytes()),
+            },
             headers: message.headers.as_ref(),
             payload: &message.payload,
             ..FrameParts::default()
@@ -430,6 +486,26 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             id: sid.as_u64(),
             aux: error.code.as_str().as_bytes(),
             payload: error.message.as_bytes(),
+            ..FrameParts::default()
+        },
+        Outbound::Stored { id, stream, .. } => FrameParts {
+            frame_type: frame_type::ACK,
+            flags: flag::STREAM,
+            id: id.as_u64(),
+            aux: stream.as_bytes(),
+            payload: &seq_bytes,
+            ..FrameParts::default()
+        },
+        Outbound::Replaying {
+            id,
+            stream,
+            truncated,
+        } => FrameParts {
+            frame_type: frame_type::ACK,
+            flags: flag::STREAM | truncated.map_or(0, |_| flag::TRUNCATED),
+            id: id.as_u64(),
+            aux: stream.as_bytes(),
+            payload: if truncated.is_some() { &seq_bytes } else { &[] },
             ..FrameParts::default()
         },
     };
@@ -696,6 +772,7 @@ mod tests {
                         reply_to: None,
                         headers: None,
                         payload: Bytes::from_static(b"p"),
+                        seq: None,
                         json_tail: Default::default(),
                     }),
                     priority,
@@ -710,5 +787,98 @@ mod tests {
                 Some(priority)
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    fn decode(parts: FrameParts<'_>) -> Result<Envelope, GatewayError> {
+        let mut buf = BytesMut::new();
+        put_frame(parts, &mut buf);
+        match BinaryDecoder::new(1 << 20).decode(&mut buf) {
+            Some(Decoded::Envelope(envelope)) => Ok(envelope),
+            Some(Decoded::Invalid { error, .. }) => Err(error),
+            None => panic!("a whole frame"),
+        }
+    }
+
+    fn parts(frame_type: u8, flags: u8, payload: &[u8]) -> FrameParts<'_> {
+        FrameParts {
+            frame_type,
+            flags,
+            id: 1,
+            subject: b"a.b",
+            payload,
+            ..FrameParts::default()
+        }
+    }
+
+    #[test]
+    fn the_stream_flag_means_durable_on_publish_and_replay_on_subscribe() {
+        let publish = decode(parts(frame_type::PUBLISH, flag::STREAM, b"x")).unwrap();
+        assert!(publish.flags.durable);
+        assert_eq!(&publish.data[..], b"x");
+        let seq = 41u64.to_be_bytes();
+        let subscribe = decode(parts(frame_type::SUBSCRIBE, flag::STREAM, &seq)).unwrap();
+        assert_eq!(subscribe.since.as_deref(), Some(&Since::Seq(41)));
+        assert!(subscribe.data.is_empty());
+        let time = b"2026-12-06T05:00:00Z";
+        let flags = flag::STREAM | flag::SINCE_TIME;
+        let subscribe = decode(parts(frame_type::SUBSCRIBE, flags, time)).unwrap();
+        assert!(matches!(subscribe.since.as_deref(), Some(Since::Time(_))));
+        for (frame_type, flags, payload) in [
+            (frame_type::SUBSCRIBE, flag::STREAM, &b"short"[..]),
+            (frame_type::SUBSCRIBE, flags, &b"not a time"[..]),
+            (frame_type::REQUEST, flag::STREAM, &b""[..]),
+        ] {
+            let error = decode(parts(frame_type, flags, payload)).unwrap_err();
+            assert_eq!(error.code, ErrorCode::BadRequest);
+        }
+    }
+
+    #[test]
+    fn stream_answers_and_messages_carry_the_sequence_in_eight_bytes() {
+        let mut out = BytesMut::new();
+        encode(
+            &Outbound::Stored {
+                id: Id::from(3),
+                stream: "ORDERS".into(),
+                seq: 42,
+            },
+            &mut out,
+        );
+        let header = FrameHeader::parse(&out);
+        assert_eq!(
+            (header.frame_type, header.flags),
+            (frame_type::ACK, flag::STREAM)
+        );
+        let body = decode_body(out.split_off(HEADER_LEN).freeze()).unwrap();
+        assert_eq!(&body.aux[..], b"ORDERS");
+        assert_eq!(body.payload[..], 42u64.to_be_bytes());
+
+        let mut out = BytesMut::new();
+        let delivery = crate::protocol::Delivery {
+            subject: Subject::from("a.b"),
+            reply_to: None,
+            headers: None,
+            payload: Bytes::from_static(b"x"),
+            seq: Some(7),
+            json_tail: Default::default(),
+        };
+        encode(
+            &Outbound::Msg {
+                sid: Id::from(1),
+                message: std::sync::Arc::new(delivery),
+                priority: Priority::High,
+            },
+            &mut out,
+        );
+        let header = FrameHeader::parse(&out);
+        assert_eq!(header.flags, flag::STREAM | Priority::High.bits());
+        let body = decode_body(out.split_off(HEADER_LEN).freeze()).unwrap();
+        assert_eq!(body.aux[..], 7u64.to_be_bytes());
+        assert_eq!(&body.payload[..], b"x");
     }
 }

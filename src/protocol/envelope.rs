@@ -202,6 +202,18 @@ pub struct Flags {
     /// A legacy JSON object (neither op nor subject): it goes to the configured default
     /// subject. Only such objects do; any other message without a subject is an error.
     pub to_default_subject: bool,
+    /// Publish: store it in the JetStream stream that captures the subject and answer with
+    /// the stream's name and sequence (see docs/protocol.md, durable publish).
+    pub durable: bool,
+}
+
+/// Subscribe: replay what the subject's JetStream stream holds from this point, then go on live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// Messages whose stream sequence is above this one (the last one the client saw).
+    Seq(u64),
+    /// Messages stored at or after this time.
+    Time(time::OffsetDateTime),
 }
 
 /// One inbound message, whatever wire it came from. Payload and subject are `Bytes` slices of
@@ -224,6 +236,8 @@ pub struct Envelope {
     /// Subscribe: the class of the subscription's messages. Request: the class of its reply.
     /// Other ops ignore it.
     pub priority: Priority,
+    /// Subscribe: replay from a stream first (boxed: rare, and envelopes are moved a lot).
+    pub since: Option<Box<Since>>,
 }
 
 impl Envelope {
@@ -240,6 +254,7 @@ impl Envelope {
             token: None,
             flags: Flags::default(),
             priority: Priority::Normal,
+            since: None,
         }
     }
 
@@ -306,6 +321,19 @@ pub enum Outbound {
         sid: Id,
         error: GatewayError,
     },
+    /// A durable publish was stored: in `stream`, at sequence `seq`.
+    Stored {
+        id: Id,
+        stream: Arc<str>,
+        seq: u64,
+    },
+    /// A subscription with `since_seq`/`since_time` replays from `stream`; `truncated` gives
+    /// the first sequence the stream still holds when the asked-for point is older.
+    Replaying {
+        id: Id,
+        stream: Arc<str>,
+        truncated: Option<u64>,
+    },
 }
 
 /// A message delivered on a subscription, as every wire shows it.
@@ -317,6 +345,8 @@ pub struct Delivery {
     pub reply_to: Option<Subject>,
     pub headers: Option<Headers>,
     pub payload: Bytes,
+    /// Its stream sequence, for a message replayed (or delivered live) from a JetStream stream.
+    pub seq: Option<u64>,
     /// Its JSON `msg` line after the `sid`, made by the first JSON client it is written to
     /// and copied for the others (escaping it once per fan-out, not once per subscriber).
     pub json_tail: EncodedOnce,

@@ -19,10 +19,12 @@ pub enum ErrorCode {
     Overloaded = 9,
     Unavailable = 10,
     Internal = 11,
+    /// A durable publish or a replay on a subject no JetStream stream captures.
+    NoStream = 12,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::BadRequest,
         ErrorCode::TooLarge,
         ErrorCode::UnsupportedVersion,
@@ -34,6 +36,7 @@ impl ErrorCode {
         ErrorCode::Overloaded,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::NoStream,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -49,6 +52,7 @@ impl ErrorCode {
             ErrorCode::Overloaded => "OVERLOADED",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::NoStream => "NO_STREAM",
         }
     }
 

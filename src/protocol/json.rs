@@ -12,7 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::envelope::{Decoded, Envelope, Flags, Id, Op, Outbound, Priority};
+use super::envelope::{Decoded, Envelope, Flags, Id, Op, Outbound, Priority, Since};
 use super::error::GatewayError;
 use super::headers::Headers;
 use super::subject::Subject;
@@ -147,6 +147,14 @@ struct JsonEnvelope<'a> {
     /// same clear answer as a wrong name.
     #[serde(borrow, default)]
     priority: Option<&'a RawValue>,
+    /// publish: store in a JetStream stream and answer with its sequence.
+    #[serde(default)]
+    durable: bool,
+    /// subscribe: replay the stream after this sequence (or from this RFC 3339 time).
+    #[serde(default)]
+    since_seq: Option<u64>,
+    #[serde(borrow, default)]
+    since_time: Option<Cow<'a, str>>,
 }
 
 /// Only the id, to answer a line whose other fields are wrong with the right id.
@@ -297,8 +305,37 @@ fn build_envelope(line: &Bytes, parsed: JsonEnvelope<'_>) -> Result<Envelope, (I
     envelope.flags = Flags {
         retry: parsed.retry,
         to_default_subject: false,
+        durable: parsed.durable,
     };
+    if parsed.durable && op != Op::Publish {
+        return Err(fail(&envelope.id, "\"durable\" is for publish".into()));
+    }
+    envelope.since = since(op, parsed.since_seq, parsed.since_time.as_deref())
+        .map_err(|message| fail(&envelope.id, message))?;
     Ok(envelope)
+}
+
+/// `"since_seq"` / `"since_time"`: one of them, on a subscribe.
+fn since(op: Op, seq: Option<u64>, time: Option<&str>) -> Result<Option<Box<Since>>, String> {
+    let since = match (seq, time) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => return Err("give \"since_seq\" or \"since_time\", not both".into()),
+        (Some(seq), None) => Since::Seq(seq),
+        (None, Some(text)) => Since::Time(parse_time(text)?),
+    };
+    if op != Op::Subscribe {
+        return Err("\"since_seq\" and \"since_time\" are for subscribe".into());
+    }
+    Ok(Some(Box::new(since)))
+}
+
+/// An RFC 3339 time (`2026-12-06T05:00:00Z`, or with an offset), as `since_time` takes it.
+pub fn parse_time(text: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).map_err(
+        |err| {
+            format!("\"since_time\" must be an RFC 3339 time such as 2026-12-06T05:00:00Z: {err}")
+        },
+    )
 }
 
 /// `"priority"`: one of the three names (`null` is the default, normal).
@@ -405,6 +442,10 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
                 }
                 put_data(w, &message.payload);
                 put_headers(w, message.headers.as_ref());
+                if let Some(seq) = message.seq {
+                    put(w, b",\"seq\":");
+                    json(w, &seq);
+                }
                 put(w, b"}\n");
                 tail.freeze()
             });
@@ -432,6 +473,30 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             put(w, b"{\"op\":\"unsubscribed\",\"sid\":");
             json(w, sid);
             put_error(w, error);
+            put(w, b"}\n");
+        }
+        Outbound::Stored { id, stream, seq } => {
+            put(w, b"{\"id\":");
+            json(w, id);
+            put(w, b",\"ok\":true,\"stream\":");
+            json(w, &**stream);
+            put(w, b",\"seq\":");
+            json(w, seq);
+            put(w, b"}\n");
+        }
+        Outbound::Replaying {
+            id,
+            stream,
+            truncated,
+        } => {
+            put(w, b"{\"id\":");
+            json(w, id);
+            put(w, b",\"ok\":true,\"stream\":");
+            json(w, &**stream);
+            if let Some(first) = truncated {
+                put(w, b",\"truncated\":true,\"first_seq\":");
+                json(w, first);
+            }
             put(w, b"}\n");
         }
     }
@@ -806,5 +871,91 @@ mod tests {
         }
         // A legacy object's own "priority" is its business: it is sent whole.
         assert!(envelope(&items[8]).flags.to_default_subject);
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    fn envelope(line: &str) -> Result<Envelope, GatewayError> {
+        match parse_line(Bytes::copy_from_slice(line.as_bytes())) {
+            Decoded::Envelope(envelope) => Ok(envelope),
+            Decoded::Invalid { error, .. } => Err(error),
+        }
+    }
+
+    fn line(event: &Outbound) -> String {
+        let mut out = BytesMut::new();
+        encode(event, &mut out);
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn durable_and_since_are_read_where_they_belong_and_refused_elsewhere() {
+        let publish = envelope(r#"{"op":"publish","subject":"a.b","durable":true}"#).unwrap();
+        assert!(publish.flags.durable);
+        let subscribe = envelope(r#"{"op":"subscribe","id":"s","subject":"a.>","since_seq":41}"#);
+        assert_eq!(subscribe.unwrap().since.as_deref(), Some(&Since::Seq(41)));
+        let at = envelope(
+            r#"{"op":"subscribe","id":"s","subject":"a.>","since_time":"2026-12-06T05:00:00+01:00"}"#,
+        )
+        .unwrap();
+        let Some(Since::Time(time)) = at.since.as_deref() else {
+            panic!("{at:?}");
+        };
+        assert_eq!(time.unix_timestamp(), 1_796_533_200 - 3600);
+        for bad in [
+            r#"{"op":"request","subject":"a.b","durable":true}"#,
+            r#"{"op":"publish","subject":"a.b","since_seq":1}"#,
+            r#"{"op":"subscribe","id":"s","subject":"a.b","since_seq":1,"since_time":"2026-12-06T05:00:00Z"}"#,
+            r#"{"op":"subscribe","id":"s","subject":"a.b","since_time":"yesterday"}"#,
+            r#"{"op":"subscribe","id":"s","subject":"a.b","since_seq":-1}"#,
+        ] {
+            let error = envelope(bad).unwrap_err();
+            assert_eq!(error.code, super::super::ErrorCode::BadRequest, "{bad}");
+        }
+    }
+
+    #[test]
+    fn stream_answers_and_messages_carry_their_sequence() {
+        let stored = Outbound::Stored {
+            id: Id::from(1),
+            stream: "ORDERS".into(),
+            seq: 42,
+        };
+        assert_eq!(
+            line(&stored),
+            "{\"id\":1,\"ok\":true,\"stream\":\"ORDERS\",\"seq\":42}\n"
+        );
+        let replaying = |truncated| Outbound::Replaying {
+            id: Id::Text("s1".into()),
+            stream: "ORDERS".into(),
+            truncated,
+        };
+        assert_eq!(
+            line(&replaying(None)),
+            "{\"id\":\"s1\",\"ok\":true,\"stream\":\"ORDERS\"}\n"
+        );
+        assert_eq!(
+            line(&replaying(Some(7))),
+            "{\"id\":\"s1\",\"ok\":true,\"stream\":\"ORDERS\",\"truncated\":true,\"first_seq\":7}\n"
+        );
+        let msg = Outbound::Msg {
+            sid: Id::Text("s1".into()),
+            message: std::sync::Arc::new(super::super::Delivery {
+                subject: Subject::from("orders.a"),
+                reply_to: None,
+                headers: None,
+                payload: Bytes::from_static(b"x"),
+                seq: Some(9),
+                json_tail: Default::default(),
+            }),
+            priority: Priority::Normal,
+        };
+        assert_eq!(
+            line(&msg),
+            "{\"op\":\"msg\",\"sid\":\"s1\",\"subject\":\"orders.a\",\"data\":\"x\",\"seq\":9}\n"
+        );
     }
 }

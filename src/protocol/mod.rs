@@ -13,7 +13,7 @@ pub mod json;
 pub mod subject;
 mod wire;
 
-pub use envelope::{Decoded, Delivery, Envelope, Flags, Id, Op, Outbound, Priority};
+pub use envelope::{Decoded, Delivery, Envelope, Flags, Id, Op, Outbound, Priority, Since};
 pub use error::{ErrorCode, GatewayError};
 pub use frontend::Frontend;
 pub use headers::Headers;

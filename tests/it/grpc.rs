@@ -155,6 +155,7 @@ async fn publish_reaches_nats_in_order_and_subscribe_streams_messages_with_reply
                     value: n.to_string(),
                 }],
                 payload: n.to_string().into_bytes().into(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -175,6 +176,7 @@ async fn publish_reaches_nats_in_order_and_subscribe_streams_messages_with_reply
         .subscribe(pb::SubscribeRequest {
             subject: "feed.*".into(),
             queue: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -226,6 +228,7 @@ async fn a_cancelled_subscribe_leaves_no_nats_subscription_behind() {
         .subscribe(pb::SubscribeRequest {
             subject: "cancel.me".into(),
             queue: Some("workers".into()),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -662,6 +665,7 @@ async fn a_slow_subscriber_loses_the_oldest_messages_and_is_told_how_many() {
         .subscribe(pb::SubscribeRequest {
             subject: "flood".into(),
             queue: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -716,6 +720,7 @@ async fn a_subscriber_that_stops_reading_gets_resource_exhausted_and_is_unsubscr
         .subscribe(pb::SubscribeRequest {
             subject: "stuck".into(),
             queue: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -765,6 +770,7 @@ async fn the_drain_finishes_calls_in_flight_and_ends_streams_with_unavailable() 
         .subscribe(pb::SubscribeRequest {
             subject: "drain.feed".into(),
             queue: None,
+            ..Default::default()
         })
         .await
         .unwrap()

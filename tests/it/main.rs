@@ -20,6 +20,7 @@ mod common;
 
 mod breakers;
 mod cluster;
+mod durable;
 mod fanout;
 mod grpc;
 mod http_hardening;

@@ -7,15 +7,16 @@ use std::sync::Arc;
 
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::core::{Caller, Gateway, auth};
+use crate::core::{Caller, Gateway, Replayed, auth};
 use crate::frontend::lifecycle::{Broken, Lifecycle};
 use crate::frontend::outbox::Outbox;
 use crate::frontend::session::{Flow, Session};
 use crate::protocol::{
-    Decoded, Envelope, ErrorCode, Frontend, GatewayError, Headers, Id, Op, Outbound, Subject,
+    Decoded, Envelope, ErrorCode, Frontend, GatewayError, Headers, Id, Op, Outbound, Since,
+    Subject, json,
 };
 
 use super::conn::state_of;
@@ -121,6 +122,34 @@ fn request_envelope(
     Ok(envelope)
 }
 
+/// A Subscribe call's `since_seq` / `since_time` (one of them at most).
+fn since(seq: Option<u64>, time: Option<String>) -> Result<Option<Box<Since>>, GatewayError> {
+    let since = match (seq, time) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(GatewayError::bad_request(
+                "give since_seq or since_time, not both",
+            ));
+        }
+        (Some(seq), None) => Since::Seq(seq),
+        (None, Some(text)) => {
+            Since::Time(json::parse_time(&text).map_err(GatewayError::bad_request)?)
+        }
+    };
+    Ok(Some(Box::new(since)))
+}
+
+/// Where a replaying Subscribe starts, in its response metadata.
+fn replay_metadata(replayed: &Replayed, metadata: &mut MetadataMap) {
+    if let Ok(stream) = replayed.stream.parse() {
+        metadata.insert("ipc-gateway-stream", stream);
+    }
+    if let Some(first) = replayed.truncated {
+        metadata.insert("ipc-gateway-truncated", MetadataValue::from_static("true"));
+        metadata.insert("ipc-gateway-first-seq", MetadataValue::from(first));
+    }
+}
+
 fn reply_message(data: bytes::Bytes, headers: Option<&Headers>) -> pb::ReplyMessage {
     pb::ReplyMessage {
         payload: data,
@@ -167,11 +196,25 @@ impl GatewayRpc for GatewayService {
             request_headers(&metadata, message.headers).map_err(|e| self.refuse(Op::Publish, e))?;
         envelope.subject = subject(message.subject);
         envelope.data = message.payload;
+        if message.durable {
+            envelope.flags.durable = true;
+            envelope.id = match message.msg_id {
+                id if id.is_empty() => Id::Null,
+                id => Id::Text(id.into()),
+            };
+            envelope.timeout_ms = request_deadline_ms(&metadata, message.timeout_ms);
+            let stored = self.gateway.publish_durable(&caller, envelope).await;
+            let stored = stored.await.map_err(|e| to_status(&e))?;
+            return Ok(Response::new(pb::PublishAck {
+                stream: stored.stream.to_string(),
+                seq: stored.seq,
+            }));
+        }
         self.gateway
             .publish(&caller, envelope)
             .await
             .map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::PublishAck {}))
+        Ok(Response::new(pb::PublishAck::default()))
     }
 
     type SubscribeStream = ResponseStream<pb::SubscriptionMessage>;
@@ -190,13 +233,19 @@ impl GatewayRpc for GatewayService {
         let mut envelope = Envelope::new(Op::Subscribe, Id::from(1));
         envelope.subject = subject(message.subject);
         envelope.queue = message.queue;
-        session
+        envelope.since = since(message.since_seq, message.since_time)
+            .map_err(|e| self.refuse(Op::Subscribe, e))?;
+        let replayed = session
             .subscribe(envelope)
             .await
             .map_err(|e| to_status(&e))?;
         let (sender, response) = stream::channel();
         tokio::spawn(serve_subscription(self.gateway.clone(), session, sender));
-        Ok(Response::new(response))
+        let mut response = Response::new(response);
+        if let Some(replayed) = replayed {
+            replay_metadata(&replayed, response.metadata_mut());
+        }
+        Ok(response)
     }
 
     type ExchangeStream = ResponseStream<pb::ExchangeReply>;
@@ -260,6 +309,7 @@ async fn serve_subscription(
                 .unwrap_or_default(),
             dropped: std::mem::take(&mut dropped),
             gap: std::mem::take(&mut gap),
+            seq: message.seq.unwrap_or(0),
         }),
         _ => None,
     };

@@ -29,6 +29,7 @@ pub const fn code_of(code: ErrorCode) -> Code {
         ErrorCode::Overloaded => Code::ResourceExhausted,
         ErrorCode::Unavailable => Code::Unavailable,
         ErrorCode::Internal => Code::Internal,
+        ErrorCode::NoStream => Code::FailedPrecondition,
     }
 }
 

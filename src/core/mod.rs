@@ -8,9 +8,11 @@ pub mod breaker;
 pub mod budget;
 mod caller;
 mod fanout;
+mod names;
 mod nats;
 pub mod policy;
 pub mod pool;
+mod presence;
 pub mod ratelimit;
 pub mod replies;
 pub mod shutdown;
@@ -39,6 +41,7 @@ pub use access::Authorized;
 use budget::ByteBudget;
 pub use caller::{Caller, HeldSlot, Slot};
 pub use fanout::{DeliverySink, Subscription};
+pub use names::{NameSink, PresenceWatch, Registration};
 use policy::SubscribeDecision;
 use pool::NatsPool;
 pub use replies::ReplySink;
@@ -73,6 +76,8 @@ struct Inner {
     access: access::Access,
     audit: Audit,
     fanout: Arc<fanout::Fanout>,
+    /// Named clients and presence (names.rs, presence.rs).
+    names: Arc<names::Names>,
 }
 
 /// What `/ready` reports.
@@ -123,7 +128,16 @@ impl Gateway {
         let budget = ByteBudget::new(config.max_inflight_bytes);
         let connection_slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
         let default_subject = config.default_subject.clone().map(Subject::from);
-        Ok(Gateway {
+        let names = Arc::new(names::Names::new(
+            config.client_subject_prefix.clone(),
+            presence::PresenceStore::new(
+                config.presence_bucket.clone(),
+                Duration::from_millis(config.presence_ttl_ms),
+                pool.clone(),
+            ),
+            config.resolved_gateway_id().as_str(),
+        ));
+        let gateway = Gateway {
             inner: Arc::new(Inner {
                 config,
                 pool,
@@ -138,8 +152,11 @@ impl Gateway {
                 access,
                 audit,
                 fanout,
+                names,
             }),
-        })
+        };
+        tokio::spawn(names::maintain(Arc::downgrade(&gateway.inner)));
+        Ok(gateway)
     }
 
     /// Admits a new client connection for `identity`: its slot under `max_connections` (and
@@ -690,11 +707,12 @@ impl Gateway {
         let mut dropped = [0u64; Frontend::ALL.len()];
         topic.fan_out(|member| {
             if member.filtered
-                && !member
+                && (!member
                     .caller
                     .authorized()
                     .permissions
                     .may_receive(delivery.subject.as_str())
+                    || self.is_client_subject(delivery.subject.as_str()))
             {
                 return false;
             }
@@ -726,6 +744,9 @@ impl Gateway {
     fn recheck_subscriptions(&self) {
         let fanout = &self.inner.fanout;
         for topic in fanout.topics() {
+            if self.is_client_subject(&topic.key.subject) {
+                continue; // a named client's delivery, not a subscription
+            }
             fanout.recheck(&topic, |member| {
                 let refreshed = self.refreshed(&member.caller);
                 let caller = refreshed.as_ref().unwrap_or(&member.caller);
@@ -799,11 +820,13 @@ impl Gateway {
     /// Whether `caller` may subscribe to `pattern`: `Ok(true)` when its messages must be
     /// filtered at delivery (the pattern overlaps a deny or a reserved namespace).
     fn subscribe_decision(&self, caller: &Caller, pattern: &str) -> Result<bool, GatewayError> {
-        match caller.authorized().permissions.may_subscribe(pattern) {
-            SubscribeDecision::Allowed => Ok(false),
-            SubscribeDecision::Filtered => Ok(true),
-            SubscribeDecision::Denied => Err(forbidden(caller, "subscribe", pattern)),
-        }
+        let filtered = match caller.authorized().permissions.may_subscribe(pattern) {
+            SubscribeDecision::Allowed => false,
+            SubscribeDecision::Filtered => true,
+            SubscribeDecision::Denied => return Err(forbidden(caller, "subscribe", pattern)),
+        };
+        // Client subjects reach only the names' holders.
+        Ok(self.client_subject_rule(caller, pattern)? || filtered)
     }
 
     /// A message's NATS headers: the client's, then the caller's identity (unless stamping

@@ -75,6 +75,7 @@ pub fn router() -> Router<Gateway> {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
+        .route("/presence", get(presence))
         .merge(super::page::routes())
 }
 
@@ -372,6 +373,63 @@ async fn status(State(gateway): State<Gateway>, headers: axum::http::HeaderMap) 
         "detail": "breaker groups are shown to callers the policy grants status (docs/policy.md)",
     }))
     .into_response()
+}
+
+/// Where a named client is connected (`?name=bob`), for operators: like `/status`'s detail,
+/// only for a bearer token whose identity the policy grants `status` (403 otherwise, 401 for a
+/// bad token). 400 for a missing or invalid name, 503 without JetStream.
+async fn presence(
+    State(gateway): State<Gateway>,
+    headers: axum::http::HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(crate::core::auth::bearer_from_header);
+    let identity = match token {
+        Some(token) => match gateway.verify_token(token, Frontend::Ws, None) {
+            Ok(identity) => identity,
+            Err(error) => return (StatusCode::UNAUTHORIZED, error.to_string()).into_response(),
+        },
+        None => Identity::anonymous(Frontend::Ws, None),
+    };
+    if !gateway.may_see_status(identity) {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(serde_json::json!({
+                "error": {"code": "FORBIDDEN", "message": "presence is shown to callers the policy grants status (docs/policy.md)"}
+            })),
+        )
+            .into_response();
+    }
+    let name = query
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("name="));
+    let result = match name {
+        Some(name) => gateway.presence_of(name).await,
+        None => Err(crate::protocol::GatewayError::bad_request(
+            "give the name: /presence?name=bob",
+        )),
+    };
+    match result {
+        Ok(info) => Json(info).into_response(),
+        Err(error) => {
+            let status = match error.code {
+                crate::protocol::ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            (
+                status,
+                Json(serde_json::json!({
+                    "error": {"code": error.code.as_str(), "message": error.message}
+                })),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn metrics(State(gateway): State<Gateway>) -> Response {

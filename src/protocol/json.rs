@@ -143,6 +143,12 @@ struct JsonEnvelope<'a> {
     /// auth: the bearer token.
     #[serde(default)]
     token: Option<String>,
+    /// register, unregister, presence: the name; presence_watch: the pattern. Both are read
+    /// into the envelope's subject.
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pattern: Option<Cow<'a, str>>,
     /// subscribe, request: "high", "normal" or "low". Read raw, so that a wrong type gets the
     /// same clear answer as a wrong name.
     #[serde(borrow, default)]
@@ -234,7 +240,13 @@ fn invalid(id: Id, message: String) -> Decoded {
     }
 }
 
-fn build_envelope(line: &Bytes, parsed: JsonEnvelope<'_>) -> Result<Envelope, (Id, GatewayError)> {
+fn build_envelope(
+    line: &Bytes,
+    mut parsed: JsonEnvelope<'_>,
+) -> Result<Envelope, (Id, GatewayError)> {
+    if parsed.subject.is_none() && parsed.op.is_some() {
+        parsed.subject = parsed.name.take().or(parsed.pattern.take());
+    }
     let id = parsed.id;
     let fail = |id: &Id, message: String| (id.clone(), GatewayError::bad_request(message));
 
@@ -247,7 +259,7 @@ fn build_envelope(line: &Bytes, parsed: JsonEnvelope<'_>) -> Result<Envelope, (I
             fail(
                 &id,
                 format!(
-                    "unknown op {name:?}; expected request, publish, subscribe, unsubscribe, credit, ping or auth"
+                    "unknown op {name:?}; expected request, publish, subscribe, unsubscribe, credit, ping, auth, register, unregister, presence or presence_watch"
                 ),
             )
         })?,
@@ -432,6 +444,27 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             put(w, b"{\"op\":\"unsubscribed\",\"sid\":");
             json(w, sid);
             put_error(w, error);
+            put(w, b"}\n");
+        }
+        Outbound::NameLost { sid, name } => {
+            put(w, b"{\"op\":\"name_lost\",\"sid\":");
+            json(w, sid);
+            put(w, b",\"name\":");
+            json(w, &**name);
+            put(w, b"}\n");
+        }
+        Outbound::Presence { id, watch, info } => {
+            if *watch {
+                put(w, b"{\"op\":\"presence\",\"sid\":");
+            } else {
+                put(w, b"{\"id\":");
+            }
+            json(w, id);
+            if !*watch {
+                put(w, b",\"ok\":true");
+            }
+            put(w, b",");
+            put(w, info.json_members().as_bytes());
             put(w, b"}\n");
         }
     }

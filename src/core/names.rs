@@ -1,0 +1,572 @@
+//! Named clients: a connection registers a name (`bob`); messages published to
+//! `<client_subject_prefix>.bob` then reach it on whichever gateway it is connected to, with no
+//! subscription of its own. The gateway holding the name joins the shared fan-out topic of
+//! `client.bob` on the holder's behalf and delivers into its outbox under the register's id.
+//!
+//! This module keeps the local side: which names this gateway's connections hold (`Holder`),
+//! the presence watches of its clients, and the one task per gateway (`maintain`) that
+//! refreshes the presence entries of the names held here and watches the whole bucket:
+//!
+//! - **The newer registration wins.** A second connection taking a held name (on this gateway
+//!   or another) replaces the first: the first is told `name_lost` and its delivery ends. On
+//!   this gateway that happens at once; across gateways, when the bucket watch shows an entry
+//!   for a name held here that another holder wrote (a later revision than ours), or when a
+//!   refresh finds another holder's entry.
+//! - Client subjects are for the names' holders only: a plain subscription inside
+//!   `<prefix>.>` is refused, and one that merely overlaps it (`>`) never receives them
+//!   (`Gateway::client_subject_rule`).
+//!
+//! The bucket's side (revision checks, expiry) is `presence.rs`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::kv::Operation;
+use futures_util::StreamExt;
+
+use super::presence::{PresenceStore, PresenceValue, Refreshed};
+use super::{Caller, DeliverySink, Gateway, Inner, Subscription, fanout};
+use crate::protocol::subject::{SubjectUse, validate_subject};
+use crate::protocol::{ErrorCode, GatewayError, Id, Identity, PresenceInfo, Priority, Subject};
+
+/// The longest name (a KV key; NATS itself allows longer subjects).
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// Where a connection's name events go (its outbox).
+pub trait NameSink: Send + Sync {
+    /// Another connection took `name`, registered under `sid`.
+    fn name_lost(&self, sid: &Id, name: &str);
+    /// A change of presence for watch `sid`.
+    fn presence(&self, sid: &Id, info: Arc<PresenceInfo>);
+}
+
+/// A connection's hold on a name; dropping it gives the name up (and deletes its presence
+/// entry, if it is still this holder's).
+pub struct Registration {
+    names: Arc<Names>,
+    name: Arc<str>,
+    holder: Arc<str>,
+}
+
+impl Registration {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// False once another connection took the name.
+    pub fn is_active(&self) -> bool {
+        lock(&self.names.held)
+            .get(&self.name)
+            .is_some_and(|held| held.holder == self.holder)
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.names.release(&self.name, &self.holder);
+    }
+}
+
+/// A client's presence watch; dropping it ends the watch.
+pub struct PresenceWatch {
+    names: Arc<Names>,
+    key: u64,
+}
+
+impl Drop for PresenceWatch {
+    fn drop(&mut self) {
+        lock(&self.names.watchers).retain(|watcher| watcher.key != self.key);
+    }
+}
+
+struct Holder {
+    holder: Arc<str>,
+    sid: Id,
+    sink: Arc<dyn NameSink>,
+    /// The delivery of `<prefix>.<name>`; dropped when the name is lost or given up.
+    _delivery: Subscription,
+    value: PresenceValue,
+    /// The revision of our entry in the bucket.
+    revision: u64,
+}
+
+struct Watcher {
+    key: u64,
+    sid: Id,
+    pattern: Arc<str>,
+    sink: Arc<dyn NameSink>,
+}
+
+pub(super) struct Names {
+    prefix: String,
+    pub store: PresenceStore,
+    held: Mutex<HashMap<Arc<str>, Holder>>,
+    watchers: Mutex<Vec<Watcher>>,
+    next: AtomicU64,
+    /// `<gateway>#<start ms>`: what this gateway's holder ids start with.
+    holder_prefix: String,
+    /// The bucket watch is running (presence watches need it).
+    watching: AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Checks a name: a subject tail without wildcards whose characters a KV key allows
+/// (letters, digits, `-`, `_`, `=`, `/`, and `.` between tokens), at most 256 bytes.
+pub fn validate_name(name: &str) -> Result<(), GatewayError> {
+    validate_subject(name, SubjectUse::Publish)
+        .map_err(|error| GatewayError::bad_request(format!("name {name:?}: {}", error.message)))?;
+    if name.len() > MAX_NAME_BYTES {
+        return Err(GatewayError::bad_request(format!(
+            "a name is at most {MAX_NAME_BYTES} bytes"
+        )));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '=' | '/' | '.')))
+    {
+        return Err(GatewayError::bad_request(format!(
+            "name {name:?} has {bad:?}; a name uses letters, digits, '-', '_', '=', '/' and '.' between tokens"
+        )));
+    }
+    Ok(())
+}
+
+/// The name an identity may always take: a local user's user name, a token's `sub` (none for
+/// anonymous callers, or when that name is not a valid name).
+pub fn own_name(identity: &Identity) -> Option<&str> {
+    let own = match (&identity.user, &identity.sub) {
+        (Some(user), _) if identity.uid.is_some() => Some(user.as_str()),
+        (_, Some(sub)) => Some(sub.as_str()),
+        _ => None,
+    };
+    own.filter(|name| validate_name(name).is_ok())
+}
+
+impl Names {
+    pub fn new(prefix: String, store: PresenceStore, gateway: &str) -> Names {
+        let start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis());
+        Names {
+            prefix,
+            store,
+            held: Mutex::default(),
+            watchers: Mutex::default(),
+            next: AtomicU64::new(1),
+            holder_prefix: format!("{gateway}#{start}"),
+            watching: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether `subject` is a client subject (`<prefix>.<name>`).
+    pub fn is_client_subject(&self, subject: &str) -> bool {
+        subject
+            .strip_prefix(self.prefix.as_str())
+            .is_some_and(|rest| rest.starts_with('.'))
+    }
+
+    /// The client namespace as a pattern: `<prefix>.>`.
+    fn namespace(&self) -> String {
+        format!("{}.>", self.prefix)
+    }
+
+    /// Gives up `name` if `holder` still holds it: delivery ends at once, the presence entry
+    /// is deleted (if it is still ours) in the background.
+    fn release(self: &Arc<Self>, name: &str, holder: &str) {
+        let removed = {
+            let mut held = lock(&self.held);
+            match held.get(name) {
+                Some(current) if &*current.holder == holder => held.remove(name),
+                _ => None,
+            }
+        };
+        let Some(removed) = removed else { return };
+        let revision = removed.revision;
+        drop(removed);
+        let names = self.clone();
+        let name = name.to_owned();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { names.store.release(&name, revision).await });
+        }
+    }
+
+    /// `name`'s holder `holder` lost it to a newer registration: told, and its delivery ends.
+    fn lose(&self, name: &str, holder: &str) {
+        let removed = {
+            let mut held = lock(&self.held);
+            match held.get(name) {
+                Some(current) if &*current.holder == holder => held.remove(name),
+                _ => None,
+            }
+        };
+        if let Some(lost) = removed {
+            tracing::info!(name, "name taken by a newer registration");
+            lost.sink.name_lost(&lost.sid, name);
+        }
+    }
+
+    /// One change seen on the bucket: a name held here that a newer holder wrote is lost;
+    /// the watches whose pattern matches are told.
+    fn on_entry(&self, key: &str, revision: u64, operation: Operation, value: &[u8]) {
+        let value = match operation {
+            Operation::Put => PresenceValue::decode(value),
+            Operation::Delete | Operation::Purge => None,
+        };
+        if let Some(value) = &value {
+            let loser = lock(&self.held).get(key).and_then(|held| {
+                (revision > held.revision && value.holder != *held.holder)
+                    .then(|| held.holder.clone())
+            });
+            if let Some(loser) = loser {
+                self.lose(key, &loser);
+            }
+        }
+        let info = Arc::new(match &value {
+            Some(value) => value.info(key),
+            None => PresenceInfo::offline(key),
+        });
+        for watcher in lock(&self.watchers).iter() {
+            if super::policy::matches(&watcher.pattern, key) {
+                watcher.sink.presence(&watcher.sid, info.clone());
+            }
+        }
+    }
+
+    /// Refreshes the entry of every name held here.
+    async fn refresh_all(&self) {
+        let held: Vec<(Arc<str>, Arc<str>, PresenceValue, u64)> = lock(&self.held)
+            .iter()
+            .map(|(name, held)| {
+                (
+                    name.clone(),
+                    held.holder.clone(),
+                    held.value.clone(),
+                    held.revision,
+                )
+            })
+            .collect();
+        let refreshes = held
+            .into_iter()
+            .map(|(name, holder, value, revision)| async move {
+                let outcome = self.store.refresh(&name, &value, revision).await;
+                (name, holder, outcome)
+            });
+        let outcomes = futures_util::future::join_all(refreshes).await;
+        for (name, holder, outcome) in outcomes {
+            match outcome {
+                Refreshed::Held(revision) => {
+                    if let Some(held) = lock(&self.held).get_mut(&name)
+                        && held.holder == holder
+                        && revision > held.revision
+                    {
+                        held.revision = revision;
+                    }
+                }
+                Refreshed::Lost => self.lose(&name, &holder),
+                Refreshed::Failed => {
+                    tracing::warn!(name = %name, "presence entry not refreshed; retrying at the next refresh");
+                }
+            }
+        }
+    }
+}
+
+/// Refreshes this gateway's presence entries every TTL/3 and watches the bucket, for as long
+/// as the gateway lives. Creates the bucket at start if it is missing; while JetStream cannot
+/// be used it retries every second (register answers `UNAVAILABLE` meanwhile).
+pub(super) async fn maintain(inner: Weak<Inner>) {
+    let mut warned = false;
+    loop {
+        let Some(names) = inner.upgrade().map(|inner| inner.names.clone()) else {
+            return;
+        };
+        let store = match names.store.store().await {
+            Ok(store) => store,
+            Err(error) => {
+                if !warned {
+                    tracing::warn!(%error, "presence is unavailable until JetStream can be used");
+                    warned = true;
+                }
+                drop(names);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut watch = match store.watch_all().await {
+            Ok(watch) => watch,
+            Err(error) => {
+                tracing::warn!(%error, "presence bucket watch failed; retrying");
+                names.store.forget().await;
+                drop(names);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        warned = false;
+        names.watching.store(true, Ordering::Release);
+        let mut refresh =
+            tokio::time::interval((names.store.ttl() / 3).max(Duration::from_millis(100)));
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        drop(names);
+        loop {
+            tokio::select! {
+                _ = refresh.tick() => {
+                    let Some(inner) = inner.upgrade() else { return };
+                    let names = inner.names.clone();
+                    drop(inner);
+                    names.refresh_all().await;
+                }
+                entry = watch.next() => {
+                    let Some(inner) = inner.upgrade() else { return };
+                    match entry {
+                        Some(Ok(entry)) => inner.names.on_entry(
+                            &entry.key,
+                            entry.revision,
+                            entry.operation,
+                            &entry.value,
+                        ),
+                        _ => {
+                            inner.names.watching.store(false, Ordering::Release);
+                            inner.names.store.forget().await;
+                            tracing::warn!("presence bucket watch ended; starting it again");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl Gateway {
+    fn names(&self) -> &Arc<Names> {
+        &self.inner.names
+    }
+
+    /// The policy rule for client subjects, applied to plain subscriptions: a pattern inside
+    /// `<prefix>.>` is refused (the names' holders receive those messages), one that overlaps
+    /// it must be filtered (`Ok(true)`). `Ok(false)`: nothing to add.
+    pub(super) fn client_subject_rule(
+        &self,
+        caller: &Caller,
+        pattern: &str,
+    ) -> Result<bool, GatewayError> {
+        let namespace = self.names().namespace();
+        if super::policy::is_subset(pattern, &namespace) {
+            return Err(GatewayError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "{} may not subscribe {pattern:?}: messages to client names reach only the name's holder (register the name)",
+                    caller.authorized().who()
+                ),
+            ));
+        }
+        Ok(super::policy::overlaps(pattern, &namespace))
+    }
+
+    /// Whether `subject` is a client subject (for the delivery filter).
+    pub(super) fn is_client_subject(&self, subject: &str) -> bool {
+        self.names().is_client_subject(subject)
+    }
+
+    /// Takes `name` for `caller`: messages to `<prefix>.<name>` go to `sink` under `sid`, and
+    /// its presence entry says where it is. A holder elsewhere (or on this gateway) loses the
+    /// name. `BAD_REQUEST` for an invalid name, `FORBIDDEN` when the policy does not give it,
+    /// `OVERLOADED` when the connection holds `max_subscriptions_per_connection` (names and
+    /// subscriptions together), `UNAVAILABLE` without JetStream.
+    pub async fn register(
+        &self,
+        caller: &Caller,
+        name: &Subject,
+        (sid, sink, names_sink): (Id, Arc<dyn DeliverySink>, Arc<dyn NameSink>),
+    ) -> Result<Registration, GatewayError> {
+        let name = name.as_str();
+        validate_name(name)?;
+        let identity = caller.identity();
+        if !caller
+            .authorized()
+            .permissions
+            .may_take_name(name, own_name(identity))
+        {
+            return Err(GatewayError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "{} may not register the name {name:?} (policy: its own name, or a grant's names)",
+                    caller.authorized().who()
+                ),
+            ));
+        }
+        caller.admit(0)?;
+        let slot = caller.subscription_slot(self.inner.config.max_subscriptions_per_connection)?;
+        let names = self.names().clone();
+        // JetStream first: without it there is no registration.
+        names.store.store().await?;
+        let subject = Subject::from(format!("{}.{name}", names.prefix).as_str());
+        let key = fanout::TopicKey {
+            subject,
+            queue: None,
+        };
+        let delivery = self
+            .join(
+                key,
+                caller,
+                (sid.clone(), Priority::Normal, sink),
+                false,
+                slot,
+            )
+            .await?;
+        let holder: Arc<str> = format!(
+            "{}#{}",
+            names.holder_prefix,
+            names.next.fetch_add(1, Ordering::Relaxed)
+        )
+        .into();
+        let connected_at = String::from_utf8_lossy(
+            &crate::telemetry::audit::format_rfc3339_micros(SystemTime::now()),
+        )
+        .into_owned();
+        let value = PresenceValue {
+            gateway: self.id().to_owned(),
+            frontend: caller.frontend().as_str().to_owned(),
+            connected_at,
+            identity: identity.short_form(),
+            holder: holder.to_string(),
+        };
+        let revision = names.store.claim(name, &value).await?;
+        let name: Arc<str> = name.into();
+        let replaced = lock(&names.held).insert(
+            name.clone(),
+            Holder {
+                holder: holder.clone(),
+                sid,
+                sink: names_sink,
+                _delivery: delivery,
+                value,
+                revision,
+            },
+        );
+        if let Some(replaced) = replaced {
+            replaced.sink.name_lost(&replaced.sid, &name);
+        }
+        Ok(Registration {
+            names,
+            name,
+            holder,
+        })
+    }
+
+    /// Where `name` is: online with its gateway, or offline. The caller must be allowed to see
+    /// it (`FORBIDDEN` otherwise).
+    pub async fn presence(
+        &self,
+        caller: &Caller,
+        name: &Subject,
+    ) -> Result<PresenceInfo, GatewayError> {
+        let name = name.as_str();
+        validate_name(name)?;
+        self.check_presence(caller, name)?;
+        caller.admit(0)?;
+        self.names().store.lookup(name).await
+    }
+
+    /// `presence` for operators (`GET /presence`), whose access the HTTP route checked.
+    pub async fn presence_of(&self, name: &str) -> Result<PresenceInfo, GatewayError> {
+        validate_name(name)?;
+        self.names().store.lookup(name).await
+    }
+
+    fn check_presence(&self, caller: &Caller, pattern: &str) -> Result<(), GatewayError> {
+        if caller
+            .authorized()
+            .permissions
+            .may_see_presence(pattern, own_name(caller.identity()))
+        {
+            return Ok(());
+        }
+        Err(GatewayError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "{} may not see the presence of {pattern:?} (policy: a grant's presence)",
+                caller.authorized().who()
+            ),
+        ))
+    }
+
+    /// Streams presence changes of the names `pattern` matches to `sink` under `sid`, until
+    /// the returned watch is dropped.
+    pub fn presence_watch(
+        &self,
+        caller: &Caller,
+        pattern: &Subject,
+        (sid, sink): (Id, Arc<dyn NameSink>),
+    ) -> Result<PresenceWatch, GatewayError> {
+        let pattern = pattern.as_str();
+        validate_subject(pattern, SubjectUse::Subscribe)?;
+        self.check_presence(caller, pattern)?;
+        caller.admit(0)?;
+        let names = self.names().clone();
+        if !names.watching.load(Ordering::Acquire) {
+            return Err(GatewayError::new(
+                ErrorCode::Unavailable,
+                "presence watches need JetStream, and the presence bucket is not being watched yet; retry",
+            ));
+        }
+        let key = names.next.fetch_add(1, Ordering::Relaxed);
+        lock(&names.watchers).push(Watcher {
+            key,
+            sid,
+            pattern: pattern.into(),
+            sink,
+        });
+        Ok(PresenceWatch { names, key })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Frontend;
+
+    #[test]
+    fn names_are_subject_tails_that_a_kv_key_allows() {
+        for good in ["bob", "team.x", "a-b_c=d/e", "B0b"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "", "a..b", "team.*", "team.>", "a b", "bob@host", ".a", "a.",
+        ] {
+            let error = validate_name(bad).unwrap_err();
+            assert_eq!(error.code, ErrorCode::BadRequest, "{bad}");
+        }
+        assert!(validate_name(&"a".repeat(257)).is_err());
+    }
+
+    #[test]
+    fn own_name_is_the_user_name_or_the_token_subject() {
+        let local = Identity {
+            uid: Some(1000),
+            user: Some("alice".into()),
+            ..Identity::anonymous(Frontend::Uds, None)
+        };
+        assert_eq!(own_name(&local), Some("alice"));
+        let token = Identity {
+            sub: Some("bob".into()),
+            ..Identity::anonymous(Frontend::Ws, None)
+        };
+        assert_eq!(own_name(&token), Some("bob"));
+        assert_eq!(own_name(&Identity::anonymous(Frontend::Ws, None)), None);
+        let odd = Identity {
+            sub: Some("bob smith".into()),
+            ..Identity::anonymous(Frontend::Ws, None)
+        };
+        assert_eq!(own_name(&odd), None);
+    }
+}

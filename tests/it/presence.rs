@@ -510,3 +510,99 @@ async fn the_newer_registration_wins_on_one_gateway_too() {
     let lost = wait_for(&mut second, "name_lost", |line| line["op"] == "name_lost").await;
     assert_eq!(lost["sid"], "b");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_jetstream_register_is_unavailable_and_the_gateway_goes_on() {
+    let nats = crate::common::NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &["--gateway-id", "gw-nojs"]);
+    let mut conn = gateway.json().await;
+    let user = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    let user = String::from_utf8(user.stdout).unwrap().trim().to_owned();
+    let refused = conn
+        .call(&json!({"op":"register","id":1,"name":user}).to_string())
+        .await;
+    assert_eq!(refused["error"]["code"], "UNAVAILABLE", "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("JetStream"), "{message}");
+    let refused = conn
+        .call(&json!({"op":"presence_watch","id":"w","pattern":user}).to_string())
+        .await;
+    assert_eq!(refused["error"]["code"], "UNAVAILABLE", "{refused}");
+    // Everything else works.
+    let ack = conn
+        .call(r#"{"op":"publish","id":2,"subject":"plain.subject","data":"x"}"#)
+        .await;
+    assert_eq!(ack, json!({"id":2,"ok":true}));
+    assert_eq!(gateway.get("/health").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_frames_register_ask_presence_and_hear_name_lost() {
+    use crate::common::frame;
+    use ipc_gateway::protocol::binary::{FrameParts, frame_type};
+
+    let (cluster, _files, gateways) = cluster_with(1).await;
+    let mut raw = gateways[0].raw().await;
+    let register = frame(FrameParts {
+        frame_type: frame_type::REGISTER,
+        id: 9,
+        subject: b"bob",
+        ..FrameParts::default()
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        raw.send(&register).await;
+        let answer = raw.recv().await;
+        if answer.header.frame_type == frame_type::ACK {
+            assert_eq!(answer.header.id, 9);
+            break;
+        }
+        assert_eq!(answer.code(), "UNAVAILABLE", "{answer:?}");
+        assert!(Instant::now() < deadline, "{answer:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let nats = cluster.nodes[0].client().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        nats.publish("client.bob", "framed".into()).await.unwrap();
+        nats.flush().await.unwrap();
+        let got = tokio::time::timeout(Duration::from_millis(300), raw.recv()).await;
+        if let Ok(message) = got {
+            assert_eq!(message.header.frame_type, frame_type::MSG, "{message:?}");
+            assert_eq!(message.header.id, 9);
+            assert_eq!(&message.subject[..], b"client.bob");
+            assert_eq!(&message.payload[..], b"framed");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no MSG");
+    }
+    // Let any duplicate deliveries of the loop above arrive and skip them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    raw.send(&frame(FrameParts {
+        frame_type: frame_type::PRESENCE_QUERY,
+        id: 10,
+        subject: b"bob",
+        ..FrameParts::default()
+    }))
+    .await;
+    let answer = loop {
+        let answer = raw.recv().await;
+        if answer.header.frame_type != frame_type::MSG {
+            break answer;
+        }
+    };
+    assert_eq!(answer.header.frame_type, frame_type::PRESENCE, "{answer:?}");
+    assert_eq!((answer.header.id, answer.header.param), (10, 1));
+    let info: Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(info["gateway"], "gw-1", "{info}");
+
+    let mut newer = gateways[0].json().await;
+    call_ok(&mut newer, r#"{"op":"register","id":1,"name":"bob"}"#).await;
+    let lost = raw.recv().await;
+    assert_eq!(lost.header.frame_type, frame_type::NAME_LOST, "{lost:?}");
+    assert_eq!(lost.header.id, 9);
+    assert_eq!(&lost.subject[..], b"bob");
+}

@@ -126,10 +126,7 @@ impl Session {
             }
             Op::Auth => return self.authenticate(envelope),
             Op::Register | Op::Unregister | Op::Presence | Op::PresenceWatch => {
-                let taken = self.position(&envelope.id).is_some();
-                let (gateway, caller, outbox) = (&self.gateway, &self.caller, &self.outbox);
-                let handled = self.named.handle(gateway, caller, outbox, envelope, taken);
-                let answer = Box::pin(handled).await;
+                let answer = Box::pin(self.named_op(envelope)).await;
                 self.answer(answer);
             }
             // A grant is not answered (it may come once per message); only a bad one is.
@@ -150,6 +147,16 @@ impl Session {
             }
         }
         Flow::Continue
+    }
+
+    /// Carries out a named-client op (register, unregister, presence, presence_watch) and
+    /// returns its answer, not yet queued (gRPC turns it into the call's outcome).
+    pub async fn named_op(&mut self, envelope: Envelope) -> Outbound {
+        let taken = self.position(&envelope.id).is_some();
+        let (gateway, caller, outbox) = (&self.gateway, &self.caller, &self.outbox);
+        self.named
+            .handle(gateway, caller, outbox, envelope, taken)
+            .await
     }
 
     /// A WebSocket connection presents a token: it acts as the token's subject from now on.

@@ -606,3 +606,96 @@ async fn binary_frames_register_ask_presence_and_hear_name_lost() {
     assert_eq!(lost.header.id, 9);
     assert_eq!(&lost.subject[..], b"bob");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_registers_asks_watches_and_hears_name_lost() {
+    use futures_util::StreamExt;
+    use ipc_gateway::frontend::grpc::pb;
+
+    let (cluster, _files, gateways) = cluster_with(1).await;
+    let mut client = gateways[0].grpc().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut named = loop {
+        let request = pb::RegisterRequest { name: "bob".into() };
+        match client.register(request).await {
+            Ok(response) => break response.into_inner(),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(Instant::now() < deadline, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let refused = client
+        .register(pb::RegisterRequest {
+            name: "mallory".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+
+    let nats = cluster.nodes[1].client().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let message = loop {
+        nats.publish("client.bob", "over grpc".into())
+            .await
+            .unwrap();
+        nats.flush().await.unwrap();
+        if let Ok(Some(Ok(message))) =
+            tokio::time::timeout(Duration::from_millis(300), named.next()).await
+        {
+            break message;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no message on the Register stream"
+        );
+    };
+    assert_eq!(message.subject, "client.bob");
+    assert_eq!(&message.payload[..], b"over grpc");
+    assert!(!message.name_lost);
+
+    let presence = client
+        .presence(pb::PresenceRequest { name: "bob".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(presence.online, "{presence:?}");
+    assert_eq!(
+        (presence.gateway.as_str(), presence.frontend.as_str()),
+        ("gw-1", "grpc")
+    );
+
+    let mut watch = client
+        .watch_presence(pb::WatchPresenceRequest {
+            pattern: "team.>".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut member = gateways[0].json().await;
+    call_ok(&mut member, r#"{"op":"register","id":1,"name":"team.y"}"#).await;
+    let event = tokio::time::timeout(Duration::from_secs(20), watch.next())
+        .await
+        .expect("a presence event")
+        .unwrap()
+        .unwrap();
+    assert_eq!((event.name.as_str(), event.online), ("team.y", true));
+
+    // A socket client takes the name: the stream says so, then ends.
+    call_ok(&mut member, r#"{"op":"register","id":2,"name":"bob"}"#).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let next = tokio::time::timeout_at(deadline.into(), named.next())
+            .await
+            .expect("name_lost in time");
+        let message = next.expect("a last message").unwrap();
+        if message.name_lost {
+            break;
+        }
+    }
+    let end = tokio::time::timeout(Duration::from_secs(10), named.next())
+        .await
+        .expect("the stream ends");
+    assert!(end.is_none(), "{end:?}");
+}

@@ -699,3 +699,56 @@ async fn grpc_registers_asks_watches_and_hears_name_lost() {
         .expect("the stream ends");
     assert!(end.is_none(), "{end:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_clients_take_their_token_subject_and_anonymous_ones_nothing() {
+    use crate::common::ws;
+
+    let cluster = NatsCluster::start().await;
+    let files = Files::new();
+    let ttl = TTL_MS.to_string();
+    // No policy: the default names only.
+    let gateway = GatewayProcess::start(
+        &cluster.nodes[0].url(),
+        &[
+            "--gateway-id",
+            "gw-ws",
+            "--presence-ttl-ms",
+            &ttl,
+            "--auth-jwt-secret-file",
+            &files.path("jwt.secret"),
+        ],
+    );
+    let authorization = format!("Bearer {}", hs256("carol"));
+    let (mut carol, _) = ws::connect_with_headers(&gateway, &[("Authorization", &authorization)])
+        .await
+        .expect("carol connects");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = ws::call(&mut carol, r#"{"op":"register","id":1,"name":"carol"}"#).await;
+        if answer["ok"] == true {
+            break;
+        }
+        assert_eq!(answer["error"]["code"], "UNAVAILABLE", "{answer}");
+        assert!(Instant::now() < deadline, "{answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let other = ws::call(&mut carol, r#"{"op":"register","id":2,"name":"dave"}"#).await;
+    assert_eq!(other["error"]["code"], "FORBIDDEN", "{other}");
+    let mine = ws::call(&mut carol, r#"{"op":"presence","id":3,"name":"carol"}"#).await;
+    assert_eq!(
+        (&mine["online"], &mine["frontend"], &mine["identity"]),
+        (&json!(true), &json!("ws"), &json!("sub=carol")),
+        "{mine}"
+    );
+
+    let mut anonymous = ws::connect(&gateway, None).await.expect("connects");
+    let refused = ws::call(
+        &mut anonymous,
+        r#"{"op":"register","id":1,"name":"anonymous"}"#,
+    )
+    .await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    let refused = ws::call(&mut anonymous, r#"{"op":"presence","id":2,"name":"carol"}"#).await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+}

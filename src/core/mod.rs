@@ -273,6 +273,7 @@ impl Gateway {
             Ok(Some(version)) => {
                 tracing::info!(version, "policy reloaded");
                 self.recheck_subscriptions();
+                self.recheck_names();
                 self.inner.metrics.policy_reload(true);
                 audit.record(Record::policy_reload(Ok(())).message(format!("version {version}")));
                 Ok(())

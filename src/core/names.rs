@@ -34,6 +34,9 @@ use crate::protocol::{ErrorCode, GatewayError, Id, Identity, PresenceInfo, Prior
 /// The longest name (a KV key; NATS itself allows longer subjects).
 pub const MAX_NAME_BYTES: usize = 256;
 
+/// How many presence entries a gateway rewrites at once when it refreshes them.
+const REFRESHES_AT_ONCE: usize = 64;
+
 /// Where a connection's name events go (its outbox).
 pub trait NameSink: Send + Sync {
     /// Another connection took `name`, registered under `sid`.
@@ -83,6 +86,8 @@ impl Drop for PresenceWatch {
 
 struct Holder {
     holder: Arc<str>,
+    /// Who holds it, as the policy saw it at registration (rechecked after a reload).
+    caller: Caller,
     sid: Id,
     sink: Arc<dyn NameSink>,
     /// The delivery of `<prefix>.<name>`; dropped when the name is lost or given up.
@@ -258,7 +263,11 @@ impl Names {
                 let outcome = self.store.refresh(&name, &value, revision).await;
                 (name, holder, outcome)
             });
-        let outcomes = futures_util::future::join_all(refreshes).await;
+        // A bounded number at a time: a gateway may hold many names.
+        let outcomes: Vec<_> = futures_util::stream::iter(refreshes)
+            .buffer_unordered(REFRESHES_AT_ONCE)
+            .collect()
+            .await;
         for (name, holder, outcome) in outcomes {
             match outcome {
                 Refreshed::Held(revision) => {
@@ -446,6 +455,7 @@ impl Gateway {
             name.clone(),
             Holder {
                 holder: holder.clone(),
+                caller: caller.clone(),
                 sid,
                 sink: names_sink,
                 _delivery: delivery,
@@ -461,6 +471,30 @@ impl Gateway {
             name,
             holder,
         })
+    }
+
+    /// After a policy reload: every name held here whose holder the new policy no longer
+    /// gives it is lost (its client is told `name_lost`; its entry is deleted).
+    pub(super) fn recheck_names(&self) {
+        let names = self.names();
+        let held: Vec<(Arc<str>, Arc<str>, Caller)> = lock(&names.held)
+            .iter()
+            .map(|(name, held)| (name.clone(), held.holder.clone(), held.caller.clone()))
+            .collect();
+        for (name, holder, caller) in held {
+            let caller = self.refreshed(&caller).unwrap_or(caller);
+            let permissions = &caller.authorized().permissions;
+            if !permissions.may_take_name(&name, own_name(caller.identity())) {
+                let revision = lock(&names.held).get(&name).map(|held| held.revision);
+                names.lose(&name, &holder);
+                if let (Some(revision), Ok(runtime)) =
+                    (revision, tokio::runtime::Handle::try_current())
+                {
+                    let names = names.clone();
+                    runtime.spawn(async move { names.store.release(&name, revision).await });
+                }
+            }
+        }
     }
 
     /// Where `name` is: online with its gateway, or offline. The caller must be allowed to see

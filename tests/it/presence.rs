@@ -752,3 +752,25 @@ async fn websocket_clients_take_their_token_subject_and_anonymous_ones_nothing()
     let refused = ws::call(&mut anonymous, r#"{"op":"presence","id":2,"name":"carol"}"#).await;
     assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_policy_that_no_longer_gives_a_name_takes_it_away() {
+    let (_cluster, files, gateways) = cluster_with(1).await;
+    let mut bob = gateways[0].json().await;
+    call_ok(&mut bob, r#"{"op":"register","id":1,"name":"bob"}"#).await;
+    let mut team = gateways[0].json().await;
+    call_ok(&mut team, r#"{"op":"register","id":1,"name":"team.a"}"#).await;
+    std::fs::write(
+        files.path("policy.toml"),
+        POLICY.replace(r#"names = ["bob", "team.*"]"#, r#"names = ["team.*"]"#),
+    )
+    .unwrap();
+    gateways[0].signal("HUP");
+    let lost = wait_for(&mut bob, "name_lost", |line| line["op"] == "name_lost").await;
+    assert_eq!(lost, json!({"op":"name_lost","sid":1,"name":"bob"}));
+    let mut asker = gateways[0].json().await;
+    presence_until(&mut asker, "bob", |a| a["online"] == false).await;
+    let kept = presence_of(&mut asker, "team.a").await;
+    assert_eq!(kept["online"], true, "{kept}");
+    team.assert_silent(Duration::from_millis(200)).await;
+}

@@ -877,6 +877,8 @@ impl Gateway {
 
     /// Flushes NATS connections so that accepted publishes leave before the process exits.
     pub async fn flush(&self) {
+        // The presence entries of the names given up as the connections closed go first.
+        self.inner.names.settle(Duration::from_secs(2)).await;
         self.inner.pool.flush_all().await;
     }
 }

@@ -114,6 +114,8 @@ pub(super) struct Names {
     holder_prefix: String,
     /// The bucket watch is running (presence watches need it).
     watching: AtomicBool,
+    /// Presence entries being deleted (names given up): a stopping gateway waits for them.
+    releases: tokio_util::task::TaskTracker,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -167,6 +169,7 @@ impl Names {
             next: AtomicU64::new(1),
             holder_prefix: format!("{gateway}#{start}"),
             watching: AtomicBool::new(false),
+            releases: tokio_util::task::TaskTracker::new(),
         }
     }
 
@@ -195,11 +198,25 @@ impl Names {
         let Some(removed) = removed else { return };
         let revision = removed.revision;
         drop(removed);
+        self.delete_entry(name.to_owned(), revision);
+    }
+
+    /// Deletes our presence entry of `name` (if still at `revision`) in the background.
+    fn delete_entry(self: &Arc<Self>, name: String, revision: u64) {
         let names = self.clone();
-        let name = name.to_owned();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { names.store.release(&name, revision).await });
+            self.releases.spawn_on(
+                async move { names.store.release(&name, revision).await },
+                &runtime,
+            );
         }
+    }
+
+    /// Waits (at most `limit`) for the presence entries being deleted: at shutdown, so that
+    /// the names this gateway's clients gave up do not linger until they expire.
+    pub async fn settle(&self, limit: Duration) {
+        self.releases.close();
+        let _ = tokio::time::timeout(limit, self.releases.wait()).await;
     }
 
     /// `name`'s holder `holder` lost it to a newer registration: told, and its delivery ends.
@@ -487,11 +504,8 @@ impl Gateway {
             if !permissions.may_take_name(&name, own_name(caller.identity())) {
                 let revision = lock(&names.held).get(&name).map(|held| held.revision);
                 names.lose(&name, &holder);
-                if let (Some(revision), Ok(runtime)) =
-                    (revision, tokio::runtime::Handle::try_current())
-                {
-                    let names = names.clone();
-                    runtime.spawn(async move { names.store.release(&name, revision).await });
+                if let Some(revision) = revision {
+                    names.delete_entry(name.to_string(), revision);
                 }
             }
         }

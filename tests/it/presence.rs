@@ -774,3 +774,34 @@ async fn a_reloaded_policy_that_no_longer_gives_a_name_takes_it_away() {
     assert_eq!(kept["online"], true, "{kept}");
     team.assert_silent(Duration::from_millis(200)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_stops_cleanly_deletes_its_entries_at_once() {
+    let cluster = NatsCluster::start().await;
+    cluster.wait_routed().await;
+    let files = Files::new();
+    // A TTL far longer than the test waits: only a delete can make the name offline in time.
+    let long_ttl = [
+        "--presence-ttl-ms",
+        "120000",
+        "--policy",
+        &files.path("policy.toml"),
+    ];
+    let stopping = GatewayProcess::start(
+        &cluster.nodes[0].url(),
+        &[&["--gateway-id", "gw-stop"][..], &long_ttl[..]].concat(),
+    );
+    let staying = GatewayProcess::start(
+        &cluster.nodes[1].url(),
+        &[&["--gateway-id", "gw-stay"][..], &long_ttl[..]].concat(),
+    );
+    let mut bob = stopping.json().await;
+    call_ok(&mut bob, r#"{"op":"register","id":1,"name":"bob"}"#).await;
+    let mut asker = staying.json().await;
+    presence_until(&mut asker, "bob", |a| a["gateway"] == "gw-stop").await;
+    stopping.signal("TERM");
+    let mut stopping = stopping;
+    assert_eq!(stopping.wait_exit(), Some(0));
+    let answer = presence_of(&mut asker, "bob").await;
+    assert_eq!(answer["online"], false, "{answer}");
+}

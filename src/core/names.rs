@@ -175,9 +175,7 @@ impl Names {
 
     /// Whether `subject` is a client subject (`<prefix>.<name>`).
     pub fn is_client_subject(&self, subject: &str) -> bool {
-        subject
-            .strip_prefix(self.prefix.as_str())
-            .is_some_and(|rest| rest.starts_with('.'))
+        client_subject(&self.prefix, subject)
     }
 
     /// The client namespace as a pattern: `<prefix>.>`.
@@ -243,7 +241,7 @@ impl Names {
         };
         if let Some(value) = &value {
             let loser = lock(&self.held).get(key).and_then(|held| {
-                (revision > held.revision && value.holder != *held.holder)
+                taken_by_another(held.revision, &held.holder, revision, &value.holder)
                     .then(|| held.holder.clone())
             });
             if let Some(loser) = loser {
@@ -302,6 +300,20 @@ impl Names {
             }
         }
     }
+}
+
+/// Whether `subject` is `<prefix>.<something>`.
+fn client_subject(prefix: &str, subject: &str) -> bool {
+    subject
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.starts_with('.'))
+}
+
+/// Whether an entry seen on the bucket means our holder (whose last write was `our_revision`)
+/// lost the name: a later revision written by another holder. Our own writes, and entries
+/// older than ours that arrive late, do not.
+fn taken_by_another(our_revision: u64, ours: &str, revision: u64, writer: &str) -> bool {
+    revision > our_revision && writer != ours
 }
 
 /// Refreshes this gateway's presence entries every TTL/3 and watches the bucket, for as long
@@ -582,6 +594,32 @@ impl Gateway {
 mod tests {
     use super::*;
     use crate::protocol::Frontend;
+
+    #[test]
+    fn only_a_later_entry_of_another_holder_takes_a_name() {
+        assert!(taken_by_another(5, "gw-1#1#1", 6, "gw-2#1#1"));
+        assert!(
+            !taken_by_another(5, "gw-1#1#1", 6, "gw-1#1#1"),
+            "our refresh"
+        );
+        assert!(
+            !taken_by_another(7, "gw-1#1#2", 6, "gw-2#1#1"),
+            "an older entry, late"
+        );
+        assert!(
+            !taken_by_another(7, "gw-1#1#2", 7, "gw-1#1#2"),
+            "our own write"
+        );
+    }
+
+    #[test]
+    fn client_subjects_are_the_prefix_and_a_dot() {
+        assert!(client_subject("client", "client.bob"));
+        assert!(client_subject("client", "client.team.x"));
+        assert!(!client_subject("client", "client"));
+        assert!(!client_subject("client", "clients.bob"));
+        assert!(!client_subject("client", "other.client.bob"));
+    }
 
     #[test]
     fn names_are_subject_tails_that_a_kv_key_allows() {

@@ -132,8 +132,8 @@ impl Named {
         };
         match envelope.op {
             Op::Register => {
+                self.is_active(); // forgets names lost since (their ids are free again)
                 fresh_id(self)?;
-                self.is_active();
                 if self.names.iter().any(|(_, r)| r.name() == target.as_str()) {
                     return Err(GatewayError::bad_request(format!(
                         "this connection holds the name {:?} already",

@@ -407,9 +407,10 @@ async fn presence(
         .as_deref()
         .unwrap_or_default()
         .split('&')
-        .find_map(|pair| pair.strip_prefix("name="));
+        .find_map(|pair| pair.strip_prefix("name="))
+        .map(percent_decoded);
     let result = match name {
-        Some(name) => gateway.presence_of(name).await,
+        Some(name) => gateway.presence_of(&name).await,
         None => Err(crate::protocol::GatewayError::bad_request(
             "give the name: /presence?name=bob",
         )),
@@ -432,6 +433,31 @@ async fn presence(
     }
 }
 
+/// A query value with its `%XX` escapes decoded (`a%2Fb` is `a/b`); a malformed escape is
+/// kept as it is (the name check then refuses it).
+fn percent_decoded(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let escape = (bytes[at] == b'%')
+            .then(|| Some((hex(*bytes.get(at + 1)?)?, hex(*bytes.get(at + 2)?)?)))
+            .flatten();
+        match escape {
+            Some((high, low)) => {
+                out.push((high * 16 + low) as u8);
+                at += 3;
+            }
+            None => {
+                out.push(bytes[at]);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 async fn metrics(State(gateway): State<Gateway>) -> Response {
     gateway.refresh_gauges();
     (
@@ -442,4 +468,15 @@ async fn metrics(State(gateway): State<Gateway>) -> Response {
         gateway.metrics().render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod presence_query_tests {
+    #[test]
+    fn percent_escapes_are_decoded_and_bad_ones_kept() {
+        assert_eq!(super::percent_decoded("a%2Fb%3dc"), "a/b=c");
+        assert_eq!(super::percent_decoded("bob"), "bob");
+        assert_eq!(super::percent_decoded("a%2"), "a%2");
+        assert_eq!(super::percent_decoded("a%zzb"), "a%zzb");
+    }
 }

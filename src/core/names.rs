@@ -116,6 +116,8 @@ pub(super) struct Names {
     watching: AtomicBool,
     /// Presence entries being deleted (names given up): a stopping gateway waits for them.
     releases: tokio_util::task::TaskTracker,
+    /// A registration found the bucket usable: `maintain` stops waiting for JetStream.
+    usable: tokio::sync::Notify,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -170,6 +172,7 @@ impl Names {
             holder_prefix: format!("{gateway}#{start}"),
             watching: AtomicBool::new(false),
             releases: tokio_util::task::TaskTracker::new(),
+            usable: tokio::sync::Notify::new(),
         }
     }
 
@@ -318,9 +321,12 @@ fn taken_by_another(our_revision: u64, ours: &str, revision: u64, writer: &str) 
 
 /// Refreshes this gateway's presence entries every TTL/3 and watches the bucket, for as long
 /// as the gateway lives. Creates the bucket at start if it is missing; while JetStream cannot
-/// be used it retries every second (register answers `UNAVAILABLE` meanwhile).
+/// be used it retries, backing off from 1 s to 30 s (register answers `UNAVAILABLE`
+/// meanwhile, and makes the bucket itself once JetStream is back).
 pub(super) async fn maintain(inner: Weak<Inner>) {
     let mut warned = false;
+    // Between attempts while JetStream cannot be used: 1 s, doubling to 30 s.
+    let mut backoff = Duration::from_secs(1);
     loop {
         let Some(names) = inner.upgrade().map(|inner| inner.names.clone()) else {
             return;
@@ -332,8 +338,11 @@ pub(super) async fn maintain(inner: Weak<Inner>) {
                     tracing::warn!(%error, "presence is unavailable until JetStream can be used");
                     warned = true;
                 }
-                drop(names);
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = names.usable.notified() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
                 continue;
             }
         };
@@ -343,11 +352,13 @@ pub(super) async fn maintain(inner: Weak<Inner>) {
                 tracing::warn!(%error, "presence bucket watch failed; retrying");
                 names.store.forget().await;
                 drop(names);
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
                 continue;
             }
         };
         warned = false;
+        backoff = Duration::from_secs(1);
         names.watching.store(true, Ordering::Release);
         let mut refresh =
             tokio::time::interval((names.store.ttl() / 3).max(Duration::from_millis(100)));
@@ -447,6 +458,10 @@ impl Gateway {
         let names = self.names().clone();
         // JetStream first: without it there is no registration.
         names.store.store().await?;
+        if !names.watching.load(Ordering::Acquire) {
+            // JetStream came back while `maintain` waits: its refreshes are needed now.
+            names.usable.notify_one();
+        }
         let subject = Subject::from(format!("{}.{name}", names.prefix).as_str());
         let key = fanout::TopicKey {
             subject,

@@ -805,3 +805,51 @@ async fn a_gateway_that_stops_cleanly_deletes_its_entries_at_once() {
     let answer = presence_of(&mut asker, "bob").await;
     assert_eq!(answer["online"], false, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_registered_once_jetstream_is_back_are_kept_alive() {
+    let store = tempfile::tempdir().unwrap();
+    let mut nats = crate::common::NatsServer::start_with_config(&format!(
+        "jetstream {{ store_dir: \"{}\" }}",
+        store.path().display()
+    ));
+    nats.kill();
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--gateway-id",
+            "gw-late",
+            "--presence-ttl-ms",
+            &TTL_MS.to_string(),
+        ],
+    );
+    // The gateway backs off while NATS (and so JetStream) is away.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    nats.restart();
+    let user = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    let user = String::from_utf8(user.stdout).unwrap().trim().to_owned();
+    let mut conn = gateway.json().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = conn
+            .call(&json!({"op":"register","id":1,"name":user}).to_string())
+            .await;
+        if answer["ok"] == true {
+            break;
+        }
+        assert_eq!(answer["error"]["code"], "UNAVAILABLE", "{answer}");
+        assert!(Instant::now() < deadline, "{answer}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Refreshed: still online well past the TTL.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(TTL_MS / 2)).await;
+        let answer = conn
+            .call(&json!({"op":"presence","id":2,"name":user}).to_string())
+            .await;
+        assert_eq!(answer["online"], true, "{answer}");
+    }
+}

@@ -853,3 +853,35 @@ async fn names_registered_once_jetstream_is_back_are_kept_alive() {
         assert_eq!(answer["online"], true, "{answer}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_and_subscriptions_share_the_per_connection_bound() {
+    let cluster = NatsCluster::start().await;
+    let files = Files::new();
+    let gateway = GatewayProcess::start(
+        &cluster.nodes[0].url(),
+        &[
+            "--presence-ttl-ms",
+            &TTL_MS.to_string(),
+            "--policy",
+            &files.path("policy.toml"),
+            "--max-subscriptions-per-connection",
+            "3",
+        ],
+    );
+    let mut conn = gateway.json().await;
+    call_ok(&mut conn, r#"{"op":"register","id":1,"name":"team.a"}"#).await;
+    let ok = conn.call(r#"{"op":"subscribe","id":2,"subject":"x.y"}"#).await;
+    assert_eq!(ok["ok"], true, "{ok}");
+    let ok = conn.call(r#"{"op":"register","id":3,"name":"team.b"}"#).await;
+    assert_eq!(ok["ok"], true, "{ok}");
+    let over = conn.call(r#"{"op":"register","id":4,"name":"team.c"}"#).await;
+    assert_eq!(over["error"]["code"], "OVERLOADED", "{over}");
+    let over = conn.call(r#"{"op":"subscribe","id":5,"subject":"x.z"}"#).await;
+    assert_eq!(over["error"]["code"], "OVERLOADED", "{over}");
+    // Giving a name up makes room.
+    let gone = conn.call(r#"{"op":"unregister","id":6,"name":"team.a"}"#).await;
+    assert_eq!(gone["ok"], true, "{gone}");
+    let ok = conn.call(r#"{"op":"register","id":7,"name":"team.c"}"#).await;
+    assert_eq!(ok["ok"], true, "{ok}");
+}

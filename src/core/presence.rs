@@ -106,13 +106,17 @@ impl PresenceStore {
         let js = async_nats::jetstream::new(client);
         let made = match js.get_key_value(&self.bucket).await {
             Ok(store) => Ok(store),
-            Err(_) => match js.create_key_value(self.config()).await {
+            // Three replicas on a cluster (presence survives a node), one on a single server.
+            Err(_) => match js.create_key_value(self.config(3)).await {
                 Ok(store) => Ok(store),
-                // Another gateway created it in between (perhaps with another TTL).
-                Err(create) => js
-                    .get_key_value(&self.bucket)
-                    .await
-                    .map_err(|_| create.to_string()),
+                Err(_) => match js.create_key_value(self.config(1)).await {
+                    Ok(store) => Ok(store),
+                    // Another gateway created it in between (perhaps with another TTL).
+                    Err(create) => js
+                        .get_key_value(&self.bucket)
+                        .await
+                        .map_err(|_| create.to_string()),
+                },
             },
         };
         let store = made.map_err(|why| {
@@ -128,8 +132,9 @@ impl PresenceStore {
         Ok(store)
     }
 
-    fn config(&self) -> kv::Config {
+    fn config(&self, replicas: usize) -> kv::Config {
         kv::Config {
+            num_replicas: replicas,
             bucket: self.bucket.clone(),
             description: "ipc-gateway presence: where each named client is connected".into(),
             history: 1,

@@ -479,6 +479,13 @@ async fn the_newer_registration_wins_and_the_older_gateway_cannot_take_it_back()
     assert_eq!(answer["gateway"], "gw-2", "{answer}");
     let js = async_nats::jetstream::new(cluster.nodes[0].client().await);
     let kv = js.get_key_value("ipc_presence").await.unwrap();
+    let mut stream = js.get_stream("KV_ipc_presence").await.unwrap();
+    let config = &stream.info().await.unwrap().config;
+    assert_eq!(
+        config.num_replicas, 3,
+        "a cluster keeps presence on three nodes"
+    );
+    assert_eq!(config.max_age, Duration::from_millis(TTL_MS));
     let entry = kv.get("bob").await.unwrap().expect("the entry");
     let value: Value = serde_json::from_slice(&entry).unwrap();
     assert_eq!(value["gateway"], "gw-2", "{value}");
@@ -871,17 +878,29 @@ async fn names_and_subscriptions_share_the_per_connection_bound() {
     );
     let mut conn = gateway.json().await;
     call_ok(&mut conn, r#"{"op":"register","id":1,"name":"team.a"}"#).await;
-    let ok = conn.call(r#"{"op":"subscribe","id":2,"subject":"x.y"}"#).await;
+    let ok = conn
+        .call(r#"{"op":"subscribe","id":2,"subject":"x.y"}"#)
+        .await;
     assert_eq!(ok["ok"], true, "{ok}");
-    let ok = conn.call(r#"{"op":"register","id":3,"name":"team.b"}"#).await;
+    let ok = conn
+        .call(r#"{"op":"register","id":3,"name":"team.b"}"#)
+        .await;
     assert_eq!(ok["ok"], true, "{ok}");
-    let over = conn.call(r#"{"op":"register","id":4,"name":"team.c"}"#).await;
+    let over = conn
+        .call(r#"{"op":"register","id":4,"name":"team.c"}"#)
+        .await;
     assert_eq!(over["error"]["code"], "OVERLOADED", "{over}");
-    let over = conn.call(r#"{"op":"subscribe","id":5,"subject":"x.z"}"#).await;
+    let over = conn
+        .call(r#"{"op":"subscribe","id":5,"subject":"x.z"}"#)
+        .await;
     assert_eq!(over["error"]["code"], "OVERLOADED", "{over}");
     // Giving a name up makes room.
-    let gone = conn.call(r#"{"op":"unregister","id":6,"name":"team.a"}"#).await;
+    let gone = conn
+        .call(r#"{"op":"unregister","id":6,"name":"team.a"}"#)
+        .await;
     assert_eq!(gone["ok"], true, "{gone}");
-    let ok = conn.call(r#"{"op":"register","id":7,"name":"team.c"}"#).await;
+    let ok = conn
+        .call(r#"{"op":"register","id":7,"name":"team.c"}"#)
+        .await;
     assert_eq!(ok["ok"], true, "{ok}");
 }

@@ -244,7 +244,14 @@ fn build_envelope(
     line: &Bytes,
     mut parsed: JsonEnvelope<'_>,
 ) -> Result<Envelope, (Id, GatewayError)> {
-    if parsed.subject.is_none() && parsed.op.is_some() {
+    // The named-client ops carry their target as "name" or "pattern"; other ops ignore both.
+    let named = parsed.op.as_deref().and_then(Op::parse).is_some_and(|op| {
+        matches!(
+            op,
+            Op::Register | Op::Unregister | Op::Presence | Op::PresenceWatch
+        )
+    });
+    if named && parsed.subject.is_none() {
         parsed.subject = parsed.name.take().or(parsed.pattern.take());
     }
     let id = parsed.id;
@@ -740,6 +747,60 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn named_client_ops_read_name_or_pattern_and_others_ignore_them() {
+        let subject = |line: &str| match parse_line(Bytes::copy_from_slice(line.as_bytes())) {
+            Decoded::Envelope(envelope) => envelope.subject.map(|s| s.as_str().to_owned()),
+            Decoded::Invalid { error, .. } => panic!("{line}: {error:?}"),
+        };
+        assert_eq!(
+            subject(r#"{"op":"register","id":1,"name":"bob"}"#).as_deref(),
+            Some("bob")
+        );
+        assert_eq!(
+            subject(r#"{"op":"presence_watch","id":"w","pattern":"team.>"}"#).as_deref(),
+            Some("team.>")
+        );
+        assert_eq!(subject(r#"{"op":"publish","name":"bob"}"#), None);
+    }
+
+    #[test]
+    fn encodes_presence_and_name_lost() {
+        let mut out = BytesMut::new();
+        encode(
+            &Outbound::NameLost {
+                sid: Id::from(1),
+                name: "bob".into(),
+            },
+            &mut out,
+        );
+        let info = std::sync::Arc::new(super::super::PresenceInfo::offline("bob"));
+        encode(
+            &Outbound::Presence {
+                id: Id::from(2),
+                watch: false,
+                info: info.clone(),
+            },
+            &mut out,
+        );
+        encode(
+            &Outbound::Presence {
+                id: Id::Text("w".into()),
+                watch: true,
+                info,
+            },
+            &mut out,
+        );
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            concat!(
+                "{\"op\":\"name_lost\",\"sid\":1,\"name\":\"bob\"}\n",
+                "{\"id\":2,\"ok\":true,\"name\":\"bob\",\"online\":false}\n",
+                "{\"op\":\"presence\",\"sid\":\"w\",\"name\":\"bob\",\"online\":false}\n",
+            )
+        );
     }
 
     #[test]

@@ -118,6 +118,9 @@ pub(super) struct Names {
     releases: tokio_util::task::TaskTracker,
     /// A registration found the bucket usable: `maintain` stops waiting for JetStream.
     usable: tokio::sync::Notify,
+    /// Every name online in the bucket, with its holder, as the bucket watch showed it: what
+    /// tells a change from a refresh. One entry per online name of the cluster.
+    known: Mutex<HashMap<String, String>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -173,6 +176,7 @@ impl Names {
             watching: AtomicBool::new(false),
             releases: tokio_util::task::TaskTracker::new(),
             usable: tokio::sync::Notify::new(),
+            known: Mutex::default(),
         }
     }
 
@@ -250,6 +254,21 @@ impl Names {
             if let Some(loser) = loser {
                 self.lose(key, &loser);
             }
+        }
+        // Watchers see changes only: a refresh (the same holder again) and a second offline
+        // (a deletion's marker expiring) are not changes.
+        let changed = {
+            let mut known = lock(&self.known);
+            match &value {
+                Some(value) => {
+                    known.insert(key.to_owned(), value.holder.clone()).as_ref()
+                        != Some(&value.holder)
+                }
+                None => known.remove(key).is_some(),
+            }
+        };
+        if !changed {
+            return;
         }
         let info = Arc::new(match &value {
             Some(value) => value.info(key),
@@ -346,7 +365,9 @@ pub(super) async fn maintain(inner: Weak<Inner>) {
                 continue;
             }
         };
-        let mut watch = match store.watch_all().await {
+        // From the last entry of every key: `known` starts from the bucket's state.
+        lock(&names.known).clear();
+        let mut watch = match store.watch_with_history(">").await {
             Ok(watch) => watch,
             Err(error) => {
                 tracing::warn!(%error, "presence bucket watch failed; retrying");

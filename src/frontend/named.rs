@@ -39,10 +39,33 @@ impl NameSink for Outbox {
 }
 
 /// The names a connection holds and its presence watches; dropping it gives them all up.
+/// Boxed, and made on first use: every connection has one, few use it (8 bytes when unused).
 #[derive(Default)]
-pub struct Named {
+pub struct Named(Option<Box<Held>>);
+
+/// What `Named` holds once used (its fields are private to this module).
+#[derive(Default)]
+pub struct Held {
     names: Vec<(Id, Registration)>,
     watches: Vec<(Id, PresenceWatch)>,
+}
+
+impl std::ops::Deref for Named {
+    type Target = Held;
+
+    fn deref(&self) -> &Held {
+        static NONE: Held = Held {
+            names: Vec::new(),
+            watches: Vec::new(),
+        };
+        self.0.as_deref().unwrap_or(&NONE)
+    }
+}
+
+impl std::ops::DerefMut for Named {
+    fn deref_mut(&mut self) -> &mut Held {
+        self.0.get_or_insert_with(Box::default)
+    }
 }
 
 impl Named {
@@ -61,6 +84,9 @@ impl Named {
 
     /// Ends watch `id` (an `unsubscribe`); false when there is none.
     pub fn unwatch(&mut self, id: &Id) -> bool {
+        if self.0.is_none() {
+            return false;
+        }
         let before = self.watches.len();
         self.watches.retain(|(sid, _)| sid != id);
         before != self.watches.len()
@@ -176,5 +202,21 @@ fn op_name(op: Op) -> &'static str {
         Op::Unregister => "unregister",
         Op::Presence => "presence",
         _ => "presence_watch",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection's session carries one.
+    #[test]
+    fn an_unused_named_costs_one_pointer_and_no_allocation() {
+        assert_eq!(size_of::<Named>(), size_of::<usize>());
+        let mut named = Named::default();
+        assert!(!named.is_active());
+        assert!(!named.uses(&Id::from(1)));
+        assert!(!named.unwatch(&Id::from(1)));
+        assert!(named.0.is_none());
     }
 }

@@ -72,9 +72,12 @@ impl Named {
     /// Whether the connection holds a name or a watch (it then stays open like one with
     /// subscriptions).
     pub fn is_active(&mut self) -> bool {
-        self.names
+        let Some(held) = self.0.as_deref_mut() else {
+            return false;
+        };
+        held.names
             .retain(|(_, registration)| registration.is_active());
-        !self.names.is_empty() || !self.watches.is_empty()
+        !held.names.is_empty() || !held.watches.is_empty()
     }
 
     /// Whether `id` names one of its registrations or watches.

@@ -538,6 +538,29 @@ impl Gateway {
         })
     }
 
+    /// Counts a named-client op and audits it with its name or pattern as the record's
+    /// subject (who took, gave up or asked about which name).
+    pub fn note_named(
+        &self,
+        caller: &Caller,
+        op: crate::protocol::Op,
+        id: &Id,
+        target: Option<&Subject>,
+        outcome: Result<(), ErrorCode>,
+    ) {
+        self.inner
+            .metrics
+            .operation_or_invalid(caller.frontend(), Some(op), outcome);
+        let audit = &self.inner.audit;
+        if audit.is_on() {
+            let mut record = caller.record(op).id(id.clone()).outcome(outcome);
+            if let Some(target) = target {
+                record = record.subject(target.clone());
+            }
+            audit.record(record);
+        }
+    }
+
     /// After a policy reload: every name held here whose holder the new policy no longer
     /// gives it is lost (its client is told `name_lost`; its entry is deleted).
     pub(super) fn recheck_names(&self) {

@@ -106,13 +106,15 @@ impl Named {
     ) -> Outbound {
         let op = envelope.op;
         let id = envelope.id.clone();
+        let target = envelope.subject.clone();
         let result = self
             .carry_out(gateway, caller, outbox, envelope, id_taken)
             .await;
-        gateway.note(
+        gateway.note_named(
             caller,
-            Some(op),
+            op,
             &id,
+            target.as_ref(),
             result.as_ref().map(|_| ()).map_err(|e| e.code),
         );
         match result {

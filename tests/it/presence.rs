@@ -924,3 +924,50 @@ async fn names_and_subscriptions_share_the_per_connection_bound() {
         .await;
     assert_eq!(ok["ok"], true, "{ok}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_operations_are_audited_with_the_name() {
+    let cluster = NatsCluster::start().await;
+    let files = Files::new();
+    let audit = files.path("audit.jsonl");
+    let mut gateway = GatewayProcess::start(
+        &cluster.nodes[0].url(),
+        &[
+            "--presence-ttl-ms",
+            &TTL_MS.to_string(),
+            "--policy",
+            &files.path("policy.toml"),
+            "--audit-file",
+            &audit,
+        ],
+    );
+    let mut conn = gateway.json().await;
+    call_ok(&mut conn, r#"{"op":"register","id":1,"name":"bob"}"#).await;
+    let refused = conn
+        .call(r#"{"op":"register","id":2,"name":"mallory"}"#)
+        .await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    drop(conn);
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), Some(0));
+    let records: Vec<Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let register = |id: i64| {
+        records
+            .iter()
+            .filter(|r| r["op"] == "register" && r["id"] == id)
+            .last()
+            .unwrap_or_else(|| panic!("no register record for id {id}: {records:?}"))
+    };
+    assert_eq!(
+        (&register(1)["subject"], &register(1)["outcome"]),
+        (&json!("bob"), &json!("ok"))
+    );
+    assert_eq!(
+        (&register(2)["subject"], &register(2)["outcome"]),
+        (&json!("mallory"), &json!("FORBIDDEN"))
+    );
+}

@@ -958,8 +958,7 @@ async fn name_operations_are_audited_with_the_name() {
     let register = |id: i64| {
         records
             .iter()
-            .filter(|r| r["op"] == "register" && r["id"] == id)
-            .last()
+            .rfind(|r| r["op"] == "register" && r["id"] == id)
             .unwrap_or_else(|| panic!("no register record for id {id}: {records:?}"))
     };
     assert_eq!(

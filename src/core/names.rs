@@ -281,6 +281,31 @@ impl Names {
         }
     }
 
+    /// After the first pass of a new bucket watch: the names known online before (the watch
+    /// was cut) that the bucket no longer has went offline meanwhile; watchers are told.
+    fn forget_gone(&self, seen: &std::collections::HashSet<String>) {
+        let gone: Vec<String> = {
+            let mut known = lock(&self.known);
+            let gone = known
+                .keys()
+                .filter(|key| !seen.contains(*key))
+                .cloned()
+                .collect::<Vec<_>>();
+            for key in &gone {
+                known.remove(key);
+            }
+            gone
+        };
+        for key in gone {
+            let info = Arc::new(PresenceInfo::offline(&key));
+            for watcher in lock(&self.watchers).iter() {
+                if super::policy::matches(&watcher.pattern, &key) {
+                    watcher.sink.presence(&watcher.sid, info.clone());
+                }
+            }
+        }
+    }
+
     /// Refreshes the entry of every name held here.
     async fn refresh_all(&self) {
         let held: Vec<(Arc<str>, Arc<str>, PresenceValue, u64)> = lock(&self.held)
@@ -365,8 +390,7 @@ pub(super) async fn maintain(inner: Weak<Inner>) {
                 continue;
             }
         };
-        // From the last entry of every key: `known` starts from the bucket's state.
-        lock(&names.known).clear();
+        // From the last entry of every key: `known` is brought up to the bucket's state.
         let mut watch = match store.watch_with_history(">").await {
             Ok(watch) => watch,
             Err(error) => {
@@ -385,6 +409,9 @@ pub(super) async fn maintain(inner: Weak<Inner>) {
             tokio::time::interval((names.store.ttl() / 3).max(Duration::from_millis(100)));
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         drop(names);
+        // The keys of the watch's first pass over the bucket (its last entry per key), until
+        // it is caught up: then names known from before a cut that are gone are offline.
+        let mut first_pass = Some(std::collections::HashSet::new());
         loop {
             tokio::select! {
                 _ = refresh.tick() => {
@@ -396,12 +423,21 @@ pub(super) async fn maintain(inner: Weak<Inner>) {
                 entry = watch.next() => {
                     let Some(inner) = inner.upgrade() else { return };
                     match entry {
-                        Some(Ok(entry)) => inner.names.on_entry(
-                            &entry.key,
-                            entry.revision,
-                            entry.operation,
-                            &entry.value,
-                        ),
+                        Some(Ok(entry)) => {
+                            inner.names.on_entry(
+                                &entry.key,
+                                entry.revision,
+                                entry.operation,
+                                &entry.value,
+                            );
+                            if let Some(seen) = &mut first_pass {
+                                seen.insert(entry.key);
+                                if entry.delta == 0 || entry.seen_current {
+                                    inner.names.forget_gone(seen);
+                                    first_pass = None;
+                                }
+                            }
+                        }
                         _ => {
                             inner.names.watching.store(false, Ordering::Release);
                             inner.names.store.forget().await;

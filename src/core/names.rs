@@ -307,7 +307,7 @@ impl Names {
     }
 
     /// Refreshes the entry of every name held here.
-    async fn refresh_all(&self) {
+    async fn refresh_all(self: &Arc<Self>) {
         let held: Vec<(Arc<str>, Arc<str>, PresenceValue, u64)> = lock(&self.held)
             .iter()
             .map(|(name, held)| {
@@ -333,11 +333,17 @@ impl Names {
         for (name, holder, outcome) in outcomes {
             match outcome {
                 Refreshed::Held(revision) => {
-                    if let Some(held) = lock(&self.held).get_mut(&name)
-                        && held.holder == holder
-                        && revision > held.revision
-                    {
-                        held.revision = revision;
+                    let still_held = match lock(&self.held).get_mut(&name) {
+                        Some(held) if held.holder == holder => {
+                            held.revision = held.revision.max(revision);
+                            true
+                        }
+                        _ => false,
+                    };
+                    if !still_held {
+                        // Given up while the refresh was out: its delete (at the revision
+                        // before) missed this write, or this write made the entry again.
+                        self.delete_entry(name.to_string(), revision);
                     }
                 }
                 Refreshed::Lost => self.lose(&name, &holder),

@@ -332,6 +332,35 @@ impl Config {
                 "must be 1 to 64 letters, digits, '-', '_' or '.'",
             );
         }
+        if crate::protocol::subject::validate_subject(
+            &self.client_subject_prefix,
+            crate::protocol::subject::SubjectUse::Publish,
+        )
+        .is_err()
+            || self.client_subject_prefix.starts_with(['$', '_'])
+        {
+            return bad(
+                "client_subject_prefix",
+                "must be a subject without wildcards outside the reserved namespaces ($..., _...), e.g. \"client\"",
+            );
+        }
+        if self.presence_bucket.is_empty()
+            || !self
+                .presence_bucket
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad(
+                "presence_bucket",
+                "must be a KV bucket name: letters, digits, '-' and '_'",
+            );
+        }
+        if !(1_000..=86_400_000).contains(&self.presence_ttl_ms) {
+            return bad(
+                "presence_ttl_ms",
+                "must be between 1000 (a second) and 86400000 (a day)",
+            );
+        }
         if self.nats_connections == 0 || self.nats_connections > 64 {
             return bad("nats_connections", "must be between 1 and 64");
         }
@@ -606,6 +635,23 @@ mod tests {
             jail.create_file("id.toml", "gateway_id = \"web 1\"")?;
             let err = Config::load(Some(Path::new("id.toml")), &Flags::default()).unwrap_err();
             assert!(err.to_string().contains("gateway_id"), "{err}");
+            for (text, key) in [
+                (
+                    "client_subject_prefix = \"client.*\"",
+                    "client_subject_prefix",
+                ),
+                (
+                    "client_subject_prefix = \"_INBOX\"",
+                    "client_subject_prefix",
+                ),
+                ("presence_bucket = \"a.b\"", "presence_bucket"),
+                ("presence_ttl_ms = 10", "presence_ttl_ms"),
+            ] {
+                jail.create_file("names.toml", text)?;
+                let err =
+                    Config::load(Some(Path::new("names.toml")), &Flags::default()).unwrap_err();
+                assert!(err.to_string().contains(key), "{text}: {err}");
+            }
             Ok(())
         });
     }

@@ -9,9 +9,11 @@ pub mod budget;
 mod caller;
 mod durable;
 mod fanout;
+mod names;
 mod nats;
 pub mod policy;
 pub mod pool;
+mod presence;
 pub mod ratelimit;
 pub mod replay;
 pub mod replies;
@@ -42,6 +44,7 @@ use budget::ByteBudget;
 pub use caller::{Caller, HeldSlot, Slot};
 pub use durable::Stored;
 pub use fanout::DeliverySink;
+pub use names::{NameSink, PresenceWatch, Registration};
 use policy::SubscribeDecision;
 use pool::NatsPool;
 pub use replay::{Replayed, Subscription};
@@ -79,6 +82,8 @@ struct Inner {
     fanout: Arc<fanout::Fanout>,
     /// JetStream: one context per pool connection, and the policy reloads replays watch.
     jetstream: durable::JetStream,
+    /// Named clients and presence (names.rs, presence.rs).
+    names: Arc<names::Names>,
 }
 
 /// What `/ready` reports.
@@ -129,7 +134,16 @@ impl Gateway {
         let budget = ByteBudget::new(config.max_inflight_bytes);
         let connection_slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
         let default_subject = config.default_subject.clone().map(Subject::from);
-        Ok(Gateway {
+        let names = Arc::new(names::Names::new(
+            config.client_subject_prefix.clone(),
+            presence::PresenceStore::new(
+                config.presence_bucket.clone(),
+                Duration::from_millis(config.presence_ttl_ms),
+                pool.clone(),
+            ),
+            config.resolved_gateway_id().as_str(),
+        ));
+        let gateway = Gateway {
             inner: Arc::new(Inner {
                 config,
                 pool,
@@ -145,8 +159,11 @@ impl Gateway {
                 audit,
                 fanout,
                 jetstream: durable::JetStream::default(),
+                names,
             }),
-        })
+        };
+        tokio::spawn(names::maintain(Arc::downgrade(&gateway.inner)));
+        Ok(gateway)
     }
 
     /// Admits a new client connection for `identity`: its slot under `max_connections` (and
@@ -264,6 +281,7 @@ impl Gateway {
                 tracing::info!(version, "policy reloaded");
                 self.recheck_subscriptions();
                 self.inner.jetstream.policy_reloaded();
+                self.recheck_names();
                 self.inner.metrics.policy_reload(true);
                 audit.record(Record::policy_reload(Ok(())).message(format!("version {version}")));
                 Ok(())
@@ -709,11 +727,12 @@ impl Gateway {
         let mut dropped = [0u64; Frontend::ALL.len()];
         topic.fan_out(|member| {
             if member.filtered
-                && !member
+                && (!member
                     .caller
                     .authorized()
                     .permissions
                     .may_receive(delivery.subject.as_str())
+                    || self.is_client_subject(delivery.subject.as_str()))
             {
                 return false;
             }
@@ -745,6 +764,9 @@ impl Gateway {
     fn recheck_subscriptions(&self) {
         let fanout = &self.inner.fanout;
         for topic in fanout.topics() {
+            if self.is_client_subject(&topic.key.subject) {
+                continue; // a named client's delivery, not a subscription
+            }
             fanout.recheck(&topic, |member| {
                 let refreshed = self.refreshed(&member.caller);
                 let caller = refreshed.as_ref().unwrap_or(&member.caller);
@@ -818,11 +840,13 @@ impl Gateway {
     /// Whether `caller` may subscribe to `pattern`: `Ok(true)` when its messages must be
     /// filtered at delivery (the pattern overlaps a deny or a reserved namespace).
     fn subscribe_decision(&self, caller: &Caller, pattern: &str) -> Result<bool, GatewayError> {
-        match caller.authorized().permissions.may_subscribe(pattern) {
-            SubscribeDecision::Allowed => Ok(false),
-            SubscribeDecision::Filtered => Ok(true),
-            SubscribeDecision::Denied => Err(forbidden(caller, "subscribe", pattern)),
-        }
+        let filtered = match caller.authorized().permissions.may_subscribe(pattern) {
+            SubscribeDecision::Allowed => false,
+            SubscribeDecision::Filtered => true,
+            SubscribeDecision::Denied => return Err(forbidden(caller, "subscribe", pattern)),
+        };
+        // Client subjects reach only the names' holders.
+        Ok(self.client_subject_rule(caller, pattern)? || filtered)
     }
 
     /// A message's NATS headers: the client's, then the caller's identity (unless stamping
@@ -873,6 +897,8 @@ impl Gateway {
 
     /// Flushes NATS connections so that accepted publishes leave before the process exits.
     pub async fn flush(&self) {
+        // The presence entries of the names given up as the connections closed go first.
+        self.inner.names.settle(Duration::from_secs(2)).await;
         self.inner.pool.flush_all().await;
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod grpc;
 pub mod lifecycle;
+pub mod named;
 pub mod outbox;
 pub mod session;
 pub mod uds;

@@ -11,6 +11,7 @@ use crate::protocol::{
     Decoded, Envelope, ErrorCode, Frontend, GatewayError, Id, Op, Outbound, Subject,
 };
 
+use super::named::Named;
 use super::outbox::Outbox;
 
 /// Whether the connection can go on after an item.
@@ -29,6 +30,8 @@ pub struct Session {
     /// Dropping one unsubscribes. A list, not a map: most connections hold one or a few,
     /// and a one-entry map takes 244 bytes where this takes 56.
     subscriptions: Vec<(Id, Subscription)>,
+    /// Names held and presence watches (named.rs).
+    named: Named,
 }
 
 impl Session {
@@ -38,6 +41,7 @@ impl Session {
             gateway,
             outbox,
             subscriptions: Vec::new(),
+            named: Named::default(),
         }
     }
 
@@ -53,7 +57,7 @@ impl Session {
 
     pub fn has_subscriptions(&mut self) -> bool {
         self.forget_revoked();
-        !self.subscriptions.is_empty()
+        !self.subscriptions.is_empty() || self.named.is_active()
     }
 
     /// Forgets the subscriptions the gateway ended because the policy took them away.
@@ -144,6 +148,10 @@ impl Session {
                 self.answer(Outbound::Pong { id: envelope.id });
             }
             Op::Auth => return self.authenticate(envelope),
+            Op::Register | Op::Unregister | Op::Presence | Op::PresenceWatch => {
+                let answer = Box::pin(self.named_op(envelope)).await;
+                self.answer(answer);
+            }
             // A grant is not answered (it may come once per message); only a bad one is.
             Op::Credit => {
                 let result = self.grant(&envelope);
@@ -162,6 +170,16 @@ impl Session {
             }
         }
         Flow::Continue
+    }
+
+    /// Carries out a named-client op (register, unregister, presence, presence_watch) and
+    /// returns its answer, not yet queued (gRPC turns it into the call's outcome).
+    pub async fn named_op(&mut self, envelope: Envelope) -> Outbound {
+        let taken = self.position(&envelope.id).is_some();
+        let (gateway, caller, outbox) = (&self.gateway, &self.caller, &self.outbox);
+        self.named
+            .handle(gateway, caller, outbox, envelope, taken)
+            .await
     }
 
     /// A WebSocket connection presents a token: it acts as the token's subject from now on.
@@ -232,7 +250,7 @@ impl Session {
                 "subscribe needs an \"id\": messages name their subscription by it",
             ));
         }
-        if self.position(&envelope.id).is_some() {
+        if self.position(&envelope.id).is_some() || self.named.uses(&envelope.id) {
             return Err(GatewayError::bad_request(format!(
                 "subscription id {} is already in use on this connection",
                 envelope.id
@@ -329,6 +347,7 @@ impl Session {
                 self.outbox.purge(sid);
                 Ok(())
             }
+            None if self.named.unwatch(sid) => Ok(()),
             None => Err(GatewayError::bad_request(format!(
                 "no subscription with id {sid} on this connection"
             ))),
@@ -350,6 +369,7 @@ impl Session {
     /// Closes every subscription of this connection (and frees the list).
     pub fn close_subscriptions(&mut self) {
         self.subscriptions = Vec::new();
+        self.named = Named::default();
     }
 }
 

@@ -75,6 +75,7 @@ pub fn router() -> Router<Gateway> {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
+        .route("/presence", get(presence))
         .merge(super::page::routes())
 }
 
@@ -374,6 +375,89 @@ async fn status(State(gateway): State<Gateway>, headers: axum::http::HeaderMap) 
     .into_response()
 }
 
+/// Where a named client is connected (`?name=bob`), for operators: like `/status`'s detail,
+/// only for a bearer token whose identity the policy grants `status` (403 otherwise, 401 for a
+/// bad token). 400 for a missing or invalid name, 503 without JetStream.
+async fn presence(
+    State(gateway): State<Gateway>,
+    headers: axum::http::HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(crate::core::auth::bearer_from_header);
+    let identity = match token {
+        Some(token) => match gateway.verify_token(token, Frontend::Ws, None) {
+            Ok(identity) => identity,
+            Err(error) => return (StatusCode::UNAUTHORIZED, error.to_string()).into_response(),
+        },
+        None => Identity::anonymous(Frontend::Ws, None),
+    };
+    if !gateway.may_see_status(identity) {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(serde_json::json!({
+                "error": {"code": "FORBIDDEN", "message": "presence is shown to callers the policy grants status (docs/policy.md)"}
+            })),
+        )
+            .into_response();
+    }
+    let name = query
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("name="))
+        .map(percent_decoded);
+    let result = match name {
+        Some(name) => gateway.presence_of(&name).await,
+        None => Err(crate::protocol::GatewayError::bad_request(
+            "give the name: /presence?name=bob",
+        )),
+    };
+    match result {
+        Ok(info) => Json(info).into_response(),
+        Err(error) => {
+            let status = match error.code {
+                crate::protocol::ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            (
+                status,
+                Json(serde_json::json!({
+                    "error": {"code": error.code.as_str(), "message": error.message}
+                })),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// A query value with its `%XX` escapes decoded (`a%2Fb` is `a/b`); a malformed escape is
+/// kept as it is (the name check then refuses it).
+fn percent_decoded(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let escape = (bytes[at] == b'%')
+            .then(|| Some((hex(*bytes.get(at + 1)?)?, hex(*bytes.get(at + 2)?)?)))
+            .flatten();
+        match escape {
+            Some((high, low)) => {
+                out.push((high * 16 + low) as u8);
+                at += 3;
+            }
+            None => {
+                out.push(bytes[at]);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 async fn metrics(State(gateway): State<Gateway>) -> Response {
     gateway.refresh_gauges();
     (
@@ -384,4 +468,15 @@ async fn metrics(State(gateway): State<Gateway>) -> Response {
         gateway.metrics().render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod presence_query_tests {
+    #[test]
+    fn percent_escapes_are_decoded_and_bad_ones_kept() {
+        assert_eq!(super::percent_decoded("a%2Fb%3dc"), "a/b=c");
+        assert_eq!(super::percent_decoded("bob"), "bob");
+        assert_eq!(super::percent_decoded("a%2"), "a%2");
+        assert_eq!(super::percent_decoded("a%zzb"), "a%zzb");
+    }
 }

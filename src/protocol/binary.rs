@@ -25,6 +25,12 @@ pub mod frame_type {
     pub const UNSUBSCRIBE: u8 = 0x04;
     pub const PING: u8 = 0x05;
     pub const CREDIT: u8 = 0x06;
+    /// Named clients (docs/protocol.md, "Named clients"): the subject is the name (the pattern
+    /// for PRESENCE_WATCH).
+    pub const REGISTER: u8 = 0x10;
+    pub const UNREGISTER: u8 = 0x11;
+    pub const PRESENCE_QUERY: u8 = 0x12;
+    pub const PRESENCE_WATCH: u8 = 0x13;
     pub const REPLY: u8 = 0x81;
     pub const ERROR: u8 = 0x82;
     pub const ACK: u8 = 0x83;
@@ -33,6 +39,11 @@ pub mod frame_type {
     pub const PONG: u8 = 0x86;
     /// The gateway ended the subscription named by the id; aux and payload as in ERROR.
     pub const UNSUBSCRIBED: u8 = 0x87;
+    /// Another connection took the name in the subject; the id is the REGISTER's.
+    pub const NAME_LOST: u8 = 0x90;
+    /// A presence answer (id: the query's) or watch event (id: the watch's; flag bit 4
+    /// WATCH): subject the name, param 1 online / 0 offline, payload the JSON object.
+    pub const PRESENCE: u8 = 0x91;
 }
 
 /// Flag bits (header byte 3).
@@ -56,6 +67,8 @@ pub mod flag {
     pub const SINCE_TIME: u8 = 0b1000_0000;
     /// ACK with `STREAM` after a SUBSCRIBE: the stream no longer holds the asked-for point.
     pub const TRUNCATED: u8 = 0b1000_0000;
+    /// PRESENCE: an event of a watch, not the answer to a query.
+    pub const WATCH: u8 = 0b0001_0000;
 }
 
 /// The parsed fixed header.
@@ -207,6 +220,10 @@ fn decode_envelope(header: FrameHeader, body: Bytes) -> Result<Envelope, Gateway
         frame_type::UNSUBSCRIBE => Op::Unsubscribe,
         frame_type::PING => Op::Ping,
         frame_type::CREDIT => Op::Credit,
+        frame_type::REGISTER => Op::Register,
+        frame_type::UNREGISTER => Op::Unregister,
+        frame_type::PRESENCE_QUERY => Op::Presence,
+        frame_type::PRESENCE_WATCH => Op::PresenceWatch,
         other => {
             return Err(GatewayError::bad_request(format!(
                 "unknown frame type 0x{other:02x}"
@@ -508,6 +525,25 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             payload: if truncated.is_some() { &seq_bytes } else { &[] },
             ..FrameParts::default()
         },
+        Outbound::NameLost { sid, name } => FrameParts {
+            frame_type: frame_type::NAME_LOST,
+            id: sid.as_u64(),
+            subject: name.as_bytes(),
+            ..FrameParts::default()
+        },
+        Outbound::Presence { id, watch, info } => {
+            let payload = serde_json::to_vec(&**info).unwrap_or_default();
+            let parts = FrameParts {
+                frame_type: frame_type::PRESENCE,
+                flags: if *watch { flag::WATCH } else { 0 },
+                id: id.as_u64(),
+                param: u32::from(info.online),
+                subject: info.name.as_bytes(),
+                payload: &payload,
+                ..FrameParts::default()
+            };
+            return put_frame(parts, out);
+        }
     };
     put_frame(parts, out);
 }

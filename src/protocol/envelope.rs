@@ -124,6 +124,12 @@ pub enum Op {
     Credit,
     /// Presents a bearer token (WebSocket connections that came in anonymous).
     Auth,
+    /// Named clients (`subject` carries the name or pattern): take a name, give it up, ask
+    /// where a name is, follow names' presence.
+    Register,
+    Unregister,
+    Presence,
+    PresenceWatch,
 }
 
 impl Op {
@@ -136,6 +142,10 @@ impl Op {
             "ping" => Op::Ping,
             "credit" => Op::Credit,
             "auth" => Op::Auth,
+            "register" => Op::Register,
+            "unregister" => Op::Unregister,
+            "presence" => Op::Presence,
+            "presence_watch" => Op::PresenceWatch,
             _ => return None,
         })
     }
@@ -333,6 +343,18 @@ pub enum Outbound {
         id: Id,
         stream: Arc<str>,
         truncated: Option<u64>,
+    },
+    /// Another connection took name `name`, registered under `sid`: its messages stop.
+    NameLost {
+        sid: Id,
+        name: Arc<str>,
+    },
+    /// A `presence` answer (`watch: false`, `id` the query's) or a `presence_watch` event
+    /// (`watch: true`, `id` the watch's).
+    Presence {
+        id: Id,
+        watch: bool,
+        info: Arc<super::presence::PresenceInfo>,
     },
 }
 

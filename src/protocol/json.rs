@@ -143,6 +143,12 @@ struct JsonEnvelope<'a> {
     /// auth: the bearer token.
     #[serde(default)]
     token: Option<String>,
+    /// register, unregister, presence: the name; presence_watch: the pattern. Both are read
+    /// into the envelope's subject.
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pattern: Option<Cow<'a, str>>,
     /// subscribe, request: "high", "normal" or "low". Read raw, so that a wrong type gets the
     /// same clear answer as a wrong name.
     #[serde(borrow, default)]
@@ -242,7 +248,20 @@ fn invalid(id: Id, message: String) -> Decoded {
     }
 }
 
-fn build_envelope(line: &Bytes, parsed: JsonEnvelope<'_>) -> Result<Envelope, (Id, GatewayError)> {
+fn build_envelope(
+    line: &Bytes,
+    mut parsed: JsonEnvelope<'_>,
+) -> Result<Envelope, (Id, GatewayError)> {
+    // The named-client ops carry their target as "name" or "pattern"; other ops ignore both.
+    let named = parsed.op.as_deref().and_then(Op::parse).is_some_and(|op| {
+        matches!(
+            op,
+            Op::Register | Op::Unregister | Op::Presence | Op::PresenceWatch
+        )
+    });
+    if named && parsed.subject.is_none() {
+        parsed.subject = parsed.name.take().or(parsed.pattern.take());
+    }
     let id = parsed.id;
     let fail = |id: &Id, message: String| (id.clone(), GatewayError::bad_request(message));
 
@@ -255,7 +274,7 @@ fn build_envelope(line: &Bytes, parsed: JsonEnvelope<'_>) -> Result<Envelope, (I
             fail(
                 &id,
                 format!(
-                    "unknown op {name:?}; expected request, publish, subscribe, unsubscribe, credit, ping or auth"
+                    "unknown op {name:?}; expected request, publish, subscribe, unsubscribe, credit, ping, auth, register, unregister, presence or presence_watch"
                 ),
             )
         })?,
@@ -497,6 +516,27 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
                 put(w, b",\"truncated\":true,\"first_seq\":");
                 json(w, first);
             }
+            put(w, b"}\n");
+        }
+        Outbound::NameLost { sid, name } => {
+            put(w, b"{\"op\":\"name_lost\",\"sid\":");
+            json(w, sid);
+            put(w, b",\"name\":");
+            json(w, &**name);
+            put(w, b"}\n");
+        }
+        Outbound::Presence { id, watch, info } => {
+            if *watch {
+                put(w, b"{\"op\":\"presence\",\"sid\":");
+            } else {
+                put(w, b"{\"id\":");
+            }
+            json(w, id);
+            if !*watch {
+                put(w, b",\"ok\":true");
+            }
+            put(w, b",");
+            put(w, info.json_members().as_bytes());
             put(w, b"}\n");
         }
     }
@@ -772,6 +812,60 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn named_client_ops_read_name_or_pattern_and_others_ignore_them() {
+        let subject = |line: &str| match parse_line(Bytes::copy_from_slice(line.as_bytes())) {
+            Decoded::Envelope(envelope) => envelope.subject.map(|s| s.as_str().to_owned()),
+            Decoded::Invalid { error, .. } => panic!("{line}: {error:?}"),
+        };
+        assert_eq!(
+            subject(r#"{"op":"register","id":1,"name":"bob"}"#).as_deref(),
+            Some("bob")
+        );
+        assert_eq!(
+            subject(r#"{"op":"presence_watch","id":"w","pattern":"team.>"}"#).as_deref(),
+            Some("team.>")
+        );
+        assert_eq!(subject(r#"{"op":"publish","name":"bob"}"#), None);
+    }
+
+    #[test]
+    fn encodes_presence_and_name_lost() {
+        let mut out = BytesMut::new();
+        encode(
+            &Outbound::NameLost {
+                sid: Id::from(1),
+                name: "bob".into(),
+            },
+            &mut out,
+        );
+        let info = std::sync::Arc::new(super::super::PresenceInfo::offline("bob"));
+        encode(
+            &Outbound::Presence {
+                id: Id::from(2),
+                watch: false,
+                info: info.clone(),
+            },
+            &mut out,
+        );
+        encode(
+            &Outbound::Presence {
+                id: Id::Text("w".into()),
+                watch: true,
+                info,
+            },
+            &mut out,
+        );
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            concat!(
+                "{\"op\":\"name_lost\",\"sid\":1,\"name\":\"bob\"}\n",
+                "{\"id\":2,\"ok\":true,\"name\":\"bob\",\"online\":false}\n",
+                "{\"op\":\"presence\",\"sid\":\"w\",\"name\":\"bob\",\"online\":false}\n",
+            )
+        );
     }
 
     #[test]

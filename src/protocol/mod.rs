@@ -10,6 +10,7 @@ mod frontend;
 pub mod headers;
 pub mod identity;
 pub mod json;
+pub mod presence;
 pub mod subject;
 mod wire;
 
@@ -18,5 +19,6 @@ pub use error::{ErrorCode, GatewayError};
 pub use frontend::Frontend;
 pub use headers::Headers;
 pub use identity::Identity;
+pub use presence::PresenceInfo;
 pub use subject::Subject;
 pub use wire::{WireDecoder, WireFormat};

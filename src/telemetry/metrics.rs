@@ -11,7 +11,7 @@ use metrics_exporter_prometheus::{
 
 use crate::protocol::{ErrorCode, Frontend, Op};
 
-const OPS: [Op; 7] = [
+const OPS: [Op; 11] = [
     Op::Request,
     Op::Publish,
     Op::Subscribe,
@@ -19,6 +19,10 @@ const OPS: [Op; 7] = [
     Op::Ping,
     Op::Credit,
     Op::Auth,
+    Op::Register,
+    Op::Unregister,
+    Op::Presence,
+    Op::PresenceWatch,
 ];
 const OUTCOMES: usize = ErrorCode::ALL.len() + 1;
 
@@ -31,6 +35,10 @@ fn op_name(op: Op) -> &'static str {
         Op::Ping => "ping",
         Op::Credit => "credit",
         Op::Auth => "auth",
+        Op::Register => "register",
+        Op::Unregister => "unregister",
+        Op::Presence => "presence",
+        Op::PresenceWatch => "presence_watch",
     }
 }
 

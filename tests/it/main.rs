@@ -26,6 +26,7 @@ mod grpc;
 mod http_hardening;
 mod page;
 mod pool_replacement;
+mod presence;
 mod priority;
 mod resilience;
 mod trust;

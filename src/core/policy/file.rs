@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::grant::{Grant, Match, OpRules};
+use super::grant::{Grant, Match, NameRules, OpRules};
 use super::subjects::validate_pattern;
 
 /// Why a policy could not be read. `Display` gives one line that names the file (when there is
@@ -134,6 +134,12 @@ struct GrantDoc {
     request: Option<RulesDoc>,
     #[serde(default)]
     status: bool,
+    /// Names it may register (patterns); see docs/policy.md.
+    #[serde(default)]
+    names: Vec<String>,
+    /// Names whose presence it may query and watch (patterns).
+    #[serde(default)]
+    presence: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -207,12 +213,24 @@ fn check_grant(number: usize, doc: GrantDoc) -> Result<Grant, PolicyError> {
             deny: checked("deny", doc.deny)?,
         })
     };
+    let patterns = |field: &str, list: Vec<String>| {
+        list.into_iter()
+            .map(|pattern| match validate_pattern(&pattern) {
+                Ok(()) => Ok(Arc::from(pattern)),
+                Err(why) => Err(invalid(field, format!("{pattern:?} {why}"))),
+            })
+            .collect::<Result<Vec<Arc<str>>, PolicyError>>()
+    };
     Ok(Grant {
         to,
         publish: rules("publish", doc.publish)?,
         subscribe: rules("subscribe", doc.subscribe)?,
         request: rules("request", doc.request)?,
         status: doc.status,
+        named: NameRules {
+            names: patterns("names", doc.names)?,
+            presence: patterns("presence", doc.presence)?,
+        },
     })
 }
 
@@ -413,6 +431,29 @@ mod tests {
                 "{message}"
             );
         }
+    }
+
+    #[test]
+    fn names_and_presence_are_checked_patterns() {
+        let grants = parse(
+            "[[grant]]\nmatch = { any = true }\nnames = [\"bob\", \"team.*\"]\npresence = [\"team.>\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            grants[0].named.names,
+            vec![Arc::from("bob"), Arc::from("team.*")]
+        );
+        assert_eq!(grants[0].named.presence, vec![Arc::from("team.>")]);
+        let message = error("[[grant]]\nmatch = { any = true }\nnames = [\"a..b\"]\n");
+        assert!(
+            message.starts_with("policy, [[grant]] #1, names: \"a..b\" has an empty token"),
+            "{message}"
+        );
+        let message = error("[[grant]]\nmatch = { any = true }\npresence = \"x\"\n");
+        assert!(message.contains("line 3"), "{message}");
+        assert!(
+            parse("[[grant]]\nmatch = { any = true }\n").unwrap()[0].named == NameRules::default()
+        );
     }
 
     #[test]

@@ -56,6 +56,15 @@ pub(super) struct Grant {
     pub request: OpRules,
     /// May see per-client detail on `/status`.
     pub status: bool,
+    /// Named clients: which names it may register, whose presence it may see.
+    pub named: NameRules,
+}
+
+/// A grant's `names` and `presence` patterns (docs/policy.md, "Named clients").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct NameRules {
+    pub names: Vec<Arc<str>>,
+    pub presence: Vec<Arc<str>>,
 }
 
 #[cfg(test)]

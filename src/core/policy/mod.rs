@@ -108,6 +108,7 @@ impl Policy {
                             &grant.subscribe,
                             &grant.request,
                             grant.status,
+                            &grant.named,
                         )
                     },
                 ))

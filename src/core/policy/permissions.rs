@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::grant::OpRules;
+use super::grant::{NameRules, OpRules};
 use super::subjects::{
     RESERVED, intersection, is_concrete, is_subset, matches, overlaps, reserved_namespace,
     validate_pattern,
@@ -143,6 +143,9 @@ struct Resolved {
     subscribe: Rules,
     request: Rules,
     status: bool,
+    /// Names it may register besides its own (patterns), and whose presence it may see.
+    names: Box<[Arc<str>]>,
+    presence: Box<[Arc<str>]>,
 }
 
 /// What one identity may do. Cheap to clone (an `Arc` inside), `Send + Sync`. Patterns are
@@ -153,24 +156,29 @@ pub struct Permissions(Arc<Resolved>);
 impl Permissions {
     /// Unions the given grants' rules (the grants that match one identity).
     pub(super) fn union<'a>(
-        grants: impl IntoIterator<Item = (&'a OpRules, &'a OpRules, &'a OpRules, bool)>,
+        grants: impl IntoIterator<Item = (&'a OpRules, &'a OpRules, &'a OpRules, bool, &'a NameRules)>,
     ) -> Permissions {
         let mut publish = OpRules::default();
         let mut subscribe = OpRules::default();
         let mut request = OpRules::default();
         let mut status = false;
-        for (p, s, r, may_see_status) in grants {
+        let mut named = NameRules::default();
+        for (p, s, r, may_see_status, n) in grants {
             for (into, from) in [(&mut publish, p), (&mut subscribe, s), (&mut request, r)] {
                 into.allow.extend(from.allow.iter().cloned());
                 into.deny.extend(from.deny.iter().cloned());
             }
             status |= may_see_status;
+            named.names.extend(n.names.iter().cloned());
+            named.presence.extend(n.presence.iter().cloned());
         }
         Permissions(Arc::new(Resolved {
             publish: Rules::new(publish.allow, publish.deny),
             subscribe: Rules::new(subscribe.allow, subscribe.deny),
             request: Rules::new(request.allow, request.deny),
             status,
+            names: without_covered_by_others(sorted_unique(named.names)).into(),
+            presence: without_covered_by_others(sorted_unique(named.presence)).into(),
         }))
     }
 
@@ -180,7 +188,13 @@ impl Permissions {
             allow: vec![Arc::from(">")],
             deny: Vec::new(),
         };
-        Permissions::union([(&everything, &everything, &everything, false)])
+        Permissions::union([(
+            &everything,
+            &everything,
+            &everything,
+            false,
+            &NameRules::default(),
+        )])
     }
 
     /// Whether this identity may publish to `subject` (wildcard-free; a subject with a wildcard
@@ -214,6 +228,24 @@ impl Permissions {
     pub fn may_see_status(&self) -> bool {
         self.0.status
     }
+
+    /// Whether this identity may register `name` (wildcard-free): its own name (`own`: a local
+    /// user's user name, a token's `sub`; none for anonymous callers), or one a `names` pattern
+    /// of a matching grant covers.
+    pub fn may_take_name(&self, name: &str, own: Option<&str>) -> bool {
+        own == Some(name) || self.0.names.iter().any(|pattern| matches(pattern, name))
+    }
+
+    /// Whether this identity may see the presence of every name `pattern` matches (a name, or
+    /// a pattern for a watch): one `presence` pattern covers it, or it is the caller's own name.
+    pub fn may_see_presence(&self, pattern: &str, own: Option<&str>) -> bool {
+        own == Some(pattern)
+            || self
+                .0
+                .presence
+                .iter()
+                .any(|allow| is_subset(pattern, allow))
+    }
 }
 
 #[cfg(test)]
@@ -244,7 +276,30 @@ mod tests {
     #[test]
     fn resolved_permissions_stay_small() {
         assert!(size_of::<Rules>() <= 48, "{}", size_of::<Rules>());
-        assert!(size_of::<Resolved>() <= 152, "{}", size_of::<Resolved>());
+        assert!(size_of::<Resolved>() <= 184, "{}", size_of::<Resolved>());
+    }
+
+    #[test]
+    fn own_name_and_names_patterns_may_be_taken() {
+        let named = NameRules {
+            names: vec![Arc::from("team.*"), Arc::from("bob")],
+            presence: vec![Arc::from("team.>")],
+        };
+        let none = OpRules::default();
+        let permissions = Permissions::union([(&none, &none, &none, false, &named)]);
+        assert!(permissions.may_take_name("bob", None));
+        assert!(permissions.may_take_name("team.x", None));
+        assert!(!permissions.may_take_name("team.x.y", None));
+        assert!(permissions.may_take_name("alice", Some("alice")));
+        assert!(!permissions.may_take_name("carol", Some("alice")));
+        assert!(permissions.may_see_presence("team.x", None));
+        assert!(permissions.may_see_presence("team.>", None));
+        assert!(!permissions.may_see_presence(">", None));
+        assert!(!permissions.may_see_presence("bob", None));
+        assert!(permissions.may_see_presence("alice", Some("alice")));
+        let nobody = Permissions::allow_all();
+        assert!(!nobody.may_take_name("bob", None));
+        assert!(!nobody.may_see_presence("bob", None));
     }
 
     #[test]

@@ -599,7 +599,7 @@ fn example_path() -> PathBuf {
 fn the_example_policy_loads_and_means_what_its_comments_say() {
     let policy = Policy::load(&example_path()).unwrap_or_else(|error| panic!("{error}"));
     assert!(!policy.is_allow_all());
-    assert_eq!(policy.grant_count(), 8);
+    assert_eq!(policy.grant_count(), 9);
 
     let admin_groups = ["ipc-admin".to_string()];
     let admin = policy.resolve(&Who {
@@ -655,6 +655,25 @@ fn the_example_policy_loads_and_means_what_its_comments_say() {
     assert_eq!(dashboard.may_subscribe("metrics.cpu"), Allowed);
     assert!(dashboard.may_request("dashboard.query.top"));
     assert!(!dashboard.may_publish("events.public.x"));
+
+    let dispatcher = policy.resolve(&Who {
+        sub: Some("dispatcher"),
+        ..Who::default()
+    });
+    assert!(dispatcher.may_take_name("dispatch", Some("dispatcher")));
+    assert!(dispatcher.may_take_name("dispatcher", Some("dispatcher")));
+    assert!(!dispatcher.may_take_name("desk.1", Some("dispatcher")));
+    assert!(dispatcher.may_see_presence("desk.1", Some("dispatcher")));
+    assert!(dispatcher.may_see_presence("desk.*", Some("dispatcher")));
+    assert!(!dispatcher.may_see_presence("orders", Some("dispatcher")));
+    assert!(dispatcher.may_publish("client.desk.1"));
+    let desk = policy.resolve(&Who {
+        sub: Some("desk.1"),
+        ..Who::default()
+    });
+    assert!(desk.may_take_name("desk.1", Some("desk.1")));
+    assert!(!desk.may_take_name("dispatch", Some("desk.1")));
+    assert!(!desk.may_see_presence("desk.2", Some("desk.1")));
 
     let stranger = policy.resolve(&anonymous());
     assert_eq!(stranger.may_subscribe("events.public.>"), Allowed);

@@ -6,6 +6,7 @@
 
 pub mod conn;
 pub mod metadata;
+mod named;
 pub mod service;
 pub mod status;
 pub mod stream;

@@ -248,6 +248,43 @@ impl GatewayRpc for GatewayService {
         Ok(response)
     }
 
+    type RegisterStream = ResponseStream<pb::NamedMessage>;
+
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<Self::RegisterStream>, Status> {
+        let caller = self.admit(&request, Op::Register, request.get_ref().encoded_len())?;
+        let name = request.into_inner().name;
+        super::named::register(&self.gateway, caller, name)
+            .await
+            .map(Response::new)
+    }
+
+    async fn presence(
+        &self,
+        request: Request<pb::PresenceRequest>,
+    ) -> Result<Response<pb::PresenceReply>, Status> {
+        let caller = self.admit(&request, Op::Presence, request.get_ref().encoded_len())?;
+        let name = request.into_inner().name;
+        super::named::presence(&self.gateway, caller, name)
+            .await
+            .map(Response::new)
+    }
+
+    type WatchPresenceStream = ResponseStream<pb::PresenceReply>;
+
+    async fn watch_presence(
+        &self,
+        request: Request<pb::WatchPresenceRequest>,
+    ) -> Result<Response<Self::WatchPresenceStream>, Status> {
+        let caller = self.admit(&request, Op::PresenceWatch, request.get_ref().encoded_len())?;
+        let pattern = request.into_inner().pattern;
+        super::named::watch(&self.gateway, caller, pattern)
+            .await
+            .map(Response::new)
+    }
+
     type ExchangeStream = ResponseStream<pb::ExchangeReply>;
 
     async fn exchange(

@@ -31,7 +31,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, oneshot};
 
-pub use record::{AuditConn, AuditIdentity, AuditOp, Record};
+pub use record::{AuditConn, AuditIdentity, AuditOp, Record, format_rfc3339_micros};
 
 use crate::telemetry::metrics::Metrics;
 use file::{LogFile, Output};

@@ -29,6 +29,10 @@ pub enum AuditOp {
     Unsubscribe,
     Ping,
     Credit,
+    /// Named clients: taking and giving up a name, presence queries and watches.
+    Register,
+    Unregister,
+    Presence,
     /// Input that decoded into no operation (`BAD_REQUEST`, `TOO_LARGE`,
     /// `UNSUPPORTED_VERSION`).
     Invalid,
@@ -50,6 +54,9 @@ impl AuditOp {
             AuditOp::Unsubscribe => "unsubscribe",
             AuditOp::Ping => "ping",
             AuditOp::Credit => "credit",
+            AuditOp::Register => "register",
+            AuditOp::Unregister => "unregister",
+            AuditOp::Presence => "presence",
             AuditOp::Invalid => "invalid",
             AuditOp::PolicyReload => "policy_reload",
             AuditOp::AuditLost => "audit_lost",
@@ -67,6 +74,9 @@ impl From<Op> for AuditOp {
             Op::Ping => AuditOp::Ping,
             Op::Credit => AuditOp::Credit,
             Op::Auth => AuditOp::Auth,
+            Op::Register => AuditOp::Register,
+            Op::Unregister => AuditOp::Unregister,
+            Op::Presence | Op::PresenceWatch => AuditOp::Presence,
         }
     }
 }
@@ -401,7 +411,7 @@ impl Serialize for Timestamp {
 
 /// Formats `time` as `YYYY-MM-DDTHH:MM:SS.ffffffZ`. Times before 1970 are written as the epoch
 /// and times after year 9999 as its last microsecond: neither comes from a working clock.
-pub(super) fn format_rfc3339_micros(time: SystemTime) -> [u8; 27] {
+pub fn format_rfc3339_micros(time: SystemTime) -> [u8; 27] {
     const MAX_SECS: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
     let since = time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
     let (secs, micros) = if since.as_secs() > MAX_SECS {

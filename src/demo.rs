@@ -1,19 +1,45 @@
 //! The demo NATS service of the quick start: answers every request on its subject with the
 //! request's own payload and headers (an echo), and logs who called: the gateway's
 //! `Ipc-Gateway-Identity` header, which it does not echo (it is for the service, not the
-//! client).
+//! client). It can also make the quick start's JetStream stream, so that durable publishes
+//! and replays have a stream to use.
 
 use futures_util::StreamExt;
 use tracing::info;
 
-/// Serves `subject` on the NATS server at `url` until the connection ends.
-pub async fn echo(url: &str, subject: &str) -> Result<(), async_nats::Error> {
+/// Serves `subject` on the NATS server at `url` until the connection ends; first makes the
+/// stream `(name, subject)` when given and missing.
+pub async fn echo(
+    url: &str,
+    subject: &str,
+    stream: Option<(&str, &str)>,
+) -> Result<(), async_nats::Error> {
     let client = async_nats::ConnectOptions::new()
         .name("ipc-gateway-demo-echo")
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connect(url)
         .await?;
+    if let Some((name, subjects)) = stream {
+        let jetstream = async_nats::jetstream::new(client.clone());
+        let made = jetstream
+            .get_or_create_stream(async_nats::jetstream::stream::Config {
+                name: name.to_owned(),
+                subjects: vec![subjects.to_owned()],
+                max_messages: 10_000,
+                ..Default::default()
+            })
+            .await;
+        // The echo is the demo's main job: without JetStream it still answers.
+        match made {
+            Ok(_) => info!(stream = name, subjects, "demo stream is ready"),
+            Err(err) => tracing::warn!(
+                stream = name,
+                subjects,
+                "no demo stream: {err} (does NATS run with JetStream, -js?)"
+            ),
+        }
+    }
     let mut requests = client.subscribe(subject.to_owned()).await?;
     client.flush().await.ok();
     info!(subject, url, "demo echo service is answering");

@@ -66,6 +66,10 @@ enum Command {
         nats_url: String,
         #[arg(long, default_value = "demo.echo")]
         subject: String,
+        /// Also make a JetStream stream for durable publishes and replays, as NAME:SUBJECT
+        /// (`ORDERS:orders.>`), unless one by that name exists.
+        #[arg(long)]
+        stream: Option<String>,
     },
 }
 
@@ -239,9 +243,18 @@ async fn run_client(command: Command) -> ExitCode {
             }
             fail(1, "the gateway closed the connection")
         }
-        Command::DemoEcho { nats_url, subject } => {
+        Command::DemoEcho {
+            nats_url,
+            subject,
+            stream,
+        } => {
             ipc_gateway::telemetry::logging::init(LogFormat::Text);
-            match ipc_gateway::demo::echo(&nats_url, &subject).await {
+            let stream = match stream.as_deref().map(|spec| spec.split_once(':')) {
+                None => None,
+                Some(Some((name, subject))) => Some((name, subject)),
+                Some(None) => return fail(2, "--stream takes NAME:SUBJECT (ORDERS:orders.>)"),
+            };
+            match ipc_gateway::demo::echo(&nats_url, &subject, stream).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => fail(1, &format!("demo echo: {err}")),
             }

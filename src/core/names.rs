@@ -385,7 +385,7 @@ pub(super) async fn maintain(inner: Weak<Inner>) {
             Ok(store) => store,
             Err(error) => {
                 if !warned {
-                    tracing::warn!(%error, "presence is unavailable until JetStream can be used");
+                    tracing::info!(%error, "named clients and presence wait for JetStream (this NATS has none, or it cannot be reached)");
                     warned = true;
                 }
                 tokio::select! {

@@ -114,6 +114,9 @@ settings! {
         /// the client is connected, so a gateway killed without cleaning up leaves no entry
         /// older than this.
         pub presence_ttl_ms: u64 = 15_000,
+        /// Replaying subscriptions (`since_seq`/`since_time`) the gateway holds at once, over all
+        /// its clients: each is a JetStream consumer on nats-server. Past it, `OVERLOADED`.
+        pub max_replays: usize = 4096,
         /// Path of the Unix socket to listen on.
         pub socket: PathBuf = PathBuf::from("/tmp/ipc-gateway.sock"),
         /// Permission bits of the socket file, in octal ("0660").
@@ -385,6 +388,7 @@ impl Config {
                 self.max_subscriptions_per_connection,
             ),
             ("worker_threads", self.worker_threads),
+            ("max_replays", self.max_replays),
         ] {
             if value == 0 {
                 return bad(key, "must be at least 1");

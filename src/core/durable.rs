@@ -133,16 +133,20 @@ pub(super) struct JetStream {
     /// By pool connection index.
     contexts: Mutex<Vec<Option<PoolContext>>>,
     policy: watch::Sender<u64>,
+    /// Places for replaying subscriptions (`max_replays`): each holds a JetStream consumer,
+    /// which costs nats-server far more than a plain subscription.
+    pub(super) replays: Arc<tokio::sync::Semaphore>,
 }
 
 /// A pool connection's context, and whether that connection was retired.
 type PoolContext = (watch::Receiver<bool>, Context);
 
-impl Default for JetStream {
-    fn default() -> Self {
+impl JetStream {
+    pub(super) fn new(max_replays: usize) -> Self {
         JetStream {
             contexts: Mutex::default(),
             policy: watch::Sender::new(0),
+            replays: Arc::new(tokio::sync::Semaphore::new(max_replays)),
         }
     }
 }

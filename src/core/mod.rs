@@ -102,6 +102,7 @@ impl Gateway {
     pub async fn new(mut config: Config) -> Result<Gateway, String> {
         // Resolved once, so /status, the audit log and the headers name the same gateway.
         config.gateway_id = Some(config.resolved_gateway_id());
+        let config_max_replays = config.max_replays;
         let access = access::Access::new(&config)?;
         let metrics = Metrics::new();
         let audit = Audit::start(config.audit(), metrics.clone())?;
@@ -158,7 +159,7 @@ impl Gateway {
                 access,
                 audit,
                 fanout,
-                jetstream: durable::JetStream::default(),
+                jetstream: durable::JetStream::new(config_max_replays),
                 names,
             }),
         };

@@ -85,6 +85,8 @@ struct Member {
     filtered: bool,
     active: Arc<AtomicBool>,
     _slot: SubscriptionSlot,
+    /// Its place under `max_replays`.
+    _replay: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The next message a replay delivers: after this sequence, and (until the first one) not
@@ -161,9 +163,10 @@ impl Gateway {
                 None => Ok(()),
             })
             .and_then(|()| self.subscribe_decision(caller, subject))
-            .and_then(|filtered| Ok((filtered, caller.subscription_slot(max)?)));
+            .and_then(|filtered| Ok((filtered, caller.subscription_slot(max)?)))
+            .and_then(|(filtered, slot)| Ok((filtered, slot, self.replay_place()?)));
         let result = match admitted {
-            Ok((filtered, slot)) => {
+            Ok((filtered, slot, replay)) => {
                 let member = Member {
                     sid,
                     priority,
@@ -173,6 +176,7 @@ impl Gateway {
                     filtered,
                     active: Arc::new(AtomicBool::new(true)),
                     _slot: slot,
+                    _replay: replay,
                 };
                 Box::pin(self.start_replay(member, since)).await
             }
@@ -201,6 +205,24 @@ impl Gateway {
             audit.finish(&result.as_ref().map(|_| ()).map_err(Clone::clone), started);
         }
         result
+    }
+
+    /// A place under `max_replays`, or `OVERLOADED`.
+    fn replay_place(&self) -> Result<tokio::sync::OwnedSemaphorePermit, GatewayError> {
+        self.inner
+            .jetstream
+            .replays
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                GatewayError::new(
+                    ErrorCode::Overloaded,
+                    format!(
+                        "the gateway holds max-replays ({}) replaying subscriptions; retry later or subscribe without since_seq/since_time",
+                        self.inner.config.max_replays
+                    ),
+                )
+            })
     }
 
     /// Finds the stream, makes the consumer and starts the task that delivers its messages.

@@ -803,3 +803,47 @@ async fn without_jetstream_there_is_no_stream_at_once() {
     // Told, not timed out (the deadline is 30 s).
     assert!(started.elapsed() < PATIENCE, "{:?}", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_are_bounded_per_gateway_and_a_closed_one_frees_its_place() {
+    let cluster = NatsCluster::start().await;
+    make_stream(&cluster.nodes[0], r3("BOUNDED", &["bounded.>"])).await;
+    let gateway = GatewayProcess::start(&cluster.nodes[0].url(), &["--max-replays", "2"]);
+    let subscribe = |sid: &str| {
+        json!({"op":"subscribe","id":sid,"subject":"bounded.>","since_seq":0}).to_string()
+    };
+    let mut first = gateway.json().await;
+    assert_eq!(first.call(&subscribe("a")).await["ok"], true);
+    assert_eq!(first.call(&subscribe("b")).await["ok"], true);
+    // The bound is the gateway's, not the connection's.
+    let mut second = gateway.json().await;
+    let over = second.call(&subscribe("c")).await;
+    assert_eq!(over["error"]["code"], "OVERLOADED", "{over}");
+    assert!(
+        over["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max-replays"),
+        "{over}"
+    );
+    // A plain subscription is not a replay.
+    let plain = second
+        .call(r#"{"op":"subscribe","id":"p","subject":"bounded.>"}"#)
+        .await;
+    assert_eq!(plain["ok"], true, "{plain}");
+
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = second.call(&subscribe("c")).await;
+        if answer["ok"] == true {
+            break;
+        }
+        assert_eq!(answer["error"]["code"], "OVERLOADED", "{answer}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed connection's replays never gave their places back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

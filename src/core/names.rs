@@ -43,6 +43,8 @@ pub trait NameSink: Send + Sync {
     fn name_lost(&self, sid: &Id, name: &str);
     /// A change of presence for watch `sid`.
     fn presence(&self, sid: &Id, info: Arc<PresenceInfo>);
+    /// Watch `sid` was ended by the gateway (a reloaded policy no longer allows it).
+    fn watch_ended(&self, sid: &Id, error: GatewayError);
 }
 
 /// A connection's hold on a name; dropping it gives the name up (and deletes its presence
@@ -78,6 +80,15 @@ pub struct PresenceWatch {
     key: u64,
 }
 
+impl PresenceWatch {
+    /// False once the gateway ended the watch.
+    pub fn is_active(&self) -> bool {
+        lock(&self.names.watchers)
+            .iter()
+            .any(|watcher| watcher.key == self.key)
+    }
+}
+
 impl Drop for PresenceWatch {
     fn drop(&mut self) {
         lock(&self.names.watchers).retain(|watcher| watcher.key != self.key);
@@ -102,6 +113,8 @@ struct Watcher {
     sid: Id,
     pattern: Arc<str>,
     sink: Arc<dyn NameSink>,
+    /// Who watches, as the policy saw it when the watch began (rechecked after a reload).
+    caller: Caller,
 }
 
 pub(super) struct Names {
@@ -622,6 +635,24 @@ impl Gateway {
                 }
             }
         }
+        let ended: Vec<Watcher> = {
+            let mut watchers = lock(&names.watchers);
+            let (kept, ended) = std::mem::take(&mut *watchers)
+                .into_iter()
+                .partition(|watcher| {
+                    let caller = self.refreshed(&watcher.caller);
+                    let caller = caller.as_ref().unwrap_or(&watcher.caller);
+                    self.check_presence(caller, &watcher.pattern).is_ok()
+                });
+            *watchers = kept;
+            ended
+        };
+        for watcher in ended {
+            let caller = self.refreshed(&watcher.caller).unwrap_or(watcher.caller);
+            if let Err(error) = self.check_presence(&caller, &watcher.pattern) {
+                watcher.sink.watch_ended(&watcher.sid, error);
+            }
+        }
     }
 
     /// Where `name` is: online with its gateway, or offline. The caller must be allowed to see
@@ -686,6 +717,7 @@ impl Gateway {
             sid,
             pattern: pattern.into(),
             sink,
+            caller: caller.clone(),
         });
         Ok(PresenceWatch { names, key })
     }

@@ -36,6 +36,10 @@ impl NameSink for Outbox {
             info,
         });
     }
+
+    fn watch_ended(&self, sid: &Id, error: GatewayError) {
+        crate::core::DeliverySink::ended(self, sid, error);
+    }
 }
 
 /// The names a connection holds and its presence watches; dropping it gives them all up.
@@ -77,12 +81,19 @@ impl Named {
         };
         held.names
             .retain(|(_, registration)| registration.is_active());
+        held.watches.retain(|(_, watch)| watch.is_active());
         !held.names.is_empty() || !held.watches.is_empty()
     }
 
-    /// Whether `id` names one of its registrations or watches.
+    /// Whether `id` names one of its registrations or watches still in force.
     pub fn uses(&self, id: &Id) -> bool {
-        self.names.iter().any(|(sid, _)| sid == id) || self.watches.iter().any(|(sid, _)| sid == id)
+        self.names
+            .iter()
+            .any(|(sid, registration)| sid == id && registration.is_active())
+            || self
+                .watches
+                .iter()
+                .any(|(sid, watch)| sid == id && watch.is_active())
     }
 
     /// Ends watch `id` (an `unsubscribe`); false when there is none.

@@ -787,19 +787,51 @@ async fn a_reloaded_policy_that_no_longer_gives_a_name_takes_it_away() {
     call_ok(&mut bob, r#"{"op":"register","id":1,"name":"bob"}"#).await;
     let mut team = gateways[0].json().await;
     call_ok(&mut team, r#"{"op":"register","id":1,"name":"team.a"}"#).await;
+    // Two presence watches: the reload takes the wide one away and keeps the team one.
+    let mut wide = gateways[0].json().await;
+    call_ok(
+        &mut wide,
+        r#"{"op":"presence_watch","id":"w","pattern":">"}"#,
+    )
+    .await;
+    let mut teams = gateways[0].json().await;
+    call_ok(
+        &mut teams,
+        r#"{"op":"presence_watch","id":"t","pattern":"team.>"}"#,
+    )
+    .await;
     std::fs::write(
         files.path("policy.toml"),
-        POLICY.replace(r#"names = ["bob", "team.*"]"#, r#"names = ["team.*"]"#),
+        POLICY
+            .replace(r#"names = ["bob", "team.*"]"#, r#"names = ["team.*"]"#)
+            .replace(r#"presence = [">"]"#, r#"presence = ["team.>"]"#),
     )
     .unwrap();
     gateways[0].signal("HUP");
     let lost = wait_for(&mut bob, "name_lost", |line| line["op"] == "name_lost").await;
     assert_eq!(lost, json!({"op":"name_lost","sid":1,"name":"bob"}));
+    let ended = wait_for(&mut wide, "unsubscribed", |line| {
+        line["op"] == "unsubscribed"
+    })
+    .await;
+    assert_eq!(ended["sid"], "w", "{ended}");
+    assert_eq!(ended["error"]["code"], "FORBIDDEN", "{ended}");
+    // The ended watch's id is free again, and a watch the new policy refuses is refused.
+    let refused = wide
+        .call(r#"{"op":"presence_watch","id":"w","pattern":">"}"#)
+        .await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
     let mut asker = gateways[0].json().await;
-    presence_until(&mut asker, "bob", |a| a["online"] == false).await;
-    let kept = presence_of(&mut asker, "team.a").await;
-    assert_eq!(kept["online"], true, "{kept}");
+    presence_until(&mut asker, "team.a", |a| a["online"] == true).await;
+    let mut newcomer = gateways[0].json().await;
+    call_ok(&mut newcomer, r#"{"op":"register","id":1,"name":"team.b"}"#).await;
+    let online = wait_for(&mut teams, "team.b online", |line| {
+        line["name"] == "team.b" && line["online"] == true
+    })
+    .await;
+    assert_eq!(online["sid"], "t", "{online}");
     team.assert_silent(Duration::from_millis(200)).await;
+    wide.assert_silent(Duration::from_millis(200)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -115,6 +115,11 @@ fn fail(code: u8, message: &str) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    // SAFETY: first thing, while the process has one thread (nothing has started any yet).
+    let systemd = match unsafe { ipc_gateway::ops::systemd::Systemd::from_env() } {
+        Ok(systemd) => systemd,
+        Err(err) => return fail(2, &err),
+    };
     let config = match Config::load(args.config.as_deref(), &args.settings) {
         Ok(config) => config,
         Err(err) => return fail(2, &err.to_string()),
@@ -137,7 +142,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         // Installed before start-up, so a signal during it is not lost.
         let stop = stop_signals()?;
         let reloads = reload_signals()?;
-        ipc_gateway::server::run(config, stop, reloads).await
+        ipc_gateway::server::run_with(config, systemd, stop, reloads).await
     });
     match served {
         Ok(()) => ExitCode::SUCCESS,

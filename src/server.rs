@@ -6,6 +6,12 @@
 //!
 //! Where stop requests come from is the caller's business: `main` turns SIGTERM and SIGINT
 //! into them; a test can run the whole server in-process and stop it through a channel.
+//!
+//! Under systemd (`run_with`), listeners handed over by socket activation replace the ones the
+//! configuration names, and the manager is told `READY=1` once the gateway serves (NATS
+//! connected, or the start-up wait for it over: what `/ready` waits for besides NATS),
+//! `RELOADING=1` … `READY=1` around each reload, `STOPPING=1` when the drain starts, and
+//! `WATCHDOG=1` at half of `WATCHDOG_USEC` for as long as the runtime runs its tasks.
 
 use std::time::Duration;
 
@@ -20,6 +26,7 @@ use crate::core::Gateway;
 use crate::frontend::uds::{self, UdsListener};
 use crate::frontend::{grpc, ws};
 use crate::ops::http;
+use crate::ops::systemd::{Notifier, Systemd};
 
 /// Serves until `stop` yields, then drains. Each item of `stop` is a stop request naming its
 /// cause for the log (`"SIGTERM"`): the first starts the graceful drain, and any later one
@@ -27,23 +34,63 @@ use crate::ops::http;
 /// ends asks for nothing more (the server then runs until its gRPC server fails).
 pub async fn run(
     config: Config,
+    stop: impl Stream<Item = &'static str> + Unpin,
+    reloads: impl Stream<Item = ()> + Unpin + Send + 'static,
+) -> Result<(), String> {
+    run_with(config, Systemd::default(), stop, reloads).await
+}
+
+/// `run`, with what systemd handed over (`Systemd::from_env`): its listeners, its
+/// notification socket and its watchdog.
+pub async fn run_with(
+    config: Config,
+    systemd: Systemd,
     mut stop: impl Stream<Item = &'static str> + Unpin,
     reloads: impl Stream<Item = ()> + Unpin + Send + 'static,
 ) -> Result<(), String> {
+    let Systemd {
+        listeners: handed,
+        notifier,
+        watchdog,
+        notes,
+    } = systemd;
+    for note in notes {
+        tracing::warn!("{note}");
+    }
     let gateway = Gateway::new(config.clone()).await?;
-    let listener = UdsListener::bind(&config.socket, config.socket_mode)
-        .await
-        .map_err(|e| format!("socket {}: {e}", config.socket.display()))?;
-    let http_listener = http::bind(config.http)
-        .await
-        .map_err(|e| format!("HTTP port {}: {e}", config.http))?;
-    let grpc_listener = grpc::bind(config.grpc)
-        .await
-        .map_err(|e| format!("gRPC port {}: {e}", config.grpc))?;
+    let listener = match handed.uds {
+        Some(listener) => UdsListener::activated(listener)
+            .map_err(|e| format!("socket handed over by systemd: {e}"))?,
+        None => UdsListener::bind(&config.socket, config.socket_mode)
+            .await
+            .map_err(|e| format!("socket {}: {e}", config.socket.display()))?,
+    };
+    if listener.path() != config.socket {
+        tracing::warn!(
+            socket = %listener.path().display(),
+            configured = %config.socket.display(),
+            "the socket handed over by systemd is not the configured socket; clients of the configured path will not find it"
+        );
+    }
+    let http_listener = match handed.http {
+        Some(listener) => tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| format!("HTTP port handed over by systemd: {e}"))?,
+        None => http::bind(config.http)
+            .await
+            .map_err(|e| format!("HTTP port {}: {e}", config.http))?,
+    };
+    let grpc_listener = match handed.grpc {
+        Some(listener) => tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| format!("gRPC port handed over by systemd: {e}"))?,
+        None => grpc::bind(config.grpc)
+            .await
+            .map_err(|e| format!("gRPC port {}: {e}", config.grpc))?,
+    };
+    let address = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string());
     info!(
-        socket = %config.socket.display(),
-        http = %config.http,
-        grpc = %config.grpc,
+        socket = %listener.path().display(),
+        http = %address(&http_listener).unwrap_or_default(),
+        grpc = %address(&grpc_listener).unwrap_or_default(),
         nats = %config.nats_url,
         "ipc-gateway started"
     );
@@ -53,8 +100,14 @@ pub async fn run(
             "only pages loaded from loopback may open /ws: list the origins browsers use for this gateway in public_origins"
         );
     }
+    let notifier = std::sync::Arc::new(notifier);
     let upkeep = tokio::spawn(refresh_gauges(gateway.clone()));
-    let reloader = tokio::spawn(reload_on_request(gateway.clone(), reloads));
+    let reloader = tokio::spawn(reload_on_request(
+        gateway.clone(),
+        reloads,
+        notifier.clone(),
+    ));
+    let pinger = watchdog.map(|every| tokio::spawn(ping_watchdog(notifier.clone(), every)));
     let supervisor = {
         let gateway = gateway.clone();
         tokio::spawn(async move { gateway.supervise_pool().await })
@@ -69,6 +122,9 @@ pub async fn run(
     let mut uds_task = tokio::spawn(uds::serve(gateway.clone(), listener));
     let mut grpc_task = tokio::spawn(grpc::serve(gateway.clone(), grpc_listener));
     let mut failure = None;
+    // Gateway::new waited for NATS (or gave up waiting) and the listeners accept: what a
+    // client can expect from here is what /ready says.
+    notifier.ready(&serving_status(&gateway));
 
     tokio::select! {
         Some(cause) = stop.next() => info!("{cause}: shutting down"),
@@ -81,6 +137,7 @@ pub async fn run(
             failure = Some(why);
         }
     }
+    notifier.stopping();
     let drain = config.drain_timeout();
     info!(
         drain_ms = drain.as_millis() as u64,
@@ -113,6 +170,9 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
     upkeep.abort();
     reloader.abort();
+    if let Some(pinger) = pinger {
+        pinger.abort();
+    }
     // Last: every operation answered before now has its record on disk.
     gateway.close_audit().await;
     supervisor.abort();
@@ -129,11 +189,38 @@ fn http_routes(gateway: Gateway) -> Router {
 }
 
 /// Each reload request (SIGHUP) reloads the policy; a file that does not load keeps the
-/// policy in force (the gateway logs why and counts it).
-async fn reload_on_request(gateway: Gateway, mut reloads: impl Stream<Item = ()> + Unpin) {
+/// policy in force (the gateway logs why and counts it). systemd hears `RELOADING=1` before
+/// and `READY=1` after, whether or not it loaded.
+async fn reload_on_request(
+    gateway: Gateway,
+    mut reloads: impl Stream<Item = ()> + Unpin,
+    notifier: std::sync::Arc<Notifier>,
+) {
     while reloads.next().await.is_some() {
         info!("SIGHUP: reloading");
+        notifier.reloading();
         let _ = gateway.reload().await;
+        notifier.ready(&serving_status(&gateway));
+    }
+}
+
+/// `STATUS=` for systemctl status: whether NATS is connected.
+fn serving_status(gateway: &Gateway) -> String {
+    let ready = gateway.readiness();
+    format!(
+        "serving; NATS connections {}/{}",
+        ready.nats_connected, ready.nats_pool_size
+    )
+}
+
+/// `WATCHDOG=1` at half the interval systemd asked for. A task of the runtime: a runtime that
+/// no longer runs its tasks (blocked, deadlocked) stops pinging, and systemd restarts it.
+async fn ping_watchdog(notifier: std::sync::Arc<Notifier>, every: Duration) {
+    let mut tick = tokio::time::interval(every / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        notifier.watchdog();
     }
 }
 

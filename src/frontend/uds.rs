@@ -38,10 +38,12 @@ const READ_BUFFER: usize = 64 * 1024;
 /// without another trip through the reader's `select!` (whose futures cost a few locks each).
 const COMMANDS_PER_WAKEUP: usize = 64;
 
-/// The bound socket; removes its file when dropped.
+/// The bound socket; removes its file when dropped, unless it was handed over (socket
+/// activation: the file belongs to systemd's `.socket` unit).
 pub struct UdsListener {
     listener: UnixListener,
     path: PathBuf,
+    owns_file: bool,
 }
 
 impl UdsListener {
@@ -91,6 +93,22 @@ impl UdsListener {
         Ok(UdsListener {
             listener,
             path: path.to_owned(),
+            owns_file: true,
+        })
+    }
+
+    /// A listener handed over by socket activation: its file's owner and mode are the
+    /// `.socket` unit's, and the file stays when the gateway exits (systemd owns it).
+    pub fn activated(listener: std::os::unix::net::UnixListener) -> io::Result<UdsListener> {
+        let path = listener
+            .local_addr()?
+            .as_pathname()
+            .map(Path::to_owned)
+            .unwrap_or_default();
+        Ok(UdsListener {
+            listener: UnixListener::from_std(listener)?,
+            path,
+            owns_file: false,
         })
     }
 
@@ -101,7 +119,9 @@ impl UdsListener {
 
 impl Drop for UdsListener {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.owns_file {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! The operator's HTTP port: health, readiness, status, metrics and the browser page. The
-//! server composes it with the WebSocket route; it names no front-end.
+//! server composes it with the WebSocket route; it names no front-end. Beside it, systemd's
+//! socket activation and readiness notification (`systemd`).
 
 mod gather;
 pub mod http;
 pub mod page;
+pub mod systemd;

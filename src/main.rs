@@ -142,7 +142,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         // Installed before start-up, so a signal during it is not lost.
         let stop = stop_signals()?;
         let reloads = reload_signals()?;
-        ipc_gateway::server::run_with(config, systemd, stop, reloads).await
+        // SIGHUP reads the configuration again, the same way.
+        let load: ipc_gateway::ops::reload::LoadConfig = Box::new(move || {
+            Config::load(args.config.as_deref(), &args.settings).map_err(|e| e.to_string())
+        });
+        ipc_gateway::server::run_with(config, systemd, Some(load), stop, reloads).await
     });
     match served {
         Ok(()) => ExitCode::SUCCESS,
@@ -169,7 +173,8 @@ fn stop_signals() -> Result<impl Stream<Item = &'static str> + Unpin, String> {
     Ok(Box::pin(signals))
 }
 
-/// SIGHUP as the daemon's reload requests (the policy file, the audit log's file).
+/// SIGHUP as the daemon's reload requests (the configuration's live settings, the policy
+/// file, the audit log's file).
 fn reload_signals() -> Result<impl Stream<Item = ()> + Unpin + Send + 'static, String> {
     let hangup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP handler: {e}"))?;
     let signals = futures_util::stream::unfold(hangup, |mut hangup| async move {

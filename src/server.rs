@@ -26,6 +26,7 @@ use crate::core::Gateway;
 use crate::frontend::uds::{self, UdsListener};
 use crate::frontend::{grpc, ws};
 use crate::ops::http;
+use crate::ops::reload::{self, LoadConfig};
 use crate::ops::systemd::{Notifier, Systemd};
 
 /// Serves until `stop` yields, then drains. Each item of `stop` is a stop request naming its
@@ -37,14 +38,16 @@ pub async fn run(
     stop: impl Stream<Item = &'static str> + Unpin,
     reloads: impl Stream<Item = ()> + Unpin + Send + 'static,
 ) -> Result<(), String> {
-    run_with(config, Systemd::default(), stop, reloads).await
+    run_with(config, Systemd::default(), None, stop, reloads).await
 }
 
 /// `run`, with what systemd handed over (`Systemd::from_env`): its listeners, its
-/// notification socket and its watchdog.
+/// notification socket and its watchdog; and with `load`, each reload also reads the
+/// configuration again and applies what can change live (`ops::reload`).
 pub async fn run_with(
     config: Config,
     systemd: Systemd,
+    load: Option<LoadConfig>,
     mut stop: impl Stream<Item = &'static str> + Unpin,
     reloads: impl Stream<Item = ()> + Unpin + Send + 'static,
 ) -> Result<(), String> {
@@ -104,6 +107,7 @@ pub async fn run_with(
     let upkeep = tokio::spawn(refresh_gauges(gateway.clone()));
     let reloader = tokio::spawn(reload_on_request(
         gateway.clone(),
+        (config.clone(), load),
         reloads,
         notifier.clone(),
     ));
@@ -138,7 +142,7 @@ pub async fn run_with(
         }
     }
     notifier.stopping();
-    let drain = config.drain_timeout();
+    let drain = gateway.live().drain_timeout();
     info!(
         drain_ms = drain.as_millis() as u64,
         "draining in-flight requests"
@@ -188,18 +192,19 @@ fn http_routes(gateway: Gateway) -> Router {
         .with_state(gateway)
 }
 
-/// Each reload request (SIGHUP) reloads the policy; a file that does not load keeps the
-/// policy in force (the gateway logs why and counts it). systemd hears `RELOADING=1` before
-/// and `READY=1` after, whether or not it loaded.
+/// Each reload request (SIGHUP) reloads the configuration's live settings (with a loader),
+/// the policy and the audit file; what does not load keeps what is in force (the gateway logs
+/// why). systemd hears `RELOADING=1` before and `READY=1` after, whether or not it loaded.
 async fn reload_on_request(
     gateway: Gateway,
+    (mut current, load): (Config, Option<LoadConfig>),
     mut reloads: impl Stream<Item = ()> + Unpin,
     notifier: std::sync::Arc<Notifier>,
 ) {
     while reloads.next().await.is_some() {
         info!("SIGHUP: reloading");
         notifier.reloading();
-        let _ = gateway.reload().await;
+        reload::reload(&gateway, &mut current, load.as_ref()).await;
         notifier.ready(&serving_status(&gateway));
     }
 }

@@ -180,7 +180,7 @@ impl Gateway {
             Some((retired, context)) if !*retired.borrow() => context.clone(),
             _ => {
                 let mut context = jetstream::new(picked.client.clone());
-                context.set_timeout(self.inner.config.request_timeout());
+                context.set_timeout(self.inner.live.request_timeout());
                 *slot = Some((picked.retired.clone(), context.clone()));
                 context
             }

@@ -9,6 +9,7 @@ pub mod budget;
 mod caller;
 mod durable;
 mod fanout;
+pub mod live;
 mod names;
 mod nats;
 pub mod policy;
@@ -64,7 +65,9 @@ pub struct Gateway {
 }
 
 struct Inner {
+    /// The configuration at start; the settings a reload changes are read from `live`.
     config: Config,
+    live: live::Live,
     pool: Arc<NatsPool>,
     budget: Arc<ByteBudget>,
     breakers: Arc<breaker::Breakers>,
@@ -146,6 +149,7 @@ impl Gateway {
         ));
         let gateway = Gateway {
             inner: Arc::new(Inner {
+                live: live::Live::new(&config),
                 config,
                 pool,
                 budget,
@@ -204,7 +208,6 @@ impl Gateway {
         identity: Identity,
         slot: Slot,
     ) -> Result<Caller, GatewayError> {
-        let config = &self.inner.config;
         let lease = match self.inner.access.lease(&identity) {
             Ok(lease) => lease,
             Err(refusal) => {
@@ -212,10 +215,8 @@ impl Gateway {
                 return Err(refusal);
             }
         };
-        let limit = ratelimit::RateLimit::new(
-            config.rate_limit_requests_per_sec,
-            config.rate_limit_bytes_per_sec,
-        );
+        let (requests, bytes) = self.inner.live.rate_limits();
+        let limit = ratelimit::RateLimit::new(requests, bytes);
         let lane = Lane(self.inner.pool.next_lane());
         let who = self.inner.access.authorize(identity);
         Ok(Caller::new(
@@ -330,8 +331,15 @@ impl Gateway {
         self.inner.config.gateway_id.as_deref().unwrap_or_default()
     }
 
+    /// The configuration the gateway started with. The settings a reload changes
+    /// (`live::LIVE`) are read from `live()` instead.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The settings a reload changes, as they are now.
+    pub fn live(&self) -> &live::Live {
+        &self.inner.live
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -590,7 +598,7 @@ impl Gateway {
             false => None,
         };
         let started = Instant::now();
-        let max = self.inner.config.max_subscriptions_per_connection;
+        let max = self.inner.live.max_subscriptions_per_connection();
         let admitted = caller
             .admit(0)
             .and_then(|()| validate_subject(subject, SubjectUse::Subscribe))
@@ -675,7 +683,7 @@ impl Gateway {
             }
         };
         // Sending the SUB waits for room in the NATS client's queue: bounded like the rest.
-        let subscribed = tokio::time::timeout(self.inner.config.request_timeout(), subscribe)
+        let subscribed = tokio::time::timeout(self.inner.live.request_timeout(), subscribe)
             .await
             .map_err(|_| {
                 GatewayError::new(
@@ -702,7 +710,7 @@ impl Gateway {
                 )
             })
         };
-        match tokio::time::timeout(self.inner.config.request_timeout(), confirmed).await {
+        match tokio::time::timeout(self.inner.live.request_timeout(), confirmed).await {
             Ok(Ok(())) => Ok(LiveSubscription {
                 nats_sid: nats::subscriber_sid(&subscriber).map(|sid| (index, sid)),
                 subscriber,
@@ -722,7 +730,7 @@ impl Gateway {
         let answer_until = delivery
             .reply_to
             .as_ref()
-            .map(|_| tokio::time::Instant::now() + self.inner.config.request_timeout());
+            .map(|_| tokio::time::Instant::now() + self.inner.live.request_timeout());
         // Counted per front-end once per message, not once per member.
         let mut delivered = [0u64; Frontend::ALL.len()];
         let mut dropped = [0u64; Frontend::ALL.len()];
@@ -889,7 +897,7 @@ impl Gateway {
     }
 
     fn deadline(&self, timeout_ms: Option<u32>) -> Duration {
-        let ceiling = self.inner.config.request_timeout();
+        let ceiling = self.inner.live.request_timeout();
         match timeout_ms {
             Some(ms) if ms > 0 => Duration::from_millis(ms as u64).min(ceiling),
             _ => ceiling,

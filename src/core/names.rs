@@ -530,7 +530,7 @@ impl Gateway {
             ));
         }
         caller.admit(0)?;
-        let slot = caller.subscription_slot(self.inner.config.max_subscriptions_per_connection)?;
+        let slot = caller.subscription_slot(self.inner.live.max_subscriptions_per_connection())?;
         let names = self.names().clone();
         // JetStream first: without it there is no registration.
         names.store.store().await?;

@@ -152,7 +152,7 @@ impl Gateway {
             false => None,
         };
         let started = Instant::now();
-        let max = self.inner.config.max_subscriptions_per_connection;
+        let max = self.inner.live.max_subscriptions_per_connection();
         let admitted = caller
             .admit(0)
             .and_then(|()| validate_subject(subject, SubjectUse::Subscribe))
@@ -231,7 +231,7 @@ impl Gateway {
         member: Member,
         since: Since,
     ) -> Result<(Subscription, Replayed), GatewayError> {
-        let timeout = self.inner.config.request_timeout();
+        let timeout = self.inner.live.request_timeout();
         let picked = self.inner.pool.client_on(member.caller.lane().0)?;
         let context = self.jetstream_context(&picked);
         let lookup = context.stream_by_subject(member.subject.to_string());

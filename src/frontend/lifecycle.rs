@@ -84,12 +84,10 @@ impl Lifecycle {
     }
 
     pub fn new(gateway: &Gateway, frontend: Frontend) -> Lifecycle {
-        let config = gateway.config();
         Lifecycle {
             phase: Phase::Reading,
             input_open: true,
-            idle: (config.idle_timeout_ms > 0)
-                .then(|| Duration::from_millis(config.idle_timeout_ms)),
+            idle: gateway.live().idle_timeout(),
             last_activity: Instant::now(),
             writes: WriteRules::new(gateway, frontend),
             reason: "closed",
@@ -203,7 +201,7 @@ impl WriteRules {
     pub fn new(gateway: &Gateway, frontend: Frontend) -> WriteRules {
         WriteRules {
             frontend,
-            stall: Duration::from_millis(gateway.config().slow_client_stall_ms),
+            stall: gateway.live().slow_client_stall(),
             metrics: gateway.metrics().clone(),
         }
     }

@@ -1,7 +1,7 @@
 //! systemd without systemd as PID 1: listeners handed over by socket activation (by
 //! `systemd-socket-activate`, and by this test itself through `LISTEN_FDS` so the feature is
 //! tested when the tool is missing), `sd_notify` notices read from a `NOTIFY_SOCKET` the test
-//! binds, and the unit files checked by `systemd-analyze verify`.
+//! binds, and the unit files checked by `systemd-analyze verify`; and what SIGHUP reloads.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
@@ -74,8 +74,7 @@ impl Activated {
     }
 
     fn terminate(&self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) };
+        gateway_signal(self, libc::SIGTERM);
     }
 
     /// Exit code and standard error.
@@ -354,4 +353,121 @@ fn the_unit_files_pass_systemd_analyze_verify() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.trim().is_empty(), "warnings: {stderr}");
+}
+
+/// Reads the gateway's log file until a line has every one of `words`; fails after `PATIENCE`.
+async fn log_line(log: &Path, words: &[&str]) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text
+            .lines()
+            .find(|line| words.iter().all(|word| line.contains(word)))
+        {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {words:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn sighup_applies_a_changed_live_limit_and_names_the_settings_that_need_a_restart() {
+    let nats = NatsServer::start();
+    let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut manager = Manager::bind(dir.path());
+    let socket = dir.path().join("gw.sock");
+    let config = dir.path().join("gateway.toml");
+    let log = dir.path().join("gateway.log");
+    std::fs::write(&config, "max_subscriptions_per_connection = 1\n").expect("config");
+    let mut args = serve_args(&nats.url(), &socket);
+    args.extend(["--config".into(), config.display().to_string()]);
+    let child = Command::new(GATEWAY)
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .env("NOTIFY_SOCKET", &manager.path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start the gateway");
+    let mut gateway = Activated { child: Some(child) };
+    manager.expect("READY=1").await;
+    let mut conn = JsonConn::connect(&socket).await;
+    let subscribe = |id: u32| format!(r#"{{"op":"subscribe","id":{id},"subject":"events.{id}"}}"#);
+    assert_eq!(conn.call(&subscribe(1)).await["ok"], true);
+    let refused = conn.call(&subscribe(2)).await;
+    assert_eq!(refused["error"]["code"], "OVERLOADED", "{refused}");
+    let big = format!(
+        r#"{{"op":"request","id":3,"subject":"demo.echo","data":"{}"}}"#,
+        "x".repeat(5000)
+    );
+    assert_eq!(conn.call(&big).await["ok"], true);
+
+    // A file that does not validate changes nothing.
+    std::fs::write(&config, "max_subscriptions_per_connection = 0\n").expect("config");
+    manager.heard.clear();
+    gateway_signal(&gateway, libc::SIGHUP);
+    manager.expect("RELOADING=1").await;
+    manager.expect("READY=1").await;
+    log_line(
+        &log,
+        &[
+            "configuration reload failed",
+            "max_subscriptions_per_connection",
+        ],
+    )
+    .await;
+    let refused = conn.call(&subscribe(4)).await;
+    assert_eq!(refused["error"]["code"], "OVERLOADED", "{refused}");
+
+    // A live limit and a restart-only setting change.
+    std::fs::write(
+        &config,
+        "max_subscriptions_per_connection = 3\nmax_frame_bytes = 4096\n",
+    )
+    .expect("config");
+    manager.heard.clear();
+    gateway_signal(&gateway, libc::SIGHUP);
+    manager.expect("RELOADING=1").await;
+    manager.expect("READY=1").await;
+    let line = log_line(&log, &["need a restart", "max_frame_bytes"]).await;
+    assert!(!line.contains("max_subscriptions_per_connection"), "{line}");
+    log_line(
+        &log,
+        &[
+            "configuration reloaded; applied",
+            "max_subscriptions_per_connection",
+        ],
+    )
+    .await;
+    assert_eq!(
+        conn.call(&subscribe(5)).await["ok"],
+        true,
+        "the new limit, on the same connection"
+    );
+    assert_eq!(conn.call(&subscribe(6)).await["ok"], true);
+    let refused = conn.call(&subscribe(7)).await;
+    assert_eq!(
+        refused["error"]["code"], "OVERLOADED",
+        "3 is the limit now: {refused}"
+    );
+    let big = big.replace(r#""id":3"#, r#""id":8"#);
+    let reply = conn.call(&big).await;
+    assert_eq!(
+        reply["ok"], true,
+        "max_frame_bytes is not applied live: {reply}"
+    );
+
+    gateway.terminate();
+    let (code, _) = gateway.wait();
+    assert_eq!(code, Some(0));
+}
+
+fn gateway_signal(gateway: &Activated, signal: libc::c_int) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(gateway.pid() as libc::pid_t, signal) };
 }

@@ -166,6 +166,9 @@ settings! {
         pub worker_threads: usize = default_worker_threads(),
         /// Log format: "text" or "json". Filter with RUST_LOG.
         pub log_format: LogFormat = LogFormat::Text,
+        /// Log filter in RUST_LOG's syntax ("info", "warn,ipc_gateway::core=debug"), reloaded
+        /// on SIGHUP. None: RUST_LOG, else "info".
+        pub log_filter: Option<String> = None,
         /// A client whose answers cannot be written for this long (it stopped reading) is
         /// disconnected.
         pub slow_client_stall_ms: u64 = 10_000,
@@ -326,6 +329,13 @@ impl Config {
         }
         if let Err(err) = self.nats_servers() {
             return bad("nats_url", &err);
+        }
+        if let Some(Err(err)) = self
+            .log_filter
+            .as_deref()
+            .map(crate::telemetry::logging::parse)
+        {
+            return bad("log_filter", &err);
         }
         if let Some(id) = &self.gateway_id
             && !is_gateway_id(id)

@@ -124,7 +124,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(err) => return fail(2, &err.to_string()),
     };
-    ipc_gateway::telemetry::logging::init(config.log_format);
+    ipc_gateway::telemetry::logging::init_with(config.log_format, config.log_filter.as_deref());
     tracing::debug!(allocator = allocator::NAME, "memory allocator");
     allocator::start_trimming();
     let mut builder = if config.worker_threads == 1 {

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use crate::config::Config;
 
-/// The settings a reload applies, by their configuration names. `policy` (the file's contents)
+/// The settings a reload applies, by their configuration names (all but `log_filter` held
+/// here). `policy` (the file's contents)
 /// and `audit_file` (reopened) are reloaded on SIGHUP too, but their paths need a restart.
 pub const LIVE: &[&str] = &[
     "request_timeout_ms",
@@ -23,6 +24,8 @@ pub const LIVE: &[&str] = &[
     "idle_timeout_ms",
     "slow_client_stall_ms",
     "drain_timeout_ms",
+    // Not the core's: `ops::reload` puts it in force in the logging subscriber.
+    "log_filter",
 ];
 
 #[derive(Debug)]

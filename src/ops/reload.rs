@@ -34,9 +34,16 @@ pub async fn reload(gateway: &Gateway, current: &mut Config, load: Option<&LoadC
                 if applied.is_empty() {
                     info!("configuration reloaded; no live setting changed");
                 } else {
-                    gateway.live().apply(&new);
-                    *current = with_live(current, &new);
+                    // Logged first: a new log filter may silence it.
                     info!(settings = %applied.join(", "), "configuration reloaded; applied");
+                    gateway.live().apply(&new);
+                    if applied.iter().any(|name| name == "log_filter")
+                        && let Err(error) =
+                            crate::telemetry::logging::set_filter(new.log_filter.as_deref())
+                    {
+                        error!(%error, "the log filter could not be changed");
+                    }
+                    *current = with_live(current, &new);
                 }
             }
         }
@@ -54,6 +61,7 @@ fn with_live(old: &Config, new: &Config) -> Config {
     next.idle_timeout_ms = new.idle_timeout_ms;
     next.slow_client_stall_ms = new.slow_client_stall_ms;
     next.drain_timeout_ms = new.drain_timeout_ms;
+    next.log_filter = new.log_filter.clone();
     next
 }
 
@@ -72,6 +80,7 @@ mod tests {
         new.idle_timeout_ms = 4;
         new.slow_client_stall_ms = 5;
         new.drain_timeout_ms = 6;
+        new.log_filter = Some("debug".into());
         new.max_frame_bytes = 99;
         let next = with_live(&old, &new);
         // with_live copies every LIVE setting: nothing live is left to apply.

@@ -427,7 +427,7 @@ async fn sighup_applies_a_changed_live_limit_and_names_the_settings_that_need_a_
     // A live limit and a restart-only setting change.
     std::fs::write(
         &config,
-        "max_subscriptions_per_connection = 3\nmax_frame_bytes = 4096\n",
+        "max_subscriptions_per_connection = 3\nmax_frame_bytes = 4096\nlog_filter = \"warn\"\n",
     )
     .expect("config");
     manager.heard.clear();

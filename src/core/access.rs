@@ -106,7 +106,9 @@ pub struct Access {
     /// The gateway id when messages are stamped with the caller's identity.
     stamp_identity: Option<Arc<str>>,
     auth_required: bool,
-    max_per_identity: usize,
+    /// `max_connections_per_identity`, changed by a reload (connections made while it was 0
+    /// are not counted under a new limit).
+    max_per_identity: std::sync::atomic::AtomicUsize,
     /// Connections per identified caller (only counted when `max_per_identity` is set).
     per_identity: Arc<Mutex<HashMap<String, usize>>>,
 }
@@ -139,7 +141,7 @@ impl Access {
                 .identity_headers
                 .then(|| config.resolved_gateway_id().into()),
             auth_required: config.auth_required,
-            max_per_identity: config.max_connections_per_identity,
+            max_per_identity: config.max_connections_per_identity.into(),
             per_identity: Arc::default(),
         })
     }
@@ -211,9 +213,18 @@ impl Access {
         }
     }
 
+    /// A reload's `max_connections_per_identity`.
+    pub fn set_max_per_identity(&self, max: usize) {
+        self.max_per_identity
+            .store(max, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Counts a new connection of an identified caller against `max_connections_per_identity`.
     pub fn lease(&self, identity: &Identity) -> Result<Option<IdentityLease>, GatewayError> {
-        if self.max_per_identity == 0 || identity.is_anonymous() {
+        let max = self
+            .max_per_identity
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if max == 0 || identity.is_anonymous() {
             return Ok(None);
         }
         let key = identity_key(identity);
@@ -222,12 +233,11 @@ impl Access {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let count = counts.entry(key.clone()).or_insert(0);
-        if *count >= self.max_per_identity {
+        if *count >= max {
             return Err(GatewayError::new(
                 ErrorCode::Overloaded,
                 format!(
-                    "{key} holds its maximum of {} connections (--max-connections-per-identity); retry later",
-                    self.max_per_identity
+                    "{key} holds its maximum of {max} connections (--max-connections-per-identity); retry later"
                 ),
             ));
         }

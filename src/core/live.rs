@@ -6,14 +6,15 @@
 //! Where each takes effect: `request_timeout_ms` on the next request, subscribe or replay;
 //! `max_subscriptions_per_connection` on the next subscribe (subscriptions held past a lowered
 //! limit stay); the rate limits, `idle_timeout_ms` and `slow_client_stall_ms` on connections made
-//! after the reload; `drain_timeout_ms` on the next drain.
+//! after the reload; `drain_timeout_ms` on the next drain; `max_connections_per_identity` on the
+//! next connection (connections made while it was 0 do not count under a new limit).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::config::Config;
 
-/// The settings a reload applies, by their configuration names (all but `log_filter` held
+/// The settings a reload applies, by their configuration names (all but the last two held
 /// here). `policy` (the file's contents)
 /// and `audit_file` (reopened) are reloaded on SIGHUP too, but their paths need a restart.
 pub const LIVE: &[&str] = &[
@@ -24,6 +25,8 @@ pub const LIVE: &[&str] = &[
     "idle_timeout_ms",
     "slow_client_stall_ms",
     "drain_timeout_ms",
+    // Held by `access` (`Gateway::apply_live`).
+    "max_connections_per_identity",
     // Not the core's: `ops::reload` puts it in force in the logging subscriber.
     "log_filter",
 ];

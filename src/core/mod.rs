@@ -342,6 +342,15 @@ impl Gateway {
         &self.inner.live
     }
 
+    /// Puts a reloaded configuration's live settings (`live::LIVE`) in force, but `log_filter`
+    /// (the logging subscriber's).
+    pub fn apply_live(&self, config: &Config) {
+        self.inner.live.apply(config);
+        self.inner
+            .access
+            .set_max_per_identity(config.max_connections_per_identity);
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
     }

@@ -36,7 +36,7 @@ pub async fn reload(gateway: &Gateway, current: &mut Config, load: Option<&LoadC
                 } else {
                     // Logged first: a new log filter may silence it.
                     info!(settings = %applied.join(", "), "configuration reloaded; applied");
-                    gateway.live().apply(&new);
+                    gateway.apply_live(&new);
                     if applied.iter().any(|name| name == "log_filter")
                         && let Err(error) =
                             crate::telemetry::logging::set_filter(new.log_filter.as_deref())
@@ -61,6 +61,7 @@ fn with_live(old: &Config, new: &Config) -> Config {
     next.idle_timeout_ms = new.idle_timeout_ms;
     next.slow_client_stall_ms = new.slow_client_stall_ms;
     next.drain_timeout_ms = new.drain_timeout_ms;
+    next.max_connections_per_identity = new.max_connections_per_identity;
     next.log_filter = new.log_filter.clone();
     next
 }
@@ -80,6 +81,7 @@ mod tests {
         new.idle_timeout_ms = 4;
         new.slow_client_stall_ms = 5;
         new.drain_timeout_ms = 6;
+        new.max_connections_per_identity = 8;
         new.log_filter = Some("debug".into());
         new.max_frame_bytes = 99;
         let next = with_live(&old, &new);

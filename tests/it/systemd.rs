@@ -233,7 +233,12 @@ async fn systemd_socket_activate_hands_over_every_listener_and_hears_ready_watch
     let mut gateway = Activated { child: Some(child) };
 
     // systemd-socket-activate starts the gateway at the first connection, which waits in the
-    // backlog meanwhile (as under a .socket unit).
+    // backlog meanwhile (as under a .socket unit); first its listeners must be there.
+    let deadline = Instant::now() + PATIENCE;
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "systemd-socket-activate did not listen");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     round_trips(&socket, http_port, grpc_port).await;
     let ready = manager.expect("READY=1").await;
     assert!(
@@ -470,4 +475,39 @@ async fn sighup_applies_a_changed_live_limit_and_names_the_settings_that_need_a_
 fn gateway_signal(gateway: &Activated, signal: libc::c_int) {
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(gateway.pid() as libc::pid_t, signal) };
+}
+
+#[tokio::test]
+async fn listen_fds_for_another_process_are_ignored_and_the_configured_socket_bound() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut manager = Manager::bind(dir.path());
+    let socket = dir.path().join("gw.sock");
+    let log = dir.path().join("gateway.log");
+    // fd 3 of the gateway is whatever it inherits, if anything: LISTEN_PID says it is not
+    // the gateway's to take.
+    let child = Command::new(GATEWAY)
+        .args(serve_args("nats://127.0.0.1:1", &socket))
+        .env("LISTEN_PID", "1")
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "uds")
+        .env("RUST_LOG", "warn")
+        .env("NOTIFY_SOCKET", &manager.path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start the gateway");
+    let mut gateway = Activated { child: Some(child) };
+    manager.expect("READY=1").await;
+    log_line(&log, &["LISTEN_FDS is set for process 1, not this one"]).await;
+    assert_eq!(
+        mode(&socket),
+        0o600,
+        "bound by the gateway, with socket_mode"
+    );
+    let mut conn = JsonConn::connect(&socket).await;
+    assert_eq!(conn.call(r#"{"op":"ping"}"#).await["op"], "pong");
+    gateway.terminate();
+    let (code, _) = gateway.wait();
+    assert_eq!(code, Some(0));
+    assert!(!socket.exists(), "the gateway's own socket file is removed");
 }

@@ -1,5 +1,7 @@
-//! systemd's two protocols, written by hand over libc (about what the `listenfd` and
-//! `sd-notify` crates do, without their unchecked corners):
+//! systemd's two protocols, written by hand over libc (about 150 lines). `listenfd` takes fds
+//! by index only (no `LISTEN_FDNAMES`), accepts a missing `LISTEN_PID` as "for us" and does not
+//! check that a socket listens; `sd-notify` would do for the notices, but they are a few lines
+//! here, with a bounded send:
 //!
 //! - **Socket activation** (`sd_listen_fds(3)`): listeners handed over as fds 3, 4, … with
 //!   `LISTEN_FDS`, `LISTEN_PID` and `LISTEN_FDNAMES`. The names are `uds`, `http` and `grpc`

@@ -7,14 +7,16 @@
 //! `max_subscriptions_per_connection` on the next subscribe (subscriptions held past a lowered
 //! limit stay); the rate limits, `idle_timeout_ms` and `slow_client_stall_ms` on connections made
 //! after the reload; `drain_timeout_ms` on the next drain; `max_connections_per_identity` on the
-//! next connection (connections made while it was 0 do not count under a new limit).
+//! next connection (connections made while it was 0 do not count under a new limit);
+//! `max_connections` on the next connection (connections held past a lowered limit stay; the
+//! HTTP port's handshake limit, half of it by default, is sized at start).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::config::Config;
 
-/// The settings a reload applies, by their configuration names (all but the last two held
+/// The settings a reload applies, by their configuration names (all but the last three held
 /// here). `policy` (the file's contents)
 /// and `audit_file` (reopened) are reloaded on SIGHUP too, but their paths need a restart.
 pub const LIVE: &[&str] = &[
@@ -25,8 +27,9 @@ pub const LIVE: &[&str] = &[
     "idle_timeout_ms",
     "slow_client_stall_ms",
     "drain_timeout_ms",
-    // Held by `access` (`Gateway::apply_live`).
+    // Held by `access` and `slots` (`Gateway::apply_live`).
     "max_connections_per_identity",
+    "max_connections",
     // Not the core's: `ops::reload` puts it in force in the logging subscriber.
     "log_filter",
 ];

@@ -21,6 +21,7 @@ pub mod replies;
 pub mod shutdown;
 #[cfg(test)]
 mod sizes;
+mod slots;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -71,8 +72,8 @@ struct Inner {
     pool: Arc<NatsPool>,
     budget: Arc<ByteBudget>,
     breakers: Arc<breaker::Breakers>,
-    /// `max_connections`, shared by every front-end.
-    connection_slots: Arc<tokio::sync::Semaphore>,
+    /// `max_connections`, shared by every front-end, resized by a reload.
+    connection_slots: slots::ConnectionSlots,
     /// Every client connection's task, so shutdown can wait for them to drain.
     connections: tokio_util::task::TaskTracker,
     metrics: Arc<Metrics>,
@@ -136,7 +137,7 @@ impl Gateway {
         }
         metrics.nats_pool_size.set(pool.size() as f64);
         let budget = ByteBudget::new(config.max_inflight_bytes);
-        let connection_slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+        let connection_slots = slots::ConnectionSlots::new(config.max_connections);
         let default_subject = config.default_subject.clone().map(Subject::from);
         let names = Arc::new(names::Names::new(
             config.client_subject_prefix.clone(),
@@ -188,13 +189,13 @@ impl Gateway {
     /// connection in its handshake), to be handed to `connect_with` if it becomes one. Over the
     /// limit, the refusal `connect` gives (not counted: the caller decides what it refuses).
     pub fn slot(&self) -> Result<Slot, GatewayError> {
-        match self.inner.connection_slots.clone().try_acquire_owned() {
-            Ok(permit) => Ok(Slot::new(permit)),
-            Err(_) => Err(GatewayError::new(
+        match self.inner.connection_slots.try_acquire() {
+            Some(permit) => Ok(Slot::new(permit)),
+            None => Err(GatewayError::new(
                 ErrorCode::Overloaded,
                 format!(
                     "the gateway serves its maximum of {} connections; retry later",
-                    self.inner.config.max_connections
+                    self.inner.connection_slots.limit()
                 ),
             )),
         }
@@ -349,6 +350,9 @@ impl Gateway {
         self.inner
             .access
             .set_max_per_identity(config.max_connections_per_identity);
+        self.inner
+            .connection_slots
+            .set_limit(config.max_connections);
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

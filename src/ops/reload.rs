@@ -62,6 +62,7 @@ fn with_live(old: &Config, new: &Config) -> Config {
     next.slow_client_stall_ms = new.slow_client_stall_ms;
     next.drain_timeout_ms = new.drain_timeout_ms;
     next.max_connections_per_identity = new.max_connections_per_identity;
+    next.max_connections = new.max_connections;
     next.log_filter = new.log_filter.clone();
     next
 }
@@ -82,6 +83,7 @@ mod tests {
         new.slow_client_stall_ms = 5;
         new.drain_timeout_ms = 6;
         new.max_connections_per_identity = 8;
+        new.max_connections = 9;
         new.log_filter = Some("debug".into());
         new.max_frame_bytes = 99;
         let next = with_live(&old, &new);

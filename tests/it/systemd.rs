@@ -236,7 +236,10 @@ async fn systemd_socket_activate_hands_over_every_listener_and_hears_ready_watch
     // backlog meanwhile (as under a .socket unit); first its listeners must be there.
     let deadline = Instant::now() + PATIENCE;
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "systemd-socket-activate did not listen");
+        assert!(
+            Instant::now() < deadline,
+            "systemd-socket-activate did not listen"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     round_trips(&socket, http_port, grpc_port).await;
@@ -432,7 +435,7 @@ async fn sighup_applies_a_changed_live_limit_and_names_the_settings_that_need_a_
     // A live limit and a restart-only setting change.
     std::fs::write(
         &config,
-        "max_subscriptions_per_connection = 3\nmax_frame_bytes = 4096\nlog_filter = \"warn\"\n",
+        "max_subscriptions_per_connection = 3\nmax_connections = 1\nmax_frame_bytes = 4096\nlog_filter = \"warn\"\n",
     )
     .expect("config");
     manager.heard.clear();
@@ -441,6 +444,7 @@ async fn sighup_applies_a_changed_live_limit_and_names_the_settings_that_need_a_
     manager.expect("READY=1").await;
     let line = log_line(&log, &["need a restart", "max_frame_bytes"]).await;
     assert!(!line.contains("max_subscriptions_per_connection"), "{line}");
+    assert!(!line.contains("max_connections"), "{line}");
     log_line(
         &log,
         &[

@@ -104,7 +104,7 @@ pub async fn run_with(
         );
     }
     let notifier = std::sync::Arc::new(notifier);
-    let upkeep = tokio::spawn(refresh_gauges(gateway.clone()));
+    let upkeep = tokio::spawn(refresh_gauges(gateway.clone(), notifier.clone()));
     let reloader = tokio::spawn(reload_on_request(
         gateway.clone(),
         (config.clone(), load),
@@ -229,10 +229,20 @@ async fn ping_watchdog(notifier: std::sync::Arc<Notifier>, every: Duration) {
     }
 }
 
-async fn refresh_gauges(gateway: Gateway) {
+/// Every 5 s: the gauges, and systemd's `STATUS=` when NATS connections came or went.
+async fn refresh_gauges(gateway: Gateway, notifier: std::sync::Arc<Notifier>) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut status = String::new();
     loop {
         tick.tick().await;
         gateway.refresh_gauges();
+        // During the drain the status stays "draining".
+        if notifier.is_on() && !gateway.readiness().shutting_down {
+            let now = serving_status(&gateway);
+            if now != status {
+                notifier.notify(&format!("STATUS={now}"));
+                status = now;
+            }
+        }
     }
 }

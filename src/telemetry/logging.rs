@@ -62,3 +62,17 @@ pub fn set_filter(filter: Option<&str>) -> Result<(), String> {
         .ok_or("logging was not set up by this process")?;
     reload(filter)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_log_filter_that_does_not_parse_is_a_configuration_error_naming_it() {
+        assert!(super::parse("warn,ipc_gateway::core=debug").is_ok());
+        let config = crate::config::Config {
+            log_filter: Some("info,[{".into()),
+            ..Default::default()
+        };
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("log_filter: not a log filter"), "{error}");
+    }
+}

@@ -38,7 +38,7 @@ use crate::protocol::{
     Envelope, ErrorCode, GatewayError, Headers, Id, Identity, Op, Priority, Subject,
 };
 use crate::telemetry::audit::{Audit, AuditOp, Record};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, OpKind};
 pub use access::Authorized;
 use budget::ByteBudget;
 pub use caller::{Caller, HeldSlot, Slot};
@@ -407,6 +407,9 @@ impl Gateway {
             .nats_connected
             .set(self.inner.pool.connected() as f64);
         metrics
+            .ready
+            .set(if self.readiness().ready { 1.0 } else { 0.0 });
+        metrics
             .nats_replaced
             .absolute(self.inner.pool.replaced() as u64);
         metrics.run_upkeep();
@@ -530,10 +533,11 @@ impl Gateway {
         if let Some(audit) = audit {
             audit.finish(&result, started);
         }
-        metrics.operation(
+        metrics.operation_timed(
             frontend,
-            Op::Publish,
+            OpKind::Op(Op::Publish),
             result.as_ref().copied().map_err(|e| e.code),
+            started.elapsed(),
         );
         result
     }
@@ -608,10 +612,11 @@ impl Gateway {
             }
             Err(error) => Err(error),
         };
-        self.inner.metrics.operation(
+        self.inner.metrics.operation_timed(
             caller.frontend(),
-            Op::Subscribe,
+            OpKind::Op(Op::Subscribe),
             result.as_ref().map(|_| ()).map_err(|e| e.code),
+            started.elapsed(),
         );
         if let Some(audit) = audit {
             audit.finish(&result.as_ref().map(|_| ()).map_err(Clone::clone), started);

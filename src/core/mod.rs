@@ -20,6 +20,7 @@ pub mod replies;
 pub mod shutdown;
 #[cfg(test)]
 mod sizes;
+pub mod status;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -84,6 +85,8 @@ struct Inner {
     jetstream: durable::JetStream,
     /// Named clients and presence (names.rs, presence.rs).
     names: Arc<names::Names>,
+    /// When the gateway started (uptime on `/status`).
+    started: Instant,
 }
 
 /// What `/ready` reports.
@@ -161,6 +164,7 @@ impl Gateway {
                 fanout,
                 jetstream: durable::JetStream::new(config_max_replays),
                 names,
+                started: Instant::now(),
             }),
         };
         tokio::spawn(names::maintain(Arc::downgrade(&gateway.inner)));

@@ -4,3 +4,5 @@
 mod gather;
 pub mod http;
 pub mod page;
+pub mod status;
+pub mod status_page;

@@ -73,6 +73,11 @@ pub async fn status(
     };
     let granted = gateway.may_see_status(identity);
     let report = gateway.status_report();
+    let report = if granted {
+        report.with_detail()
+    } else {
+        report
+    };
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let mut response = match negotiate(query.as_deref(), accept) {
         Format::Json => Json(json(report, granted)).into_response(),

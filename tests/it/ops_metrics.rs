@@ -166,8 +166,10 @@ fn allowed(label: &str, value: &str) -> bool {
     }
 }
 
-/// Some of everything: requests answered and not, a publish, a subscription, bad input.
-async fn traffic(nats: &NatsServer, gateway: &GatewayProcess) {
+/// Some of everything: requests answered and not, a publish, a durable publish and a replay
+/// (refused: this nats-server has no JetStream, which still counts and times them), a
+/// subscription, bad input, a gRPC request. The connection is returned, its subscription open.
+async fn traffic(nats: &NatsServer, gateway: &GatewayProcess) -> JsonConn {
     let _echo = spawn_echo(&nats.url(), "metrics.probe.echo", Duration::ZERO).await;
     let mut conn = gateway.json().await;
     let ok = conn
@@ -188,6 +190,14 @@ async fn traffic(nats: &NatsServer, gateway: &GatewayProcess) {
     assert_eq!(subscribed["ok"], true, "{subscribed}");
     let bad = conn.call(r#"{"op":"no-such-op","id":4}"#).await;
     assert_eq!(bad["ok"], false, "{bad}");
+    let durable = conn
+        .call(r#"{"op":"publish","id":5,"subject":"metrics.stored.x","data":"x","durable":true}"#)
+        .await;
+    assert_eq!(durable["ok"], false, "no JetStream here: {durable}");
+    let replay = conn
+        .call(r#"{"op":"subscribe","id":"r1","subject":"metrics.stored.x","since_seq":0}"#)
+        .await;
+    assert_eq!(replay["ok"], false, "no JetStream here: {replay}");
     let mut grpc = gateway.grpc().await;
     let reply = grpc
         .request(ipc_gateway::frontend::grpc::pb::RequestMessage {
@@ -197,15 +207,14 @@ async fn traffic(nats: &NatsServer, gateway: &GatewayProcess) {
         })
         .await;
     assert!(reply.is_ok(), "{reply:?}");
-    // The subscription stays open for the scrape.
-    std::mem::forget(conn);
+    conn
 }
 
 #[tokio::test]
 async fn every_exposed_metric_is_documented_with_its_type_and_every_documented_one_is_exposed() {
     let nats = NatsServer::start();
     let gateway = GatewayProcess::start(&nats.url(), &[]);
-    traffic(&nats, &gateway).await;
+    let _conn = traffic(&nats, &gateway).await;
     let (status, _, text) = get(gateway.http_port, "/metrics", &[]).await;
     assert_eq!(status, 200);
     let exposed: BTreeMap<_, _> = exposed(&text)
@@ -247,6 +256,8 @@ async fn every_exposed_metric_is_documented_with_its_type_and_every_documented_o
         r#"ipc_gateway_request_duration_seconds_count{frontend="uds",op="subscribe",outcome="ok"} 1"#,
         r#"ipc_gateway_request_duration_seconds_count{frontend="grpc",op="request",outcome="ok"} 1"#,
         r#"ipc_gateway_requests_total{frontend="uds",op="invalid",outcome="BAD_REQUEST"} 1"#,
+        r#"ipc_gateway_request_duration_seconds_count{frontend="uds",op="publish_durable",outcome=""#,
+        r#"ipc_gateway_request_duration_seconds_count{frontend="uds",op="subscribe_replay",outcome=""#,
         "ipc_gateway_ready 1",
     ] {
         assert!(text.contains(series), "{series} missing from\n{text}");
@@ -257,7 +268,7 @@ async fn every_exposed_metric_is_documented_with_its_type_and_every_documented_o
 async fn no_label_value_names_a_subject_or_an_identity() {
     let nats = NatsServer::start();
     let gateway = GatewayProcess::start(&nats.url(), &[]);
-    traffic(&nats, &gateway).await;
+    let _conn = traffic(&nats, &gateway).await;
     let text = gateway.get("/metrics").await.1;
     let uid = nix::unistd::Uid::current();
     let user = nix::unistd::User::from_uid(uid)
@@ -292,7 +303,9 @@ async fn no_label_value_names_a_subject_or_an_identity() {
     );
     // The subjects used are nowhere in the exposition.
     assert!(
-        !text.contains("metrics.probe") && !text.contains("metrics.nobody"),
+        ["metrics.probe", "metrics.nobody", "metrics.stored"]
+            .iter()
+            .all(|subject| !text.contains(subject)),
         "{text}"
     );
 }
@@ -305,6 +318,7 @@ async fn status_gives_counts_to_everyone_and_subjects_and_servers_only_when_gran
         &nats.url(),
         &["--policy", STATUS_POLICY, "--gateway-id", "gw-granted"],
     );
+    let mut conns = Vec::new();
     for gateway in [&plain, &granted] {
         let mut conn = gateway.json().await;
         // A breaker group named with markup: it must come out escaped in HTML.
@@ -314,7 +328,7 @@ async fn status_gives_counts_to_everyone_and_subjects_and_servers_only_when_gran
             .call(r#"{"op":"subscribe","id":"s1","subject":"status.probe.>"}"#)
             .await;
         assert_eq!(subscribed["ok"], true, "{subscribed}");
-        std::mem::forget(conn);
+        conns.push(conn); // open for the status reads below
     }
 
     // JSON, anonymous, no grant: counts only.

@@ -262,6 +262,28 @@ async fn every_exposed_metric_is_documented_with_its_type_and_every_documented_o
     ] {
         assert!(text.contains(series), "{series} missing from\n{text}");
     }
+    // Prometheus's own linter (names, HELP, TYPE, counter suffixes) on the same scrape.
+    match promtool() {
+        Ok(promtool) => {
+            let mut check = Command::new(promtool)
+                .args(["check", "metrics"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run promtool");
+            std::io::Write::write_all(&mut check.stdin.take().expect("stdin"), text.as_bytes())
+                .expect("write the scrape to promtool");
+            let out = check.wait_with_output().expect("promtool's answer");
+            assert!(
+                out.status.success(),
+                "promtool check metrics:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(reason) => println!("SKIPPED (promtool check metrics only): {reason}"),
+    }
 }
 
 #[tokio::test]

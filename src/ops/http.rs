@@ -1,8 +1,8 @@
 //! The HTTP port's operator routes: `GET /health` (the process is alive), `GET /ready` (200 only
 //! when NATS is connected and the listener is up; 503 with a JSON body naming what is not),
-//! `GET /metrics` (Prometheus text), `GET /status` (JSON or HTML, see `status`), and the browser page at `GET /` (see
-//! `page`). The server merges the front-ends' routes (the WebSocket at `/ws`) into this router
-//! before serving it; this module names no front-end.
+//! `GET /metrics` (Prometheus text), `GET /status` (JSON or HTML, see `status`), and the
+//! browser page at `GET /` (see `page`). The server merges the front-ends' routes (the
+//! WebSocket at `/ws`) into this router before serving it; this module names no front-end.
 //!
 //! The port is served by this module's own accept loop over hyper's HTTP/1.1 server (it speaks
 //! HTTP/1.1 and WebSocket upgrades), so that no client holds a connection for free:

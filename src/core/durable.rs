@@ -33,6 +33,7 @@ use super::pool::Picked;
 use super::replies::Answered;
 use super::{Caller, Gateway};
 use crate::protocol::{Envelope, ErrorCode, GatewayError, Id, Op};
+use crate::telemetry::metrics::OpKind;
 
 /// The header JetStream deduplicates on.
 pub(super) const MSG_ID: &str = "Nats-Msg-Id";
@@ -88,10 +89,11 @@ impl Gateway {
                 }
                 audit.finish(&result, started);
             }
-            metrics.operation(
+            metrics.operation_timed(
                 frontend,
-                Op::Publish,
+                OpKind::PublishDurable,
                 result.as_ref().map(|_| ()).map_err(|e| e.code),
+                started.elapsed(),
             );
             result
         })

@@ -22,6 +22,7 @@ pub mod shutdown;
 #[cfg(test)]
 mod sizes;
 mod slots;
+pub mod status;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,7 +41,7 @@ use crate::protocol::{
     Envelope, ErrorCode, GatewayError, Headers, Id, Identity, Op, Priority, Subject,
 };
 use crate::telemetry::audit::{Audit, AuditOp, Record};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, OpKind};
 pub use access::Authorized;
 use budget::ByteBudget;
 pub use caller::{Caller, HeldSlot, Slot};
@@ -88,6 +89,8 @@ struct Inner {
     jetstream: durable::JetStream,
     /// Named clients and presence (names.rs, presence.rs).
     names: Arc<names::Names>,
+    /// When the gateway started (uptime on `/status`).
+    started: Instant,
 }
 
 /// What `/ready` reports.
@@ -166,6 +169,7 @@ impl Gateway {
                 fanout,
                 jetstream: durable::JetStream::new(config_max_replays),
                 names,
+                started: Instant::now(),
             }),
         };
         tokio::spawn(names::maintain(Arc::downgrade(&gateway.inner)));
@@ -428,6 +432,9 @@ impl Gateway {
             .nats_connected
             .set(self.inner.pool.connected() as f64);
         metrics
+            .ready
+            .set(if self.readiness().ready { 1.0 } else { 0.0 });
+        metrics
             .nats_replaced
             .absolute(self.inner.pool.replaced() as u64);
         metrics.run_upkeep();
@@ -551,10 +558,11 @@ impl Gateway {
         if let Some(audit) = audit {
             audit.finish(&result, started);
         }
-        metrics.operation(
+        metrics.operation_timed(
             frontend,
-            Op::Publish,
+            OpKind::Op(Op::Publish),
             result.as_ref().copied().map_err(|e| e.code),
+            started.elapsed(),
         );
         result
     }
@@ -629,10 +637,11 @@ impl Gateway {
             }
             Err(error) => Err(error),
         };
-        self.inner.metrics.operation(
+        self.inner.metrics.operation_timed(
             caller.frontend(),
-            Op::Subscribe,
+            OpKind::Op(Op::Subscribe),
             result.as_ref().map(|_| ()).map_err(|e| e.code),
+            started.elapsed(),
         );
         if let Some(audit) = audit {
             audit.finish(&result.as_ref().map(|_| ()).map_err(Clone::clone), started);

@@ -194,6 +194,11 @@ impl Names {
     }
 
     /// Whether `subject` is a client subject (`<prefix>.<name>`).
+    /// How many names this gateway's clients hold now (for `/status`).
+    pub fn held_count(&self) -> usize {
+        lock(&self.held).len()
+    }
+
     pub fn is_client_subject(&self, subject: &str) -> bool {
         client_subject(&self.prefix, subject)
     }

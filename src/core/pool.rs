@@ -249,6 +249,13 @@ impl std::ops::Deref for Slot {
     }
 }
 
+/// One pool connection as `/status` shows it.
+pub struct ConnectionState {
+    pub connected: bool,
+    pub server: Option<String>,
+    pub server_name: Option<String>,
+}
+
 pub struct NatsPool {
     pool: managed::Pool<NatsManager>,
     slots: RwLock<Vec<Slot>>,
@@ -367,6 +374,22 @@ impl NatsPool {
             .iter()
             .filter(|conn| conn.client.connection_state() == State::Connected)
             .count()
+    }
+
+    /// Each slot's connection: connected now, and the server it is (or was last) on.
+    pub fn connection_states(&self) -> Vec<ConnectionState> {
+        self.slots()
+            .iter()
+            .map(|conn| {
+                let info = conn.client.server_info();
+                let known = !info.host.is_empty();
+                ConnectionState {
+                    connected: conn.client.connection_state() == State::Connected,
+                    server: known.then(|| format!("{}:{}", info.host, info.port)),
+                    server_name: (!info.server_name.is_empty()).then_some(info.server_name),
+                }
+            })
+            .collect()
     }
 
     /// Requests waiting for replies across the pool.

@@ -30,6 +30,7 @@ use super::durable::{jetstream_absent, no_stream};
 use super::{Caller, DeliverySink, Gateway, fanout, nats};
 use crate::protocol::subject::{SubjectUse, validate_subject};
 use crate::protocol::{Envelope, ErrorCode, GatewayError, Id, Op, Priority, Since, Subject};
+use crate::telemetry::metrics::OpKind;
 
 /// A client's subscription: a member of a shared topic, or a replaying one of its own.
 /// Dropping it unsubscribes.
@@ -182,10 +183,11 @@ impl Gateway {
             }
             Err(error) => Err(error),
         };
-        self.inner.metrics.operation(
+        self.inner.metrics.operation_timed(
             caller.frontend(),
-            Op::Subscribe,
+            OpKind::SubscribeReplay,
             result.as_ref().map(|_| ()).map_err(|e| e.code),
+            started.elapsed(),
         );
         if let Some(mut audit) = audit {
             if let Ok((_, replayed)) = &result {

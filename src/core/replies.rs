@@ -36,7 +36,7 @@ use super::shutdown::Shutdown;
 use crate::protocol::Frontend;
 use crate::protocol::{ErrorCode, GatewayError, Id, Op};
 use crate::telemetry::audit::{Record, Reservation};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, OpKind};
 
 /// Where a request's one answer goes.
 pub trait ReplySink: Send + Sync + 'static {
@@ -587,12 +587,12 @@ fn record_latency(
     latency: Duration,
     result: &Result<Reply, GatewayError>,
 ) {
-    metrics.operation(
+    metrics.operation_timed(
         frontend,
-        Op::Request,
+        OpKind::Op(Op::Request),
         result.as_ref().map(|_| ()).map_err(|e| e.code),
+        latency,
     );
-    metrics.request_latency(frontend, latency.as_secs_f64());
     if let Ok(reply) = result {
         metrics.payload_out(frontend, reply.data.len());
     }

@@ -1,8 +1,8 @@
 //! The HTTP port's operator routes: `GET /health` (the process is alive), `GET /ready` (200 only
 //! when NATS is connected and the listener is up; 503 with a JSON body naming what is not),
-//! `GET /metrics` (Prometheus text), `GET /status`, and the browser page at `GET /` (see
-//! `page`). The server merges the front-ends' routes (the WebSocket at `/ws`) into this router
-//! before serving it; this module names no front-end.
+//! `GET /metrics` (Prometheus text), `GET /status` (JSON or HTML, see `status`), and the
+//! browser page at `GET /` (see `page`). The server merges the front-ends' routes (the
+//! WebSocket at `/ws`) into this router before serving it; this module names no front-end.
 //!
 //! The port is served by this module's own accept loop over hyper's HTTP/1.1 server (it speaks
 //! HTTP/1.1 and WebSocket upgrades), so that no client holds a connection for free:
@@ -74,7 +74,7 @@ pub fn router() -> Router<Gateway> {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .route("/status", get(status))
+        .route("/status", get(super::status::status))
         .route("/presence", get(presence))
         .merge(super::page::routes())
 }
@@ -335,44 +335,6 @@ async fn ready(State(gateway): State<Gateway>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(readiness)).into_response()
-}
-
-/// Readiness and the circuit breakers, for operators. The breaker groups name the subjects
-/// clients use, so only a caller the policy grants `status` sees them (a bearer token in
-/// `Authorization`); anyone else gets readiness and how many breakers are in each state. A bad
-/// token is 401.
-async fn status(State(gateway): State<Gateway>, headers: axum::http::HeaderMap) -> Response {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(crate::core::auth::bearer_from_header);
-    let identity = match token {
-        Some(token) => match gateway.verify_token(token, Frontend::Ws, None) {
-            Ok(identity) => identity,
-            Err(error) => return (StatusCode::UNAUTHORIZED, error.to_string()).into_response(),
-        },
-        None => Identity::anonymous(Frontend::Ws, None),
-    };
-    let breakers = gateway.breaker_status();
-    if gateway.may_see_status(identity) {
-        return Json(serde_json::json!({
-            "gateway_id": gateway.id(),
-            "readiness": gateway.readiness(),
-            "breakers": breakers,
-        }))
-        .into_response();
-    }
-    let mut states = std::collections::BTreeMap::<&str, usize>::new();
-    for group in &breakers {
-        *states.entry(group.state.as_str()).or_default() += 1;
-    }
-    Json(serde_json::json!({
-        "gateway_id": gateway.id(),
-        "readiness": gateway.readiness(),
-        "breakers_by_state": states,
-        "detail": "breaker groups are shown to callers the policy grants status (docs/policy.md)",
-    }))
-    .into_response()
 }
 
 /// Where a named client is connected (`?name=bob`), for operators: like `/status`'s detail,

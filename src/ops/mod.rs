@@ -8,3 +8,5 @@ pub mod http;
 pub mod page;
 pub mod reload;
 pub mod systemd;
+pub mod status;
+pub mod status_page;

@@ -24,6 +24,7 @@ mod durable;
 mod fanout;
 mod grpc;
 mod http_hardening;
+mod ops_metrics;
 mod page;
 mod pool_replacement;
 mod presence;

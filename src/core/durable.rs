@@ -33,6 +33,7 @@ use super::pool::Picked;
 use super::replies::Answered;
 use super::{Caller, Gateway};
 use crate::protocol::{Envelope, ErrorCode, GatewayError, Id, Op};
+use crate::telemetry::trace::{Incoming, TraceContext};
 
 /// The header JetStream deduplicates on.
 pub(super) const MSG_ID: &str = "Nats-Msg-Id";
@@ -67,11 +68,14 @@ impl Gateway {
         let frontend = caller.frontend();
         let metrics = self.inner.metrics.clone();
         metrics.payload_in(frontend, envelope.data.len());
-        let audit = self.audit_ticket(caller, Op::Publish, &envelope).await;
+        let traced = self.trace(&envelope);
+        let audit = self
+            .audit_ticket(caller, Op::Publish, &envelope, traced.0.as_ref())
+            .await;
         let started = Instant::now();
         let timeout = self.deadline(envelope.timeout_ms);
         let deadline = Deadline::now() + timeout;
-        let sent = Box::pin(self.send_durable(caller, envelope, timeout, deadline)).await;
+        let sent = Box::pin(self.send_durable(caller, envelope, traced, (timeout, deadline))).await;
         Box::pin(async move {
             let result = match sent {
                 Ok(sent) => sent.stored(deadline, timeout).await,
@@ -101,10 +105,10 @@ impl Gateway {
         &self,
         caller: &Caller,
         envelope: Envelope,
-        timeout: Duration,
-        deadline: Deadline,
+        traced: (Option<TraceContext>, Incoming),
+        (timeout, deadline): (Duration, Deadline),
     ) -> Result<Sent, GatewayError> {
-        let (subject, headers, _permit) = self.check_publish(caller, &envelope)?;
+        let (subject, headers, _permit) = self.check_publish(caller, &envelope, traced)?;
         let mut headers = headers.unwrap_or_default();
         if !has_msg_id(&headers)
             && let Some(id) = msg_id(caller, self.id(), &envelope.id)?

@@ -39,6 +39,7 @@ use crate::protocol::{
 };
 use crate::telemetry::audit::{Audit, AuditOp, Record};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace::{self, Incoming, TraceContext};
 pub use access::Authorized;
 use budget::ByteBudget;
 pub use caller::{Caller, HeldSlot, Slot};
@@ -84,6 +85,8 @@ struct Inner {
     jetstream: durable::JetStream,
     /// Named clients and presence (names.rs, presence.rs).
     names: Arc<names::Names>,
+    /// Start a trace for operations that come without a (valid) `traceparent`.
+    trace_requests: bool,
 }
 
 /// What `/ready` reports.
@@ -161,6 +164,7 @@ impl Gateway {
                 fanout,
                 jetstream: durable::JetStream::new(config_max_replays),
                 names,
+                trace_requests: true,
             }),
         };
         tokio::spawn(names::maintain(Arc::downgrade(&gateway.inner)));
@@ -427,9 +431,13 @@ impl Gateway {
         self.inner
             .metrics
             .payload_in(caller.frontend(), envelope.data.len());
-        let audit = self.audit_ticket(caller, Op::Request, &envelope).await;
+        let traced = self.trace(&envelope);
+        let audit = self
+            .audit_ticket(caller, Op::Request, &envelope, traced.0.as_ref())
+            .await;
+        let span = request_span("request", traced.0.as_ref());
         let Some((requester, pending, headers, data)) =
-            self.prepare_request(caller, envelope, sink, audit, now)
+            span.in_scope(|| self.prepare_request(caller, envelope, sink, audit, traced, now))
         else {
             return; // answered already
         };
@@ -437,7 +445,14 @@ impl Gateway {
         // otherwise be part of every caller's future, and be copied with it at each level on
         // every request (measured: start_request's future went from 1,848 to ~300 bytes).
         let metrics = &self.inner.metrics;
-        Box::pin(dispatch(metrics, requester, pending, headers, data)).await;
+        let send = Box::pin(dispatch(metrics, requester, pending, headers, data));
+        tracing::Instrument::instrument(send, span).await;
+    }
+
+    /// An operation's trace context: the client's `traceparent` continued, or a new trace
+    /// (see `telemetry::trace`).
+    fn trace(&self, envelope: &Envelope) -> (Option<TraceContext>, Incoming) {
+        TraceContext::for_headers(envelope.headers.as_ref(), self.inner.trace_requests)
     }
 
     /// `start_request` up to the send: the checks, the message's headers, the breaker, the
@@ -449,6 +464,7 @@ impl Gateway {
         envelope: Envelope,
         sink: Arc<dyn ReplySink>,
         audit: Option<replies::AuditTicket>,
+        traced: (Option<TraceContext>, Incoming),
         now: tokio::time::Instant,
     ) -> Option<PreparedRequest> {
         let started = now.into_std();
@@ -460,7 +476,7 @@ impl Gateway {
                 return Err(forbidden(caller, "request", &subject));
             }
             let subject = nats::subject(&subject);
-            let headers = self.outgoing_headers(caller, envelope.headers.as_ref())?;
+            let headers = self.outgoing_headers(caller, envelope.headers.as_ref(), traced)?;
             let admission = self.inner.breakers.admit_at(&subject, now)?;
             let permit = self.inner.budget.try_acquire(envelope.data.len())?;
             let requester = self.inner.pool.requester()?;
@@ -495,6 +511,7 @@ impl Gateway {
             }),
             attempts: 0,
             audit,
+            trace: traced.0,
         });
         Some((requester, pending, headers, envelope.data))
     }
@@ -523,10 +540,15 @@ impl Gateway {
         let frontend = caller.frontend();
         let metrics = &self.inner.metrics;
         metrics.payload_in(frontend, envelope.data.len());
-        let audit = self.audit_ticket(caller, Op::Publish, &envelope).await;
+        let traced = self.trace(&envelope);
+        let audit = self
+            .audit_ticket(caller, Op::Publish, &envelope, traced.0.as_ref())
+            .await;
         let started = Instant::now();
+        let span = request_span("publish", traced.0.as_ref());
         // Boxed for the reason `start_request` boxes its send.
-        let result = Box::pin(self.send_publish(caller, envelope)).await;
+        let send = Box::pin(self.send_publish(caller, envelope, traced));
+        let result = tracing::Instrument::instrument(send, span).await;
         if let Some(audit) = audit {
             audit.finish(&result, started);
         }
@@ -538,8 +560,13 @@ impl Gateway {
         result
     }
 
-    async fn send_publish(&self, caller: &Caller, envelope: Envelope) -> Result<(), GatewayError> {
-        let (subject, headers, _permit) = self.check_publish(caller, &envelope)?;
+    async fn send_publish(
+        &self,
+        caller: &Caller,
+        envelope: Envelope,
+        traced: (Option<TraceContext>, Incoming),
+    ) -> Result<(), GatewayError> {
+        let (subject, headers, _permit) = self.check_publish(caller, &envelope, traced)?;
         let client = self.inner.pool.client_on(caller.lane().0)?.client;
         let sent = match headers {
             Some(headers) => {
@@ -558,6 +585,7 @@ impl Gateway {
         &self,
         caller: &Caller,
         envelope: &Envelope,
+        traced: (Option<TraceContext>, Incoming),
     ) -> Result<(async_nats::Subject, Option<HeaderMap>, budget::BudgetPermit), GatewayError> {
         caller.admit(envelope.data.len())?;
         let subject = self.target_subject(envelope)?;
@@ -565,7 +593,7 @@ impl Gateway {
             return Err(forbidden(caller, "publish", &subject));
         }
         let subject = nats::subject(&subject);
-        let headers = self.outgoing_headers(caller, envelope.headers.as_ref())?;
+        let headers = self.outgoing_headers(caller, envelope.headers.as_ref(), traced)?;
         let permit = self.inner.budget.try_acquire(envelope.data.len())?;
         Ok((subject, headers, permit))
     }
@@ -585,7 +613,8 @@ impl Gateway {
             true => {
                 let mut envelope = Envelope::new(Op::Subscribe, Id::Null);
                 envelope.subject = Some(subject.clone());
-                self.audit_ticket(caller, Op::Subscribe, &envelope).await
+                self.audit_ticket(caller, Op::Subscribe, &envelope, None)
+                    .await
             }
             false => None,
         };
@@ -805,6 +834,7 @@ impl Gateway {
         caller: &Caller,
         op: Op,
         envelope: &Envelope,
+        trace: Option<&TraceContext>,
     ) -> Option<replies::AuditTicket> {
         let audit = &self.inner.audit;
         if !audit.is_on() {
@@ -817,6 +847,9 @@ impl Gateway {
             .bytes_in(envelope.data.len() as u64);
         if let Some(subject) = &envelope.subject {
             record = record.subject(subject.clone());
+        }
+        if let Some(trace) = trace {
+            record = record.trace_id(trace.trace_id_hex());
         }
         Some(replies::AuditTicket {
             reservation,
@@ -851,21 +884,37 @@ impl Gateway {
     }
 
     /// A message's NATS headers: the client's, then the caller's identity (unless stamping
-    /// is off). `None` when there are none.
+    /// is off), then the gateway's `traceparent` in place of the client's (whose `tracestate`
+    /// goes on only when its trace continues). `None` when there are none.
     fn outgoing_headers(
         &self,
         caller: &Caller,
         headers: Option<&Headers>,
+        (trace, incoming): (Option<TraceContext>, Incoming),
     ) -> Result<Option<HeaderMap>, GatewayError> {
         let stamp = caller.authorized().stamp();
-        let Some(headers) = headers else {
+        let mut map = match headers {
             // The common case: only the identity, from the map made for the caller.
-            return Ok(stamp.map.clone());
+            None if trace.is_none() => return Ok(stamp.map.clone()),
+            None => stamp.map.clone().unwrap_or_default(),
+            Some(headers) => {
+                let mut map = match trace {
+                    None => nats::header_map(headers)?,
+                    Some(_) => nats::header_map_without(headers, |name| {
+                        name.eq_ignore_ascii_case(trace::TRACEPARENT)
+                            || (incoming != Incoming::Continued
+                                && name.eq_ignore_ascii_case(trace::TRACESTATE))
+                    })?,
+                };
+                durable::scope_msg_id(&mut map, caller, self.id());
+                for (name, value) in &stamp.list {
+                    map.insert(name.clone(), value.clone());
+                }
+                map
+            }
         };
-        let mut map = nats::header_map(headers)?;
-        durable::scope_msg_id(&mut map, caller, self.id());
-        for (name, value) in &stamp.list {
-            map.insert(name.clone(), value.clone());
+        if let Some(trace) = trace {
+            map.insert(TRACEPARENT_NAME, trace.traceparent());
         }
         Ok(Some(map))
     }
@@ -968,6 +1017,19 @@ impl LiveSubscription {
             message = self.subscriber.next() => message,
             _ = self.retired.wait_for(|retired| *retired) => None,
         }
+    }
+}
+
+/// The header the gateway's trace context goes out under.
+const TRACEPARENT_NAME: async_nats::HeaderName =
+    async_nats::HeaderName::from_static(trace::TRACEPARENT);
+
+/// The span an operation's log lines carry its trace id in (debug level: a span per request
+/// costs time when it is on; `RUST_LOG=ipc_gateway=debug` shows it).
+fn request_span(op: &'static str, trace: Option<&TraceContext>) -> tracing::Span {
+    match trace {
+        Some(trace) => tracing::debug_span!("op", op, trace_id = %trace.trace_id_hex()),
+        None => tracing::debug_span!("op", op),
     }
 }
 

@@ -37,6 +37,7 @@ use crate::protocol::Frontend;
 use crate::protocol::{ErrorCode, GatewayError, Id, Op};
 use crate::telemetry::audit::{Record, Reservation};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace::{self, TraceContext};
 
 /// Where a request's one answer goes.
 pub trait ReplySink: Send + Sync + 'static {
@@ -64,6 +65,8 @@ pub struct Pending {
     pub attempts: u32,
     /// Its audit record, written when it is answered (none when the audit log is off).
     pub audit: Option<AuditTicket>,
+    /// Its trace context: the reply carries the gateway's `traceparent` back.
+    pub trace: Option<TraceContext>,
 }
 
 /// An operation's audit record in the making, with its place in the audit queue.
@@ -554,6 +557,17 @@ impl Drop for SyncPoint {
 
 /// Records a finished request and hands its answer to its sink.
 pub fn finish(metrics: &Metrics, mut pending: Box<Pending>, result: Result<Reply, GatewayError>) {
+    let result = match (result, &pending.trace) {
+        (Ok(mut reply), Some(trace)) => {
+            // The client learns the trace its request went out in, whatever the service set.
+            reply
+                .headers
+                .get_or_insert_with(Default::default)
+                .replace_trusted(trace::TRACEPARENT, trace.traceparent());
+            Ok(reply)
+        }
+        (result, _) => result,
+    };
     // One clock reading for the latency and the breaker.
     let now = Instant::now();
     let latency = now.into_std().saturating_duration_since(pending.started);
@@ -648,6 +662,7 @@ mod tests {
             resend: None,
             attempts: 0,
             audit: None,
+            trace: None,
         })
     }
 

@@ -29,6 +29,7 @@ mod pool_replacement;
 mod presence;
 mod priority;
 mod resilience;
+mod trace;
 mod trust;
 mod uds_errors;
 mod uds_lifecycle;

@@ -509,6 +509,7 @@ pub struct Frame {
     #[allow(dead_code)]
     pub subject: Bytes,
     pub aux: Bytes,
+    pub headers: Option<ipc_gateway::protocol::Headers>,
     pub payload: Bytes,
 }
 
@@ -556,6 +557,7 @@ impl RawConn {
                         header,
                         subject: body.subject,
                         aux: body.aux,
+                        headers: body.headers,
                         payload: body.payload,
                     });
                 }

@@ -106,6 +106,7 @@ impl Gateway {
         // Resolved once, so /status, the audit log and the headers name the same gateway.
         config.gateway_id = Some(config.resolved_gateway_id());
         let config_max_replays = config.max_replays;
+        let trace_requests = config.trace_requests;
         let access = access::Access::new(&config)?;
         let metrics = Metrics::new();
         let audit = Audit::start(config.audit(), metrics.clone())?;
@@ -164,7 +165,7 @@ impl Gateway {
                 fanout,
                 jetstream: durable::JetStream::new(config_max_replays),
                 names,
-                trace_requests: true,
+                trace_requests,
             }),
         };
         tokio::spawn(names::maintain(Arc::downgrade(&gateway.inner)));

@@ -239,6 +239,9 @@ settings! {
         /// `trace_id` in the audit record) for requests and publishes that come without a valid
         /// `traceparent`; a client's own trace is continued either way.
         pub trace_requests: bool = true,
+        /// Export one OpenTelemetry span per request, publish and subscribe over OTLP/gRPC to
+        /// this collector URL (`http://127.0.0.1:4317`); none = off.
+        pub otlp_endpoint: Option<String> = None,
         /// Connections one identified caller (a uid, or a token's subject) may hold at once;
         /// 0 = unlimited. Anonymous callers are bounded by max_connections only.
         pub max_connections_per_identity: usize = 0,

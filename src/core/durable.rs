@@ -68,13 +68,18 @@ impl Gateway {
         let frontend = caller.frontend();
         let metrics = self.inner.metrics.clone();
         metrics.payload_in(frontend, envelope.data.len());
-        let traced = self.trace(&envelope);
+        let traced = self.trace(caller, &envelope);
         let audit = self
-            .audit_ticket(caller, Op::Publish, &envelope, traced.0.as_ref())
+            .audit_ticket(caller, Op::Publish, &envelope, traced.context.as_ref())
             .await;
+        // The span of a durable publish ends when the stream's ack (or the error) is known.
+        let otlp_span = traced
+            .span
+            .map(|span| (span, traced.context, envelope.subject.clone()));
         let started = Instant::now();
         let timeout = self.deadline(envelope.timeout_ms);
         let deadline = Deadline::now() + timeout;
+        let traced = (traced.context, traced.incoming);
         let sent = Box::pin(self.send_durable(caller, envelope, traced, (timeout, deadline))).await;
         Box::pin(async move {
             let result = match sent {
@@ -92,11 +97,11 @@ impl Gateway {
                 }
                 audit.finish(&result, started);
             }
-            metrics.operation(
-                frontend,
-                Op::Publish,
-                result.as_ref().map(|_| ()).map_err(|e| e.code),
-            );
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| e.code);
+            metrics.operation(frontend, Op::Publish, outcome);
+            if let Some((span, context, subject)) = otlp_span {
+                span.finish(context, "publish", frontend, subject, outcome);
+            }
             result
         })
     }

@@ -87,6 +87,8 @@ struct Inner {
     names: Arc<names::Names>,
     /// Start a trace for operations that come without a (valid) `traceparent`.
     trace_requests: bool,
+    /// OTLP span export (`otlp_endpoint`), when on.
+    otlp: Option<crate::telemetry::otlp::Otlp>,
 }
 
 /// What `/ready` reports.
@@ -109,6 +111,14 @@ impl Gateway {
         let trace_requests = config.trace_requests;
         let access = access::Access::new(&config)?;
         let metrics = Metrics::new();
+        let otlp = match &config.otlp_endpoint {
+            Some(endpoint) => Some(crate::telemetry::otlp::Otlp::start(
+                endpoint,
+                &config.resolved_gateway_id(),
+                metrics.trace_spans_dropped.clone(),
+            )?),
+            None => None,
+        };
         let audit = Audit::start(config.audit(), metrics.clone())?;
         let shutdown = Shutdown::default();
         let (retries, to_retry) = tokio::sync::mpsc::unbounded_channel();
@@ -166,6 +176,7 @@ impl Gateway {
                 jetstream: durable::JetStream::new(config_max_replays),
                 names,
                 trace_requests,
+                otlp,
             }),
         };
         tokio::spawn(names::maintain(Arc::downgrade(&gateway.inner)));
@@ -432,11 +443,11 @@ impl Gateway {
         self.inner
             .metrics
             .payload_in(caller.frontend(), envelope.data.len());
-        let traced = self.trace(&envelope);
+        let traced = self.trace(caller, &envelope);
         let audit = self
-            .audit_ticket(caller, Op::Request, &envelope, traced.0.as_ref())
+            .audit_ticket(caller, Op::Request, &envelope, traced.context.as_ref())
             .await;
-        let span = request_span("request", traced.0.as_ref());
+        let span = request_span("request", traced.context.as_ref());
         let Some((requester, pending, headers, data)) =
             span.in_scope(|| self.prepare_request(caller, envelope, sink, audit, traced, now))
         else {
@@ -451,9 +462,25 @@ impl Gateway {
     }
 
     /// An operation's trace context: the client's `traceparent` continued, or a new trace
-    /// (see `telemetry::trace`).
-    fn trace(&self, envelope: &Envelope) -> (Option<TraceContext>, Incoming) {
-        TraceContext::for_headers(envelope.headers.as_ref(), self.inner.trace_requests)
+    /// (see `telemetry::trace`); and its OTLP span when export is on.
+    fn trace(&self, caller: &Caller, envelope: &Envelope) -> Traced {
+        let (context, incoming) =
+            TraceContext::for_headers(envelope.headers.as_ref(), self.inner.trace_requests);
+        Traced {
+            context,
+            incoming,
+            span: self.span_start(caller),
+        }
+    }
+
+    /// The start of an operation's OTLP span (`None` when export is off).
+    fn span_start(&self, caller: &Caller) -> Option<Box<replies::SpanStart>> {
+        let otlp = self.inner.otlp.as_ref()?;
+        Some(Box::new(replies::SpanStart {
+            otlp: otlp.clone(),
+            identity: caller.authorized().who(),
+            start: std::time::SystemTime::now(),
+        }))
     }
 
     /// `start_request` up to the send: the checks, the message's headers, the breaker, the
@@ -465,7 +492,7 @@ impl Gateway {
         envelope: Envelope,
         sink: Arc<dyn ReplySink>,
         audit: Option<replies::AuditTicket>,
-        traced: (Option<TraceContext>, Incoming),
+        traced: Traced,
         now: tokio::time::Instant,
     ) -> Option<PreparedRequest> {
         let started = now.into_std();
@@ -477,7 +504,11 @@ impl Gateway {
                 return Err(forbidden(caller, "request", &subject));
             }
             let subject = nats::subject(&subject);
-            let headers = self.outgoing_headers(caller, envelope.headers.as_ref(), traced)?;
+            let headers = self.outgoing_headers(
+                caller,
+                envelope.headers.as_ref(),
+                (traced.context, traced.incoming),
+            )?;
             let admission = self.inner.breakers.admit_at(&subject, now)?;
             let permit = self.inner.budget.try_acquire(envelope.data.len())?;
             let requester = self.inner.pool.requester()?;
@@ -490,6 +521,16 @@ impl Gateway {
                 replies::record(&self.inner.metrics, frontend, started, &result);
                 if let Some(audit) = audit {
                     audit.finish(&result, started);
+                }
+                if let (Some(span), Err(error)) = (traced.span, &result) {
+                    let subject = envelope.subject.clone();
+                    span.finish(
+                        traced.context,
+                        "request",
+                        frontend,
+                        subject,
+                        Err(error.code),
+                    );
                 }
                 sink.deliver(envelope.id, result);
                 return None;
@@ -512,7 +553,8 @@ impl Gateway {
             }),
             attempts: 0,
             audit,
-            trace: traced.0,
+            trace: traced.context,
+            span: traced.span,
         });
         Some((requester, pending, headers, envelope.data))
     }
@@ -541,15 +583,24 @@ impl Gateway {
         let frontend = caller.frontend();
         let metrics = &self.inner.metrics;
         metrics.payload_in(frontend, envelope.data.len());
-        let traced = self.trace(&envelope);
+        let Traced {
+            context,
+            incoming,
+            span: otlp_span,
+        } = self.trace(caller, &envelope);
         let audit = self
-            .audit_ticket(caller, Op::Publish, &envelope, traced.0.as_ref())
+            .audit_ticket(caller, Op::Publish, &envelope, context.as_ref())
             .await;
         let started = Instant::now();
-        let span = request_span("publish", traced.0.as_ref());
+        let span = request_span("publish", context.as_ref());
+        let subject = otlp_span.as_ref().and(envelope.subject.clone());
         // Boxed for the reason `start_request` boxes its send.
-        let send = Box::pin(self.send_publish(caller, envelope, traced));
+        let send = Box::pin(self.send_publish(caller, envelope, (context, incoming)));
         let result = tracing::Instrument::instrument(send, span).await;
+        if let Some(otlp_span) = otlp_span {
+            let outcome = result.as_ref().copied().map_err(|e| e.code);
+            otlp_span.finish(context, "publish", frontend, subject, outcome);
+        }
         if let Some(audit) = audit {
             audit.finish(&result, started);
         }
@@ -620,6 +671,7 @@ impl Gateway {
             false => None,
         };
         let started = Instant::now();
+        let otlp_span = self.span_start(caller);
         let max = self.inner.config.max_subscriptions_per_connection;
         let admitted = caller
             .admit(0)
@@ -645,6 +697,17 @@ impl Gateway {
         );
         if let Some(audit) = audit {
             audit.finish(&result.as_ref().map(|_| ()).map_err(Clone::clone), started);
+        }
+        if let Some(otlp_span) = otlp_span {
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| e.code);
+            let trace = Some(TraceContext::start());
+            otlp_span.finish(
+                trace,
+                "subscribe",
+                caller.frontend(),
+                Some(subject.clone()),
+                outcome,
+            );
         }
         result
     }
@@ -1019,6 +1082,14 @@ impl LiveSubscription {
             _ = self.retired.wait_for(|retired| *retired) => None,
         }
     }
+}
+
+/// An operation's trace: its context (none when the client sent no valid `traceparent` and
+/// `trace_requests` is off), how the client's headers stood, and its OTLP span.
+struct Traced {
+    context: Option<TraceContext>,
+    incoming: Incoming,
+    span: Option<Box<replies::SpanStart>>,
 }
 
 /// The header the gateway's trace context goes out under.

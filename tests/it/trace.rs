@@ -3,6 +3,8 @@
 //! lines and binary frames on the Unix socket, JSON over WebSocket, gRPC metadata) reaches the
 //! service with the same trace id and the gateway's span as parent, comes back with the reply,
 //! and is in the audit record; without one (or with an invalid one) the gateway starts a trace.
+//! With `--otlp-endpoint`, a real OTLP/gRPC receiver (the collector's `TraceService`, generated
+//! for tonic by opentelemetry-proto) gets one span per operation in the client's trace.
 
 use std::collections::HashMap;
 
@@ -12,8 +14,108 @@ use ipc_gateway::frontend::grpc::pb;
 use ipc_gateway::protocol::Headers;
 use ipc_gateway::protocol::binary::{FrameParts, frame_type};
 use ipc_gateway::telemetry::trace::parse_traceparent;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value;
+use opentelemetry_proto::tonic::trace::v1::Span;
 use serde_json::Value;
+use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
+
+/// An OTLP/gRPC collector on a free loopback port: every span it is sent goes to the test.
+struct Receiver {
+    url: String,
+    spans: mpsc::UnboundedReceiver<(Span, Vec<(String, String)>)>,
+    /// Spans received while waiting for another.
+    seen: Vec<(Span, Vec<(String, String)>)>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+struct Collect(mpsc::UnboundedSender<(Span, Vec<(String, String)>)>);
+
+#[tonic::async_trait]
+impl TraceService for Collect {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        for resource in request.into_inner().resource_spans {
+            let attributes = resource
+                .resource
+                .map(|r| attributes(&r.attributes))
+                .unwrap_or_default();
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    let _ = self.0.send((span, attributes.clone()));
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn attributes(list: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|kv| {
+            let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(any_value::Value::StringValue(s)) => s.clone(),
+                other => format!("{other:?}"),
+            };
+            (kv.key.clone(), value)
+        })
+        .collect()
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (sender, spans) = mpsc::unbounded_channel();
+        let server = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Collect(sender)))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+        Receiver {
+            url,
+            spans,
+            seen: Vec::new(),
+            _server: server,
+        }
+    }
+
+    /// The span of trace `trace_id` (hex) and op `op`, with its attributes and its
+    /// resource's; waits for it if it has not come yet (others are kept for later calls).
+    async fn span_of(&mut self, trace_id: &str, op: &str) -> (Span, HashMap<String, String>) {
+        let matches = |span: &Span| hex(&span.trace_id) == trace_id && span.name == op;
+        let (span, resource) = match self.seen.iter().position(|(span, _)| matches(span)) {
+            Some(at) => self.seen.swap_remove(at),
+            None => loop {
+                let received = tokio::time::timeout(PATIENCE, self.spans.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("no {op} span of trace {trace_id} in time"))
+                    .expect("the receiver runs");
+                if matches(&received.0) {
+                    break received;
+                }
+                self.seen.push(received);
+            },
+        };
+        let mut all: HashMap<String, String> = resource.into_iter().collect();
+        all.extend(attributes(&span.attributes));
+        (span, all)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// The client's span id in every given traceparent.
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
@@ -51,10 +153,20 @@ fn audit_records(path: &std::path::Path) -> Vec<Value> {
 async fn a_client_traceparent_crosses_every_front_end_with_the_gateway_span_as_parent() {
     let nats = NatsServer::start();
     let mut service = RecordingService::start(&nats, "svc.traced").await;
+    let mut receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
-    let mut gateway =
-        GatewayProcess::start(&nats.url(), &["--audit-file", audit.to_str().unwrap()]);
+    let mut gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--audit-file",
+            audit.to_str().unwrap(),
+            "--otlp-endpoint",
+            &receiver.url,
+            "--gateway-id",
+            "gw-trace-test",
+        ],
+    );
     // One trace id per front-end; each request answered and checked before the next.
     let ids: HashMap<&str, &str> = [
         ("uds-json", "4bf92f3577b34da6a3ce929d0e0e4736"),
@@ -174,6 +286,34 @@ async fn a_client_traceparent_crosses_every_front_end_with_the_gateway_span_as_p
             Some(format!("00-{trace_id}-{parent}-01").as_str()),
             "{frontend}: the client gets the traceparent the service saw"
         );
+        // The collector gets the gateway's span: the same ids, the client's span as parent.
+        let (span, attributes) = receiver.span_of(&trace_id, "request").await;
+        assert_eq!(hex(&span.span_id), parent, "{frontend}");
+        assert_eq!(hex(&span.parent_span_id), CLIENT_SPAN, "{frontend}");
+        let expected_frontend = match *frontend {
+            "uds-json" | "uds-binary" => "uds",
+            other => other,
+        };
+        for (key, value) in [
+            ("ipc_gateway.frontend", expected_frontend),
+            ("ipc_gateway.op", "request"),
+            ("messaging.destination.name", "svc.traced"),
+            ("ipc_gateway.outcome", "ok"),
+            ("ipc_gateway.gateway", "gw-trace-test"),
+            ("service.name", "ipc-gateway"),
+        ] {
+            assert_eq!(
+                attributes.get(key).map(String::as_str),
+                Some(value),
+                "{frontend} {key}: {attributes:?}"
+            );
+        }
+        assert!(
+            attributes
+                .get("ipc_gateway.identity")
+                .is_some_and(|who| !who.is_empty()),
+            "{attributes:?}"
+        );
     }
 
     drop((conn, raw, socket, client));
@@ -194,10 +334,18 @@ async fn a_client_traceparent_crosses_every_front_end_with_the_gateway_span_as_p
 async fn without_a_valid_traceparent_the_gateway_starts_a_trace_end_to_end() {
     let nats = NatsServer::start();
     let mut service = RecordingService::start(&nats, "svc.traced").await;
+    let mut receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
-    let mut gateway =
-        GatewayProcess::start(&nats.url(), &["--audit-file", audit.to_str().unwrap()]);
+    let mut gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--audit-file",
+            audit.to_str().unwrap(),
+            "--otlp-endpoint",
+            &receiver.url,
+        ],
+    );
     let mut conn = gateway.json().await;
 
     let reply = conn
@@ -244,6 +392,14 @@ async fn without_a_valid_traceparent_the_gateway_starts_a_trace_end_to_end() {
     assert_eq!(ack["ok"], true);
     let published = service.next().await;
     let (published_trace, _) = seen_by_service(&published);
+
+    // The collector gets each in its new trace, as a root span (no parent).
+    let (span, _) = receiver.span_of(&trace_id, "request").await;
+    assert_eq!(hex(&span.span_id), parent);
+    assert!(span.parent_span_id.is_empty(), "{span:?}");
+    let (span, attributes) = receiver.span_of(&published_trace, "publish").await;
+    assert!(span.parent_span_id.is_empty(), "{span:?}");
+    assert_eq!(attributes["ipc_gateway.outcome"], "ok");
 
     drop(conn);
     gateway.signal("TERM");

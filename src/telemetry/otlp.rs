@@ -1,0 +1,173 @@
+//! OpenTelemetry span export over OTLP/gRPC (`--otlp-endpoint`): one span per request,
+//! publish and subscribe, in the operation's trace (the client's, or the one the gateway
+//! started; see `trace`), with its front-end, op, subject, outcome code, the caller's identity
+//! and the gateway id.
+//!
+//! The request path never waits for it: an operation hands its finished span to a bounded
+//! queue (`try_send`); when the queue is full the span is dropped and counted in
+//! `ipc_gateway_trace_spans_dropped_total`. One exporter task takes what is queued, up to
+//! `MAX_BATCH` spans at a time, and sends them with opentelemetry-otlp's tonic exporter (one
+//! export in flight; a failed export is logged and its spans counted as dropped too). The SDK's
+//! own `BatchSpanProcessor` is not used: it cannot report its drops to our metrics.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use metrics::Counter;
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
+use tokio::sync::mpsc;
+
+use super::trace::TraceContext;
+use crate::protocol::{ErrorCode, Frontend, Subject};
+
+/// Spans queued for export at most; past it they are dropped and counted.
+pub const QUEUE: usize = 8192;
+/// Spans sent in one export call at most.
+pub const MAX_BATCH: usize = 512;
+/// How long one export may take before it counts as failed.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One finished operation, as the request path hands it over: plain data, no formatting.
+#[derive(Debug, Clone)]
+pub struct FinishedSpan {
+    pub trace: TraceContext,
+    /// `request`, `publish`, `subscribe`: the span's name and its `ipc_gateway.op`.
+    pub op: &'static str,
+    pub frontend: Frontend,
+    pub subject: Option<Subject>,
+    pub outcome: Result<(), ErrorCode>,
+    /// The caller's identity in its short form (`uid:1000`, a token's `sub`).
+    pub identity: String,
+    pub start: SystemTime,
+    pub end: SystemTime,
+}
+
+/// The exporter's handle, cheap to clone.
+#[derive(Clone)]
+pub struct Otlp {
+    queue: mpsc::Sender<FinishedSpan>,
+    dropped: Counter,
+}
+
+impl Otlp {
+    /// Starts the exporter task for `endpoint` (`http://host:4317`). Fails only on an
+    /// endpoint that is not a URL; a collector that is down makes exports fail (logged,
+    /// counted), never the gateway.
+    pub fn start(endpoint: &str, gateway: &str, dropped: Counter) -> Result<Otlp, String> {
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()
+            .map_err(|error| format!("otlp_endpoint: {error}"))?;
+        exporter.set_resource(
+            &Resource::builder_empty()
+                .with_service_name("ipc-gateway")
+                .with_attribute(KeyValue::new("service.instance.id", gateway.to_owned()))
+                .build(),
+        );
+        let (queue, spans) = mpsc::channel(QUEUE);
+        tokio::spawn(export(spans, exporter, dropped.clone(), Arc::from(gateway)));
+        Ok(Otlp { queue, dropped })
+    }
+
+    /// Queues a finished span; never waits (a full queue drops it, counted).
+    pub fn record(&self, span: FinishedSpan) {
+        if self.queue.try_send(span).is_err() {
+            self.dropped.increment(1);
+        }
+    }
+}
+
+/// A finished span as the OTLP exporter takes it.
+fn span_data(span: FinishedSpan, scope: &InstrumentationScope, gateway: &Arc<str>) -> SpanData {
+    let trace = span.trace;
+    let flags = TraceFlags::new(trace.flags);
+    let mut attributes = Vec::with_capacity(6);
+    attributes.push(KeyValue::new(
+        "ipc_gateway.frontend",
+        span.frontend.as_str(),
+    ));
+    attributes.push(KeyValue::new("ipc_gateway.op", span.op));
+    if let Some(subject) = &span.subject {
+        attributes.push(KeyValue::new(
+            "messaging.destination.name",
+            subject.as_str().to_owned(),
+        ));
+    }
+    let outcome = match span.outcome {
+        Ok(()) => "ok",
+        Err(code) => code.as_str(),
+    };
+    attributes.push(KeyValue::new("ipc_gateway.outcome", outcome));
+    attributes.push(KeyValue::new("ipc_gateway.identity", span.identity));
+    attributes.push(KeyValue::new("ipc_gateway.gateway", gateway.to_string()));
+    SpanData {
+        span_context: SpanContext::new(
+            TraceId::from_bytes(trace.trace_id),
+            SpanId::from_bytes(trace.span_id),
+            flags,
+            false,
+            TraceState::default(),
+        ),
+        parent_span_id: trace.parent_id.map_or(SpanId::INVALID, SpanId::from_bytes),
+        parent_span_is_remote: trace.parent_id.is_some(),
+        span_kind: SpanKind::Server,
+        name: Cow::Borrowed(span.op),
+        start_time: span.start,
+        end_time: span.end,
+        attributes,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: match span.outcome {
+            Ok(()) => Status::Unset,
+            Err(code) => Status::error(code.as_str()),
+        },
+        instrumentation_scope: scope.clone(),
+    }
+}
+
+/// The exporter task: takes up to `MAX_BATCH` queued spans, exports them, again; ends when
+/// every handle is gone and the queue is empty.
+async fn export(
+    mut spans: mpsc::Receiver<FinishedSpan>,
+    exporter: opentelemetry_otlp::SpanExporter,
+    dropped: Counter,
+    gateway: Arc<str>,
+) {
+    let scope = InstrumentationScope::builder("ipc-gateway")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut failing = false;
+    while spans.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let data: Vec<SpanData> = batch
+            .drain(..)
+            .map(|span| span_data(span, &scope, &gateway))
+            .collect();
+        let count = data.len() as u64;
+        match exporter.export(data).await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("OTLP span export works again");
+                    failing = false;
+                }
+            }
+            Err(error) => {
+                dropped.increment(count);
+                if !failing {
+                    tracing::warn!(%error, "OTLP span export failed; spans are dropped (and counted) until it works again");
+                    failing = true;
+                }
+            }
+        }
+    }
+}

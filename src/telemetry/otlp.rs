@@ -171,3 +171,77 @@ async fn export(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::metrics::Metrics;
+
+    fn span(op: &'static str) -> FinishedSpan {
+        FinishedSpan {
+            trace: TraceContext::start(),
+            op,
+            frontend: Frontend::Uds,
+            subject: Some(Subject::from("svc.a")),
+            outcome: Err(ErrorCode::Timeout),
+            identity: "uid=1000".into(),
+            start: SystemTime::now(),
+            end: SystemTime::now(),
+        }
+    }
+
+    fn dropped(metrics: &Metrics) -> String {
+        metrics
+            .render()
+            .lines()
+            .find(|line| line.starts_with("ipc_gateway_trace_spans_dropped_total"))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// The exporter task cannot run while this single-threaded test fills the queue, so the
+    /// spans past `QUEUE` find it full: they are dropped at once, counted, and nothing waits.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_queue_drops_spans_without_waiting_and_counts_them() {
+        let metrics = Metrics::new();
+        let otlp = Otlp::start(
+            "http://127.0.0.1:9",
+            "gw-1",
+            metrics.trace_spans_dropped.clone(),
+        )
+        .unwrap();
+        for _ in 0..QUEUE + 3 {
+            otlp.record(span("request"));
+        }
+        assert_eq!(dropped(&metrics), "ipc_gateway_trace_spans_dropped_total 3");
+    }
+
+    #[test]
+    fn a_span_carries_the_trace_and_the_operation() {
+        let finished = span("request");
+        let trace = finished.trace;
+        let scope = InstrumentationScope::builder("ipc-gateway").build();
+        let data = span_data(finished, &scope, &Arc::from("gw-1"));
+        assert_eq!(data.span_context.trace_id().to_bytes(), trace.trace_id);
+        assert_eq!(data.span_context.span_id().to_bytes(), trace.span_id);
+        assert_eq!(data.parent_span_id, SpanId::INVALID, "a trace started here");
+        assert_eq!(data.status, Status::error("TIMEOUT"));
+        let attribute = |key: &str| {
+            data.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == key)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(attribute("ipc_gateway.frontend").as_deref(), Some("uds"));
+        assert_eq!(attribute("ipc_gateway.outcome").as_deref(), Some("TIMEOUT"));
+        assert_eq!(
+            attribute("messaging.destination.name").as_deref(),
+            Some("svc.a")
+        );
+        assert_eq!(
+            attribute("ipc_gateway.identity").as_deref(),
+            Some("uid=1000")
+        );
+        assert_eq!(attribute("ipc_gateway.gateway").as_deref(), Some("gw-1"));
+    }
+}

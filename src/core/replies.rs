@@ -593,11 +593,13 @@ impl Drop for SyncPoint {
 pub fn finish(metrics: &Metrics, mut pending: Box<Pending>, result: Result<Reply, GatewayError>) {
     let result = match (result, &pending.trace) {
         (Ok(mut reply), Some(trace)) => {
-            // The client learns the trace its request went out in, whatever the service set.
-            reply
-                .headers
-                .get_or_insert_with(Default::default)
-                .replace_trusted(trace::TRACEPARENT, trace.traceparent());
+            // The client learns the trace its request went out in, whatever the service set
+            // (a service that echoes it back costs nothing more here).
+            let headers = reply.headers.get_or_insert_with(Default::default);
+            let ours = trace.traceparent_bytes();
+            if headers.get(trace::TRACEPARENT).map(str::as_bytes) != Some(&ours[..]) {
+                headers.replace_trusted(trace::TRACEPARENT, trace.traceparent());
+            }
             Ok(reply)
         }
         (result, _) => result,

@@ -200,6 +200,15 @@ impl TraceContext {
     /// The `traceparent` value the gateway sends on: version 00, the trace id, the gateway's
     /// span id, the flags. Exactly 55 bytes, made with their exact capacity.
     pub fn traceparent(&self) -> String {
+        let out = self.traceparent_bytes();
+        let mut value = String::with_capacity(TRACEPARENT_LEN);
+        // ASCII by construction.
+        value.push_str(std::str::from_utf8(&out).unwrap_or_default());
+        value
+    }
+
+    /// The same `traceparent` value on the stack (to compare without allocating).
+    pub fn traceparent_bytes(&self) -> [u8; TRACEPARENT_LEN] {
         let mut out = [0u8; TRACEPARENT_LEN];
         out[0..3].copy_from_slice(b"00-");
         put_hex(&mut out[3..35], &self.trace_id);
@@ -207,10 +216,7 @@ impl TraceContext {
         put_hex(&mut out[36..52], &self.span_id);
         out[52] = b'-';
         put_hex(&mut out[53..55], &[self.flags]);
-        let mut value = String::with_capacity(TRACEPARENT_LEN);
-        // ASCII by construction.
-        value.push_str(std::str::from_utf8(&out).unwrap_or_default());
-        value
+        out
     }
 
     /// The trace id as 32 hex digits (for logs and the audit record), without allocating.

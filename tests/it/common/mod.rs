@@ -21,6 +21,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
+/// Gateway flags for tests that check a reply's exact shape: no trace is started for requests
+/// without a `traceparent`, so replies carry no `traceparent` header (tests/it/trace.rs
+/// covers it).
+pub const NO_TRACE: &[&str] = &["--trace-requests", "false"];
+
 /// How long a harness read waits before the test fails: generous, it only guards hangs.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 

@@ -1014,6 +1014,9 @@ impl Gateway {
         // The presence entries of the names given up as the connections closed go first.
         self.inner.names.settle(Duration::from_secs(2)).await;
         self.inner.pool.flush_all().await;
+        if let Some(otlp) = &self.inner.otlp {
+            otlp.flush(Duration::from_secs(2)).await;
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::trace::TraceContext;
 use crate::protocol::{ErrorCode, Frontend, Subject};
@@ -49,10 +49,17 @@ pub struct FinishedSpan {
     pub end: SystemTime,
 }
 
+/// What the exporter task is handed.
+enum Queued {
+    Span(FinishedSpan),
+    /// Answered once every span queued before it has been exported (or given up on).
+    Flush(oneshot::Sender<()>),
+}
+
 /// The exporter's handle, cheap to clone.
 #[derive(Clone)]
 pub struct Otlp {
-    queue: mpsc::Sender<FinishedSpan>,
+    queue: mpsc::Sender<Queued>,
     dropped: Counter,
 }
 
@@ -80,8 +87,22 @@ impl Otlp {
 
     /// Queues a finished span; never waits (a full queue drops it, counted).
     pub fn record(&self, span: FinishedSpan) {
-        if self.queue.try_send(span).is_err() {
+        if self.queue.try_send(Queued::Span(span)).is_err() {
             self.dropped.increment(1);
+        }
+    }
+
+    /// Waits (at most `within`) until the spans queued so far are exported: the end of the
+    /// drain, so that the last operations' spans leave before the process exits.
+    pub async fn flush(&self, within: Duration) {
+        let (done, exported) = oneshot::channel();
+        let flushed = async {
+            if self.queue.send(Queued::Flush(done)).await.is_ok() {
+                let _ = exported.await;
+            }
+        };
+        if tokio::time::timeout(within, flushed).await.is_err() {
+            tracing::warn!("OTLP spans were still being exported when the gateway stopped");
         }
     }
 }
@@ -138,7 +159,7 @@ fn span_data(span: FinishedSpan, scope: &InstrumentationScope, gateway: &Arc<str
 /// The exporter task: takes up to `MAX_BATCH` queued spans, exports them, again; ends when
 /// every handle is gone and the queue is empty.
 async fn export(
-    mut spans: mpsc::Receiver<FinishedSpan>,
+    mut queue: mpsc::Receiver<Queued>,
     exporter: opentelemetry_otlp::SpanExporter,
     dropped: Counter,
     gateway: Arc<str>,
@@ -147,12 +168,24 @@ async fn export(
         .with_version(env!("CARGO_PKG_VERSION"))
         .build();
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut flushes = Vec::new();
     let mut failing = false;
-    while spans.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // The queue is in order: a flush's spans are in this batch or an earlier one.
         let data: Vec<SpanData> = batch
             .drain(..)
-            .map(|span| span_data(span, &scope, &gateway))
+            .filter_map(|queued| match queued {
+                Queued::Span(span) => Some(span_data(span, &scope, &gateway)),
+                Queued::Flush(done) => {
+                    flushes.push(done);
+                    None
+                }
+            })
             .collect();
+        if data.is_empty() {
+            answer(&mut flushes);
+            continue;
+        }
         let count = data.len() as u64;
         match exporter.export(data).await {
             Ok(()) => {
@@ -169,6 +202,14 @@ async fn export(
                 }
             }
         }
+        answer(&mut flushes);
+    }
+}
+
+/// Tells the flushes waiting that their spans are done with.
+fn answer(flushes: &mut Vec<oneshot::Sender<()>>) {
+    for done in flushes.drain(..) {
+        let _ = done.send(());
     }
 }
 
@@ -214,6 +255,25 @@ mod tests {
             otlp.record(span("request"));
         }
         assert_eq!(dropped(&metrics), "ipc_gateway_trace_spans_dropped_total 3");
+    }
+
+    /// A flush returns only once the spans queued before it were exported or given up on:
+    /// here the collector is not there, so by then every one of them is counted as dropped.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_flush_waits_for_the_spans_queued_before_it() {
+        let metrics = Metrics::new();
+        let otlp = Otlp::start(
+            "http://127.0.0.1:9",
+            "gw-1",
+            metrics.trace_spans_dropped.clone(),
+        )
+        .unwrap();
+        for _ in 0..5 {
+            otlp.record(span("publish"));
+        }
+        assert_eq!(dropped(&metrics), "ipc_gateway_trace_spans_dropped_total 0");
+        otlp.flush(Duration::from_secs(60)).await;
+        assert_eq!(dropped(&metrics), "ipc_gateway_trace_spans_dropped_total 5");
     }
 
     #[test]

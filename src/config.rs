@@ -238,6 +238,14 @@ settings! {
         /// Stamp every message sent to NATS with the caller's identity (`Ipc-Gateway-*`
         /// headers).
         pub identity_headers: bool = true,
+        /// Start a W3C trace (random trace id, a `traceparent` to NATS and back on the reply,
+        /// `trace_id` in the audit record) for requests and publishes that come without a valid
+        /// `traceparent`; a client's own trace is continued either way. On whenever
+        /// `otlp_endpoint` is set. Off by default: it costs about 0.8 µs of CPU per request.
+        pub trace_requests: bool = false,
+        /// Export one OpenTelemetry span per request, publish and subscribe over OTLP/gRPC to
+        /// this collector URL (`http://127.0.0.1:4317`); none = off.
+        pub otlp_endpoint: Option<String> = None,
         /// Connections one identified caller (a uid, or a token's subject) may hold at once;
         /// 0 = unlimited. Anonymous callers are bounded by max_connections only.
         pub max_connections_per_identity: usize = 0,

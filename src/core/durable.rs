@@ -34,6 +34,7 @@ use super::replies::Answered;
 use super::{Caller, Gateway};
 use crate::protocol::{Envelope, ErrorCode, GatewayError, Id, Op};
 use crate::telemetry::metrics::OpKind;
+use crate::telemetry::trace::{Incoming, TraceContext};
 
 /// The header JetStream deduplicates on.
 pub(super) const MSG_ID: &str = "Nats-Msg-Id";
@@ -68,11 +69,19 @@ impl Gateway {
         let frontend = caller.frontend();
         let metrics = self.inner.metrics.clone();
         metrics.payload_in(frontend, envelope.data.len());
-        let audit = self.audit_ticket(caller, Op::Publish, &envelope).await;
+        let traced = self.trace(caller, &envelope);
+        let audit = self
+            .audit_ticket(caller, Op::Publish, &envelope, traced.context.as_ref())
+            .await;
+        // The span of a durable publish ends when the stream's ack (or the error) is known.
+        let otlp_span = traced
+            .span
+            .map(|span| (span, traced.context, envelope.subject.clone()));
         let started = Instant::now();
         let timeout = self.deadline(envelope.timeout_ms);
         let deadline = Deadline::now() + timeout;
-        let sent = Box::pin(self.send_durable(caller, envelope, timeout, deadline)).await;
+        let traced = (traced.context, traced.incoming);
+        let sent = Box::pin(self.send_durable(caller, envelope, traced, (timeout, deadline))).await;
         Box::pin(async move {
             let result = match sent {
                 Ok(sent) => sent.stored(deadline, timeout).await,
@@ -89,12 +98,11 @@ impl Gateway {
                 }
                 audit.finish(&result, started);
             }
-            metrics.operation_timed(
-                frontend,
-                OpKind::PublishDurable,
-                result.as_ref().map(|_| ()).map_err(|e| e.code),
-                started.elapsed(),
-            );
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| e.code);
+            metrics.operation_timed(frontend, OpKind::PublishDurable, outcome, started.elapsed());
+            if let Some((span, context, subject)) = otlp_span {
+                span.finish(context, "publish", frontend, subject, outcome);
+            }
             result
         })
     }
@@ -103,10 +111,10 @@ impl Gateway {
         &self,
         caller: &Caller,
         envelope: Envelope,
-        timeout: Duration,
-        deadline: Deadline,
+        traced: (Option<TraceContext>, Incoming),
+        (timeout, deadline): (Duration, Deadline),
     ) -> Result<Sent, GatewayError> {
-        let (subject, headers, _permit) = self.check_publish(caller, &envelope)?;
+        let (subject, headers, _permit) = self.check_publish(caller, &envelope, traced)?;
         let mut headers = headers.unwrap_or_default();
         if !has_msg_id(&headers)
             && let Some(id) = msg_id(caller, self.id(), &envelope.id)?

@@ -42,6 +42,7 @@ use crate::protocol::{
 };
 use crate::telemetry::audit::{Audit, AuditOp, Record};
 use crate::telemetry::metrics::{Metrics, OpKind};
+use crate::telemetry::trace::{self, Incoming, TraceContext};
 pub use access::Authorized;
 use budget::ByteBudget;
 pub use caller::{Caller, HeldSlot, Slot};
@@ -91,6 +92,10 @@ struct Inner {
     names: Arc<names::Names>,
     /// When the gateway started (uptime on `/status`).
     started: Instant,
+    /// Start a trace for operations that come without a (valid) `traceparent`.
+    trace_requests: bool,
+    /// OTLP span export (`otlp_endpoint`), when on.
+    otlp: Option<crate::telemetry::otlp::Otlp>,
 }
 
 /// What `/ready` reports.
@@ -110,8 +115,19 @@ impl Gateway {
         // Resolved once, so /status, the audit log and the headers name the same gateway.
         config.gateway_id = Some(config.resolved_gateway_id());
         let config_max_replays = config.max_replays;
+        // Spans need a trace for every operation; without an exporter, starting traces for
+        // clients that sent none is the operator's choice (it costs ~0.8 µs a request).
+        let trace_requests = config.trace_requests || config.otlp_endpoint.is_some();
         let access = access::Access::new(&config)?;
         let metrics = Metrics::new();
+        let otlp = match &config.otlp_endpoint {
+            Some(endpoint) => Some(crate::telemetry::otlp::Otlp::start(
+                endpoint,
+                &config.resolved_gateway_id(),
+                metrics.trace_spans_dropped.clone(),
+            )?),
+            None => None,
+        };
         let audit = Audit::start(config.audit(), metrics.clone())?;
         let shutdown = Shutdown::default();
         let (retries, to_retry) = tokio::sync::mpsc::unbounded_channel();
@@ -170,6 +186,8 @@ impl Gateway {
                 jetstream: durable::JetStream::new(config_max_replays),
                 names,
                 started: Instant::now(),
+                trace_requests,
+                otlp,
             }),
         };
         tokio::spawn(names::maintain(Arc::downgrade(&gateway.inner)));
@@ -455,9 +473,13 @@ impl Gateway {
         self.inner
             .metrics
             .payload_in(caller.frontend(), envelope.data.len());
-        let audit = self.audit_ticket(caller, Op::Request, &envelope).await;
+        let traced = self.trace(caller, &envelope);
+        let audit = self
+            .audit_ticket(caller, Op::Request, &envelope, traced.context.as_ref())
+            .await;
+        let span = request_span("request", traced.context.as_ref());
         let Some((requester, pending, headers, data)) =
-            self.prepare_request(caller, envelope, sink, audit, now)
+            span.in_scope(|| self.prepare_request(caller, envelope, sink, audit, traced, now))
         else {
             return; // answered already
         };
@@ -465,7 +487,30 @@ impl Gateway {
         // otherwise be part of every caller's future, and be copied with it at each level on
         // every request (measured: start_request's future went from 1,848 to ~300 bytes).
         let metrics = &self.inner.metrics;
-        Box::pin(dispatch(metrics, requester, pending, headers, data)).await;
+        let send = Box::pin(dispatch(metrics, requester, pending, headers, data));
+        tracing::Instrument::instrument(send, span).await;
+    }
+
+    /// An operation's trace context: the client's `traceparent` continued, or a new trace
+    /// (see `telemetry::trace`); and its OTLP span when export is on.
+    fn trace(&self, caller: &Caller, envelope: &Envelope) -> Traced {
+        let (context, incoming) =
+            TraceContext::for_headers(envelope.headers.as_ref(), self.inner.trace_requests);
+        Traced {
+            context,
+            incoming,
+            span: self.span_start(caller),
+        }
+    }
+
+    /// The start of an operation's OTLP span (`None` when export is off).
+    fn span_start(&self, caller: &Caller) -> Option<Box<replies::SpanStart>> {
+        let otlp = self.inner.otlp.as_ref()?;
+        Some(Box::new(replies::SpanStart {
+            otlp: otlp.clone(),
+            identity: caller.authorized().who(),
+            start: std::time::SystemTime::now(),
+        }))
     }
 
     /// `start_request` up to the send: the checks, the message's headers, the breaker, the
@@ -477,6 +522,7 @@ impl Gateway {
         envelope: Envelope,
         sink: Arc<dyn ReplySink>,
         audit: Option<replies::AuditTicket>,
+        traced: Traced,
         now: tokio::time::Instant,
     ) -> Option<PreparedRequest> {
         let started = now.into_std();
@@ -488,7 +534,11 @@ impl Gateway {
                 return Err(forbidden(caller, "request", &subject));
             }
             let subject = nats::subject(&subject);
-            let headers = self.outgoing_headers(caller, envelope.headers.as_ref())?;
+            let headers = self.outgoing_headers(
+                caller,
+                envelope.headers.as_ref(),
+                (traced.context, traced.incoming),
+            )?;
             let admission = self.inner.breakers.admit_at(&subject, now)?;
             let permit = self.inner.budget.try_acquire(envelope.data.len())?;
             let requester = self.inner.pool.requester()?;
@@ -501,6 +551,16 @@ impl Gateway {
                 replies::record(&self.inner.metrics, frontend, started, &result);
                 if let Some(audit) = audit {
                     audit.finish(&result, started);
+                }
+                if let (Some(span), Err(error)) = (traced.span, &result) {
+                    let subject = envelope.subject.clone();
+                    span.finish(
+                        traced.context,
+                        "request",
+                        frontend,
+                        subject,
+                        Err(error.code),
+                    );
                 }
                 sink.deliver(envelope.id, result);
                 return None;
@@ -523,6 +583,8 @@ impl Gateway {
             }),
             attempts: 0,
             audit,
+            trace: traced.context,
+            span: traced.span,
         });
         Some((requester, pending, headers, envelope.data))
     }
@@ -551,10 +613,24 @@ impl Gateway {
         let frontend = caller.frontend();
         let metrics = &self.inner.metrics;
         metrics.payload_in(frontend, envelope.data.len());
-        let audit = self.audit_ticket(caller, Op::Publish, &envelope).await;
+        let Traced {
+            context,
+            incoming,
+            span: otlp_span,
+        } = self.trace(caller, &envelope);
+        let audit = self
+            .audit_ticket(caller, Op::Publish, &envelope, context.as_ref())
+            .await;
         let started = Instant::now();
+        let span = request_span("publish", context.as_ref());
+        let subject = otlp_span.as_ref().and(envelope.subject.clone());
         // Boxed for the reason `start_request` boxes its send.
-        let result = Box::pin(self.send_publish(caller, envelope)).await;
+        let send = Box::pin(self.send_publish(caller, envelope, (context, incoming)));
+        let result = tracing::Instrument::instrument(send, span).await;
+        if let Some(otlp_span) = otlp_span {
+            let outcome = result.as_ref().copied().map_err(|e| e.code);
+            otlp_span.finish(context, "publish", frontend, subject, outcome);
+        }
         if let Some(audit) = audit {
             audit.finish(&result, started);
         }
@@ -567,8 +643,13 @@ impl Gateway {
         result
     }
 
-    async fn send_publish(&self, caller: &Caller, envelope: Envelope) -> Result<(), GatewayError> {
-        let (subject, headers, _permit) = self.check_publish(caller, &envelope)?;
+    async fn send_publish(
+        &self,
+        caller: &Caller,
+        envelope: Envelope,
+        traced: (Option<TraceContext>, Incoming),
+    ) -> Result<(), GatewayError> {
+        let (subject, headers, _permit) = self.check_publish(caller, &envelope, traced)?;
         let client = self.inner.pool.client_on(caller.lane().0)?.client;
         let sent = match headers {
             Some(headers) => {
@@ -587,6 +668,7 @@ impl Gateway {
         &self,
         caller: &Caller,
         envelope: &Envelope,
+        traced: (Option<TraceContext>, Incoming),
     ) -> Result<(async_nats::Subject, Option<HeaderMap>, budget::BudgetPermit), GatewayError> {
         caller.admit(envelope.data.len())?;
         let subject = self.target_subject(envelope)?;
@@ -594,7 +676,7 @@ impl Gateway {
             return Err(forbidden(caller, "publish", &subject));
         }
         let subject = nats::subject(&subject);
-        let headers = self.outgoing_headers(caller, envelope.headers.as_ref())?;
+        let headers = self.outgoing_headers(caller, envelope.headers.as_ref(), traced)?;
         let permit = self.inner.budget.try_acquire(envelope.data.len())?;
         Ok((subject, headers, permit))
     }
@@ -614,11 +696,13 @@ impl Gateway {
             true => {
                 let mut envelope = Envelope::new(Op::Subscribe, Id::Null);
                 envelope.subject = Some(subject.clone());
-                self.audit_ticket(caller, Op::Subscribe, &envelope).await
+                self.audit_ticket(caller, Op::Subscribe, &envelope, None)
+                    .await
             }
             false => None,
         };
         let started = Instant::now();
+        let otlp_span = self.span_start(caller);
         let max = self.inner.live.max_subscriptions_per_connection();
         let admitted = caller
             .admit(0)
@@ -645,6 +729,17 @@ impl Gateway {
         );
         if let Some(audit) = audit {
             audit.finish(&result.as_ref().map(|_| ()).map_err(Clone::clone), started);
+        }
+        if let Some(otlp_span) = otlp_span {
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| e.code);
+            let trace = Some(TraceContext::start());
+            otlp_span.finish(
+                trace,
+                "subscribe",
+                caller.frontend(),
+                Some(subject.clone()),
+                outcome,
+            );
         }
         result
     }
@@ -835,6 +930,7 @@ impl Gateway {
         caller: &Caller,
         op: Op,
         envelope: &Envelope,
+        trace: Option<&TraceContext>,
     ) -> Option<replies::AuditTicket> {
         let audit = &self.inner.audit;
         if !audit.is_on() {
@@ -847,6 +943,9 @@ impl Gateway {
             .bytes_in(envelope.data.len() as u64);
         if let Some(subject) = &envelope.subject {
             record = record.subject(subject.clone());
+        }
+        if let Some(trace) = trace {
+            record = record.trace_id(trace.trace_id_hex());
         }
         Some(replies::AuditTicket {
             reservation,
@@ -881,21 +980,37 @@ impl Gateway {
     }
 
     /// A message's NATS headers: the client's, then the caller's identity (unless stamping
-    /// is off). `None` when there are none.
+    /// is off), then the gateway's `traceparent` in place of the client's (whose `tracestate`
+    /// goes on only when its trace continues). `None` when there are none.
     fn outgoing_headers(
         &self,
         caller: &Caller,
         headers: Option<&Headers>,
+        (trace, incoming): (Option<TraceContext>, Incoming),
     ) -> Result<Option<HeaderMap>, GatewayError> {
         let stamp = caller.authorized().stamp();
-        let Some(headers) = headers else {
+        let mut map = match headers {
             // The common case: only the identity, from the map made for the caller.
-            return Ok(stamp.map.clone());
+            None if trace.is_none() => return Ok(stamp.map.clone()),
+            None => stamp.map.clone().unwrap_or_default(),
+            Some(headers) => {
+                let mut map = match trace {
+                    None => nats::header_map(headers)?,
+                    Some(_) => nats::header_map_without(headers, |name| {
+                        name.eq_ignore_ascii_case(trace::TRACEPARENT)
+                            || (incoming != Incoming::Continued
+                                && name.eq_ignore_ascii_case(trace::TRACESTATE))
+                    })?,
+                };
+                durable::scope_msg_id(&mut map, caller, self.id());
+                for (name, value) in &stamp.list {
+                    map.insert(name.clone(), value.clone());
+                }
+                map
+            }
         };
-        let mut map = nats::header_map(headers)?;
-        durable::scope_msg_id(&mut map, caller, self.id());
-        for (name, value) in &stamp.list {
-            map.insert(name.clone(), value.clone());
+        if let Some(trace) = trace {
+            map.insert(TRACEPARENT_NAME, trace.traceparent());
         }
         Ok(Some(map))
     }
@@ -931,6 +1046,9 @@ impl Gateway {
         // The presence entries of the names given up as the connections closed go first.
         self.inner.names.settle(Duration::from_secs(2)).await;
         self.inner.pool.flush_all().await;
+        if let Some(otlp) = &self.inner.otlp {
+            otlp.flush(Duration::from_secs(2)).await;
+        }
     }
 }
 
@@ -998,6 +1116,27 @@ impl LiveSubscription {
             message = self.subscriber.next() => message,
             _ = self.retired.wait_for(|retired| *retired) => None,
         }
+    }
+}
+
+/// An operation's trace: its context (none when the client sent no valid `traceparent` and
+/// `trace_requests` is off), how the client's headers stood, and its OTLP span.
+struct Traced {
+    context: Option<TraceContext>,
+    incoming: Incoming,
+    span: Option<Box<replies::SpanStart>>,
+}
+
+/// The header the gateway's trace context goes out under.
+const TRACEPARENT_NAME: async_nats::HeaderName =
+    async_nats::HeaderName::from_static(trace::TRACEPARENT);
+
+/// The span an operation's log lines carry its trace id in (debug level: a span per request
+/// costs time when it is on; `RUST_LOG=ipc_gateway=debug` shows it).
+fn request_span(op: &'static str, trace: Option<&TraceContext>) -> tracing::Span {
+    match trace {
+        Some(trace) => tracing::debug_span!("op", op, trace_id = %trace.trace_id_hex()),
+        None => tracing::debug_span!("op", op),
     }
 }
 

@@ -16,8 +16,17 @@ pub fn subject(subject: &Subject) -> async_nats::Subject {
 /// applies, so no header is refused here; should the two ever disagree, the client gets a
 /// `BAD_REQUEST` naming the header rather than a panic.
 pub fn header_map(headers: &Headers) -> Result<HeaderMap, GatewayError> {
+    header_map_without(headers, |_| false)
+}
+
+/// `header_map` without the headers whose names `skip` picks (the client's trace context,
+/// which the gateway replaces with its own).
+pub fn header_map_without(
+    headers: &Headers,
+    skip: impl Fn(&str) -> bool,
+) -> Result<HeaderMap, GatewayError> {
     let mut map = HeaderMap::new();
-    for (name, value) in headers.pairs() {
+    for (name, value) in headers.pairs().filter(|(name, _)| !skip(name)) {
         let (Ok(name_ok), Ok(value_ok)) =
             (name.parse::<HeaderName>(), value.parse::<HeaderValue>())
         else {

@@ -148,7 +148,8 @@ impl Gateway {
             true => {
                 let mut envelope = Envelope::new(Op::Subscribe, sid.clone());
                 envelope.subject = Some(subject.clone());
-                self.audit_ticket(caller, Op::Subscribe, &envelope).await
+                self.audit_ticket(caller, Op::Subscribe, &envelope, None)
+                    .await
             }
             false => None,
         };

@@ -37,6 +37,8 @@ use crate::protocol::Frontend;
 use crate::protocol::{ErrorCode, GatewayError, Id, Op};
 use crate::telemetry::audit::{Record, Reservation};
 use crate::telemetry::metrics::{Metrics, OpKind};
+use crate::telemetry::otlp::{FinishedSpan, Otlp};
+use crate::telemetry::trace::{self, TraceContext};
 
 /// Where a request's one answer goes.
 pub trait ReplySink: Send + Sync + 'static {
@@ -64,6 +66,41 @@ pub struct Pending {
     pub attempts: u32,
     /// Its audit record, written when it is answered (none when the audit log is off).
     pub audit: Option<AuditTicket>,
+    /// Its trace context: the reply carries the gateway's `traceparent` back.
+    pub trace: Option<TraceContext>,
+    /// Its OpenTelemetry span, exported when it is answered (none when OTLP is off).
+    pub span: Option<Box<SpanStart>>,
+}
+
+/// What an operation's OTLP span needs beside its `Pending`.
+pub struct SpanStart {
+    pub otlp: Otlp,
+    pub identity: String,
+    pub start: std::time::SystemTime,
+}
+
+impl SpanStart {
+    /// Exports the span of a finished operation.
+    pub fn finish(
+        self,
+        trace: Option<TraceContext>,
+        op: &'static str,
+        frontend: Frontend,
+        subject: Option<crate::protocol::Subject>,
+        outcome: Result<(), ErrorCode>,
+    ) {
+        let Some(trace) = trace else { return };
+        self.otlp.record(FinishedSpan {
+            trace,
+            op,
+            frontend,
+            subject,
+            outcome,
+            identity: self.identity,
+            start: self.start,
+            end: std::time::SystemTime::now(),
+        });
+    }
 }
 
 /// An operation's audit record in the making, with its place in the audit queue.
@@ -554,6 +591,19 @@ impl Drop for SyncPoint {
 
 /// Records a finished request and hands its answer to its sink.
 pub fn finish(metrics: &Metrics, mut pending: Box<Pending>, result: Result<Reply, GatewayError>) {
+    let result = match (result, &pending.trace) {
+        (Ok(mut reply), Some(trace)) => {
+            // The client learns the trace its request went out in, whatever the service set
+            // (a service that echoes it back costs nothing more here).
+            let headers = reply.headers.get_or_insert_with(Default::default);
+            let ours = trace.traceparent_bytes();
+            if headers.get(trace::TRACEPARENT).map(str::as_bytes) != Some(&ours[..]) {
+                headers.replace_trusted(trace::TRACEPARENT, trace.traceparent());
+            }
+            Ok(reply)
+        }
+        (result, _) => result,
+    };
     // One clock reading for the latency and the breaker.
     let now = Instant::now();
     let latency = now.into_std().saturating_duration_since(pending.started);
@@ -563,6 +613,16 @@ pub fn finish(metrics: &Metrics, mut pending: Box<Pending>, result: Result<Reply
     }
     drop(pending.permit);
     let code = result.as_ref().map(|_| ()).map_err(|e| e.code);
+    if let Some(span) = pending.span.take() {
+        let subject = crate::protocol::Subject::from(pending.subject.as_str());
+        span.finish(
+            pending.trace,
+            "request",
+            pending.frontend,
+            Some(subject),
+            code,
+        );
+    }
     let outcome = Outcome::of_request(code, pending.timeout, pending.admission.min_timeout());
     pending.admission.record_for(outcome, &pending.subject, now);
     if !pending.sink.deliver(pending.id, result) {
@@ -648,6 +708,8 @@ mod tests {
             resend: None,
             attempts: 0,
             audit: None,
+            trace: None,
+            span: None,
         })
     }
 

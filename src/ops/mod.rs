@@ -7,6 +7,6 @@ mod gather;
 pub mod http;
 pub mod page;
 pub mod reload;
-pub mod systemd;
 pub mod status;
 pub mod status_page;
+pub mod systemd;

@@ -106,6 +106,18 @@ impl Headers {
         self.push(name, value);
     }
 
+    /// Sets `name` (exact case) to this one value, unchecked like `append_trusted`: the
+    /// gateway's own `traceparent` on a reply.
+    pub fn replace_trusted(&mut self, name: &str, value: String) {
+        match self.entries.iter_mut().find(|e| e.name == name) {
+            Some(entry) => entry.values = vec![value],
+            None => self.entries.push(Entry {
+                name: name.to_owned(),
+                values: vec![value],
+            }),
+        }
+    }
+
     fn push(&mut self, name: impl AsRef<str> + Into<String>, value: String) {
         match self.entries.iter_mut().find(|e| e.name == name.as_ref()) {
             Some(entry) => entry.values.push(value),

@@ -222,6 +222,8 @@ pub struct Metrics {
     pub nats_replaced: Counter,
     pub late_replies: Counter,
     pub reply_mismatches: Counter,
+    /// OTLP spans dropped: the export queue was full, or the export failed.
+    pub trace_spans_dropped: Counter,
     pub retries: Counter,
     policy_reloads: [Counter; 2],
     /// 1 while the last policy reload loaded (or none was tried), 0 after one that failed.
@@ -350,6 +352,10 @@ impl Metrics {
             "Messages on the gateway's reply subjects that no request was sent with (guessed, forged or malformed subjects): they answer nothing.",
         );
         describe(
+            "ipc_gateway_trace_spans_dropped_total",
+            "OpenTelemetry spans not exported: the export queue was full, or the collector did not take them.",
+        );
+        describe(
             "ipc_gateway_nats_replaced_total",
             "Pool connections replaced because they stayed down while NATS was reachable.",
         );
@@ -430,6 +436,11 @@ impl Metrics {
             nats_replaced: counter(&recorder, "ipc_gateway_nats_replaced_total", vec![]),
             late_replies: counter(&recorder, "ipc_gateway_late_replies_total", vec![]),
             reply_mismatches: counter(&recorder, "ipc_gateway_reply_mismatches_total", vec![]),
+            trace_spans_dropped: counter(
+                &recorder,
+                "ipc_gateway_trace_spans_dropped_total",
+                vec![],
+            ),
             retries: counter(&recorder, "ipc_gateway_retries_total", vec![]),
             policy_reloads: ["ok", "failed"].map(|outcome| {
                 counter(

@@ -77,7 +77,7 @@ async fn wait_subscriptions(nats: &NatsServer, subject: &str, count: usize) {
 async fn request_returns_the_reply_and_metadata_round_trips_as_nats_headers() {
     let nats = NatsServer::start();
     let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
-    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let gateway = GatewayProcess::start(&nats.url(), NO_TRACE);
     let mut client = gateway.grpc().await;
 
     let reply = call(&mut client, request("demo.echo", "hello"))

@@ -31,6 +31,7 @@ mod presence;
 mod priority;
 mod resilience;
 mod systemd;
+mod trace;
 mod trust;
 mod uds_errors;
 mod uds_lifecycle;

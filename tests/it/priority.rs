@@ -383,7 +383,7 @@ async fn websocket_json_high_first_and_low_dropped_first() {
 async fn an_invalid_priority_is_a_bad_request_and_the_connection_goes_on() {
     let nats = NatsServer::start();
     let _echo = spawn_echo(&nats.url(), "svc.echo", Duration::ZERO).await;
-    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let gateway = GatewayProcess::start(&nats.url(), NO_TRACE);
     let mut conn = gateway.json().await;
     for (line, id, shown) in [
         (

@@ -26,7 +26,7 @@ async fn ready_is_503_while_nats_is_down_and_200_when_it_is_back() {
 #[tokio::test]
 async fn requests_and_publishes_while_nats_is_down_get_unavailable_within_a_second() {
     let mut nats = NatsServer::start();
-    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let gateway = GatewayProcess::start(&nats.url(), NO_TRACE);
     let mut conn = gateway.json().await;
     nats.kill();
     gateway.wait_status("/ready", 503).await;

@@ -14,7 +14,7 @@ use serde_json::json;
 async fn json_request_gets_the_echoed_reply_with_a_null_id() {
     let nats = NatsServer::start();
     let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
-    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let gateway = GatewayProcess::start(&nats.url(), NO_TRACE);
     let mut conn = gateway.json().await;
     let reply = conn.call(r#"{"subject":"demo.echo","data":"hello"}"#).await;
     assert_eq!(reply, json!({"id": null, "ok": true, "data": "hello"}));
@@ -30,7 +30,7 @@ async fn json_request_gets_the_echoed_reply_with_a_null_id() {
 async fn binary_data_travels_as_base64_both_ways() {
     let nats = NatsServer::start();
     let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
-    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let gateway = GatewayProcess::start(&nats.url(), NO_TRACE);
     let mut conn = gateway.json().await;
     let reply = conn
         .call(r#"{"id":1,"subject":"demo.echo","data_b64":"/wABAg=="}"#)
@@ -50,7 +50,7 @@ async fn real_nc_that_half_closes_after_sending_still_gets_its_answer() {
     }
     let nats = NatsServer::start();
     let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::from_millis(200)).await;
-    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let gateway = GatewayProcess::start(&nats.url(), NO_TRACE);
     let socket = gateway.socket.clone();
     // -N: shut down the write side at end of input, before the slow reply comes back.
     let output = tokio::task::spawn_blocking(move || {

@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 async fn json_requests_subscriptions_and_errors_over_websocket() {
     let nats = NatsServer::start();
     let _echo = spawn_echo(&nats.url(), "demo.echo", std::time::Duration::ZERO).await;
-    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let gateway = GatewayProcess::start(&nats.url(), NO_TRACE);
     let mut ws = connect(&gateway, None).await.unwrap();
     assert_eq!(
         call(&mut ws, r#"{"subject":"demo.echo","data":"hello"}"#).await,
@@ -132,7 +132,7 @@ async fn a_message_over_the_limit_closes_with_1009() {
 async fn shutdown_answers_in_flight_requests_then_closes_with_1001() {
     let nats = NatsServer::start();
     let _slow = spawn_echo(&nats.url(), "svc.slow", Duration::from_millis(400)).await;
-    let mut gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut gateway = GatewayProcess::start(&nats.url(), NO_TRACE);
     let mut ws = connect(&gateway, None).await.unwrap();
     ws.send(Message::text(r#"{"id":1,"subject":"svc.slow","data":"x"}"#))
         .await

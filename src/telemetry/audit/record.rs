@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 
 use crate::protocol::{ErrorCode, Frontend, Id, Op, Subject};
+use crate::telemetry::trace::TraceId;
 
 /// What a record is about: its `op` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -138,6 +139,8 @@ pub struct Record {
     reason: Option<Cow<'static, str>>,
     message: Option<Cow<'static, str>>,
     identity: Option<Arc<AuditIdentity>>,
+    /// The operation's W3C trace id (see `telemetry::trace`).
+    trace_id: Option<TraceId>,
 }
 
 impl Record {
@@ -158,7 +161,14 @@ impl Record {
             reason: None,
             message: None,
             identity: None,
+            trace_id: None,
         }
+    }
+
+    /// The operation's trace id (`trace_id`, 32 hex digits).
+    pub fn trace_id(mut self, trace_id: TraceId) -> Self {
+        self.trace_id = Some(trace_id);
+        self
     }
 
     /// A policy reload: `Ok(())` when the new policy took effect, else the code (the old policy
@@ -312,6 +322,10 @@ impl Serialize for Line<'_> {
         }
         if let Some(subject) = &this.subject {
             map.serialize_entry("subject", subject.as_str())?;
+        }
+        if let Some(trace_id) = this.trace_id {
+            let hex = trace_id.to_hex();
+            map.serialize_entry("trace_id", std::str::from_utf8(&hex).unwrap_or_default())?;
         }
         if let Some(outcome) = this.outcome {
             let outcome = match outcome {

@@ -21,6 +21,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
+/// Gateway flags for tests that check a reply's exact shape: no trace is started for requests
+/// without a `traceparent`, so replies carry no `traceparent` header (tests/it/trace.rs
+/// covers it).
+pub const NO_TRACE: &[&str] = &["--trace-requests", "false"];
+
 /// How long a harness read waits before the test fails: generous, it only guards hangs.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -509,6 +514,7 @@ pub struct Frame {
     #[allow(dead_code)]
     pub subject: Bytes,
     pub aux: Bytes,
+    pub headers: Option<ipc_gateway::protocol::Headers>,
     pub payload: Bytes,
 }
 
@@ -556,6 +562,7 @@ impl RawConn {
                         header,
                         subject: body.subject,
                         aux: body.aux,
+                        headers: body.headers,
                         payload: body.payload,
                     });
                 }

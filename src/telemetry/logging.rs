@@ -1,5 +1,5 @@
-//! Logging set-up: `RUST_LOG` filters (default `info`, with the NATS client library's own
-//! events at `warn`: the gateway logs what they mean), text or JSON lines on stderr. Text has
+//! Logging set-up: `RUST_LOG` filters (default `info`; the NATS client library's own events at
+//! `warn` unless `RUST_LOG` names `async_nats`: the gateway logs what they mean), text or JSON lines on stderr. Text has
 //! ANSI colours only when stderr is a terminal and `NO_COLOR` is unset or empty
 //! (<https://no-color.org>).
 
@@ -10,8 +10,15 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // async-nats reports each failed connect attempt at info (dozens a second with a pool of
+    // connections retrying): the gateway logs them itself, rate-limited, unless RUST_LOG asks
+    // for async_nats by name.
+    if !std::env::var("RUST_LOG").is_ok_and(|filter| filter.contains("async_nats"))
+        && let Ok(directive) = "async_nats=warn".parse()
+    {
+        filter = filter.add_directive(directive);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour(

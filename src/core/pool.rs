@@ -550,6 +550,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_log_throttle_lets_one_line_through_per_period() {
+        let throttle = LogThrottle::new(Duration::from_secs(10));
+        let start = Instant::now();
+        assert!(throttle.allow(start));
+        assert!(!throttle.allow(start + Duration::from_secs(9)));
+        assert!(throttle.allow(start + Duration::from_secs(10)));
+        assert!(!throttle.allow(start + Duration::from_secs(19)));
+        assert!(throttle.allow(start + Duration::from_secs(25)));
+    }
+
+    #[test]
     fn reconnect_delay_backs_off_and_is_capped() {
         assert_eq!(reconnect_delay(1), Duration::ZERO);
         let second = reconnect_delay(2);

@@ -20,9 +20,11 @@ use crate::protocol::subject::{SubjectUse, validate_subject};
 
 mod flags;
 mod origin;
+mod sources;
 
 pub use flags::Flags;
 pub use origin::Origin;
+pub use sources::{Source, Sources};
 
 pub const ENV_PREFIX: &str = "IPC_GATEWAY_";
 
@@ -132,6 +134,7 @@ settings! {
         /// subscription is told how many (`dropped`).
         pub nats_subscription_buffer: usize = 16384,
         /// Address of the HTTP port: /health, /ready, /status, /metrics and the WebSocket /ws.
+        #[serde(deserialize_with = "listen_address")]
         pub http: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
         /// How long an HTTP client may take to send a request's headers, and how long a
         /// kept-alive HTTP connection may wait for its next request, before it is closed.
@@ -197,6 +200,7 @@ settings! {
         /// makes big messages cheaper to read.
         pub ws_read_buffer_bytes: usize = 1024,
         /// Address of the gRPC port (service `ipcgateway.v1.Gateway`, health, reflection).
+        #[serde(deserialize_with = "listen_address")]
         pub grpc: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 50051)),
         /// HTTP/2 keepalive: ping interval on gRPC connections; a connection whose ping is not
         /// answered within the same time is closed. 0 = off.
@@ -320,10 +324,14 @@ impl Config {
             )
             .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats_url".into()))
             .merge(Serialized::defaults(flags));
+        // Errors name the setting as the operator wrote it (flag, variable or file key).
+        let sources = Sources::read(file, flags);
         let config: Config = figment
             .extract()
-            .map_err(|err| ConfigError(err.to_string()))?;
-        config.validate()?;
+            .map_err(|err| ConfigError(sources::explain(&err, &sources)))?;
+        config
+            .validate()
+            .map_err(|err| ConfigError(sources::explain_invalid(&err.0, &sources)))?;
         Ok(config)
     }
 
@@ -558,6 +566,48 @@ impl Config {
 /// between threads that compete with NATS for the same cores.
 fn default_worker_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+fn listen_address<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    resolve_listen_address(&text).map_err(serde::de::Error::custom)
+}
+
+/// A listen address: `IP:PORT`, or `HOST:PORT` with the host name resolved once, at start
+/// (an IPv4 address preferred: `localhost:8080` is 127.0.0.1:8080).
+pub fn resolve_listen_address(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(address) = text.parse() {
+        return Ok(address);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!(
+            "{text:?} is not a listen address: write IP:PORT, such as 127.0.0.1:8080"
+        ));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(format!(
+            "{text:?} is not a listen address: the port {port:?} is not a number from 0 to 65535"
+        ));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addresses: Vec<SocketAddr> = match (host, 0).to_socket_addrs() {
+        Ok(addresses) => addresses.collect(),
+        Err(err) => {
+            return Err(format!(
+                "{text:?} is not a listen address: cannot resolve {host:?} ({err}); use an IP address such as 127.0.0.1:{port}"
+            ));
+        }
+    };
+    let port: u16 = port.parse().unwrap_or_default();
+    addresses
+        .iter()
+        .find(|address| address.is_ipv4())
+        .or(addresses.first())
+        .map(|address| SocketAddr::new(address.ip(), port))
+        .ok_or_else(|| {
+            format!("{text:?}: {host:?} has no address; use an IP address such as 127.0.0.1:{port}")
+        })
 }
 
 fn octal_mode<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {

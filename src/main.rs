@@ -1,23 +1,44 @@
-//! The command line: `serve` runs the daemon; `request`, `publish` and `subscribe` talk to a
-//! running gateway over its socket; `demo-echo` runs the quick start's echo service.
+//! The command line: `serve` runs the daemon; `check-config` shows the settings it would
+//! run with; `request`, `publish` and `subscribe` talk to a running gateway over its socket;
+//! `demo-echo` runs the quick start's echo service; `completions` and `man` print shell
+//! completions and the man page from this same command definition.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use futures_util::Stream;
 use ipc_gateway::client::{Client, ClientError, SubscriptionEvent};
-use ipc_gateway::config::{Config, Flags, LogFormat};
+use ipc_gateway::config::{Config, Flags, LogFormat, Sources};
 use tokio::signal::unix::{SignalKind, signal};
 
 mod allocator;
+
+/// Exit statuses, the same for every subcommand (also in `--help` and the README).
+mod exit {
+    /// The gateway answered with an error (its code on stderr), or the daemon stopped on a
+    /// failure.
+    pub const FAILED: u8 = 1;
+    /// A usage error on the command line (clap's) or in the configuration.
+    pub const USAGE: u8 = 2;
+    /// The gateway's socket cannot be reached, or the gateway closed the connection.
+    pub const UNREACHABLE: u8 = 3;
+    /// Anything else on this side: standard input unreadable, no runtime.
+    pub const LOCAL: u8 = 4;
+}
+
+const EXIT_STATUS_HELP: &str = "Exit status: 0 success; 1 the gateway answered with an error \
+(its code on stderr) or the daemon stopped on a failure; 2 usage or configuration error; \
+3 the gateway's socket cannot be reached or the gateway closed the connection; 4 other local \
+failure (standard input unreadable).";
 
 #[derive(Parser)]
 #[command(
     name = "ipc-gateway",
     version,
-    about = "Unix socket, WebSocket and gRPC clients onto NATS"
+    about = "Unix socket, WebSocket and gRPC clients onto NATS",
+    after_help = EXIT_STATUS_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,9 +52,22 @@ enum Command {
     /// Each flag below is also a TOML key (`--max-frame-bytes` is `max_frame_bytes`) and an
     /// environment variable (`IPC_GATEWAY_MAX_FRAME_BYTES`); `NATS_URL` sets `nats_url` too.
     Serve(ServeArgs),
+    /// Check a configuration (file, environment, flags) and print the effective settings,
+    /// each with where it came from: default, file, env VAR or flag. Exit 0, or 2 with the
+    /// error.
+    CheckConfig {
+        /// TOML configuration file (the same as --config).
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
     /// Send a request through a running gateway and print the reply's data.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Request {
+        /// The subject to send the request to (`demo.echo`).
         subject: String,
+        /// The request's data; `-` reads it from standard input (to its end).
         data: String,
         /// Deadline in milliseconds (capped by the gateway's ceiling).
         #[arg(long)]
@@ -42,14 +76,19 @@ enum Command {
         socket: SocketArg,
     },
     /// Publish a message through a running gateway.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Publish {
+        /// The subject to publish to.
         subject: String,
+        /// The message's data; `-` reads it from standard input (to its end).
         data: String,
         #[command(flatten)]
         socket: SocketArg,
     },
     /// Subscribe through a running gateway and print "SUBJECT DATA" per message.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Subscribe {
+        /// The subject, wildcards allowed (`orders.>`, `demo.*`).
         subject: String,
         /// Queue group: messages are shared among its members.
         #[arg(long)]
@@ -62,8 +101,10 @@ enum Command {
     },
     /// Run the demo NATS echo service (answers each request with its own payload).
     DemoEcho {
+        /// The NATS server to connect to.
         #[arg(long, env = "NATS_URL", default_value_t = Config::default().nats_url)]
         nats_url: String,
+        /// The subject it answers requests on.
         #[arg(long, default_value = "demo.echo")]
         subject: String,
         /// Also make a JetStream stream for durable publishes and replays, as NAME:SUBJECT
@@ -71,6 +112,14 @@ enum Command {
         #[arg(long)]
         stream: Option<String>,
     },
+    /// Print shell completions: `ipc-gateway completions bash > /etc/bash_completion.d/ipc-gateway`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `ipc-gateway man | man -l -`.
+    Man,
 }
 
 #[derive(Args)]
@@ -96,13 +145,36 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::CheckConfig { file, serve } => {
+            check_config(file.or(serve.config), &serve.settings)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "ipc-gateway",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            if let Err(err) = clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                return fail(exit::LOCAL, &format!("man page: {err}"));
+            }
+            use std::io::Write;
+            match std::io::stdout().write_all(&page) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => fail(exit::LOCAL, &format!("man page: {err}")),
+            }
+        }
         command => {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
                 Ok(runtime) => runtime,
-                Err(err) => return fail(2, &format!("cannot start the runtime: {err}")),
+                Err(err) => return fail(exit::LOCAL, &format!("cannot start the runtime: {err}")),
             };
             runtime.block_on(run_client(command))
         }
@@ -114,6 +186,31 @@ fn fail(code: u8, message: &str) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// Loads the configuration as `serve` would and prints every effective setting as a TOML
+/// line with its source in a comment.
+fn check_config(file: Option<PathBuf>, flags: &Flags) -> ExitCode {
+    let config = match Config::load(file.as_deref(), flags) {
+        Ok(config) => config,
+        Err(err) => return fail(exit::USAGE, &err.to_string()),
+    };
+    let sources = Sources::read(file.as_deref(), flags);
+    let values = match serde_json::to_value(&config) {
+        Ok(serde_json::Value::Object(values)) => values,
+        _ => return fail(exit::LOCAL, "the settings cannot be shown"),
+    };
+    println!("# The configuration is valid. Effective settings, each with where it came from:");
+    for key in ipc_gateway::config::KEYS {
+        let value = values.get(*key).cloned().unwrap_or_default();
+        let source = sources.of(key);
+        let line = match value {
+            serde_json::Value::Null => format!("# {key} is not set"),
+            value => format!("{key} = {value}"),
+        };
+        println!("{line:<60} # {source}");
+    }
+    ExitCode::SUCCESS
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
     // SAFETY: first thing, while the process has one thread (nothing has started any yet).
     let systemd = match unsafe { ipc_gateway::ops::systemd::Systemd::from_env() } {
@@ -122,7 +219,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let config = match Config::load(args.config.as_deref(), &args.settings) {
         Ok(config) => config,
-        Err(err) => return fail(2, &err.to_string()),
+        Err(err) => return fail(exit::USAGE, &err.to_string()),
     };
     ipc_gateway::telemetry::logging::init_with(config.log_format, config.log_filter.as_deref());
     tracing::debug!(allocator = allocator::NAME, "memory allocator");
@@ -136,7 +233,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
-        Err(err) => return fail(2, &format!("cannot start the runtime: {err}")),
+        Err(err) => return fail(exit::LOCAL, &format!("cannot start the runtime: {err}")),
     };
     let served = runtime.block_on(async {
         // Installed before start-up, so a signal during it is not lost.
@@ -150,7 +247,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     });
     match served {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => fail(1, &err),
+        Err(err) => fail(exit::FAILED, &err),
     }
 }
 
@@ -196,8 +293,12 @@ async fn run_client(command: Command) -> ExitCode {
                 Ok(client) => client,
                 Err(code) => return code,
             };
+            let data = match read_data(data) {
+                Ok(data) => data,
+                Err(code) => return code,
+            };
             let timeout = timeout_ms.map(Duration::from_millis);
-            match client.request(&subject, data.as_bytes(), timeout).await {
+            match client.request(&subject, &data, timeout).await {
                 Ok(reply) => {
                     println!("{}", String::from_utf8_lossy(&reply.data));
                     ExitCode::SUCCESS
@@ -214,7 +315,11 @@ async fn run_client(command: Command) -> ExitCode {
                 Ok(client) => client,
                 Err(code) => return code,
             };
-            match client.publish(&subject, data.as_bytes()).await {
+            let data = match read_data(data) {
+                Ok(data) => data,
+                Err(code) => return code,
+            };
+            match client.publish(&subject, &data).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => report(err),
             }
@@ -251,7 +356,7 @@ async fn run_client(command: Command) -> ExitCode {
                     ),
                 }
             }
-            fail(1, "the gateway closed the connection")
+            fail(exit::UNREACHABLE, "the gateway closed the connection")
         }
         Command::DemoEcho {
             nats_url,
@@ -262,21 +367,39 @@ async fn run_client(command: Command) -> ExitCode {
             let stream = match stream.as_deref().map(|spec| spec.split_once(':')) {
                 None => None,
                 Some(Some((name, subject))) => Some((name, subject)),
-                Some(None) => return fail(2, "--stream takes NAME:SUBJECT (ORDERS:orders.>)"),
+                Some(None) => {
+                    return fail(exit::USAGE, "--stream takes NAME:SUBJECT (ORDERS:orders.>)");
+                }
             };
             match ipc_gateway::demo::echo(&nats_url, &subject, stream).await {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(err) => fail(1, &format!("demo echo: {err}")),
+                Err(err) => fail(exit::FAILED, &format!("demo echo: {err}")),
             }
         }
-        Command::Serve(_) => unreachable!("serve runs its own runtime"),
+        Command::Serve(_)
+        | Command::CheckConfig { .. }
+        | Command::Completions { .. }
+        | Command::Man => unreachable!("run without the client runtime"),
+    }
+}
+
+/// The data argument, or standard input to its end when it is `-`.
+fn read_data(data: String) -> Result<Vec<u8>, ExitCode> {
+    if data != "-" {
+        return Ok(data.into_bytes());
+    }
+    let mut bytes = Vec::new();
+    use std::io::Read;
+    match std::io::stdin().read_to_end(&mut bytes) {
+        Ok(_) => Ok(bytes),
+        Err(err) => Err(fail(exit::LOCAL, &format!("reading standard input: {err}"))),
     }
 }
 
 async fn connect(socket: &std::path::Path) -> Result<Client, ExitCode> {
     Client::connect(socket).await.map_err(|err| {
         fail(
-            2,
+            exit::UNREACHABLE,
             &format!(
                 "cannot connect to {}: {err} (is `ipc-gateway serve` running?)",
                 socket.display()
@@ -289,8 +412,8 @@ fn report(err: ClientError) -> ExitCode {
     match err {
         ClientError::Gateway(error) => {
             eprintln!("{}: {}", error.code, error.message);
-            ExitCode::from(1)
+            ExitCode::from(exit::FAILED)
         }
-        other => fail(2, &other.to_string()),
+        other => fail(exit::UNREACHABLE, &other.to_string()),
     }
 }

@@ -66,7 +66,7 @@ pub async fn run_with(
             .map_err(|e| format!("socket handed over by systemd: {e}"))?,
         None => UdsListener::bind(&config.socket, config.socket_mode)
             .await
-            .map_err(|e| format!("socket {}: {e}", config.socket.display()))?,
+            .map_err(|e| socket_error(&config.socket, &e))?,
     };
     if listener.path() != config.socket {
         tracing::warn!(
@@ -80,14 +80,14 @@ pub async fn run_with(
             .map_err(|e| format!("HTTP port handed over by systemd: {e}"))?,
         None => http::bind(config.http)
             .await
-            .map_err(|e| format!("HTTP port {}: {e}", config.http))?,
+            .map_err(|e| port_error("--http", config.http, &e))?,
     };
     let grpc_listener = match handed.grpc {
         Some(listener) => tokio::net::TcpListener::from_std(listener)
             .map_err(|e| format!("gRPC port handed over by systemd: {e}"))?,
         None => grpc::bind(config.grpc)
             .await
-            .map_err(|e| format!("gRPC port {}: {e}", config.grpc))?,
+            .map_err(|e| port_error("--grpc", config.grpc, &e))?,
     };
     let address = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string());
     info!(
@@ -183,6 +183,40 @@ pub async fn run_with(
     grpc_task.abort();
     info!("stopped");
     failure.map_or(Ok(()), Err)
+}
+
+/// A listen port that cannot be bound, named by its flag (also the TOML key without dashes).
+fn port_error(flag: &str, address: std::net::SocketAddr, err: &std::io::Error) -> String {
+    match err.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "{flag} {address}: address already in use (another gateway or program listens there); stop it or choose another {flag}"
+        ),
+        std::io::ErrorKind::AddrNotAvailable => format!(
+            "{flag} {address}: no network interface of this host has that address; choose another {flag}"
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "{flag} {address}: permission denied (ports below 1024 need privileges); choose another {flag}"
+        ),
+        _ => format!("{flag} {address}: {err}"),
+    }
+}
+
+/// The Unix socket that cannot be made; a missing directory is named as such.
+fn socket_error(path: &std::path::Path, err: &std::io::Error) -> String {
+    match path.parent() {
+        Some(dir)
+            if err.kind() == std::io::ErrorKind::NotFound
+                && !dir.as_os_str().is_empty()
+                && !dir.exists() =>
+        {
+            format!(
+                "--socket {}: the directory {} does not exist; create it or choose another --socket",
+                path.display(),
+                dir.display()
+            )
+        }
+        _ => format!("--socket {}: {err}", path.display()),
+    }
 }
 
 /// The HTTP port: the operator routes, and the WebSocket front-end at `/ws`.

@@ -314,7 +314,7 @@ mod tests {
 
     /// docs/operations.md: its settings table lists every setting in order with its
     /// environment variable, flag and default (the meaning column is prose for operators and is
-    /// not checked), and its example file uses every key and loads.
+    /// not checked), and it points to the example file.
     #[test]
     fn the_operations_guide_lists_every_setting_with_its_default() {
         let guide =
@@ -348,20 +348,45 @@ mod tests {
             }
         }
 
-        let example = guide
-            .split("Example `/etc/ipc-gateway/gateway.toml`:")
-            .nth(1)
-            .and_then(|rest| rest.split("```toml\n").nth(1))
-            .and_then(|rest| rest.split("```").next())
-            .expect("the example file");
-        for key in KEYS {
-            assert!(example.contains(&format!("{key} = ")), "{key}");
+        assert!(
+            guide.contains("[`dist/ipc-gateway.toml`]"),
+            "the guide points to the example"
+        );
+    }
+
+    /// dist/ipc-gateway.toml, the one example file: every key, each with its doc comment
+    /// above it, loads and validates, and each value given is the default except the ones its
+    /// header names.
+    #[test]
+    fn the_example_file_in_dist_has_every_key_with_its_doc_and_loads() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/dist/ipc-gateway.toml");
+        let example = std::fs::read_to_string(path).unwrap();
+        for setting in SETTINGS {
+            let key = setting.key;
+            let at = example
+                .find(&format!("\n{key} = "))
+                .or_else(|| example.find(&format!("\n# {key} = ")))
+                .unwrap_or_else(|| panic!("{key} is not in the example"));
+            let first_doc_line = setting.doc.lines().next().unwrap_or_default().trim();
+            let before = &example[..at];
+            assert!(
+                before[before.len().saturating_sub(setting.doc.len() + 200)..]
+                    .contains(first_doc_line),
+                "{key}: its doc comment is not above it"
+            );
         }
         let config: Config = Figment::from(Serialized::defaults(Config::default()))
-            .merge(figment::providers::Toml::string(example))
+            .merge(figment::providers::Toml::file(path))
             .extract()
             .unwrap();
         config.validate().unwrap();
+        let given = serde_json::to_value(&config).unwrap();
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        for key in KEYS {
+            if !["socket", "worker_threads", "log_format"].contains(key) {
+                assert_eq!(given[key], defaults[key], "{key} differs from the default");
+            }
+        }
     }
 
     #[test]

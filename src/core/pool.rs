@@ -65,6 +65,61 @@ pub struct NatsManager {
     /// Told which shared subscription the NATS client dropped a message of.
     fanout: Arc<Fanout>,
     subscription_buffer: usize,
+    /// "NATS unreachable" at most once per `UNREACHABLE_LOG_EVERY`, over every connection.
+    unreachable: Arc<LogThrottle>,
+}
+
+/// How often a NATS that cannot be reached is logged (async-nats retries every 0-2 s per
+/// connection, and each failed attempt is an event).
+pub const UNREACHABLE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Lets a log line through at most once per period.
+pub struct LogThrottle {
+    every: Duration,
+    last: std::sync::Mutex<Option<Instant>>,
+}
+
+impl LogThrottle {
+    pub fn new(every: Duration) -> LogThrottle {
+        LogThrottle {
+            every,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether a line may be logged at `now`; if so, the period starts again.
+    pub fn allow(&self, now: Instant) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match *last {
+            Some(at) if now.saturating_duration_since(at) < self.every => false,
+            _ => {
+                *last = Some(now);
+                true
+            }
+        }
+    }
+}
+
+/// Why the first NATS server cannot be reached, for the log: async-nats's event only says
+/// "IO error", so a plain TCP connect (1 s at most) finds the cause.
+async fn unreachable_cause(servers: &[async_nats::ServerAddr]) -> String {
+    let Some(server) = servers.first() else {
+        return "no server".into();
+    };
+    let address = (server.host().to_owned(), server.port());
+    match tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
+    {
+        Err(_) => "no answer within 1 s".into(),
+        Ok(Err(err)) => err.to_string(),
+        Ok(Ok(_)) => {
+            "TCP connects, the NATS handshake fails (TLS, credentials, or not a NATS server?)"
+                .into()
+        }
+    }
 }
 
 impl managed::Manager for NatsManager {
@@ -83,6 +138,7 @@ impl managed::Manager for NatsManager {
                 self.fanout.clone(),
                 self.subscription_buffer,
             ),
+            (self.servers.clone(), self.unreachable.clone()),
         )
         .connect(self.servers.clone())
         .await?;
@@ -135,7 +191,9 @@ fn connect_options(
     slow_consumer: Counter,
     lost: watch::Sender<u64>,
     (breakers, fanout, subscription_buffer): (Arc<Breakers>, Arc<Fanout>, usize),
+    (servers, unreachable): (Vec<async_nats::ServerAddr>, Arc<LogThrottle>),
 ) -> ConnectOptions {
+    let servers = Arc::new(servers);
     let lost = Arc::new(lost);
     ConnectOptions::new()
         .name(format!("ipc-gateway-{index}"))
@@ -157,6 +215,8 @@ fn connect_options(
             let lost = lost.clone();
             let breakers = breakers.clone();
             let fanout = fanout.clone();
+            let servers = servers.clone();
+            let unreachable = unreachable.clone();
             async move {
                 match event {
                     async_nats::Event::SlowConsumer(sid) => {
@@ -183,6 +243,26 @@ fn connect_options(
                         lost.send_modify(|drops| *drops += 1);
                         fanout.disconnected(index);
                         warn!(connection = index, "NATS disconnected");
+                    }
+                    // Each failed (re)connect attempt: one line per period, naming the URL and
+                    // the cause.
+                    async_nats::Event::ClientError(async_nats::ClientError::Other(error)) => {
+                        if unreachable.allow(Instant::now()) {
+                            let urls: Vec<String> = servers
+                                .iter()
+                                .map(|s| format!("nats://{}:{}", s.host(), s.port()))
+                                .collect();
+                            let cause = unreachable_cause(&servers).await;
+                            warn!(
+                                url = %urls.join(","),
+                                %cause,
+                                %error,
+                                "NATS unreachable; retrying (logged at most every {} s)",
+                                UNREACHABLE_LOG_EVERY.as_secs()
+                            );
+                        } else {
+                            tracing::debug!(connection = index, %error, "NATS connect failed");
+                        }
                     }
                     other => info!(connection = index, event = %other, "NATS event"),
                 }
@@ -284,6 +364,7 @@ impl NatsPool {
             breakers,
             fanout,
             subscription_buffer,
+            unreachable: Arc::new(LogThrottle::new(UNREACHABLE_LOG_EVERY)),
         };
         let pool = managed::Pool::builder(manager)
             .max_size(size)
@@ -490,6 +571,17 @@ impl NatsPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_throttle_lets_one_line_through_per_period() {
+        let throttle = LogThrottle::new(Duration::from_secs(10));
+        let start = Instant::now();
+        assert!(throttle.allow(start));
+        assert!(!throttle.allow(start + Duration::from_secs(9)));
+        assert!(throttle.allow(start + Duration::from_secs(10)));
+        assert!(!throttle.allow(start + Duration::from_secs(19)));
+        assert!(throttle.allow(start + Duration::from_secs(25)));
+    }
 
     #[test]
     fn reconnect_delay_backs_off_and_is_capped() {

@@ -1,7 +1,10 @@
-//! Logging set-up: the `log_filter` setting, else `RUST_LOG`, filters (default `info`); text
-//! or JSON lines on stderr. The filter can be replaced while the gateway runs (`set_filter`,
-//! on SIGHUP).
+//! Logging set-up: the `log_filter` setting, else `RUST_LOG`, filters (default `info`; the NATS
+//! client library's own events at `warn` unless the filter names `async_nats`: the gateway logs
+//! what they mean); text or JSON lines on stderr. Text has ANSI colours only when stderr is a
+//! terminal and `NO_COLOR` is unset or empty (<https://no-color.org>). The filter can be
+//! replaced while the gateway runs (`set_filter`, on SIGHUP).
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
@@ -20,13 +23,17 @@ pub fn init(format: LogFormat) {
 pub fn init_with(format: LogFormat, filter: Option<&str>) {
     let filter = match filter.map(parse) {
         Some(Ok(filter)) => filter,
-        _ => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        _ => default_filter(),
     };
     // The format changes the builder's type, so each is built whole.
     macro_rules! install {
         ($builder:expr) => {{
             let builder = $builder
                 .with_env_filter(filter)
+                .with_ansi(colour(
+                    std::io::stderr().is_terminal(),
+                    std::env::var_os("NO_COLOR"),
+                ))
                 .with_writer(std::io::stderr)
                 .with_filter_reloading();
             let handle = builder.reload_handle();
@@ -45,9 +52,34 @@ pub fn init_with(format: LogFormat, filter: Option<&str>) {
     }
 }
 
-/// A filter in `RUST_LOG`'s syntax, or why it is not one.
+/// A filter in `RUST_LOG`'s syntax, or why it is not one; async-nats's events held at `warn`
+/// unless it names `async_nats`.
 pub fn parse(directives: &str) -> Result<EnvFilter, String> {
-    EnvFilter::try_new(directives).map_err(|e| format!("not a log filter ({e}): {directives:?}"))
+    EnvFilter::try_new(directives)
+        .map(|filter| quiet_async_nats(filter, directives))
+        .map_err(|e| format!("not a log filter ({e}): {directives:?}"))
+}
+
+/// `RUST_LOG`, else `info`.
+fn default_filter() -> EnvFilter {
+    let directives = std::env::var("RUST_LOG").unwrap_or_default();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    quiet_async_nats(filter, &directives)
+}
+
+/// async-nats reports each failed connect attempt at info (dozens a second with a pool of
+/// connections retrying): the gateway logs them itself, rate-limited, unless the filter asks
+/// for async_nats by name.
+fn quiet_async_nats(filter: EnvFilter, directives: &str) -> EnvFilter {
+    match "async_nats=warn".parse() {
+        Ok(directive) if !directives.contains("async_nats") => filter.add_directive(directive),
+        _ => filter,
+    }
+}
+
+/// Colours for a terminal, unless `NO_COLOR` is set to anything but the empty string.
+fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
 /// Puts `filter` (None: `RUST_LOG`, else `info`) in force; an error when logging was not set up
@@ -55,7 +87,7 @@ pub fn parse(directives: &str) -> Result<EnvFilter, String> {
 pub fn set_filter(filter: Option<&str>) -> Result<(), String> {
     let filter = match filter {
         Some(directives) => parse(directives)?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        None => default_filter(),
     };
     let reload = RELOAD
         .get()
@@ -65,6 +97,16 @@ pub fn set_filter(filter: Option<&str>) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some("".into())));
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(false, None));
+    }
+
     #[test]
     fn a_log_filter_that_does_not_parse_is_a_configuration_error_naming_it() {
         assert!(super::parse("warn,ipc_gateway::core=debug").is_ok());

@@ -22,6 +22,7 @@ mod breakers;
 mod cluster;
 mod durable;
 mod fanout;
+mod first_run;
 mod grpc;
 mod http_hardening;
 mod ops_metrics;

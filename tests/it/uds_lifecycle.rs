@@ -205,7 +205,8 @@ fn bad_configuration_fails_start_up_naming_the_key() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("max_frame_bytes"));
+    // Named as written: the flag and its value.
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--max-frame-bytes 3"));
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("gw.toml");
@@ -224,7 +225,7 @@ fn bad_configuration_fails_start_up_naming_the_key() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("nats_connections"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("IPC_GATEWAY_NATS_CONNECTIONS=0"));
 }
 
 #[tokio::test]

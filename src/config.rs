@@ -268,6 +268,10 @@ settings! {
     }
 }
 
+/// The NATS client library's log target: logging holds its events at `warn` unless a filter
+/// names it (the gateway logs what they mean, rate-limited).
+pub const NATS_CLIENT_LOG_TARGET: &str = "async_nats";
+
 fn is_gateway_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
 }

@@ -1,5 +1,5 @@
 //! Logging set-up: the `log_filter` setting, else `RUST_LOG`, filters (default `info`; the NATS
-//! client library's own events at `warn` unless the filter names `async_nats`: the gateway logs
+//! client library's own events at `warn` unless the filter names its target: the gateway logs
 //! what they mean); text or JSON lines on stderr. Text has ANSI colours only when stderr is a
 //! terminal and `NO_COLOR` is unset or empty (<https://no-color.org>). The filter can be
 //! replaced while the gateway runs (`set_filter`, on SIGHUP).
@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, NATS_CLIENT_LOG_TARGET};
 
 /// Replaces the installed subscriber's filter; set by `init_with`.
 type Reload = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
@@ -52,11 +52,11 @@ pub fn init_with(format: LogFormat, filter: Option<&str>) {
     }
 }
 
-/// A filter in `RUST_LOG`'s syntax, or why it is not one; async-nats's events held at `warn`
-/// unless it names `async_nats`.
+/// A filter in `RUST_LOG`'s syntax, or why it is not one; the NATS client's events held at
+/// `warn` unless it names the client's target.
 pub fn parse(directives: &str) -> Result<EnvFilter, String> {
     EnvFilter::try_new(directives)
-        .map(|filter| quiet_async_nats(filter, directives))
+        .map(|filter| quiet_nats_client(filter, directives))
         .map_err(|e| format!("not a log filter ({e}): {directives:?}"))
 }
 
@@ -64,15 +64,17 @@ pub fn parse(directives: &str) -> Result<EnvFilter, String> {
 fn default_filter() -> EnvFilter {
     let directives = std::env::var("RUST_LOG").unwrap_or_default();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    quiet_async_nats(filter, &directives)
+    quiet_nats_client(filter, &directives)
 }
 
-/// async-nats reports each failed connect attempt at info (dozens a second with a pool of
-/// connections retrying): the gateway logs them itself, rate-limited, unless the filter asks
-/// for async_nats by name.
-fn quiet_async_nats(filter: EnvFilter, directives: &str) -> EnvFilter {
-    match "async_nats=warn".parse() {
-        Ok(directive) if !directives.contains("async_nats") => filter.add_directive(directive),
+/// The NATS client reports each failed connect attempt at info (dozens a second with a pool
+/// of connections retrying): the gateway logs them itself, rate-limited, unless the filter
+/// names the client's target.
+fn quiet_nats_client(filter: EnvFilter, directives: &str) -> EnvFilter {
+    match format!("{NATS_CLIENT_LOG_TARGET}=warn").parse() {
+        Ok(directive) if !directives.contains(NATS_CLIENT_LOG_TARGET) => {
+            filter.add_directive(directive)
+        }
         _ => filter,
     }
 }

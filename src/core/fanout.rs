@@ -301,10 +301,20 @@ impl Fanout {
                     index += 1;
                 }
                 Recheck::End(error) => {
-                    let member = members.list.swap_remove(index);
-                    member.active.store(false, Ordering::Release);
-                    member.sink.ended(&member.sid, error);
-                    self.metrics.subscription_closed(member.caller.frontend());
+                    let Member {
+                        sid,
+                        caller,
+                        sink,
+                        active,
+                        _slot,
+                        ..
+                    } = members.list.swap_remove(index);
+                    active.store(false, Ordering::Release);
+                    // The place under max_subscriptions_per_connection is free before the
+                    // client hears of the end: a subscribe sent on hearing it must fit.
+                    drop(_slot);
+                    sink.ended(&sid, error);
+                    self.metrics.subscription_closed(caller.frontend());
                 }
             }
         }

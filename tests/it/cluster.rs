@@ -92,11 +92,7 @@ async fn each_gateway_names_itself_in_status_headers_and_audit_records() {
     named.signal("TERM");
     let mut named = named;
     assert_eq!(named.wait_exit(), Some(0));
-    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let records = crate::common::audit_records(&audit);
     assert!(records.iter().any(|r| r["op"] == "request"));
     for record in &records {
         assert_eq!(record["gateway"], "gw-a", "{record}");

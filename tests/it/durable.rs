@@ -9,7 +9,7 @@ use ipc_gateway::protocol::binary::{FrameParts, flag, frame_type};
 use serde_json::json;
 
 use crate::common::cluster::NatsCluster;
-use crate::common::{GatewayProcess, NatsServer, PATIENCE, RawConn, frame, ws};
+use crate::common::{GatewayProcess, NatsServer, PATIENCE, RawConn, frame, hs256, unix_now, ws};
 
 /// A HS256 secret the gateways under test verify tokens with (32 bytes, the minimum).
 const SECRET: &[u8] = b"durable-tests-secret-0123456789a";
@@ -32,16 +32,8 @@ impl SecretFile {
 }
 
 fn token(sub: &str) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": sub, "iat": now, "exp": now + 3600}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET).unwrap(),
-    )
-    .unwrap()
+    let now = unix_now();
+    hs256(&json!({"sub": sub, "iat": now, "exp": now + 3600}), SECRET)
 }
 
 /// A WebSocket client that presents a token for `sub`.

@@ -149,17 +149,9 @@ async fn presence_until(conn: &mut JsonConn, name: &str, want: impl Fn(&Value) -
     }
 }
 
-fn hs256(sub: &str) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": sub, "iat": now, "exp": now + 600}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET).unwrap(),
-    )
-    .unwrap()
+fn token(sub: &str) -> String {
+    let now = crate::common::unix_now();
+    crate::common::hs256(&json!({"sub": sub, "iat": now, "exp": now + 600}), SECRET)
 }
 
 /// GET with an optional bearer token: (status, body).
@@ -372,11 +364,11 @@ async fn presence_is_online_with_the_gateway_and_offline_after_a_clean_close() {
     let port = gateways[0].http_port;
     let (status, _) = http_get_as(port, "/presence?name=bob", None).await;
     assert_eq!(status, 403);
-    let (status, _) = http_get_as(port, "/presence?name=bob", Some(&hs256("someone"))).await;
+    let (status, _) = http_get_as(port, "/presence?name=bob", Some(&token("someone"))).await;
     assert_eq!(status, 403);
     let (status, _) = http_get_as(port, "/presence?name=bob", Some("not.a.token")).await;
     assert_eq!(status, 401);
-    let ops = hs256("ops");
+    let ops = token("ops");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (status, body) = http_get_as(port, "/presence?name=bob", Some(&ops)).await;
@@ -746,7 +738,7 @@ async fn websocket_clients_take_their_token_subject_and_anonymous_ones_nothing()
             &files.path("jwt.secret"),
         ],
     );
-    let authorization = format!("Bearer {}", hs256("carol"));
+    let authorization = format!("Bearer {}", token("carol"));
     let (mut carol, _) = ws::connect_with_headers(&gateway, &[("Authorization", &authorization)])
         .await
         .expect("carol connects");
@@ -982,11 +974,7 @@ async fn name_operations_are_audited_with_the_name() {
     drop(conn);
     gateway.signal("TERM");
     assert_eq!(gateway.wait_exit(), Some(0));
-    let records: Vec<Value> = std::fs::read_to_string(&audit)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let records = crate::common::audit_records(std::path::Path::new(&audit));
     let register = |id: i64| {
         records
             .iter()

@@ -22,7 +22,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
 
@@ -138,15 +137,6 @@ fn seen_by_service(message: &async_nats::Message) -> (String, String) {
 fn tracestate(message: &async_nats::Message) -> Option<String> {
     let headers = message.headers.as_ref()?;
     headers.get("tracestate").map(|v| v.as_str().to_owned())
-}
-
-/// The audit file's records, parsed.
-fn audit_records(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
-        .collect()
 }
 
 #[tokio::test]

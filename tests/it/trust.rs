@@ -273,25 +273,9 @@ impl SecretFile {
     }
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 /// Claims for `sub` that expire `exp_in` seconds from now (negative: expired that long ago).
 fn claims(sub: &str, exp_in: i64) -> serde_json::Value {
     json!({"sub": sub, "iat": unix_now(), "exp": unix_now() + exp_in})
-}
-
-fn hs256(claims: &serde_json::Value, secret: &[u8]) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret).unwrap(),
-    )
-    .unwrap()
 }
 
 fn eddsa(claims: &serde_json::Value, private_key_file: &str) -> String {
@@ -1786,15 +1770,6 @@ status = true
     // /health, /ready and /metrics stay open.
     assert_eq!(gateway.get("/health").await.0, 200);
     assert_eq!(gateway.get("/metrics").await.0, 200);
-}
-
-/// The audit file's records, parsed.
-fn audit_records(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
-        .collect()
 }
 
 #[tokio::test]

@@ -29,6 +29,33 @@ pub const NO_TRACE: &[&str] = &["--trace-requests", "false"];
 /// How long a harness read waits before the test fails: generous, it only guards hangs.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// An audit file's records, parsed (none when the file does not exist yet).
+pub fn audit_records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
+        .collect()
+}
+
+/// Seconds since the Unix epoch, for token claims.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A JWT with these claims, signed HS256 with `secret`.
+pub fn hs256(claims: &Value, secret: &[u8]) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret).unwrap(),
+    )
+    .unwrap()
+}
+
 /// A loopback port that nothing listens on now and that this process has not handed out
 /// before. Every integration test runs in this one process, and the kernel may hand the port
 /// one test has just let go of (to start its server on) to the next caller: the set keeps two

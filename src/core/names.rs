@@ -640,23 +640,21 @@ impl Gateway {
                 }
             }
         }
-        let ended: Vec<Watcher> = {
-            let mut watchers = lock(&names.watchers);
-            let (kept, ended) = std::mem::take(&mut *watchers)
-                .into_iter()
-                .partition(|watcher| {
-                    let caller = self.refreshed(&watcher.caller);
-                    let caller = caller.as_ref().unwrap_or(&watcher.caller);
-                    self.check_presence(caller, &watcher.pattern).is_ok()
-                });
-            *watchers = kept;
-            ended
-        };
-        for watcher in ended {
-            let caller = self.refreshed(&watcher.caller).unwrap_or(watcher.caller);
-            if let Err(error) = self.check_presence(&caller, &watcher.pattern) {
-                watcher.sink.watch_ended(&watcher.sid, error);
+        let mut ended = Vec::new();
+        lock(&names.watchers).retain(|watcher| {
+            let caller = self.refreshed(&watcher.caller);
+            let caller = caller.as_ref().unwrap_or(&watcher.caller);
+            match self.check_presence(caller, &watcher.pattern) {
+                Ok(()) => true,
+                Err(error) => {
+                    ended.push((watcher.sid.clone(), watcher.sink.clone(), error));
+                    false
+                }
             }
+        });
+        // Told outside the lock: a sink may take it (a dropped watch removes itself).
+        for (sid, sink, error) in ended {
+            sink.watch_ended(&sid, error);
         }
     }
 

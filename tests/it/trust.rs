@@ -1014,6 +1014,84 @@ async fn a_websocket_auth_message_changes_who_is_calling_and_a_bad_one_closes_wi
 }
 
 #[tokio::test]
+async fn an_auth_that_changes_who_a_connection_is_is_refused_while_it_holds_subscriptions_or_names()
+{
+    let nats = NatsServer::start();
+    let mut service = Service::start(&nats, "svc.>").await;
+    let policy = PolicyFile::new(
+        r#"
+[[grant]]
+match = { sub = "bob" }
+request = { allow = ["svc.>"] }
+subscribe = { allow = ["bob.>"] }
+
+[[grant]]
+match = { sub = "alice" }
+subscribe = { allow = ["alice.>"] }
+
+[[grant]]
+match = { anonymous = true }
+subscribe = { allow = ["public.>"] }
+"#,
+    );
+    let secret = SecretFile::new();
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--policy",
+            policy.arg(),
+            "--auth-jwt-secret-file",
+            secret.arg(),
+        ],
+    );
+    let bob = hs256(&claims("bob", 600), SECRET);
+    let alice = hs256(&claims("alice", 600), SECRET);
+    let auth = |token: &str| json!({"op":"auth","id":"a","token":token}).to_string();
+
+    // Bob subscribes: an auth as alice would leave bob's subscription running as alice.
+    let (mut ws, _) =
+        ws::connect_with_headers(&gateway, &[("Authorization", &format!("Bearer {bob}"))])
+            .await
+            .unwrap();
+    let subscribed = ws::call(&mut ws, r#"{"op":"subscribe","id":"s","subject":"bob.>"}"#).await;
+    assert_eq!(subscribed["ok"], true, "{subscribed}");
+    let refused = ws::call(&mut ws, &auth(&alice)).await;
+    assert_eq!(refused["error"]["code"], "BAD_REQUEST", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sub=bob"),
+        "{refused}"
+    );
+    // The connection goes on, still as bob.
+    let reply = ws_request(&mut ws, "svc.who", "still bob").await;
+    assert_eq!(reply["data"], "still bob", "{reply}");
+    assert_from_bob(&service.next().await, "ws", &bob);
+    // A fresh token for bob (a refresh) is accepted whatever the connection holds.
+    let refreshed = hs256(&claims("bob", 1200), SECRET);
+    let answer = ws::call(&mut ws, &auth(&refreshed)).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+
+    // An anonymous subscriber must let go of what it holds before it becomes bob.
+    let mut ws = ws::connect(&gateway, None).await.unwrap();
+    let subscribed = ws::call(
+        &mut ws,
+        r#"{"op":"subscribe","id":"p","subject":"public.news"}"#,
+    )
+    .await;
+    assert_eq!(subscribed["ok"], true, "{subscribed}");
+    let refused = ws::call(&mut ws, &auth(&bob)).await;
+    assert_eq!(refused["error"]["code"], "BAD_REQUEST", "{refused}");
+    let unsubscribed = ws::call(&mut ws, r#"{"op":"unsubscribe","id":"p"}"#).await;
+    assert_eq!(unsubscribed["ok"], true, "{unsubscribed}");
+    let answer = ws::call(&mut ws, &auth(&bob)).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let reply = ws_request(&mut ws, "svc.who", "now bob").await;
+    assert_eq!(reply["data"], "now bob", "{reply}");
+}
+
+#[tokio::test]
 async fn with_auth_required_websocket_and_grpc_callers_without_a_token_are_refused() {
     let nats = NatsServer::start();
     let mut service = Service::start(&nats, "svc.>").await;

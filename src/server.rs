@@ -177,10 +177,15 @@ pub async fn run_with(
     if let Some(pinger) = pinger {
         pinger.abort();
     }
+    // A gRPC server still running past the deadline is dropped now, before the audit log
+    // closes: its connections' disconnect records come as they drop.
+    if !grpc_task.is_finished() {
+        grpc_task.abort();
+        let _ = (&mut grpc_task).await;
+    }
     // Last: every operation answered before now has its record on disk.
     gateway.close_audit().await;
     supervisor.abort();
-    grpc_task.abort();
     info!("stopped");
     failure.map_or(Ok(()), Err)
 }

@@ -1936,6 +1936,72 @@ subscribe = { allow = ["events.>"] }
     assert!(closed["reason"].as_str().is_some(), "{closed}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_open_at_sigterm_on_every_front_end_have_their_disconnect_records() {
+    let nats = NatsServer::start();
+    let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mut gateway =
+        GatewayProcess::start(&nats.url(), &["--audit-file", audit.to_str().unwrap()]);
+    let mut uds = gateway.json().await;
+    let reply = uds
+        .call(r#"{"id":1,"subject":"demo.echo","data":"u"}"#)
+        .await;
+    assert_eq!(reply["data"], "u", "{reply}");
+    let mut ws = ws::connect(&gateway, None).await.unwrap();
+    let reply = ws_request(&mut ws, "demo.echo", "w").await;
+    assert_eq!(reply["data"], "w", "{reply}");
+    let mut grpc = gateway.grpc().await;
+    let reply = grpc
+        .request(pb::RequestMessage {
+            subject: "demo.echo".into(),
+            payload: b"g".to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(&reply.get_ref().payload[..], b"g");
+    // Each holds a subscription too.
+    let subscribed = uds
+        .call(r#"{"op":"subscribe","id":2,"subject":"news.u"}"#)
+        .await;
+    assert_eq!(subscribed["ok"], true, "{subscribed}");
+    let subscribed = ws::call(&mut ws, r#"{"op":"subscribe","id":2,"subject":"news.w"}"#).await;
+    assert_eq!(subscribed["ok"], true, "{subscribed}");
+    let stream = grpc
+        .subscribe(pb::SubscribeRequest {
+            subject: "news.g".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // All three stay open while the gateway stops.
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), Some(0));
+    let records = audit_records(&audit);
+    for frontend in ["uds", "ws", "grpc"] {
+        let count = |op: &str| {
+            records
+                .iter()
+                .filter(|r| r["op"] == op && r["frontend"] == frontend)
+                .count()
+        };
+        // The harness's start-up probe of the gRPC port is a connection of its own.
+        let counts = [count("connect"), count("request"), count("disconnect")];
+        assert!(
+            counts[0] >= 1,
+            "{frontend} connect, request, disconnect: {counts:?}"
+        );
+        assert_eq!(
+            counts[1..],
+            [1, counts[0]],
+            "{frontend} connect, request, disconnect: {counts:?}"
+        );
+    }
+    drop((uds, ws, grpc, stream));
+}
+
 #[tokio::test]
 async fn the_audit_log_rotates_at_its_size_limit() {
     let nats = NatsServer::start();

@@ -56,10 +56,12 @@ pub fn hs256(claims: &Value, secret: &[u8]) -> String {
     .unwrap()
 }
 
-/// A loopback port that nothing listens on now and that this process has not handed out
-/// before. Every integration test runs in this one process, and the kernel may hand the port
-/// one test has just let go of (to start its server on) to the next caller: the set keeps two
-/// tests, or a server's client and monitoring ports, from ever getting the same one.
+/// A loopback port that nothing listens on now and that no running test process has handed
+/// out before. The kernel may hand the port one test has just let go of (to start its server
+/// on) to the next caller: the set keeps two tests in this process, or a server's client and
+/// monitoring ports, from ever getting the same one, and a claim file (`claim_port`) does the
+/// same across test processes that run at once (two checkouts testing side by side), which
+/// would otherwise start servers on each other's ports.
 pub fn free_port() -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     loop {
@@ -68,10 +70,49 @@ pub fn free_port() -> u16 {
             .map(|address| address.port())
             .expect("a free loopback port");
         let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
-        if handed_out.insert(port) {
+        if handed_out.insert(port) && claim_port(port) {
             return port;
         }
     }
+}
+
+/// Claims `port` for this process in a file named after it under the temp directory, unless
+/// a live process claimed it first. A claim whose process has exited is taken over.
+fn claim_port(port: u16) -> bool {
+    let dir = std::env::temp_dir().join("ipc-gateway-test-ports");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(port.to_string());
+    let mine = std::process::id().to_string();
+    for _ in 0..2 {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut file) => return std::io::Write::write_all(&mut file, mine.as_bytes()).is_ok(),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                if owner.is_empty() {
+                    // Being written this instant by the process that created it.
+                    return false;
+                }
+                let alive = owner
+                    .trim()
+                    .parse::<i32>()
+                    // SAFETY: kill with signal 0 only checks that the process exists.
+                    .is_ok_and(|pid| pid > 0 && unsafe { libc::kill(pid, 0) } == 0);
+                if alive && owner.trim() != mine {
+                    return false;
+                }
+                // Its process is gone (or it is ours from an earlier run with our pid):
+                // take it over.
+                let _ = std::fs::remove_file(&path);
+            }
+            // No temp directory to claim in: fall back to this process's own set.
+            Err(_) => return true,
+        }
+    }
+    false
 }
 
 fn wait_for_tcp(port: u16, what: &str) {

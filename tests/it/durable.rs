@@ -422,6 +422,33 @@ async fn a_replay_says_when_the_stream_no_longer_holds_its_start_and_replays_fro
         .call(r#"{"op":"subscribe","id":"three","subject":"small.x","since_seq":11}"#)
         .await;
     assert_eq!(answer["error"]["code"], "BAD_REQUEST", "{answer}");
+    // From a time before the oldest message it holds: some removed ones may have been newer.
+    let answer = client
+        .call(r#"{"op":"subscribe","id":"old","subject":"small.x","since_time":"2000-01-01T00:00:00Z"}"#)
+        .await;
+    assert_eq!(
+        answer,
+        json!({"id":"old","ok":true,"stream":"SMALL","truncated":true,"first_seq":6})
+    );
+    let seen = read_until(&mut client, "old", 10).await;
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    // From the time of a message it holds: nothing is missing.
+    let small_stream = jetstream::new(cluster.nodes[1].client().await)
+        .get_stream("SMALL")
+        .await
+        .unwrap();
+    let eighth = small_stream.get_raw_message(8).await.unwrap().time;
+    let since = eighth
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let answer = client
+        .call(&format!(
+            r#"{{"op":"subscribe","id":"new","subject":"small.x","since_time":"{since}"}}"#
+        ))
+        .await;
+    assert_eq!(answer, json!({"id":"new","ok":true,"stream":"SMALL"}));
+    let seen = read_until(&mut client, "new", 10).await;
+    assert_eq!(seen.first().map(|(seq, _)| *seq), Some(8), "{seen:?}");
     // Its last one is fine: nothing to replay, live from there.
     let answer = client
         .call(r#"{"op":"subscribe","id":"four","subject":"small.x","since_seq":10}"#)

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{ENV_PREFIX, KEYS};
+use super::{ENV_PREFIX, KEYS, REDACTED, SECRET_KEYS};
 
 /// The layer a setting's value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,8 +65,21 @@ impl Sources {
     }
 
     /// The layer that gave `key` its value: a flag over `NATS_URL` (for `nats_url`) over the
-    /// `IPC_GATEWAY_` variable over the file over the default.
+    /// `IPC_GATEWAY_` variable over the file over the default. A secret's value is `***`.
     pub fn of(&self, key: &str) -> Source {
+        let source = self.of_as_given(key);
+        if !SECRET_KEYS.contains(&key) {
+            return source;
+        }
+        match source {
+            Source::File(path, _) => Source::File(path, REDACTED.into()),
+            Source::Env(name, _) => Source::Env(name, REDACTED.into()),
+            Source::Flag(flag, _) => Source::Flag(flag, REDACTED.into()),
+            Source::Default => Source::Default,
+        }
+    }
+
+    fn of_as_given(&self, key: &str) -> Source {
         if let Some(value) = self.flags.get(key) {
             let shown = match value {
                 serde_json::Value::Array(items) => items
@@ -112,6 +125,17 @@ impl Sources {
             Source::File(path, value) => format!("{key} = {value} in {}", path.display()),
             Source::Env(name, value) => format!("{name}={value}"),
             Source::Flag(flag, value) => format!("{flag} {value}"),
+        }
+    }
+
+    /// The setting as the operator wrote it, without its value, for a log line:
+    /// `--nats-token`, `IPC_GATEWAY_NATS_TOKEN`, `nats_token in gw.toml`, or `nats_token`.
+    pub fn written(&self, key: &str) -> String {
+        match self.of(key) {
+            Source::Default => key.to_owned(),
+            Source::File(path, _) => format!("{key} in {}", path.display()),
+            Source::Env(name, _) => name,
+            Source::Flag(flag, _) => flag,
         }
     }
 
@@ -181,10 +205,20 @@ pub fn explain(err: &figment::Error, sources: &Sources) -> String {
     }
 }
 
-/// Rewrites a validation error (`key: why`) to name the setting as written.
+/// Rewrites a validation error (`key: why`) to name the setting as written, and each other
+/// setting the reason names as `` `key` `` too.
 pub fn explain_invalid(message: &str, sources: &Sources) -> String {
     match message.split_once(": ") {
-        Some((key, why)) if KEYS.contains(&key) => format!("{}: {why}", sources.describe(key)),
+        Some((key, why)) if KEYS.contains(&key) => {
+            let why = KEYS.iter().fold(why.to_owned(), |why, other| {
+                let named = match sources.of(other) {
+                    Source::Default => (*other).to_owned(),
+                    _ => sources.describe(other),
+                };
+                why.replace(&format!("`{other}`"), &named)
+            });
+            format!("{}: {why}", sources.describe(key))
+        }
         _ => message.to_owned(),
     }
 }

@@ -316,6 +316,29 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_s_value_is_never_shown_and_errors_name_the_other_setting_as_written() {
+        Jail::expect_with(|jail| {
+            jail.create_file("gw.toml", "nats_password = \"file-pw\"\n")?;
+            jail.set_env("IPC_GATEWAY_NATS_TOKEN", "env-token");
+            let flags = serde_json::json!({"nats_creds": "/etc/a.creds"});
+            let sources = Sources::read(Some(Path::new("gw.toml")), &flags);
+            assert_eq!(sources.describe("nats_token"), "IPC_GATEWAY_NATS_TOKEN=***");
+            assert_eq!(sources.describe("nats_password"), "nats_password = *** in gw.toml");
+            assert_eq!(sources.written("nats_token"), "IPC_GATEWAY_NATS_TOKEN");
+            assert_eq!(sources.written("nats_creds"), "--nats-creds");
+            let err = explain_invalid(
+                "nats_token: cannot be used together with `nats_creds`",
+                &sources,
+            );
+            assert_eq!(
+                err,
+                "IPC_GATEWAY_NATS_TOKEN=***: cannot be used together with --nats-creds /etc/a.creds"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn the_closest_key_is_suggested_and_nothing_for_a_stranger() {
         assert_eq!(closest_key("max_frame_byte"), Some("max_frame_bytes"));
         assert_eq!(closest_key("nats_ulr"), Some("nats_url"));

@@ -10,9 +10,9 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use async_nats::rustls::pki_types::pem::PemObject;
-use async_nats::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use nkeys::KeyPair;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::{Config, Sources};
 
@@ -81,6 +81,16 @@ impl Config {
 
     /// Conflicting settings, then the files: each exists and parses.
     pub(super) fn validate_nats_auth(&self) -> Result<(), String> {
+        // async-nats does not send a URL's user information: a credential there would be
+        // ignored (and shown wherever the URL is).
+        if self
+            .nats_servers()
+            .is_ok_and(|servers| servers.iter().any(|server| server.has_user_pass()))
+        {
+            return Err(
+                "nats_url: a user, password or token in the URL is not sent to NATS: set `nats_token`, or `nats_user` and `nats_password`".into(),
+            );
+        }
         let set: Vec<&str> = [
             ("nats_creds", self.nats_creds.is_some()),
             ("nats_nkey", self.nats_nkey.is_some()),
@@ -250,6 +260,12 @@ mod tests {
             assert!(err.starts_with(says), "{err}");
         }
         assert!(Config::default().validate_nats_auth().is_ok());
+        let url = config(|c| c.nats_url = "nats://gw:pw@127.0.0.1:4222".into());
+        assert!(
+            url.validate_nats_auth()
+                .unwrap_err()
+                .starts_with("nats_url: a user, password or token in the URL is not sent")
+        );
     }
 
     #[test]

@@ -68,13 +68,19 @@ impl Sources {
     /// `IPC_GATEWAY_` variable over the file over the default. A secret's value is `***`.
     pub fn of(&self, key: &str) -> Source {
         let source = self.of_as_given(key);
-        if !SECRET_KEYS.contains(&key) {
-            return source;
-        }
+        let shown = |value: String| {
+            if SECRET_KEYS.contains(&key) {
+                REDACTED.to_owned()
+            } else if key == "nats_url" {
+                without_user_info(&value)
+            } else {
+                value
+            }
+        };
         match source {
-            Source::File(path, _) => Source::File(path, REDACTED.into()),
-            Source::Env(name, _) => Source::Env(name, REDACTED.into()),
-            Source::Flag(flag, _) => Source::Flag(flag, REDACTED.into()),
+            Source::File(path, value) => Source::File(path, shown(value)),
+            Source::Env(name, value) => Source::Env(name, shown(value)),
+            Source::Flag(flag, value) => Source::Flag(flag, shown(value)),
             Source::Default => Source::Default,
         }
     }
@@ -143,6 +149,23 @@ impl Sources {
     pub fn file(&self) -> Option<&Path> {
         self.file.as_ref().map(|(path, _)| path.as_path())
     }
+}
+
+/// NATS URLs with any user information (`nats://user:password@host`) shown as `***@`.
+fn without_user_info(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match url.split_once("://") {
+            Some((scheme, rest)) => {
+                let authority_end = rest.find('/').unwrap_or(rest.len());
+                match rest[..authority_end].rfind('@') {
+                    Some(at) => format!("{scheme}://{REDACTED}{}", &rest[at..]),
+                    None => url.to_owned(),
+                }
+            }
+            None => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A JSON value as a flag's text: a string without quotes.
@@ -326,6 +349,10 @@ mod tests {
             assert_eq!(sources.describe("nats_password"), "nats_password = *** in gw.toml");
             assert_eq!(sources.written("nats_token"), "IPC_GATEWAY_NATS_TOKEN");
             assert_eq!(sources.written("nats_creds"), "--nats-creds");
+            assert_eq!(
+                without_user_info("nats://gw:pw@a:4222, nats://b:4222,tls://tok@c/x@y"),
+                "nats://***@a:4222, nats://b:4222,tls://***@c/x@y"
+            );
             let err = explain_invalid(
                 "nats_token: cannot be used together with `nats_creds`",
                 &sources,

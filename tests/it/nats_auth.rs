@@ -47,6 +47,29 @@ async fn refused(gateway: &GatewayProcess, says: &str, secrets: &[&str]) -> Stri
     line
 }
 
+/// `ipc-gateway demo-echo` on `secured.echo`, with these environment variables; killed when
+/// dropped.
+struct DemoEcho(std::process::Child);
+
+impl DemoEcho {
+    fn start(nats: &NatsServer, env: &[(&str, &str)]) -> DemoEcho {
+        let child = Command::new(env!("CARGO_BIN_EXE_ipc-gateway"))
+            .args(["demo-echo", "--nats-url", &nats.url(), "--subject", "secured.echo"])
+            .envs(env.iter().copied())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start demo-echo");
+        DemoEcho(child)
+    }
+}
+
+impl Drop for DemoEcho {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 async fn echo(options: async_nats::ConnectOptions, nats: &NatsServer) {
     let client = options.connect(nats.url()).await.expect("the echo connects");
     spawn_echo_on(client, "secured.echo", Duration::ZERO).await;
@@ -81,18 +104,33 @@ async fn a_user_and_password_serve_and_a_wrong_password_is_named_but_never_shown
     let nats = NatsServer::start_with_config(&format!(
         "authorization {{ users = [ {{ user: gw, password: {right:?} }} ] }}"
     ));
-    echo(
-        async_nats::ConnectOptions::with_user_and_password("gw".into(), right.into()),
+    // The demo service takes the gateway's settings from the same variables.
+    let _echo = DemoEcho::start(
         &nats,
-    )
-    .await;
+        &[
+            ("IPC_GATEWAY_NATS_USER", "gw"),
+            ("IPC_GATEWAY_NATS_PASSWORD", right),
+        ],
+    );
 
     let good = GatewayProcess::start_logged(
         &nats.url(),
         &["--nats-user", "gw"],
         &[("IPC_GATEWAY_NATS_PASSWORD", right)],
     );
-    serves(&good).await;
+    good.wait_status("/ready", 200).await;
+    // Until demo-echo has subscribed, NO_RESPONDERS.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let reply = request(&good).await;
+        if reply["ok"] == true {
+            assert_eq!(reply["data"], "hello", "{reply}");
+            break;
+        }
+        assert_eq!(reply["error"]["code"], "NO_RESPONDERS", "{reply}");
+        assert!(Instant::now() < deadline, "demo-echo never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let bad = GatewayProcess::start_logged(
         &nats.url(),

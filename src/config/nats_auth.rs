@@ -54,7 +54,10 @@ pub fn written_as(key: &str) -> String {
     WRITTEN
         .get()
         .and_then(|written| written.iter().find(|(k, _)| *k == key))
-        .map_or_else(|| format!("--{}", key.replace('_', "-")), |(_, w)| w.clone())
+        .map_or_else(
+            || format!("--{}", key.replace('_', "-")),
+            |(_, w)| w.clone(),
+        )
 }
 
 impl Config {
@@ -153,10 +156,11 @@ pub fn read_creds(path: &Path) -> Result<(String, KeyPair), String> {
     let mut blocks = Vec::new();
     let mut lines = text.lines().map(str::trim);
     while let Some(line) = lines.next() {
-        if line.starts_with("---") && line.contains("BEGIN") {
-            if let Some(content) = lines.next().filter(|content| !content.is_empty()) {
-                blocks.push(content.to_owned());
-            }
+        if line.starts_with("---")
+            && line.contains("BEGIN")
+            && let Some(content) = lines.next().filter(|content| !content.is_empty())
+        {
+            blocks.push(content.to_owned());
         }
     }
     let not_creds = |what: &str| {
@@ -171,8 +175,8 @@ pub fn read_creds(path: &Path) -> Result<(String, KeyPair), String> {
     if jwt.split('.').count() != 3 {
         return Err(not_creds("its first block is not a JWT"));
     }
-    let key_pair =
-        KeyPair::from_seed(seed).map_err(|err| not_creds(&format!("its seed is not valid ({err})")))?;
+    let key_pair = KeyPair::from_seed(seed)
+        .map_err(|err| not_creds(&format!("its seed is not valid ({err})")))?;
     Ok((jwt.clone(), key_pair))
 }
 
@@ -282,7 +286,10 @@ mod tests {
         let junk = dir.path().join("junk");
         std::fs::write(&junk, "SUAsecretsecret\n").unwrap();
         for (key, edit) in [
-            ("nats_creds", (|c: &mut Config, p| c.nats_creds = Some(p)) as fn(&mut Config, _)),
+            (
+                "nats_creds",
+                (|c: &mut Config, p| c.nats_creds = Some(p)) as fn(&mut Config, _),
+            ),
             ("nats_nkey", |c, p| c.nats_nkey = Some(p)),
             ("nats_tls_ca", |c, p| c.nats_tls_ca = Some(p)),
         ] {

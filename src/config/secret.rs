@@ -89,7 +89,9 @@ mod tests {
         assert_eq!(read, secret);
         let digits: Secret = serde_json::from_str("12345").unwrap();
         assert_eq!(digits.expose(), "12345");
-        let err = serde_json::from_str::<Secret>("1.5").unwrap_err().to_string();
+        let err = serde_json::from_str::<Secret>("1.5")
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("1.5"), "{err}");
     }
 }

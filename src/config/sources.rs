@@ -346,7 +346,10 @@ mod tests {
             let flags = serde_json::json!({"nats_creds": "/etc/a.creds"});
             let sources = Sources::read(Some(Path::new("gw.toml")), &flags);
             assert_eq!(sources.describe("nats_token"), "IPC_GATEWAY_NATS_TOKEN=***");
-            assert_eq!(sources.describe("nats_password"), "nats_password = *** in gw.toml");
+            assert_eq!(
+                sources.describe("nats_password"),
+                "nats_password = *** in gw.toml"
+            );
             assert_eq!(sources.written("nats_token"), "IPC_GATEWAY_NATS_TOKEN");
             assert_eq!(sources.written("nats_creds"), "--nats-creds");
             assert_eq!(

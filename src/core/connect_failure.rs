@@ -248,7 +248,10 @@ mod tests {
             "{tls:?}"
         );
         assert!(matches!(
-            classify(&ConnectError::with_source(ConnectErrorKind::Io, "broken pipe")),
+            classify(&ConnectError::with_source(
+                ConnectErrorKind::Io,
+                "broken pipe"
+            )),
             Cause::Handshake(_)
         ));
     }
@@ -270,7 +273,10 @@ mod tests {
             nats_tls_ca: Some("ca.pem".into()),
             ..Config::default()
         })
-        .line(&Cause::Tls("invalid peer certificate: UnknownIssuer".into()), "");
+        .line(
+            &Cause::Tls("invalid peer certificate: UnknownIssuer".into()),
+            "",
+        );
         assert!(
             tls.contains("TLS failed (--nats-tls-ca): invalid peer certificate"),
             "{tls}"

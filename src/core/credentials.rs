@@ -52,7 +52,10 @@ impl Credentials {
         Credentials {
             method,
             tls_ca: config.nats_tls_ca.clone(),
-            tls_client: config.nats_tls_cert.clone().zip(config.nats_tls_key.clone()),
+            tls_client: config
+                .nats_tls_cert
+                .clone()
+                .zip(config.nats_tls_key.clone()),
             tls_first: config.nats_tls_first,
             tls_required: config.nats_tls(),
         }

@@ -54,7 +54,13 @@ struct DemoEcho(std::process::Child);
 impl DemoEcho {
     fn start(nats: &NatsServer, env: &[(&str, &str)]) -> DemoEcho {
         let child = Command::new(env!("CARGO_BIN_EXE_ipc-gateway"))
-            .args(["demo-echo", "--nats-url", &nats.url(), "--subject", "secured.echo"])
+            .args([
+                "demo-echo",
+                "--nats-url",
+                &nats.url(),
+                "--subject",
+                "secured.echo",
+            ])
             .envs(env.iter().copied())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -71,7 +77,10 @@ impl Drop for DemoEcho {
 }
 
 async fn echo(options: async_nats::ConnectOptions, nats: &NatsServer) {
-    let client = options.connect(nats.url()).await.expect("the echo connects");
+    let client = options
+        .connect(nats.url())
+        .await
+        .expect("the echo connects");
     spawn_echo_on(client, "secured.echo", Duration::ZERO).await;
 }
 
@@ -294,7 +303,11 @@ async fn tls_first_serves_a_server_with_handshake_first() {
     .await;
     let good = GatewayProcess::start_logged(
         &nats.url(),
-        &["--nats-tls-first", "--nats-tls-ca", pki.ca.to_str().unwrap()],
+        &[
+            "--nats-tls-first",
+            "--nats-tls-ca",
+            pki.ca.to_str().unwrap(),
+        ],
         &[],
     );
     serves(&good).await;
@@ -329,7 +342,9 @@ fn conflicting_settings_and_unreadable_files_exit_2_naming_the_setting_as_writte
     );
     assert_eq!(code, Some(2), "{err}");
     assert!(
-        err.contains("IPC_GATEWAY_NATS_TOKEN=***: cannot be used together with --nats-creds /etc/none.creds"),
+        err.contains(
+            "IPC_GATEWAY_NATS_TOKEN=***: cannot be used together with --nats-creds /etc/none.creds"
+        ),
         "{err}"
     );
     assert!(!err.contains(token), "{err}");

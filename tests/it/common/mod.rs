@@ -217,7 +217,12 @@ impl GatewayProcess {
         GatewayProcess::launch(nats_url, extra, env, true)
     }
 
-    fn launch(nats_url: &str, extra: &[&str], env: &[(&str, &str)], logged: bool) -> GatewayProcess {
+    fn launch(
+        nats_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        logged: bool,
+    ) -> GatewayProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("gw.sock");
         let http_port = free_port();

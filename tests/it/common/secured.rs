@@ -49,8 +49,11 @@ impl Pki {
             &["127.0.0.1", "localhost"],
             ExtendedKeyUsagePurpose::ServerAuth,
         );
-        let (client_pem, client_key) =
-            leaf(&issuer, &["ipc-gateway"], ExtendedKeyUsagePurpose::ClientAuth);
+        let (client_pem, client_key) = leaf(
+            &issuer,
+            &["ipc-gateway"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
         let at = |name: &str, text: &str| write(dir.path(), name, text);
         Pki {
             ca: at("ca.pem", &ca_pem),
@@ -76,7 +79,10 @@ fn ca(name: &str) -> (String, Issuer<'static, rcgen::KeyPair>) {
     let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let key = rcgen::KeyPair::generate().expect("CA key");
     let cert = params.self_signed(&key).expect("CA certificate");
     (cert.pem(), Issuer::new(params, key))
@@ -89,7 +95,9 @@ fn leaf(
 ) -> (String, String) {
     let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
     let mut params = CertificateParams::new(names.clone()).expect("leaf parameters");
-    params.distinguished_name.push(DnType::CommonName, &names[0]);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, &names[0]);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![usage];
     let key = rcgen::KeyPair::generate().expect("leaf key");

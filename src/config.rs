@@ -362,6 +362,7 @@ impl Config {
                     .filter(|key| KEYS.iter().any(|k| key.as_str().eq_ignore_ascii_case(k))),
             )
             .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats_url".into()))
+            .merge(nats_auth::text_from_env())
             .merge(Serialized::defaults(flags));
         // Errors name the setting as the operator wrote it (flag, variable or file key).
         let sources = Sources::read(file, flags);

@@ -60,6 +60,28 @@ pub fn written_as(key: &str) -> String {
         )
 }
 
+/// The settings whose environment variable is taken as the text it is: figment reads `0123`
+/// as the number 123 and `"abc"` as abc, which would change a token, a password or a user name
+/// without a word.
+const TEXT_KEYS: [&str; 3] = ["nats_token", "nats_user", "nats_password"];
+
+/// `TEXT_KEYS` from their `IPC_GATEWAY_` variables, exactly as set, to merge over figment's
+/// reading of the environment.
+pub(super) fn text_from_env() -> figment::providers::Serialized<figment::value::Dict> {
+    let mut given = figment::value::Dict::new();
+    for (name, value) in std::env::vars() {
+        let Some(key) = name.get(super::ENV_PREFIX.len()..) else {
+            continue;
+        };
+        if name[..super::ENV_PREFIX.len()].eq_ignore_ascii_case(super::ENV_PREFIX)
+            && let Some(key) = TEXT_KEYS.iter().find(|k| k.eq_ignore_ascii_case(key))
+        {
+            given.insert((*key).to_owned(), value.into());
+        }
+    }
+    figment::providers::Serialized::defaults(given)
+}
+
 impl Config {
     /// The credential setting in force (`CREDENTIAL_KEYS`), if any.
     pub fn nats_credential_key(&self) -> Option<&'static str> {
@@ -114,8 +136,18 @@ impl Config {
         if self.nats_user.is_some() && self.nats_password.is_none() {
             return Err("nats_user: needs `nats_password`".into());
         }
-        if self.nats_user.as_deref() == Some("") {
-            return Err("nats_user: must not be empty".into());
+        for (key, empty) in [
+            ("nats_user", self.nats_user.as_deref() == Some("")),
+            (
+                "nats_token",
+                self.nats_token
+                    .as_ref()
+                    .is_some_and(|t| t.expose().is_empty()),
+            ),
+        ] {
+            if empty {
+                return Err(format!("{key}: must not be empty"));
+            }
         }
         match (&self.nats_tls_cert, &self.nats_tls_key) {
             (Some(_), None) => return Err("nats_tls_cert: needs `nats_tls_key`".into()),

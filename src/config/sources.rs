@@ -369,6 +369,28 @@ mod tests {
     }
 
     #[test]
+    fn a_token_password_or_user_from_the_environment_is_taken_as_the_text_it_is() {
+        Jail::expect_with(|jail| {
+            jail.set_env("IPC_GATEWAY_NATS_USER", "0123");
+            jail.set_env("IPC_GATEWAY_NATS_PASSWORD", "\"quoted\"");
+            let config = load(None, serde_json::json!({})).unwrap();
+            assert_eq!(config.nats_user.as_deref(), Some("0123"));
+            assert_eq!(
+                config.nats_password.as_ref().map(|p| p.expose()),
+                Some("\"quoted\"")
+            );
+            let flags = serde_json::json!({"nats_user": "from-flag"});
+            let config = load(None, flags).unwrap();
+            assert_eq!(
+                config.nats_user.as_deref(),
+                Some("from-flag"),
+                "a flag wins"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn the_closest_key_is_suggested_and_nothing_for_a_stranger() {
         assert_eq!(closest_key("max_frame_byte"), Some("max_frame_bytes"));
         assert_eq!(closest_key("nats_ulr"), Some("nats_url"));

@@ -157,7 +157,7 @@ mod tests {
         let credentials = Credentials::new(&token);
         assert_eq!(
             credentials.credential_setting().as_deref(),
-            Some("--nats-token")
+            Some(written_as("nats_token").as_str())
         );
         assert!(!format!("{credentials:?}").contains("t0k3n"));
         let user = Config {
@@ -169,9 +169,16 @@ mod tests {
         let credentials = Credentials::new(&user);
         assert_eq!(
             credentials.credential_setting().as_deref(),
-            Some("--nats-user and --nats-password")
+            Some(
+                format!(
+                    "{} and {}",
+                    written_as("nats_user"),
+                    written_as("nats_password")
+                )
+                .as_str()
+            )
         );
-        assert_eq!(credentials.tls_settings().as_deref(), Some("--nats-tls-ca"));
+        assert_eq!(credentials.tls_settings(), Some(written_as("nats_tls_ca")));
         assert!(credentials.tls_required, "a CA makes TLS required");
         let anonymous = Credentials::new(&Config::default());
         assert_eq!(anonymous.credential_setting(), None);

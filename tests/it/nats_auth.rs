@@ -104,6 +104,22 @@ async fn a_token_from_the_environment_serves_and_a_wrong_one_is_named_but_never_
         )),
         "{line}"
     );
+    drop(bad);
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "gw.toml", &format!("nats_token = {wrong:?}\n"));
+    let from_file =
+        GatewayProcess::start_logged(&nats.url(), &["--config", file.to_str().unwrap()], &[]);
+    let line = refused(
+        &from_file,
+        "refused the gateway's credentials",
+        &[right, wrong],
+    )
+    .await;
+    assert!(
+        line.contains(&format!("(nats_token in {})", file.display())),
+        "{line}"
+    );
 }
 
 #[tokio::test]

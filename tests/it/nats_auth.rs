@@ -120,6 +120,21 @@ async fn a_token_from_the_environment_serves_and_a_wrong_one_is_named_but_never_
         line.contains(&format!("(nats_token in {})", file.display())),
         "{line}"
     );
+
+    // A changed token needs a restart; the reload's line names the setting, not the value.
+    let changed = "changed-token-0c77e2";
+    write(
+        dir.path(),
+        "gw.toml",
+        &format!("nats_token = {changed:?}\n"),
+    );
+    from_file.signal("HUP");
+    let line = from_file.wait_log("changed settings need a restart").await;
+    assert!(line.contains("nats_token"), "{line}");
+    let log = from_file.log();
+    for secret in [right, wrong, changed] {
+        assert!(!log.contains(secret), "{secret} is in the log:\n{log}");
+    }
 }
 
 #[tokio::test]

@@ -19,11 +19,15 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::protocol::subject::{SubjectUse, validate_subject};
 
 mod flags;
+mod nats_auth;
 mod origin;
+mod secret;
 mod sources;
 
 pub use flags::Flags;
+pub use nats_auth::{CREDENTIAL_KEYS, read_creds, read_seed, written_as};
 pub use origin::Origin;
+pub use secret::{REDACTED, Secret};
 pub use sources::{Source, Sources};
 
 pub const ENV_PREFIX: &str = "IPC_GATEWAY_";
@@ -133,6 +137,33 @@ settings! {
         /// gateway's fan-out; past it the NATS client drops them, and every client on that
         /// subscription is told how many (`dropped`).
         pub nats_subscription_buffer: usize = 16384,
+        // The gateway's own NATS credentials and TLS (docs/operations.md, "Connecting to a
+        // secured NATS"): config/nats_auth.rs checks them, core/credentials.rs applies them.
+        /// NATS credentials file (`.creds`: a user JWT and its nkey seed), for a server in
+        /// operator/JWT mode. Read again at every connect, so a rotated file is taken at the next
+        /// reconnect. One of nats_creds, nats_nkey, nats_token, nats_user.
+        pub nats_creds: Option<PathBuf> = None,
+        /// NATS nkey seed file (a user seed, `SU…`), for a server that lists the user's public
+        /// nkey. Read again at every connect.
+        pub nats_nkey: Option<PathBuf> = None,
+        /// NATS token. A secret, shown as "***": set it in the environment
+        /// (IPC_GATEWAY_NATS_TOKEN) or the file, not as a flag (`ps` shows flags).
+        pub nats_token: Option<Secret> = None,
+        /// NATS user name, with nats_password.
+        pub nats_user: Option<String> = None,
+        /// NATS password of nats_user. A secret, shown as "***": set it in the environment
+        /// (IPC_GATEWAY_NATS_PASSWORD) or the file, not as a flag (`ps` shows flags).
+        pub nats_password: Option<Secret> = None,
+        /// PEM file of the CA certificate(s) that NATS's certificate must chain to; none = the
+        /// system's roots. Any nats_tls_* setting makes TLS required on every NATS connection.
+        pub nats_tls_ca: Option<PathBuf> = None,
+        /// PEM client certificate for NATS mutual TLS (`verify: true`), with nats_tls_key.
+        pub nats_tls_cert: Option<PathBuf> = None,
+        /// PEM private key of nats_tls_cert.
+        pub nats_tls_key: Option<PathBuf> = None,
+        /// Start TLS before NATS's INFO, for a server whose `tls` block has
+        /// `handshake_first: true`.
+        pub nats_tls_first: bool = false,
         /// Address of the HTTP port: /health, /ready, /status, /metrics and the WebSocket /ws.
         #[serde(deserialize_with = "listen_address")]
         pub http: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
@@ -268,6 +299,10 @@ settings! {
     }
 }
 
+/// The settings whose values are secrets (`Secret`): shown as "***" everywhere, compared by
+/// value when a reload looks for changes.
+pub const SECRET_KEYS: &[&str] = &["nats_token", "nats_password"];
+
 /// The NATS client library's log target: logging holds its events at `warn` unless a filter
 /// names it (the gateway logs what they mean, rate-limited).
 pub const NATS_CLIENT_LOG_TARGET: &str = "async_nats";
@@ -327,6 +362,7 @@ impl Config {
                     .filter(|key| KEYS.iter().any(|k| key.as_str().eq_ignore_ascii_case(k))),
             )
             .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats_url".into()))
+            .merge(nats_auth::text_from_env())
             .merge(Serialized::defaults(flags));
         // Errors name the setting as the operator wrote it (flag, variable or file key).
         let sources = Sources::read(file, flags);
@@ -336,6 +372,7 @@ impl Config {
         config
             .validate()
             .map_err(|err| ConfigError(sources::explain_invalid(&err.0, &sources)))?;
+        nats_auth::remember_sources(&sources);
         Ok(config)
     }
 
@@ -458,12 +495,20 @@ impl Config {
         if let Err(err) = self.validate_origins() {
             return Err(ConfigError(err));
         }
+        if let Err(err) = self.validate_nats_auth() {
+            return Err(ConfigError(err));
+        }
         if let Some(subject) = &self.default_subject
             && let Err(err) = validate_subject(subject, SubjectUse::Publish)
         {
             return bad("default_subject", &err.message);
         }
         Ok(())
+    }
+
+    /// The secret settings' values, in `SECRET_KEYS` order.
+    pub fn secrets(&self) -> [Option<&Secret>; 2] {
+        [self.nats_token.as_ref(), self.nats_password.as_ref()]
     }
 
     /// The NATS server addresses: `nats_url` is one URL or several separated by commas.

@@ -132,6 +132,11 @@ enum Command {
         /// (`ORDERS:orders.>`), unless one by that name exists.
         #[arg(long)]
         stream: Option<String>,
+        /// The gateway's configuration file, for its NATS credential and TLS settings
+        /// (`nats_creds`, `nats_token`, `nats_tls_ca`, ...); the `IPC_GATEWAY_NATS_*` environment
+        /// variables are read either way.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Print shell completions: `ipc-gateway completions bash > /etc/bash_completion.d/ipc-gateway`.
     Completions {
@@ -428,7 +433,14 @@ async fn run_client(command: Command) -> ExitCode {
             nats_url,
             subject,
             stream,
+            config,
         } => {
+            // The gateway's own NATS credentials and TLS, checked the same way.
+            let settings = match Config::load(config.as_deref(), &Flags::default()) {
+                Ok(settings) => settings,
+                Err(err) => return fail(exit::USAGE, &err.to_string()),
+            };
+            let options = ipc_gateway::core::credentials::Credentials::new(&settings).options();
             ipc_gateway::telemetry::logging::init(LogFormat::Text);
             let stream = match stream.as_deref().map(|spec| spec.split_once(':')) {
                 None => None,
@@ -437,7 +449,7 @@ async fn run_client(command: Command) -> ExitCode {
                     return fail(exit::USAGE, "--stream takes NAME:SUBJECT (ORDERS:orders.>)");
                 }
             };
-            match ipc_gateway::demo::echo(&nats_url, &subject, stream).await {
+            match ipc_gateway::demo::echo(options, &nats_url, &subject, stream).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => fail(exit::FAILED, &format!("demo echo: {err}")),
             }

@@ -7,6 +7,8 @@ pub mod auth;
 pub mod breaker;
 pub mod budget;
 mod caller;
+mod connect_failure;
+pub mod credentials;
 mod durable;
 mod fanout;
 pub mod live;
@@ -144,6 +146,7 @@ impl Gateway {
                 fanout.clone(),
                 config.nats_subscription_buffer,
             ),
+            Arc::new(credentials::Credentials::new(&config)),
         )
         .await?;
         // Bounded in practice: only requests already in flight (each counted against its

@@ -25,6 +25,7 @@ mod fanout;
 mod first_run;
 mod grpc;
 mod http_hardening;
+mod nats_auth;
 mod ops_metrics;
 mod page;
 mod pool_replacement;

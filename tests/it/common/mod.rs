@@ -3,6 +3,7 @@
 //! frames, HTTP) that speak the wire exactly as an outside program would.
 
 pub mod cluster;
+pub mod secured;
 pub mod ws;
 
 use std::collections::BTreeSet;
@@ -243,15 +244,35 @@ pub struct GatewayProcess {
     pub http_port: u16,
     pub grpc_port: u16,
     child: Option<Child>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl GatewayProcess {
     pub fn start(nats_url: &str, extra: &[&str]) -> GatewayProcess {
+        GatewayProcess::launch(nats_url, extra, &[], false)
+    }
+
+    /// `start` with these environment variables, and its log (stderr, at `info`) kept for
+    /// `log` instead of shown.
+    pub fn start_logged(nats_url: &str, extra: &[&str], env: &[(&str, &str)]) -> GatewayProcess {
+        GatewayProcess::launch(nats_url, extra, env, true)
+    }
+
+    fn launch(
+        nats_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        logged: bool,
+    ) -> GatewayProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("gw.sock");
         let http_port = free_port();
         let grpc_port = free_port();
+        let stderr = if logged {
+            Stdio::from(std::fs::File::create(dir.path().join("stderr")).expect("log file"))
+        } else {
+            Stdio::inherit()
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_ipc-gateway"))
             .arg("serve")
             .args(["--nats-url", nats_url])
@@ -260,9 +281,10 @@ impl GatewayProcess {
             .args(["--http", &format!("127.0.0.1:{http_port}")])
             .args(["--grpc", &format!("127.0.0.1:{grpc_port}")])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", if logged { "info" } else { "warn" })
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start ipc-gateway");
         let gateway = GatewayProcess {
@@ -270,7 +292,7 @@ impl GatewayProcess {
             http_port,
             grpc_port,
             child: Some(child),
-            _dir: dir,
+            dir,
         };
         let deadline = Instant::now() + PATIENCE;
         while std::os::unix::net::UnixStream::connect(&gateway.socket).is_err() {
@@ -322,6 +344,27 @@ impl GatewayProcess {
                 panic!("the gateway did not exit");
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What a gateway started with `start_logged` has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// Waits until the log (`start_logged`) has a line holding `text`, and returns that line.
+    pub async fn wait_log(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(line) = self.log().lines().find(|line| line.contains(text)) {
+                return line.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {text:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -465,6 +508,15 @@ pub async fn spawn_echo(
     delay: Duration,
 ) -> tokio::task::JoinHandle<()> {
     let client = async_nats::connect(nats_url).await.expect("echo connects");
+    spawn_echo_on(client, subject, delay).await
+}
+
+/// `spawn_echo` on a client the test connected (with credentials, over TLS).
+pub async fn spawn_echo_on(
+    client: async_nats::Client,
+    subject: &str,
+    delay: Duration,
+) -> tokio::task::JoinHandle<()> {
     let mut requests = client
         .subscribe(subject.to_owned())
         .await

@@ -150,6 +150,7 @@ struct MatchDoc {
     gid: Option<u32>,
     group: Option<String>,
     sub: Option<String>,
+    cert: Option<String>,
     anonymous: Option<bool>,
     any: Option<bool>,
 }
@@ -245,6 +246,7 @@ fn check_match(doc: MatchDoc) -> Result<Match, (&'static str, String)> {
         gid: doc.gid,
         group: name("match.group", doc.group)?,
         sub: name("match.sub", doc.sub)?,
+        cert: name("match.cert", doc.cert)?,
         anonymous: doc.anonymous,
     };
     match doc.any {

@@ -92,12 +92,12 @@ impl TlsPorts {
             }
         };
         let http = files(
-            ("tls_cert", &config.tls_cert),
-            ("tls_key", &config.tls_key),
+            ("--tls-cert", &config.tls_cert),
+            ("--tls-key", &config.tls_key),
         );
         let grpc = files(
-            ("grpc_tls_cert", &config.grpc_tls_cert),
-            ("grpc_tls_key", &config.grpc_tls_key),
+            ("--grpc-tls-cert", &config.grpc_tls_cert),
+            ("--grpc-tls-key", &config.grpc_tls_key),
         )
         .or_else(|| http.clone());
         let port = |port, alpn, files: Option<Files>| {
@@ -203,10 +203,10 @@ fn build(files: &Files, alpn: &[u8]) -> Result<Loaded, String> {
         None => builder.with_no_client_auth(),
         Some(path) => {
             let mut roots = RootCertStore::empty();
-            for ca in certs("tls_client_ca", path)? {
+            for ca in certs("--tls-client-ca", path)? {
                 roots
                     .add(ca)
-                    .map_err(|e| format!("tls_client_ca {}: {e}", path.display()))?;
+                    .map_err(|e| format!("--tls-client-ca {}: {e}", path.display()))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider());
             let verifier = match files.client_auth {
@@ -216,7 +216,7 @@ fn build(files: &Files, alpn: &[u8]) -> Result<Loaded, String> {
             builder.with_client_cert_verifier(
                 verifier
                     .build()
-                    .map_err(|e| format!("tls_client_ca {}: {e}", path.display()))?,
+                    .map_err(|e| format!("--tls-client-ca {}: {e}", path.display()))?,
             )
         }
     };
@@ -358,8 +358,8 @@ mod tests {
 
     fn files(dir: &Path, cert: &str, key: &str) -> Files {
         Files {
-            cert: ("tls_cert", dir.join(cert)),
-            key: ("tls_key", dir.join(key)),
+            cert: ("--tls-cert", dir.join(cert)),
+            key: ("--tls-key", dir.join(key)),
             client_ca: None,
             client_auth: ClientAuth::Optional,
         }
@@ -387,14 +387,14 @@ mod tests {
 
         let missing = build(&files(dir.path(), "none.pem", "key.pem"), b"h2").err().unwrap();
         assert!(
-            missing.starts_with("tls_cert ") && missing.contains("none.pem"),
+            missing.starts_with("--tls-cert ") && missing.contains("none.pem"),
             "{missing}"
         );
         let junk = build(&files(dir.path(), "junk.pem", "key.pem"), b"h2").err().unwrap();
-        assert!(junk.contains("tls_cert") && junk.contains("junk.pem"), "{junk}");
+        assert!(junk.contains("--tls-cert") && junk.contains("junk.pem"), "{junk}");
         assert!(junk.contains("no PEM certificate"), "{junk}");
         let no_key = build(&files(dir.path(), "cert.pem", "junk.pem"), b"h2").err().unwrap();
-        assert!(no_key.starts_with("tls_key ") && no_key.contains("junk.pem"), "{no_key}");
+        assert!(no_key.starts_with("--tls-key ") && no_key.contains("junk.pem"), "{no_key}");
         // A key from another pair: rustls sees it does not match the certificate.
         let (_, other_key, _) = self_signed(&[(rcgen::DnType::CommonName, "other")]);
         std::fs::write(dir.path().join("other.pem"), &other_key).unwrap();
@@ -406,7 +406,7 @@ mod tests {
         let mut with_ca = files(dir.path(), "cert.pem", "key.pem");
         with_ca.client_ca = Some(dir.path().join("junk.pem"));
         let ca = build(&with_ca, b"h2").err().unwrap();
-        assert!(ca.starts_with("tls_client_ca ") && ca.contains("junk.pem"), "{ca}");
+        assert!(ca.starts_with("--tls-client-ca ") && ca.contains("junk.pem"), "{ca}");
     }
 
     #[test]

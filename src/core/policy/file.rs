@@ -319,7 +319,7 @@ mod tests {
         let grants = parse(
             r#"
             [[grant]]
-            match = { user = "alice", uid = 1001, gid = 100, group = "svc", sub = "bob", anonymous = false }
+            match = { user = "alice", uid = 1001, gid = 100, group = "svc", sub = "bob", cert = "CN=bob,O=Example", anonymous = false }
             publish   = { allow = ["orders.>"] }
             subscribe = { allow = ["events.>"], deny = ["events.internal.>"] }
             request   = { allow = ["svc.>"], deny = ["svc.admin.>"] }
@@ -340,6 +340,7 @@ mod tests {
                 gid: Some(100),
                 group: Some("svc".into()),
                 sub: Some("bob".into()),
+                cert: Some("CN=bob,O=Example".into()),
                 anonymous: Some(false),
             }
         );

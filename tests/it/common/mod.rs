@@ -207,6 +207,16 @@ pub struct GatewayProcess {
 
 impl GatewayProcess {
     pub fn start(nats_url: &str, extra: &[&str]) -> GatewayProcess {
+        GatewayProcess::start_with_stderr(nats_url, extra, Stdio::inherit())
+    }
+
+    /// `start`, with the gateway's log (standard error, at `warn`) going to `log`.
+    pub fn start_logged(nats_url: &str, extra: &[&str], log: &Path) -> GatewayProcess {
+        let file = std::fs::File::create(log).expect("log file");
+        GatewayProcess::start_with_stderr(nats_url, extra, file.into())
+    }
+
+    fn start_with_stderr(nats_url: &str, extra: &[&str], stderr: Stdio) -> GatewayProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("gw.sock");
         let http_port = free_port();
@@ -221,7 +231,7 @@ impl GatewayProcess {
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start ipc-gateway");
         let gateway = GatewayProcess {

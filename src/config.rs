@@ -499,7 +499,12 @@ impl Config {
     fn validate_tls(&self) -> Result<(), String> {
         let pairs = [
             ("tls_cert", "tls_key", &self.tls_cert, &self.tls_key),
-            ("grpc_tls_cert", "grpc_tls_key", &self.grpc_tls_cert, &self.grpc_tls_key),
+            (
+                "grpc_tls_cert",
+                "grpc_tls_key",
+                &self.grpc_tls_cert,
+                &self.grpc_tls_key,
+            ),
         ];
         for (cert, key, cert_path, key_path) in pairs {
             let (has_cert, has_key) = (cert_path.is_some(), key_path.is_some());
@@ -510,8 +515,7 @@ impl Config {
                 ));
             }
         }
-        if self.tls_client_ca.is_some() && self.tls_cert.is_none() && self.grpc_tls_cert.is_none()
-        {
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() && self.grpc_tls_cert.is_none() {
             return Err(
                 "tls_client_ca: client certificates need TLS: set tls_cert and tls_key (or grpc_tls_cert and grpc_tls_key)"
                     .into(),

@@ -102,6 +102,8 @@ pub async fn run_with(
         socket = %listener.path().display(),
         http = %address(&http_listener).unwrap_or_default(),
         grpc = %address(&grpc_listener).unwrap_or_default(),
+        https = tls.http.is_some(),
+        grpc_tls = tls.grpc.is_some(),
         nats = %config.nats_url,
         "ipc-gateway started"
     );

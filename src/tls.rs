@@ -80,7 +80,8 @@ impl TlsPorts {
     /// Reads every file the configuration names. Errors name the setting and the path.
     pub fn load(config: &Config) -> Result<TlsPorts, String> {
         let timeout = config.http_header_timeout();
-        let files = |cert: (&'static str, &Option<PathBuf>), key: (&'static str, &Option<PathBuf>)| {
+        let files = |cert: (&'static str, &Option<PathBuf>),
+                     key: (&'static str, &Option<PathBuf>)| {
             match (cert.1, key.1) {
                 (Some(cert_path), Some(key_path)) => Some(Files {
                     cert: (cert.0, cert_path.clone()),
@@ -155,7 +156,11 @@ impl Tls {
 
     /// Sets the expiry gauge to the certificate in force.
     pub fn report_expiry(&self, metrics: &Metrics) {
-        let not_after = self.current.read().unwrap_or_else(|p| p.into_inner()).not_after;
+        let not_after = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .not_after;
         metrics.tls_cert_expiry(self.port, not_after);
     }
 
@@ -192,8 +197,14 @@ fn provider() -> Arc<CryptoProvider> {
 
 fn build(files: &Files, alpn: &[u8]) -> Result<Loaded, String> {
     let chain = certs(files.cert.0, &files.cert.1)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key.1)
-        .map_err(|e| format!("{} {}: {}", files.key.0, files.key.1.display(), pem_error(e)))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key.1).map_err(|e| {
+        format!(
+            "{} {}: {}",
+            files.key.0,
+            files.key.1.display(),
+            pem_error(e)
+        )
+    })?;
     let not_after = not_after(&chain[0])
         .map_err(|why| format!("{} {}: {why}", files.cert.0, files.cert.1.display()))?;
     let builder = ServerConfig::builder_with_provider(provider())
@@ -244,7 +255,9 @@ fn certs(setting: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, Str
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(pem_error(e)))?;
     if chain.is_empty() {
-        return Err(bad("no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into()));
+        return Err(bad(
+            "no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into(),
+        ));
     }
     Ok(chain)
 }
@@ -385,20 +398,34 @@ mod tests {
         std::fs::write(dir.path().join("junk.pem"), "not pem at all\n").unwrap();
         assert!(build(&files(dir.path(), "cert.pem", "key.pem"), b"h2").is_ok());
 
-        let missing = build(&files(dir.path(), "none.pem", "key.pem"), b"h2").err().unwrap();
+        let missing = build(&files(dir.path(), "none.pem", "key.pem"), b"h2")
+            .err()
+            .unwrap();
         assert!(
             missing.starts_with("--tls-cert ") && missing.contains("none.pem"),
             "{missing}"
         );
-        let junk = build(&files(dir.path(), "junk.pem", "key.pem"), b"h2").err().unwrap();
-        assert!(junk.contains("--tls-cert") && junk.contains("junk.pem"), "{junk}");
+        let junk = build(&files(dir.path(), "junk.pem", "key.pem"), b"h2")
+            .err()
+            .unwrap();
+        assert!(
+            junk.contains("--tls-cert") && junk.contains("junk.pem"),
+            "{junk}"
+        );
         assert!(junk.contains("no PEM certificate"), "{junk}");
-        let no_key = build(&files(dir.path(), "cert.pem", "junk.pem"), b"h2").err().unwrap();
-        assert!(no_key.starts_with("--tls-key ") && no_key.contains("junk.pem"), "{no_key}");
+        let no_key = build(&files(dir.path(), "cert.pem", "junk.pem"), b"h2")
+            .err()
+            .unwrap();
+        assert!(
+            no_key.starts_with("--tls-key ") && no_key.contains("junk.pem"),
+            "{no_key}"
+        );
         // A key from another pair: rustls sees it does not match the certificate.
         let (_, other_key, _) = self_signed(&[(rcgen::DnType::CommonName, "other")]);
         std::fs::write(dir.path().join("other.pem"), &other_key).unwrap();
-        let mismatch = build(&files(dir.path(), "cert.pem", "other.pem"), b"h2").err().unwrap();
+        let mismatch = build(&files(dir.path(), "cert.pem", "other.pem"), b"h2")
+            .err()
+            .unwrap();
         assert!(
             mismatch.contains("cert.pem") && mismatch.contains("other.pem"),
             "{mismatch}"
@@ -406,7 +433,10 @@ mod tests {
         let mut with_ca = files(dir.path(), "cert.pem", "key.pem");
         with_ca.client_ca = Some(dir.path().join("junk.pem"));
         let ca = build(&with_ca, b"h2").err().unwrap();
-        assert!(ca.starts_with("--tls-client-ca ") && ca.contains("junk.pem"), "{ca}");
+        assert!(
+            ca.starts_with("--tls-client-ca ") && ca.contains("junk.pem"),
+            "{ca}"
+        );
     }
 
     #[test]

@@ -295,7 +295,10 @@ mod tests {
         assert_eq!(
             carol.headers(),
             [
-                (IDENTITY_HEADER, r#"cert="CN=carol,O=Example\\, Inc.""#.to_owned()),
+                (
+                    IDENTITY_HEADER,
+                    r#"cert="CN=carol,O=Example\\, Inc.""#.to_owned()
+                ),
                 (CERT_HEADER, "CN=carol,O=Example\\, Inc.".to_owned()),
                 (FRONTEND_HEADER, "grpc".to_owned()),
             ]
@@ -304,7 +307,10 @@ mod tests {
             sub: Some("bob".into()),
             ..carol.clone()
         };
-        assert_eq!(both.short_form(), r#"sub=bob cert="CN=carol,O=Example\\, Inc.""#);
+        assert_eq!(
+            both.short_form(),
+            r#"sub=bob cert="CN=carol,O=Example\\, Inc.""#
+        );
         assert_eq!(
             serde_json::to_value(&both).unwrap(),
             serde_json::json!({

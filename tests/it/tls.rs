@@ -262,8 +262,11 @@ async fn a_wss_request_gets_its_reply_and_plain_ws_to_the_tls_port_fails() {
     .await;
     assert_eq!(reply, json!({"id": 1, "ok": true, "data": "over tls"}));
 
-    let plain = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", gateway.http_port));
-    let plain = tokio::time::timeout(PATIENCE, plain).await.expect("an answer in time");
+    let plain =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", gateway.http_port));
+    let plain = tokio::time::timeout(PATIENCE, plain)
+        .await
+        .expect("an answer in time");
     assert!(plain.is_err(), "plain ws:// on the TLS port must fail");
 
     // The operator routes are on the TLS port too.
@@ -280,9 +283,12 @@ async fn a_grpc_call_over_tls_works_and_the_service_sees_the_client_certificate(
     let gateway = start(&nats, &pki.server_flags("gateway"));
 
     let alice = pki.ca.client("alice");
-    let mut client = grpc(gateway.grpc_port, client_config(&pki.ca.pem, Some(&alice), b"h2"))
-        .await
-        .unwrap();
+    let mut client = grpc(
+        gateway.grpc_port,
+        client_config(&pki.ca.pem, Some(&alice), b"h2"),
+    )
+    .await
+    .unwrap();
     let reply = client.request(request("svc.who", "hi")).await.unwrap();
     assert_eq!(&reply.get_ref().payload[..], b"hi");
     let seen = service.next().await;
@@ -324,8 +330,11 @@ async fn a_client_certificate_from_an_untrusted_ca_is_refused_at_the_handshake_o
     )
     .await;
     assert!(refused.is_err(), "wss with an untrusted certificate");
-    let refused = match grpc(gateway.grpc_port, client_config(&pki.ca.pem, Some(&mallory), b"h2"))
-        .await
+    let refused = match grpc(
+        gateway.grpc_port,
+        client_config(&pki.ca.pem, Some(&mallory), b"h2"),
+    )
+    .await
     {
         Err(err) => Err(err),
         Ok(mut client) => client
@@ -336,9 +345,12 @@ async fn a_client_certificate_from_an_untrusted_ca_is_refused_at_the_handshake_o
     assert!(refused.is_err(), "gRPC with an untrusted certificate");
 
     // The same client without a certificate is let in on both.
-    let mut ws = wss(gateway.http_port, client_config(&pki.ca.pem, None, b"http/1.1"))
-        .await
-        .unwrap();
+    let mut ws = wss(
+        gateway.http_port,
+        client_config(&pki.ca.pem, None, b"http/1.1"),
+    )
+    .await
+    .unwrap();
     let reply = call(
         &mut ws,
         json!({"op": "request", "id": 1, "subject": "demo.echo", "data": "x"}),
@@ -381,7 +393,10 @@ async fn a_cert_grant_lets_alice_publish_while_bob_and_anonymous_are_forbidden_a
     let alice = pki.ca.client("alice");
     let config = client_config(&pki.ca.pem, Some(&alice), b"http/1.1");
     let mut ws = wss(gateway.http_port, config).await.unwrap();
-    assert_eq!(call(&mut ws, publish.clone()).await, json!({"id": 1, "ok": true}));
+    assert_eq!(
+        call(&mut ws, publish.clone()).await,
+        json!({"id": 1, "ok": true})
+    );
 
     let bob = pki.ca.client("bob");
     for client in [Some(&bob), None] {
@@ -424,7 +439,9 @@ async fn sighup_serves_a_new_certificate_to_new_connections_and_keeps_open_ones(
     let config = client_config(&pki.ca.pem, None, b"http/1.1");
     let cert_a = der_of(&std::fs::read_to_string(pki.path("server.pem")).unwrap());
 
-    let first = tls_connect(gateway.http_port, config.clone()).await.unwrap();
+    let first = tls_connect(gateway.http_port, config.clone())
+        .await
+        .unwrap();
     assert_eq!(served_leaf(&first), cert_a);
     let url = format!("wss://localhost:{}/ws", gateway.http_port);
     let (mut client_1, _) = tokio_tungstenite::client_async(url, first).await.unwrap();
@@ -435,11 +452,16 @@ async fn sighup_serves_a_new_certificate_to_new_connections_and_keeps_open_ones(
     gateway.signal("HUP");
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let stream = tls_connect(gateway.http_port, config.clone()).await.unwrap();
+        let stream = tls_connect(gateway.http_port, config.clone())
+            .await
+            .unwrap();
         if served_leaf(&stream) == der_of(&cert_b) {
             break;
         }
-        assert!(Instant::now() < deadline, "still certificate A after SIGHUP");
+        assert!(
+            Instant::now() < deadline,
+            "still certificate A after SIGHUP"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let reply = call(
@@ -470,7 +492,10 @@ async fn sighup_serves_a_new_certificate_to_new_connections_and_keeps_open_ones(
             assert!(text.contains(&format!("--tls-cert {server_pem}")), "{text}");
             break;
         }
-        assert!(Instant::now() < deadline, "no reload error in the log: {text}");
+        assert!(
+            Instant::now() < deadline,
+            "no reload error in the log: {text}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let stream = tls_connect(gateway.http_port, config).await.unwrap();
@@ -518,22 +543,47 @@ fn a_certificate_file_that_does_not_load_stops_start_up_naming_the_flag_and_the_
     let socket = pki.path("gw.sock").display().to_string();
     let run = |flags: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_ipc-gateway"))
-            .args(["serve", "--nats-url", "nats://127.0.0.1:1", "--socket", &socket])
+            .args([
+                "serve",
+                "--nats-url",
+                "nats://127.0.0.1:1",
+                "--socket",
+                &socket,
+            ])
             .args(flags)
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     for (flags, says) in [
-        (vec!["--tls-cert", &missing, "--tls-key", &key], format!("--tls-cert {missing}")),
-        (vec!["--tls-cert", &cert, "--tls-key", &junk], format!("--tls-key {junk}")),
         (
-            vec!["--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &junk],
+            vec!["--tls-cert", &missing, "--tls-key", &key],
+            format!("--tls-cert {missing}"),
+        ),
+        (
+            vec!["--tls-cert", &cert, "--tls-key", &junk],
+            format!("--tls-key {junk}"),
+        ),
+        (
+            vec![
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--tls-client-ca",
+                &junk,
+            ],
             format!("--tls-client-ca {junk}"),
         ),
         (vec!["--tls-cert", &cert], "tls_key is missing".to_owned()),
-        (vec!["--grpc-tls-key", &key], "grpc_tls_cert is missing".to_owned()),
+        (
+            vec!["--grpc-tls-key", &key],
+            "grpc_tls_cert is missing".to_owned(),
+        ),
     ] {
         let (code, stderr) = run(&flags);
         assert_eq!(code, Some(2), "{flags:?}: {stderr}");

@@ -189,7 +189,10 @@ mod tests {
             sub: Some("CN=carol,O=Example"),
             ..Who::default()
         };
-        assert!(!whole.matches(&token_carol), "a token subject is not a certificate");
+        assert!(
+            !whole.matches(&token_carol),
+            "a token subject is not a certificate"
+        );
     }
 
     #[test]

@@ -166,16 +166,29 @@ pub fn incoming(
             // Replies are small and latency matters more than packet count.
             let _ = stream.set_nodelay(true);
             let Some(tls) = accepting.tls.clone() else {
-                let connected = accepting.gateway.connect(Frontend::Grpc, peer(&stream, None));
+                let connected = accepting
+                    .gateway
+                    .connect(Frontend::Grpc, peer(&stream, None));
                 match admit(&accepting, connected, MaybeTls::Plain(stream)) {
                     Some(conn) => return Some((Ok(conn), accepting)),
                     None => continue,
                 }
             };
             let slot = accepting.gateway.slot();
-            if slot.is_err() {
-                accepting.gateway.metrics().connection_rejected(Frontend::Grpc);
-            }
+            // A refusal shakes hands only while the polite budget lasts: past it, closed now.
+            let polite = match &slot {
+                Ok(_) => None,
+                Err(_) => {
+                    accepting
+                        .gateway
+                        .metrics()
+                        .connection_rejected(Frontend::Grpc);
+                    match accepting.refusals.polite() {
+                        Some(polite) => Some(polite),
+                        None => continue,
+                    }
+                }
+            };
             let (gateway, refusals) = (accepting.gateway.clone(), accepting.refusals.clone());
             accepting.handshakes.push(tokio::spawn(async move {
                 let (stream, cert) = match tls.accept(stream).await {
@@ -186,10 +199,9 @@ pub fn incoming(
                     }
                 };
                 let identity = peer(stream.tcp(), cert);
-                let connected = slot.and_then(|slot| {
-                    gateway.connect_with(Frontend::Grpc, identity, slot)
-                });
-                admit_with(&gateway, &refusals, connected, stream)
+                let connected =
+                    slot.and_then(|slot| gateway.connect_with(Frontend::Grpc, identity, slot));
+                admit_with(&gateway, (&refusals, polite), connected, stream)
             }));
         }
     })
@@ -220,13 +232,19 @@ fn admit(
     connected: Result<Caller, GatewayError>,
     stream: MaybeTls,
 ) -> Option<GrpcConn> {
-    admit_with(&accepting.gateway, &accepting.refusals, connected, stream)
+    admit_with(
+        &accepting.gateway,
+        (&accepting.refusals, None),
+        connected,
+        stream,
+    )
 }
 
 /// The connection served, or refused politely while the budget lasts (`None`: closed now).
+/// `polite` is a permit of the budget taken already, if any.
 fn admit_with(
     gateway: &Gateway,
-    refusals: &RefusalBudget,
+    (refusals, polite): (&RefusalBudget, Option<OwnedSemaphorePermit>),
     connected: Result<Caller, GatewayError>,
     stream: MaybeTls,
 ) -> Option<GrpcConn> {
@@ -234,7 +252,7 @@ fn admit_with(
         Ok(caller) => (Admitted::Served(caller), None),
         Err(refusal) => {
             debug!("refusing a gRPC connection: {refusal}");
-            let polite = refusals.polite()?;
+            let polite = polite.or_else(|| refusals.polite())?;
             let close_at = Box::pin(tokio::time::sleep(REFUSAL_GRACE));
             (Admitted::Refused(refusal, polite), Some(close_at))
         }

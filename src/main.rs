@@ -193,6 +193,10 @@ fn check_config(file: Option<PathBuf>, flags: &Flags) -> ExitCode {
         Ok(config) => config,
         Err(err) => return fail(exit::USAGE, &err.to_string()),
     };
+    // The certificates and keys too: serve would not start without them.
+    if let Err(err) = ipc_gateway::tls::TlsPorts::load(&config) {
+        return fail(exit::USAGE, &format!("configuration: {err}"));
+    }
     let sources = Sources::read(file.as_deref(), flags);
     let values = match serde_json::to_value(&config) {
         Ok(serde_json::Value::Object(values)) => values,

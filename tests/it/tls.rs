@@ -589,6 +589,14 @@ fn a_certificate_file_that_does_not_load_stops_start_up_naming_the_flag_and_the_
         assert_eq!(code, Some(2), "{flags:?}: {stderr}");
         assert!(stderr.contains(&says), "{flags:?}: {stderr}");
     }
+    // check-config reads the files as serve would.
+    let checked = Command::new(env!("CARGO_BIN_EXE_ipc-gateway"))
+        .args(["check-config", "--tls-cert", &cert, "--tls-key", &junk])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&checked.stderr);
+    assert_eq!(checked.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("--tls-key {junk}")), "{stderr}");
 }
 
 /// A gateway certificate for localhost and 127.0.0.1 and the flags that serve it, in a

@@ -199,8 +199,14 @@ pub fn incoming(
                     }
                 };
                 let identity = peer(stream.tcp(), cert);
-                let connected =
-                    slot.and_then(|slot| gateway.connect_with(Frontend::Grpc, identity, slot));
+                let connected = slot.and_then(|slot| {
+                    let connected = gateway.connect_with(Frontend::Grpc, identity, slot);
+                    if connected.is_err() {
+                        // Held its maximum per identity: counted like `Gateway::connect` does.
+                        gateway.metrics().connection_rejected(Frontend::Grpc);
+                    }
+                    connected
+                });
                 admit_with(&gateway, (&refusals, polite), connected, stream)
             }));
         }

@@ -23,7 +23,9 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::common::{GatewayProcess, NatsServer, RecordingService, audit_records, spawn_echo};
+use crate::common::{
+    GatewayProcess, NatsServer, RecordingService, audit_records, hs256, spawn_echo, unix_now,
+};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -238,6 +240,16 @@ async fn grpc(
     Ok(GatewayClient::new(channel))
 }
 
+/// One request to demo.echo on a new gRPC connection over TLS; `Err` says where it failed.
+async fn grpc_request(port: u16, config: Arc<rustls::ClientConfig>) -> Result<(), String> {
+    let mut client = grpc(port, config).await?;
+    client
+        .request(request("demo.echo", "x"))
+        .await
+        .map(|_| ())
+        .map_err(|status| status.to_string())
+}
+
 fn request(subject: &str, payload: &str) -> pb::RequestMessage {
     pb::RequestMessage {
         subject: subject.into(),
@@ -330,18 +342,11 @@ async fn a_client_certificate_from_an_untrusted_ca_is_refused_at_the_handshake_o
     )
     .await;
     assert!(refused.is_err(), "wss with an untrusted certificate");
-    let refused = match grpc(
+    let refused = grpc_request(
         gateway.grpc_port,
         client_config(&pki.ca.pem, Some(&mallory), b"h2"),
     )
-    .await
-    {
-        Err(err) => Err(err),
-        Ok(mut client) => client
-            .request(request("demo.echo", "x"))
-            .await
-            .map_err(|status| status.to_string()),
-    };
+    .await;
     assert!(refused.is_err(), "gRPC with an untrusted certificate");
 
     // The same client without a certificate is let in on both.
@@ -502,6 +507,105 @@ async fn sighup_serves_a_new_certificate_to_new_connections_and_keeps_open_ones(
     assert_eq!(served_leaf(&stream), der_of(&cert_b));
 }
 
+#[tokio::test]
+async fn a_certificate_is_credentials_enough_and_a_token_beside_it_adds_its_subject() {
+    let nats = NatsServer::start();
+    let mut service = RecordingService::start(&nats, "svc.who").await;
+    let pki = Pki::new();
+    let secret = b"a secret of at least thirty-two bytes, for HS256";
+    let mut flags = pki.server_flags("gateway");
+    flags.extend([
+        "--auth-required".into(),
+        "--auth-jwt-secret-file".into(),
+        pki.write("jwt.secret", std::str::from_utf8(secret).unwrap()),
+    ]);
+    let gateway = start(&nats, &flags);
+    let alice = pki.ca.client("alice");
+    let with_cert = client_config(&pki.ca.pem, Some(&alice), b"h2");
+    let token = hs256(&json!({"sub": "bob", "exp": unix_now() + 600}), secret);
+
+    // Neither: refused, as before.
+    let mut nobody = grpc(gateway.grpc_port, client_config(&pki.ca.pem, None, b"h2"))
+        .await
+        .unwrap();
+    let refused = nobody.request(request("svc.who", "x")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+
+    // A certificate alone is credentials.
+    let mut client = grpc(gateway.grpc_port, with_cert).await.unwrap();
+    client.request(request("svc.who", "cert")).await.unwrap();
+    let headers = service.next().await.headers.unwrap();
+    assert_eq!(
+        headers.get("Ipc-Gateway-Identity").map(|v| v.as_str()),
+        Some(r#"cert="CN=alice""#)
+    );
+
+    // With a token too, the caller is both.
+    let mut call = tonic::Request::new(request("svc.who", "both"));
+    call.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    client.request(call).await.unwrap();
+    let headers = service.next().await.headers.unwrap();
+    assert_eq!(
+        headers.get("Ipc-Gateway-Identity").map(|v| v.as_str()),
+        Some(r#"sub=bob cert="CN=alice""#)
+    );
+    assert_eq!(
+        headers.get("Ipc-Gateway-Sub").map(|v| v.as_str()),
+        Some("bob")
+    );
+    assert_eq!(
+        headers.get("Ipc-Gateway-Cert").map(|v| v.as_str()),
+        Some("CN=alice")
+    );
+
+    // The WebSocket upgrade likewise: a certificate passes --auth-required.
+    let config = client_config(&pki.ca.pem, Some(&alice), b"http/1.1");
+    wss(gateway.http_port, config).await.unwrap();
+    let config = client_config(&pki.ca.pem, None, b"http/1.1");
+    let refused = wss(gateway.http_port, config).await.unwrap_err();
+    assert!(refused.contains("401"), "{refused}");
+}
+
+#[tokio::test]
+async fn with_client_auth_required_a_client_without_a_certificate_fails_its_handshake() {
+    let nats = NatsServer::start();
+    // Answered, so that only the handshake can fail a call.
+    let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
+    let pki = Pki::new();
+    let mut flags = pki.server_flags("gateway");
+    flags.extend(["--tls-client-auth".into(), "required".into()]);
+    let gateway = start(&nats, &flags);
+    let none = client_config(&pki.ca.pem, None, b"http/1.1");
+    assert!(wss(gateway.http_port, none).await.is_err());
+    let refused = grpc_request(gateway.grpc_port, client_config(&pki.ca.pem, None, b"h2")).await;
+    assert!(refused.is_err(), "gRPC without a certificate");
+    let alice = pki.ca.client("alice");
+    let config = client_config(&pki.ca.pem, Some(&alice), b"http/1.1");
+    wss(gateway.http_port, config).await.unwrap();
+    let config = client_config(&pki.ca.pem, Some(&alice), b"h2");
+    grpc_request(gateway.grpc_port, config).await.unwrap();
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_client_ca_for_new_handshakes() {
+    let nats = NatsServer::start();
+    let pki = Pki::new();
+    let gateway = start(&nats, &pki.server_flags("gateway"));
+    let other = Ca::new("second CA");
+    let carol = other.client("carol");
+    let config = client_config(&pki.ca.pem, Some(&carol), b"http/1.1");
+    assert!(wss(gateway.http_port, config.clone()).await.is_err());
+
+    pki.write("ca.pem", &format!("{}{}", pki.ca.pem, other.pem));
+    gateway.signal("HUP");
+    let deadline = Instant::now() + PATIENCE;
+    while let Err(err) = wss(gateway.http_port, config.clone()).await {
+        assert!(Instant::now() < deadline, "carol still refused: {err}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A certificate's not-after in seconds since the epoch, as the gateway's gauge shows it.
 fn x509_not_after(der: &[u8]) -> u64 {
     use x509_cert::der::Decode;
@@ -583,6 +687,17 @@ fn a_certificate_file_that_does_not_load_stops_start_up_naming_the_flag_and_the_
         (
             vec!["--grpc-tls-key", &key],
             "grpc_tls_cert is missing".to_owned(),
+        ),
+        (
+            vec![
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--tls-client-auth",
+                "required",
+            ],
+            "needs tls_client_ca".to_owned(),
         ),
     ] {
         let (code, stderr) = run(&flags);

@@ -248,13 +248,20 @@ impl Connection {
         } = self;
         let (stream, cert) = match tls {
             None => (MaybeTls::Plain(stream), None),
-            Some(tls) => match tls.accept(stream).await {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    debug!(error = %err, "HTTPS handshake failed");
-                    return;
+            Some(tls) => {
+                let accepted = tokio::select! {
+                    accepted = tls.accept(stream) => accepted,
+                    // Shutting down: nothing to answer yet, so nothing to wait for.
+                    _ = stopping.cancelled() => return,
+                };
+                match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        debug!(error = %err, "HTTPS handshake failed");
+                        return;
+                    }
                 }
-            },
+            }
         };
         // Every request carries the connection's slot, for a WebSocket upgrade to take over.
         // The service holds one clone for the connection's life: whoever drops the last one

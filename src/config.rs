@@ -238,6 +238,25 @@ settings! {
         pub grpc_keepalive_ms: u64 = 20_000,
         /// Concurrent gRPC streams (calls) per HTTP/2 connection.
         pub grpc_max_concurrent_streams: u32 = 1024,
+        /// PEM certificate chain (leaf first) for TLS on the HTTP port: https, and wss:// at
+        /// /ws. Needs tls_key. Also the gRPC port's unless grpc_tls_cert is set. Read again on
+        /// SIGHUP. None: plain HTTP.
+        pub tls_cert: Option<PathBuf> = None,
+        /// PEM private key (PKCS#8, PKCS#1 or SEC1) of tls_cert.
+        pub tls_key: Option<PathBuf> = None,
+        /// PEM certificate chain for TLS on the gRPC port (ALPN h2), with grpc_tls_key. None:
+        /// tls_cert and tls_key, so one pair turns TLS on for both ports; neither: plain gRPC.
+        pub grpc_tls_cert: Option<PathBuf> = None,
+        /// PEM private key of grpc_tls_cert.
+        pub grpc_tls_key: Option<PathBuf> = None,
+        /// PEM bundle of the CAs that client certificates must chain to, on both TLS ports; a
+        /// verified certificate's subject is the client's identity (`cert` in the policy). A
+        /// certificate that does not chain is refused at the handshake. Read again on SIGHUP.
+        /// None: no client certificates are asked for.
+        pub tls_client_ca: Option<PathBuf> = None,
+        /// With tls_client_ca: "optional" (a client without a certificate connects as today,
+        /// with a token or anonymous) or "required" (the handshake refuses it).
+        pub tls_client_auth: ClientAuth = ClientAuth::Optional,
         /// Subject tokens that name a circuit breaker's group (`svc.orders.create` →
         /// `svc.orders`).
         pub breaker_group_tokens: usize = 2,
@@ -320,6 +339,14 @@ fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_owned())
         .unwrap_or_default()
+}
+
+/// Whether a TLS client must present a certificate (`tls_client_auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    Optional,
+    Required,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -492,6 +519,7 @@ impl Config {
         if self.http_header_timeout_ms == 0 {
             return bad("http_header_timeout_ms", "must be at least 1");
         }
+        self.validate_tls().map_err(ConfigError)?;
         if let Err(err) = self.validate_origins() {
             return Err(ConfigError(err));
         }
@@ -509,6 +537,42 @@ impl Config {
     /// The secret settings' values, in `SECRET_KEYS` order.
     pub fn secrets(&self) -> [Option<&Secret>; 2] {
         [self.nats_token.as_ref(), self.nats_password.as_ref()]
+    }
+
+    /// A certificate needs its key and the reverse; client CAs and their requirement need a
+    /// TLS port to apply to.
+    fn validate_tls(&self) -> Result<(), String> {
+        let pairs = [
+            ("tls_cert", "tls_key", &self.tls_cert, &self.tls_key),
+            (
+                "grpc_tls_cert",
+                "grpc_tls_key",
+                &self.grpc_tls_cert,
+                &self.grpc_tls_key,
+            ),
+        ];
+        for (cert, key, cert_path, key_path) in pairs {
+            let (has_cert, has_key) = (cert_path.is_some(), key_path.is_some());
+            if has_cert != has_key {
+                let (given, missing) = if has_cert { (cert, key) } else { (key, cert) };
+                return Err(format!(
+                    "{given}: {cert} and {key} go together; {missing} is missing"
+                ));
+            }
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() && self.grpc_tls_cert.is_none() {
+            return Err(
+                "tls_client_ca: client certificates need TLS: set tls_cert and tls_key (or grpc_tls_cert and grpc_tls_key)"
+                    .into(),
+            );
+        }
+        if self.tls_client_auth == ClientAuth::Required && self.tls_client_ca.is_none() {
+            return Err(
+                "tls_client_auth: \"required\" needs tls_client_ca, the CAs client certificates must chain to"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     /// The NATS server addresses: `nats_url` is one URL or several separated by commas.

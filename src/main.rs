@@ -219,6 +219,10 @@ fn check_config(file: Option<PathBuf>, flags: &Flags) -> ExitCode {
         Ok(config) => config,
         Err(err) => return fail(exit::USAGE, &err.to_string()),
     };
+    // The certificates and keys too: serve would not start without them.
+    if let Err(err) = ipc_gateway::tls::TlsPorts::load(&config) {
+        return fail(exit::USAGE, &format!("configuration: {err}"));
+    }
     let sources = Sources::read(file.as_deref(), flags);
     let values = match serde_json::to_value(&config) {
         Ok(serde_json::Value::Object(values)) => values,
@@ -247,6 +251,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(err) => return fail(exit::USAGE, &err.to_string()),
     };
+    // A certificate or key that does not load is a configuration error, found before start.
+    let tls = match ipc_gateway::tls::TlsPorts::load(&config) {
+        Ok(tls) => tls,
+        Err(err) => return fail(exit::USAGE, &format!("configuration: {err}")),
+    };
     ipc_gateway::telemetry::logging::init_with(config.log_format, config.log_filter.as_deref());
     tracing::debug!(allocator = allocator::NAME, "memory allocator");
     allocator::start_trimming();
@@ -269,7 +278,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         let load: ipc_gateway::ops::reload::LoadConfig = Box::new(move || {
             Config::load(args.config.as_deref(), &args.settings).map_err(|e| e.to_string())
         });
-        ipc_gateway::server::run_with(config, systemd, Some(load), stop, reloads).await
+        ipc_gateway::server::run_with(config, tls, systemd, Some(load), stop, reloads).await
     });
     match served {
         Ok(()) => ExitCode::SUCCESS,

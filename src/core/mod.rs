@@ -287,6 +287,21 @@ impl Gateway {
         self.inner.access.verify(token, frontend, addr)
     }
 
+    /// The identity of a connection that presents a token: the token's, with what the
+    /// connection itself proved (its address, its verified client certificate), so that a
+    /// token never drops a certificate identity.
+    pub fn verify_token_on(
+        &self,
+        token: &str,
+        connection: &Identity,
+    ) -> Result<Identity, GatewayError> {
+        let verified = self.verify_token(token, connection.frontend, connection.addr.clone())?;
+        Ok(Identity {
+            cert: connection.cert.clone(),
+            ..verified
+        })
+    }
+
     /// Whether callers without a token are refused (WebSocket and gRPC).
     pub fn auth_required(&self) -> bool {
         self.inner.access.auth_required()

@@ -188,8 +188,7 @@ impl Session {
         let id = envelope.id.clone();
         let verified = match (self.caller.frontend(), envelope.token) {
             (Frontend::Ws, Some(token)) => {
-                let addr = self.caller.identity().addr.clone();
-                self.gateway.verify_token(&token, Frontend::Ws, addr)
+                self.gateway.verify_token_on(&token, self.caller.identity())
             }
             (Frontend::Ws, None) => Err(GatewayError::bad_request(
                 "auth needs \"token\": a bearer JWT",

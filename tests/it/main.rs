@@ -33,6 +33,7 @@ mod presence;
 mod priority;
 mod resilience;
 mod systemd;
+mod tls;
 mod trace;
 mod trust;
 mod uds_errors;

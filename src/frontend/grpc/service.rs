@@ -61,7 +61,8 @@ impl GatewayService {
 
     fn identify(&self, caller: &Caller, metadata: &MetadataMap) -> Result<Caller, GatewayError> {
         let Some(value) = metadata.get("authorization") else {
-            if self.gateway.auth_required() {
+            // A verified client certificate is credentials enough.
+            if self.gateway.auth_required() && caller.identity().cert.is_none() {
                 return Err(GatewayError::new(
                     ErrorCode::Unauthenticated,
                     "this gateway requires a token: authorization: Bearer <jwt> metadata",
@@ -79,8 +80,7 @@ impl GatewayService {
                     "authorization metadata must be \"Bearer <jwt>\"",
                 )
             })?;
-        let addr = caller.identity().addr.clone();
-        let identity = self.gateway.verify_token(token, FRONTEND, addr)?;
+        let identity = self.gateway.verify_token_on(token, caller.identity())?;
         Ok(caller.with(self.gateway.authorize(identity)))
     }
 }

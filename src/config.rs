@@ -28,7 +28,7 @@ pub use flags::Flags;
 pub use nats_auth::{CREDENTIAL_KEYS, read_creds, read_seed, written_as};
 pub use origin::Origin;
 pub use secret::{REDACTED, Secret};
-pub use sources::{Source, Sources};
+pub use sources::{Source, Sources, without_user_info};
 
 pub const ENV_PREFIX: &str = "IPC_GATEWAY_";
 
@@ -583,8 +583,10 @@ impl Config {
             .map(str::trim)
             .filter(|url| !url.is_empty())
             .map(|url| {
-                url.parse()
-                    .map_err(|err| format!("{url:?} is not a NATS URL: {err}"))
+                url.parse().map_err(|err| {
+                    // A URL that does not parse may still hold a password.
+                    format!("{:?} is not a NATS URL: {err}", without_user_info(url))
+                })
             })
             .collect::<Result<_, _>>()?;
         if servers.is_empty() {
@@ -848,6 +850,17 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(config.nats_servers().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_nats_url_that_does_not_parse_is_named_without_its_password() {
+        let config = Config {
+            nats_url: "nats://gw:s3cret@host:notaport".into(),
+            ..Config::default()
+        };
+        let error = config.nats_servers().unwrap_err();
+        assert!(error.contains("nats://***@host:notaport"), "{error}");
+        assert!(!error.contains("s3cret"), "{error}");
     }
 
     #[test]

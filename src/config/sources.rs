@@ -152,17 +152,19 @@ impl Sources {
 }
 
 /// NATS URLs with any user information (`nats://user:password@host`) shown as `***@`.
-fn without_user_info(urls: &str) -> String {
+pub fn without_user_info(urls: &str) -> String {
     urls.split(',')
-        .map(|url| match url.split_once("://") {
-            Some((scheme, rest)) => {
-                let authority_end = rest.find('/').unwrap_or(rest.len());
-                match rest[..authority_end].rfind('@') {
-                    Some(at) => format!("{scheme}://{REDACTED}{}", &rest[at..]),
-                    None => url.to_owned(),
-                }
+        .map(|url| {
+            // `user:password@host:4222` without a scheme is a URL to the NATS client too.
+            let (scheme, rest) = match url.split_once("://") {
+                Some((scheme, rest)) => (format!("{scheme}://"), rest),
+                None => (String::new(), url),
+            };
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{scheme}{REDACTED}{}", &rest[at..]),
+                None => url.to_owned(),
             }
-            None => url.to_owned(),
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -356,6 +358,7 @@ mod tests {
                 without_user_info("nats://gw:pw@a:4222, nats://b:4222,tls://tok@c/x@y"),
                 "nats://***@a:4222, nats://b:4222,tls://***@c/x@y"
             );
+            assert_eq!(without_user_info("gw:pw@a:4222,b"), "***@a:4222,b");
             let err = explain_invalid(
                 "nats_token: cannot be used together with `nats_creds`",
                 &sources,

@@ -155,7 +155,7 @@ impl Gateway {
         // Clients that arrive in the first milliseconds should not see UNAVAILABLE just
         // because the first connection is still being made.
         if !pool.wait_connected(Duration::from_secs(2)).await {
-            tracing::warn!(url = %config.nats_url, "NATS is not reachable yet; starting anyway, /ready is 503 until it is");
+            tracing::warn!(url = %crate::config::without_user_info(&config.nats_url), "NATS is not connected yet (unreachable, or refusing the gateway: the line before says which); starting anyway, /ready is 503 until it is");
         }
         metrics.nats_pool_size.set(pool.size() as f64);
         let budget = ByteBudget::new(config.max_inflight_bytes);

@@ -88,6 +88,9 @@ struct Shared {
     waiting: HashMap<u64, oneshot::Sender<Answer>>,
     subscriptions: HashMap<u64, mpsc::UnboundedSender<SubscriptionEvent>>,
     closed: bool,
+    /// Answers whose id no call was waiting for: a second answer to one request, or one the
+    /// client never asked for. The soak test counts them (every request gets exactly one).
+    stray_answers: u64,
 }
 
 /// One connection to the gateway; cheap to share behind an `Arc` across tasks.
@@ -151,6 +154,12 @@ impl Client {
     /// The wire format this client speaks.
     pub fn format(&self) -> WireFormat {
         self.format
+    }
+
+    /// Answers so far that carried an id no call was waiting for (see `Shared::stray_answers`);
+    /// a call abandoned by its caller still waits, so a late answer to it is not stray.
+    pub fn stray_answers(&self) -> u64 {
+        self.shared().stray_answers
     }
 
     fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -488,9 +497,11 @@ fn dispatch(shared: &Mutex<Shared>, incoming: Incoming) {
         Incoming::Answer(id, answer) => {
             if let Some(waiter) = shared.waiting.remove(&id) {
                 let _ = waiter.send(answer);
-            } else if let Err(error) = answer {
+            } else if id == 0 && let Err(error) = &answer {
                 // An error with no request behind it (id 0): the connection-level complaint.
                 tracing::warn!(%error, "gateway reported an error");
+            } else {
+                shared.stray_answers += 1;
             }
         }
         Incoming::Event(sid, event) => {

@@ -39,7 +39,10 @@ impl AuditTail {
     /// Starts at the file's current end: only what is written from now on counts.
     pub fn from_end(path: PathBuf) -> Result<AuditTail, String> {
         let mut file = File::open(&path).map_err(|err| format!("{}: {err}", path.display()))?;
-        let ino = file.metadata().map_err(|err| format!("audit: {err}"))?.ino();
+        let ino = file
+            .metadata()
+            .map_err(|err| format!("audit: {err}"))?
+            .ino();
         file.seek(SeekFrom::End(0))
             .map_err(|err| format!("audit: {err}"))?;
         Ok(AuditTail {

@@ -106,7 +106,9 @@ pub async fn publisher(nats_url: String, rate: f64, stats: Arc<Stats>, stop: Arc
         )
         .await
         {
-            Ok(Ok(())) => stats.feeds[FEED_UDS].published.fetch_add(1, Ordering::Relaxed),
+            Ok(Ok(())) => stats.feeds[FEED_UDS]
+                .published
+                .fetch_add(1, Ordering::Relaxed),
             _ => stats.feeds[FEED_UDS]
                 .publish_failed
                 .fetch_add(1, Ordering::Relaxed),

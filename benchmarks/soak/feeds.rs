@@ -40,13 +40,17 @@ pub async fn gateway_subscriber(
     let front = dial.frontend();
     let mut ready = Some(ready);
     let mut tracker = SeqTracker::default();
-    stats.feeds[feed].subscribers.fetch_add(1, Ordering::Relaxed);
+    stats.feeds[feed]
+        .subscribers
+        .fetch_add(1, Ordering::Relaxed);
     for attempt in 0..MAX_ATTEMPTS {
         if stop.load(Ordering::Relaxed) {
             break;
         }
         if attempt > 0 {
-            stats.feeds[feed].resubscribes.fetch_add(1, Ordering::Relaxed);
+            stats.feeds[feed]
+                .resubscribes
+                .fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(RESUBSCRIBE_PAUSE).await;
         }
         let Ok(link) = dial.connect().await else {
@@ -123,6 +127,8 @@ pub async fn grpc_subscriber(
         let Ok(Link::Grpc(mut client, bearer)) = dial.connect().await else {
             continue;
         };
+        // One channel, one HTTP/2 connection: the gateway records it as a connection.
+        stats.record_op(Frontend::Grpc, "connect", "ok");
         let mut request = tonic::Request::new(pb::SubscribeRequest {
             subject: subject.into(),
             ..Default::default()

@@ -79,11 +79,9 @@ async fn request_task(conn: Arc<Conn>, env: Arc<LoadEnv>, task: usize, interval:
         stats.sent.fetch_add(1, Ordering::Relaxed);
         counts.sent.fetch_add(1, Ordering::Relaxed);
         let sent = Instant::now();
-        let answer = tokio::time::timeout(
-            WATCHDOG,
-            link.request(ECHO_SUBJECT, &data, REQUEST_TIMEOUT),
-        )
-        .await;
+        let answer =
+            tokio::time::timeout(WATCHDOG, link.request(ECHO_SUBJECT, &data, REQUEST_TIMEOUT))
+                .await;
         let done = Instant::now();
         let done_ms = stats.ms(done);
         let mut backoff = Duration::ZERO;

@@ -219,9 +219,12 @@ fn aims(md: &mut String, report: &Report) {
         w.to_s,
         w.samples,
         w.mean_kib.map_or("n/a".into(), |m| mib(m as u64)),
-        w.slope_kib_per_hour.map_or("n/a".into(), |v| format!("{v:+.0}")),
-        w.trend_change_pct.map_or("n/a".into(), |v| format!("{v:+.2} %")),
-        w.max_over_min_pct.map_or("n/a".into(), |v| format!("+{v:.2} %")),
+        w.slope_kib_per_hour
+            .map_or("n/a".into(), |v| format!("{v:+.0}")),
+        w.trend_change_pct
+            .map_or("n/a".into(), |v| format!("{v:+.2} %")),
+        w.max_over_min_pct
+            .map_or("n/a".into(), |v| format!("+{v:.2} %")),
     );
     let _ = writeln!(
         md,
@@ -235,7 +238,11 @@ fn aims(md: &mut String, report: &Report) {
         range(fds.range_all_after_warmup),
     );
     let audit = &report.audit;
-    let differ = audit.rows.iter().filter(|r| r.expected != r.recorded).count();
+    let differ = audit
+        .rows
+        .iter()
+        .filter(|r| r.expected != r.recorded)
+        .count();
     let _ = writeln!(
         md,
         "5. **Audit records equal to operations: {}** — {} records read, {} rows compared by op, front-end and outcome, {} differ; `audit_lost` {}, unreadable lines {} (see [Audit log](#audit-log)).",
@@ -376,7 +383,10 @@ fn requests(md: &mut String, report: &Report) {
         md,
         "| front-end | sent | replies | errors | wrong payload | no answer | answered twice | reconnects |"
     );
-    let _ = writeln!(md, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        md,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     for f in &r.by_frontend {
         let _ = writeln!(
             md,
@@ -570,7 +580,10 @@ fn restarts(md: &mut String, restarts: &[RestartReport]) {
         }),
         (&errors_label, &|r| r.errors_in_disruption.text()),
         ("outage window (aim 2 leaves it out)", &|r| {
-            format!("{:.1} – {:.1} s", r.outage_window_s[0], r.outage_window_s[1])
+            format!(
+                "{:.1} – {:.1} s",
+                r.outage_window_s[0], r.outage_window_s[1]
+            )
         }),
         ("messages missed in it (uds / ws / grpc)", &|r| {
             r.messages_missed

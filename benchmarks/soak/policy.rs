@@ -57,11 +57,13 @@ impl Identities {
             .map_or(0, |d| d.as_secs())
             + seconds as u64
             + 86_400;
+        let key = jsonwebtoken::EncodingKey::from_secret(&secret)
+            .map_err(|err| format!("jwt key: {err}"))?;
         let token = |sub: &str| {
             jsonwebtoken::encode(
                 &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
                 &serde_json::json!({"sub": sub, "exp": exp}),
-                &jsonwebtoken::EncodingKey::from_secret(&secret),
+                &key,
             )
             .map_err(|err| format!("token: {err}"))
         };
@@ -146,7 +148,8 @@ pub fn reload(
     stats: Arc<Stats>,
     into: Arc<Mutex<Vec<Reload>>>,
 ) -> Result<(), String> {
-    let reloads_ok = |body: &str| metric_labeled(body, "ipc_gateway_policy_reloads_total", r#"outcome="ok""#);
+    let reloads_ok =
+        |body: &str| metric_labeled(body, "ipc_gateway_policy_reloads_total", r#"outcome="ok""#);
     let before = http_get(gateway_http, "/metrics")
         .and_then(|(_, body)| reloads_ok(&body))
         .unwrap_or(0.0);
@@ -173,8 +176,12 @@ pub fn reload(
             {
                 seen.seen_after_ms = Some(sent.elapsed().as_millis() as u64);
                 seen.failed_reloads = Some(
-                    metric_labeled(&body, "ipc_gateway_policy_reloads_total", r#"outcome="failed""#)
-                        .unwrap_or(0.0),
+                    metric_labeled(
+                        &body,
+                        "ipc_gateway_policy_reloads_total",
+                        r#"outcome="failed""#,
+                    )
+                    .unwrap_or(0.0),
                 );
                 seen.last_reload_successful =
                     metric_sum(&body, "ipc_gateway_policy_last_reload_successful");

@@ -425,7 +425,9 @@ fn requests(outcome: &Outcome, stats: &Stats, steady_errors: Vec<u64>) -> Reques
 
 /// Whether a moment (ms since t0) lies in one of the outage windows.
 fn in_outage(windows: &[(u64, u64)], at_ms: u64) -> bool {
-    windows.iter().any(|(from, to)| at_ms >= *from && at_ms <= *to)
+    windows
+        .iter()
+        .any(|(from, to)| at_ms >= *from && at_ms <= *to)
 }
 
 fn feeds(stats: &Stats, windows: &[(u64, u64)]) -> Vec<FeedReport> {
@@ -539,7 +541,11 @@ fn memory_and_fds(outcome: &Outcome, settings: &Settings) -> (RssKib, Fds) {
 /// above the start, and the idle gateway after the clients left within 2 of the idle gateway
 /// before the load.
 fn fd_flat(fds: &Fds) -> bool {
-    let steady = match (fds.range_steady_after_warmup, fds.after_warmup_steady, fds.end_steady) {
+    let steady = match (
+        fds.range_steady_after_warmup,
+        fds.after_warmup_steady,
+        fds.end_steady,
+    ) {
         (Some([min, max]), Some(a), Some(b)) => max - min <= 2 && b <= a + 2,
         _ => false,
     };
@@ -558,11 +564,7 @@ fn flat_window(steady: &[&Sample], settings: &Settings, load_seconds: f64) -> Fl
         load_seconds / 3.0
     };
     let from_s = (to_s - span).max(settings.warmup);
-    let window: Vec<&Sample> = steady
-        .iter()
-        .copied()
-        .filter(|s| s.t >= from_s)
-        .collect();
+    let window: Vec<&Sample> = steady.iter().copied().filter(|s| s.t >= from_s).collect();
     let mean = (!window.is_empty())
         .then(|| window.iter().map(|s| s.rss_kb as f64).sum::<f64>() / window.len() as f64);
     let min = window.iter().map(|s| s.rss_kb).min();
@@ -629,7 +631,12 @@ fn restart_reports(
     let gaps: Vec<Vec<GapEvent>> = stats
         .feeds
         .iter()
-        .map(|f| f.gap_events.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .map(|f| {
+            f.gap_events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
         .collect();
     let mut reports = Vec::new();
     let mut disrupted: Vec<(u64, u64)> = Vec::new();

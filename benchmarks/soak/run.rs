@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use ipc_gateway::client::Client;
 
+use crate::audit::AuditTail;
 use crate::common::{
     Proc, START_PATIENCE, TempDir, fd_count, fd_kinds, free_port, http_get, log_file, metric_sum,
     proc_status, ticks_per_second, wait_ready,
 };
-use crate::audit::AuditTail;
 use crate::load::{Endpoints, LoadHandles, run_load};
 use crate::policy::{Identities, Reload};
 use crate::restarts::{Reconnected, Restart, start_nats, watch_recovery};
@@ -604,6 +604,7 @@ impl<'a> Supervisor<'a> {
 
     /// One more sample at the end, unless the last one is recent.
     fn last_sample(&mut self, procs: &Procs) {
+        self.audit.poll();
         let t = self.stats.t0.elapsed().as_secs_f64();
         let current = totals(&self.stats, &procs.pids(), self.audit.records);
         if self.gateway_died.is_none()

@@ -178,7 +178,9 @@ impl Probe {
                 now.by_front[i].saturating_sub(before.by_front[i]) as f64 / dt
             }),
             sub_messages: now.received - before.received,
-            feed_messages: std::array::from_fn(|i| now.by_feed[i].saturating_sub(before.by_feed[i])),
+            feed_messages: std::array::from_fn(|i| {
+                now.by_feed[i].saturating_sub(before.by_feed[i])
+            }),
             sub_missing: now.missing.saturating_sub(before.missing),
             dropped: now.dropped.saturating_sub(before.dropped),
             audit_records: now.audit_records.saturating_sub(before.audit_records),

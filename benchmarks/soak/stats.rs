@@ -157,8 +157,6 @@ pub struct Feed {
     pub dropped_messages: AtomicU64,
     pub gap_flags: AtomicU64,
     pub resubscribes: AtomicU64,
-    /// Subscriptions the gateway ended (the event stream closed under a live connection).
-    pub ended_by_gateway: AtomicU64,
     /// Each gap a subscriber saw.
     pub gap_events: Mutex<Vec<GapEvent>>,
     /// First message received after each restart.
@@ -186,7 +184,6 @@ impl Feed {
             dropped_messages: AtomicU64::new(0),
             gap_flags: AtomicU64::new(0),
             resubscribes: AtomicU64::new(0),
-            ended_by_gateway: AtomicU64::new(0),
             gap_events: Mutex::new(Vec::new()),
             recovered_ms: atomics(MAX_RESTARTS, u64::MAX),
         }
@@ -228,7 +225,8 @@ impl SeqTracker {
             feed.duplicates.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if seq > self.highest + 1 && self.highest > 0 {
+        // Every subscriber is subscribed before its feed's first message: numbering starts at 1.
+        if seq > self.highest + 1 {
             let missing = seq - self.highest - 1;
             let announced = self.gap_flag || self.announced >= missing;
             feed.missing.fetch_add(missing, Ordering::Relaxed);

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use ipc_gateway::client::{Client, WireFormat};
 use ipc_gateway::frontend::grpc::pb::{self, exchange_reply, gateway_client::GatewayClient};
 use tokio::sync::{mpsc, oneshot};

@@ -213,10 +213,11 @@ pub async fn ws_publisher(
             Err(error) => {
                 fed.iter()
                     .for_each(|f| _ = f.publish_failed.fetch_add(1, Ordering::Relaxed));
-                if error.code().is_none() {
-                    if let Some(old) = link.take() {
-                        count_stray(&stats, Frontend::Ws, &old);
-                    }
+                // The connection is gone (no gateway code): a new one at the next tick.
+                if error.code().is_none()
+                    && let Some(old) = link.take()
+                {
+                    count_stray(&stats, Frontend::Ws, &old);
                 }
             }
         }

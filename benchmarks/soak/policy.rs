@@ -80,7 +80,7 @@ impl Identities {
         Ok(identities)
     }
 
-    /// Writes version `version % 2` of the policy (write, then rename: the gateway never reads
+    /// Writes version `version_name(version)` of the policy (write, then rename: the gateway never reads
     /// half a file).
     pub fn write_policy(&self, version: usize) -> Result<(), String> {
         let mut text = format!(
@@ -101,10 +101,10 @@ match = {{ sub = "{GRPC_SUB}" }}
 request = {{ allow = ["{ECHO_SUBJECT}"] }}
 subscribe = {{ allow = ["{WS_EVENTS_SUBJECT}"] }}
 "#,
-            v = if version % 2 == 0 { "A" } else { "B" },
+            v = version_name(version),
             uid = self.uid,
         );
-        if version % 2 == 1 {
+        if version_name(version) == "B" {
             text.push_str(
                 r#"
 # Version B only: a grant for an identity that never connects.
@@ -118,6 +118,11 @@ publish = { allow = ["soak.unrelated.>"] }
         std::fs::write(&staged, text).map_err(|err| format!("policy: {err}"))?;
         std::fs::rename(&staged, &self.policy).map_err(|err| format!("policy: {err}"))
     }
+}
+
+/// The policy's two versions alternate: A, B, A, ...
+fn version_name(version: usize) -> &'static str {
+    if version.is_multiple_of(2) { "A" } else { "B" }
 }
 
 /// One policy reload as the soak saw it.
@@ -163,7 +168,7 @@ pub fn reload(
             std::io::Error::last_os_error()
         ));
     }
-    let version = if version % 2 == 0 { "A" } else { "B" };
+    let version = version_name(version);
     std::thread::spawn(move || {
         let mut seen = Reload {
             at_s,

@@ -531,9 +531,13 @@ fn restarts(md: &mut String, restarts: &[RestartReport]) {
         "errors from the kill to OK + {} s",
         DISRUPTION_TAIL_MS / 1000
     );
-    let rows: [(&str, Cell<'_>); 15] = [
+    let rows: [(&str, Cell<'_>); 16] = [
         ("`kill -9` nats-server at", &|r| {
             format!("{:.1} s", r.kill_at_s)
+        }),
+        ("gateway RSS in the last sample before the kill", &|r| {
+            r.rss_kib_before_kill
+                .map_or("n/a".into(), |kib| format!("{kib} KiB"))
         }),
         ("first UNAVAILABLE, after the kill", &|r| {
             after(r.kill_at_s, r.first_unavailable_at_s)

@@ -207,6 +207,9 @@ pub struct FeedReport {
 #[derive(Serialize)]
 pub struct RestartReport {
     pub kill_at_s: f64,
+    /// The gateway's RSS in the last sample before the kill: the level a leak would raise from
+    /// one restart to the next (a restart itself frees buffers that then grow back).
+    pub rss_kib_before_kill: Option<u64>,
     pub restart_at_s: Option<f64>,
     pub first_unavailable_at_s: Option<f64>,
     pub nats_listening_at_s: Option<f64>,
@@ -677,6 +680,11 @@ fn restart_reports(
         };
         reports.push(RestartReport {
             kill_at_s: restart.kill_s,
+            rss_kib_before_kill: outcome
+                .samples
+                .iter()
+                .rfind(|s| s.t < restart.kill_s)
+                .map(|s| s.rss_kb),
             restart_at_s: restart.restart_s,
             first_unavailable_at_s: at(&stats.first_unavailable_ms),
             nats_listening_at_s: restart.nats_listening_s,

@@ -114,6 +114,9 @@ struct Shared {
     waiting: HashMap<u64, oneshot::Sender<Answer>>,
     subscriptions: HashMap<u64, mpsc::UnboundedSender<SubscriptionEvent>>,
     closed: bool,
+    /// Answers whose id no call was waiting for: a second answer to one request, or one the
+    /// client never asked for. The soak test counts them (every request gets exactly one).
+    stray_answers: u64,
 }
 
 /// One connection to the gateway; cheap to share behind an `Arc` across tasks.
@@ -177,6 +180,12 @@ impl Client {
     /// The wire format this client speaks.
     pub fn format(&self) -> WireFormat {
         self.format
+    }
+
+    /// Answers so far that carried an id no call was waiting for (see `Shared::stray_answers`);
+    /// a call abandoned by its caller still waits, so a late answer to it is not stray.
+    pub fn stray_answers(&self) -> u64 {
+        self.shared().stray_answers
     }
 
     fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -649,9 +658,13 @@ fn dispatch(shared: &Mutex<Shared>, incoming: Incoming) {
         Incoming::Answer(id, answer) => {
             if let Some(waiter) = shared.waiting.remove(&id) {
                 let _ = waiter.send(answer);
-            } else if let Err(error) = answer {
+            } else if id == 0
+                && let Err(error) = &answer
+            {
                 // An error with no request behind it (id 0): the connection-level complaint.
                 tracing::warn!(%error, "gateway reported an error");
+            } else {
+                shared.stray_answers += 1;
             }
         }
         Incoming::Event(sid, event) => {
@@ -1045,6 +1058,35 @@ mod tests {
         assert_eq!(bytes.headers.unwrap().get("X"), Some("1"));
         let (id, unknown) = answer(r#"{"id":null,"ok":false,"error":{"code":"NEW_CODE"}}"#);
         assert_eq!((id, unknown.unwrap_err().code), (0, ErrorCode::Internal));
+    }
+
+    #[test]
+    fn a_second_answer_to_one_id_is_counted_as_stray() {
+        let shared = Mutex::new(Shared::default());
+        let (waiter, mut answered) = oneshot::channel();
+        shared.lock().unwrap().waiting.insert(7, waiter);
+        let incoming = |line: &'static str| decode_json(&Bytes::from_static(line.as_bytes()));
+        dispatch(
+            &shared,
+            incoming(r#"{"id":7,"ok":true,"data":"a"}"#).unwrap(),
+        );
+        assert!(answered.try_recv().unwrap().is_ok());
+        assert_eq!(shared.lock().unwrap().stray_answers, 0);
+        // The same id again, and an id never asked for: each answered a request twice or never.
+        dispatch(
+            &shared,
+            incoming(r#"{"id":7,"ok":true,"data":"a"}"#).unwrap(),
+        );
+        dispatch(
+            &shared,
+            incoming(r#"{"id":8,"ok":false,"error":{"code":"TIMEOUT"}}"#).unwrap(),
+        );
+        // A complaint about the connection (id 0) answers no request.
+        dispatch(
+            &shared,
+            incoming(r#"{"id":0,"ok":false,"error":{"code":"BAD_REQUEST"}}"#).unwrap(),
+        );
+        assert_eq!(shared.lock().unwrap().stray_answers, 2);
     }
 
     #[test]

@@ -18,11 +18,21 @@ pub fn json_text<R: Serialize>(report: &R) -> Result<String, String> {
 
 /// Writes `latest.json` (the report) and `latest.md` (its Markdown) into `dir`.
 pub fn write_latest<R: Serialize>(dir: &Path, report: &R, markdown: &str) -> Result<(), String> {
+    write_named(dir, "latest", report, markdown)
+}
+
+/// Writes `<name>.json` (the report) and `<name>.md` (its Markdown) into `dir`.
+pub fn write_named<R: Serialize>(
+    dir: &Path,
+    name: &str,
+    report: &R,
+    markdown: &str,
+) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|err| format!("{}: {err}", dir.display()))?;
-    std::fs::write(dir.join("latest.json"), json_text(report)?)
-        .map_err(|err| format!("latest.json: {err}"))?;
-    std::fs::write(dir.join("latest.md"), markdown).map_err(|err| format!("latest.md: {err}"))?;
-    eprintln!("wrote {} and latest.md", dir.join("latest.json").display());
+    let (json, md) = (format!("{name}.json"), format!("{name}.md"));
+    std::fs::write(dir.join(&json), json_text(report)?).map_err(|err| format!("{json}: {err}"))?;
+    std::fs::write(dir.join(&md), markdown).map_err(|err| format!("{md}: {err}"))?;
+    eprintln!("wrote {} and {md}", dir.join(&json).display());
     Ok(())
 }
 

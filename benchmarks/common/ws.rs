@@ -3,18 +3,23 @@
 //! of ports) and upgraded with a small client read buffer. On top of that: the gateway's JSON
 //! ping and subscribe (docs/protocol.md), and the NATS protocol spoken over nats-server's own
 //! WebSocket listener (INFO, CONNECT, SUB, PING/PONG) with a reader that splits whatever
-//! arrives into MSG, PING, ... however the server cut it into WebSocket messages.
+//! arrives into MSG, PING, ... however the server cut it into WebSocket messages. And one
+//! `ipc_gateway::client::Client` over a WebSocket (`gateway_ws_client`: the gateway and soak
+//! benches), with a bearer token if wanted.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt, future};
+use ipc_gateway::client::{Client, WireFormat};
 use serde_json::Value;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes as WsUtf8Bytes};
 
 pub type Ws = WebSocketStream<TcpStream>;
 
@@ -233,4 +238,53 @@ impl NatsReader {
             _ => NatsEvent::Other,
         })
     }
+}
+
+/// `ipc_gateway::client::Client` over one WebSocket connection to the gateway's `GET /ws`
+/// (TCP_NODELAY on this side): a binary message per v1 frame, or a text message per JSON
+/// envelope; with `token`, the upgrade carries `Authorization: Bearer <token>`.
+pub async fn gateway_ws_client(
+    port: u16,
+    format: WireFormat,
+    token: Option<&str>,
+) -> Result<Client, String> {
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|err| format!("{url}: {err}"))?;
+    if let Some(token) = token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "the token is not a valid header value".to_string())?;
+        request.headers_mut().insert("authorization", value);
+    }
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
+        .await
+        .map_err(|err| format!("connect {url}: {err}"))?;
+    let (sink, stream) = ws.split();
+    let sink = sink.with(move |frame: Bytes| {
+        future::ready(match format {
+            WireFormat::Binary => Ok(Message::Binary(frame)),
+            WireFormat::JsonLines => WsUtf8Bytes::try_from(frame)
+                .map(Message::Text)
+                .map_err(tungstenite::Error::from),
+        })
+    });
+    // Answers until the gateway closes; pings and pongs are tungstenite's business. Each
+    // message is copied out: tungstenite's messages are slices of its read buffer, and while
+    // one is alive (the client hands reply payloads to the waiting tasks) tungstenite cannot
+    // reuse that buffer and allocates and zero-fills a new one for the next frame. A copy of
+    // its own per message (small allocations the allocator recycles) costs less than a shared
+    // arena, whose 64 KiB blocks are returned to the kernel and faulted in again.
+    let stream = stream
+        .take_while(|message| future::ready(matches!(message, Ok(m) if !m.is_close())))
+        .filter_map(|message| {
+            future::ready(match message {
+                Ok(Message::Binary(data)) => Some(Bytes::copy_from_slice(&data)),
+                Ok(Message::Text(text)) => Some(Bytes::copy_from_slice(text.as_bytes())),
+                _ => None,
+            })
+        });
+    Ok(Client::over_messages(format, sink, Box::pin(stream)))
 }

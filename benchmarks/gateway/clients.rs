@@ -10,11 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt, future};
 use ipc_gateway::client::{Client, WireFormat};
 use ipc_gateway::frontend::grpc::pb::{self, exchange_reply, gateway_client::GatewayClient};
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::{self, Message as WsMessage, Utf8Bytes as WsUtf8Bytes};
 
 use crate::settings::{Case, Mode};
 use crate::{REQUEST_TIMEOUT, SUBJECT};
@@ -148,38 +146,8 @@ async fn connect_socket(path: &Path, format: WireFormat) -> Result<Client, Strin
         .map_err(|err| format!("connect {}: {err}", path.display()))
 }
 
-/// The client over one WebSocket connection to the gateway's `GET /ws` (TCP_NODELAY on this
-/// side): a binary message per v1 frame, or a text message per JSON envelope.
 async fn connect_ws(port: u16, format: WireFormat) -> Result<Client, String> {
-    let url = format!("ws://127.0.0.1:{port}/ws");
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
-        .await
-        .map_err(|err| format!("connect {url}: {err}"))?;
-    let (sink, stream) = ws.split();
-    let sink = sink.with(move |frame: Bytes| {
-        future::ready(match format {
-            WireFormat::Binary => Ok(WsMessage::Binary(frame)),
-            WireFormat::JsonLines => WsUtf8Bytes::try_from(frame)
-                .map(WsMessage::Text)
-                .map_err(tungstenite::Error::from),
-        })
-    });
-    // Answers until the gateway closes; pings and pongs are tungstenite's business. Each
-    // message is copied out: tungstenite's messages are slices of its read buffer, and while
-    // one is alive (the client hands reply payloads to the waiting tasks) tungstenite cannot
-    // reuse that buffer and allocates and zero-fills a new one for the next frame. A copy of
-    // its own per message (small allocations the allocator recycles) costs less than a shared
-    // arena, whose 64 KiB blocks are returned to the kernel and faulted in again.
-    let stream = stream
-        .take_while(|message| future::ready(matches!(message, Ok(m) if !m.is_close())))
-        .filter_map(|message| {
-            future::ready(match message {
-                Ok(WsMessage::Binary(data)) => Some(Bytes::copy_from_slice(&data)),
-                Ok(WsMessage::Text(text)) => Some(Bytes::copy_from_slice(text.as_bytes())),
-                _ => None,
-            })
-        });
-    Ok(Client::over_messages(format, sink, Box::pin(stream)))
+    crate::common::gateway_ws_client(port, format, None).await
 }
 
 /// A gRPC target on one HTTP/2 connection to the gateway's gRPC port.

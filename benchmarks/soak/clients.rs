@@ -1,59 +1,63 @@
-//! The soak's clients besides the request tasks' load: `Conn`, one gateway connection
-//! (`ipc_gateway::client::Client`, binary frames) shared by a connection's request tasks and
-//! replaced when it is lost; the subscriber (one more gateway connection on the events
-//! subject, counting deliveries by sequence number); the publisher (a NATS client publishing
-//! numbered messages at a steady rate); and the direct probe (requests straight to the echo
-//! service over NATS, which tell the gateway's latency apart from that of NATS).
+//! The soak's clients besides the subscription feeds (feeds.rs): `Conn`, one gateway
+//! connection of any front-end (links.rs) shared by a few request tasks and replaced when it
+//! is lost; the NATS publisher (numbered messages at a steady rate, for the Unix-socket
+//! subscriber); and the direct probe (requests straight to the echo service over NATS, which
+//! tell the gateway's latency apart from that of NATS).
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ipc_gateway::client::{Client, SubscriptionEvent};
 
-use crate::stats::Stats;
-use crate::{ECHO_SUBJECT, EVENTS_SUBJECT, MAX_GAP_EVENTS, MAX_RESTARTS};
+use crate::links::{Dial, Link};
+use crate::stats::{FEED_UDS, Stats, front_index};
+use crate::{ECHO_SUBJECT, EVENTS_SUBJECT, MAX_RESTARTS};
 
-/// One client connection shared by `SOAK_INFLIGHT` tasks; replaced when it closes.
+/// One client connection shared by a few request tasks; replaced when it closes.
 pub struct Conn {
-    socket: PathBuf,
-    client: RwLock<Arc<Client>>,
+    pub dial: Dial,
+    link: RwLock<Arc<Link>>,
     /// Held while one task replaces a lost connection, so the others do not all reconnect.
     reconnecting: tokio::sync::Mutex<()>,
 }
 
 impl Conn {
-    pub fn new(socket: PathBuf, client: Client) -> Conn {
-        Conn {
-            socket,
-            client: RwLock::new(Arc::new(client)),
+    pub async fn open(dial: Dial, stats: &Stats) -> Result<Conn, String> {
+        let link = dial.connect().await?;
+        stats.record_op(dial.frontend(), "connect", "ok");
+        Ok(Conn {
+            dial,
+            link: RwLock::new(Arc::new(link)),
             reconnecting: tokio::sync::Mutex::new(()),
-        }
+        })
     }
 
-    pub fn current(&self) -> Arc<Client> {
-        self.client
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    pub fn current(&self) -> Arc<Link> {
+        self.link.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Replaces `old` with a new connection, unless another task already did.
-    pub async fn reconnect(&self, old: &Arc<Client>, stats: &Stats, stop: &AtomicBool) {
+    /// Replaces `old` with a new connection, unless another task already did; the old one's
+    /// stray answers are counted first.
+    pub async fn reconnect(&self, old: &Arc<Link>, stats: &Stats, stop: &AtomicBool) {
         let _guard = self.reconnecting.lock().await;
         if !Arc::ptr_eq(&self.current(), old) {
             return;
         }
+        let front = &stats.fronts[front_index(self.dial.frontend())];
         for _ in 0..50 {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            match Client::connect(&self.socket).await {
-                Ok(client) => {
-                    *self.client.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(client);
+            match self.dial.connect().await {
+                Ok(link) => {
+                    stats.record_op(self.dial.frontend(), "connect", "ok");
+                    front
+                        .stray_answers
+                        .fetch_add(old.stray_answers(), Ordering::Relaxed);
+                    *self.link.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(link);
                     stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    front.reconnects.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 Err(_) => {
@@ -63,80 +67,12 @@ impl Conn {
             }
         }
     }
-}
 
-/// One gateway connection subscribed to the events subject; counts deliveries by sequence.
-pub async fn subscriber(
-    socket: PathBuf,
-    stats: Arc<Stats>,
-    stop: Arc<AtomicBool>,
-    ready: tokio::sync::oneshot::Sender<()>,
-) {
-    let mut ready = Some(ready);
-    let mut highest = 0u64;
-    let mut attempts = 0u32;
-    while !stop.load(Ordering::Relaxed) && attempts < 10_000 {
-        attempts += 1;
-        if attempts > 1 {
-            stats.resubscribes.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let Ok(client) = Client::connect(&socket).await else {
-            continue;
-        };
-        let Ok(mut subscription) = client.subscribe(EVENTS_SUBJECT, None).await else {
-            continue;
-        };
-        if let Some(ready) = ready.take() {
-            let _ = ready.send(());
-        }
-        while !stop.load(Ordering::Relaxed) {
-            let event =
-                match tokio::time::timeout(Duration::from_millis(250), subscription.events.recv())
-                    .await
-                {
-                    Err(_) => continue,
-                    Ok(None) => break,
-                    Ok(Some(event)) => event,
-                };
-            match event {
-                SubscriptionEvent::Message { data, .. } => {
-                    stats.received.fetch_add(1, Ordering::Relaxed);
-                    let now_ms = stats.now_ms();
-                    let watching = stats.watching.load(Ordering::Relaxed);
-                    if watching < MAX_RESTARTS
-                        && now_ms >= stats.restart_ms[watching].load(Ordering::Relaxed)
-                    {
-                        stats.sub_recovered_ms[watching].fetch_min(now_ms, Ordering::Relaxed);
-                    }
-                    let Some(seq) = data
-                        .get(..8)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_be_bytes)
-                    else {
-                        continue;
-                    };
-                    if seq <= highest {
-                        stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        if seq > highest + 1 {
-                            let gap = seq - highest - 1;
-                            stats.missing.fetch_add(gap, Ordering::Relaxed);
-                            let mut events =
-                                stats.gap_events.lock().unwrap_or_else(|p| p.into_inner());
-                            if events.len() < MAX_GAP_EVENTS {
-                                events.push((now_ms, gap));
-                            }
-                        }
-                        highest = seq;
-                    }
-                }
-                SubscriptionEvent::Dropped { count, .. } => {
-                    stats.dropped_notices.fetch_add(1, Ordering::Relaxed);
-                    stats.dropped_messages.fetch_add(count, Ordering::Relaxed);
-                }
-            }
-        }
+    /// At the end: the current connection's stray answers.
+    pub fn count_stray(&self, stats: &Stats) {
+        stats.fronts[front_index(self.dial.frontend())]
+            .stray_answers
+            .fetch_add(self.current().stray_answers(), Ordering::Relaxed);
     }
 }
 
@@ -170,8 +106,12 @@ pub async fn publisher(nats_url: String, rate: f64, stats: Arc<Stats>, stop: Arc
         )
         .await
         {
-            Ok(Ok(())) => stats.published.fetch_add(1, Ordering::Relaxed),
-            _ => stats.publish_failed.fetch_add(1, Ordering::Relaxed),
+            Ok(Ok(())) => stats.feeds[FEED_UDS]
+                .published
+                .fetch_add(1, Ordering::Relaxed),
+            _ => stats.feeds[FEED_UDS]
+                .publish_failed
+                .fetch_add(1, Ordering::Relaxed),
         };
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), nats.flush()).await;

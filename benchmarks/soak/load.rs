@@ -1,23 +1,26 @@
-//! The load: `SOAK_CONNECTIONS` gateway connections with `SOAK_INFLIGHT` request tasks each,
-//! every task keeping one request outstanding, pacing itself to its share of `SOAK_RATE` and
-//! backing off after errors; plus the subscriber, the publisher and the direct probe
-//! (clients.rs). It all runs on one current-thread runtime in its own thread (`run_load`)
-//! until the supervisor says stop.
+//! The load, on all three front-ends at once: request tasks on Unix-socket connections
+//! (binary and JSON), WebSocket connections and one gRPC channel, every task keeping one
+//! request outstanding, pacing itself to its share of its front-end's rate and backing off
+//! after errors; plus the subscription feeds and their publishers (feeds.rs) and the direct
+//! probe (clients.rs). It all runs on one current-thread runtime in its own thread
+//! (`run_load`) until the supervisor says stop.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ipc_gateway::client::{Client, ClientError};
+use ipc_gateway::client::{ClientError, WireFormat};
 use ipc_gateway::protocol::ErrorCode;
 
-use crate::clients::{Conn, direct_probe, publisher, subscriber};
+use crate::clients::{Conn, direct_probe, publisher};
 use crate::common::START_PATIENCE;
+use crate::feeds::{gateway_subscriber, grpc_subscriber, ws_publisher};
+use crate::links::Dial;
 use crate::settings::Settings;
-use crate::stats::{Stats, category_of};
+use crate::stats::{FEED_UDS, FEED_WS, Stats, category_of, front_index, outcome_of};
 use crate::{ECHO_SUBJECT, END_GRACE, MAX_PAYLOAD, MAX_REQUESTS_PER_TASK, MIN_PAYLOAD};
-use crate::{REQUEST_TIMEOUT, WATCHDOG};
+use crate::{EVENTS_SUBJECT, REQUEST_TIMEOUT, WATCHDOG, WS_EVENTS_SUBJECT};
 
 /// xorshift64*: payload sizes and start offsets.
 struct Rng(u64);
@@ -50,58 +53,68 @@ struct LoadEnv {
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
     filler: Arc<Vec<u8>>,
-    interval: Duration,
     pause: Duration,
 }
 
-async fn request_task(conn: Arc<Conn>, env: Arc<LoadEnv>, task: usize) {
+/// One request task: keeps one request outstanding on `conn`, at most one per `interval`.
+async fn request_task(conn: Arc<Conn>, env: Arc<LoadEnv>, task: usize, interval: Duration) {
     let stats = &env.stats;
+    let front = conn.dial.frontend();
+    let counts = &stats.fronts[front_index(front)];
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((task as u64 + 1) * 0x1000_0001));
     // Stagger the tasks over one pacing interval.
-    let offset = if env.interval.is_zero() {
+    let offset = if interval.is_zero() {
         Duration::ZERO
     } else {
-        Duration::from_micros(rng.next() % env.interval.as_micros().max(1) as u64)
+        Duration::from_micros(rng.next() % interval.as_micros().max(1) as u64)
     };
     let mut next = tokio::time::Instant::now() + offset;
     tokio::time::sleep_until(next).await;
     let mut seq = 0u64;
     while !env.stop.load(Ordering::Relaxed) && seq < MAX_REQUESTS_PER_TASK {
         seq += 1;
-        let client = conn.current();
+        let link = conn.current();
         let size = rng.range(MIN_PAYLOAD, MAX_PAYLOAD);
         let data = payload(task, seq, size, &env.filler);
         stats.sent.fetch_add(1, Ordering::Relaxed);
+        counts.sent.fetch_add(1, Ordering::Relaxed);
         let sent = Instant::now();
-        let answer = tokio::time::timeout(
-            WATCHDOG,
-            client.request(ECHO_SUBJECT, &data, Some(REQUEST_TIMEOUT)),
-        )
-        .await;
+        let answer =
+            tokio::time::timeout(WATCHDOG, link.request(ECHO_SUBJECT, &data, REQUEST_TIMEOUT))
+                .await;
         let done = Instant::now();
         let done_ms = stats.ms(done);
         let mut backoff = Duration::ZERO;
+        if let Ok(answered) = &answer
+            && let Some(outcome) = outcome_of(answered)
+        {
+            stats.record_op(front, "request", outcome);
+        }
         match answer {
             Err(_) => {
                 stats.no_answer.fetch_add(1, Ordering::Relaxed);
+                counts.no_answer.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Ok(reply)) => {
-                if reply.data.as_ref() != data.as_slice() {
+                if reply.as_ref() != data.as_slice() {
                     stats.wrong_replies.fetch_add(1, Ordering::Relaxed);
+                    counts.wrong_replies.fetch_add(1, Ordering::Relaxed);
                 }
                 let latency = done.saturating_duration_since(sent).as_micros() as u64;
                 stats.record_reply(stats.ms(sent), done_ms, latency);
+                counts.replies.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Err(error)) => {
                 let category = category_of(&error);
                 stats.record_error(category, done_ms);
+                counts.errors.fetch_add(1, Ordering::Relaxed);
                 backoff = match &error {
                     ClientError::Gateway(e) if e.code == ErrorCode::CircuitOpen => {
                         Duration::from_millis(e.retry_after_ms.unwrap_or(50).clamp(10, 1000) as u64)
                     }
                     ClientError::Gateway(_) => Duration::from_millis(50),
                     ClientError::Closed | ClientError::Io(_) => {
-                        conn.reconnect(&client, stats, &env.stop).await;
+                        conn.reconnect(&link, stats, &env.stop).await;
                         Duration::from_millis(100)
                     }
                 };
@@ -109,14 +122,14 @@ async fn request_task(conn: Arc<Conn>, env: Arc<LoadEnv>, task: usize) {
         }
         // Pace without catching up: a slot missed is skipped, never made up with a burst.
         let now = tokio::time::Instant::now();
-        next += env.interval;
+        next += interval;
         if next < now + env.pause {
             next = now + env.pause;
         }
         if !backoff.is_zero() {
             // Jitter, as a real client should: without it, every task told the same
             // `retry_after_ms` would come back in the same instant and stay in lockstep.
-            let jitter_us = rng.next() % (env.interval.as_micros() as u64).max(20_000);
+            let jitter_us = rng.next() % (interval.as_micros() as u64).max(20_000);
             let resume = now + backoff + Duration::from_micros(jitter_us);
             if next < resume {
                 next = resume;
@@ -135,13 +148,24 @@ pub struct LoadHandles {
     pub interrupted: Arc<AtomicBool>,
 }
 
+/// Where the load goes: the gateway's listeners, NATS (for the publisher and the probe), and
+/// the tokens of the WebSocket and gRPC identities.
+#[derive(Clone)]
+pub struct Endpoints {
+    pub socket: PathBuf,
+    pub nats_url: String,
+    pub http_port: u16,
+    pub grpc_port: u16,
+    pub ws_token: String,
+    pub grpc_token: String,
+}
+
 /// Runs the whole load on a current-thread runtime until `stop`, then waits (bounded) for
 /// outstanding requests. Reports on `started` once every task runs (or why not). Returns how
 /// many request tasks had to be abandoned.
 pub fn run_load(
     settings: &Settings,
-    socket: PathBuf,
-    nats_url: String,
+    endpoints: Endpoints,
     handles: LoadHandles,
     started: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> usize {
@@ -161,45 +185,47 @@ pub fn run_load(
         interrupted,
     } = handles;
     let env = Arc::new(LoadEnv::new(settings, stats.clone(), stop.clone()));
-    let (connections, inflight) = (settings.connections, settings.inflight);
-    let publish_rate = settings.publish_rate;
-    let sample_every = Duration::from_secs_f64(settings.sample);
+    let settings = settings.clone();
     runtime.block_on(async move {
         // Ctrl-C or SIGTERM ends the run early, cleanly (children stopped, report written).
         tokio::spawn(watch_signals(interrupted));
-        // The subscriber first, then the publisher, then the requests.
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let sub = tokio::spawn(subscriber(
-            socket.clone(),
-            stats.clone(),
-            stop.clone(),
-            ready_tx,
-        ));
-        if tokio::time::timeout(START_PATIENCE, ready_rx)
-            .await
-            .is_err()
-        {
-            let _ = started.send(Err("the subscriber could not subscribe".into()));
+        // The subscribers first, then the publishers, then the requests.
+        let mut background = Vec::new();
+        let subscribed = start_subscribers(&settings, &endpoints, &env, &mut background).await;
+        if let Err(err) = subscribed {
+            let _ = started.send(Err(err));
             stop.store(true, Ordering::Relaxed);
-            let _ = sub.await;
+            for task in background {
+                let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+            }
             return 0;
         }
-        // Let the subscription reach nats-server before the first message.
+        // Let the subscriptions reach nats-server before the first message.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let publish = tokio::spawn(publisher(
-            nats_url.clone(),
-            publish_rate,
+        background.push(tokio::spawn(publisher(
+            endpoints.nats_url.clone(),
+            settings.publish_rate,
             stats.clone(),
             stop.clone(),
-        ));
-        let direct = tokio::spawn(direct_probe(
-            nats_url,
-            sample_every,
+        )));
+        background.push(tokio::spawn(ws_publisher(
+            Dial::Ws {
+                port: endpoints.http_port,
+                token: endpoints.ws_token.clone(),
+            },
+            WS_EVENTS_SUBJECT,
+            settings.ws_publish_rate,
             stats.clone(),
             stop.clone(),
-        ));
-        let handles = match start_requests(&socket, connections, inflight, &env).await {
-            Ok(handles) => handles,
+        )));
+        background.push(tokio::spawn(direct_probe(
+            endpoints.nats_url.clone(),
+            Duration::from_secs_f64(settings.sample),
+            stats.clone(),
+            stop.clone(),
+        )));
+        let (conns, handles) = match start_requests(&settings, &endpoints, &env).await {
+            Ok(started) => started,
             Err(err) => {
                 let _ = started.send(Err(err));
                 stop.store(true, Ordering::Relaxed);
@@ -212,20 +238,18 @@ pub fn run_load(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let abandoned = finish_requests(handles).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), publish).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), direct).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), sub).await;
+        for conn in &conns {
+            conn.count_stray(&stats);
+        }
+        for task in background {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
         abandoned
     })
 }
 
 impl LoadEnv {
     fn new(settings: &Settings, stats: Arc<Stats>, stop: Arc<AtomicBool>) -> LoadEnv {
-        let interval = if settings.rate > 0.0 {
-            Duration::from_secs_f64(settings.tasks() as f64 / settings.rate)
-        } else {
-            Duration::ZERO
-        };
         let filler: Vec<u8> = {
             let mut rng = Rng(0x1234_5678_9ABC_DEF1);
             (0..MAX_PAYLOAD + 256).map(|_| rng.next() as u8).collect()
@@ -234,9 +258,18 @@ impl LoadEnv {
             stats,
             stop,
             filler: Arc::new(filler),
-            interval,
             pause: settings.pause,
         }
+    }
+}
+
+/// The pacing interval of each of `tasks` tasks that together send `rate` requests a second
+/// (0: no pacing, only the pause).
+fn interval(tasks: usize, rate: f64) -> Duration {
+    if rate > 0.0 && tasks > 0 {
+        Duration::from_secs_f64(tasks as f64 / rate)
+    } else {
+        Duration::ZERO
     }
 }
 
@@ -256,28 +289,110 @@ async fn watch_signals(interrupted: Arc<AtomicBool>) {
     interrupted.store(true, Ordering::Relaxed);
 }
 
-/// Connects every client connection and starts its request tasks.
-async fn start_requests(
-    socket: &PathBuf,
-    connections: usize,
-    inflight: usize,
+/// The Unix-socket subscriber, the WebSocket subscribers and the gRPC Subscribe stream; returns
+/// once every one has its first subscription acknowledged.
+async fn start_subscribers(
+    settings: &Settings,
+    endpoints: &Endpoints,
     env: &Arc<LoadEnv>,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
-    let mut handles = Vec::with_capacity(connections * inflight);
-    for c in 0..connections {
-        let client = Client::connect(socket)
-            .await
-            .map_err(|err| format!("connect {}: {err}", socket.display()))?;
-        let conn = Arc::new(Conn::new(socket.clone(), client));
-        for i in 0..inflight {
+    background: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<(), String> {
+    let (stats, stop) = (&env.stats, &env.stop);
+    let mut ready = Vec::new();
+    let mut subscriber = |dial: Dial, subject: &'static str, feed: usize| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        background.push(tokio::spawn(gateway_subscriber(
+            dial,
+            subject,
+            feed,
+            stats.clone(),
+            stop.clone(),
+            tx,
+        )));
+        ready.push(rx);
+    };
+    subscriber(
+        Dial::Socket(endpoints.socket.clone(), WireFormat::Binary),
+        EVENTS_SUBJECT,
+        FEED_UDS,
+    );
+    for _ in 0..settings.ws_subscribers {
+        let dial = Dial::Ws {
+            port: endpoints.http_port,
+            token: endpoints.ws_token.clone(),
+        };
+        subscriber(dial, WS_EVENTS_SUBJECT, FEED_WS);
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    background.push(tokio::spawn(grpc_subscriber(
+        endpoints.grpc_port,
+        endpoints.grpc_token.clone(),
+        WS_EVENTS_SUBJECT,
+        stats.clone(),
+        stop.clone(),
+        tx,
+    )));
+    ready.push(rx);
+    let all = futures_util::future::join_all(ready);
+    match tokio::time::timeout(START_PATIENCE * 2, all).await {
+        Ok(answers) if answers.iter().all(Result::is_ok) => Ok(()),
+        _ => Err("the subscribers could not subscribe".into()),
+    }
+}
+
+/// Connects every client connection and starts its request tasks: `SOAK_CONNECTIONS` on the
+/// Unix socket (binary frames and JSON lines in turn), `SOAK_WS_CONNECTIONS` WebSockets (JSON)
+/// with `SOAK_INFLIGHT` tasks each, and `SOAK_GRPC_TASKS` gRPC tasks on one channel.
+async fn start_requests(
+    settings: &Settings,
+    endpoints: &Endpoints,
+    env: &Arc<LoadEnv>,
+) -> Result<(Vec<Arc<Conn>>, Vec<tokio::task::JoinHandle<()>>), String> {
+    let mut groups: Vec<(Dial, usize, Duration)> = Vec::new();
+    let uds_interval = interval(settings.tasks(), settings.rate);
+    for c in 0..settings.connections {
+        let format = if c % 2 == 0 {
+            WireFormat::Binary
+        } else {
+            WireFormat::JsonLines
+        };
+        let dial = Dial::Socket(endpoints.socket.clone(), format);
+        groups.push((dial, settings.inflight, uds_interval));
+    }
+    let ws_tasks = settings.ws_connections * settings.ws_inflight();
+    for _ in 0..settings.ws_connections {
+        let dial = Dial::Ws {
+            port: endpoints.http_port,
+            token: endpoints.ws_token.clone(),
+        };
+        let every = interval(ws_tasks, settings.ws_rate);
+        groups.push((dial, settings.ws_inflight(), every));
+    }
+    if settings.grpc_tasks > 0 {
+        let dial = Dial::Grpc {
+            port: endpoints.grpc_port,
+            token: endpoints.grpc_token.clone(),
+        };
+        let every = interval(settings.grpc_tasks, settings.grpc_rate);
+        groups.push((dial, settings.grpc_tasks, every));
+    }
+    let mut conns = Vec::new();
+    let mut handles = Vec::new();
+    let mut task = 0;
+    for (dial, tasks, every) in groups {
+        let conn = Arc::new(Conn::open(dial, &env.stats).await?);
+        for _ in 0..tasks {
             handles.push(tokio::spawn(request_task(
                 conn.clone(),
                 env.clone(),
-                c * inflight + i,
+                task,
+                every,
             )));
+            task += 1;
         }
+        conns.push(conn);
     }
-    Ok(handles)
+    Ok((conns, handles))
 }
 
 /// Outstanding requests get END_GRACE to be answered; then they are abandoned (counted).

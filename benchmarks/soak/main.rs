@@ -1,66 +1,88 @@
-//! Soak test: steady load through the gateway for a long time (default 30 minutes), with NATS
-//! killed (`kill -9`) and restarted in the middle, watching the gateway's memory and file
-//! descriptors.
+//! Soak test: steady load on all three front-ends of one gateway for a long time (default two
+//! hours), with the policy and the audit log on, nats-server killed (`kill -9`) and restarted
+//! every SOAK_RESTART_EVERY_SECONDS and the policy reloaded every SOAK_RELOAD_EVERY_SECONDS,
+//! watching the gateway's memory, file descriptors, answers, subscriptions and audit log.
 //!
 //! One run starts ONE nats-server (free loopback port, with a monitoring port), ONE echo
 //! service (`ipc-gateway demo-echo --subject soak.echo`) and ONE gateway from the release
-//! binary (`--worker-threads 1`, otherwise default settings). The load, from this process:
+//! binary (`--worker-threads 1 --policy FILE --auth-jwt-secret-file FILE --audit-file FILE`,
+//! otherwise default settings). The policy (policy.rs) grants this process's uid, and the
+//! bearer-token subjects `soak-ws` and `soak-grpc`, exactly what they use. The load, from this
+//! process, all at once:
 //!
-//! - `SOAK_CONNECTIONS` (8) client connections (`ipc_gateway::client::Client`, binary frames),
-//!   each with `SOAK_INFLIGHT` (16) tasks that each keep one request outstanding; after each
-//!   answer a task pauses at least `SOAK_PAUSE_MS` (1 ms) and paces itself so that all tasks
-//!   together send about `SOAK_RATE` (4000) requests per second. Payloads are 64 B to 8 KiB
-//!   (uniform), every reply is compared byte for byte with its request, timeout 2000 ms.
-//!   After an error a task backs off: 50 ms after UNAVAILABLE (and most other codes), the
-//!   gateway's `retry_after_ms` (at most 1 s) after CIRCUIT_OPEN, 100 ms and a reconnect when
-//!   the connection is gone.
-//! - one subscriber connection on `soak.events`, which a NATS client in this process publishes
-//!   to at `SOAK_PUBLISH_RATE` (100) messages per second, each with a sequence number; the
-//!   subscriber counts deliveries, gaps, duplicates and `dropped` notices.
+//! - Requests to the echo service, every reply compared byte for byte with its request
+//!   (payloads 64 B to 8 KiB, timeout 2000 ms), each task keeping one request outstanding and
+//!   pacing itself to its share of its front-end's rate, backing off after errors (50 ms, the
+//!   gateway's `retry_after_ms` after CIRCUIT_OPEN, 100 ms and a reconnect when the connection
+//!   is gone): `SOAK_CONNECTIONS` (8) Unix-socket connections, binary frames and JSON lines in
+//!   turn, with `SOAK_INFLIGHT` (16) tasks each, `SOAK_RATE` (3000) req/s in all;
+//!   `SOAK_WS_CONNECTIONS` (4) WebSocket connections (JSON) with `SOAK_INFLIGHT` tasks each,
+//!   `SOAK_WS_RATE` (400) req/s; `SOAK_GRPC_TASKS` (16) tasks of unary gRPC `Request` calls on
+//!   one channel, `SOAK_GRPC_RATE` (400) req/s.
+//! - Three subscription feeds of numbered messages (feeds.rs): one Unix-socket subscriber on
+//!   `soak.events`, which a NATS client publishes to at `SOAK_PUBLISH_RATE` (100) msg/s; and
+//!   `SOAK_WS_SUBSCRIBERS` (50) WebSocket subscribers and one gRPC Subscribe stream on
+//!   `soak.ws.events`, which a WebSocket client publishes to through the gateway at
+//!   `SOAK_WS_PUBLISH_RATE` (20) msg/s. Every subscriber counts gaps, duplicates and `dropped`
+//!   notices.
 //!
-//! At 1/3 and 2/3 of the run (`SOAK_RESTARTS` = 2) nats-server is killed with SIGKILL and
-//! started again on the same ports after `SOAK_OUTAGE_SECONDS` (5). Every `SOAK_SAMPLE_SECONDS`
-//! (5) the gateway's VmRSS and open FDs (from /proc), its `/metrics` gauges
-//! `ipc_gateway_connections` and `ipc_gateway_inflight_requests`, and the interval's request
-//! rate are sampled and printed. At the end, every request must have ended with a reply or an
-//! error (sent == replies + errors); the report goes to `artifacts/soak/latest.{md,json}`.
+//! Every `SOAK_SAMPLE_SECONDS` (5) the gateway's VmRSS and open FDs (from /proc), its
+//! `/metrics` gauges, the interval's rates per front-end and the audit records are sampled and
+//! printed. At the end the report judges the five aims decided before the run (report.rs) and
+//! goes to `artifacts/soak/<SOAK_REPORT_NAME>.{md,json}` and `<name>-series.csv` (series.rs).
 //!
-//! Settings (environment): SOAK_SECONDS (default 1800), SOAK_WARMUP_SECONDS (default
+//! Settings (environment): SOAK_SECONDS (default 7200), SOAK_WARMUP_SECONDS (default
 //! min(120, SOAK_SECONDS / 6)), SOAK_SAMPLE_SECONDS (5), SOAK_CONNECTIONS (8), SOAK_INFLIGHT
-//! (16), SOAK_RATE (4000; 0 = only the pause), SOAK_PAUSE_MS (1), SOAK_PUBLISH_RATE (100),
-//! SOAK_RESTARTS (2), SOAK_OUTAGE_SECONDS (5), SOAK_GATEWAY_ARGS (extra `serve` flags),
-//! IPC_GATEWAY_BIN (default target/release/ipc-gateway), SOAK_NO_ARTIFACTS=1 (print only),
-//! SOAK_COMMAND (the command line recorded in the report; set by benchmarks/soak.sh).
+//! (16), SOAK_RATE (3000; 0 = only the pause), SOAK_PAUSE_MS (1), SOAK_PUBLISH_RATE (100),
+//! SOAK_RESTART_EVERY_SECONDS (1200; 0 = never), SOAK_OUTAGE_SECONDS (5),
+//! SOAK_RELOAD_EVERY_SECONDS (600; 0 = never), SOAK_WS_SUBSCRIBERS (50), SOAK_WS_PUBLISH_RATE
+//! (20), SOAK_WS_CONNECTIONS (4), SOAK_WS_RATE (400), SOAK_GRPC_TASKS (16), SOAK_GRPC_RATE
+//! (400), SOAK_GATEWAY_ARGS (extra `serve` flags), SOAK_REPORT_NAME (latest), IPC_GATEWAY_BIN
+//! (default target/release/ipc-gateway), SOAK_NO_ARTIFACTS=1 (print only), SOAK_COMMAND (the
+//! command line recorded in the report; set by benchmarks/soak.sh).
 //!
-//! The modules: `settings` (the knobs), `stats` (the counters every task shares), `clients`
-//! (the gateway connections, the subscriber, the publisher, the direct probe), `load` (the
-//! request tasks and the load thread), `samples` (what is sampled every few seconds),
-//! `restarts` (nats-server on fixed ports, recovery watching), `run` (the supervisor that
-//! starts, kills, restarts, samples and stops), `report` (the aims and figures: the JSON) and
-//! `markdown` (the same report as Markdown).
+//! The modules: `settings` (the knobs), `stats` (the counters every task shares), `links` (how
+//! a client reaches each front-end), `clients` (the request connections, the NATS publisher,
+//! the direct probe), `feeds` (the subscribers and the WebSocket publisher), `load` (the
+//! request tasks and the load thread), `policy` (identities, tokens, the policy and its
+//! reloads), `audit` (reading the audit log as it grows), `samples` (what is sampled every few
+//! seconds), `restarts` (nats-server on fixed ports, recovery watching), `run` (the supervisor
+//! that starts, kills, restarts, reloads, samples and stops), `report` and `audit_report` (the
+//! aims and figures: the JSON), `markdown` (the same report as Markdown) and `series` (the
+//! samples as CSV).
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod audit;
+mod audit_report;
 mod clients;
+mod feeds;
+mod links;
 mod load;
 mod markdown;
+mod policy;
 mod report;
 mod restarts;
 mod run;
 mod samples;
+mod series;
 mod settings;
 mod stats;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use common::{RunMeta, RunSpec, write_latest};
+use common::{RunMeta, RunSpec, write_named};
 use report::Report;
 use settings::Settings;
 
 const ECHO_SUBJECT: &str = "soak.echo";
 const EVENTS_SUBJECT: &str = "soak.events";
+/// The subject of the WebSocket and gRPC feeds, published to through the gateway.
+const WS_EVENTS_SUBJECT: &str = "soak.ws.events";
+/// A subject the policy grants nobody: the probe after each reload must be refused.
+const FORBIDDEN_SUBJECT: &str = "soak.forbidden";
 /// Deadline given to every request (the gateway answers TIMEOUT after it).
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(2000);
 /// If the gateway has not answered a request this long after it was sent, the soak stops
@@ -98,18 +120,22 @@ fn soak() -> Result<ExitCode, String> {
     );
 
     let report = Report::build(meta, outcome, &settings, &stats);
-    let md = markdown::render(&report);
+    let name = settings.report_name.as_str();
+    let md = markdown::render(&report, name);
     println!("{md}");
     if settings.artifacts {
         let out = report.run.artifacts_dir("soak");
         // The log tails next to the report, best effort.
         if std::fs::create_dir_all(&out).is_ok() {
-            let _ = std::fs::write(out.join("latest-gateway.log"), &logs.0);
+            let _ = std::fs::write(out.join(format!("{name}-gateway.log")), &logs.0);
             if let Some(echo) = &logs.1 {
-                let _ = std::fs::write(out.join("latest-echo.log"), echo);
+                let _ = std::fs::write(out.join(format!("{name}-echo.log")), echo);
             }
         }
-        write_latest(&out, &report, &md)?;
+        write_named(&out, name, &report, &md)?;
+        let csv = out.join(format!("{name}-series.csv"));
+        std::fs::write(&csv, series::csv(&report.samples))
+            .map_err(|err| format!("{}: {err}", csv.display()))?;
     }
     Ok(if gateway_died {
         ExitCode::FAILURE

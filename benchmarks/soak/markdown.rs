@@ -1,7 +1,7 @@
 //! The soak's report (report.rs) rendered as Markdown: the run's description, the aims, memory
-//! and FDs, requests, the subscription, each NATS restart, and the samples. Every number comes
-//! from the `Report`, as written to `latest.json`; times relative to a restart are the
-//! difference of two times in it.
+//! and FDs, requests per front-end, the subscription feeds, each NATS restart, each policy
+//! reload, the audit comparison, and the samples. Every number comes from the `Report`, as
+//! written to the JSON; times relative to a restart are the difference of two times in it.
 
 use std::fmt::Write as _;
 
@@ -9,22 +9,25 @@ use crate::common::fd_kinds_text;
 use crate::report::{Report, RestartReport};
 use crate::run::LOG_TAIL_BYTES;
 use crate::samples::opt;
-use crate::{DISRUPTION_TAIL_MS, ECHO_SUBJECT, EVENTS_SUBJECT};
+use crate::{DISRUPTION_TAIL_MS, ECHO_SUBJECT, EVENTS_SUBJECT, WS_EVENTS_SUBJECT};
 
-pub fn render(report: &Report) -> String {
+/// The report as Markdown; `name` is the file name its companions share (`latest`, ...).
+pub fn render(report: &Report, name: &str) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# ipc-gateway soak test\n");
     describe_run(&mut md, report);
     aims(&mut md, report);
     memory_and_fds(&mut md, report);
     requests(&mut md, report);
-    subscription(&mut md, report);
+    feeds(&mut md, report);
     restarts(&mut md, &report.restarts);
-    samples(&mut md, report);
+    reloads(&mut md, report);
+    audit(&mut md, report);
+    samples(&mut md, report, name);
     let gateway = &report.gateway;
     let _ = writeln!(
         md,
-        "\nGateway log: {} bytes, {} WARN lines, {} ERROR lines; its last {} KiB are in `latest-gateway.log`.",
+        "\nGateway log: {} bytes, {} WARN lines, {} ERROR lines; its last {} KiB are in `{name}-gateway.log`.",
         gateway.log_bytes,
         gateway.log_warn_lines,
         gateway.log_error_lines,
@@ -77,10 +80,11 @@ fn describe_run(md: &mut String, report: &Report) {
     );
     let _ = writeln!(
         md,
-        "- Load: {} connections × {} tasks, one request outstanding per task, each task paced to {:.0} req/s in total (at least {} ms pause after each answer); payloads {}–{} B (uniform); timeout {} ms; backoff after an error: 50 ms (UNAVAILABLE and most codes), `retry_after_ms` up to 1 s (CIRCUIT_OPEN), 100 ms + reconnect (connection lost). Every reply is compared with its request byte for byte.",
-        settings.connections,
-        settings.tasks_per_connection,
-        settings.target_req_per_s,
+        "- Identities and policy: the gateway runs with `--policy` (a file that grants this process's uid, and the JWT subjects `soak-ws` and `soak-grpc`, exactly the subjects each uses; `soak.forbidden` is granted to nobody), `--auth-jwt-secret-file` (HS256; the WebSocket upgrades carry `Authorization: Bearer`, the gRPC calls `authorization` metadata) and `--audit-file` (read as it grows, across rotations)."
+    );
+    let _ = writeln!(
+        md,
+        "- Requests to `{ECHO_SUBJECT}`, all front-ends at once, one request outstanding per task, each task paced to its share of its front-end's rate (at least {} ms pause after each answer); payloads {}–{} B (uniform); timeout {} ms; backoff after an error: 50 ms (UNAVAILABLE and most codes), `retry_after_ms` up to 1 s (CIRCUIT_OPEN), 100 ms + reconnect (connection lost). Every reply is compared with its request byte for byte.",
         settings.pause_ms,
         settings.payload_bytes[0],
         settings.payload_bytes[1],
@@ -88,19 +92,47 @@ fn describe_run(md: &mut String, report: &Report) {
     );
     let _ = writeln!(
         md,
-        "- Subscription: one more connection subscribed to `{EVENTS_SUBJECT}`; a NATS client in the soak process publishes numbered messages to it at {:.0} msg/s",
-        settings.publish_rate
+        "  - Unix socket: {} connections (binary frames and JSON lines in turn) × {} tasks, {:.0} req/s in all;",
+        settings.connections, settings.tasks_per_connection, settings.target_req_per_s,
     );
     let _ = writeln!(
         md,
-        "- NATS restarts: `kill -9` of nats-server at {}, restarted on the same ports {:.0} s later",
-        settings
-            .kill_at_seconds
-            .iter()
-            .map(|t| format!("{t:.0} s"))
+        "  - WebSocket: {} connections (JSON text messages) × {} tasks, {:.0} req/s in all;",
+        settings.ws_connections, settings.ws_tasks_per_connection, settings.ws_target_req_per_s,
+    );
+    let _ = writeln!(
+        md,
+        "  - gRPC: {} tasks of unary `Request` calls on one channel, {:.0} req/s in all.",
+        settings.grpc_tasks, settings.grpc_target_req_per_s,
+    );
+    let _ = writeln!(
+        md,
+        "- Subscription feeds, every message numbered: `{EVENTS_SUBJECT}` to one Unix-socket subscriber, published by a NATS client in the soak process at {:.0} msg/s; `{WS_EVENTS_SUBJECT}` to {} WebSocket subscribers and one gRPC Subscribe stream, published through the gateway by a WebSocket client at {:.0} msg/s (each publish acknowledged; a refused one is sent again with the same number).",
+        settings.publish_rate, settings.ws_subscribers, settings.ws_publish_rate
+    );
+    let times = |list: &[f64]| {
+        if list.is_empty() {
+            return "none".to_string();
+        }
+        list.iter()
+            .map(|t| format!("{t:.0}"))
             .collect::<Vec<_>>()
-            .join(" and "),
+            .join(", ")
+            + " s"
+    };
+    let _ = writeln!(
+        md,
+        "- NATS restarts (every {:.0} s): `kill -9` of nats-server at {}, restarted on the same ports {:.0} s later.",
+        settings.restart_every_seconds,
+        times(&settings.kill_at_seconds),
         settings.outage_seconds
+    );
+    let _ = writeln!(
+        md,
+        "- Policy reloads (every {:.0} s, moved {:.0} s later when they fall on a kill): the file rewritten in its other version (B adds a grant for an identity that never connects), then SIGHUP, at {}.",
+        settings.reload_every_seconds,
+        settings.outage_seconds + 30.0,
+        times(&settings.reload_at_seconds)
     );
     let _ = writeln!(
         md,
@@ -129,40 +161,103 @@ fn growth_text(report: &Report) -> String {
 }
 
 fn aims(md: &mut String, report: &Report) {
-    let (rss, fds, requests) = (&report.rss_kib, &report.fds, &report.requests);
+    let (fds, requests, aims) = (&report.fds, &report.requests, &report.aims);
     let range = |r: Option<[u64; 2]>| r.map_or("n/a".into(), |[a, b]| format!("{a}–{b}"));
     let count = |v: Option<u64>| v.map_or("n/a".into(), |v| v.to_string());
-    let _ = writeln!(md, "\n## Aims\n");
     let _ = writeln!(
         md,
-        "1. **RSS growth after warm-up < 5 %: {}** — {} after warm-up (t={:.0} s) → {} at the end (t={:.0} s): {}.",
-        verdict(report.aims.rss_growth_under_5_pct),
-        rss.after_warmup.map_or("n/a".into(), |a| mib(a.kib)),
-        rss.after_warmup.map_or(0.0, |a| a.t),
-        rss.end.map_or("n/a".into(), |a| mib(a.kib)),
-        rss.end.map_or(0.0, |a| a.t),
-        growth_text(report),
+        "\n## Aims\n\nDecided before the run and kept whatever the result.\n"
+    );
+    let fronts: Vec<String> = requests
+        .by_frontend
+        .iter()
+        .map(|f| {
+            format!(
+                "{} sent {} = replies {} + errors {} ({}), wrong payload {}, no answer {}, answered twice {}",
+                f.frontend,
+                f.sent,
+                f.replies,
+                f.errors,
+                if f.sent == f.replies + f.errors { "equal" } else { "NOT equal" },
+                f.wrong_replies,
+                f.no_answer,
+                f.stray_answers
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        "1. **Every request on every front-end answered exactly once: {}** — sent == replies + errors, every reply byte for byte its request, no answer with an id nobody waited for (answered twice), none unanswered after {} s, no task abandoned at the end ({}): {}.",
+        verdict(aims.every_request_answered_once),
+        report.settings.watchdog_ms / 1000,
+        requests.abandoned_tasks,
+        fronts.join("; ")
+    );
+    let feeds: Vec<String> = report
+        .feeds
+        .iter()
+        .map(|f| {
+            format!(
+                "{} missing {} outside the outages, {} of them unannounced",
+                f.feed, f.missing_outside_outages, f.missing_outside_outages_unannounced
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        "2. **No subscription gap outside the outage windows, unless a `dropped` notice announced it: {}** — an outage window runs from a kill until {} s after requests and every feed delivered again; a gap is announced when the notices since the last message count at least the missing messages, or carry the gap flag; every feed must have delivered: {}.",
+        verdict(aims.no_unannounced_gap_outside_outages),
+        DISRUPTION_TAIL_MS / 1000,
+        feeds.join("; ")
+    );
+    let w = &report.rss_kib.flat_window;
+    let _ = writeln!(
+        md,
+        "3. **RSS flat over the last hour (the last third for runs under 2 h) within 5 %: {}** — defined as: the least-squares trend of the steady samples (NATS outages and recoveries left out) in the window changes by less than 5 % of their mean across the window. Window t={:.0}–{:.0} s, {} samples, mean {}, trend {} KiB/h, change across the window {}; (for information: max/min {}).",
+        verdict(aims.rss_flat_last_hour),
+        w.from_s,
+        w.to_s,
+        w.samples,
+        w.mean_kib.map_or("n/a".into(), |m| mib(m as u64)),
+        w.slope_kib_per_hour
+            .map_or("n/a".into(), |v| format!("{v:+.0}")),
+        w.trend_change_pct
+            .map_or("n/a".into(), |v| format!("{v:+.2} %")),
+        w.max_over_min_pct
+            .map_or("n/a".into(), |v| format!("+{v:.2} %")),
     );
     let _ = writeln!(
         md,
-        "2. **FD count flat after warm-up: {}** — steady samples (outside the NATS outages and recoveries) ranged {}; {} right after warm-up, {} at the end (flat = range ≤ 2 and end ≤ after-warm-up + 2). All samples after warm-up, outages included: {}.",
-        verdict(report.aims.fd_flat),
+        "4. **File descriptors flat: {}** — steady samples after warm-up ranged {} (flat = range ≤ 2 and end ≤ after-warm-up + 2: {} → {}); idle after every client left {} against {} idle before the load (must be ≤ + 2). All samples after warm-up, outages included: {}.",
+        verdict(aims.fd_flat),
         range(fds.range_steady_after_warmup),
         count(fds.after_warmup_steady),
         count(fds.end_steady),
+        count(fds.idle_after_clients_left),
+        fds.start_idle,
         range(fds.range_all_after_warmup),
+    );
+    let audit = &report.audit;
+    let differ = audit
+        .rows
+        .iter()
+        .filter(|r| r.expected != r.recorded)
+        .count();
+    let _ = writeln!(
+        md,
+        "5. **Audit records equal to operations: {}** — {} records read, {} rows compared by op, front-end and outcome, {} differ; `audit_lost` {}, unreadable lines {} (see [Audit log](#audit-log)).",
+        verdict(aims.audit_equals_operations),
+        audit.records,
+        audit.rows.len(),
+        differ,
+        audit.lost,
+        audit.unreadable_lines
     );
     let _ = writeln!(
         md,
-        "3. **Every request answered (sent == replies + errors, none unanswered): {}** — sent {}, replies {}, errors {}, sum {}; no answer within {} s: {}; tasks abandoned at the end: {}.",
-        verdict(report.aims.every_request_answered),
-        requests.sent,
-        requests.replies,
-        requests.errors,
-        requests.replies + requests.errors,
-        report.settings.watchdog_ms / 1000,
-        requests.no_answer,
-        requests.abandoned_tasks,
+        "\nAlso checked: **every policy reload seen by the gateway, successful, and the policy enforced after it: {}** ({} reloads, see [Policy reloads](#policy-reloads)).",
+        verdict(aims.every_reload_checked),
+        report.reloads.len()
     );
 }
 
@@ -281,27 +376,126 @@ fn requests(md: &mut String, report: &Report) {
     );
     let _ = writeln!(
         md,
-        "- Client reconnects: {} (failed attempts {}).",
+        "- Client reconnects: {} (failed attempts {}).\n",
         r.client_reconnects, r.client_reconnect_failures
     );
-}
-
-fn subscription(md: &mut String, report: &Report) {
-    let s = &report.subscription;
-    let _ = writeln!(md, "\n## Subscription\n");
     let _ = writeln!(
         md,
-        "- Published {} (publish failed or timed out: {}), received {}, missing (sequence gaps) {} of which {} outside the NATS disruptions, duplicates/out of order {}, `dropped` notices {} ({} messages), resubscribes {}.",
-        s.published,
-        s.publish_failed,
-        s.received,
-        s.missing,
-        s.missing_outside_disruptions,
-        s.duplicates_or_out_of_order,
-        s.dropped_notices,
-        s.dropped_messages,
-        s.resubscribes
+        "| front-end | sent | replies | errors | wrong payload | no answer | answered twice | reconnects |"
     );
+    let _ = writeln!(
+        md,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for f in &r.by_frontend {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            f.frontend,
+            f.sent,
+            f.replies,
+            f.errors,
+            f.wrong_replies,
+            f.no_answer,
+            f.stray_answers,
+            f.reconnects
+        );
+    }
+}
+
+fn feeds(md: &mut String, report: &Report) {
+    let _ = writeln!(md, "\n## Subscription feeds\n");
+    let _ = writeln!(
+        md,
+        "Deliveries, gaps and duplicates are summed over each feed's subscribers; the ws and grpc feeds share one publisher.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| feed | subscribers | published | publish refused | delivered | missing | of which announced | missing outside outages | … unannounced | duplicates | `dropped` notices (messages) | gap flags | resubscribes |"
+    );
+    let _ = writeln!(
+        md,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for f in &report.feeds {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} |",
+            f.feed,
+            f.subscribers,
+            f.published,
+            f.publish_failed,
+            f.received,
+            f.missing,
+            f.missing_announced,
+            f.missing_outside_outages,
+            f.missing_outside_outages_unannounced,
+            f.duplicates_or_out_of_order,
+            f.dropped_notices,
+            f.dropped_messages,
+            f.gap_flags,
+            f.resubscribes
+        );
+    }
+}
+
+fn reloads(md: &mut String, report: &Report) {
+    let _ = writeln!(md, "\n## Policy reloads\n");
+    if report.reloads.is_empty() {
+        let _ = writeln!(md, "None in this run.");
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "Each: the policy file rewritten, SIGHUP, then `ipc_gateway_policy_reloads_total{{outcome=\"ok\"}}` must go up, `ipc_gateway_policy_last_reload_successful` be 1, and a request to `soak.forbidden` over the Unix socket be refused with FORBIDDEN.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| at | version | seen after | failed reloads | last successful | probe | ok |"
+    );
+    let _ = writeln!(md, "| ---: | --- | ---: | ---: | ---: | --- | --- |");
+    for r in &report.reloads {
+        let _ = writeln!(
+            md,
+            "| {:.1} s | {} | {} | {} | {} | {} | {} |",
+            r.at_s,
+            r.version,
+            r.seen_after_ms
+                .map_or("not seen".into(), |ms| format!("{ms} ms")),
+            opt(r.failed_reloads),
+            opt(r.last_reload_successful),
+            r.refused_probe.as_deref().unwrap_or("-"),
+            if r.ok { "yes" } else { "**no**" }
+        );
+    }
+}
+
+fn audit(md: &mut String, report: &Report) {
+    let a = &report.audit;
+    let _ = writeln!(md, "\n## Audit log\n");
+    let _ = writeln!(
+        md,
+        "Records from the start of the load to the gateway's exit: {}; `audit_lost` count {}; unreadable lines {}; rotations followed {}. Expected: a `connect` for each connection the soak opened and a `disconnect` for each (all are closed by the end); a `request`, `publish` or `subscribe` with the outcome the soak got for each one the gateway answered (one lost with its connection, or not answered in time, has no known outcome and is not expected); a `policy_reload` ok for each reload. Anything else is a difference.\n",
+        a.records, a.lost, a.unreadable_lines, a.rotations_followed
+    );
+    let _ = writeln!(md, "| op | front-end | outcome | expected | recorded | |");
+    let _ = writeln!(md, "| --- | --- | --- | ---: | ---: | --- |");
+    for r in &a.rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            r.op,
+            r.frontend,
+            r.outcome,
+            r.expected,
+            r.recorded,
+            if r.expected == r.recorded {
+                "".to_string()
+            } else {
+                format!("**{:+}**", r.recorded as i64 - r.expected as i64)
+            }
+        );
+    }
 }
 
 /// "never", or the seconds from `base` to `at`.
@@ -337,9 +531,13 @@ fn restarts(md: &mut String, restarts: &[RestartReport]) {
         "errors from the kill to OK + {} s",
         DISRUPTION_TAIL_MS / 1000
     );
-    let rows: [(&str, Cell<'_>); 14] = [
+    let rows: [(&str, Cell<'_>); 16] = [
         ("`kill -9` nats-server at", &|r| {
             format!("{:.1} s", r.kill_at_s)
+        }),
+        ("gateway RSS in the last sample before the kill", &|r| {
+            r.rss_kib_before_kill
+                .map_or("n/a".into(), |kib| format!("{kib} KiB"))
         }),
         ("first UNAVAILABLE, after the kill", &|r| {
             after(r.kill_at_s, r.first_unavailable_at_s)
@@ -365,8 +563,12 @@ fn restarts(md: &mut String, restarts: &[RestartReport]) {
         ("**requests through the gateway OK again**", &|r| {
             format!("**{}**", after(base(r), r.requests_ok_again_at_s))
         }),
-        ("subscription delivers again", &|r| {
-            after(base(r), r.subscription_delivers_again_at_s)
+        ("subscription delivers again (uds / ws / grpc feed)", &|r| {
+            r.feeds_deliver_again_at_s
+                .iter()
+                .map(|at| after(base(r), *at))
+                .collect::<Vec<_>>()
+                .join(" / ")
         }),
         (
             "CIRCUIT_OPEN answers (breaker open), first – last",
@@ -381,8 +583,18 @@ fn restarts(md: &mut String, restarts: &[RestartReport]) {
             after(base(r), r.last_error_at_s).replace("never", "no errors")
         }),
         (&errors_label, &|r| r.errors_in_disruption.text()),
-        ("subscription messages missed", &|r| {
-            r.messages_missed.to_string()
+        ("outage window (aim 2 leaves it out)", &|r| {
+            format!(
+                "{:.1} – {:.1} s",
+                r.outage_window_s[0], r.outage_window_s[1]
+            )
+        }),
+        ("messages missed in it (uds / ws / grpc)", &|r| {
+            r.messages_missed
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(" / ")
         }),
     ];
     for (label, cell) in rows {
@@ -398,13 +610,13 @@ fn restarts(md: &mut String, restarts: &[RestartReport]) {
     );
 }
 
-fn samples(md: &mut String, report: &Report) {
+fn samples(md: &mut String, report: &Report, name: &str) {
     let settings = &report.settings;
     let _ = writeln!(md, "\n## Samples\n");
     let every: f64 = if settings.seconds <= 600.0 { 0.0 } else { 60.0 };
     let _ = writeln!(
         md,
-        "{}; the full series is in `latest.json`.\n",
+        "{}; the full series is in `{name}.json` and `{name}-series.csv`.\n",
         if every == 0.0 {
             "Every sample"
         } else {
@@ -413,11 +625,11 @@ fn samples(md: &mut String, report: &Report) {
     );
     let _ = writeln!(
         md,
-        "| t (s) | phase | RSS KiB | FDs | threads | connections | in flight | NATS conns up | req/s | avg latency | direct NATS p50 | errors | sub msgs | CPU % gw / echo / nats / soak |"
+        "| t (s) | phase | RSS KiB | FDs | threads | connections | in flight | NATS conns up | req/s (uds / ws / grpc) | avg latency | direct NATS p50 | errors | feed msgs (uds / ws / grpc) | missing | dropped | audit records | CPU % gw / echo / nats / soak |"
     );
     let _ = writeln!(
         md,
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     );
     let mut next_minute = 0.0;
     for (i, s) in report.samples.iter().enumerate() {
@@ -434,7 +646,7 @@ fn samples(md: &mut String, report: &Report) {
         }
         let _ = writeln!(
             md,
-            "| {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {:.0} / {:.0} / {} / {:.0} |",
+            "| {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.0} ({:.0} / {:.0} / {:.0}) | {} | {} | {} | {} / {} / {} | {} | {} | {} | {:.0} / {:.0} / {} / {:.0} |",
             s.t,
             s.phase,
             s.rss_kb,
@@ -444,11 +656,19 @@ fn samples(md: &mut String, report: &Report) {
             opt(s.inflight),
             opt(s.nats_connected),
             s.req_per_s,
+            s.req_per_s_by_front[0],
+            s.req_per_s_by_front[1],
+            s.req_per_s_by_front[2],
             s.avg_latency_ms
                 .map_or("-".into(), |v| format!("{v:.2} ms")),
             s.direct_ms.map_or("-".into(), |v| format!("{v:.2} ms")),
             s.errors,
-            s.sub_messages,
+            s.feed_messages[0],
+            s.feed_messages[1],
+            s.feed_messages[2],
+            s.sub_missing,
+            s.dropped,
+            s.audit_records,
             s.gw_cpu_pct,
             s.echo_cpu_pct,
             s.nats_cpu_pct.map_or("-".into(), |v| format!("{v:.0}")),

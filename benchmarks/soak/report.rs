@@ -1,17 +1,21 @@
-//! The soak's report: what the run saw (run.rs) and counted (stats.rs), judged against the
-//! aims (memory growth, flat FDs, every request answered), per NATS restart, and with the run's
-//! metadata, in one structure that is written as `latest.json` and rendered as Markdown
-//! (markdown.rs) from the same values.
+//! The soak's report: what the run saw (run.rs) and counted (stats.rs, audit.rs), judged
+//! against the five aims decided before the run (every request answered exactly once, no
+//! unannounced subscription gap outside the outages, RSS flat over the last hour, FDs flat,
+//! audit records equal to operations), per front-end, per feed, per NATS restart and per policy
+//! reload, with the run's metadata, in one structure that is written as JSON and rendered as
+//! Markdown (markdown.rs) from the same values. The audit comparison is in audit_report.rs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Serialize, Serializer};
 
+use crate::audit_report::AuditReport;
 use crate::common::{GatewayBinary, RunMeta};
+use crate::policy::Reload;
 use crate::run::Outcome;
 use crate::samples::Sample;
 use crate::settings::Settings;
-use crate::stats::{CATEGORIES, Stats, category_name};
+use crate::stats::{CATEGORIES, FEEDS, FRONTS, GapEvent, Stats, category_name};
 use crate::{DISRUPTION_TAIL_MS, END_GRACE, MAX_PAYLOAD, MIN_PAYLOAD, REQUEST_TIMEOUT, WATCHDOG};
 
 #[derive(Serialize)]
@@ -27,8 +31,10 @@ pub struct Report {
     pub fds: Fds,
     pub after_clients_left: Option<AfterClientsLeft>,
     pub requests: Requests,
-    pub subscription: Subscription,
+    pub feeds: Vec<FeedReport>,
     pub restarts: Vec<RestartReport>,
+    pub reloads: Vec<Reload>,
+    pub audit: AuditReport,
     pub aims: Aims,
     pub samples: Vec<Sample>,
 }
@@ -59,9 +65,18 @@ pub struct ReportSettings {
     pub request_timeout_ms: u64,
     pub watchdog_ms: u64,
     pub publish_rate: f64,
-    pub restarts: usize,
+    pub restart_every_seconds: f64,
     pub kill_at_seconds: Vec<f64>,
     pub outage_seconds: f64,
+    pub reload_every_seconds: f64,
+    pub reload_at_seconds: Vec<f64>,
+    pub ws_subscribers: usize,
+    pub ws_publish_rate: f64,
+    pub ws_connections: usize,
+    pub ws_tasks_per_connection: usize,
+    pub ws_target_req_per_s: f64,
+    pub grpc_tasks: usize,
+    pub grpc_target_req_per_s: f64,
 }
 
 /// A moment of the run and the RSS then.
@@ -82,6 +97,23 @@ pub struct RssKib {
     /// Mean RSS of the last minute of steady samples against the first minute after warm-up.
     pub growth_mean_last_vs_first_minute_pct: Option<f64>,
     pub slope_kib_per_hour: Option<f64>,
+    /// The window aim 3 judges: the last hour when the run lasted 2 h or more, else its last
+    /// third; steady samples only.
+    pub flat_window: FlatWindow,
+}
+
+#[derive(Serialize)]
+pub struct FlatWindow {
+    pub from_s: f64,
+    pub to_s: f64,
+    pub samples: usize,
+    pub mean_kib: Option<f64>,
+    pub min_kib: Option<u64>,
+    pub max_kib: Option<u64>,
+    pub slope_kib_per_hour: Option<f64>,
+    /// The least-squares trend's change across the window, in % of the window's mean.
+    pub trend_change_pct: Option<f64>,
+    pub max_over_min_pct: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -127,6 +159,20 @@ pub struct Requests {
     pub latency_us: Latency,
     pub client_reconnects: u64,
     pub client_reconnect_failures: u64,
+    pub by_frontend: Vec<FrontReport>,
+}
+
+#[derive(Serialize)]
+pub struct FrontReport {
+    pub frontend: &'static str,
+    pub sent: u64,
+    pub replies: u64,
+    pub errors: u64,
+    pub wrong_replies: u64,
+    pub no_answer: u64,
+    pub stray_answers: u64,
+    pub reconnects: u64,
+    pub answered_exactly_once: bool,
 }
 
 /// Reply latency of successful requests (histogram upper bounds).
@@ -139,15 +185,21 @@ pub struct Latency {
 }
 
 #[derive(Serialize)]
-pub struct Subscription {
+pub struct FeedReport {
+    pub feed: &'static str,
+    pub subscribers: u64,
     pub published: u64,
     pub publish_failed: u64,
+    /// Deliveries, summed over the feed's subscribers.
     pub received: u64,
     pub missing: u64,
-    pub missing_outside_disruptions: u64,
+    pub missing_announced: u64,
+    pub missing_outside_outages: u64,
+    pub missing_outside_outages_unannounced: u64,
     pub duplicates_or_out_of_order: u64,
     pub dropped_notices: u64,
     pub dropped_messages: u64,
+    pub gap_flags: u64,
     pub resubscribes: u64,
 }
 
@@ -155,6 +207,9 @@ pub struct Subscription {
 #[derive(Serialize)]
 pub struct RestartReport {
     pub kill_at_s: f64,
+    /// The gateway's RSS in the last sample before the kill: the level a leak would raise from
+    /// one restart to the next (a restart itself frees buffers that then grow back).
+    pub rss_kib_before_kill: Option<u64>,
     pub restart_at_s: Option<f64>,
     pub first_unavailable_at_s: Option<f64>,
     pub nats_listening_at_s: Option<f64>,
@@ -166,20 +221,35 @@ pub struct RestartReport {
     pub requests_ok_again_at_s: Option<f64>,
     pub requests_ok_after_restart_s: Option<f64>,
     pub subscription_delivers_again_at_s: Option<f64>,
+    /// Each feed's first delivery after the restart (`FEEDS` order).
+    pub feeds_deliver_again_at_s: Vec<Option<f64>>,
     /// The last error of any kind before the next kill (or the end).
     pub last_error_at_s: Option<f64>,
     /// The first and last CIRCUIT_OPEN answer.
     pub circuit_open_first_last_at_s: Option<[f64; 2]>,
     /// Errors from the kill until DISRUPTION_TAIL_MS after requests succeeded again.
     pub errors_in_disruption: Codes,
-    pub messages_missed: u64,
+    /// The outage window the subscription aim leaves out: from the kill to DISRUPTION_TAIL
+    /// after requests and every feed delivered again (at most to the next kill).
+    pub outage_window_s: [f64; 2],
+    /// Messages missed in the window, per feed.
+    pub messages_missed: Vec<u64>,
 }
 
 #[derive(Serialize)]
 pub struct Aims {
-    pub rss_growth_under_5_pct: bool,
+    /// 1. Every request on every front-end answered exactly once.
+    pub every_request_answered_once: bool,
+    /// 2. No subscription gap outside the outage windows unless a `dropped` notice announced it.
+    pub no_unannounced_gap_outside_outages: bool,
+    /// 3. RSS flat within 5 % over the last hour (see `FlatWindow`).
+    pub rss_flat_last_hour: bool,
+    /// 4. FDs flat after warm-up and back to idle after the clients left.
     pub fd_flat: bool,
-    pub every_request_answered: bool,
+    /// 5. Audit records equal to operations, by op, front-end and outcome; none lost.
+    pub audit_equals_operations: bool,
+    /// Besides: every policy reload seen by the gateway, successful, and the policy enforced.
+    pub every_reload_checked: bool,
 }
 
 /// Error counts by category, in category order; in JSON a map of the non-zero ones.
@@ -217,8 +287,26 @@ impl Serialize for Codes {
 
 impl Report {
     pub fn build(run: RunMeta, outcome: Outcome, settings: &Settings, stats: &Stats) -> Report {
-        let (restarts, steady_errors, steady_missing) = restart_reports(&outcome, stats);
-        let (rss_kib, fds, aims) = memory_and_fds(&outcome, settings, stats);
+        let (restarts, steady_errors, windows) = restart_reports(&outcome, stats);
+        let (rss_kib, fds) = memory_and_fds(&outcome, settings);
+        let requests = requests(&outcome, stats, steady_errors);
+        let feeds = feeds(stats, &windows);
+        let audit = AuditReport::build(&outcome.audit, stats, outcome.reloads.len());
+        let aims = Aims {
+            every_request_answered_once: outcome.abandoned == 0
+                && requests.by_frontend.iter().all(|f| f.answered_exactly_once),
+            no_unannounced_gap_outside_outages: feeds
+                .iter()
+                .all(|f| f.missing_outside_outages_unannounced == 0 && f.received > 0),
+            rss_flat_last_hour: rss_kib
+                .flat_window
+                .trend_change_pct
+                .is_some_and(|pct| pct.abs() < 5.0),
+            fd_flat: fd_flat(&fds),
+            audit_equals_operations: audit.matches(),
+            every_reload_checked: outcome.reloads.len() == settings.reload_times().len()
+                && outcome.reloads.iter().all(|r| r.ok),
+        };
         let gateway = Gateway {
             binary: run.gateway.clone(),
             args: outcome.gateway_args.clone(),
@@ -241,9 +329,11 @@ impl Report {
                 connections: i.connections,
                 inflight_requests: i.inflight,
             }),
-            requests: requests(&outcome, stats, steady_errors),
-            subscription: subscription(stats, steady_missing),
+            requests,
+            feeds,
             restarts,
+            reloads: outcome.reloads.clone(),
+            audit,
             aims,
             samples: outcome.samples,
         }
@@ -264,9 +354,18 @@ fn report_settings(settings: &Settings, load_seconds: f64) -> ReportSettings {
         request_timeout_ms: REQUEST_TIMEOUT.as_millis() as u64,
         watchdog_ms: WATCHDOG.as_millis() as u64,
         publish_rate: settings.publish_rate,
-        restarts: settings.restarts,
+        restart_every_seconds: settings.restart_every,
         kill_at_seconds: settings.kill_times(),
         outage_seconds: settings.outage,
+        reload_every_seconds: settings.reload_every,
+        reload_at_seconds: settings.reload_times(),
+        ws_subscribers: settings.ws_subscribers,
+        ws_publish_rate: settings.ws_publish_rate,
+        ws_connections: settings.ws_connections,
+        ws_tasks_per_connection: settings.ws_inflight(),
+        ws_target_req_per_s: settings.ws_rate,
+        grpc_tasks: settings.grpc_tasks,
+        grpc_target_req_per_s: settings.grpc_rate,
     }
 }
 
@@ -297,25 +396,82 @@ fn requests(outcome: &Outcome, stats: &Stats, steady_errors: Vec<u64>) -> Reques
         },
         client_reconnects: load(&stats.reconnects),
         client_reconnect_failures: load(&stats.reconnect_failures),
+        by_frontend: FRONTS
+            .iter()
+            .zip(&stats.fronts)
+            .map(|(front, c)| {
+                let (sent, replies, errors) = (load(&c.sent), load(&c.replies), load(&c.errors));
+                let (wrong, no_answer, stray) = (
+                    load(&c.wrong_replies),
+                    load(&c.no_answer),
+                    load(&c.stray_answers),
+                );
+                FrontReport {
+                    frontend: front.as_str(),
+                    sent,
+                    replies,
+                    errors,
+                    wrong_replies: wrong,
+                    no_answer,
+                    stray_answers: stray,
+                    reconnects: load(&c.reconnects),
+                    answered_exactly_once: sent > 0
+                        && sent == replies + errors
+                        && wrong == 0
+                        && no_answer == 0
+                        && stray == 0,
+                }
+            })
+            .collect(),
     }
 }
 
-fn subscription(stats: &Stats, steady_missing: u64) -> Subscription {
-    Subscription {
-        published: load(&stats.published),
-        publish_failed: load(&stats.publish_failed),
-        received: load(&stats.received),
-        missing: load(&stats.missing),
-        missing_outside_disruptions: steady_missing,
-        duplicates_or_out_of_order: load(&stats.duplicates),
-        dropped_notices: load(&stats.dropped_notices),
-        dropped_messages: load(&stats.dropped_messages),
-        resubscribes: load(&stats.resubscribes),
-    }
+/// Whether a moment (ms since t0) lies in one of the outage windows.
+fn in_outage(windows: &[(u64, u64)], at_ms: u64) -> bool {
+    windows
+        .iter()
+        .any(|(from, to)| at_ms >= *from && at_ms <= *to)
 }
 
-/// The memory and FD figures, and the three aims.
-fn memory_and_fds(outcome: &Outcome, settings: &Settings, stats: &Stats) -> (RssKib, Fds, Aims) {
+fn feeds(stats: &Stats, windows: &[(u64, u64)]) -> Vec<FeedReport> {
+    FEEDS
+        .iter()
+        .zip(&stats.feeds)
+        .map(|(name, f)| {
+            let gaps: Vec<GapEvent> = f
+                .gap_events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .copied()
+                .filter(|g| !in_outage(windows, g.at_ms))
+                .collect();
+            FeedReport {
+                feed: name,
+                subscribers: load(&f.subscribers),
+                published: load(&f.published),
+                publish_failed: load(&f.publish_failed),
+                received: load(&f.received),
+                missing: load(&f.missing),
+                missing_announced: load(&f.missing_announced),
+                missing_outside_outages: gaps.iter().map(|g| g.missing).sum(),
+                missing_outside_outages_unannounced: gaps
+                    .iter()
+                    .filter(|g| !g.announced)
+                    .map(|g| g.missing)
+                    .sum(),
+                duplicates_or_out_of_order: load(&f.duplicates),
+                dropped_notices: load(&f.dropped_notices),
+                dropped_messages: load(&f.dropped_messages),
+                gap_flags: load(&f.gap_flags),
+                resubscribes: load(&f.resubscribes),
+            }
+        })
+        .collect()
+}
+
+/// The memory and FD figures.
+fn memory_and_fds(outcome: &Outcome, settings: &Settings) -> (RssKib, Fds) {
     let after: Vec<&Sample> = outcome
         .samples
         .iter()
@@ -348,12 +504,6 @@ fn memory_and_fds(outcome: &Outcome, settings: &Settings, stats: &Stats) -> (Rss
     let fd_range_steady = range(&steady);
     let fd_after_warmup = steady.first().map(|s| s.fds);
     let fd_end = steady.last().map(|s| s.fds);
-    let fd_met = match (fd_range_steady, fd_after_warmup, fd_end) {
-        (Some([min, max]), Some(a), Some(b)) => max - min <= 2 && b <= a + 2,
-        _ => false,
-    };
-    let sent = load(&stats.sent);
-    let answered = load(&stats.replies) + stats.errors_total();
     let idle_after = outcome.idle_after.as_ref();
     let kinds = |kinds: &[(String, u64)]| {
         kinds
@@ -373,6 +523,7 @@ fn memory_and_fds(outcome: &Outcome, settings: &Settings, stats: &Stats) -> (Rss
         growth_after_warmup_pct: growth_pct,
         growth_mean_last_vs_first_minute_pct: growth_mean_pct(&steady, settings),
         slope_kib_per_hour: rss_slope(&steady),
+        flat_window: flat_window(&steady, settings, outcome.load_seconds),
     };
     let fds = Fds {
         start_idle: outcome.idle_before.1,
@@ -386,12 +537,59 @@ fn memory_and_fds(outcome: &Outcome, settings: &Settings, stats: &Stats) -> (Rss
         kinds_idle_before: kinds(&outcome.idle_fd_kinds),
         kinds_idle_after: idle_after.map(|i| kinds(&i.fd_kinds)),
     };
-    let aims = Aims {
-        rss_growth_under_5_pct: growth_pct.is_some_and(|g| g < 5.0),
-        fd_flat: fd_met,
-        every_request_answered: sent == answered && load(&stats.no_answer) == 0,
+    (rss_kib, fds)
+}
+
+/// Aim 4: steady samples after warm-up within 2 FDs of each other, the end no more than 2
+/// above the start, and the idle gateway after the clients left within 2 of the idle gateway
+/// before the load.
+fn fd_flat(fds: &Fds) -> bool {
+    let steady = match (
+        fds.range_steady_after_warmup,
+        fds.after_warmup_steady,
+        fds.end_steady,
+    ) {
+        (Some([min, max]), Some(a), Some(b)) => max - min <= 2 && b <= a + 2,
+        _ => false,
     };
-    (rss_kib, fds, aims)
+    steady
+        && fds
+            .idle_after_clients_left
+            .is_some_and(|idle| idle <= fds.start_idle + 2)
+}
+
+/// Aim 3's window: the last hour of a run of 2 h or more, else the last third of the load.
+fn flat_window(steady: &[&Sample], settings: &Settings, load_seconds: f64) -> FlatWindow {
+    let to_s = load_seconds;
+    let span = if settings.seconds >= 7200.0 {
+        3600.0
+    } else {
+        load_seconds / 3.0
+    };
+    let from_s = (to_s - span).max(settings.warmup);
+    let window: Vec<&Sample> = steady.iter().copied().filter(|s| s.t >= from_s).collect();
+    let mean = (!window.is_empty())
+        .then(|| window.iter().map(|s| s.rss_kb as f64).sum::<f64>() / window.len() as f64);
+    let min = window.iter().map(|s| s.rss_kb).min();
+    let max = window.iter().map(|s| s.rss_kb).max();
+    let slope = rss_slope(&window);
+    FlatWindow {
+        from_s,
+        to_s,
+        samples: window.len(),
+        mean_kib: mean,
+        min_kib: min,
+        max_kib: max,
+        slope_kib_per_hour: slope,
+        trend_change_pct: slope
+            .zip(mean)
+            .filter(|_| window.len() >= 10)
+            .map(|(slope, mean)| slope * (to_s - from_s) / 3600.0 / mean * 100.0),
+        max_over_min_pct: min
+            .zip(max)
+            .filter(|(min, _)| *min > 0)
+            .map(|(min, max)| (max as f64 / min as f64 - 1.0) * 100.0),
+    }
 }
 
 /// Mean RSS of the last minute of steady samples against the first minute, in percent.
@@ -426,16 +624,26 @@ fn secs(ms: u64) -> Option<f64> {
 }
 
 /// One report per restart; the errors outside every disruption window, by category; and the
-/// subscription messages missed outside them.
-fn restart_reports(outcome: &Outcome, stats: &Stats) -> (Vec<RestartReport>, Vec<u64>, u64) {
+/// outage windows (ms since t0) the subscription aim leaves out.
+#[allow(clippy::type_complexity)]
+fn restart_reports(
+    outcome: &Outcome,
+    stats: &Stats,
+) -> (Vec<RestartReport>, Vec<u64>, Vec<(u64, u64)>) {
     let end_ms = (outcome.load_seconds * 1e3) as u64 + END_GRACE.as_millis() as u64;
-    let gaps = stats
-        .gap_events
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let gaps: Vec<Vec<GapEvent>> = stats
+        .feeds
+        .iter()
+        .map(|f| {
+            f.gap_events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
+        .collect();
     let mut reports = Vec::new();
     let mut disrupted: Vec<(u64, u64)> = Vec::new();
+    let mut windows: Vec<(u64, u64)> = Vec::new();
     for (index, restart) in outcome.restarts.iter().enumerate() {
         let kill_ms = (restart.kill_s * 1e3) as u64;
         let segment_end = outcome
@@ -453,9 +661,17 @@ fn restart_reports(outcome: &Outcome, stats: &Stats) -> (Vec<RestartReport>, Vec
             }
         };
         let recovered = load(&stats.recovered_ms[index]);
-        let sub_recovered = load(&stats.sub_recovered_ms[index]);
-        let (requests_end, sub_end) = (window_end(recovered), window_end(sub_recovered));
+        let feeds_recovered: Vec<u64> = stats
+            .feeds
+            .iter()
+            .map(|f| load(&f.recovered_ms[index]))
+            .collect();
+        // Every feed and the requests: the latest of their recoveries (never = the segment).
+        let all_recovered = feeds_recovered.iter().fold(recovered, |a, b| a.max(*b));
+        let requests_end = window_end(recovered);
+        let outage_end = window_end(all_recovered);
         disrupted.push((kill_ms, requests_end));
+        windows.push((kill_ms, outage_end));
         let at = |slots: &[AtomicU64]| secs(load(&slots[index]));
         let after_zero = |slots: &[AtomicU64]| {
             Some(load(&slots[index]))
@@ -464,6 +680,11 @@ fn restart_reports(outcome: &Outcome, stats: &Stats) -> (Vec<RestartReport>, Vec
         };
         reports.push(RestartReport {
             kill_at_s: restart.kill_s,
+            rss_kib_before_kill: outcome
+                .samples
+                .iter()
+                .rfind(|s| s.t < restart.kill_s)
+                .map(|s| s.rss_kb),
             restart_at_s: restart.restart_s,
             first_unavailable_at_s: at(&stats.first_unavailable_ms),
             nats_listening_at_s: restart.nats_listening_s,
@@ -473,34 +694,27 @@ fn restart_reports(outcome: &Outcome, stats: &Stats) -> (Vec<RestartReport>, Vec
             direct_nats_echo_ok_again_at_s: at(&stats.direct_recovered_ms),
             requests_ok_again_at_s: secs(recovered),
             requests_ok_after_restart_s: secs(recovered).zip(restart.restart_s).map(|(a, b)| a - b),
-            subscription_delivers_again_at_s: secs(sub_recovered),
+            subscription_delivers_again_at_s: secs(feeds_recovered[0]),
+            feeds_deliver_again_at_s: feeds_recovered.iter().map(|ms| secs(*ms)).collect(),
             last_error_at_s: after_zero(&stats.last_error_ms),
             circuit_open_first_last_at_s: at(&stats.first_circuit_open_ms)
                 .zip(after_zero(&stats.last_circuit_open_ms))
                 .map(|(a, b)| [a, b]),
             errors_in_disruption: Codes(stats.errors_in(kill_ms, requests_end)),
+            outage_window_s: [kill_ms as f64 / 1e3, outage_end as f64 / 1e3],
             messages_missed: gaps
                 .iter()
-                .filter(|(t, _)| *t >= kill_ms && *t <= sub_end)
-                .map(|(_, n)| n)
-                .sum(),
+                .map(|feed| {
+                    feed.iter()
+                        .filter(|g| g.at_ms >= kill_ms && g.at_ms <= outage_end)
+                        .map(|g| g.missing)
+                        .sum()
+                })
+                .collect(),
         });
     }
     let steady_errors = errors_outside(stats, &disrupted);
-    let steady_missing: u64 = gaps
-        .iter()
-        .filter(|(t, _)| {
-            !reports.iter().any(|r| {
-                let from = (r.kill_at_s * 1e3) as u64;
-                let to = r
-                    .subscription_delivers_again_at_s
-                    .map_or(u64::MAX, |s| (s * 1e3) as u64 + DISRUPTION_TAIL_MS);
-                *t >= from && *t <= to
-            })
-        })
-        .map(|(_, n)| n)
-        .sum();
-    (reports, steady_errors, steady_missing)
+    (reports, steady_errors, windows)
 }
 
 /// Errors outside every disruption window, by category.

@@ -1,7 +1,9 @@
-//! The supervisor: starts nats-server, the echo service and the gateway, measures the idle
-//! gateway, starts the load (load.rs) in its own thread, then kills and restarts nats-server on
-//! schedule and samples the gateway until the end; at the end it stops the load, measures the
-//! idle gateway again, stops everything and hands the `Outcome` to the report.
+//! The supervisor: starts nats-server, the echo service and the gateway (with the soak's policy,
+//! JWT secret and audit log), measures the idle gateway, starts the load (load.rs) in its own
+//! thread, then kills and restarts nats-server and reloads the policy on schedule, samples the
+//! gateway and reads its audit log until the end; at the end it stops the load, measures the
+//! idle gateway again, stops everything, reads the rest of the audit log and hands the
+//! `Outcome` to the report.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -12,11 +14,13 @@ use std::time::{Duration, Instant};
 
 use ipc_gateway::client::Client;
 
+use crate::audit::AuditTail;
 use crate::common::{
     Proc, START_PATIENCE, TempDir, fd_count, fd_kinds, free_port, http_get, log_file, metric_sum,
     proc_status, ticks_per_second, wait_ready,
 };
-use crate::load::{LoadHandles, run_load};
+use crate::load::{Endpoints, LoadHandles, run_load};
+use crate::policy::{Identities, Reload};
 use crate::restarts::{Reconnected, Restart, start_nats, watch_recovery};
 use crate::samples::{Pids, Probe, Sample, Totals, phase_at, print_sample, totals};
 use crate::settings::Settings;
@@ -44,6 +48,9 @@ pub struct Outcome {
     pub gateway_log: GatewayLog,
     /// The tail of the echo service's log.
     pub echo_log_tail: Option<String>,
+    pub reloads: Vec<Reload>,
+    /// The audit log from the start of the load to the gateway's exit.
+    pub audit: AuditTail,
 }
 
 /// The idle gateway after every client left.
@@ -76,8 +83,11 @@ struct Procs {
     echo: Proc,
     gateway: Proc,
     gateway_http: u16,
+    gateway_grpc: u16,
     gateway_args: Vec<String>,
     socket: PathBuf,
+    identities: Identities,
+    audit_file: PathBuf,
 }
 
 impl Procs {
@@ -98,12 +108,18 @@ impl Procs {
                     ECHO_SUBJECT,
                 ])
                 .env("NO_COLOR", "1")
+                // demo-echo logs every request that carries an identity at INFO: ~300 KB/s
+                // at the soak's rates, for nothing the report reads.
+                .env("RUST_LOG", "info,ipc_gateway::demo=warn")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log_file(&dir.0, "echo.log")?),
         )?;
         let socket = dir.0.join("gateway.sock");
         let gateway_http = free_port()?;
+        let gateway_grpc = free_port()?;
+        let identities = Identities::create(&dir.0, settings.seconds)?;
+        let audit_file = dir.0.join("audit.jsonl");
         let gateway_args: Vec<String> = [
             "serve",
             "--nats-url",
@@ -114,9 +130,15 @@ impl Procs {
             &format!("127.0.0.1:{gateway_http}"),
             // Its own gRPC port, so that a gateway already on 50051 cannot stop the soak.
             "--grpc",
-            "127.0.0.1:0",
+            &format!("127.0.0.1:{gateway_grpc}"),
             "--worker-threads",
             "1",
+            "--policy",
+            &identities.policy.display().to_string(),
+            "--auth-jwt-secret-file",
+            &identities.secret.display().to_string(),
+            "--audit-file",
+            &audit_file.display().to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -146,8 +168,11 @@ impl Procs {
             echo,
             gateway,
             gateway_http,
+            gateway_grpc,
             gateway_args,
             socket,
+            identities,
+            audit_file,
         })
     }
 
@@ -212,13 +237,25 @@ pub fn run(settings: &Settings, bin: &Path) -> Result<(Outcome, Arc<Stats>), Str
     );
     let idle_fd_kinds = fd_kinds(gateway_pid);
     eprintln!(
-        "soak: gateway pid {gateway_pid} ready; idle before load: rss {} KiB, {} fds; {} s of load, {} restarts, warm-up {} s",
-        idle_before.0, idle_before.1, settings.seconds, settings.restarts, settings.warmup
+        "soak: gateway pid {gateway_pid} ready; idle before load: rss {} KiB, {} fds; {} s of load, kills at {:?} s, reloads at {:?} s, warm-up {} s",
+        idle_before.0,
+        idle_before.1,
+        settings.seconds,
+        settings.kill_times(),
+        settings.reload_times(),
+        settings.warmup
     );
 
     let stats = Arc::new(Stats::new(settings.seconds));
+    let audit = AuditTail::from_end(procs.audit_file.clone())?;
     let mut load = Load::start(settings, &procs, stats.clone())?;
-    let mut supervisor = Supervisor::new(settings, &procs, stats.clone(), load.interrupted.clone());
+    let mut supervisor = Supervisor::new(
+        settings,
+        &procs,
+        stats.clone(),
+        load.interrupted.clone(),
+        audit,
+    );
     supervisor.until_end(&mut procs)?;
     let load_seconds = stats.t0.elapsed().as_secs_f64();
     // A kill near the end whose restart has not come yet: restart now, so the gateway ends
@@ -232,10 +269,18 @@ pub fn run(settings: &Settings, bin: &Path) -> Result<(Outcome, Arc<Stats>), Str
     let abandoned = load.finish();
     eprintln!("soak: load stopped after {load_seconds:.1} s; {abandoned} task(s) abandoned");
     let restarts = supervisor.restarts_seen();
+    // The last reload's check has had RELOAD_PATIENCE and more by now (END_GRACE, and the
+    // reloads end 10 s before the end).
+    let reloads = supervisor
+        .reloads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let Supervisor {
         samples,
         gateway_died,
         echo_died,
+        mut audit,
         ..
     } = supervisor;
 
@@ -244,6 +289,8 @@ pub fn run(settings: &Settings, bin: &Path) -> Result<(Outcome, Arc<Stats>), Str
         .is_none()
         .then(|| idle_after(gateway_pid, procs.gateway_http));
     let stopped = stop(procs);
+    // The gateway has flushed its audit log at exit: the rest of it.
+    audit.poll();
     Ok((
         Outcome {
             samples,
@@ -260,6 +307,8 @@ pub fn run(settings: &Settings, bin: &Path) -> Result<(Outcome, Arc<Stats>), Str
             gateway_exit: stopped.gateway_exit,
             gateway_log: stopped.gateway_log,
             echo_log_tail: stopped.echo_log_tail,
+            reloads,
+            audit,
         },
         stats,
     ))
@@ -283,14 +332,18 @@ impl Load {
             stop: stop.clone(),
             interrupted: interrupted.clone(),
         };
-        let (settings, socket, nats_url) = (
-            settings.clone(),
-            procs.socket.clone(),
-            procs.nats_url.clone(),
-        );
+        let settings = settings.clone();
+        let endpoints = Endpoints {
+            socket: procs.socket.clone(),
+            nats_url: procs.nats_url.clone(),
+            http_port: procs.gateway_http,
+            grpc_port: procs.gateway_grpc,
+            ws_token: procs.identities.ws_token.clone(),
+            grpc_token: procs.identities.grpc_token.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("soak-load".into())
-            .spawn(move || run_load(&settings, socket, nats_url, handles, started_tx))
+            .spawn(move || run_load(&settings, endpoints, handles, started_tx))
             .map_err(|err| format!("load thread: {err}"))?;
         let load = Load {
             stop,
@@ -335,6 +388,10 @@ struct Supervisor<'a> {
     previous: (f64, Totals),
     gateway_died: Option<String>,
     echo_died: Option<String>,
+    reload_times: Vec<f64>,
+    next_reload: usize,
+    reloads: Arc<Mutex<Vec<Reload>>>,
+    audit: AuditTail,
 }
 
 impl<'a> Supervisor<'a> {
@@ -343,6 +400,7 @@ impl<'a> Supervisor<'a> {
         procs: &Procs,
         stats: Arc<Stats>,
         interrupted: Arc<AtomicBool>,
+        audit: AuditTail,
     ) -> Supervisor<'a> {
         let probe = Probe {
             gateway_pid: procs.gateway.pid(),
@@ -357,7 +415,7 @@ impl<'a> Supervisor<'a> {
         Supervisor {
             settings,
             next_sample: stats.t0 + Duration::from_secs_f64(settings.sample),
-            previous: (0.0, totals(&stats, &procs.pids())),
+            previous: (0.0, totals(&stats, &procs.pids(), 0)),
             stats,
             interrupted,
             probe,
@@ -370,6 +428,10 @@ impl<'a> Supervisor<'a> {
             samples: Vec::new(),
             gateway_died: None,
             echo_died: None,
+            reload_times: settings.reload_times(),
+            next_reload: 0,
+            reloads: Arc::new(Mutex::new(Vec::new())),
+            audit,
         }
     }
 
@@ -393,6 +455,11 @@ impl<'a> Supervisor<'a> {
             {
                 self.restart(procs)?;
             }
+            if let Some(reload) = self.reload_times.get(self.next_reload)
+                && now >= t0 + Duration::from_secs_f64(*reload)
+            {
+                self.reload(procs)?;
+            }
             if now >= self.next_sample && self.samples.len() < MAX_SAMPLES {
                 self.sample(procs);
             }
@@ -403,6 +470,9 @@ impl<'a> Supervisor<'a> {
             }
             if let Some(kill) = self.kill_times.get(self.next_kill) {
                 wake = wake.min(t0 + Duration::from_secs_f64(*kill));
+            }
+            if let Some(reload) = self.reload_times.get(self.next_reload) {
+                wake = wake.min(t0 + Duration::from_secs_f64(*reload));
             }
             let nap = wake
                 .saturating_duration_since(Instant::now())
@@ -489,7 +559,28 @@ impl<'a> Supervisor<'a> {
         Ok(())
     }
 
+    /// Rewrites the policy in its other version and sends SIGHUP; a thread checks the reload.
+    fn reload(&mut self, procs: &Procs) -> Result<(), String> {
+        self.next_reload += 1;
+        eprintln!(
+            "soak: t={:.1}s policy reload {} of {} (SIGHUP)",
+            self.stats.t0.elapsed().as_secs_f64(),
+            self.next_reload,
+            self.reload_times.len()
+        );
+        crate::policy::reload(
+            &procs.identities,
+            self.next_reload,
+            procs.gateway.pid(),
+            procs.gateway_http,
+            procs.socket.clone(),
+            self.stats.clone(),
+            self.reloads.clone(),
+        )
+    }
+
     fn sample(&mut self, procs: &Procs) {
+        self.audit.poll();
         let t = self.stats.t0.elapsed().as_secs_f64();
         let nats_down = procs.nats.is_none();
         let phase = phase_at(
@@ -499,7 +590,7 @@ impl<'a> Supervisor<'a> {
             nats_down,
             self.restarts.len(),
         );
-        let current = totals(&self.stats, &procs.pids());
+        let current = totals(&self.stats, &procs.pids(), self.audit.records);
         if let Some(sample) = self
             .probe
             .sample(t, phase, !nats_down, self.previous, current)
@@ -516,8 +607,9 @@ impl<'a> Supervisor<'a> {
 
     /// One more sample at the end, unless the last one is recent.
     fn last_sample(&mut self, procs: &Procs) {
+        self.audit.poll();
         let t = self.stats.t0.elapsed().as_secs_f64();
-        let current = totals(&self.stats, &procs.pids());
+        let current = totals(&self.stats, &procs.pids(), self.audit.records);
         if self.gateway_died.is_none()
             && t - self.previous.0 >= self.settings.sample / 2.0
             && let Some(sample) = self.probe.sample(

@@ -1,10 +1,11 @@
 //! Samples of the gateway under load, one every SOAK_SAMPLE_SECONDS: its memory, FDs and
 //! threads (/proc), its /metrics gauges, nats-server's connection count, the interval's
-//! request rate and latency, and the CPU use of every process. Each is printed as it is taken
-//! and kept for the report (`Sample` is also how it appears in `latest.json`).
+//! request rate (in all and per front-end) and latency, the feeds' deliveries, gaps and drops,
+//! the audit records read, and the CPU use of every process. Each is printed as it is taken
+//! and kept for the report (`Sample` is also how it appears in the JSON and the series CSV).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -13,7 +14,7 @@ use crate::common::{
     cpu_ticks, fd_count, http_get, metric_sum, proc_status, round1, round1_opt, round3_opt,
 };
 use crate::settings::Settings;
-use crate::stats::Stats;
+use crate::stats::{FEED_UDS, Feed, Stats};
 
 #[derive(Clone, Serialize)]
 pub struct Sample {
@@ -49,7 +50,18 @@ pub struct Sample {
     pub req_per_s: f64,
     #[serde(serialize_with = "round3_opt")]
     pub avg_latency_ms: Option<f64>,
+    /// Replies per second on each front-end (`FRONTS` order: uds, ws, grpc).
+    pub req_per_s_by_front: [f64; 3],
+    /// Messages delivered in the interval on the Unix-socket subscription (kept under its old
+    /// name), and on each feed (`FEEDS` order: uds, ws, grpc; ws summed over its subscribers).
     pub sub_messages: u64,
+    pub feed_messages: [u64; 3],
+    /// Over all feeds, in the interval: messages missing (sequence gaps) and messages a
+    /// `dropped` notice counted.
+    pub sub_missing: u64,
+    pub dropped: u64,
+    /// Audit records the soak read in the interval.
+    pub audit_records: u64,
 }
 
 /// Counters at one moment; a sample is the difference of two.
@@ -60,6 +72,11 @@ pub struct Totals {
     errors: u64,
     latency_sum_us: u64,
     received: u64,
+    by_front: [u64; 3],
+    by_feed: [u64; 3],
+    missing: u64,
+    dropped: u64,
+    audit_records: u64,
     cpu_ticks: u64,
     echo_ticks: u64,
     self_ticks: u64,
@@ -67,13 +84,20 @@ pub struct Totals {
     nats: Option<(u32, u64)>,
 }
 
-pub fn totals(stats: &Stats, pids: &Pids) -> Totals {
+pub fn totals(stats: &Stats, pids: &Pids, audit_records: u64) -> Totals {
+    let feeds = &stats.feeds;
+    let sum = |f: fn(&Feed) -> &AtomicU64| feeds.iter().map(|x| f(x).load(Ordering::Relaxed)).sum();
     Totals {
+        by_front: std::array::from_fn(|i| stats.fronts[i].replies.load(Ordering::Relaxed)),
+        by_feed: std::array::from_fn(|i| feeds[i].received.load(Ordering::Relaxed)),
+        missing: sum(|f| &f.missing),
+        dropped: sum(|f| &f.dropped_messages),
+        audit_records,
         sent: stats.sent.load(Ordering::Relaxed),
         replies: stats.replies.load(Ordering::Relaxed),
         errors: stats.errors_total(),
         latency_sum_us: stats.latency_sum_us.load(Ordering::Relaxed),
-        received: stats.received.load(Ordering::Relaxed),
+        received: feeds[FEED_UDS].received.load(Ordering::Relaxed),
         cpu_ticks: cpu_ticks(pids.gateway).unwrap_or(0),
         echo_ticks: cpu_ticks(pids.echo).unwrap_or(0),
         self_ticks: cpu_ticks(std::process::id()).unwrap_or(0),
@@ -150,7 +174,16 @@ impl Probe {
             avg_latency_ms: (replies > 0).then(|| {
                 (now.latency_sum_us - before.latency_sum_us) as f64 / replies as f64 / 1e3
             }),
+            req_per_s_by_front: std::array::from_fn(|i| {
+                now.by_front[i].saturating_sub(before.by_front[i]) as f64 / dt
+            }),
             sub_messages: now.received - before.received,
+            feed_messages: std::array::from_fn(|i| {
+                now.by_feed[i].saturating_sub(before.by_feed[i])
+            }),
+            sub_missing: now.missing.saturating_sub(before.missing),
+            dropped: now.dropped.saturating_sub(before.dropped),
+            audit_records: now.audit_records.saturating_sub(before.audit_records),
         })
     }
 }
@@ -162,7 +195,7 @@ pub fn opt(value: Option<f64>) -> String {
 
 pub fn print_sample(s: &Sample) {
     eprintln!(
-        "t={:>7.1}s {:<10} rss {:>7} KiB  fds {:>3}  thr {:>2}  conns {:>3}  inflight {:>4}  nats {:>2}  {:>6.0} req/s  avg {:>6}  err {:>5}  sub {:>4}  direct {:>6}  cpu gw {:>4.1}% echo {:>4.1}% nats {:>4} soak {:>4.1}%",
+        "t={:>7.1}s {:<10} rss {:>7} KiB  fds {:>3}  thr {:>2}  conns {:>3}  inflight {:>4}  nats {:>2}  {:>6.0} req/s (uds {:.0} ws {:.0} grpc {:.0})  avg {:>6}  err {:>5}  sub {:>4}/{}/{} miss {} drop {}  audit {}  direct {:>6}  cpu gw {:>4.1}% echo {:>4.1}% nats {:>4} soak {:>4.1}%",
         s.t,
         s.phase,
         s.rss_kb,
@@ -172,9 +205,17 @@ pub fn print_sample(s: &Sample) {
         opt(s.inflight),
         opt(s.nats_connected),
         s.req_per_s,
+        s.req_per_s_by_front[0],
+        s.req_per_s_by_front[1],
+        s.req_per_s_by_front[2],
         s.avg_latency_ms.map_or("-".into(), |v| format!("{v:.2}ms")),
         s.errors,
-        s.sub_messages,
+        s.feed_messages[0],
+        s.feed_messages[1],
+        s.feed_messages[2],
+        s.sub_missing,
+        s.dropped,
+        s.audit_records,
         s.direct_ms.map_or("-".into(), |v| format!("{v:.2}ms")),
         s.gw_cpu_pct,
         s.echo_cpu_pct,

@@ -1,16 +1,19 @@
-//! The counters the load tasks, the subscriber and the probes share with the supervisor and
-//! the report: requests sent and answered, errors by category and by second, a latency
-//! histogram, and the moments around each NATS restart (first error, first success, ...).
-//! All atomics, so that recording never blocks a task.
+//! The counters the load tasks, the subscribers and the probes share with the supervisor and
+//! the report: requests sent and answered (in all and per front-end), errors by category and
+//! by second, a latency histogram, the moments around each NATS restart (first error, first
+//! success, ...), each subscription feed's sequence accounting, and the operations the gateway
+//! answered (what the audit log must hold). Atomics, so that recording never blocks a task,
+//! except the small map of operations.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use ipc_gateway::client::ClientError;
-use ipc_gateway::protocol::ErrorCode;
+use ipc_gateway::protocol::{ErrorCode, Frontend};
 
-use crate::MAX_RESTARTS;
+use crate::{MAX_GAP_EVENTS, MAX_RESTARTS};
 
 /// Error categories: the gateway's codes, then what the client itself can see.
 pub const CATEGORIES: usize = ErrorCode::ALL.len() + 2;
@@ -27,6 +30,16 @@ pub fn category_name(index: usize) -> &'static str {
 
 fn category_code(index: usize) -> Option<ErrorCode> {
     ErrorCode::ALL.get(index).copied()
+}
+
+/// The outcome an audit record carries for an answer: `ok` or the gateway's code; `None` when
+/// the client saw no answer from the gateway (the connection was lost).
+pub fn outcome_of<T>(answer: &Result<T, ClientError>) -> Option<&'static str> {
+    match answer {
+        Ok(_) => Some("ok"),
+        Err(ClientError::Gateway(e)) => Some(e.code.as_str()),
+        Err(_) => None,
+    }
 }
 
 pub fn category_of(error: &ClientError) -> usize {
@@ -91,20 +104,148 @@ pub struct Stats {
     /// The first and last CIRCUIT_OPEN after the kill (the breaker refusing).
     pub first_circuit_open_ms: Vec<AtomicU64>,
     pub last_circuit_open_ms: Vec<AtomicU64>,
-    /// First subscription message received after the restart.
-    pub sub_recovered_ms: Vec<AtomicU64>,
     /// First direct NATS request to the echo service answered after the restart.
     pub direct_recovered_ms: Vec<AtomicU64>,
+    /// The same counts per front-end (`FRONTS` order).
+    pub fronts: [FrontCounts; 3],
+    /// The subscription feeds (`FEEDS` order): what was published and what each subscriber saw.
+    pub feeds: [Feed; 3],
+    /// Operations the gateway answered, by front-end, op and outcome: what the audit log
+    /// must hold.
+    pub ops: Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>,
+}
+
+/// The front-ends in the order of `Stats::fronts`.
+pub const FRONTS: [Frontend; 3] = Frontend::ALL;
+
+pub fn front_index(front: Frontend) -> usize {
+    FRONTS.iter().position(|f| *f == front).unwrap_or(0)
+}
+
+/// One front-end's requests.
+#[derive(Default)]
+pub struct FrontCounts {
+    pub sent: AtomicU64,
+    pub replies: AtomicU64,
+    pub wrong_replies: AtomicU64,
+    pub errors: AtomicU64,
+    pub no_answer: AtomicU64,
+    /// Answers with an id nobody waited for (`Client::stray_answers`): answered twice.
+    pub stray_answers: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+/// The subscription feeds: the Unix-socket subscriber fed straight from NATS, the WebSocket
+/// subscribers and the gRPC Subscribe streams fed by WebSocket publishers.
+pub const FEEDS: [&str; 3] = ["uds", "ws", "grpc"];
+pub const FEED_UDS: usize = 0;
+pub const FEED_WS: usize = 1;
+pub const FEED_GRPC: usize = 2;
+
+/// One feed: messages published to it and, summed over its subscribers, what they saw.
+pub struct Feed {
+    pub subscribers: AtomicU64,
     pub published: AtomicU64,
     pub publish_failed: AtomicU64,
     pub received: AtomicU64,
     pub duplicates: AtomicU64,
     pub missing: AtomicU64,
+    /// Missing messages that a `dropped` notice (a count that covers them, or the gap flag)
+    /// announced before the next message.
+    pub missing_announced: AtomicU64,
     pub dropped_notices: AtomicU64,
     pub dropped_messages: AtomicU64,
+    pub gap_flags: AtomicU64,
     pub resubscribes: AtomicU64,
-    /// (ms since t0, messages missing) each time the subscriber saw a gap.
-    pub gap_events: Mutex<Vec<(u64, u64)>>,
+    /// Each gap a subscriber saw.
+    pub gap_events: Mutex<Vec<GapEvent>>,
+    /// First message received after each restart.
+    pub recovered_ms: Vec<AtomicU64>,
+}
+
+#[derive(Clone, Copy)]
+pub struct GapEvent {
+    pub at_ms: u64,
+    pub missing: u64,
+    pub announced: bool,
+}
+
+impl Feed {
+    fn new() -> Feed {
+        Feed {
+            subscribers: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            publish_failed: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            missing: AtomicU64::new(0),
+            missing_announced: AtomicU64::new(0),
+            dropped_notices: AtomicU64::new(0),
+            dropped_messages: AtomicU64::new(0),
+            gap_flags: AtomicU64::new(0),
+            resubscribes: AtomicU64::new(0),
+            gap_events: Mutex::new(Vec::new()),
+            recovered_ms: atomics(MAX_RESTARTS, u64::MAX),
+        }
+    }
+}
+
+/// One subscriber's sequence numbers: gaps, duplicates and the notices that announced them.
+#[derive(Default)]
+pub struct SeqTracker {
+    highest: u64,
+    announced: u64,
+    gap_flag: bool,
+}
+
+impl SeqTracker {
+    /// A `dropped` notice (or a gRPC message's `dropped`/`gap` fields): it announces what the
+    /// next message's gap will be.
+    pub fn dropped(&mut self, stats: &Stats, feed: usize, count: u64, gap: bool) {
+        let feed = &stats.feeds[feed];
+        feed.dropped_notices.fetch_add(1, Ordering::Relaxed);
+        feed.dropped_messages.fetch_add(count, Ordering::Relaxed);
+        if gap {
+            feed.gap_flags.fetch_add(1, Ordering::Relaxed);
+        }
+        self.announced += count;
+        self.gap_flag |= gap;
+    }
+
+    /// A delivered message with its sequence number.
+    pub fn message(&mut self, stats: &Stats, index: usize, seq: u64) {
+        let feed = &stats.feeds[index];
+        feed.received.fetch_add(1, Ordering::Relaxed);
+        let now_ms = stats.now_ms();
+        let watching = stats.watching.load(Ordering::Relaxed);
+        if watching < MAX_RESTARTS && now_ms >= stats.restart_ms[watching].load(Ordering::Relaxed) {
+            feed.recovered_ms[watching].fetch_min(now_ms, Ordering::Relaxed);
+        }
+        if seq <= self.highest {
+            feed.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // Every subscriber is subscribed before its feed's first message: numbering starts at 1.
+        if seq > self.highest + 1 {
+            let missing = seq - self.highest - 1;
+            let announced = self.gap_flag || self.announced >= missing;
+            feed.missing.fetch_add(missing, Ordering::Relaxed);
+            if announced {
+                feed.missing_announced.fetch_add(missing, Ordering::Relaxed);
+            }
+            let mut events = feed.gap_events.lock().unwrap_or_else(|p| p.into_inner());
+            if events.len() < MAX_GAP_EVENTS {
+                events.push(GapEvent {
+                    at_ms: now_ms,
+                    missing,
+                    announced,
+                });
+            }
+        }
+        self.highest = seq;
+        self.announced = 0;
+        self.gap_flag = false;
+    }
 }
 
 fn atomics(n: usize, value: u64) -> Vec<AtomicU64> {
@@ -136,17 +277,10 @@ impl Stats {
             last_error_ms: atomics(MAX_RESTARTS, 0),
             first_circuit_open_ms: atomics(MAX_RESTARTS, u64::MAX),
             last_circuit_open_ms: atomics(MAX_RESTARTS, 0),
-            sub_recovered_ms: atomics(MAX_RESTARTS, u64::MAX),
             direct_recovered_ms: atomics(MAX_RESTARTS, u64::MAX),
-            published: AtomicU64::new(0),
-            publish_failed: AtomicU64::new(0),
-            received: AtomicU64::new(0),
-            duplicates: AtomicU64::new(0),
-            missing: AtomicU64::new(0),
-            dropped_notices: AtomicU64::new(0),
-            dropped_messages: AtomicU64::new(0),
-            resubscribes: AtomicU64::new(0),
-            gap_events: Mutex::new(Vec::new()),
+            fronts: Default::default(),
+            feeds: [Feed::new(), Feed::new(), Feed::new()],
+            ops: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -228,6 +362,12 @@ impl Stats {
             }
         }
         None
+    }
+
+    /// One operation the gateway answered, for the audit comparison.
+    pub fn record_op(&self, front: Frontend, op: &'static str, outcome: &'static str) {
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        *ops.entry((front.as_str(), op, outcome)).or_insert(0) += 1;
     }
 
     /// Errors so far, by category.

@@ -159,13 +159,20 @@ impl Fanout {
     pub fn join(&self, key: TopicKey, member: Member) -> (Arc<Topic>, bool) {
         let mut topics = lock(&self.topics);
         let mut created = false;
-        let topic = topics
-            .entry(key.clone())
-            .or_insert_with(|| {
+        let topic = match topics.get(&key) {
+            Some(topic) => topic.clone(),
+            None => {
                 created = true;
                 self.metrics.nats_subscriptions.increment(1.0);
-                Arc::new(Topic {
-                    key,
+                // A client's subject is a slice of the message it came in, which shares the
+                // WebSocket's read buffer: kept for the topic's life, it would keep that whole
+                // buffer (and tungstenite would allocate itself a new one).
+                let key = TopicKey {
+                    subject: key.subject.detached(),
+                    queue: key.queue,
+                };
+                let topic = Arc::new(Topic {
+                    key: key.clone(),
                     members: Mutex::default(),
                     phase: Mutex::new(Phase::Opening),
                     phase_changed: Notify::new(),
@@ -174,9 +181,11 @@ impl Fanout {
                     lost_signal: Notify::new(),
                     dispatcher: Mutex::new(None),
                     nats_sid: Mutex::new(None),
-                })
-            })
-            .clone();
+                });
+                topics.insert(key, topic.clone());
+                topic
+            }
+        };
         self.metrics.subscription_opened(member.caller.frontend());
         let mut members = lock(&topic.members);
         if members.list.len() == members.list.capacity() {

@@ -165,7 +165,9 @@ impl Access {
     /// Resolves what `identity` may do under the policy in force.
     pub fn authorize(&self, identity: Identity) -> Arc<Authorized> {
         let state = self.state();
-        let shared = identity.is_anonymous().then(|| identity.frontend as usize);
+        let shared = identity
+            .is_anonymous()
+            .then_some(identity.frontend as usize);
         if let Some(index) = shared
             && let Some(last) = &self.last_anonymous()[index]
             && last.version == state.version
@@ -188,7 +190,9 @@ impl Access {
         authorized
     }
 
-    fn last_anonymous(&self) -> std::sync::MutexGuard<'_, [Option<Arc<Authorized>>; Frontend::ALL.len()]> {
+    fn last_anonymous(
+        &self,
+    ) -> std::sync::MutexGuard<'_, [Option<Arc<Authorized>>; Frontend::ALL.len()]> {
         self.anonymous
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -365,13 +369,19 @@ mod tests {
         let ws = || Identity::anonymous(Frontend::Ws, None);
         let first = access.authorize(ws());
         assert!(Arc::ptr_eq(&first, &access.authorize(ws())), "shared");
-        let grpc = access.authorize(Identity::anonymous(Frontend::Grpc, Some("10.0.0.1:5".into())));
+        let grpc = access.authorize(Identity::anonymous(
+            Frontend::Grpc,
+            Some("10.0.0.1:5".into()),
+        ));
         assert!(!Arc::ptr_eq(&first, &grpc));
         assert_eq!(grpc.identity.addr.as_deref(), Some("10.0.0.1:5"));
         let mut named = ws();
         named.sub = Some("alice".into());
         let alice = access.authorize(named.clone());
-        assert!(!Arc::ptr_eq(&alice, &access.authorize(named)), "identified: one each");
+        assert!(
+            !Arc::ptr_eq(&alice, &access.authorize(named)),
+            "identified: one each"
+        );
         // A reload makes a new one under the new policy.
         access.reload_policy().await.unwrap();
         let after = access.authorize(ws());

@@ -51,7 +51,7 @@ struct Conn {
     /// Reply subjects of requests this connection received, each answerable once until its
     /// instant (nats-server's `allow_responses`). Boxed and made on the first: most
     /// connections never receive a request, and an empty map inline is 48 bytes of every one.
-    responses: Mutex<Option<Box<HashMap<Arc<str>, Instant>>>>,
+    responses: Mutex<Option<Box<Responses>>>,
     /// The connection's place under its identity's limit (moves with a WebSocket `auth`).
     lease: Mutex<Option<IdentityLease>>,
     audit: Audit,
@@ -64,6 +64,9 @@ struct Conn {
     /// Held, never read: dropping the connection frees its place under `max_connections`.
     _slot: Slot,
 }
+
+/// Reply subjects a connection may answer, each until its instant.
+type Responses = HashMap<Arc<str>, Instant>;
 
 /// One of a connection's `max_subscriptions_per_connection`; given back when dropped.
 pub struct SubscriptionSlot(Arc<AtomicUsize>);

@@ -287,6 +287,7 @@ impl Connection {
     /// captured, not an `async fn`: that would keep its argument twice in its future
     /// (rust-lang/rust#62958), and the connection (mostly the 368-byte `WebSocket`) is most
     /// of an idle connection's memory.
+    #[allow(clippy::manual_async_fn)] // the `async fn` form is the one to avoid here
     fn serve(mut self) -> impl Future<Output = ()> + Send {
         async move {
             let ending = self.run().await;

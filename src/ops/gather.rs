@@ -314,8 +314,15 @@ mod tests {
             got.extend_from_slice(&chunk[..n]);
         }
         assert_eq!(got, message);
-        assert_eq!(gather.inner.reads, 1, "sixteen reads of 256 bytes from one socket read");
-        assert_eq!(gather.ahead.capacity(), 0, "what was read ahead is freed once handed over");
+        assert_eq!(
+            gather.inner.reads, 1,
+            "sixteen reads of 256 bytes from one socket read"
+        );
+        assert_eq!(
+            gather.ahead.capacity(),
+            0,
+            "what was read ahead is freed once handed over"
+        );
     }
 
     #[tokio::test]

@@ -226,10 +226,11 @@ settings! {
         /// How often the server pings each WebSocket; one that misses two pongs is closed.
         /// 0 = off.
         pub ws_ping_interval_ms: u64 = 20_000,
-        /// tungstenite's read buffer per WebSocket, allocated for the connection's life: also
-        /// the most it reads in one system call. Smaller makes idle connections cheaper, larger
-        /// makes big messages cheaper to read.
-        pub ws_read_buffer_bytes: usize = 1024,
+        /// tungstenite's read buffer per WebSocket, allocated for the connection's life, and the
+        /// most it takes per read call. Smaller makes idle connections cheaper; a message larger
+        /// than it costs a copy per this many bytes (the HTTP port's sockets read up to 8 KiB
+        /// per system call whatever this is, see ops/gather.rs).
+        pub ws_read_buffer_bytes: usize = 256,
         /// Address of the gRPC port (service `ipcgateway.v1.Gateway`, health, reflection).
         #[serde(deserialize_with = "listen_address")]
         pub grpc: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 50051)),

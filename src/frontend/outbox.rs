@@ -15,7 +15,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
 use crate::core::{DeliverySink, Reply, ReplySink};
@@ -158,8 +160,10 @@ impl Queues {
 pub struct Outbox {
     queues: Mutex<Queues>,
     pending: AtomicUsize,
-    /// Wakes the writer when there is something to write or the outbox closed.
-    writable: Notify,
+    /// Wakes the writer (one per outbox) when there is something to write or the outbox
+    /// closed. A waker slot, not a `Notify`: the writer then waits without a waiter node in
+    /// its future, which every idle connection would carry.
+    writable: AtomicWaker,
     /// Wakes the reader when `pending` fell (there is room for more commands).
     room: Notify,
 }
@@ -183,7 +187,7 @@ impl Outbox {
                 ..Queues::default()
             }),
             pending: AtomicUsize::new(0),
-            writable: Notify::new(),
+            writable: AtomicWaker::new(),
             room: Notify::new(),
         }
     }
@@ -224,7 +228,7 @@ impl Outbox {
             Priority::Normal | Priority::Low => queues.control.push_back(event),
         }
         drop(queues);
-        self.writable.notify_one();
+        self.writable.wake();
         true
     }
 
@@ -260,7 +264,7 @@ impl Outbox {
             }
             drop(queues);
             if sendable || dropped > 0 {
-                self.writable.notify_one();
+                self.writable.wake();
             }
             return dropped;
         }
@@ -271,7 +275,7 @@ impl Outbox {
             0
         };
         drop(queues);
-        self.writable.notify_one();
+        self.writable.wake();
         dropped
     }
 
@@ -298,7 +302,7 @@ impl Outbox {
         let sendable = !credited.held.is_empty();
         drop(queues);
         if sendable {
-            self.writable.notify_one();
+            self.writable.wake();
         }
         true
     }
@@ -403,25 +407,30 @@ impl Outbox {
     /// No more events will come: the writer flushes what is queued, then ends.
     pub fn close(&self) {
         self.queues().closed = true;
-        self.writable.notify_one();
+        self.writable.wake();
     }
 
     /// The writer's next batch: waits until there is something to write, and returns `None`
     /// once the outbox is closed and everything queued was taken.
     pub async fn next_batch(&self, max: usize) -> Option<Batch> {
-        loop {
-            let batch = self.take_batch(max);
-            if !batch.events.is_empty() {
-                return Some(batch);
-            }
-            if batch.closed {
-                return None;
-            }
-            // Nothing to write: an idle connection keeps no queue memory (an `Outbound` is
-            // 208 bytes, and the queues keep what a burst grew them to).
-            self.queues().release_memory_if_empty();
-            self.writable.notified().await;
+        std::future::poll_fn(|cx| self.poll_batch(cx, max)).await
+    }
+
+    /// `next_batch` as a poll: registers the writer's waker before it looks, so a push in
+    /// between still wakes it.
+    pub fn poll_batch(&self, cx: &mut Context<'_>, max: usize) -> Poll<Option<Batch>> {
+        self.writable.register(cx.waker());
+        let batch = self.take_batch(max);
+        if !batch.events.is_empty() {
+            return Poll::Ready(Some(batch));
         }
+        if batch.closed {
+            return Poll::Ready(None);
+        }
+        // Nothing to write: an idle connection keeps no queue memory (an `Outbound` is
+        // 208 bytes, and the queues keep what a burst grew them to).
+        self.queues().release_memory_if_empty();
+        Poll::Pending
     }
 
     pub async fn wait_room(&self) {
@@ -444,7 +453,7 @@ impl DeliverySink for Outbox {
         loss.count += count;
         loss.gap |= gap;
         drop(queues);
-        self.writable.notify_one();
+        self.writable.wake();
     }
 
     fn ended(&self, sid: &Id, error: GatewayError) {

@@ -18,7 +18,8 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
+use std::task::Poll;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -112,11 +113,10 @@ pub async fn upgrade(
         .write_buffer_size(0)
         .on_upgrade(move |socket| {
             let connections = gateway.connections().clone();
-            // Boxed: an `async fn` keeps its arguments twice in its future (rust-lang/rust#62958),
-            // which for a 672-byte connection is most of an idle connection's memory.
-            let connection = Box::new(Connection::new(gateway, socket, caller, batched));
+            let connection = Connection::new(gateway, socket, caller, batched);
             // A task of its own, so that axum's upgrade task (which would hold this future
-            // inside its own, 896 bytes in all) ends now: the connection's task is 768.
+            // inside its own) ends now. The task holds the connection itself: one allocation
+            // per connection, not a task and a box.
             tokio::spawn(connections.track_future(connection.serve()));
             std::future::ready(())
         })
@@ -229,6 +229,18 @@ fn decode(message: Message, max: usize) -> Option<(WireFormat, Decoded)> {
     }
 }
 
+/// What ended a connection's wait.
+enum Wake {
+    /// The gateway is shutting down.
+    Stop,
+    /// Something to write (`None`: the outbox closed).
+    Batch(Option<Batch>),
+    /// The heartbeat or the idle check is due.
+    Timer,
+    /// The client sent something (`None`: its socket ended).
+    Message(Option<Result<Message, axum::Error>>),
+}
+
 /// How a connection ends.
 enum Ending {
     /// Say goodbye with this close code and reason, after the answers still owed.
@@ -283,30 +295,48 @@ impl Connection {
         }
     }
 
-    async fn serve(mut self: Box<Self>) {
-        let ending = self.run().await;
-        let reason = match ending {
-            Ending::Gone => "client gone",
-            Ending::ClientClosed => "client closed",
-            Ending::Close(close::SLOW_CONSUMER, _) => "slow client",
-            Ending::Close(_, reason) if self.life.reason() == "closed" => reason,
-            Ending::Close(..) => self.life.reason(),
-        };
-        self.session.caller().closing(reason);
-        // Boxed, like every step that is not waiting: an idle connection is then only as big
-        // as `run`'s wait, not as big as its largest step. (Each box is made in a statement of
-        // its own: a temporary in the awaiting statement would be laid out in this future.)
-        let end = Box::pin(self.end(ending));
-        end.await;
+    /// The connection's task. An `async move` block that uses the connection where it was
+    /// captured, not an `async fn`: that would keep its argument twice in its future
+    /// (rust-lang/rust#62958), and the connection (mostly the 368-byte `WebSocket`) is most
+    /// of an idle connection's memory.
+    #[allow(clippy::manual_async_fn)] // the `async fn` form is the one to avoid here
+    fn serve(mut self) -> impl Future<Output = ()> + Send {
+        async move {
+            let ending = self.run().await;
+            let reason = match ending {
+                Ending::Gone => "client gone",
+                Ending::ClientClosed => "client closed",
+                Ending::Close(close::SLOW_CONSUMER, _) => "slow client",
+                Ending::Close(_, reason) if self.life.reason() == "closed" => reason,
+                Ending::Close(..) => self.life.reason(),
+            };
+            self.session.caller().closing(reason);
+            // Boxed, like every step that is not waiting: an idle connection is then only as
+            // big as `run`'s wait, not as big as its largest step. (Each box is made in a
+            // statement of its own: a temporary in the awaiting statement would be laid out in
+            // this future.)
+            let end = Box::pin(self.end(ending));
+            end.await;
+        }
     }
 
     /// Serves the connection until it should end: reads commands, writes what the outbox
     /// holds, and keeps the timers.
+    ///
+    /// The wait is one `poll_fn` over the four sources, with the shutdown signal and the timer
+    /// made once and kept: an idle connection's task then holds little besides the
+    /// `Connection` (a `select!` of fresh futures held about twice as much, and registered a
+    /// new timer on every turn).
     async fn run(&mut self) -> Ending {
         let config = self.gateway.config();
         let max_inflight = config.max_inflight_per_connection;
         let max_message = config.ws_max_message();
         let shutdown = self.gateway.shutdown().clone();
+        let stopped = shutdown.stopped();
+        let timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(stopped, timer);
+        // Polled until it fires once: a finished `async fn` must not be polled again.
+        let mut stop_seen = false;
         loop {
             let owed = self.session.has_unanswered();
             if self.life.finished(owed, self.session.has_subscriptions()) {
@@ -319,45 +349,64 @@ impl Connection {
                 };
             }
             let has_room = self.outbox.pending() < max_inflight;
-            let timer = self.next_timer();
+            let due = self.next_timer();
+            if let Some(due) = due
+                && due != timer.deadline()
+            {
+                timer.as_mut().reset(due);
+            }
             let reads = self.life.reads() && (has_room || self.life.is_draining());
-            tokio::select! {
-                biased;
-                _ = shutdown.stopped(), if !self.life.is_draining() => {
+            let (outbox, socket) = (&self.outbox, &mut self.socket);
+            // In this order when several are ready (as a biased `select!`).
+            let wake = std::future::poll_fn(|cx| {
+                if !stop_seen && stopped.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Stop);
+                }
+                if let Poll::Ready(batch) = outbox.poll_batch(cx, MAX_BATCH_EVENTS) {
+                    return Poll::Ready(Wake::Batch(batch));
+                }
+                if due.is_some() && timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Timer);
+                }
+                if reads && let Poll::Ready(message) = socket.poll_next_unpin(cx) {
+                    return Poll::Ready(Wake::Message(message));
+                }
+                Poll::Pending
+            })
+            .await;
+            match wake {
+                Wake::Stop => {
+                    stop_seen = true;
                     if self.life.begin_drain() {
                         self.session.close_subscriptions();
                     }
                 }
-                batch = self.outbox.next_batch(MAX_BATCH_EVENTS) => {
-                    let Some(batch) = batch else { return Ending::Gone };
+                Wake::Batch(None) => return Ending::Gone,
+                Wake::Batch(Some(batch)) => {
                     let write = Box::pin(self.write(batch));
                     if let Err(ending) = write.await {
                         return ending;
                     }
                 }
-                _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
+                Wake::Timer => {
                     let on_timer = Box::pin(self.on_timer());
                     if let Err(ending) = on_timer.await {
                         return ending;
                     }
                 }
-                message = self.socket.recv(), if reads => {
-                    match message {
-                        Some(Ok(Message::Close(_))) => {
-                            self.life.writes().lose(&self.outbox, 0);
-                            return Ending::ClientClosed;
-                        }
-                        Some(Ok(message)) => {
-                            let on_message = Box::pin(self.on_message(message, max_message));
-                            on_message.await
-                        }
-                        Some(Err(err)) => {
-                            let on_error = Box::pin(self.on_read_error(err, max_message));
-                            on_error.await
-                        }
-                        None => return Ending::Gone,
-                    }
+                Wake::Message(Some(Ok(Message::Close(_)))) => {
+                    self.life.writes().lose(&self.outbox, 0);
+                    return Ending::ClientClosed;
                 }
+                Wake::Message(Some(Ok(message))) => {
+                    let on_message = Box::pin(self.on_message(message, max_message));
+                    on_message.await
+                }
+                Wake::Message(Some(Err(err))) => {
+                    let on_error = Box::pin(self.on_read_error(err, max_message));
+                    on_error.await
+                }
+                Wake::Message(None) => return Ending::Gone,
             }
         }
     }
@@ -631,13 +680,20 @@ mod sizes {
         size_of::<F>()
     }
 
-    /// An idle connection is its task (this future in a tokio cell, in steps of 128 bytes),
-    /// the boxed `Connection` and tungstenite's read buffer (artifacts/memory/).
+    /// An idle connection is its task (this future, which holds the `Connection`, in a tokio
+    /// cell, in steps of 128 bytes), tungstenite's read buffer and a few shared parts
+    /// (artifacts/ws-idle/profile-*.md). Sizes here are of the test build; a release build's
+    /// are smaller.
     #[test]
     fn an_idle_connection_stays_small() {
         let serve = future_size(Connection::serve);
-        assert!(serve <= 640, "the connection's future is {serve} bytes");
         let connection = size_of::<Connection>();
+        eprintln!("serve future {serve} B, Connection {connection} B");
         assert!(connection <= 640, "a Connection is {connection} bytes");
+        assert!(
+            serve <= connection + 512,
+            "the connection's future is {serve} bytes: {} bytes beside the Connection",
+            serve - connection
+        );
     }
 }

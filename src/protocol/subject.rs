@@ -40,6 +40,12 @@ impl Subject {
     pub fn into_bytes(self) -> Bytes {
         self.0
     }
+
+    /// The same subject in an allocation of its own, for one that is kept long (a
+    /// subscription's): a slice would keep the whole buffer it was read into alive with it.
+    pub fn detached(&self) -> Subject {
+        Subject(Bytes::copy_from_slice(&self.0))
+    }
 }
 
 impl Deref for Subject {
@@ -182,6 +188,17 @@ pub fn validate_queue_group(queue: &str) -> Result<(), GatewayError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_detached_subject_keeps_nothing_of_the_buffer_it_was_read_into() {
+        let read = Bytes::from(br#"{"op":"subscribe","subject":"own.7"}"#.to_vec());
+        let subject = Subject::from_utf8(read.slice(29..34)).unwrap();
+        assert_eq!(subject.as_bytes().as_ptr(), read[29..].as_ptr(), "a slice");
+        let detached = subject.detached();
+        assert_eq!(detached, subject);
+        let range = read.as_ptr_range();
+        assert!(!range.contains(&detached.as_bytes().as_ptr()), "a copy");
+    }
 
     #[test]
     fn accepts_plain_subjects_everywhere() {

@@ -22,12 +22,14 @@ mod flags;
 mod nats_auth;
 mod origin;
 mod secret;
+mod secret_files;
 mod sources;
 
 pub use flags::Flags;
 pub use nats_auth::{CREDENTIAL_KEYS, read_creds, read_seed, written_as};
 pub use origin::Origin;
 pub use secret::{REDACTED, Secret};
+pub use secret_files::OpenSecretFile;
 pub use sources::{Source, Sources, without_user_info};
 
 pub const ENV_PREFIX: &str = "IPC_GATEWAY_";

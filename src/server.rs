@@ -68,6 +68,14 @@ pub async fn run_with(
     for note in notes {
         tracing::warn!("{note}");
     }
+    for open in config.secret_files_open_to_others() {
+        tracing::warn!(
+            "{} {}: every user of this host may read it (mode {:o}); make it readable by the gateway's user only (chmod 600, or 640 with a group of its own)",
+            open.setting,
+            open.path.display(),
+            open.mode
+        );
+    }
     let gateway = Gateway::new(config.clone()).await?;
     let listener = match handed.uds {
         Some(listener) => UdsListener::activated(listener)

@@ -2003,6 +2003,27 @@ async fn connections_open_at_sigterm_on_every_front_end_have_their_disconnect_re
 }
 
 #[tokio::test]
+async fn a_secret_file_every_user_can_read_is_named_in_a_warning_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let nats = NatsServer::start();
+    let secret = SecretFile::new();
+    let mode = |bits| std::fs::set_permissions(&secret.path, std::fs::Permissions::from_mode(bits));
+    mode(0o644).unwrap();
+    let flags = ["--auth-jwt-secret-file", secret.arg()];
+    let open = GatewayProcess::start_logged(&nats.url(), &flags, &[]);
+    let line = open.wait_log("every user of this host may read it").await;
+    assert!(
+        line.contains(&format!("--auth-jwt-secret-file {}: ", secret.arg()))
+            && line.contains("mode 644"),
+        "{line}"
+    );
+    mode(0o600).unwrap();
+    let private = GatewayProcess::start_logged(&nats.url(), &flags, &[]);
+    private.wait_log("ipc-gateway started").await;
+    assert!(!private.log().contains("every user"), "{}", private.log());
+}
+
+#[tokio::test]
 async fn the_audit_log_rotates_at_its_size_limit() {
     let nats = NatsServer::start();
     let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;

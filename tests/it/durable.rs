@@ -10,27 +10,12 @@ use ipc_gateway::protocol::binary::{FrameParts, flag, frame_type};
 use serde_json::json;
 
 use crate::common::cluster::NatsCluster;
-use crate::common::{GatewayProcess, NatsServer, PATIENCE, RawConn, frame, hs256, unix_now, ws};
+use crate::common::{
+    GatewayProcess, NatsServer, PATIENCE, RawConn, SecretFile, frame, hs256, unix_now, ws,
+};
 
 /// A HS256 secret the gateways under test verify tokens with (32 bytes, the minimum).
 const SECRET: &[u8] = b"durable-tests-secret-0123456789a";
-
-/// A file holding `SECRET`, for `--auth-jwt-secret-file`.
-struct SecretFile {
-    dir: tempfile::TempDir,
-}
-
-impl SecretFile {
-    fn new() -> SecretFile {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("jwt.secret"), SECRET).unwrap();
-        SecretFile { dir }
-    }
-
-    fn arg(&self) -> String {
-        self.dir.path().join("jwt.secret").display().to_string()
-    }
-}
 
 fn token(sub: &str) -> String {
     let now = unix_now();
@@ -74,7 +59,7 @@ fn uid() -> u32 {
 async fn durable_publish_is_stored_once_per_identity_and_id_with_the_callers_headers() {
     let cluster = NatsCluster::start().await;
     let mut orders = make_stream(&cluster.nodes[1], r3("ORDERS", &["orders.>"])).await;
-    let secret = SecretFile::new();
+    let secret = SecretFile::new(SECRET);
     let audit = secret.dir.path().join("audit.jsonl");
     let gateway = GatewayProcess::start(
         &cluster.nodes[0].url(),
@@ -82,7 +67,7 @@ async fn durable_publish_is_stored_once_per_identity_and_id_with_the_callers_hea
             "--gateway-id",
             "gw-d",
             "--auth-jwt-secret-file",
-            &secret.arg(),
+            secret.arg(),
             "--audit-file",
             audit.to_str().unwrap(),
         ],
@@ -387,10 +372,10 @@ async fn a_replay_says_when_the_stream_no_longer_holds_its_start_and_replays_fro
     for n in 1..=10 {
         store(&context, "small.x", format!("m{n}")).await;
     }
-    let secret = SecretFile::new();
+    let secret = SecretFile::new(SECRET);
     let gateway = GatewayProcess::start(
         &cluster.nodes[0].url(),
-        &["--auth-jwt-secret-file", &secret.arg()],
+        &["--auth-jwt-secret-file", secret.arg()],
     );
     let mut client = gateway.json().await;
 

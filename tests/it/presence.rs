@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::cluster::NatsCluster;
-use crate::common::{GatewayProcess, JsonConn};
+use crate::common::{GatewayProcess, JsonConn, write_private};
 
 const TTL_MS: u64 = 1500;
 const SECRET: &[u8] = b"presence-tests-secret-0123456789";
@@ -38,7 +38,7 @@ impl Files {
     fn new() -> Files {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("policy.toml"), POLICY).unwrap();
-        std::fs::write(dir.path().join("jwt.secret"), SECRET).unwrap();
+        write_private(&dir.path().join("jwt.secret"), SECRET);
         Files { dir }
     }
 

@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::{
     GatewayProcess, NatsServer, RecordingService, audit_records, hs256, spawn_echo, unix_now,
+    write_private,
 };
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -94,7 +95,7 @@ impl Pki {
     }
 
     fn write(&self, name: &str, text: &str) -> String {
-        std::fs::write(self.path(name), text).unwrap();
+        write_private(&self.path(name), text);
         self.path(name).display().to_string()
     }
 

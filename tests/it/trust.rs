@@ -254,23 +254,17 @@ impl PolicyFile {
     }
 }
 
-/// A file holding `SECRET`, for `--auth-jwt-secret-file`.
-struct SecretFile {
-    _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
-}
-
-impl SecretFile {
-    fn new() -> SecretFile {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("jwt.secret");
-        std::fs::write(&path, [SECRET, b"\n"].concat()).unwrap();
-        SecretFile { _dir: dir, path }
-    }
-
-    fn arg(&self) -> &str {
-        self.path.to_str().unwrap()
-    }
+/// A gateway that checks `policy` and accepts tokens signed with `secret`.
+fn token_gateway(nats: &NatsServer, policy: &PolicyFile, secret: &SecretFile) -> GatewayProcess {
+    GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--policy",
+            policy.arg(),
+            "--auth-jwt-secret-file",
+            secret.arg(),
+        ],
+    )
 }
 
 /// Claims for `sub` that expire `exp_in` seconds from now (negative: expired that long ago).
@@ -885,16 +879,8 @@ async fn websocket_takes_an_hs256_token_in_the_authorization_header_or_the_subpr
     let nats = NatsServer::start();
     let mut service = Service::start(&nats, "svc.>").await;
     let policy = PolicyFile::new(TOKEN_POLICY);
-    let secret = SecretFile::new();
-    let gateway = GatewayProcess::start(
-        &nats.url(),
-        &[
-            "--policy",
-            policy.arg(),
-            "--auth-jwt-secret-file",
-            secret.arg(),
-        ],
-    );
+    let secret = SecretFile::new(&[SECRET, b"\n"].concat());
+    let gateway = token_gateway(&nats, &policy, &secret);
     let valid = hs256(&claims("bob", 600), SECRET);
 
     // Without a token: anonymous, and the policy for anonymous callers applies.
@@ -966,16 +952,8 @@ async fn a_websocket_auth_message_changes_who_is_calling_and_a_bad_one_closes_wi
     let nats = NatsServer::start();
     let mut service = Service::start(&nats, "svc.>").await;
     let policy = PolicyFile::new(TOKEN_POLICY);
-    let secret = SecretFile::new();
-    let gateway = GatewayProcess::start(
-        &nats.url(),
-        &[
-            "--policy",
-            policy.arg(),
-            "--auth-jwt-secret-file",
-            secret.arg(),
-        ],
-    );
+    let secret = SecretFile::new(&[SECRET, b"\n"].concat());
+    let gateway = token_gateway(&nats, &policy, &secret);
     let valid = hs256(&claims("bob", 600), SECRET);
 
     let mut ws = ws::connect(&gateway, None).await.unwrap();
@@ -1034,16 +1012,8 @@ match = { anonymous = true }
 subscribe = { allow = ["public.>"] }
 "#,
     );
-    let secret = SecretFile::new();
-    let gateway = GatewayProcess::start(
-        &nats.url(),
-        &[
-            "--policy",
-            policy.arg(),
-            "--auth-jwt-secret-file",
-            secret.arg(),
-        ],
-    );
+    let secret = SecretFile::new(&[SECRET, b"\n"].concat());
+    let gateway = token_gateway(&nats, &policy, &secret);
     let bob = hs256(&claims("bob", 600), SECRET);
     let alice = hs256(&claims("alice", 600), SECRET);
     let auth = |token: &str| json!({"op":"auth","id":"a","token":token}).to_string();
@@ -1095,7 +1065,7 @@ subscribe = { allow = ["public.>"] }
 async fn with_auth_required_websocket_and_grpc_callers_without_a_token_are_refused() {
     let nats = NatsServer::start();
     let mut service = Service::start(&nats, "svc.>").await;
-    let secret = SecretFile::new();
+    let secret = SecretFile::new(&[SECRET, b"\n"].concat());
     let gateway = GatewayProcess::start(
         &nats.url(),
         &["--auth-required", "--auth-jwt-secret-file", secret.arg()],
@@ -1146,16 +1116,8 @@ async fn grpc_calls_each_carry_their_own_hs256_token_which_never_reaches_the_ser
     let nats = NatsServer::start();
     let mut service = Service::start(&nats, "svc.>").await;
     let policy = PolicyFile::new(TOKEN_POLICY);
-    let secret = SecretFile::new();
-    let gateway = GatewayProcess::start(
-        &nats.url(),
-        &[
-            "--policy",
-            policy.arg(),
-            "--auth-jwt-secret-file",
-            secret.arg(),
-        ],
-    );
+    let secret = SecretFile::new(&[SECRET, b"\n"].concat());
+    let gateway = token_gateway(&nats, &policy, &secret);
     let valid = hs256(&claims("bob", 600), SECRET);
     // One HTTP/2 connection for every call below: the identity is the call's, not the
     // connection's.
@@ -1590,7 +1552,7 @@ async fn connections_per_identity_are_bounded_and_a_closed_one_frees_its_place()
 #[tokio::test]
 async fn a_token_subject_holds_at_most_its_connections_however_it_authenticates() {
     let nats = NatsServer::start();
-    let secret = SecretFile::new();
+    let secret = SecretFile::new(&[SECRET, b"\n"].concat());
     let gateway = GatewayProcess::start(
         &nats.url(),
         &[
@@ -1798,16 +1760,8 @@ match = { sub = "ops" }
 status = true
 "#,
     );
-    let secret = SecretFile::new();
-    let gateway = GatewayProcess::start(
-        &nats.url(),
-        &[
-            "--policy",
-            policy.arg(),
-            "--auth-jwt-secret-file",
-            secret.arg(),
-        ],
-    );
+    let secret = SecretFile::new(&[SECRET, b"\n"].concat());
+    let gateway = token_gateway(&nats, &policy, &secret);
     // A request nobody serves makes a breaker entry named after its subject.
     let mut conn = gateway.json().await;
     let answer = conn.call(r#"{"subject":"secret.project.x"}"#).await;
@@ -2006,7 +1960,7 @@ async fn connections_open_at_sigterm_on_every_front_end_have_their_disconnect_re
 async fn a_secret_file_every_user_can_read_is_named_in_a_warning_at_start() {
     use std::os::unix::fs::PermissionsExt;
     let nats = NatsServer::start();
-    let secret = SecretFile::new();
+    let secret = SecretFile::new(&[SECRET, b"\n"].concat());
     let mode = |bits| std::fs::set_permissions(&secret.path, std::fs::Permissions::from_mode(bits));
     mode(0o644).unwrap();
     let flags = ["--auth-jwt-secret-file", secret.arg()];

@@ -39,6 +39,41 @@ pub fn audit_records(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// Writes `bytes` to `path`, readable by its owner only, as secrets and keys should be (the
+/// gateway warns at start about a secret file every user may read).
+pub fn write_private(path: &Path, bytes: impl AsRef<[u8]>) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(bytes.as_ref()))
+        .unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
+}
+
+/// A file holding a JWT secret, for `--auth-jwt-secret-file`, in a temporary directory of its
+/// own (which a test may use for its other files).
+pub struct SecretFile {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl SecretFile {
+    pub fn new(secret: &[u8]) -> SecretFile {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwt.secret");
+        write_private(&path, secret);
+        SecretFile { dir, path }
+    }
+
+    pub fn arg(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
 /// Seconds since the Unix epoch, for token claims.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()

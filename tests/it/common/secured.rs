@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 /// Writes `text` to `name` in `dir` and returns its path.
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
-    std::fs::write(&path, text).expect("write a test file");
+    super::write_private(&path, text);
     path
 }
 

@@ -55,7 +55,7 @@ use tower::ServiceExt;
 use tracing::{debug, warn};
 
 use crate::core::{Gateway, HeldSlot};
-use crate::protocol::{ErrorCode, Frontend, GatewayError, Identity};
+use crate::protocol::{ErrorCode, Frontend, GatewayError};
 use crate::tls::{MaybeTls, Tls};
 
 /// HTTP connections served beyond `max_connections` when every place is taken (see the top).
@@ -366,23 +366,17 @@ async fn ready(State(gateway): State<Gateway>) -> Response {
 }
 
 /// Where a named client is connected (`?name=bob`), for operators: like `/status`'s detail,
-/// only for a bearer token whose identity the policy grants `status` (403 otherwise, 401 for a
-/// bad token). 400 for a missing or invalid name, 503 without JetStream.
+/// only for a caller (bearer token, client certificate) the policy grants `status` (403
+/// otherwise, 401 for a bad token). 400 for a missing or invalid name, 503 without JetStream.
 async fn presence(
     State(gateway): State<Gateway>,
+    cert: Option<axum::Extension<crate::tls::PeerCert>>,
     headers: axum::http::HeaderMap,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> Response {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(crate::core::auth::bearer_from_header);
-    let identity = match token {
-        Some(token) => match gateway.verify_token(token, Frontend::Ws, None) {
-            Ok(identity) => identity,
-            Err(error) => return (StatusCode::UNAUTHORIZED, error.to_string()).into_response(),
-        },
-        None => Identity::anonymous(Frontend::Ws, None),
+    let identity = match super::status::operator(&gateway, &headers, cert) {
+        Ok(identity) => identity,
+        Err(refusal) => return refusal,
     };
     if !gateway.may_see_status(identity) {
         return (

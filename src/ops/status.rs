@@ -2,12 +2,14 @@
 //!
 //! - **Who sees what.** Counts (connections, subscriptions, breakers by state, the audit
 //!   queue, the NATS pool's connected flags, names held) are for everyone. What names subjects
-//!   or servers (each breaker group, each pool connection's server) only for a caller whose
-//!   bearer token (`Authorization`) the policy grants `status`; a bad token is 401.
+//!   or servers (each breaker group, each pool connection's server) only for a caller the
+//!   policy grants `status`: by its bearer token (`Authorization`; a bad one is 401), its
+//!   verified client certificate (HTTPS with `tls_client_ca`), or both.
 //! - **Which form.** `?format=html` or `?format=json` decides; without it, HTML when the
 //!   `Accept` header asks for `text/html` (a browser's navigation), JSON otherwise (curl,
 //!   scripts). The answer says `Vary: Accept`.
 
+use axum::Extension;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
@@ -15,6 +17,7 @@ use axum::response::{IntoResponse, Json, Response};
 use crate::core::Gateway;
 use crate::core::status::StatusReport;
 use crate::protocol::{Frontend, Identity};
+use crate::tls::PeerCert;
 
 /// What a caller without `status` is told about the missing detail.
 pub const DETAIL_HIDDEN: &str = "breaker groups and NATS servers are shown to callers the policy grants status (docs/policy.md)";
@@ -55,21 +58,37 @@ pub fn negotiate(query: Option<&str>, accept: Option<&str>) -> Format {
     }
 }
 
-pub async fn status(
-    State(gateway): State<Gateway>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
+/// Who asks for an operator's view (`/status` detail, `/presence`): the verified client
+/// certificate of an HTTPS connection, and the bearer token in `Authorization` (its subject
+/// joins the certificate's, as on `/ws`); anonymous with neither. A bad token is a 401.
+pub fn operator(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    cert: Option<Extension<PeerCert>>,
+) -> Result<Identity, Response> {
+    let mut connection = Identity::anonymous(Frontend::Ws, None);
+    connection.cert = cert.map(|Extension(PeerCert(subject))| subject.to_string());
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(crate::core::auth::bearer_from_header);
-    let identity = match token {
-        Some(token) => match gateway.verify_token(token, Frontend::Ws, None) {
-            Ok(identity) => identity,
-            Err(error) => return (StatusCode::UNAUTHORIZED, error.to_string()).into_response(),
-        },
-        None => Identity::anonymous(Frontend::Ws, None),
+    match token {
+        Some(token) => gateway
+            .verify_token_on(token, &connection)
+            .map_err(|error| (StatusCode::UNAUTHORIZED, error.to_string()).into_response()),
+        None => Ok(connection),
+    }
+}
+
+pub async fn status(
+    State(gateway): State<Gateway>,
+    cert: Option<Extension<PeerCert>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let identity = match operator(&gateway, &headers, cert) {
+        Ok(identity) => identity,
+        Err(refusal) => return refusal,
     };
     let granted = gateway.may_see_status(identity);
     let report = gateway.status_report();

@@ -434,6 +434,41 @@ async fn a_cert_grant_lets_alice_publish_while_bob_and_anonymous_are_forbidden_a
 }
 
 #[tokio::test]
+async fn a_client_certificate_granted_status_sees_the_operator_views() {
+    let nats = NatsServer::start();
+    let pki = Pki::new();
+    let policy = pki.write(
+        "policy.toml",
+        r#"
+        [[grant]]
+        match = { cert = "CN=ops" }
+        status = true
+        "#,
+    );
+    let mut flags = pki.server_flags("gateway");
+    flags.extend(["--policy".into(), policy]);
+    let gateway = start(&nats, &flags);
+    let ops = pki.ca.client("ops");
+    let alice = pki.ca.client("alice");
+    for (who, client, granted) in [
+        ("ops", Some(&ops), true),
+        ("alice", Some(&alice), false),
+        ("no certificate", None, false),
+    ] {
+        let config = client_config(&pki.ca.pem, client, b"http/1.1");
+        let (code, body) =
+            https_get(gateway.http_port, config.clone(), "/status?format=json").await;
+        assert_eq!(code, 200, "{who}: {body}");
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        // The per-group breaker list is operator detail.
+        assert_eq!(status.get("breakers").is_some(), granted, "{who}: {status}");
+        let (code, body) = https_get(gateway.http_port, config, "/presence").await;
+        // Granted: past the gate, asked for a name; refused: 403.
+        assert_eq!(code, if granted { 400 } else { 403 }, "{who}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn sighup_serves_a_new_certificate_to_new_connections_and_keeps_open_ones() {
     let nats = NatsServer::start();
     let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;

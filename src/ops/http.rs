@@ -376,7 +376,7 @@ async fn presence(
 ) -> Response {
     let identity = match super::status::operator(&gateway, &headers, cert) {
         Ok(identity) => identity,
-        Err(refusal) => return refusal,
+        Err(error) => return (StatusCode::UNAUTHORIZED, error.to_string()).into_response(),
     };
     if !gateway.may_see_status(identity) {
         return (

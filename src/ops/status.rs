@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Json, Response};
 
 use crate::core::Gateway;
 use crate::core::status::StatusReport;
-use crate::protocol::{Frontend, Identity};
+use crate::protocol::{Frontend, GatewayError, Identity};
 use crate::tls::PeerCert;
 
 /// What a caller without `status` is told about the missing detail.
@@ -60,12 +60,13 @@ pub fn negotiate(query: Option<&str>, accept: Option<&str>) -> Format {
 
 /// Who asks for an operator's view (`/status` detail, `/presence`): the verified client
 /// certificate of an HTTPS connection, and the bearer token in `Authorization` (its subject
-/// joins the certificate's, as on `/ws`); anonymous with neither. A bad token is a 401.
+/// joins the certificate's, as on `/ws`); anonymous with neither. A bad token is an error
+/// (the routes answer 401).
 pub fn operator(
     gateway: &Gateway,
     headers: &HeaderMap,
     cert: Option<Extension<PeerCert>>,
-) -> Result<Identity, Response> {
+) -> Result<Identity, GatewayError> {
     let mut connection = Identity::anonymous(Frontend::Ws, None);
     connection.cert = cert.map(|Extension(PeerCert(subject))| subject.to_string());
     let token = headers
@@ -73,9 +74,7 @@ pub fn operator(
         .and_then(|value| value.to_str().ok())
         .and_then(crate::core::auth::bearer_from_header);
     match token {
-        Some(token) => gateway
-            .verify_token_on(token, &connection)
-            .map_err(|error| (StatusCode::UNAUTHORIZED, error.to_string()).into_response()),
+        Some(token) => gateway.verify_token_on(token, &connection),
         None => Ok(connection),
     }
 }
@@ -88,7 +87,7 @@ pub async fn status(
 ) -> Response {
     let identity = match operator(&gateway, &headers, cert) {
         Ok(identity) => identity,
-        Err(refusal) => return refusal,
+        Err(error) => return (StatusCode::UNAUTHORIZED, error.to_string()).into_response(),
     };
     let granted = gateway.may_see_status(identity);
     let report = gateway.status_report();

@@ -33,6 +33,17 @@ pub fn find_or_install() -> Result<PathBuf, String> {
 
 /// Writes a line to the real stderr: libtest captures `eprintln!`, and a skip or an install
 /// must show in a quiet `cargo test` run.
+/// The browser, or `None` after saying the test is SKIPPED and why.
+pub fn binary_or_skip() -> Option<PathBuf> {
+    find_or_install()
+        .map_err(|why| {
+            say(&format!(
+                "SKIPPED: chromium is not installed and could not be installed: {why}"
+            ))
+        })
+        .ok()
+}
+
 pub fn say(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "{line}");

@@ -51,14 +51,8 @@ async fn root_serves_the_embedded_page_and_its_assets_without_caching() {
 
 #[tokio::test]
 async fn page_requests_publishes_and_subscribes_in_headless_chromium() {
-    let binary = match chromium::find_or_install() {
-        Ok(binary) => binary,
-        Err(why) => {
-            chromium::say(&format!(
-                "SKIPPED: chromium is not installed and could not be installed: {why}"
-            ));
-            return;
-        }
+    let Some(binary) = chromium::binary_or_skip() else {
+        return;
     };
     let nats = NatsServer::start();
     let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
@@ -292,14 +286,8 @@ request = { allow = ["demo.>"] }
 
 #[tokio::test]
 async fn page_over_https_connects_with_wss_and_gets_replies_in_headless_chromium() {
-    let binary = match chromium::find_or_install() {
-        Ok(binary) => binary,
-        Err(why) => {
-            chromium::say(&format!(
-                "SKIPPED: chromium is not installed and could not be installed: {why}"
-            ));
-            return;
-        }
+    let Some(binary) = chromium::binary_or_skip() else {
+        return;
     };
     let nats = NatsServer::start();
     let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
@@ -325,14 +313,8 @@ async fn page_over_https_connects_with_wss_and_gets_replies_in_headless_chromium
 
 #[tokio::test]
 async fn page_with_auth_required_connects_only_with_a_valid_token_in_the_field() {
-    let binary = match chromium::find_or_install() {
-        Ok(binary) => binary,
-        Err(why) => {
-            chromium::say(&format!(
-                "SKIPPED: chromium is not installed and could not be installed: {why}"
-            ));
-            return;
-        }
+    let Some(binary) = chromium::binary_or_skip() else {
+        return;
     };
     let nats = NatsServer::start();
     // The echo service, written here as a plain NATS client so the test sees the headers the

@@ -4,6 +4,7 @@
 //! or a front-end.
 
 pub mod binary;
+pub mod canonical;
 pub mod envelope;
 pub mod error;
 mod frontend;

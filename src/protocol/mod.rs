@@ -12,6 +12,8 @@ pub mod headers;
 pub mod identity;
 pub mod json;
 pub mod presence;
+#[cfg(test)]
+mod roundtrip_tests;
 pub mod subject;
 mod wire;
 

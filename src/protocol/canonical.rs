@@ -208,3 +208,45 @@ fn rfc3339(time: &time::OffsetDateTime) -> Result<String, Unencodable> {
     time.format(&time::format_description::well_known::Rfc3339)
         .map_err(|_| "a time RFC 3339 cannot write (year or offset out of its range)")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::json::JsonLinesDecoder;
+    use crate::protocol::{Decoded, Subject};
+
+    #[test]
+    fn what_a_frame_cannot_say_is_refused_not_dropped() {
+        let mut out = BytesMut::new();
+        let text_id = Envelope::new(Op::Request, Id::Text("a".into()));
+        let zero_id = Envelope::new(Op::Request, Id::from(0));
+        let auth = Envelope::new(Op::Auth, Id::Null);
+        let mut timed_subscribe = Envelope::new(Op::Subscribe, Id::from(1));
+        timed_subscribe.timeout_ms = Some(5);
+        let mut durable_request = Envelope::new(Op::Request, Id::from(1));
+        durable_request.flags.durable = true;
+        for envelope in [text_id, zero_id, auth, timed_subscribe, durable_request] {
+            assert!(put_binary(&envelope, &mut out).is_err(), "{envelope:?}");
+        }
+        assert!(out.is_empty(), "nothing written for a refused envelope");
+    }
+
+    #[test]
+    fn a_default_subject_object_is_written_as_itself_and_reads_back() {
+        for line in [&b"{\"task\":\"t\"}\n"[..], b"{\"task\":\"t\"}\r\r\n"] {
+            let mut buf = BytesMut::from(line);
+            let Some(Decoded::Envelope(envelope)) = JsonLinesDecoder::new(1024).decode(&mut buf)
+            else {
+                panic!("{line:?}")
+            };
+            assert!(envelope.flags.to_default_subject);
+            let mut out = BytesMut::new();
+            put_json(&envelope, &mut out).unwrap();
+            assert_eq!(&out[..], line, "its own bytes, a carriage return of its own kept");
+        }
+        let mut with_subject = Envelope::new(Op::Request, Id::Null);
+        with_subject.flags.to_default_subject = true;
+        with_subject.subject = Some(Subject::from("a"));
+        assert!(put_json(&with_subject, &mut BytesMut::new()).is_err());
+    }
+}

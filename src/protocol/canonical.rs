@@ -102,9 +102,9 @@ pub fn put_binary(envelope: &Envelope, out: &mut BytesMut) -> Result<(), Unencod
 fn headers_fit_frame(headers: Option<&Headers>) -> bool {
     headers.is_none_or(|headers| {
         !headers.is_empty()
-            && headers
-                .pairs()
-                .all(|(name, value)| name.len() <= u16::MAX as usize && value.len() <= u16::MAX as usize)
+            && headers.pairs().all(|(name, value)| {
+                name.len() <= u16::MAX as usize && value.len() <= u16::MAX as usize
+            })
     })
 }
 
@@ -242,7 +242,11 @@ mod tests {
             assert!(envelope.flags.to_default_subject);
             let mut out = BytesMut::new();
             put_json(&envelope, &mut out).unwrap();
-            assert_eq!(&out[..], line, "its own bytes, a carriage return of its own kept");
+            assert_eq!(
+                &out[..],
+                line,
+                "its own bytes, a carriage return of its own kept"
+            );
         }
         let mut with_subject = Envelope::new(Op::Request, Id::Null);
         with_subject.flags.to_default_subject = true;

@@ -30,7 +30,10 @@ fn decode_in_two(bytes: &[u8], split: usize) -> Envelope {
     let mut decoder = WireDecoder::new(1 << 20);
     let mut buf = BytesMut::from(a);
     if let Some(item) = decoder.decode(&mut buf).expect("no I/O") {
-        assert!(a.len() == bytes.len(), "an item from a partial read: {item:?}");
+        assert!(
+            a.len() == bytes.len(),
+            "an item from a partial read: {item:?}"
+        );
         return envelope(item);
     }
     buf.extend_from_slice(b);
@@ -93,7 +96,11 @@ fn headers(sorted: bool) -> impl Strategy<Value = Option<Headers>> {
     );
     proptest::option::of(entries.prop_map(move |entries| {
         let entries: Vec<(String, Vec<String>)> = match sorted {
-            true => entries.into_iter().collect::<BTreeMap<_, _>>().into_iter().collect(),
+            true => entries
+                .into_iter()
+                .collect::<BTreeMap<_, _>>()
+                .into_iter()
+                .collect(),
             false => entries,
         };
         let mut headers = Headers::new();
@@ -109,15 +116,18 @@ fn headers(sorted: bool) -> impl Strategy<Value = Option<Headers>> {
 }
 
 fn since() -> impl Strategy<Value = Since> {
-    let time = (0i64..4_000_000_000, 0u32..1_000_000_000, -23 * 60..=23 * 60i32).prop_map(
-        |(secs, nanos, minutes)| {
+    let time = (
+        0i64..4_000_000_000,
+        0u32..1_000_000_000,
+        -23 * 60..=23 * 60i32,
+    )
+        .prop_map(|(secs, nanos, minutes)| {
             let at = time::OffsetDateTime::from_unix_timestamp(secs)
                 .and_then(|t| t.replace_nanosecond(nanos))
                 .expect("in range");
             let offset = time::UtcOffset::from_whole_seconds(minutes * 60).expect("in range");
             Since::Time(at.to_offset(offset))
-        },
-    );
+        });
     prop_oneof![any::<u64>().prop_map(Since::Seq), time]
 }
 
@@ -137,7 +147,19 @@ fn envelopes(binary: bool) -> impl Strategy<Value = Envelope> {
         proptest::option::of(".{0,16}"),
     );
     parts.prop_map(
-        move |(op, id, subject, headers, data, number, queue, (retry, durable), priority, since, token)| {
+        move |(
+            op,
+            id,
+            subject,
+            headers,
+            data,
+            number,
+            queue,
+            (retry, durable),
+            priority,
+            since,
+            token,
+        )| {
             let mut envelope = Envelope::new(op, id);
             envelope.subject = subject.map(Subject::from);
             envelope.headers = headers;
@@ -230,16 +252,22 @@ fn outbound() -> impl Strategy<Value = Outbound> {
             json_tail: Default::default(),
         });
     prop_oneof![
-        (id(), payload(), headers(false))
-            .prop_map(|(id, data, headers)| Outbound::Reply { id, data, headers }),
+        (id(), payload(), headers(false)).prop_map(|(id, data, headers)| Outbound::Reply {
+            id,
+            data,
+            headers
+        }),
         (id(), error).prop_map(|(id, error)| Outbound::Error { id, error }),
-        (id(), delivery, proptest::sample::select(Priority::ALL.to_vec())).prop_map(
-            |(sid, message, priority)| Outbound::Msg {
+        (
+            id(),
+            delivery,
+            proptest::sample::select(Priority::ALL.to_vec())
+        )
+            .prop_map(|(sid, message, priority)| Outbound::Msg {
                 sid,
                 message: Arc::new(message),
                 priority,
-            }
-        ),
+            }),
         (id(), any::<u32>(), any::<bool>()).prop_map(|(sid, count, gap)| Outbound::Dropped {
             sid,
             count: u64::from(count),
@@ -257,29 +285,54 @@ fn check_outbound_frame(event: &Outbound) {
     let body = binary::decode_body(out.freeze().slice(HEADER_LEN..)).expect("a valid body");
     match event {
         Outbound::Reply { id, data, headers } => {
-            assert_eq!((header.frame_type, header.id), (frame_type::REPLY, id.as_u64()));
+            assert_eq!(
+                (header.frame_type, header.id),
+                (frame_type::REPLY, id.as_u64())
+            );
             assert_eq!((&body.payload, &body.headers), (data, headers));
         }
         Outbound::Error { id, error } => {
-            assert_eq!((header.frame_type, header.id), (frame_type::ERROR, id.as_u64()));
+            assert_eq!(
+                (header.frame_type, header.id),
+                (frame_type::ERROR, id.as_u64())
+            );
             assert_eq!(&body.aux[..], error.code.as_str().as_bytes());
             assert_eq!(&body.payload[..], error.message.as_bytes());
             assert_eq!(header.param, error.retry_after_ms.unwrap_or(0));
         }
-        Outbound::Msg { sid, message, priority } => {
-            assert_eq!((header.frame_type, header.id), (frame_type::MSG, sid.as_u64()));
-            assert_eq!(Priority::from_bits(header.flags & flag::PRIORITY_MASK), Some(*priority));
+        Outbound::Msg {
+            sid,
+            message,
+            priority,
+        } => {
+            assert_eq!(
+                (header.frame_type, header.id),
+                (frame_type::MSG, sid.as_u64())
+            );
+            assert_eq!(
+                Priority::from_bits(header.flags & flag::PRIORITY_MASK),
+                Some(*priority)
+            );
             assert_eq!(&body.subject[..], message.subject.as_bytes());
             let aux = match message.seq {
                 Some(seq) => seq.to_be_bytes().to_vec(),
-                None => message.reply_to.as_ref().map_or(vec![], |r| r.as_bytes().to_vec()),
+                None => message
+                    .reply_to
+                    .as_ref()
+                    .map_or(vec![], |r| r.as_bytes().to_vec()),
             };
             assert_eq!(body.aux[..], aux[..]);
             assert_eq!(header.flags & flag::STREAM != 0, message.seq.is_some());
-            assert_eq!((&body.payload, &body.headers), (&message.payload, &message.headers));
+            assert_eq!(
+                (&body.payload, &body.headers),
+                (&message.payload, &message.headers)
+            );
         }
         Outbound::Dropped { sid, count, gap } => {
-            assert_eq!((header.frame_type, header.id), (frame_type::DROPPED, sid.as_u64()));
+            assert_eq!(
+                (header.frame_type, header.id),
+                (frame_type::DROPPED, sid.as_u64())
+            );
             assert_eq!(u64::from(header.param), *count);
             assert_eq!(header.flags & flag::GAP != 0, *gap);
         }
@@ -316,14 +369,20 @@ fn check_outbound_line(event: &Outbound) {
     };
     let sorted = |headers: &Option<Headers>| {
         headers.as_ref().filter(|h| !h.is_empty()).map(|h| {
-            let mut pairs: Vec<(String, String)> =
-                h.pairs().map(|(n, v)| (n.to_owned(), v.to_owned())).collect();
+            let mut pairs: Vec<(String, String)> = h
+                .pairs()
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect();
             pairs.sort();
             pairs
         })
     };
     match event {
-        Outbound::Reply { id: i, data: d, headers: h } => {
+        Outbound::Reply {
+            id: i,
+            data: d,
+            headers: h,
+        } => {
             assert_eq!((&line["id"], &line["ok"]), (&id(i), &Value::Bool(true)));
             assert_eq!(data(&line), d[..]);
             assert_eq!(sorted(&headers(&line)), sorted(h));
@@ -332,7 +391,10 @@ fn check_outbound_line(event: &Outbound) {
             assert_eq!((&line["id"], &line["ok"]), (&id(i), &Value::Bool(false)));
             assert_eq!(line["error"]["code"], error.code.as_str());
             assert_eq!(line["error"]["message"], error.message.as_str());
-            assert_eq!(line["error"]["retry_after_ms"].as_u64(), error.retry_after_ms.map(u64::from));
+            assert_eq!(
+                line["error"]["retry_after_ms"].as_u64(),
+                error.retry_after_ms.map(u64::from)
+            );
         }
         Outbound::Msg { sid, message, .. } => {
             assert_eq!((&line["op"], &line["sid"]), (&Value::from("msg"), &id(sid)));
@@ -343,7 +405,10 @@ fn check_outbound_line(event: &Outbound) {
             assert_eq!(sorted(&headers(&line)), sorted(&message.headers));
         }
         Outbound::Dropped { sid, count, gap } => {
-            assert_eq!((&line["op"], &line["sid"]), (&Value::from("dropped"), &id(sid)));
+            assert_eq!(
+                (&line["op"], &line["sid"]),
+                (&Value::from("dropped"), &id(sid))
+            );
             assert_eq!(line["count"].as_u64(), Some(*count));
             assert_eq!(line["gap"].as_bool().unwrap_or(false), *gap);
         }

@@ -61,14 +61,20 @@ fuzz_target!(|data: &[u8]| {
     };
     match VERIFIER.verify(&token) {
         Ok(verified) => {
-            assert!(!wrong_key, "a token signed with another secret was accepted");
+            assert!(
+                !wrong_key,
+                "a token signed with another secret was accepted"
+            );
             accepted(&token, &verified);
         }
         Err(error) => {
             assert_eq!(error.code, ErrorCode::Unauthenticated, "{error}");
             assert!(!error.message.is_empty());
             if token.len() >= 24 {
-                assert!(!error.message.contains(&token), "the refusal quotes the token");
+                assert!(
+                    !error.message.contains(&token),
+                    "the refusal quotes the token"
+                );
             }
         }
     }
@@ -110,18 +116,31 @@ fn accepted(token: &str, verified: &Verified) {
         panic!("accepted a token of {} parts", parts.len());
     };
     let json = |part: &str| -> serde_json::Value {
-        let bytes = URL_SAFE_NO_PAD.decode(part).expect("an accepted part is base64url");
+        let bytes = URL_SAFE_NO_PAD
+            .decode(part)
+            .expect("an accepted part is base64url");
         serde_json::from_slice(&bytes).expect("an accepted part is JSON")
     };
-    let alg = json(header)["alg"].as_str().expect("alg is a string").to_owned();
+    let alg = json(header)["alg"]
+        .as_str()
+        .expect("alg is a string")
+        .to_owned();
     assert!(!alg.eq_ignore_ascii_case("none"), "accepted alg none");
-    let signature = URL_SAFE_NO_PAD.decode(signature).expect("signature is base64url");
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature)
+        .expect("signature is base64url");
     let message = format!("{header}.{payload}");
     match alg.as_str() {
         "HS256" | "HS384" | "HS512" => {
             let expected = mac_of(&alg, SECRET, message.as_bytes()).expect("an HS algorithm");
-            assert_eq!(signature, expected, "accepted an {alg} token with a wrong MAC");
-            assert!(OTHER.verify(token).is_err(), "another secret accepts it too");
+            assert_eq!(
+                signature, expected,
+                "accepted an {alg} token with a wrong MAC"
+            );
+            assert!(
+                OTHER.verify(token).is_err(),
+                "another secret accepts it too"
+            );
         }
         "ES256" => {
             let signature = p256::ecdsa::Signature::from_slice(&signature)
@@ -137,7 +156,10 @@ fn accepted(token: &str, verified: &Verified) {
     let exp = &claims["exp"];
     let exp = exp.as_u64().or_else(|| exp.as_f64().map(|f| f as u64));
     assert_eq!(exp, Some(verified.exp));
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     // A minute of slack: the clock moved on since `verify` read it.
     assert!(
         verified.exp.saturating_add(LEEWAY_SECS + 60) >= now,

@@ -24,7 +24,10 @@ fn refused(text: &str, error: &PolicyError) {
         PolicyError::Syntax { at, grant, .. } => {
             if let Some((line, column)) = at {
                 assert!(*line >= 1 && *column >= 1, "{shown}");
-                assert!(*line <= text.split('\n').count(), "line {line} past the text");
+                assert!(
+                    *line <= text.split('\n').count(),
+                    "line {line} past the text"
+                );
             }
             assert_ne!(*grant, Some(0));
         }

@@ -38,7 +38,11 @@ fn text(text: &str, max: usize) {
         let mut buf = BytesMut::from(text.as_bytes());
         buf.extend_from_slice(b"\n");
         let stream = JsonLinesDecoder::new(usize::MAX / 2).decode(&mut buf);
-        assert_eq!(stream.as_ref(), Some(&item), "a stream line reads otherwise");
+        assert_eq!(
+            stream.as_ref(),
+            Some(&item),
+            "a stream line reads otherwise"
+        );
     }
     match &item {
         Decoded::Invalid { error, fatal, .. } => {
@@ -63,7 +67,10 @@ fn binary(rest: &[u8], max: usize) {
     match (&item, stream) {
         (Decoded::Invalid { fatal: true, .. }, _) => panic!("a bad WebSocket message is fatal"),
         (Decoded::Envelope(envelope), Some(Decoded::Envelope(same))) => {
-            assert!(buf.is_empty(), "an envelope from a message with bytes left over");
+            assert!(
+                buf.is_empty(),
+                "an envelope from a message with bytes left over"
+            );
             assert_eq!(envelope, &same);
             check_binary(envelope, Some(&frame));
         }
@@ -71,7 +78,12 @@ fn binary(rest: &[u8], max: usize) {
             assert!(!buf.is_empty(), "one whole frame refused");
             assert_eq!((id, error.code), (&envelope.id, ErrorCode::BadRequest));
         }
-        (Decoded::Invalid { id, error, .. }, Some(Decoded::Invalid { id: i, error: e, .. })) => {
+        (
+            Decoded::Invalid { id, error, .. },
+            Some(Decoded::Invalid {
+                id: i, error: e, ..
+            }),
+        ) => {
             assert_eq!((id, error), (&i, &e), "the stream refuses it otherwise");
             check_refusal(error.code, &error.message, false);
         }

@@ -53,7 +53,7 @@ pub fn feed(chunks: &[&[u8]], max: usize) -> Fed {
         spans: Vec::new(),
     };
     let mut appended = 0;
-    let mut take = |fed: &mut Fed, item: Decoded, before: usize, after: usize| -> bool {
+    let take = |fed: &mut Fed, item: Decoded, before: usize, after: usize| -> bool {
         let fatal = matches!(item, Decoded::Invalid { fatal: true, .. });
         fed.items.push(item);
         fed.spans.push(before..after);
@@ -64,7 +64,10 @@ pub fn feed(chunks: &[&[u8]], max: usize) -> Fed {
         appended += chunk.len();
         loop {
             let before = appended - buf.len();
-            match decoder.decode(&mut buf).expect("the decoder has no I/O errors") {
+            match decoder
+                .decode(&mut buf)
+                .expect("the decoder has no I/O errors")
+            {
                 Some(item) => {
                     if take(&mut fed, item, before, appended - buf.len()) {
                         return fed;
@@ -109,7 +112,9 @@ pub fn check_stream(input: &[u8], control: Control, frames: bool) {
     );
     for (item, span) in whole.items.iter().zip(&whole.spans) {
         match item {
-            Decoded::Invalid { error, fatal, .. } => check_refusal(error.code, &error.message, *fatal),
+            Decoded::Invalid { error, fatal, .. } => {
+                check_refusal(error.code, &error.message, *fatal)
+            }
             Decoded::Envelope(envelope) if frames => {
                 check_binary(envelope, Some(&input[span.clone()]))
             }
@@ -156,9 +161,17 @@ pub fn check_binary(envelope: &Envelope, frame: Option<&[u8]>) {
     if matches!(envelope.since.as_deref(), Some(Since::Time(_))) {
         return;
     }
-    assert_eq!(canonical.len(), frame.len(), "canonical frame of another length");
+    assert_eq!(
+        canonical.len(),
+        frame.len(),
+        "canonical frame of another length"
+    );
     assert_eq!(canonical[..3], frame[..3], "magic, version or type changed");
-    assert_eq!(canonical[4..HEADER_LEN], frame[4..HEADER_LEN], "length, id or param changed");
+    assert_eq!(
+        canonical[4..HEADER_LEN],
+        frame[4..HEADER_LEN],
+        "length, id or param changed"
+    );
     assert_eq!(
         canonical[3] & !frame[3],
         0,
@@ -168,7 +181,11 @@ pub fn check_binary(envelope: &Envelope, frame: Option<&[u8]>) {
     );
     let names = envelope.headers.as_ref().map_or(0, |h| h.iter().count());
     if names <= 1 {
-        assert_eq!(canonical[HEADER_LEN..], frame[HEADER_LEN..], "the body changed");
+        assert_eq!(
+            canonical[HEADER_LEN..],
+            frame[HEADER_LEN..],
+            "the body changed"
+        );
     }
 }
 
@@ -218,7 +235,10 @@ pub fn decode_frame(frame: &[u8]) -> Envelope {
     let mut buf = BytesMut::from(frame);
     match BinaryDecoder::new(usize::MAX / 2).decode(&mut buf) {
         Some(Decoded::Envelope(envelope)) if buf.is_empty() => envelope,
-        other => panic!("a canonical frame gave {other:?} (left {} bytes)", buf.len()),
+        other => panic!(
+            "a canonical frame gave {other:?} (left {} bytes)",
+            buf.len()
+        ),
     }
 }
 

@@ -141,6 +141,8 @@ def main():
         write("policy_file", "example", f.read())
     write("policy_file", "small", b'[[grant]]\nmatch = { any = true }\n'
           b'publish = { allow = ["a.>"], deny = ["a.b"] }\nsubscribe = { allow = ["_INBOX.x.>"] }\n')
+    write("policy_file", "cert", b'[[grant]]\nmatch = { cert = "CN=alice,O=Example" }\n'
+          b'request = { allow = ["$JS.API.INFO", "svc.>"] }\n')
     write("policy_file", "bad-pattern", b'[[grant]]\nmatch = { user = "u" }\npublish = { allow = ["a.>.b"] }\n')
 
     claims = {"sub": "alice", "exp": FAR}

@@ -65,6 +65,30 @@ impl ClientError {
 pub struct ClientReply {
     pub data: Bytes,
     pub headers: Option<Headers>,
+    /// On the answer to a durable publish or a replaying subscribe: the JetStream stream.
+    pub stream: Option<StreamAnswer>,
+}
+
+/// What a JetStream stream said in an answer (docs/protocol.md, "Durable publish" and
+/// "Replay after reconnect").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamAnswer {
+    /// The stream's name.
+    pub stream: String,
+    /// A durable publish: the sequence the message was stored at.
+    pub seq: Option<u64>,
+    /// A replay the stream could not give whole (its limits removed the oldest messages):
+    /// the first sequence it still holds.
+    pub first_seq: Option<u64>,
+}
+
+/// Where a replaying subscription starts: after a sequence, or at a time (RFC 3339).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// After this stream sequence (the last one the client saw; 0 for everything).
+    Seq(u64),
+    /// Messages stored at or after this RFC 3339 time, e.g. `2026-12-06T05:00:00Z`.
+    Time(String),
 }
 
 /// A message delivered on a subscription, or a notice that some were dropped.
@@ -75,6 +99,8 @@ pub enum SubscriptionEvent {
         reply_to: Option<String>,
         headers: Option<Headers>,
         data: Bytes,
+        /// On a replaying subscription: the message's stream sequence.
+        seq: Option<u64>,
     },
     /// `count` messages were dropped; with `gap`, an unknown number more were lost (the
     /// gateway's NATS connection was cut).
@@ -202,11 +228,10 @@ impl Client {
         data: &[u8],
         timeout: Option<Duration>,
     ) -> Result<ClientReply, ClientError> {
-        let timeout_ms = timeout.map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32);
         self.call(FrameParts {
             frame_type: frame_type::REQUEST,
             id: self.new_id(),
-            param: timeout_ms,
+            param: timeout_ms(timeout),
             subject: subject.as_bytes(),
             headers,
             payload: data,
@@ -228,28 +253,115 @@ impl Client {
         .map(|_| ())
     }
 
+    /// Publishes into the JetStream stream that captures `subject` and waits for the stream's
+    /// acknowledgement: the stream's name and the message's sequence. `msg_id` is the
+    /// deduplication id (`Nats-Msg-Id`, which the gateway scopes by the caller's identity):
+    /// the same id sent again within the stream's duplicate window is stored once, so a retry
+    /// must reuse it and a new message needs a new one ([`unique_msg_id`] makes one). The
+    /// frame's own id would not do: it restarts at 1 on every connection. `timeout` bounds the
+    /// wait (the gateway's request timeout when `None`).
+    pub async fn publish_durable(
+        &self,
+        subject: &str,
+        data: &[u8],
+        msg_id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<StreamAnswer, ClientError> {
+        let mut headers = Headers::new();
+        headers
+            .append(MSG_ID_HEADER, msg_id)
+            .map_err(ClientError::Gateway)?;
+        let reply = self
+            .call(FrameParts {
+                frame_type: frame_type::PUBLISH,
+                flags: binary::flag::STREAM,
+                id: self.new_id(),
+                param: timeout_ms(timeout),
+                subject: subject.as_bytes(),
+                headers: Some(&headers),
+                payload: data,
+                ..FrameParts::default()
+            })
+            .await?;
+        reply
+            .stream
+            .filter(|answer| answer.seq.is_some())
+            .ok_or_else(|| {
+                ClientError::Gateway(GatewayError::new(
+                    ErrorCode::Internal,
+                    "the gateway acknowledged a durable publish without a stream sequence",
+                ))
+            })
+    }
+
     pub async fn subscribe(
         &self,
         subject: &str,
         queue: Option<&str>,
     ) -> Result<Subscription, ClientError> {
+        self.open_subscription(FrameParts {
+            frame_type: frame_type::SUBSCRIBE,
+            subject: subject.as_bytes(),
+            aux: queue.unwrap_or("").as_bytes(),
+            ..FrameParts::default()
+        })
+        .await
+        .map(|(subscription, _)| subscription)
+    }
+
+    /// Subscribes to `subject` after first replaying what the JetStream stream that captures
+    /// it holds from `from`; each message carries its stream sequence. The answer names the
+    /// stream, and `first_seq` when the stream no longer held all that was asked for.
+    pub async fn subscribe_since(
+        &self,
+        subject: &str,
+        from: &ReplayFrom,
+    ) -> Result<(Subscription, StreamAnswer), ClientError> {
+        let seq;
+        let (flags, payload) = match from {
+            ReplayFrom::Seq(after) => {
+                seq = after.to_be_bytes();
+                (binary::flag::STREAM, &seq[..])
+            }
+            ReplayFrom::Time(time) => (
+                binary::flag::STREAM | binary::flag::SINCE_TIME,
+                time.as_bytes(),
+            ),
+        };
+        let (subscription, reply) = self
+            .open_subscription(FrameParts {
+                frame_type: frame_type::SUBSCRIBE,
+                flags,
+                subject: subject.as_bytes(),
+                payload,
+                ..FrameParts::default()
+            })
+            .await?;
+        let answer = reply.stream.ok_or_else(|| {
+            ClientError::Gateway(GatewayError::new(
+                ErrorCode::Internal,
+                "the gateway acknowledged a replaying subscribe without naming the stream",
+            ))
+        })?;
+        Ok((subscription, answer))
+    }
+
+    /// Sends a SUBSCRIBE (`parts` without its id) with the events' channel in place before the
+    /// first message can arrive.
+    async fn open_subscription(
+        &self,
+        parts: FrameParts<'_>,
+    ) -> Result<(Subscription, ClientReply), ClientError> {
         let sid = self.new_id();
         let (sender, events) = mpsc::unbounded_channel();
         self.shared().subscriptions.insert(sid, sender);
-        let result = self
-            .call(FrameParts {
-                frame_type: frame_type::SUBSCRIBE,
-                id: sid,
-                subject: subject.as_bytes(),
-                aux: queue.unwrap_or("").as_bytes(),
-                ..FrameParts::default()
-            })
-            .await;
-        if let Err(err) = result {
-            self.shared().subscriptions.remove(&sid);
-            return Err(err);
+        match self.call(FrameParts { id: sid, ..parts }).await {
+            Ok(reply) => Ok((Subscription { sid, events }, reply)),
+            Err(err) => {
+                self.shared().subscriptions.remove(&sid);
+                Err(err)
+            }
         }
-        Ok(Subscription { sid, events })
     }
 
     pub async fn unsubscribe(&self, sid: u64) -> Result<(), ClientError> {
@@ -273,6 +385,22 @@ impl Client {
         .await
         .map(|_| ())
     }
+}
+
+/// The JetStream deduplication header.
+const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// A deduplication id for a new durable message: 128 random bits from the OS, in hex.
+pub fn unique_msg_id() -> String {
+    use rand::{RngCore, SeedableRng};
+    let mut bits = [0u8; 16];
+    rand::rngs::StdRng::from_os_rng().fill_bytes(&mut bits);
+    bits.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// A timeout as a frame's `param`: milliseconds, at least 1; 0 (the gateway's default) for none.
+fn timeout_ms(timeout: Option<Duration>) -> u32 {
+    timeout.map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32)
 }
 
 /// Writes queued frames, as many as are ready in one write.
@@ -444,12 +572,33 @@ fn decode_frame(frame: Bytes) -> Option<Incoming> {
         return None;
     }
     let body = binary::decode_body(frame.slice(HEADER_LEN..)).ok()?;
+    let streamed = header.flags & binary::flag::STREAM != 0;
     Some(match header.frame_type {
+        frame_type::ACK if streamed => {
+            let number = <[u8; 8]>::try_from(&body.payload[..])
+                .ok()
+                .map(u64::from_be_bytes);
+            let truncated = header.flags & binary::flag::TRUNCATED != 0;
+            let stream = StreamAnswer {
+                stream: String::from_utf8_lossy(&body.aux).into_owned(),
+                seq: number.filter(|_| !truncated),
+                first_seq: number.filter(|_| truncated),
+            };
+            Incoming::Answer(
+                header.id,
+                Ok(ClientReply {
+                    data: Bytes::new(),
+                    headers: None,
+                    stream: Some(stream),
+                }),
+            )
+        }
         frame_type::REPLY | frame_type::ACK | frame_type::PONG => Incoming::Answer(
             header.id,
             Ok(ClientReply {
                 data: body.payload,
                 headers: body.headers,
+                stream: None,
             }),
         ),
         frame_type::ERROR => {
@@ -461,6 +610,17 @@ fn decode_frame(frame: Bytes) -> Option<Incoming> {
             error.retry_after_ms = (header.param != 0).then_some(header.param);
             Incoming::Answer(header.id, Err(error))
         }
+        // A stream message's aux is its sequence; it has no reply subject.
+        frame_type::MSG if streamed => Incoming::Event(
+            header.id,
+            SubscriptionEvent::Message {
+                subject: String::from_utf8_lossy(&body.subject).into_owned(),
+                reply_to: None,
+                headers: body.headers,
+                data: body.payload,
+                seq: Some(u64::from_be_bytes(<[u8; 8]>::try_from(&body.aux[..]).ok()?)),
+            },
+        ),
         frame_type::MSG => Incoming::Event(
             header.id,
             SubscriptionEvent::Message {
@@ -469,6 +629,7 @@ fn decode_frame(frame: Bytes) -> Option<Incoming> {
                     .then(|| String::from_utf8_lossy(&body.aux).into_owned()),
                 headers: body.headers,
                 data: body.payload,
+                seq: None,
             },
         ),
         frame_type::DROPPED => {
@@ -526,9 +687,27 @@ fn put_json_line(parts: &FrameParts<'_>, out: &mut BytesMut) {
         out.put_slice(b",\"subject\":");
         put_json_str(out, &String::from_utf8_lossy(parts.subject));
     }
-    if parts.frame_type == frame_type::REQUEST && parts.param != 0 {
+    let streamed = parts.flags & binary::flag::STREAM != 0;
+    let timed = parts.frame_type == frame_type::REQUEST
+        || (parts.frame_type == frame_type::PUBLISH && streamed);
+    if timed && parts.param != 0 {
         out.put_slice(b",\"timeout_ms\":");
         out.put_slice(itoa::Buffer::new().format(parts.param).as_bytes());
+    }
+    let mut payload = parts.payload;
+    if streamed && parts.frame_type == frame_type::PUBLISH {
+        out.put_slice(b",\"durable\":true");
+    } else if streamed && parts.frame_type == frame_type::SUBSCRIBE {
+        // The replay's start travels in the frame's payload; in JSON it has its own field.
+        if parts.flags & binary::flag::SINCE_TIME != 0 {
+            out.put_slice(b",\"since_time\":");
+            put_json_str(out, &String::from_utf8_lossy(payload));
+        } else {
+            let after = <[u8; 8]>::try_from(payload).map_or(0, u64::from_be_bytes);
+            out.put_slice(b",\"since_seq\":");
+            out.put_slice(itoa::Buffer::new().format(after).as_bytes());
+        }
+        payload = &[];
     }
     if !parts.aux.is_empty() {
         out.put_slice(b",\"queue\":");
@@ -537,18 +716,18 @@ fn put_json_line(parts: &FrameParts<'_>, out: &mut BytesMut) {
     if let Some(headers) = parts.headers.filter(|h| !h.is_empty()) {
         put_json_headers(out, headers);
     }
-    if !parts.payload.is_empty() {
+    if !payload.is_empty() {
         // Plain ASCII (the common case) is checked in one pass and copied as it is.
-        if is_plain_ascii(parts.payload) {
+        if is_plain_ascii(payload) {
             out.put_slice(b",\"data\":\"");
-            out.put_slice(parts.payload);
+            out.put_slice(payload);
             out.put_u8(b'"');
-        } else if let Ok(text) = std::str::from_utf8(parts.payload) {
+        } else if let Ok(text) = std::str::from_utf8(payload) {
             out.put_slice(b",\"data\":");
             put_json_str(out, text);
         } else {
             out.put_slice(b",\"data_b64\":\"");
-            out.put_slice(BASE64.encode(parts.payload).as_bytes());
+            out.put_slice(BASE64.encode(payload).as_bytes());
             out.put_slice(b"\"");
         }
     }
@@ -638,6 +817,13 @@ struct JsonAnswer<'a> {
     reply_to: Option<String>,
     #[serde(default)]
     count: u64,
+    /// A durable publish's or replaying subscribe's stream, and a stream message's sequence.
+    #[serde(default)]
+    stream: Option<String>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    first_seq: Option<u64>,
     #[serde(default)]
     gap: bool,
 }
@@ -676,6 +862,7 @@ fn decode_json(line: &Bytes) -> Option<Incoming> {
                 reply_to: answer.reply_to,
                 headers,
                 data,
+                seq: answer.seq,
             },
         ),
         Some("dropped") => Incoming::Event(
@@ -690,11 +877,24 @@ fn decode_json(line: &Bytes) -> Option<Incoming> {
             Ok(ClientReply {
                 data,
                 headers: None,
+                stream: None,
             }),
         ),
         Some(_) => Incoming::Ignored,
         None if answer.ok => {
-            Incoming::Answer(answer.id.unwrap_or(0), Ok(ClientReply { data, headers }))
+            let stream = answer.stream.map(|stream| StreamAnswer {
+                stream,
+                seq: answer.seq,
+                first_seq: answer.first_seq,
+            });
+            Incoming::Answer(
+                answer.id.unwrap_or(0),
+                Ok(ClientReply {
+                    data,
+                    headers,
+                    stream,
+                }),
+            )
         }
         None => {
             let error = answer.error.map_or_else(

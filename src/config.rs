@@ -19,12 +19,16 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::protocol::subject::{SubjectUse, validate_subject};
 
 mod flags;
+mod nats_auth;
 mod origin;
+mod secret;
 mod sources;
 
 pub use flags::Flags;
+pub use nats_auth::{CREDENTIAL_KEYS, read_creds, read_seed, written_as};
 pub use origin::Origin;
-pub use sources::{Source, Sources};
+pub use secret::{REDACTED, Secret};
+pub use sources::{Source, Sources, without_user_info};
 
 pub const ENV_PREFIX: &str = "IPC_GATEWAY_";
 
@@ -133,6 +137,33 @@ settings! {
         /// gateway's fan-out; past it the NATS client drops them, and every client on that
         /// subscription is told how many (`dropped`).
         pub nats_subscription_buffer: usize = 16384,
+        // The gateway's own NATS credentials and TLS (docs/operations.md, "Connecting to a
+        // secured NATS"): config/nats_auth.rs checks them, core/credentials.rs applies them.
+        /// NATS credentials file (`.creds`: a user JWT and its nkey seed), for a server in
+        /// operator/JWT mode. Read again at every connect, so a rotated file is taken at the next
+        /// reconnect. One of nats_creds, nats_nkey, nats_token, nats_user.
+        pub nats_creds: Option<PathBuf> = None,
+        /// NATS nkey seed file (a user seed, `SU…`), for a server that lists the user's public
+        /// nkey. Read again at every connect.
+        pub nats_nkey: Option<PathBuf> = None,
+        /// NATS token. A secret, shown as "***": set it in the environment
+        /// (IPC_GATEWAY_NATS_TOKEN) or the file, not as a flag (`ps` shows flags).
+        pub nats_token: Option<Secret> = None,
+        /// NATS user name, with nats_password.
+        pub nats_user: Option<String> = None,
+        /// NATS password of nats_user. A secret, shown as "***": set it in the environment
+        /// (IPC_GATEWAY_NATS_PASSWORD) or the file, not as a flag (`ps` shows flags).
+        pub nats_password: Option<Secret> = None,
+        /// PEM file of the CA certificate(s) that NATS's certificate must chain to; none = the
+        /// system's roots. Any nats_tls_* setting makes TLS required on every NATS connection.
+        pub nats_tls_ca: Option<PathBuf> = None,
+        /// PEM client certificate for NATS mutual TLS (`verify: true`), with nats_tls_key.
+        pub nats_tls_cert: Option<PathBuf> = None,
+        /// PEM private key of nats_tls_cert.
+        pub nats_tls_key: Option<PathBuf> = None,
+        /// Start TLS before NATS's INFO, for a server whose `tls` block has
+        /// `handshake_first: true`.
+        pub nats_tls_first: bool = false,
         /// Address of the HTTP port: /health, /ready, /status, /metrics and the WebSocket /ws.
         #[serde(deserialize_with = "listen_address")]
         pub http: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
@@ -207,6 +238,25 @@ settings! {
         pub grpc_keepalive_ms: u64 = 20_000,
         /// Concurrent gRPC streams (calls) per HTTP/2 connection.
         pub grpc_max_concurrent_streams: u32 = 1024,
+        /// PEM certificate chain (leaf first) for TLS on the HTTP port: https, and wss:// at
+        /// /ws. Needs tls_key. Also the gRPC port's unless grpc_tls_cert is set. Read again on
+        /// SIGHUP. None: plain HTTP.
+        pub tls_cert: Option<PathBuf> = None,
+        /// PEM private key (PKCS#8, PKCS#1 or SEC1) of tls_cert.
+        pub tls_key: Option<PathBuf> = None,
+        /// PEM certificate chain for TLS on the gRPC port (ALPN h2), with grpc_tls_key. None:
+        /// tls_cert and tls_key, so one pair turns TLS on for both ports; neither: plain gRPC.
+        pub grpc_tls_cert: Option<PathBuf> = None,
+        /// PEM private key of grpc_tls_cert.
+        pub grpc_tls_key: Option<PathBuf> = None,
+        /// PEM bundle of the CAs that client certificates must chain to, on both TLS ports; a
+        /// verified certificate's subject is the client's identity (`cert` in the policy). A
+        /// certificate that does not chain is refused at the handshake. Read again on SIGHUP.
+        /// None: no client certificates are asked for.
+        pub tls_client_ca: Option<PathBuf> = None,
+        /// With tls_client_ca: "optional" (a client without a certificate connects as today,
+        /// with a token or anonymous) or "required" (the handshake refuses it).
+        pub tls_client_auth: ClientAuth = ClientAuth::Optional,
         /// Subject tokens that name a circuit breaker's group (`svc.orders.create` →
         /// `svc.orders`).
         pub breaker_group_tokens: usize = 2,
@@ -268,6 +318,10 @@ settings! {
     }
 }
 
+/// The settings whose values are secrets (`Secret`): shown as "***" everywhere, compared by
+/// value when a reload looks for changes.
+pub const SECRET_KEYS: &[&str] = &["nats_token", "nats_password"];
+
 /// The NATS client library's log target: logging holds its events at `warn` unless a filter
 /// names it (the gateway logs what they mean, rate-limited).
 pub const NATS_CLIENT_LOG_TARGET: &str = "async_nats";
@@ -285,6 +339,14 @@ fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_owned())
         .unwrap_or_default()
+}
+
+/// Whether a TLS client must present a certificate (`tls_client_auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    Optional,
+    Required,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -327,6 +389,7 @@ impl Config {
                     .filter(|key| KEYS.iter().any(|k| key.as_str().eq_ignore_ascii_case(k))),
             )
             .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats_url".into()))
+            .merge(nats_auth::text_from_env())
             .merge(Serialized::defaults(flags));
         // Errors name the setting as the operator wrote it (flag, variable or file key).
         let sources = Sources::read(file, flags);
@@ -336,6 +399,7 @@ impl Config {
         config
             .validate()
             .map_err(|err| ConfigError(sources::explain_invalid(&err.0, &sources)))?;
+        nats_auth::remember_sources(&sources);
         Ok(config)
     }
 
@@ -455,13 +519,58 @@ impl Config {
         if self.http_header_timeout_ms == 0 {
             return bad("http_header_timeout_ms", "must be at least 1");
         }
+        self.validate_tls().map_err(ConfigError)?;
         if let Err(err) = self.validate_origins() {
+            return Err(ConfigError(err));
+        }
+        if let Err(err) = self.validate_nats_auth() {
             return Err(ConfigError(err));
         }
         if let Some(subject) = &self.default_subject
             && let Err(err) = validate_subject(subject, SubjectUse::Publish)
         {
             return bad("default_subject", &err.message);
+        }
+        Ok(())
+    }
+
+    /// The secret settings' values, in `SECRET_KEYS` order.
+    pub fn secrets(&self) -> [Option<&Secret>; 2] {
+        [self.nats_token.as_ref(), self.nats_password.as_ref()]
+    }
+
+    /// A certificate needs its key and the reverse; client CAs and their requirement need a
+    /// TLS port to apply to.
+    fn validate_tls(&self) -> Result<(), String> {
+        let pairs = [
+            ("tls_cert", "tls_key", &self.tls_cert, &self.tls_key),
+            (
+                "grpc_tls_cert",
+                "grpc_tls_key",
+                &self.grpc_tls_cert,
+                &self.grpc_tls_key,
+            ),
+        ];
+        for (cert, key, cert_path, key_path) in pairs {
+            let (has_cert, has_key) = (cert_path.is_some(), key_path.is_some());
+            if has_cert != has_key {
+                let (given, missing) = if has_cert { (cert, key) } else { (key, cert) };
+                return Err(format!(
+                    "{given}: {cert} and {key} go together; {missing} is missing"
+                ));
+            }
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() && self.grpc_tls_cert.is_none() {
+            return Err(
+                "tls_client_ca: client certificates need TLS: set tls_cert and tls_key (or grpc_tls_cert and grpc_tls_key)"
+                    .into(),
+            );
+        }
+        if self.tls_client_auth == ClientAuth::Required && self.tls_client_ca.is_none() {
+            return Err(
+                "tls_client_auth: \"required\" needs tls_client_ca, the CAs client certificates must chain to"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -474,8 +583,10 @@ impl Config {
             .map(str::trim)
             .filter(|url| !url.is_empty())
             .map(|url| {
-                url.parse()
-                    .map_err(|err| format!("{url:?} is not a NATS URL: {err}"))
+                url.parse().map_err(|err| {
+                    // A URL that does not parse may still hold a password.
+                    format!("{:?} is not a NATS URL: {err}", without_user_info(url))
+                })
             })
             .collect::<Result<_, _>>()?;
         if servers.is_empty() {
@@ -739,6 +850,17 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(config.nats_servers().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_nats_url_that_does_not_parse_is_named_without_its_password() {
+        let config = Config {
+            nats_url: "nats://gw:s3cret@host:notaport".into(),
+            ..Config::default()
+        };
+        let error = config.nats_servers().unwrap_err();
+        assert!(error.contains("nats://***@host:notaport"), "{error}");
+        assert!(!error.contains("s3cret"), "{error}");
     }
 
     #[test]

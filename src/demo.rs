@@ -8,13 +8,14 @@ use futures_util::StreamExt;
 use tracing::info;
 
 /// Serves `subject` on the NATS server at `url` until the connection ends; first makes the
-/// stream `(name, subject)` when given and missing.
+/// stream `(name, subject)` when given and missing. `options` carry the credentials and TLS.
 pub async fn echo(
+    options: async_nats::ConnectOptions,
     url: &str,
     subject: &str,
     stream: Option<(&str, &str)>,
 ) -> Result<(), async_nats::Error> {
-    let client = async_nats::ConnectOptions::new()
+    let client = options
         .name("ipc-gateway-demo-echo")
         .retry_on_initial_connect()
         .max_reconnects(None)

@@ -10,6 +10,7 @@ pub mod ops;
 pub mod protocol;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 
 pub use crate::config::Config;
 pub use crate::core::Gateway;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use futures_util::Stream;
-use ipc_gateway::client::{Client, ClientError, SubscriptionEvent};
+use ipc_gateway::client::{Client, ClientError, ReplayFrom, SubscriptionEvent};
 use ipc_gateway::config::{Config, Flags, LogFormat, Sources};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -82,10 +82,23 @@ enum Command {
         subject: String,
         /// The message's data; `-` reads it from standard input (to its end).
         data: String,
+        /// Store it in the JetStream stream that captures the subject and print
+        /// "STREAM SEQ" once the stream has it.
+        #[arg(long)]
+        durable: bool,
+        /// With --durable: the deduplication id (`Nats-Msg-Id`). Run again with the same id
+        /// within the stream's duplicate window, the message is stored once. Default: a new
+        /// random id.
+        #[arg(long, requires = "durable")]
+        msg_id: Option<String>,
+        /// With --durable: how long to wait for the stream, in milliseconds.
+        #[arg(long, requires = "durable")]
+        timeout_ms: Option<u64>,
         #[command(flatten)]
         socket: SocketArg,
     },
-    /// Subscribe through a running gateway and print "SUBJECT DATA" per message.
+    /// Subscribe through a running gateway and print "SUBJECT DATA" per message
+    /// ("SEQ SUBJECT DATA" when replaying a stream).
     #[command(after_help = EXIT_STATUS_HELP)]
     Subscribe {
         /// The subject, wildcards allowed (`orders.>`, `demo.*`).
@@ -96,6 +109,14 @@ enum Command {
         /// Exit after this many messages.
         #[arg(long)]
         count: Option<u64>,
+        /// First replay what the subject's JetStream stream holds after this sequence (0: all
+        /// of it), then go on live.
+        #[arg(long, conflicts_with_all = ["since_time", "queue"])]
+        since_seq: Option<u64>,
+        /// First replay what the subject's JetStream stream holds from this RFC 3339 time
+        /// (`2026-12-06T05:00:00Z`), then go on live.
+        #[arg(long, conflicts_with = "queue")]
+        since_time: Option<String>,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -111,6 +132,11 @@ enum Command {
         /// (`ORDERS:orders.>`), unless one by that name exists.
         #[arg(long)]
         stream: Option<String>,
+        /// The gateway's configuration file, for its NATS credential and TLS settings
+        /// (`nats_creds`, `nats_token`, `nats_tls_ca`, ...); the `IPC_GATEWAY_NATS_*` environment
+        /// variables are read either way.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Print shell completions: `ipc-gateway completions bash > /etc/bash_completion.d/ipc-gateway`.
     Completions {
@@ -193,6 +219,10 @@ fn check_config(file: Option<PathBuf>, flags: &Flags) -> ExitCode {
         Ok(config) => config,
         Err(err) => return fail(exit::USAGE, &err.to_string()),
     };
+    // The certificates and keys too: serve would not start without them.
+    if let Err(err) = ipc_gateway::tls::TlsPorts::load(&config) {
+        return fail(exit::USAGE, &format!("configuration: {err}"));
+    }
     let sources = Sources::read(file.as_deref(), flags);
     let values = match serde_json::to_value(&config) {
         Ok(serde_json::Value::Object(values)) => values,
@@ -221,6 +251,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(err) => return fail(exit::USAGE, &err.to_string()),
     };
+    // A certificate or key that does not load is a configuration error, found before start.
+    let tls = match ipc_gateway::tls::TlsPorts::load(&config) {
+        Ok(tls) => tls,
+        Err(err) => return fail(exit::USAGE, &format!("configuration: {err}")),
+    };
     ipc_gateway::telemetry::logging::init_with(config.log_format, config.log_filter.as_deref());
     tracing::debug!(allocator = allocator::NAME, "memory allocator");
     allocator::start_trimming();
@@ -243,7 +278,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         let load: ipc_gateway::ops::reload::LoadConfig = Box::new(move || {
             Config::load(args.config.as_deref(), &args.settings).map_err(|e| e.to_string())
         });
-        ipc_gateway::server::run_with(config, systemd, Some(load), stop, reloads).await
+        ipc_gateway::server::run_with(config, tls, systemd, Some(load), stop, reloads).await
     });
     match served {
         Ok(()) => ExitCode::SUCCESS,
@@ -309,6 +344,9 @@ async fn run_client(command: Command) -> ExitCode {
         Command::Publish {
             subject,
             data,
+            durable,
+            msg_id,
+            timeout_ms,
             socket,
         } => {
             let client = match connect(&socket.socket).await {
@@ -319,8 +357,22 @@ async fn run_client(command: Command) -> ExitCode {
                 Ok(data) => data,
                 Err(code) => return code,
             };
-            match client.publish(&subject, &data).await {
-                Ok(()) => ExitCode::SUCCESS,
+            if !durable {
+                return match client.publish(&subject, &data).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(err) => report(err),
+                };
+            }
+            let msg_id = msg_id.unwrap_or_else(ipc_gateway::client::unique_msg_id);
+            let timeout = timeout_ms.map(Duration::from_millis);
+            match client
+                .publish_durable(&subject, &data, &msg_id, timeout)
+                .await
+            {
+                Ok(stored) => {
+                    println!("{} {}", stored.stream, stored.seq.unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
                 Err(err) => report(err),
             }
         }
@@ -328,21 +380,49 @@ async fn run_client(command: Command) -> ExitCode {
             subject,
             queue,
             count,
+            since_seq,
+            since_time,
             socket,
         } => {
             let client = match connect(&socket.socket).await {
                 Ok(client) => client,
                 Err(code) => return code,
             };
-            let mut subscription = match client.subscribe(&subject, queue.as_deref()).await {
+            let replay = match (since_seq, since_time) {
+                (Some(after), _) => Some(ReplayFrom::Seq(after)),
+                (None, Some(time)) => Some(ReplayFrom::Time(time)),
+                (None, None) => None,
+            };
+            let subscribed = match &replay {
+                None => client.subscribe(&subject, queue.as_deref()).await,
+                Some(from) => client
+                    .subscribe_since(&subject, from)
+                    .await
+                    .map(|(subscription, answer)| {
+                        if let Some(first) = answer.first_seq {
+                            eprintln!(
+                                "ipc-gateway: stream {} no longer holds all that was asked for; replaying from seq {first}",
+                                answer.stream
+                            );
+                        }
+                        subscription
+                    }),
+            };
+            let mut subscription = match subscribed {
                 Ok(subscription) => subscription,
                 Err(err) => return report(err),
             };
             let mut received = 0u64;
             while let Some(event) = subscription.events.recv().await {
                 match event {
-                    SubscriptionEvent::Message { subject, data, .. } => {
-                        println!("{subject} {}", String::from_utf8_lossy(&data));
+                    SubscriptionEvent::Message {
+                        subject, data, seq, ..
+                    } => {
+                        let data = String::from_utf8_lossy(&data);
+                        match seq {
+                            Some(seq) => println!("{seq} {subject} {data}"),
+                            None => println!("{subject} {data}"),
+                        }
                         received += 1;
                         if count.is_some_and(|count| received >= count) {
                             return ExitCode::SUCCESS;
@@ -362,7 +442,14 @@ async fn run_client(command: Command) -> ExitCode {
             nats_url,
             subject,
             stream,
+            config,
         } => {
+            // The gateway's own NATS credentials and TLS, checked the same way.
+            let settings = match Config::load(config.as_deref(), &Flags::default()) {
+                Ok(settings) => settings,
+                Err(err) => return fail(exit::USAGE, &err.to_string()),
+            };
+            let options = ipc_gateway::core::credentials::Credentials::new(&settings).options();
             ipc_gateway::telemetry::logging::init(LogFormat::Text);
             let stream = match stream.as_deref().map(|spec| spec.split_once(':')) {
                 None => None,
@@ -371,7 +458,7 @@ async fn run_client(command: Command) -> ExitCode {
                     return fail(exit::USAGE, "--stream takes NAME:SUBJECT (ORDERS:orders.>)");
                 }
             };
-            match ipc_gateway::demo::echo(&nats_url, &subject, stream).await {
+            match ipc_gateway::demo::echo(options, &nats_url, &subject, stream).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => fail(exit::FAILED, &format!("demo echo: {err}")),
             }

@@ -7,6 +7,9 @@
 //! Where stop requests come from is the caller's business: `main` turns SIGTERM and SIGINT
 //! into them; a test can run the whole server in-process and stop it through a channel.
 //!
+//! With TLS (`tls_cert`, `grpc_tls_cert`), the certificates are read before anything starts (a
+//! file that does not load stops start-up), and again on each reload.
+//!
 //! Under systemd (`run_with`), listeners handed over by socket activation replace the ones the
 //! configuration names, and the manager is told `READY=1` once the gateway serves (NATS
 //! connected, or the start-up wait for it over: what `/ready` waits for besides NATS),
@@ -28,6 +31,7 @@ use crate::frontend::{grpc, ws};
 use crate::ops::http;
 use crate::ops::reload::{self, LoadConfig};
 use crate::ops::systemd::{Notifier, Systemd};
+use crate::tls::TlsPorts;
 
 /// Serves until `stop` yields, then drains. Each item of `stop` is a stop request naming its
 /// cause for the log (`"SIGTERM"`): the first starts the graceful drain, and any later one
@@ -38,14 +42,18 @@ pub async fn run(
     stop: impl Stream<Item = &'static str> + Unpin,
     reloads: impl Stream<Item = ()> + Unpin + Send + 'static,
 ) -> Result<(), String> {
-    run_with(config, Systemd::default(), None, stop, reloads).await
+    let tls = TlsPorts::load(&config)?;
+    run_with(config, tls, Systemd::default(), None, stop, reloads).await
 }
 
-/// `run`, with what systemd handed over (`Systemd::from_env`): its listeners, its
-/// notification socket and its watchdog; and with `load`, each reload also reads the
-/// configuration again and applies what can change live (`ops::reload`).
+/// `run`, with the ports' TLS as loaded from the configuration (`TlsPorts::load`, which `main`
+/// calls first so that a bad certificate is a configuration error), with what systemd handed
+/// over (`Systemd::from_env`): its listeners, its notification socket and its watchdog; and
+/// with `load`, each reload also reads the configuration again and applies what can change
+/// live (`ops::reload`).
 pub async fn run_with(
     config: Config,
+    tls: TlsPorts,
     systemd: Systemd,
     load: Option<LoadConfig>,
     mut stop: impl Stream<Item = &'static str> + Unpin,
@@ -94,6 +102,8 @@ pub async fn run_with(
         socket = %listener.path().display(),
         http = %address(&http_listener).unwrap_or_default(),
         grpc = %address(&grpc_listener).unwrap_or_default(),
+        https = tls.http.is_some(),
+        grpc_tls = tls.grpc.is_some(),
         nats = %config.nats_url,
         "ipc-gateway started"
     );
@@ -103,11 +113,16 @@ pub async fn run_with(
             "only pages loaded from loopback may open /ws: list the origins browsers use for this gateway in public_origins"
         );
     }
+    for port in tls.each() {
+        port.report_expiry(gateway.metrics());
+    }
+    let tls = std::sync::Arc::new(tls);
     let notifier = std::sync::Arc::new(notifier);
     let upkeep = tokio::spawn(refresh_gauges(gateway.clone(), notifier.clone()));
     let reloader = tokio::spawn(reload_on_request(
         gateway.clone(),
         (config.clone(), load),
+        tls.clone(),
         reloads,
         notifier.clone(),
     ));
@@ -119,12 +134,16 @@ pub async fn run_with(
     let http_stop = CancellationToken::new();
     let http_task = tokio::spawn(http::serve(
         gateway.clone(),
-        http_listener,
+        (http_listener, tls.http.clone()),
         http_routes(gateway.clone()),
         http_stop.clone().cancelled_owned(),
     ));
     let mut uds_task = tokio::spawn(uds::serve(gateway.clone(), listener));
-    let mut grpc_task = tokio::spawn(grpc::serve(gateway.clone(), grpc_listener));
+    let mut grpc_task = tokio::spawn(grpc::serve(
+        gateway.clone(),
+        grpc_listener,
+        tls.grpc.clone(),
+    ));
     let mut failure = None;
     // Gateway::new waited for NATS (or gave up waiting) and the listeners accept: what a
     // client can expect from here is what /ready says.
@@ -177,10 +196,15 @@ pub async fn run_with(
     if let Some(pinger) = pinger {
         pinger.abort();
     }
+    // A gRPC server still running past the deadline is dropped now, before the audit log
+    // closes: its connections' disconnect records come as they drop.
+    if !grpc_task.is_finished() {
+        grpc_task.abort();
+        let _ = (&mut grpc_task).await;
+    }
     // Last: every operation answered before now has its record on disk.
     gateway.close_audit().await;
     supervisor.abort();
-    grpc_task.abort();
     info!("stopped");
     failure.map_or(Ok(()), Err)
 }
@@ -227,11 +251,12 @@ fn http_routes(gateway: Gateway) -> Router {
 }
 
 /// Each reload request (SIGHUP) reloads the configuration's live settings (with a loader),
-/// the policy and the audit file; what does not load keeps what is in force (the gateway logs
-/// why). systemd hears `RELOADING=1` before and `READY=1` after, whether or not it loaded.
+/// the policy, the audit file and the TLS certificates and client CAs; what does not load
+/// keeps what is in force (the gateway logs why). systemd hears `RELOADING=1` before and `READY=1` after, whether or not it loaded.
 async fn reload_on_request(
     gateway: Gateway,
     (mut current, load): (Config, Option<LoadConfig>),
+    tls: std::sync::Arc<TlsPorts>,
     mut reloads: impl Stream<Item = ()> + Unpin,
     notifier: std::sync::Arc<Notifier>,
 ) {
@@ -239,8 +264,20 @@ async fn reload_on_request(
         info!("SIGHUP: reloading");
         notifier.reloading();
         reload::reload(&gateway, &mut current, load.as_ref()).await;
+        reload_tls(&gateway, &tls).await;
         notifier.ready(&serving_status(&gateway));
     }
+}
+
+/// Reads the certificates again, off the runtime's threads (file I/O).
+async fn reload_tls(gateway: &Gateway, tls: &std::sync::Arc<TlsPorts>) {
+    let (tls, metrics) = (tls.clone(), gateway.metrics().clone());
+    let _ = tokio::task::spawn_blocking(move || {
+        for port in tls.each() {
+            port.reload(&metrics);
+        }
+    })
+    .await;
 }
 
 /// `STATUS=` for systemctl status: whether NATS is connected.

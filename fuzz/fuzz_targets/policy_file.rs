@@ -67,6 +67,11 @@ fn accepted(text: &str, policy: &Policy) {
             sub: Some("dashboard"),
             ..Who::default()
         },
+        Who {
+            cert: Some("CN=alice,O=Example"),
+            sub: Some("alice"),
+            ..Who::default()
+        },
     ];
     for who in &identities {
         let permissions = policy.resolve(who);

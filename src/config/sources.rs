@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{ENV_PREFIX, KEYS};
+use super::{ENV_PREFIX, KEYS, REDACTED, SECRET_KEYS};
 
 /// The layer a setting's value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,8 +65,27 @@ impl Sources {
     }
 
     /// The layer that gave `key` its value: a flag over `NATS_URL` (for `nats_url`) over the
-    /// `IPC_GATEWAY_` variable over the file over the default.
+    /// `IPC_GATEWAY_` variable over the file over the default. A secret's value is `***`.
     pub fn of(&self, key: &str) -> Source {
+        let source = self.of_as_given(key);
+        let shown = |value: String| {
+            if SECRET_KEYS.contains(&key) {
+                REDACTED.to_owned()
+            } else if key == "nats_url" {
+                without_user_info(&value)
+            } else {
+                value
+            }
+        };
+        match source {
+            Source::File(path, value) => Source::File(path, shown(value)),
+            Source::Env(name, value) => Source::Env(name, shown(value)),
+            Source::Flag(flag, value) => Source::Flag(flag, shown(value)),
+            Source::Default => Source::Default,
+        }
+    }
+
+    fn of_as_given(&self, key: &str) -> Source {
         if let Some(value) = self.flags.get(key) {
             let shown = match value {
                 serde_json::Value::Array(items) => items
@@ -115,10 +134,40 @@ impl Sources {
         }
     }
 
+    /// The setting as the operator wrote it, without its value, for a log line:
+    /// `--nats-token`, `IPC_GATEWAY_NATS_TOKEN`, `nats_token in gw.toml`, or `nats_token`.
+    pub fn written(&self, key: &str) -> String {
+        match self.of(key) {
+            Source::Default => key.to_owned(),
+            Source::File(path, _) => format!("{key} in {}", path.display()),
+            Source::Env(name, _) => name,
+            Source::Flag(flag, _) => flag,
+        }
+    }
+
     /// The configuration file, when one was given.
     pub fn file(&self) -> Option<&Path> {
         self.file.as_ref().map(|(path, _)| path.as_path())
     }
+}
+
+/// NATS URLs with any user information (`nats://user:password@host`) shown as `***@`.
+pub fn without_user_info(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            // `user:password@host:4222` without a scheme is a URL to the NATS client too.
+            let (scheme, rest) = match url.split_once("://") {
+                Some((scheme, rest)) => (format!("{scheme}://"), rest),
+                None => (String::new(), url),
+            };
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{scheme}{REDACTED}{}", &rest[at..]),
+                None => url.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A JSON value as a flag's text: a string without quotes.
@@ -181,10 +230,20 @@ pub fn explain(err: &figment::Error, sources: &Sources) -> String {
     }
 }
 
-/// Rewrites a validation error (`key: why`) to name the setting as written.
+/// Rewrites a validation error (`key: why`) to name the setting as written, and each other
+/// setting the reason names as `` `key` `` too.
 pub fn explain_invalid(message: &str, sources: &Sources) -> String {
     match message.split_once(": ") {
-        Some((key, why)) if KEYS.contains(&key) => format!("{}: {why}", sources.describe(key)),
+        Some((key, why)) if KEYS.contains(&key) => {
+            let why = KEYS.iter().fold(why.to_owned(), |why, other| {
+                let named = match sources.of(other) {
+                    Source::Default => (*other).to_owned(),
+                    _ => sources.describe(other),
+                };
+                why.replace(&format!("`{other}`"), &named)
+            });
+            format!("{}: {why}", sources.describe(key))
+        }
         _ => message.to_owned(),
     }
 }
@@ -276,6 +335,59 @@ mod tests {
             assert_eq!(
                 sources.of("max_frame_bytes").to_string(),
                 "flag --max-frame-bytes"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_secret_s_value_is_never_shown_and_errors_name_the_other_setting_as_written() {
+        Jail::expect_with(|jail| {
+            jail.create_file("gw.toml", "nats_password = \"file-pw\"\n")?;
+            jail.set_env("IPC_GATEWAY_NATS_TOKEN", "env-token");
+            let flags = serde_json::json!({"nats_creds": "/etc/a.creds"});
+            let sources = Sources::read(Some(Path::new("gw.toml")), &flags);
+            assert_eq!(sources.describe("nats_token"), "IPC_GATEWAY_NATS_TOKEN=***");
+            assert_eq!(
+                sources.describe("nats_password"),
+                "nats_password = *** in gw.toml"
+            );
+            assert_eq!(sources.written("nats_token"), "IPC_GATEWAY_NATS_TOKEN");
+            assert_eq!(sources.written("nats_creds"), "--nats-creds");
+            assert_eq!(
+                without_user_info("nats://gw:pw@a:4222, nats://b:4222,tls://tok@c/x@y"),
+                "nats://***@a:4222, nats://b:4222,tls://***@c/x@y"
+            );
+            assert_eq!(without_user_info("gw:pw@a:4222,b"), "***@a:4222,b");
+            let err = explain_invalid(
+                "nats_token: cannot be used together with `nats_creds`",
+                &sources,
+            );
+            assert_eq!(
+                err,
+                "IPC_GATEWAY_NATS_TOKEN=***: cannot be used together with --nats-creds /etc/a.creds"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_token_password_or_user_from_the_environment_is_taken_as_the_text_it_is() {
+        Jail::expect_with(|jail| {
+            jail.set_env("IPC_GATEWAY_NATS_USER", "0123");
+            jail.set_env("IPC_GATEWAY_NATS_PASSWORD", "\"quoted\"");
+            let config = load(None, serde_json::json!({})).unwrap();
+            assert_eq!(config.nats_user.as_deref(), Some("0123"));
+            assert_eq!(
+                config.nats_password.as_ref().map(|p| p.expose()),
+                Some("\"quoted\"")
+            );
+            let flags = serde_json::json!({"nats_user": "from-flag"});
+            let config = load(None, flags).unwrap();
+            assert_eq!(
+                config.nats_user.as_deref(),
+                Some("from-flag"),
+                "a flag wins"
             );
             Ok(())
         });

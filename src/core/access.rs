@@ -60,6 +60,7 @@ impl Authorized {
                     user: identity.user.clone(),
                     group: identity.group.clone(),
                     sub: identity.sub.clone(),
+                    cert: identity.cert.clone(),
                     addr: identity.addr.clone(),
                 })
             })
@@ -286,16 +287,19 @@ fn who(identity: &Identity) -> Who<'_> {
         group: identity.group.as_deref(),
         group_names: &identity.group_names,
         sub: identity.sub.as_deref(),
+        cert: identity.cert.as_deref(),
         anonymous: identity.is_anonymous(),
     }
 }
 
-/// The name connections are counted under: the uid for local users, the token's subject else.
+/// The name connections are counted under: the uid for local users, else the token's subject,
+/// else the certificate's subject.
 fn identity_key(identity: &Identity) -> String {
-    match (identity.uid, &identity.sub) {
-        (Some(uid), _) => format!("uid={uid}"),
-        (None, Some(sub)) => format!("sub={sub}"),
-        (None, None) => "anonymous".into(),
+    match (identity.uid, &identity.sub, &identity.cert) {
+        (Some(uid), _, _) => format!("uid={uid}"),
+        (None, Some(sub), _) => format!("sub={sub}"),
+        (None, None, Some(cert)) => format!("cert={cert}"),
+        (None, None, None) => "anonymous".into(),
     }
 }
 

@@ -353,14 +353,15 @@ fn has_msg_id(headers: &HeaderMap) -> bool {
         .any(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case(MSG_ID))
 }
 
-/// The caller's deduplication scope: its uid, else its token's subject, else (nothing vouches
-/// for it) its connection on this gateway. Escaped so that no two scopes are alike.
+/// The caller's deduplication scope: its uid, else its token's subject, else its certificate's
+/// subject, else (nothing vouches for it) its connection on this gateway. Escaped so that no two scopes are alike.
 pub(super) fn scope(caller: &Caller, gateway_id: &str) -> String {
     let identity = caller.identity();
-    match (identity.uid, &identity.sub) {
-        (Some(uid), _) => format!("uid={uid}"),
-        (None, Some(sub)) => format!("sub={}", escape(sub)),
-        (None, None) => format!("conn={}/{}", escape(gateway_id), caller.conn_id()),
+    match (identity.uid, &identity.sub, &identity.cert) {
+        (Some(uid), _, _) => format!("uid={uid}"),
+        (None, Some(sub), _) => format!("sub={}", escape(sub)),
+        (None, None, Some(cert)) => format!("cert={}", escape(cert)),
+        (None, None, None) => format!("conn={}/{}", escape(gateway_id), caller.conn_id()),
     }
 }
 

@@ -115,6 +115,7 @@ pub fn changes(old: &Config, new: &Config) -> (Vec<String>, Vec<String>) {
         Ok(serde_json::Value::Object(map)) => map,
         _ => serde_json::Map::new(),
     };
+    let (old_config, new_config) = (old, new);
     let (old, new) = (as_map(old), as_map(new));
     let mut live = Vec::new();
     let mut restart = Vec::new();
@@ -125,6 +126,15 @@ pub fn changes(old: &Config, new: &Config) -> (Vec<String>, Vec<String>) {
             } else {
                 restart.push(name.clone());
             }
+        }
+    }
+    // Secrets serialize as "***" whatever their value.
+    for (key, (was, is)) in crate::config::SECRET_KEYS
+        .iter()
+        .zip(old_config.secrets().into_iter().zip(new_config.secrets()))
+    {
+        if was != is && !restart.iter().any(|name| name == key) {
+            restart.push((*key).to_owned());
         }
     }
     live.sort();
@@ -154,6 +164,15 @@ mod tests {
         );
         assert_eq!(restart, ["http", "nats_connections"]);
         assert_eq!(changes(&old, &old), (vec![], vec![]));
+        let token = |text: &str| Config {
+            nats_token: Some(crate::config::Secret::new(text)),
+            ..Config::default()
+        };
+        assert_eq!(
+            changes(&token("a"), &token("b")),
+            (vec![], vec!["nats_token".to_owned()]),
+            "a secret's change is seen though both show as ***"
+        );
     }
 
     #[test]

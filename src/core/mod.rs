@@ -7,6 +7,8 @@ pub mod auth;
 pub mod breaker;
 pub mod budget;
 mod caller;
+mod connect_failure;
+pub mod credentials;
 mod durable;
 mod fanout;
 pub mod live;
@@ -144,6 +146,7 @@ impl Gateway {
                 fanout.clone(),
                 config.nats_subscription_buffer,
             ),
+            Arc::new(credentials::Credentials::new(&config)),
         )
         .await?;
         // Bounded in practice: only requests already in flight (each counted against its
@@ -152,7 +155,7 @@ impl Gateway {
         // Clients that arrive in the first milliseconds should not see UNAVAILABLE just
         // because the first connection is still being made.
         if !pool.wait_connected(Duration::from_secs(2)).await {
-            tracing::warn!(url = %config.nats_url, "NATS is not reachable yet; starting anyway, /ready is 503 until it is");
+            tracing::warn!(url = %crate::config::without_user_info(&config.nats_url), "NATS is not connected yet (unreachable, or refusing the gateway: the line before says which); starting anyway, /ready is 503 until it is");
         }
         metrics.nats_pool_size.set(pool.size() as f64);
         let budget = ByteBudget::new(config.max_inflight_bytes);
@@ -282,6 +285,21 @@ impl Gateway {
         addr: Option<String>,
     ) -> Result<Identity, GatewayError> {
         self.inner.access.verify(token, frontend, addr)
+    }
+
+    /// The identity of a connection that presents a token: the token's, with what the
+    /// connection itself proved (its address, its verified client certificate), so that a
+    /// token never drops a certificate identity.
+    pub fn verify_token_on(
+        &self,
+        token: &str,
+        connection: &Identity,
+    ) -> Result<Identity, GatewayError> {
+        let verified = self.verify_token(token, connection.frontend, connection.addr.clone())?;
+        Ok(Identity {
+            cert: connection.cert.clone(),
+            ..verified
+        })
     }
 
     /// Whether callers without a token are refused (WebSocket and gRPC).

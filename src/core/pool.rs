@@ -16,6 +16,8 @@ use deadpool::managed::{self, Metrics as PoolMetrics, Object, RecycleResult};
 use metrics::Counter;
 
 use super::breaker::Breakers;
+use super::connect_failure::ConnectFailures;
+use super::credentials::Credentials;
 use super::fanout::{Fanout, Loss};
 use super::replies::{Pending, ReplyRouter};
 use super::shutdown::Shutdown;
@@ -65,8 +67,10 @@ pub struct NatsManager {
     /// Told which shared subscription the NATS client dropped a message of.
     fanout: Arc<Fanout>,
     subscription_buffer: usize,
-    /// "NATS unreachable" at most once per `UNREACHABLE_LOG_EVERY`, over every connection.
-    unreachable: Arc<LogThrottle>,
+    /// The credential and TLS settings every connection starts from.
+    credentials: Arc<Credentials>,
+    /// Why a connect fails, at most once per `UNREACHABLE_LOG_EVERY`, over every connection.
+    failures: Arc<ConnectFailures>,
 }
 
 /// How often a NATS that cannot be reached is logged (async-nats retries every 0-2 s per
@@ -87,6 +91,10 @@ impl LogThrottle {
         }
     }
 
+    pub fn every(&self) -> Duration {
+        self.every
+    }
+
     /// Whether a line may be logged at `now`; if so, the period starts again.
     pub fn allow(&self, now: Instant) -> bool {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
@@ -100,28 +108,6 @@ impl LogThrottle {
     }
 }
 
-/// Why the first NATS server cannot be reached, for the log: async-nats's event only says
-/// "IO error", so a plain TCP connect (1 s at most) finds the cause.
-async fn unreachable_cause(servers: &[async_nats::ServerAddr]) -> String {
-    let Some(server) = servers.first() else {
-        return "no server".into();
-    };
-    let address = (server.host().to_owned(), server.port());
-    match tokio::time::timeout(
-        Duration::from_secs(1),
-        tokio::net::TcpStream::connect(address),
-    )
-    .await
-    {
-        Err(_) => "no answer within 1 s".into(),
-        Ok(Err(err)) => err.to_string(),
-        Ok(Ok(_)) => {
-            "TCP connects, the NATS handshake fails (TLS, credentials, or not a NATS server?)"
-                .into()
-        }
-    }
-}
-
 impl managed::Manager for NatsManager {
     type Type = PoolConn;
     type Error = async_nats::ConnectError;
@@ -130,6 +116,7 @@ impl managed::Manager for NatsManager {
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
         let (lost_sender, lost) = watch::channel(0u64);
         let client = connect_options(
+            self.credentials.options(),
             index,
             self.metrics.nats_slow_consumer.clone(),
             lost_sender,
@@ -138,7 +125,7 @@ impl managed::Manager for NatsManager {
                 self.fanout.clone(),
                 self.subscription_buffer,
             ),
-            (self.servers.clone(), self.unreachable.clone()),
+            self.failures.clone(),
         )
         .connect(self.servers.clone())
         .await?;
@@ -184,19 +171,19 @@ impl managed::Manager for NatsManager {
     }
 }
 
-/// Options for every pool connection: start even when NATS is down (readiness says so), and
-/// reconnect for ever with capped exponential backoff and jitter.
+/// Options for every pool connection, over `base` (the credentials and TLS): start even when
+/// NATS is down (readiness says so), and reconnect for ever with capped exponential backoff and
+/// jitter.
 fn connect_options(
+    base: ConnectOptions,
     index: usize,
     slow_consumer: Counter,
     lost: watch::Sender<u64>,
     (breakers, fanout, subscription_buffer): (Arc<Breakers>, Arc<Fanout>, usize),
-    (servers, unreachable): (Vec<async_nats::ServerAddr>, Arc<LogThrottle>),
+    failures: Arc<ConnectFailures>,
 ) -> ConnectOptions {
-    let servers = Arc::new(servers);
     let lost = Arc::new(lost);
-    ConnectOptions::new()
-        .name(format!("ipc-gateway-{index}"))
+    base.name(format!("ipc-gateway-{index}"))
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
@@ -215,8 +202,7 @@ fn connect_options(
             let lost = lost.clone();
             let breakers = breakers.clone();
             let fanout = fanout.clone();
-            let servers = servers.clone();
-            let unreachable = unreachable.clone();
+            let failures = failures.clone();
             async move {
                 match event {
                     async_nats::Event::SlowConsumer(sid) => {
@@ -247,22 +233,7 @@ fn connect_options(
                     // Each failed (re)connect attempt: one line per period, naming the URL and
                     // the cause.
                     async_nats::Event::ClientError(async_nats::ClientError::Other(error)) => {
-                        if unreachable.allow(Instant::now()) {
-                            let urls: Vec<String> = servers
-                                .iter()
-                                .map(|s| format!("nats://{}:{}", s.host(), s.port()))
-                                .collect();
-                            let cause = unreachable_cause(&servers).await;
-                            warn!(
-                                url = %urls.join(","),
-                                %cause,
-                                %error,
-                                "NATS unreachable; retrying (logged at most every {} s)",
-                                UNREACHABLE_LOG_EVERY.as_secs()
-                            );
-                        } else {
-                            tracing::debug!(connection = index, %error, "NATS connect failed");
-                        }
+                        failures.report(index, error);
                     }
                     other => info!(connection = index, event = %other, "NATS event"),
                 }
@@ -354,7 +325,13 @@ impl NatsPool {
         shutdown: Shutdown,
         retries: mpsc::UnboundedSender<Box<Pending>>,
         (breakers, fanout, subscription_buffer): (Arc<Breakers>, Arc<Fanout>, usize),
+        credentials: Arc<Credentials>,
     ) -> Result<Arc<NatsPool>, String> {
+        let failures = Arc::new(ConnectFailures::new(
+            servers.clone(),
+            credentials.clone(),
+            UNREACHABLE_LOG_EVERY,
+        ));
         let manager = NatsManager {
             servers,
             next_index: AtomicUsize::new(0),
@@ -364,7 +341,8 @@ impl NatsPool {
             breakers,
             fanout,
             subscription_buffer,
-            unreachable: Arc::new(LogThrottle::new(UNREACHABLE_LOG_EVERY)),
+            credentials,
+            failures,
         };
         let pool = managed::Pool::builder(manager)
             .max_size(size)

@@ -277,8 +277,13 @@ impl Gateway {
                 "since_seq {seq} is past the last sequence of stream {name} ({last}); was the stream made again? Subscribe with since_seq 0 or since_time"
             )));
         }
+        // From a time: the stream has removed messages (its first is not 1) and the oldest
+        // it holds was stored after the asked time, so some removed ones may have been stored
+        // after it too. (Removed messages' times are not kept: this may say truncated when
+        // every removed message was older; it never stays silent when one was newer.)
         let truncated = match since {
             Since::Seq(seq) if seq.saturating_add(1) < first => Some(first),
+            Since::Time(time) if first > 1 && time < state.first_timestamp => Some(first),
             _ => None,
         };
         let position = Position::new(since);

@@ -64,7 +64,7 @@ pub struct NatsConnection {
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditStatus {
     pub enabled: bool,
-    /// Queue slots in use as of the writer's last batch.
+    /// Queue slots in use now (queued records and reservations).
     pub queue: u64,
     /// Records lost since start (`ipc_gateway_audit_records_lost_total`).
     pub lost: u64,
@@ -136,7 +136,7 @@ impl Gateway {
             breakers_by_state,
             audit: AuditStatus {
                 enabled: inner.audit.is_on(),
-                queue: metrics.audit_queue.get().max(0.0) as u64,
+                queue: inner.audit.queued(),
                 lost: metrics.audit_lost.get(),
             },
             names_held: inner.names.held_count(),

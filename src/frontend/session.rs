@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::core::{Caller, Gateway, Replayed, Subscription};
 use crate::protocol::{
-    Decoded, Envelope, ErrorCode, Frontend, GatewayError, Id, Op, Outbound, Subject,
+    Decoded, Envelope, ErrorCode, Frontend, GatewayError, Id, Identity, Op, Outbound, Subject,
 };
 
 use super::named::Named;
@@ -188,8 +188,7 @@ impl Session {
         let id = envelope.id.clone();
         let verified = match (self.caller.frontend(), envelope.token) {
             (Frontend::Ws, Some(token)) => {
-                let addr = self.caller.identity().addr.clone();
-                self.gateway.verify_token(&token, Frontend::Ws, addr)
+                self.gateway.verify_token_on(&token, self.caller.identity())
             }
             (Frontend::Ws, None) => Err(GatewayError::bad_request(
                 "auth needs \"token\": a bearer JWT",
@@ -198,8 +197,9 @@ impl Session {
                 "auth is for WebSocket connections (the Unix socket identifies its callers by uid; gRPC calls carry authorization metadata)",
             )),
         };
-        let verified =
-            verified.and_then(|identity| self.gateway.reauthenticate(&self.caller, identity));
+        let verified = verified
+            .and_then(|identity| self.keeps_what_it_holds(identity))
+            .and_then(|identity| self.gateway.reauthenticate(&self.caller, identity));
         match verified {
             Ok(caller) => {
                 self.caller = caller;
@@ -221,6 +221,24 @@ impl Session {
                 Flow::Close
             }
         }
+    }
+
+    /// An `auth` may change who the connection is only while it holds nothing: its
+    /// subscriptions, names and presence watches were checked (and names recorded) as the
+    /// identity it had, and would otherwise go on as that one under the new name. A token for
+    /// the subject it already has (a refresh before the old token expires) changes nothing
+    /// the policy sees, so it is accepted whatever the connection holds.
+    fn keeps_what_it_holds(&mut self, identity: Identity) -> Result<Identity, GatewayError> {
+        let current = self.caller.identity();
+        let same = !current.is_anonymous() && current.sub == identity.sub;
+        if same || !self.has_subscriptions() {
+            return Ok(identity);
+        }
+        Err(GatewayError::bad_request(format!(
+            "this connection holds subscriptions, names or presence watches as {}; to act as {}, unsubscribe and unregister first or open a new connection",
+            self.caller.identity().short_form(),
+            identity.short_form()
+        )))
     }
 
     /// Answers a command that did not go to the core as a request.

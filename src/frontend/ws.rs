@@ -28,6 +28,7 @@ use crate::core::{Caller, Gateway, HeldSlot};
 use crate::protocol::Frontend;
 use crate::protocol::binary::BinaryDecoder;
 use crate::protocol::{Decoded, ErrorCode, GatewayError, Id, Identity, Outbound, WireFormat, json};
+use crate::tls::PeerCert;
 
 use super::lifecycle::{Broken, Idle, Lifecycle};
 use super::outbox::{Batch, Outbox};
@@ -52,6 +53,7 @@ pub mod close {
 pub async fn upgrade(
     State(gateway): State<Gateway>,
     held: Option<Extension<HeldSlot>>,
+    cert: Option<Extension<PeerCert>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     ws: WebSocketUpgrade,
@@ -70,7 +72,8 @@ pub async fn upgrade(
         )
             .into_response();
     }
-    let (identity, wants_v1) = match identify(&gateway, &headers) {
+    let cert = cert.map(|Extension(PeerCert(subject))| subject.to_string());
+    let (identity, wants_v1) = match identify(&gateway, &headers, cert) {
         Ok(identified) => identified,
         Err(refusal) => {
             debug!(error = %refusal, "refusing a WebSocket without valid credentials");
@@ -144,9 +147,14 @@ fn wants_batches(query: Option<&str>) -> Result<bool, String> {
 
 /// Who opens the WebSocket: a bearer JWT from `Authorization: Bearer`, or (browsers cannot set
 /// headers on a WebSocket) from a `bearer.<jwt>` entry in the subprotocol list; anonymous
-/// without one, unless tokens are required. A bad token is always refused. Also whether the
-/// client offered the `ipc-gateway.v1` subprotocol.
-fn identify(gateway: &Gateway, headers: &HeaderMap) -> Result<(Identity, bool), GatewayError> {
+/// without one, unless tokens are required. A verified client certificate (`cert`, over TLS) is
+/// part of the identity either way, and credentials enough when tokens are required. A bad
+/// token is always refused. Also whether the client offered the `ipc-gateway.v1` subprotocol.
+fn identify(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    cert: Option<String>,
+) -> Result<(Identity, bool), GatewayError> {
     let offered = headers
         .get(header::SEC_WEBSOCKET_PROTOCOL)
         .and_then(|list| list.to_str().ok())
@@ -156,15 +164,19 @@ fn identify(gateway: &Gateway, headers: &HeaderMap) -> Result<(Identity, bool), 
         .and_then(|value| value.to_str().ok())
         .and_then(auth::bearer_from_header)
         .or(offered.0);
+    let connection = Identity {
+        cert,
+        ..Identity::anonymous(Frontend::Ws, None)
+    };
     let identity = match token {
-        Some(token) => gateway.verify_token(token, Frontend::Ws, None)?,
-        None if gateway.auth_required() => {
+        Some(token) => gateway.verify_token_on(token, &connection)?,
+        None if gateway.auth_required() && connection.cert.is_none() => {
             return Err(GatewayError::new(
                 ErrorCode::Unauthenticated,
                 "this gateway requires a token: Authorization: Bearer <jwt>, or a \"bearer.<jwt>\" subprotocol",
             ));
         }
-        None => Identity::anonymous(Frontend::Ws, None),
+        None => connection,
     };
     Ok((identity, offered.1))
 }

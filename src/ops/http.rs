@@ -21,6 +21,10 @@
 //!   starts again each time the connection waits for a request).
 //! - A connection that is still HTTP after `MAX_HTTP_LIFE` is closed, after the answer in
 //!   progress (for at most the header timeout more): that bounds a client that never reads.
+//! - With TLS (`tls_cert`), the handshake runs in the connection's task, after its places are
+//!   taken and within the header timeout (`tls::Tls::accept`); a verified client certificate's
+//!   subject goes into each request's extensions as a `tls::PeerCert`, for the WebSocket
+//!   upgrade to make it part of the client's identity.
 //! - A connection over either limit is answered `503` with the `OVERLOADED` text and closed.
 //!   The first `MAX_POLITE_REFUSALS` at a time are closed cleanly (the gateway reads what the
 //!   client sent, for up to a second, so that it sees the answer rather than a reset); past
@@ -52,6 +56,7 @@ use tracing::{debug, warn};
 
 use crate::core::{Gateway, HeldSlot};
 use crate::protocol::{ErrorCode, Frontend, GatewayError, Identity};
+use crate::tls::{MaybeTls, Tls};
 
 /// HTTP connections served beyond `max_connections` when every place is taken (see the top).
 const OPERATOR_RESERVE: usize = 16;
@@ -90,7 +95,7 @@ pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
 /// answers 503 `shutting_down` while in-flight requests finish.
 pub async fn serve(
     gateway: Gateway,
-    listener: TcpListener,
+    (listener, tls): (TcpListener, Option<Arc<Tls>>),
     app: Router,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
@@ -140,6 +145,7 @@ pub async fn serve(
                     admitted,
                     stopping: stopping.clone(),
                     grace,
+                    tls: tls.clone(),
                 };
                 tasks.spawn(connection.serve(stream));
             }
@@ -227,6 +233,7 @@ struct Connection {
     stopping: CancellationToken,
     /// How long the answer in progress may take once the connection is told to close.
     grace: Duration,
+    tls: Option<Arc<Tls>>,
 }
 
 impl Connection {
@@ -237,7 +244,25 @@ impl Connection {
             admitted: Admitted { _handshake, place },
             stopping,
             grace,
+            tls,
         } = self;
+        let (stream, cert) = match tls {
+            None => (MaybeTls::Plain(stream), None),
+            Some(tls) => {
+                let accepted = tokio::select! {
+                    accepted = tls.accept(stream) => accepted,
+                    // Shutting down: nothing to answer yet, so nothing to wait for.
+                    _ = stopping.cancelled() => return,
+                };
+                match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        debug!(error = %err, "HTTPS handshake failed");
+                        return;
+                    }
+                }
+            }
+        };
         // Every request carries the connection's slot, for a WebSocket upgrade to take over.
         // The service holds one clone for the connection's life: whoever drops the last one
         // without taking the slot gives it back.
@@ -248,6 +273,9 @@ impl Connection {
         let app = app.map_request(move |mut request: Request<Incoming>| {
             if let Some(held) = &held {
                 request.extensions_mut().insert(held.clone());
+            }
+            if let Some(cert) = &cert {
+                request.extensions_mut().insert(cert.clone());
             }
             request
         });

@@ -1,6 +1,7 @@
 //! Who a client is, as the rest of the gateway sees it: plain data taken once, when the
 //! connection is accepted, from something the client cannot forge (the kernel's peer
-//! credentials on the Unix socket, a verified JWT on WebSocket and gRPC). Policy matches on it,
+//! credentials on the Unix socket, a verified JWT or a verified client certificate on WebSocket
+//! and gRPC). Policy matches on it,
 //! the audit log writes it (`serde` gives the JSON object), and every message the gateway sends
 //! to NATS for the client carries it in `Ipc-Gateway-*` headers ([`Identity::headers`]) that no
 //! client may set itself ([`is_reserved_header`]).
@@ -28,6 +29,8 @@ pub const USER_HEADER: &str = "Ipc-Gateway-User";
 pub const PID_HEADER: &str = "Ipc-Gateway-Pid";
 /// A verified JWT's `sub` claim (WebSocket, gRPC).
 pub const SUB_HEADER: &str = "Ipc-Gateway-Sub";
+/// A verified client certificate's subject, in the canonical form of [`Identity::cert`].
+pub const CERT_HEADER: &str = "Ipc-Gateway-Cert";
 /// The front-end the client came through: `uds`, `ws` or `grpc`.
 pub const FRONTEND_HEADER: &str = "Ipc-Gateway-Frontend";
 /// The id of the gateway the client is connected to (`gateway_id`).
@@ -73,6 +76,13 @@ pub struct Identity {
     /// A verified JWT's subject.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sub: Option<String>,
+    /// The subject of a client certificate that chains to `tls_client_ca` (WebSocket, gRPC
+    /// over TLS), in RFC 4514 form: the RDNs from last to first, attribute types by their
+    /// short upper-case names (`CN`, `O`, `OU`, `C`, `L`, `ST`, `DC`...) or dotted OIDs, values
+    /// escaped as RFC 4514 says: `CN=alice,O=Example`. Beside `sub` when the client also sent a
+    /// token: both are recorded, and a grant may match either.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<String>,
     /// The peer address, for network front-ends.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addr: Option<String>,
@@ -91,20 +101,23 @@ impl Identity {
             groups: Vec::new(),
             group_names: Vec::new(),
             sub: None,
+            cert: None,
             addr,
         }
     }
 
-    /// Neither a uid nor a verified subject: nothing vouches for this caller.
+    /// No uid, no verified token subject, no verified certificate: nothing vouches for this
+    /// caller.
     pub fn is_anonymous(&self) -> bool {
-        self.uid.is_none() && self.sub.is_none()
+        self.uid.is_none() && self.sub.is_none() && self.cert.is_none()
     }
 
     /// A short stable text for logs and the `Ipc-Gateway-Identity` header: the known ones of
-    /// `uid`, `user`, `pid` and `sub` as `key=value` in that order, or `anonymous`. A value that
-    /// is not a plain word (a space, `=`, a quote, a control or non-ASCII character) is written
-    /// as a JSON string, so a crafted name can never read as another field:
-    /// `uid=1001 user=alice pid=4242`, `sub=bob`, `sub="x uid=0"`.
+    /// `uid`, `user`, `pid`, `sub` and `cert` as `key=value` in that order, or `anonymous`. A
+    /// value that is not a plain word (a space, `=`, `,`, a quote, a control or non-ASCII
+    /// character) is written as a JSON string, so a crafted name can never read as another
+    /// field: `uid=1001 user=alice pid=4242`, `sub=bob`, `sub="x uid=0"`,
+    /// `cert="CN=alice,O=Example"`.
     pub fn short_form(&self) -> String {
         let mut out = String::new();
         let mut field = |key: &str, value: &dyn std::fmt::Display| {
@@ -127,6 +140,9 @@ impl Identity {
         if let Some(sub) = &self.sub {
             field("sub", &Word(sub));
         }
+        if let Some(cert) = &self.cert {
+            field("cert", &Word(cert));
+        }
         if out.is_empty() {
             out.push_str("anonymous");
         }
@@ -134,12 +150,12 @@ impl Identity {
     }
 
     /// The headers every message the gateway sends to NATS for this caller carries:
-    /// `Ipc-Gateway-Identity` (the short form), then `Ipc-Gateway-Uid`, `-User`, `-Pid`, `-Sub`
-    /// where known, and `Ipc-Gateway-Frontend`. Values never hold a control character (one
+    /// `Ipc-Gateway-Identity` (the short form), then `Ipc-Gateway-Uid`, `-User`, `-Pid`, `-Sub`,
+    /// `-Cert` where known, and `Ipc-Gateway-Frontend`. Values never hold a control character (one
     /// would be replaced by U+FFFD), so each is a valid NATS header value. An identity does not
     /// change while its connection lives: compute these once per connection and reuse them.
     pub fn headers(&self) -> Vec<(&'static str, String)> {
-        let mut headers = Vec::with_capacity(6);
+        let mut headers = Vec::with_capacity(7);
         headers.push((IDENTITY_HEADER, self.short_form()));
         if let Some(uid) = self.uid {
             headers.push((UID_HEADER, uid.to_string()));
@@ -152,6 +168,9 @@ impl Identity {
         }
         if let Some(sub) = &self.sub {
             headers.push((SUB_HEADER, header_value(sub)));
+        }
+        if let Some(cert) = &self.cert {
+            headers.push((CERT_HEADER, header_value(cert)));
         }
         headers.push((FRONTEND_HEADER, self.frontend.as_str().to_owned()));
         headers
@@ -259,6 +278,46 @@ mod tests {
             ..bob()
         };
         assert_eq!(empty.short_form(), r#"sub="""#);
+    }
+
+    fn carol() -> Identity {
+        Identity {
+            cert: Some("CN=carol,O=Example\\, Inc.".into()),
+            ..Identity::anonymous(Frontend::Grpc, Some("127.0.0.1:50001".into()))
+        }
+    }
+
+    #[test]
+    fn a_certificate_subject_is_an_identity_quoted_in_the_short_form_and_its_own_header() {
+        let carol = carol();
+        assert!(!carol.is_anonymous(), "a verified certificate vouches");
+        assert_eq!(carol.short_form(), r#"cert="CN=carol,O=Example\\, Inc.""#);
+        assert_eq!(
+            carol.headers(),
+            [
+                (
+                    IDENTITY_HEADER,
+                    r#"cert="CN=carol,O=Example\\, Inc.""#.to_owned()
+                ),
+                (CERT_HEADER, "CN=carol,O=Example\\, Inc.".to_owned()),
+                (FRONTEND_HEADER, "grpc".to_owned()),
+            ]
+        );
+        let both = Identity {
+            sub: Some("bob".into()),
+            ..carol.clone()
+        };
+        assert_eq!(
+            both.short_form(),
+            r#"sub=bob cert="CN=carol,O=Example\\, Inc.""#
+        );
+        assert_eq!(
+            serde_json::to_value(&both).unwrap(),
+            serde_json::json!({
+                "frontend": "grpc", "sub": "bob", "cert": "CN=carol,O=Example\\, Inc.",
+                "addr": "127.0.0.1:50001",
+            })
+        );
     }
 
     #[test]

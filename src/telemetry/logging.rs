@@ -67,16 +67,21 @@ fn default_filter() -> EnvFilter {
     quiet_nats_client(filter, &directives)
 }
 
-/// The NATS client reports each failed connect attempt at info (dozens a second with a pool
-/// of connections retrying): the gateway logs them itself, rate-limited, unless the filter
-/// names the client's target.
+/// The NATS client reports each failed connect attempt at info, and a refused credential at
+/// error, on every attempt (dozens a second with a pool of connections retrying): the gateway
+/// logs what they mean itself, rate-limited, so its connector is silenced and the rest held at
+/// `warn`, unless the filter names the client's target.
 fn quiet_nats_client(filter: EnvFilter, directives: &str) -> EnvFilter {
-    match format!("{NATS_CLIENT_LOG_TARGET}=warn").parse() {
-        Ok(directive) if !directives.contains(NATS_CLIENT_LOG_TARGET) => {
-            filter.add_directive(directive)
-        }
-        _ => filter,
+    if directives.contains(NATS_CLIENT_LOG_TARGET) {
+        return filter;
     }
+    [
+        format!("{NATS_CLIENT_LOG_TARGET}=warn"),
+        format!("{NATS_CLIENT_LOG_TARGET}::connector=off"),
+    ]
+    .iter()
+    .filter_map(|directive| directive.parse().ok())
+    .fold(filter, EnvFilter::add_directive)
 }
 
 /// Colours for a terminal, unless `NO_COLOR` is set to anything but the empty string.

@@ -360,6 +360,10 @@ impl Metrics {
         };
         describe_gauge("ipc_gateway_connections", "Client connections open now.");
         describe_gauge(
+            "ipc_gateway_tls_cert_expiry_timestamp_seconds",
+            "Not-after of the TLS certificate each port serves, in seconds since the Unix epoch.",
+        );
+        describe_gauge(
             "ipc_gateway_ready",
             "1 when /ready answers 200 (NATS connected, listener up, not shutting down), else 0.",
         );
@@ -598,6 +602,18 @@ impl Metrics {
         self.recorder
             .register_gauge(&key, &METADATA)
             .set(count as f64);
+    }
+
+    /// The not-after of the TLS certificate a port serves (`port` is `http` or `grpc`), in
+    /// seconds since the Unix epoch: alert well before it passes.
+    pub fn tls_cert_expiry(&self, port: &'static str, not_after: u64) {
+        let key = Key::from_parts(
+            "ipc_gateway_tls_cert_expiry_timestamp_seconds",
+            vec![Label::new("port", port)],
+        );
+        self.recorder
+            .register_gauge(&key, &METADATA)
+            .set(not_after as f64);
     }
 
     /// Counts a policy reload that loaded (`true`) or kept the old policy (`false`).

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
+use ipc_gateway::protocol::ErrorCode;
 use ipc_gateway::protocol::binary::{FrameParts, flag, frame_type};
 use serde_json::json;
 
@@ -421,6 +422,33 @@ async fn a_replay_says_when_the_stream_no_longer_holds_its_start_and_replays_fro
         .call(r#"{"op":"subscribe","id":"three","subject":"small.x","since_seq":11}"#)
         .await;
     assert_eq!(answer["error"]["code"], "BAD_REQUEST", "{answer}");
+    // From a time before the oldest message it holds: some removed ones may have been newer.
+    let answer = client
+        .call(r#"{"op":"subscribe","id":"old","subject":"small.x","since_time":"2000-01-01T00:00:00Z"}"#)
+        .await;
+    assert_eq!(
+        answer,
+        json!({"id":"old","ok":true,"stream":"SMALL","truncated":true,"first_seq":6})
+    );
+    let seen = read_until(&mut client, "old", 10).await;
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    // From the time of a message it holds: nothing is missing.
+    let small_stream = jetstream::new(cluster.nodes[1].client().await)
+        .get_stream("SMALL")
+        .await
+        .unwrap();
+    let eighth = small_stream.get_raw_message(8).await.unwrap().time;
+    let since = eighth
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let answer = client
+        .call(&format!(
+            r#"{{"op":"subscribe","id":"new","subject":"small.x","since_time":"{since}"}}"#
+        ))
+        .await;
+    assert_eq!(answer, json!({"id":"new","ok":true,"stream":"SMALL"}));
+    let seen = read_until(&mut client, "new", 10).await;
+    assert_eq!(seen.first().map(|(seq, _)| *seq), Some(8), "{seen:?}");
     // Its last one is fine: nothing to replay, live from there.
     let answer = client
         .call(r#"{"op":"subscribe","id":"four","subject":"small.x","since_seq":10}"#)
@@ -838,4 +866,146 @@ async fn replays_are_bounded_per_gateway_and_a_closed_one_frees_its_place() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A single nats-server with JetStream (its store in `store`) and a stream `ORDERS` on
+/// `orders.>`.
+async fn jetstream_server(store: &tempfile::TempDir) -> NatsServer {
+    let nats = NatsServer::start_with_config(&format!(
+        "jetstream {{ store_dir: {:?} }}",
+        store.path().display().to_string()
+    ));
+    make_stream(
+        &nats,
+        stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.>".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    nats
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_publishes_durably_with_its_own_id_and_replays_in_both_formats() {
+    use ipc_gateway::client::{Client, ReplayFrom, SubscriptionEvent, unique_msg_id};
+    use ipc_gateway::protocol::WireFormat;
+
+    let store = tempfile::tempdir().unwrap();
+    let nats = jetstream_server(&store).await;
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut expected = Vec::new();
+    for (format, payload) in [(WireFormat::Binary, "bin"), (WireFormat::JsonLines, "json")] {
+        let client = Client::connect_with(&gateway.socket, format).await.unwrap();
+        let id = unique_msg_id();
+        let stored = client
+            .publish_durable("orders.a", payload.as_bytes(), &id, None)
+            .await
+            .unwrap();
+        assert_eq!(stored.stream, "ORDERS", "{format:?}");
+        // The same id again is a retry: stored once, answered with the first one's sequence.
+        let again = client
+            .publish_durable("orders.a", payload.as_bytes(), &id, None)
+            .await
+            .unwrap();
+        assert_eq!(again, stored, "{format:?}");
+        expected.push((stored.seq.unwrap(), payload));
+        // A new id is a new message, on a new connection too (the frame ids restart at 1).
+        let other = Client::connect_with(&gateway.socket, format).await.unwrap();
+        let next = other
+            .publish_durable("orders.b", b"next", &unique_msg_id(), None)
+            .await
+            .unwrap();
+        assert_eq!(next.seq, Some(stored.seq.unwrap() + 1), "{format:?}");
+        expected.push((stored.seq.unwrap() + 1, "next"));
+        let refused = client
+            .publish_durable("nostream.a", b"x", &unique_msg_id(), None)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::NoStream), "{format:?}");
+    }
+    for format in [WireFormat::Binary, WireFormat::JsonLines] {
+        let client = Client::connect_with(&gateway.socket, format).await.unwrap();
+        for from in [
+            ReplayFrom::Seq(0),
+            ReplayFrom::Time("2000-01-01T00:00:00Z".into()),
+        ] {
+            let (mut subscription, answer) =
+                client.subscribe_since("orders.>", &from).await.unwrap();
+            assert_eq!(answer.stream, "ORDERS");
+            assert_eq!(answer.first_seq, None, "nothing was truncated");
+            for (seq, payload) in &expected {
+                let event = tokio::time::timeout(PATIENCE, subscription.events.recv())
+                    .await
+                    .expect("a replayed message")
+                    .unwrap();
+                let SubscriptionEvent::Message { data, seq: got, .. } = event else {
+                    panic!("{event:?}");
+                };
+                assert_eq!(
+                    (got, &data[..]),
+                    (Some(*seq), payload.as_bytes()),
+                    "{format:?} {from:?}"
+                );
+            }
+            client.unsubscribe(subscription.sid).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_publishes_durably_and_replays_from_a_sequence() {
+    let store = tempfile::tempdir().unwrap();
+    let nats = jetstream_server(&store).await;
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let socket = gateway.socket.to_str().unwrap();
+    let cli = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ipc-gateway"));
+        command.args(args).args(["--socket", socket]);
+        command.kill_on_drop(true);
+        command
+    };
+    let publish = |data: &str, msg_id: Option<&str>| {
+        let mut command = cli(&["publish", "--durable", "orders.cli", data]);
+        if let Some(id) = msg_id {
+            command.args(["--msg-id", id]);
+        }
+        async move { command.output().await.unwrap() }
+    };
+    let first = publish("one", Some("order-1")).await;
+    assert!(first.status.success(), "{first:?}");
+    assert_eq!(String::from_utf8_lossy(&first.stdout), "ORDERS 1\n");
+    // The same --msg-id from another process of the same user: stored once.
+    let retry = publish("one", Some("order-1")).await;
+    assert_eq!(String::from_utf8_lossy(&retry.stdout), "ORDERS 1\n");
+    // Without --msg-id every run is a new message.
+    for seq in 2..=3 {
+        let output = publish("more", None).await;
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            format!("ORDERS {seq}\n")
+        );
+    }
+    let missing = cli(&["publish", "--durable", "nostream.x", "y"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("NO_STREAM"),
+        "{missing:?}"
+    );
+    let replay = tokio::time::timeout(
+        PATIENCE,
+        cli(&["subscribe", "orders.>", "--since-seq", "1", "--count", "2"]).output(),
+    )
+    .await
+    .expect("the replay ends after --count messages")
+    .unwrap();
+    assert!(replay.status.success(), "{replay:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&replay.stdout),
+        "2 orders.cli more\n3 orders.cli more\n"
+    );
 }

@@ -1014,6 +1014,84 @@ async fn a_websocket_auth_message_changes_who_is_calling_and_a_bad_one_closes_wi
 }
 
 #[tokio::test]
+async fn an_auth_that_changes_who_a_connection_is_is_refused_while_it_holds_subscriptions_or_names()
+{
+    let nats = NatsServer::start();
+    let mut service = Service::start(&nats, "svc.>").await;
+    let policy = PolicyFile::new(
+        r#"
+[[grant]]
+match = { sub = "bob" }
+request = { allow = ["svc.>"] }
+subscribe = { allow = ["bob.>"] }
+
+[[grant]]
+match = { sub = "alice" }
+subscribe = { allow = ["alice.>"] }
+
+[[grant]]
+match = { anonymous = true }
+subscribe = { allow = ["public.>"] }
+"#,
+    );
+    let secret = SecretFile::new();
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--policy",
+            policy.arg(),
+            "--auth-jwt-secret-file",
+            secret.arg(),
+        ],
+    );
+    let bob = hs256(&claims("bob", 600), SECRET);
+    let alice = hs256(&claims("alice", 600), SECRET);
+    let auth = |token: &str| json!({"op":"auth","id":"a","token":token}).to_string();
+
+    // Bob subscribes: an auth as alice would leave bob's subscription running as alice.
+    let (mut ws, _) =
+        ws::connect_with_headers(&gateway, &[("Authorization", &format!("Bearer {bob}"))])
+            .await
+            .unwrap();
+    let subscribed = ws::call(&mut ws, r#"{"op":"subscribe","id":"s","subject":"bob.>"}"#).await;
+    assert_eq!(subscribed["ok"], true, "{subscribed}");
+    let refused = ws::call(&mut ws, &auth(&alice)).await;
+    assert_eq!(refused["error"]["code"], "BAD_REQUEST", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sub=bob"),
+        "{refused}"
+    );
+    // The connection goes on, still as bob.
+    let reply = ws_request(&mut ws, "svc.who", "still bob").await;
+    assert_eq!(reply["data"], "still bob", "{reply}");
+    assert_from_bob(&service.next().await, "ws", &bob);
+    // A fresh token for bob (a refresh) is accepted whatever the connection holds.
+    let refreshed = hs256(&claims("bob", 1200), SECRET);
+    let answer = ws::call(&mut ws, &auth(&refreshed)).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+
+    // An anonymous subscriber must let go of what it holds before it becomes bob.
+    let mut ws = ws::connect(&gateway, None).await.unwrap();
+    let subscribed = ws::call(
+        &mut ws,
+        r#"{"op":"subscribe","id":"p","subject":"public.news"}"#,
+    )
+    .await;
+    assert_eq!(subscribed["ok"], true, "{subscribed}");
+    let refused = ws::call(&mut ws, &auth(&bob)).await;
+    assert_eq!(refused["error"]["code"], "BAD_REQUEST", "{refused}");
+    let unsubscribed = ws::call(&mut ws, r#"{"op":"unsubscribe","id":"p"}"#).await;
+    assert_eq!(unsubscribed["ok"], true, "{unsubscribed}");
+    let answer = ws::call(&mut ws, &auth(&bob)).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let reply = ws_request(&mut ws, "svc.who", "now bob").await;
+    assert_eq!(reply["data"], "now bob", "{reply}");
+}
+
+#[tokio::test]
 async fn with_auth_required_websocket_and_grpc_callers_without_a_token_are_refused() {
     let nats = NatsServer::start();
     let mut service = Service::start(&nats, "svc.>").await;
@@ -1856,6 +1934,72 @@ subscribe = { allow = ["events.>"] }
         .find(|r| r["op"] == "disconnect" && r["identity"]["uid"] == uid)
         .expect("a disconnect record");
     assert!(closed["reason"].as_str().is_some(), "{closed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_open_at_sigterm_on_every_front_end_have_their_disconnect_records() {
+    let nats = NatsServer::start();
+    let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mut gateway =
+        GatewayProcess::start(&nats.url(), &["--audit-file", audit.to_str().unwrap()]);
+    let mut uds = gateway.json().await;
+    let reply = uds
+        .call(r#"{"id":1,"subject":"demo.echo","data":"u"}"#)
+        .await;
+    assert_eq!(reply["data"], "u", "{reply}");
+    let mut ws = ws::connect(&gateway, None).await.unwrap();
+    let reply = ws_request(&mut ws, "demo.echo", "w").await;
+    assert_eq!(reply["data"], "w", "{reply}");
+    let mut grpc = gateway.grpc().await;
+    let reply = grpc
+        .request(pb::RequestMessage {
+            subject: "demo.echo".into(),
+            payload: b"g".to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(&reply.get_ref().payload[..], b"g");
+    // Each holds a subscription too.
+    let subscribed = uds
+        .call(r#"{"op":"subscribe","id":2,"subject":"news.u"}"#)
+        .await;
+    assert_eq!(subscribed["ok"], true, "{subscribed}");
+    let subscribed = ws::call(&mut ws, r#"{"op":"subscribe","id":2,"subject":"news.w"}"#).await;
+    assert_eq!(subscribed["ok"], true, "{subscribed}");
+    let stream = grpc
+        .subscribe(pb::SubscribeRequest {
+            subject: "news.g".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // All three stay open while the gateway stops.
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), Some(0));
+    let records = audit_records(&audit);
+    for frontend in ["uds", "ws", "grpc"] {
+        let count = |op: &str| {
+            records
+                .iter()
+                .filter(|r| r["op"] == op && r["frontend"] == frontend)
+                .count()
+        };
+        // The harness's start-up probe of the gRPC port is a connection of its own.
+        let counts = [count("connect"), count("request"), count("disconnect")];
+        assert!(
+            counts[0] >= 1,
+            "{frontend} connect, request, disconnect: {counts:?}"
+        );
+        assert_eq!(
+            counts[1..],
+            [1, counts[0]],
+            "{frontend} connect, request, disconnect: {counts:?}"
+        );
+    }
+    drop((uds, ws, grpc, stream));
 }
 
 #[tokio::test]

@@ -150,6 +150,7 @@ struct MatchDoc {
     gid: Option<u32>,
     group: Option<String>,
     sub: Option<String>,
+    cert: Option<String>,
     anonymous: Option<bool>,
     any: Option<bool>,
 }
@@ -245,6 +246,7 @@ fn check_match(doc: MatchDoc) -> Result<Match, (&'static str, String)> {
         gid: doc.gid,
         group: name("match.group", doc.group)?,
         sub: name("match.sub", doc.sub)?,
+        cert: name("match.cert", doc.cert)?,
         anonymous: doc.anonymous,
     };
     match doc.any {
@@ -317,7 +319,7 @@ mod tests {
         let grants = parse(
             r#"
             [[grant]]
-            match = { user = "alice", uid = 1001, gid = 100, group = "svc", sub = "bob", anonymous = false }
+            match = { user = "alice", uid = 1001, gid = 100, group = "svc", sub = "bob", cert = "CN=bob,O=Example", anonymous = false }
             publish   = { allow = ["orders.>"] }
             subscribe = { allow = ["events.>"], deny = ["events.internal.>"] }
             request   = { allow = ["svc.>"], deny = ["svc.admin.>"] }
@@ -338,6 +340,7 @@ mod tests {
                 gid: Some(100),
                 group: Some("svc".into()),
                 sub: Some("bob".into()),
+                cert: Some("CN=bob,O=Example".into()),
                 anonymous: Some(false),
             }
         );

@@ -18,6 +18,10 @@ pub(super) struct Match {
     /// A verified token's `sub` claim. Never compared with `user`: a token whose subject is
     /// `root` is not the local user root.
     pub sub: Option<Box<str>>,
+    /// A verified client certificate's subject, compared whole and exactly with the identity's
+    /// RFC 4514 form (`CN=alice,O=Example`): no CN-only or case-folded shorthand, so a grant
+    /// never matches a certificate its author did not name.
+    pub cert: Option<Box<str>>,
     pub anonymous: Option<bool>,
 }
 
@@ -28,6 +32,7 @@ impl Match {
         };
         name(&self.user, who.user)
             && name(&self.sub, who.sub)
+            && name(&self.cert, who.cert)
             && self.uid.is_none_or(|uid| who.uid == Some(uid))
             && self
                 .gid
@@ -80,6 +85,7 @@ mod tests {
             group: Some("users"),
             group_names: &[],
             sub: None,
+            cert: None,
             anonymous: false,
         }
     }
@@ -159,6 +165,34 @@ mod tests {
         };
         assert!(sub_root.matches(&token_root));
         assert!(!sub_root.matches(&alice()));
+    }
+
+    #[test]
+    fn cert_matches_the_whole_subject_exactly() {
+        let carol = Who {
+            cert: Some("CN=carol,O=Example"),
+            ..Who::default()
+        };
+        let whole = Match {
+            cert: Some("CN=carol,O=Example".into()),
+            ..Match::default()
+        };
+        assert!(whole.matches(&carol));
+        for other in ["CN=carol", "cn=carol,o=example", "CN=carol,O=Example,C=DE"] {
+            let other = Match {
+                cert: Some(other.into()),
+                ..Match::default()
+            };
+            assert!(!other.matches(&carol));
+        }
+        let token_carol = Who {
+            sub: Some("CN=carol,O=Example"),
+            ..Who::default()
+        };
+        assert!(
+            !whole.matches(&token_carol),
+            "a token subject is not a certificate"
+        );
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct Who<'a> {
     pub group_names: &'a [String],
     /// A verified token's `sub` claim.
     pub sub: Option<&'a str>,
+    /// A verified client certificate's subject (`Identity::cert`'s RFC 4514 form).
+    pub cert: Option<&'a str>,
     /// No credentials were presented (WebSocket or gRPC without a token).
     pub anonymous: bool,
 }

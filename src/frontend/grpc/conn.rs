@@ -4,6 +4,8 @@
 //! tonic hands that state to every call on the connection as a request extension. A connection
 //! over the limit is served briefly so that its calls get OVERLOADED (rather than a reset that
 //! clients report as UNKNOWN), then closed; past a few such at once, it is closed at once.
+//! With TLS (`tls.rs`), the handshake comes between taking the place and admitting the
+//! connection.
 
 use std::io;
 use std::pin::Pin;
@@ -11,7 +13,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::Stream;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{Stream, StreamExt};
 use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,6 +27,7 @@ use tracing::{debug, warn};
 use crate::core::{Caller, Gateway};
 use crate::frontend::lifecycle::RefusalBudget;
 use crate::protocol::{ErrorCode, Frontend, GatewayError, Identity};
+use crate::tls::{MaybeTls, PeerCert, Tls};
 
 /// How long a refused connection stays open for its calls to get their answer.
 const REFUSAL_GRACE: Duration = Duration::from_secs(1);
@@ -64,7 +68,7 @@ pub fn state_of<T>(request: &tonic::Request<T>) -> Result<Arc<ConnState>, Gatewa
 
 /// An accepted connection: the socket plus its state.
 pub struct GrpcConn {
-    stream: TcpStream,
+    stream: MaybeTls,
     state: Arc<ConnState>,
     /// For a refused connection: when reading ends (hyper then closes the connection).
     close_at: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -125,48 +129,147 @@ impl AsyncWrite for GrpcConn {
 
 /// The connections tonic serves. One over the connection limit is counted, and refused
 /// politely or closed at once (see the top of the file); an accept error backs off instead
-/// of spinning.
+/// of spinning. With TLS, each accepted connection takes its place first and then shakes hands
+/// in a task of its own (within the handshake timeout), so a slow or silent client never holds
+/// up the accept loop; it is served once its handshake is done, and its verified client
+/// certificate is part of its identity.
 pub fn incoming(
     gateway: Gateway,
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
 ) -> impl Stream<Item = Result<GrpcConn, io::Error>> {
-    let state = (gateway, listener, RefusalBudget::default());
-    futures_util::stream::unfold(state, |(gateway, listener, refusals)| async move {
+    let accepting = Accepting {
+        gateway,
+        listener,
+        refusals: RefusalBudget::default(),
+        tls,
+        handshakes: FuturesUnordered::new(),
+    };
+    futures_util::stream::unfold(accepting, |mut accepting| async move {
         loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    warn!(error = %err, "gRPC accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+            let stream = tokio::select! {
+                Some(shaken) = accepting.handshakes.next(), if !accepting.handshakes.is_empty() => {
+                    match shaken {
+                        Ok(Some(conn)) => return Some((Ok(conn), accepting)),
+                        _ => continue,
+                    }
                 }
-            };
-            // Until a call shows a token, its caller is the anonymous peer at this address.
-            let addr = stream.peer_addr().ok().map(|addr| addr.to_string());
-            let anonymous = Identity::anonymous(Frontend::Grpc, addr);
-            let (admitted, close_at) = match gateway.connect(Frontend::Grpc, anonymous) {
-                Ok(caller) => (Admitted::Served(caller), None),
-                Err(refusal) => {
-                    debug!("refusing a gRPC connection: the connection limit is reached");
-                    let Some(polite) = refusals.polite() else {
+                accepted = accepting.listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        warn!(error = %err, "gRPC accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
-                    };
-                    let close_at = Box::pin(tokio::time::sleep(REFUSAL_GRACE));
-                    (Admitted::Refused(refusal, polite), Some(close_at))
-                }
+                    }
+                },
             };
             // Replies are small and latency matters more than packet count.
             let _ = stream.set_nodelay(true);
-            let state = Arc::new(ConnState {
-                admitted,
-                _tracked: gateway.connections().token(),
-            });
-            let conn = GrpcConn {
-                stream,
-                state,
-                close_at,
+            let Some(tls) = accepting.tls.clone() else {
+                let connected = accepting
+                    .gateway
+                    .connect(Frontend::Grpc, peer(&stream, None));
+                match admit(&accepting, connected, MaybeTls::Plain(stream)) {
+                    Some(conn) => return Some((Ok(conn), accepting)),
+                    None => continue,
+                }
             };
-            return Some((Ok(conn), (gateway, listener, refusals)));
+            let slot = accepting.gateway.slot();
+            // A refusal shakes hands only while the polite budget lasts: past it, closed now.
+            let polite = match &slot {
+                Ok(_) => None,
+                Err(_) => {
+                    accepting
+                        .gateway
+                        .metrics()
+                        .connection_rejected(Frontend::Grpc);
+                    match accepting.refusals.polite() {
+                        Some(polite) => Some(polite),
+                        None => continue,
+                    }
+                }
+            };
+            let (gateway, refusals) = (accepting.gateway.clone(), accepting.refusals.clone());
+            accepting.handshakes.push(tokio::spawn(async move {
+                let (stream, cert) = match tls.accept(stream).await {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        debug!(error = %err, "gRPC TLS handshake failed");
+                        return None;
+                    }
+                };
+                let identity = peer(stream.tcp(), cert);
+                let connected = slot.and_then(|slot| {
+                    let connected = gateway.connect_with(Frontend::Grpc, identity, slot);
+                    if connected.is_err() {
+                        // Held its maximum per identity: counted like `Gateway::connect` does.
+                        gateway.metrics().connection_rejected(Frontend::Grpc);
+                    }
+                    connected
+                });
+                admit_with(&gateway, (&refusals, polite), connected, stream)
+            }));
         }
+    })
+}
+
+/// What the accept loop keeps between connections.
+struct Accepting {
+    gateway: Gateway,
+    listener: TcpListener,
+    refusals: RefusalBudget,
+    tls: Option<Arc<Tls>>,
+    /// Handshakes under way, each in its own task.
+    handshakes: FuturesUnordered<tokio::task::JoinHandle<Option<GrpcConn>>>,
+}
+
+/// Until a call shows a token, its caller is the peer at this address, with its verified
+/// client certificate if it showed one.
+fn peer(stream: &TcpStream, cert: Option<PeerCert>) -> Identity {
+    let addr = stream.peer_addr().ok().map(|addr| addr.to_string());
+    Identity {
+        cert: cert.map(|PeerCert(subject)| subject.to_string()),
+        ..Identity::anonymous(Frontend::Grpc, addr)
+    }
+}
+
+fn admit(
+    accepting: &Accepting,
+    connected: Result<Caller, GatewayError>,
+    stream: MaybeTls,
+) -> Option<GrpcConn> {
+    admit_with(
+        &accepting.gateway,
+        (&accepting.refusals, None),
+        connected,
+        stream,
+    )
+}
+
+/// The connection served, or refused politely while the budget lasts (`None`: closed now).
+/// `polite` is a permit of the budget taken already, if any.
+fn admit_with(
+    gateway: &Gateway,
+    (refusals, polite): (&RefusalBudget, Option<OwnedSemaphorePermit>),
+    connected: Result<Caller, GatewayError>,
+    stream: MaybeTls,
+) -> Option<GrpcConn> {
+    let (admitted, close_at) = match connected {
+        Ok(caller) => (Admitted::Served(caller), None),
+        Err(refusal) => {
+            debug!("refusing a gRPC connection: {refusal}");
+            let polite = polite.or_else(|| refusals.polite())?;
+            let close_at = Box::pin(tokio::time::sleep(REFUSAL_GRACE));
+            (Admitted::Refused(refusal, polite), Some(close_at))
+        }
+    };
+    let state = Arc::new(ConnState {
+        admitted,
+        _tracked: gateway.connections().token(),
+    });
+    Some(GrpcConn {
+        stream,
+        state,
+        close_at,
     })
 }

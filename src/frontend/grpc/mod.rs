@@ -50,7 +50,11 @@ pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Serves gRPC until shutdown begins, then lets calls in flight finish (Subscribe and
 /// Exchange streams end themselves on shutdown) and returns when every connection is closed.
-pub async fn serve(gateway: Gateway, listener: TcpListener) -> Result<(), String> {
+pub async fn serve(
+    gateway: Gateway,
+    listener: TcpListener,
+    tls: Option<std::sync::Arc<crate::tls::Tls>>,
+) -> Result<(), String> {
     let config = gateway.config().clone();
     let (reporter, health) = tonic_health::server::health_reporter();
     let health_task = tokio::spawn(report_health(gateway.clone(), reporter));
@@ -70,7 +74,7 @@ pub async fn serve(gateway: Gateway, listener: TcpListener) -> Result<(), String
     let keepalive =
         (config.grpc_keepalive_ms > 0).then(|| Duration::from_millis(config.grpc_keepalive_ms));
     let address = listener.local_addr().map_err(|e| e.to_string())?;
-    info!(grpc = %address, "listening for gRPC");
+    info!(grpc = %address, tls = tls.is_some(), "listening for gRPC");
     let stop = {
         let gateway = gateway.clone();
         async move { gateway.shutdown().stopped().await }
@@ -87,7 +91,7 @@ pub async fn serve(gateway: Gateway, listener: TcpListener) -> Result<(), String
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(conn::incoming(gateway.clone(), listener), stop)
+        .serve_with_incoming_shutdown(conn::incoming(gateway.clone(), listener, tls), stop)
         .await;
     health_task.abort();
     served.map_err(|e| format!("gRPC server: {e}"))

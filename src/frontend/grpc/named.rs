@@ -10,10 +10,10 @@ use crate::frontend::outbox::Outbox;
 use crate::frontend::session::Session;
 use crate::protocol::{Envelope, Frontend, GatewayError, Id, Op, Outbound, PresenceInfo, Subject};
 
-use super::metadata::listed;
 use super::pb;
+use super::service::subscription_message;
 use super::status::to_status;
-use super::stream::{self, Ended, ResponseStream};
+use super::stream::{self, CarriedDrops, Ended, ResponseStream};
 
 const FRONTEND: Frontend = Frontend::Grpc;
 
@@ -69,28 +69,24 @@ pub async fn register(
     let gateway = gateway.clone();
     tokio::spawn(async move {
         let outbox = session.outbox().clone();
-        let (mut dropped, mut gap) = (0, false);
+        let mut drops = CarriedDrops::default();
         let convert = |event: Outbound| match event {
-            Outbound::Dropped {
-                count, gap: cut, ..
-            } => {
-                dropped += count;
-                gap |= cut;
+            Outbound::Dropped { count, gap, .. } => {
+                drops.add(count, gap);
                 None
             }
-            Outbound::Msg { message, .. } => Some(pb::NamedMessage {
-                subject: message.subject.to_string(),
-                headers: listed(message.headers.as_ref()),
-                payload: message.payload.clone(),
-                reply_to: message
-                    .reply_to
-                    .as_ref()
-                    .map(|r| r.to_string())
-                    .unwrap_or_default(),
-                dropped: std::mem::take(&mut dropped),
-                gap: std::mem::take(&mut gap),
-                name_lost: false,
-            }),
+            Outbound::Msg { message, .. } => {
+                let message = subscription_message(&message, &mut drops);
+                Some(pb::NamedMessage {
+                    subject: message.subject,
+                    headers: message.headers,
+                    payload: message.payload,
+                    reply_to: message.reply_to,
+                    dropped: message.dropped,
+                    gap: message.gap,
+                    name_lost: false,
+                })
+            }
             Outbound::NameLost { .. } => {
                 outbox.close();
                 Some(pb::NamedMessage {

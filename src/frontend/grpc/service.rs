@@ -15,8 +15,8 @@ use crate::frontend::lifecycle::{Broken, Lifecycle};
 use crate::frontend::outbox::Outbox;
 use crate::frontend::session::{Flow, Session};
 use crate::protocol::{
-    Decoded, Envelope, ErrorCode, Frontend, GatewayError, Headers, Id, Op, Outbound, Since,
-    Subject, json,
+    Decoded, Delivery, Envelope, ErrorCode, Frontend, GatewayError, Headers, Id, Op, Outbound,
+    Since, Subject, json,
 };
 
 use super::conn::state_of;
@@ -24,7 +24,7 @@ use super::metadata::{listed, reply_metadata, request_deadline_ms, request_heade
 use super::pb::gateway_server::Gateway as GatewayRpc;
 use super::pb::{self, exchange_reply};
 use super::status::{input_failure, to_message, to_status};
-use super::stream::{self, Ended, ResponseStream};
+use super::stream::{self, CarriedDrops, Ended, ResponseStream};
 
 const FRONTEND: Frontend = Frontend::Grpc;
 
@@ -61,7 +61,8 @@ impl GatewayService {
 
     fn identify(&self, caller: &Caller, metadata: &MetadataMap) -> Result<Caller, GatewayError> {
         let Some(value) = metadata.get("authorization") else {
-            if self.gateway.auth_required() {
+            // A verified client certificate is credentials enough.
+            if self.gateway.auth_required() && caller.identity().cert.is_none() {
                 return Err(GatewayError::new(
                     ErrorCode::Unauthenticated,
                     "this gateway requires a token: authorization: Bearer <jwt> metadata",
@@ -79,8 +80,7 @@ impl GatewayService {
                     "authorization metadata must be \"Bearer <jwt>\"",
                 )
             })?;
-        let addr = caller.identity().addr.clone();
-        let identity = self.gateway.verify_token(token, FRONTEND, addr)?;
+        let identity = self.gateway.verify_token_on(token, caller.identity())?;
         Ok(caller.with(self.gateway.authorize(identity)))
     }
 }
@@ -319,8 +319,7 @@ async fn serve_subscription(
     // Drop notices come before the messages that follow the gap: `dropped` carries the count
     // onto the next message. A reloaded policy that took the subscription away ends the
     // stream with that refusal (PERMISSION_DENIED).
-    let mut dropped = 0;
-    let mut gap = false;
+    let mut drops = CarriedDrops::default();
     let mut revoked = None;
     let convert = |event: Outbound| match event {
         Outbound::Unsubscribed { error, .. } => {
@@ -328,26 +327,11 @@ async fn serve_subscription(
             outbox.close();
             None
         }
-        Outbound::Dropped {
-            count, gap: cut, ..
-        } => {
-            dropped += count;
-            gap |= cut;
+        Outbound::Dropped { count, gap, .. } => {
+            drops.add(count, gap);
             None
         }
-        Outbound::Msg { message, .. } => Some(pb::SubscriptionMessage {
-            subject: message.subject.to_string(),
-            headers: listed(message.headers.as_ref()),
-            payload: message.payload.clone(),
-            reply_to: message
-                .reply_to
-                .as_ref()
-                .map(|r| r.to_string())
-                .unwrap_or_default(),
-            dropped: std::mem::take(&mut dropped),
-            gap: std::mem::take(&mut gap),
-            seq: message.seq.unwrap_or(0),
-        }),
+        Outbound::Msg { message, .. } => Some(subscription_message(&message, &mut drops)),
         _ => None,
     };
     let ended = tokio::select! {
@@ -363,6 +347,27 @@ async fn serve_subscription(
         Some(Ended::Broken(Broken::Gone)) | Some(Ended::Done) => None,
     };
     sender.finish(status);
+}
+
+/// A delivered message as a stream sends it, carrying the drop notices since the last one.
+pub(super) fn subscription_message(
+    message: &Delivery,
+    drops: &mut CarriedDrops,
+) -> pb::SubscriptionMessage {
+    let (dropped, gap) = drops.take();
+    pb::SubscriptionMessage {
+        subject: message.subject.to_string(),
+        headers: listed(message.headers.as_ref()),
+        payload: message.payload.clone(),
+        reply_to: message
+            .reply_to
+            .as_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_default(),
+        dropped,
+        gap,
+        seq: message.seq.unwrap_or(0),
+    }
 }
 
 fn stalled_status(stall: std::time::Duration) -> Status {

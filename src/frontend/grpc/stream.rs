@@ -24,6 +24,29 @@ const MAX_BATCH_EVENTS: usize = 256;
 
 type Slot = Arc<Mutex<Option<Status>>>;
 
+/// Drop notices waiting for a stream's next message: a gRPC stream has no message of its own
+/// for them, so `dropped` and `gap` ride on the message that follows the loss.
+#[derive(Debug, Default)]
+pub struct CarriedDrops {
+    count: u64,
+    gap: bool,
+}
+
+impl CarriedDrops {
+    pub fn add(&mut self, count: u64, gap: bool) {
+        self.count += count;
+        self.gap |= gap;
+    }
+
+    /// The notices so far, for the message being sent; none are left.
+    pub fn take(&mut self) -> (u64, bool) {
+        (
+            std::mem::take(&mut self.count),
+            std::mem::take(&mut self.gap),
+        )
+    }
+}
+
 /// The stream tonic sends: the items, then the final status if there is one.
 pub struct ResponseStream<T> {
     items: mpsc::Receiver<T>,

@@ -196,6 +196,18 @@ impl Audit {
         self.handle.is_some()
     }
 
+    /// The slots in use now: records queued for the writer, and slots reserved (block mode)
+    /// by operations still running. The `ipc_gateway_audit_queue` gauge is this as of the
+    /// writer's last batch; `/status` reads it live, so a stalled writer shows.
+    pub fn queued(&self) -> u64 {
+        self.handle.as_ref().map_or(0, |handle| {
+            let queue = &handle.queue;
+            queue
+                .capacity
+                .saturating_sub(queue.slots.available_permits()) as u64
+        })
+    }
+
     /// Room for one record, taken when an operation is admitted; the operation's record goes
     /// in with `Reservation::write` when it is done. With `Overflow::Block` this waits for a
     /// free slot and holds it (so the write cannot fail); with `Overflow::Drop` or off it is

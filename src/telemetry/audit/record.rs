@@ -100,6 +100,9 @@ pub struct AuditIdentity {
     /// A verified token's `sub` claim.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sub: Option<String>,
+    /// A verified client certificate's subject (RFC 4514: `CN=alice,O=Example`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<String>,
     /// The peer's network address (WebSocket, gRPC).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addr: Option<String>,

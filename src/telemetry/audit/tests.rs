@@ -445,6 +445,26 @@ async fn a_reservation_dropped_unused_gives_its_slot_back() {
 }
 
 #[tokio::test]
+async fn queued_counts_the_slots_held_now_not_as_of_the_last_batch() {
+    let config = AuditConfig {
+        queue: 8,
+        overflow: Overflow::Block,
+        ..AuditConfig::default()
+    };
+    let out = SharedBuf::default();
+    let audit = Audit::start_with_writer(config, Metrics::new(), Box::new(out.clone())).unwrap();
+    assert_eq!(audit.queued(), 0);
+    let first = audit.reserve().await;
+    let second = audit.reserve().await;
+    assert_eq!(audit.queued(), 2, "two operations running hold a slot each");
+    drop(first);
+    assert_eq!(audit.queued(), 1);
+    drop(second);
+    assert_eq!(audit.queued(), 0);
+    audit.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn shutdown_wakes_waiting_reservations_and_later_records_are_counted_lost() {
     let metrics = Metrics::new();
     let config = AuditConfig {

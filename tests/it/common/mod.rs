@@ -3,6 +3,7 @@
 //! frames, HTTP) that speak the wire exactly as an outside program would.
 
 pub mod cluster;
+pub mod secured;
 pub mod ws;
 
 use std::collections::BTreeSet;
@@ -56,10 +57,12 @@ pub fn hs256(claims: &Value, secret: &[u8]) -> String {
     .unwrap()
 }
 
-/// A loopback port that nothing listens on now and that this process has not handed out
-/// before. Every integration test runs in this one process, and the kernel may hand the port
-/// one test has just let go of (to start its server on) to the next caller: the set keeps two
-/// tests, or a server's client and monitoring ports, from ever getting the same one.
+/// A loopback port that nothing listens on now and that no running test process has handed
+/// out before. The kernel may hand the port one test has just let go of (to start its server
+/// on) to the next caller: the set keeps two tests in this process, or a server's client and
+/// monitoring ports, from ever getting the same one, and a claim file (`claim_port`) does the
+/// same across test processes that run at once (two checkouts testing side by side), which
+/// would otherwise start servers on each other's ports.
 pub fn free_port() -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     loop {
@@ -68,10 +71,49 @@ pub fn free_port() -> u16 {
             .map(|address| address.port())
             .expect("a free loopback port");
         let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
-        if handed_out.insert(port) {
+        if handed_out.insert(port) && claim_port(port) {
             return port;
         }
     }
+}
+
+/// Claims `port` for this process in a file named after it under the temp directory, unless
+/// a live process claimed it first. A claim whose process has exited is taken over.
+fn claim_port(port: u16) -> bool {
+    let dir = std::env::temp_dir().join("ipc-gateway-test-ports");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(port.to_string());
+    let mine = std::process::id().to_string();
+    for _ in 0..2 {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut file) => return std::io::Write::write_all(&mut file, mine.as_bytes()).is_ok(),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                if owner.is_empty() {
+                    // Being written this instant by the process that created it.
+                    return false;
+                }
+                let alive = owner
+                    .trim()
+                    .parse::<i32>()
+                    // SAFETY: kill with signal 0 only checks that the process exists.
+                    .is_ok_and(|pid| pid > 0 && unsafe { libc::kill(pid, 0) } == 0);
+                if alive && owner.trim() != mine {
+                    return false;
+                }
+                // Its process is gone (or it is ours from an earlier run with our pid):
+                // take it over.
+                let _ = std::fs::remove_file(&path);
+            }
+            // No temp directory to claim in: fall back to this process's own set.
+            Err(_) => return true,
+        }
+    }
+    false
 }
 
 fn wait_for_tcp(port: u16, what: &str) {
@@ -202,15 +244,35 @@ pub struct GatewayProcess {
     pub http_port: u16,
     pub grpc_port: u16,
     child: Option<Child>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl GatewayProcess {
     pub fn start(nats_url: &str, extra: &[&str]) -> GatewayProcess {
+        GatewayProcess::launch(nats_url, extra, &[], false)
+    }
+
+    /// `start` with these environment variables, and its log (stderr, at `info`) kept for
+    /// `log` instead of shown.
+    pub fn start_logged(nats_url: &str, extra: &[&str], env: &[(&str, &str)]) -> GatewayProcess {
+        GatewayProcess::launch(nats_url, extra, env, true)
+    }
+
+    fn launch(
+        nats_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        logged: bool,
+    ) -> GatewayProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("gw.sock");
         let http_port = free_port();
         let grpc_port = free_port();
+        let stderr = if logged {
+            Stdio::from(std::fs::File::create(dir.path().join("stderr")).expect("log file"))
+        } else {
+            Stdio::inherit()
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_ipc-gateway"))
             .arg("serve")
             .args(["--nats-url", nats_url])
@@ -219,9 +281,10 @@ impl GatewayProcess {
             .args(["--http", &format!("127.0.0.1:{http_port}")])
             .args(["--grpc", &format!("127.0.0.1:{grpc_port}")])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", if logged { "info" } else { "warn" })
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start ipc-gateway");
         let gateway = GatewayProcess {
@@ -229,7 +292,7 @@ impl GatewayProcess {
             http_port,
             grpc_port,
             child: Some(child),
-            _dir: dir,
+            dir,
         };
         let deadline = Instant::now() + PATIENCE;
         while std::os::unix::net::UnixStream::connect(&gateway.socket).is_err() {
@@ -281,6 +344,27 @@ impl GatewayProcess {
                 panic!("the gateway did not exit");
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What a gateway started with `start_logged` has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// Waits until the log (`start_logged`) has a line holding `text`, and returns that line.
+    pub async fn wait_log(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(line) = self.log().lines().find(|line| line.contains(text)) {
+                return line.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {text:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -424,6 +508,15 @@ pub async fn spawn_echo(
     delay: Duration,
 ) -> tokio::task::JoinHandle<()> {
     let client = async_nats::connect(nats_url).await.expect("echo connects");
+    spawn_echo_on(client, subject, delay).await
+}
+
+/// `spawn_echo` on a client the test connected (with credentials, over TLS).
+pub async fn spawn_echo_on(
+    client: async_nats::Client,
+    subject: &str,
+    delay: Duration,
+) -> tokio::task::JoinHandle<()> {
     let mut requests = client
         .subscribe(subject.to_owned())
         .await

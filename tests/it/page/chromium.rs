@@ -108,6 +108,11 @@ pub struct Browser {
 
 impl Browser {
     pub fn launch(binary: &Path, width: u32, height: u32) -> Browser {
+        Browser::launch_with(binary, width, height, &[])
+    }
+
+    /// `launch`, with more command-line switches (`--ignore-certificate-errors`).
+    pub fn launch_with(binary: &Path, width: u32, height: u32, extra: &[&str]) -> Browser {
         let profile = tempfile::tempdir().expect("a profile directory");
         let log = std::fs::File::create(profile.path().join("chromium.log")).expect("log file");
         let child = Command::new(binary)
@@ -130,6 +135,7 @@ impl Browser {
                 "--remote-debugging-port=0",
                 &format!("--window-size={width},{height}"),
             ])
+            .args(extra)
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")
             .stdin(Stdio::null())

@@ -291,6 +291,39 @@ request = { allow = ["demo.>"] }
 "#;
 
 #[tokio::test]
+async fn page_over_https_connects_with_wss_and_gets_replies_in_headless_chromium() {
+    let binary = match chromium::find_or_install() {
+        Ok(binary) => binary,
+        Err(why) => {
+            chromium::say(&format!(
+                "SKIPPED: chromium is not installed and could not be installed: {why}"
+            ));
+            return;
+        }
+    };
+    let nats = NatsServer::start();
+    let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
+    let (_pki, flags) = crate::tls::page_tls();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let gateway = GatewayProcess::start(&nats.url(), &flags);
+    // The test CA is not in the browser's store.
+    let browser = Browser::launch_with(&binary, WIDTH, HEIGHT, &["--ignore-certificate-errors"]);
+    let mut tab = browser.first_tab().await;
+    tab.navigate(&format!("https://127.0.0.1:{}/", gateway.http_port))
+        .await;
+    let protocol = tab.eval("location.protocol").await;
+    assert_eq!(protocol, "https:");
+    tab.wait_for(
+        "document.getElementById('state').dataset.state === 'connected'",
+        "the connection state `connected` over wss://",
+    )
+    .await;
+    let reply = request(&mut tab, "demo.echo", "hello over https").await;
+    assert_eq!(reply["class"], "result ok", "{reply}");
+    assert_eq!(reply["body"], "hello over https", "{reply}");
+}
+
+#[tokio::test]
 async fn page_with_auth_required_connects_only_with_a_valid_token_in_the_field() {
     let binary = match chromium::find_or_install() {
         Ok(binary) => binary,

@@ -148,14 +148,7 @@ pub fn check_refusal(code: ErrorCode, message: &str, fatal: bool) {
 /// header entries (a name's values are grouped), and in a replay time (written as RFC 3339
 /// again); everything else is the same bytes.
 pub fn check_binary(envelope: &Envelope, frame: Option<&[u8]>) {
-    let canonical = encode(envelope, put_binary).expect("a decoded frame can be written back");
-    let again = decode_frame(&canonical);
-    assert_eq!(&again, envelope, "the canonical frame decodes differently");
-    assert_eq!(
-        encode(&again, put_binary).as_deref(),
-        Some(&canonical[..]),
-        "the canonical frame is not a fixed point"
-    );
+    let canonical = canonical(envelope, put_binary, decode_frame, "frame");
     cross_check_json(envelope);
     let Some(frame) = frame else { return };
     if matches!(envelope.since.as_deref(), Some(Since::Time(_))) {
@@ -192,21 +185,32 @@ pub fn check_binary(envelope: &Envelope, frame: Option<&[u8]>) {
 /// A decoded JSON line: its canonical line is one line, decodes to the same envelope, and is a
 /// fixed point.
 pub fn check_json(envelope: &Envelope) {
-    let canonical = encode(envelope, put_json).expect("a decoded line can be written back");
+    let canonical = canonical(envelope, put_json, decode_line, "line");
     assert_eq!(canonical.last(), Some(&b'\n'));
     assert!(
         !canonical[..canonical.len() - 1].contains(&b'\n'),
         "the canonical line has a line break inside"
     );
-    let again = decode_line(&canonical);
-    assert_eq!(&again, envelope, "the canonical line decodes differently");
-    assert_eq!(
-        encode(&again, put_json).as_deref(),
-        Some(&canonical[..]),
-        "the canonical line is not a fixed point"
-    );
     cross_check_binary(envelope);
 }
+
+/// The canonical form of a decoded envelope on one wire: it must exist, decode to the same
+/// envelope, and be written again byte for byte (a fixed point).
+fn canonical(envelope: &Envelope, put: Put, read: fn(&[u8]) -> Envelope, wire: &str) -> Bytes {
+    let canonical =
+        encode(envelope, put).unwrap_or_else(|| panic!("a decoded {wire} can be written back"));
+    let again = read(&canonical);
+    assert_eq!(&again, envelope, "the canonical {wire} decodes differently");
+    assert_eq!(
+        encode(&again, put).as_deref(),
+        Some(&canonical[..]),
+        "the canonical {wire} is not a fixed point"
+    );
+    canonical
+}
+
+/// `canonical::put_binary` or `canonical::put_json`.
+type Put = fn(&Envelope, &mut BytesMut) -> Result<(), &'static str>;
 
 /// When the other wire can carry the envelope, it carries it unchanged.
 fn cross_check_json(envelope: &Envelope) {
@@ -221,10 +225,7 @@ fn cross_check_binary(envelope: &Envelope) {
     }
 }
 
-fn encode(
-    envelope: &Envelope,
-    put: fn(&Envelope, &mut BytesMut) -> Result<(), &'static str>,
-) -> Option<Bytes> {
+fn encode(envelope: &Envelope, put: Put) -> Option<Bytes> {
     let mut out = BytesMut::new();
     put(envelope, &mut out).ok()?;
     Some(out.freeze())

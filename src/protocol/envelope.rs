@@ -133,6 +133,21 @@ pub enum Op {
 }
 
 impl Op {
+    /// Every op, in declaration order.
+    pub const ALL: [Op; 11] = [
+        Op::Request,
+        Op::Publish,
+        Op::Subscribe,
+        Op::Unsubscribe,
+        Op::Ping,
+        Op::Credit,
+        Op::Auth,
+        Op::Register,
+        Op::Unregister,
+        Op::Presence,
+        Op::PresenceWatch,
+    ];
+
     pub fn parse(name: &str) -> Option<Op> {
         Some(match name {
             "request" => Op::Request,

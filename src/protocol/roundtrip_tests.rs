@@ -50,22 +50,9 @@ fn envelope(item: Decoded) -> Envelope {
 }
 
 fn op(binary: bool) -> impl Strategy<Value = Op> {
-    let mut ops = vec![
-        Op::Request,
-        Op::Publish,
-        Op::Subscribe,
-        Op::Unsubscribe,
-        Op::Ping,
-        Op::Credit,
-        Op::Register,
-        Op::Unregister,
-        Op::Presence,
-        Op::PresenceWatch,
-    ];
-    if !binary {
-        ops.push(Op::Auth);
-    }
-    proptest::sample::select(ops)
+    // Binary frames have no auth op.
+    let ops = Op::ALL.into_iter().filter(|op| !binary || *op != Op::Auth);
+    proptest::sample::select(ops.collect::<Vec<_>>())
 }
 
 fn id(binary: bool) -> BoxedStrategy<Id> {

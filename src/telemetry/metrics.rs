@@ -23,19 +23,7 @@ use metrics_exporter_prometheus::{
 
 use crate::protocol::{ErrorCode, Frontend, Op};
 
-const OPS: [Op; 11] = [
-    Op::Request,
-    Op::Publish,
-    Op::Subscribe,
-    Op::Unsubscribe,
-    Op::Ping,
-    Op::Credit,
-    Op::Auth,
-    Op::Register,
-    Op::Unregister,
-    Op::Presence,
-    Op::PresenceWatch,
-];
+const OPS: [Op; 11] = Op::ALL;
 const OUTCOMES: usize = ErrorCode::ALL.len() + 1;
 /// The `op` label values beyond the protocol's ops (see `OpKind`).
 const EXTRA_OPS: [&str; 3] = ["publish_durable", "subscribe_replay", "invalid"];

@@ -154,7 +154,7 @@ impl Named {
         let Some(target) = envelope.subject.clone() else {
             return Err(GatewayError::bad_request(format!(
                 "{} needs {what}",
-                op_name(envelope.op)
+                envelope.op.as_str()
             )));
         };
         let id = envelope.id;
@@ -162,7 +162,7 @@ impl Named {
             if id.is_null() {
                 return Err(GatewayError::bad_request(format!(
                     "{} needs an \"id\": its events name it by that id",
-                    op_name(envelope.op)
+                    envelope.op.as_str()
                 )));
             }
             if id_taken || named.uses(&id) {
@@ -209,15 +209,6 @@ impl Named {
             }
             _ => Err(GatewayError::bad_request("not a named-client op")),
         }
-    }
-}
-
-fn op_name(op: Op) -> &'static str {
-    match op {
-        Op::Register => "register",
-        Op::Unregister => "unregister",
-        Op::Presence => "presence",
-        _ => "presence_watch",
     }
 }
 

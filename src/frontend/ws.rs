@@ -195,8 +195,10 @@ fn origin_allowed(config: &Config, headers: &HeaderMap) -> Result<(), String> {
     }
 }
 
-/// Decodes one WebSocket message into one item.
-fn decode(message: Message, max: usize) -> Option<(WireFormat, Decoded)> {
+/// Decodes one WebSocket message into one item: a text message is one JSON envelope, a binary
+/// message exactly one frame; `None` for control messages. Public for the `ws_envelope` fuzz
+/// target (fuzz/), which checks it against the stream decoders.
+pub fn decode(message: Message, max: usize) -> Option<(WireFormat, Decoded)> {
     match message {
         Message::Text(text) => Some((WireFormat::JsonLines, json::parse_line(Bytes::from(text)))),
         Message::Binary(data) => {

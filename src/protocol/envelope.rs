@@ -133,6 +133,21 @@ pub enum Op {
 }
 
 impl Op {
+    /// Every op, in declaration order.
+    pub const ALL: [Op; 11] = [
+        Op::Request,
+        Op::Publish,
+        Op::Subscribe,
+        Op::Unsubscribe,
+        Op::Ping,
+        Op::Credit,
+        Op::Auth,
+        Op::Register,
+        Op::Unregister,
+        Op::Presence,
+        Op::PresenceWatch,
+    ];
+
     pub fn parse(name: &str) -> Option<Op> {
         Some(match name {
             "request" => Op::Request,
@@ -148,6 +163,23 @@ impl Op {
             "presence_watch" => Op::PresenceWatch,
             _ => return None,
         })
+    }
+
+    /// The name `parse` reads (the JSON `op`, and the op label of metrics and audit).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Request => "request",
+            Op::Publish => "publish",
+            Op::Subscribe => "subscribe",
+            Op::Unsubscribe => "unsubscribe",
+            Op::Ping => "ping",
+            Op::Credit => "credit",
+            Op::Auth => "auth",
+            Op::Register => "register",
+            Op::Unregister => "unregister",
+            Op::Presence => "presence",
+            Op::PresenceWatch => "presence_watch",
+        }
     }
 }
 
@@ -228,7 +260,7 @@ pub enum Since {
 
 /// One inbound message, whatever wire it came from. Payload and subject are `Bytes` slices of
 /// the connection's read buffer where the codec could manage it (no copy).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
     pub op: Op,
     pub id: Id,
@@ -277,7 +309,7 @@ impl Envelope {
 }
 
 /// What a codec yields for each unit of input: a message, or input it could not accept.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum Decoded {
     Envelope(Envelope),
     /// Bad input. `fatal` means the stream cannot be resynchronised: send the error, then close.

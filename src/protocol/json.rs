@@ -313,7 +313,9 @@ fn build_envelope(
         (None, None) => Bytes::new(),
     };
     if let Some(headers) = parsed.headers {
-        envelope.headers = Some(header_map(headers).map_err(|error| (envelope.id.clone(), error))?);
+        let headers = header_map(headers).map_err(|error| (envelope.id.clone(), error))?;
+        // `{}` (or names with `[]`) is no headers, as an empty block is in a binary frame.
+        envelope.headers = Some(headers).filter(|headers| !headers.is_empty());
     }
     if let Some(raw) = parsed.priority {
         envelope.priority = priority(raw).map_err(|message| fail(&envelope.id, message))?;
@@ -542,13 +544,13 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
     }
 }
 
-type Writer<'a> = bytes::buf::Writer<&'a mut BytesMut>;
+pub(super) type Writer<'a> = bytes::buf::Writer<&'a mut BytesMut>;
 
-fn put(w: &mut Writer<'_>, bytes: &[u8]) {
+pub(super) fn put(w: &mut Writer<'_>, bytes: &[u8]) {
     w.get_mut().extend_from_slice(bytes);
 }
 
-fn json<T: serde::Serialize + ?Sized>(w: &mut Writer<'_>, value: &T) {
+pub(super) fn json<T: serde::Serialize + ?Sized>(w: &mut Writer<'_>, value: &T) {
     // Serializing ids, strings and numbers into memory cannot fail.
     let _ = serde_json::to_writer(w, value);
 }
@@ -566,7 +568,7 @@ fn put_error(w: &mut Writer<'_>, error: &GatewayError) {
     put(w, b"}");
 }
 
-fn put_data(w: &mut Writer<'_>, data: &Bytes) {
+pub(super) fn put_data(w: &mut Writer<'_>, data: &Bytes) {
     match std::str::from_utf8(data) {
         Ok(text) => {
             put(w, b",\"data\":");
@@ -580,7 +582,7 @@ fn put_data(w: &mut Writer<'_>, data: &Bytes) {
     }
 }
 
-fn put_headers(w: &mut Writer<'_>, headers: Option<&Headers>) {
+pub(super) fn put_headers(w: &mut Writer<'_>, headers: Option<&Headers>) {
     let Some(headers) = headers.filter(|h| !h.is_empty()) else {
         return;
     };
@@ -656,6 +658,33 @@ mod tests {
         assert_eq!(&envelope(&items[0]).data[..], b"x\ny");
         assert_eq!(&envelope(&items[1]).data[..], &[0u8, 1]);
         assert_eq!(&envelope(&items[2]).data[..], b"{\"k\":[1,2]}");
+    }
+
+    #[test]
+    fn a_number_id_too_long_for_an_integer_is_read_exactly_and_echoed_as_read() {
+        // Found by fuzz/json_lines: serde_json's default float parsing was one ulp off for this
+        // id, so the id written back (ryu, exact) read as another number than the one first read.
+        let digits = "48888888888888888888888888888888888888888888888888888888888588888888888888888888888888";
+        let line = format!(r#"{{"subject":"dem+o.echo","id":{digits}}}"#);
+        let Decoded::Envelope(envelope) = parse_line(Bytes::from(line)) else {
+            panic!("a valid line")
+        };
+        let Id::Number(id) = &envelope.id else {
+            panic!("{:?}", envelope.id)
+        };
+        assert_eq!(id.as_f64(), Some(digits.parse::<f64>().unwrap()));
+        let mut echoed = BytesMut::new();
+        encode(
+            &Outbound::Ack {
+                id: envelope.id.clone(),
+            },
+            &mut echoed,
+        );
+        let again = parse_line(Bytes::from(format!(
+            r#"{{"subject":"a","id":{}}}"#,
+            serde_json::from_slice::<serde_json::Value>(&echoed).unwrap()["id"]
+        )));
+        assert!(matches!(again, Decoded::Envelope(e) if e.id == envelope.id));
     }
 
     #[test]

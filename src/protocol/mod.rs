@@ -4,6 +4,7 @@
 //! or a front-end.
 
 pub mod binary;
+pub mod canonical;
 pub mod envelope;
 pub mod error;
 mod frontend;
@@ -11,6 +12,8 @@ pub mod headers;
 pub mod identity;
 pub mod json;
 pub mod presence;
+#[cfg(test)]
+mod roundtrip_tests;
 pub mod subject;
 mod wire;
 

@@ -23,19 +23,7 @@ use metrics_exporter_prometheus::{
 
 use crate::protocol::{ErrorCode, Frontend, Op};
 
-const OPS: [Op; 11] = [
-    Op::Request,
-    Op::Publish,
-    Op::Subscribe,
-    Op::Unsubscribe,
-    Op::Ping,
-    Op::Credit,
-    Op::Auth,
-    Op::Register,
-    Op::Unregister,
-    Op::Presence,
-    Op::PresenceWatch,
-];
+const OPS: [Op; 11] = Op::ALL;
 const OUTCOMES: usize = ErrorCode::ALL.len() + 1;
 /// The `op` label values beyond the protocol's ops (see `OpKind`).
 const EXTRA_OPS: [&str; 3] = ["publish_durable", "subscribe_replay", "invalid"];
@@ -65,7 +53,7 @@ impl OpKind {
 
 fn op_label(index: usize) -> &'static str {
     match OPS.get(index) {
-        Some(op) => op_name(*op),
+        Some(op) => op.as_str(),
         None => EXTRA_OPS[index - OPS.len()],
     }
 }
@@ -73,22 +61,6 @@ fn op_label(index: usize) -> &'static str {
 impl From<Option<Op>> for OpKind {
     fn from(op: Option<Op>) -> OpKind {
         op.map_or(OpKind::Invalid, OpKind::Op)
-    }
-}
-
-fn op_name(op: Op) -> &'static str {
-    match op {
-        Op::Request => "request",
-        Op::Publish => "publish",
-        Op::Subscribe => "subscribe",
-        Op::Unsubscribe => "unsubscribe",
-        Op::Ping => "ping",
-        Op::Credit => "credit",
-        Op::Auth => "auth",
-        Op::Register => "register",
-        Op::Unregister => "unregister",
-        Op::Presence => "presence",
-        Op::PresenceWatch => "presence_watch",
     }
 }
 
@@ -739,7 +711,7 @@ mod tests {
                     assert_eq!(f, frontend.as_str());
                     assert_eq!(out, outcome.map_or_else(|c| c.as_str(), |()| "ok"));
                     match op {
-                        OpKind::Op(op) => assert_eq!(o, op_name(op)),
+                        OpKind::Op(op) => assert_eq!(o, op.as_str()),
                         OpKind::PublishDurable => assert_eq!(o, "publish_durable"),
                         OpKind::SubscribeReplay => assert_eq!(o, "subscribe_replay"),
                         OpKind::Invalid => assert_eq!(o, "invalid"),

@@ -645,6 +645,25 @@ async fn ws_read_until(client: &mut ws::Ws, last: u64, patience: Duration) -> Ve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_rides_out_the_loss_of_the_gateways_nats_node_without_a_gap() {
+    // Once (a CI rehearsal under heavy load, 2026-12-06) this test never ended: a hang is a
+    // failure, with the step it was in, instead of a stuck suite.
+    let step = std::sync::Arc::new(std::sync::Mutex::new("starting the cluster"));
+    let finished = tokio::time::timeout(
+        Duration::from_secs(300),
+        replay_rides_out_the_loss_of_the_gateways_nats_node(step.clone()),
+    )
+    .await;
+    assert!(
+        finished.is_ok(),
+        "still running after 300 s, at: {}",
+        step.lock().unwrap()
+    );
+}
+
+async fn replay_rides_out_the_loss_of_the_gateways_nats_node(
+    step: std::sync::Arc<std::sync::Mutex<&'static str>>,
+) {
+    let at = |what: &'static str| *step.lock().unwrap() = what;
     let mut cluster = NatsCluster::start().await;
     let _events = make_stream(&cluster.nodes[1], r3("EVENTS", &["events.>"])).await;
     // Node 0 only: the gateway learns the others from it, and goes to them when it dies.
@@ -677,10 +696,12 @@ async fn a_replay_rides_out_the_loss_of_the_gateways_nats_node_without_a_gap() {
             }
         }
     };
+    at("storing 1..=20");
     for n in 1..=20 {
         store_once(n).await;
     }
     // A WebSocket client: its reads can wait longer than the harness's usual patience.
+    at("subscribing");
     let mut client = ws::connect(&gateway, None).await.expect("upgrade");
     let answer = ws::call(
         &mut client,
@@ -688,12 +709,16 @@ async fn a_replay_rides_out_the_loss_of_the_gateways_nats_node_without_a_gap() {
     )
     .await;
     assert_eq!(answer["ok"], true, "{answer}");
+    at("reading 1..=20");
     let mut seen = ws_read_until(&mut client, 20, PATIENCE).await;
 
+    at("killing node 0");
     cluster.nodes[0].kill();
+    at("storing 21..=60 after the kill");
     for n in 21..=60 {
         store_once(n).await;
     }
+    at("reading 21..=60 after the kill");
     // The consumer is made again once NATS (a stream leader and a consumer placement) can: the
     // client library retries with a backoff that grows to 10 s, and a consumer whose server
     // died is noticed after two missed 5 s heartbeats. Wait for that, not for a guess.

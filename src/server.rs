@@ -22,7 +22,7 @@ use axum::Router;
 use axum::routing::get;
 use futures_util::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::core::Gateway;
@@ -32,6 +32,9 @@ use crate::ops::http;
 use crate::ops::reload::{self, LoadConfig};
 use crate::ops::systemd::{Notifier, Systemd};
 use crate::tls::TlsPorts;
+
+/// How long connections cut at the end of the drain have to be dropped.
+const CUT_WAIT: Duration = Duration::from_secs(1);
 
 /// Serves until `stop` yields, then drains. Each item of `stop` is a stop request naming its
 /// cause for the log (`"SIGTERM"`): the first starts the graceful drain, and any later one
@@ -196,6 +199,12 @@ pub async fn run_with(
     // WebSocket (and gRPC) connections live outside the listeners' tasks: wait for them too.
     gateway.connections().close();
     let _ = tokio::time::timeout_at(deadline.deadline(), gateway.connections().wait()).await;
+    // Connections the drain could not end are closed now, and dropped before the audit log
+    // closes (their disconnect records with it).
+    if !gateway.connections().is_empty() {
+        gateway.shutdown().cut_remaining();
+        let _ = tokio::time::timeout(CUT_WAIT, gateway.connections().wait()).await;
+    }
     gateway.flush().await;
     http_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
@@ -209,6 +218,13 @@ pub async fn run_with(
     if !grpc_task.is_finished() {
         grpc_task.abort();
         let _ = (&mut grpc_task).await;
+    }
+    let still_open = gateway.connections().len();
+    if still_open > 0 {
+        warn!(
+            still_open,
+            "connections still open at exit; their disconnect records are lost"
+        );
     }
     // Last: every operation answered before now has its record on disk.
     gateway.close_audit().await;

@@ -1,12 +1,15 @@
-//! Graceful shutdown as two signals: `stop` (stop accepting and reading; answer what is in
-//! flight) and `drain_expired` (the drain time is over; whatever is still waiting gets
-//! `UNAVAILABLE` now). One small type so every front-end follows the same sequence.
+//! Graceful shutdown as three signals: `stop` (stop accepting and reading; answer what is in
+//! flight), `drain_expired` (the drain time is over; whatever is still waiting gets
+//! `UNAVAILABLE` now) and `cut` (the drain and its margin are over: a connection still open,
+//! say a client that stopped answering HTTP/2's goodbye, is closed, so that its disconnect
+//! record is written before the audit log closes). One small type so every front-end follows
+//! the same sequence.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 #[derive(Clone, Default)]
 pub struct Shutdown {
@@ -14,6 +17,7 @@ pub struct Shutdown {
     /// `stop`, readable without a lock (front-ends ask between the commands of one read).
     stopping: Arc<AtomicBool>,
     drain_expired: CancellationToken,
+    cut: CancellationToken,
 }
 
 impl Shutdown {
@@ -46,5 +50,16 @@ impl Shutdown {
 
     pub async fn drain_expired(&self) {
         self.drain_expired.cancelled().await
+    }
+
+    /// Closes the connections still open after the drain (see the top of the file).
+    pub fn cut_remaining(&self) {
+        self.cut.cancel();
+    }
+
+    /// Resolves when the connections still open are to be closed; owned, for a connection to
+    /// keep and poll.
+    pub fn cut(&self) -> WaitForCancellationFutureOwned {
+        self.cut.clone().cancelled_owned()
     }
 }

@@ -988,3 +988,74 @@ async fn publish_and_request_with_the_same_bad_subject_get_the_same_code() {
         assert_error(&published, Code::InvalidArgument, "BAD_REQUEST");
     }
 }
+
+/// A client that stops answering (here: its runtime's only thread is blocked) cannot finish
+/// HTTP/2's goodbye, so the drain cannot end its connection: the gateway cuts it at the end of
+/// the drain, and its disconnect is in the audit log rather than lost with the runtime.
+#[tokio::test]
+async fn a_grpc_client_frozen_through_the_drain_is_cut_and_its_disconnect_is_audited() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mut gateway = GatewayProcess::start_logged(
+        &nats.url(),
+        &[
+            "--audit-file",
+            audit.to_str().unwrap(),
+            "--drain-timeout-ms",
+            "300",
+        ],
+        &[],
+    );
+    let url = gateway.grpc_url();
+    let (connected_tx, connected_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let frozen = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = runtime.block_on(async move {
+            let mut client = GatewayClient::connect(url).await.unwrap();
+            client
+                .publish(pb::PublishMessage {
+                    subject: "frozen.hello".into(),
+                    payload: b"hi".to_vec().into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            client
+        });
+        connected_tx.send(()).unwrap();
+        // Frozen: nothing runs the client's connection until the test lets go.
+        let _ = release_rx.recv();
+        drop(client);
+    });
+    connected_rx
+        .recv_timeout(PATIENCE)
+        .expect("the client connected");
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), Some(0));
+    release_tx.send(()).unwrap();
+    frozen.join().unwrap();
+
+    let log = gateway.log();
+    assert!(
+        !log.contains("after the audit log was shut down") && !log.contains("still open at exit"),
+        "{log}"
+    );
+    let records = audit_records(&audit);
+    let published: Vec<_> = records
+        .iter()
+        .filter(|r| r["op"] == "publish" && r["frontend"] == "grpc")
+        .collect();
+    assert_eq!(published.len(), 1, "{records:#?}");
+    let conn = &published[0]["conn"];
+    assert!(
+        records
+            .iter()
+            .any(|r| r["op"] == "disconnect" && r["frontend"] == "grpc" && r["conn"] == *conn),
+        "no disconnect record of the frozen client's connection {conn}: {records:#?}"
+    );
+}

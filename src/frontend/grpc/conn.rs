@@ -5,7 +5,9 @@
 //! over the limit is served briefly so that its calls get OVERLOADED (rather than a reset that
 //! clients report as UNKNOWN), then closed; past a few such at once, it is closed at once.
 //! With TLS (`tls.rs`), the handshake comes between taking the place and admitting the
-//! connection.
+//! connection. A connection still open when the shutdown cuts the rest (a client that stopped
+//! answering HTTP/2's goodbye) reads end-of-stream and fails its writes, so that hyper drops
+//! it, and its disconnect record is written, before the audit log closes.
 
 use std::io;
 use std::pin::Pin;
@@ -20,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tonic::transport::server::Connected;
 use tracing::{debug, warn};
@@ -72,6 +75,22 @@ pub struct GrpcConn {
     state: Arc<ConnState>,
     /// For a refused connection: when reading ends (hyper then closes the connection).
     close_at: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The shutdown's cut (`Shutdown::cut`): then reads end and writes fail.
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl GrpcConn {
+    /// Whether the shutdown has cut the connection (and if not, wakes the task when it does).
+    fn is_cut(&mut self, cx: &mut Context<'_>) -> bool {
+        self.cut.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn cut_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "the gateway has shut down and closed the connection",
+    )
 }
 
 impl Connected for GrpcConn {
@@ -93,6 +112,9 @@ impl AsyncRead for GrpcConn {
         {
             return Poll::Ready(Ok(()));
         }
+        if self.is_cut(cx) {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -103,6 +125,9 @@ impl AsyncWrite for GrpcConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.is_cut(cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -111,6 +136,9 @@ impl AsyncWrite for GrpcConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.is_cut(cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -119,6 +147,9 @@ impl AsyncWrite for GrpcConn {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.is_cut(cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
@@ -271,5 +302,6 @@ fn admit_with(
         stream,
         state,
         close_at,
+        cut: Box::pin(gateway.shutdown().cut()),
     })
 }

@@ -57,8 +57,8 @@ impl Shutdown {
         self.cut.cancel();
     }
 
-    /// Resolves when the connections still open are to be closed; owned, for a connection to
-    /// keep and poll.
+    /// Resolves when the connections still open are to be closed; owned, for a task to wait
+    /// on.
     pub fn cut(&self) -> WaitForCancellationFutureOwned {
         self.cut.clone().cancelled_owned()
     }

@@ -5,13 +5,19 @@
 //! over the limit is served briefly so that its calls get OVERLOADED (rather than a reset that
 //! clients report as UNKNOWN), then closed; past a few such at once, it is closed at once.
 //! With TLS (`tls.rs`), the handshake comes between taking the place and admitting the
-//! connection. A connection still open when the shutdown cuts the rest (a client that stopped
-//! answering HTTP/2's goodbye) reads end-of-stream and fails its writes, so that hyper drops
-//! it, and its disconnect record is written, before the audit log closes.
+//! connection. Every open connection's socket is listed (`OpenSockets`), so that the shutdown's
+//! cut (`Shutdown::cut`) can shut down the ones the drain could not end (a client that stopped
+//! answering HTTP/2's goodbye): hyper then reads end-of-stream and drops the connection, and its
+//! disconnect record is written before the audit log closes. The list is touched when a
+//! connection opens and closes, never per read or write.
 
+use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,7 +28,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::sync::WaitForCancellationFutureOwned;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tonic::transport::server::Connected;
 use tracing::{debug, warn};
@@ -69,28 +74,57 @@ pub fn state_of<T>(request: &tonic::Request<T>) -> Result<Arc<ConnState>, Gatewa
         .ok_or_else(|| GatewayError::new(ErrorCode::Internal, "a call without its connection"))
 }
 
+/// The sockets of the open connections, by a key of their own.
+#[derive(Default)]
+struct OpenSockets {
+    sockets: Mutex<HashMap<u64, RawFd>>,
+    next_key: AtomicU64,
+}
+
+impl OpenSockets {
+    fn list(self: &Arc<Self>, stream: &MaybeTls) -> Listed {
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        lock(&self.sockets).insert(key, stream.tcp().as_raw_fd());
+        Listed {
+            open: self.clone(),
+            key,
+        }
+    }
+
+    /// Shuts down every listed socket, both ways. Under the lock: a connection leaves the list
+    /// (`Listed`'s drop) before its socket is closed, so every descriptor here is still its own.
+    fn shut_down_all(&self) {
+        for fd in lock(&self.sockets).values() {
+            // SAFETY: `shutdown(2)` on a descriptor that is open (see above); it closes nothing.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A connection's place in `OpenSockets`; dropped before the socket (field order).
+struct Listed {
+    open: Arc<OpenSockets>,
+    key: u64,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        lock(&self.open.sockets).remove(&self.key);
+    }
+}
+
 /// An accepted connection: the socket plus its state.
 pub struct GrpcConn {
+    /// Before `stream`: fields drop in order, so the socket leaves the list before it closes.
+    _listed: Listed,
     stream: MaybeTls,
     state: Arc<ConnState>,
     /// For a refused connection: when reading ends (hyper then closes the connection).
     close_at: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The shutdown's cut (`Shutdown::cut`): then reads end and writes fail.
-    cut: Pin<Box<WaitForCancellationFutureOwned>>,
-}
-
-impl GrpcConn {
-    /// Whether the shutdown has cut the connection (and if not, wakes the task when it does).
-    fn is_cut(&mut self, cx: &mut Context<'_>) -> bool {
-        self.cut.as_mut().poll(cx).is_ready()
-    }
-}
-
-fn cut_error() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionAborted,
-        "the gateway has shut down and closed the connection",
-    )
 }
 
 impl Connected for GrpcConn {
@@ -112,9 +146,6 @@ impl AsyncRead for GrpcConn {
         {
             return Poll::Ready(Ok(()));
         }
-        if self.is_cut(cx) {
-            return Poll::Ready(Ok(()));
-        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -125,9 +156,6 @@ impl AsyncWrite for GrpcConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.is_cut(cx) {
-            return Poll::Ready(Err(cut_error()));
-        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -136,9 +164,6 @@ impl AsyncWrite for GrpcConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.is_cut(cx) {
-            return Poll::Ready(Err(cut_error()));
-        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -147,9 +172,6 @@ impl AsyncWrite for GrpcConn {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.is_cut(cx) {
-            return Poll::Ready(Err(cut_error()));
-        }
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
@@ -169,12 +191,20 @@ pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
 ) -> impl Stream<Item = Result<GrpcConn, io::Error>> {
+    let open = Arc::new(OpenSockets::default());
+    let cut = gateway.shutdown().cut();
+    let to_cut = open.clone();
+    tokio::spawn(async move {
+        cut.await;
+        to_cut.shut_down_all();
+    });
     let accepting = Accepting {
         gateway,
         listener,
         refusals: RefusalBudget::default(),
         tls,
         handshakes: FuturesUnordered::new(),
+        open,
     };
     futures_util::stream::unfold(accepting, |mut accepting| async move {
         loop {
@@ -221,6 +251,7 @@ pub fn incoming(
                 }
             };
             let (gateway, refusals) = (accepting.gateway.clone(), accepting.refusals.clone());
+            let open = accepting.open.clone();
             accepting.handshakes.push(tokio::spawn(async move {
                 let (stream, cert) = match tls.accept(stream).await {
                     Ok(accepted) => accepted,
@@ -238,7 +269,7 @@ pub fn incoming(
                     }
                     connected
                 });
-                admit_with(&gateway, (&refusals, polite), connected, stream)
+                admit_with(&gateway, (&refusals, polite), &open, connected, stream)
             }));
         }
     })
@@ -252,6 +283,7 @@ struct Accepting {
     tls: Option<Arc<Tls>>,
     /// Handshakes under way, each in its own task.
     handshakes: FuturesUnordered<tokio::task::JoinHandle<Option<GrpcConn>>>,
+    open: Arc<OpenSockets>,
 }
 
 /// Until a call shows a token, its caller is the peer at this address, with its verified
@@ -272,6 +304,7 @@ fn admit(
     admit_with(
         &accepting.gateway,
         (&accepting.refusals, None),
+        &accepting.open,
         connected,
         stream,
     )
@@ -282,6 +315,7 @@ fn admit(
 fn admit_with(
     gateway: &Gateway,
     (refusals, polite): (&RefusalBudget, Option<OwnedSemaphorePermit>),
+    open: &Arc<OpenSockets>,
     connected: Result<Caller, GatewayError>,
     stream: MaybeTls,
 ) -> Option<GrpcConn> {
@@ -299,9 +333,9 @@ fn admit_with(
         _tracked: gateway.connections().token(),
     });
     Some(GrpcConn {
+        _listed: open.list(&stream),
         stream,
         state,
         close_at,
-        cut: Box::pin(gateway.shutdown().cut()),
     })
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Default)]
 pub struct Shutdown {
@@ -57,9 +57,8 @@ impl Shutdown {
         self.cut.cancel();
     }
 
-    /// Resolves when the connections still open are to be closed; owned, for a task to wait
-    /// on.
-    pub fn cut(&self) -> WaitForCancellationFutureOwned {
-        self.cut.clone().cancelled_owned()
+    /// Resolves when the connections still open are to be closed.
+    pub async fn cut(&self) {
+        self.cut.cancelled().await
     }
 }

@@ -11,12 +11,11 @@
 //! disconnect record is written before the audit log closes. The list is touched when a
 //! connection opens and closes, never per read or write.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -74,46 +73,46 @@ pub fn state_of<T>(request: &tonic::Request<T>) -> Result<Arc<ConnState>, Gatewa
         .ok_or_else(|| GatewayError::new(ErrorCode::Internal, "a call without its connection"))
 }
 
-/// The sockets of the open connections, by a key of their own.
+/// The sockets of the open connections. A descriptor number names one socket while it is open,
+/// and a connection leaves the list before its socket closes, so the number is the key.
 #[derive(Default)]
 struct OpenSockets {
-    sockets: Mutex<HashMap<u64, RawFd>>,
-    next_key: AtomicU64,
+    sockets: Mutex<HashSet<RawFd>>,
 }
 
 impl OpenSockets {
+    fn sockets(&self) -> MutexGuard<'_, HashSet<RawFd>> {
+        self.sockets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn list(self: &Arc<Self>, stream: &MaybeTls) -> Listed {
-        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        lock(&self.sockets).insert(key, stream.tcp().as_raw_fd());
+        let fd = stream.tcp().as_raw_fd();
+        self.sockets().insert(fd);
         Listed {
             open: self.clone(),
-            key,
+            fd,
         }
     }
 
     /// Shuts down every listed socket, both ways. Under the lock: a connection leaves the list
     /// (`Listed`'s drop) before its socket is closed, so every descriptor here is still its own.
     fn shut_down_all(&self) {
-        for fd in lock(&self.sockets).values() {
+        for fd in self.sockets().iter() {
             // SAFETY: `shutdown(2)` on a descriptor that is open (see above); it closes nothing.
             unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
         }
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// A connection's place in `OpenSockets`; dropped before the socket (field order).
 struct Listed {
     open: Arc<OpenSockets>,
-    key: u64,
+    fd: RawFd,
 }
 
 impl Drop for Listed {
     fn drop(&mut self) {
-        lock(&self.open.sockets).remove(&self.key);
+        self.open.sockets().remove(&self.fd);
     }
 }
 
@@ -192,10 +191,9 @@ pub fn incoming(
     tls: Option<Arc<Tls>>,
 ) -> impl Stream<Item = Result<GrpcConn, io::Error>> {
     let open = Arc::new(OpenSockets::default());
-    let cut = gateway.shutdown().cut();
-    let to_cut = open.clone();
+    let (shutdown, to_cut) = (gateway.shutdown().clone(), open.clone());
     tokio::spawn(async move {
-        cut.await;
+        shutdown.cut().await;
         to_cut.shut_down_all();
     });
     let accepting = Accepting {

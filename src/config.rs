@@ -228,11 +228,11 @@ settings! {
         /// How often the server pings each WebSocket; one that misses two pongs is closed.
         /// 0 = off.
         pub ws_ping_interval_ms: u64 = 20_000,
-        /// tungstenite's read buffer per WebSocket, allocated for the connection's life, and the
-        /// most it takes per read call. Smaller makes idle connections cheaper; a message larger
-        /// than it costs a copy per this many bytes (the HTTP port's sockets read up to 8 KiB
-        /// per system call whatever this is, see ops/gather.rs).
-        pub ws_read_buffer_bytes: usize = 256,
+        /// The most one read from a WebSocket's socket takes. Reads land in a buffer of the
+        /// worker thread's, so no connection keeps a read buffer: only the bytes of a frame
+        /// not yet whole are kept, while it is not, and they grow by at most this much per read
+        /// (a client that announces a large frame and sends little costs little).
+        pub ws_read_buffer_bytes: usize = 16 * 1024,
         /// Address of the gRPC port (service `ipcgateway.v1.Gateway`, health, reflection).
         #[serde(deserialize_with = "listen_address")]
         pub grpc: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 50051)),

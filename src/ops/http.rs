@@ -44,7 +44,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-use super::gather::Gather;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -280,10 +279,7 @@ impl Connection {
             request
         });
         let connection = http
-            .serve_connection(
-                TokioIo::new(Gather::new(stream)),
-                TowerToHyperService::new(app),
-            )
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
             .with_upgrades();
         tokio::pin!(connection);
         tokio::select! {

@@ -3,7 +3,6 @@
 //! socket activation and readiness notification (`systemd`), and what SIGHUP reloads
 //! (`reload`).
 
-mod gather;
 pub mod http;
 pub mod page;
 pub mod reload;

@@ -41,3 +41,4 @@ mod uds_lifecycle;
 mod uds_requests;
 mod ws;
 mod ws_flow;
+mod ws_protocol;

@@ -262,3 +262,40 @@ async fn a_frame_trickled_a_byte_at_a_time_is_read_whole() {
         json!({"op":"pong","id":"slow"})
     );
 }
+
+#[tokio::test]
+async fn large_messages_cross_in_both_directions_whole() {
+    let nats = NatsServer::start();
+    let _echo = spawn_echo(&nats.url(), "demo.echo", Duration::ZERO).await;
+    let gateway = GatewayProcess::start(&nats.url(), &[]);
+    let mut ws = connect(&gateway, None).await.unwrap();
+    // Each payload needs a 64-bit length (over 65,535 bytes), and together the replies are more
+    // than one write's worth of frames.
+    let sizes = [70_000, 200_000, 125, 126, 65_535, 300_000];
+    for (id, size) in sizes.iter().enumerate() {
+        let data: String = (0..*size)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let line = json!({"id": id, "subject": "demo.echo", "data": data}).to_string();
+        ws.feed(Message::text(line)).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    // Answered as they come (not necessarily in order), each whole.
+    let mut answered = vec![false; sizes.len()];
+    for _ in &sizes {
+        let reply = next_json(&mut ws).await;
+        assert_eq!(reply["ok"], true, "{}", reply["error"]);
+        let id = reply["id"].as_u64().unwrap() as usize;
+        assert!(
+            !std::mem::replace(&mut answered[id], true),
+            "answered twice: {id}"
+        );
+        let data = reply["data"].as_str().unwrap();
+        assert_eq!(data.len(), sizes[id]);
+        assert!(
+            data.bytes()
+                .enumerate()
+                .all(|(i, b)| b == b'a' + (i % 26) as u8)
+        );
+    }
+}

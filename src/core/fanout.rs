@@ -23,9 +23,9 @@ use crate::telemetry::metrics::Metrics;
 
 /// Where a client subscription's messages go: its connection's outbox.
 pub trait DeliverySink: Send + Sync {
-    /// Queues a message for subscription `sid` of class `priority`; returns how many queued
-    /// ones were dropped to make room (for the metric; the client is told by the sink).
-    fn deliver(&self, sid: &Id, message: Arc<Delivery>, priority: Priority) -> u64;
+    /// Queues messages for subscription `sid` of class `priority`, in order; returns how many
+    /// queued ones were dropped to make room (for the metric; the client is told by the sink).
+    fn deliver(&self, sid: &Id, messages: &[Arc<Delivery>], priority: Priority) -> u64;
     /// `count` messages for `sid` were lost before they reached the gateway's queues; with
     /// `gap`, an unknown number more (its NATS connection was cut).
     fn lost(&self, sid: &Id, count: u64, gap: bool);
@@ -386,6 +386,10 @@ impl Topic {
 
     /// Hands one message to the members that may see it: every member, or for a queue group
     /// the next one in turn. `offer` returns false when the member may not see it.
+    pub fn member_count(&self) -> usize {
+        lock(&self.members).list.len()
+    }
+
     pub fn fan_out(&self, mut offer: impl FnMut(&Member) -> bool) {
         let mut members = lock(&self.members);
         if self.key.queue.is_none() {

@@ -34,13 +34,13 @@ use std::time::{Duration, Instant};
 
 use async_nats::{HeaderMap, Subscriber};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use crate::config::Config;
 use crate::protocol::Frontend;
 use crate::protocol::subject::{SubjectUse, validate_queue_group, validate_subject};
 use crate::protocol::{
-    Envelope, ErrorCode, GatewayError, Headers, Id, Identity, Op, Priority, Subject,
+    Delivery, Envelope, ErrorCode, GatewayError, Headers, Id, Identity, Op, Priority, Subject,
 };
 use crate::telemetry::audit::{Audit, AuditOp, Record};
 use crate::telemetry::metrics::{Metrics, OpKind};
@@ -860,47 +860,72 @@ impl Gateway {
     }
 
     /// Hands one message from NATS to the topic's members that may see it.
-    fn fan_out(&self, topic: &fanout::Topic, message: async_nats::Message) {
-        let delivery = Arc::new(nats::delivery(message));
-        let answer_until = delivery
-            .reply_to
-            .as_ref()
-            .map(|_| tokio::time::Instant::now() + self.inner.live.request_timeout());
-        // Counted per front-end once per message, not once per member.
-        let mut delivered = [0u64; Frontend::ALL.len()];
+    /// Hands messages that came for a topic, in order, to its members: each member of a
+    /// plain topic gets all of them at once (one lock and one wake-up of its connection per
+    /// batch, not per message); in a queue group each message goes to one member in turn.
+    fn fan_out(&self, topic: &fanout::Topic, deliveries: &[Arc<Delivery>]) {
+        let answer_until = deliveries
+            .iter()
+            .any(|delivery| delivery.reply_to.is_some())
+            .then(|| tokio::time::Instant::now() + self.inner.live.request_timeout());
+        // Counted per front-end once per batch, not once per member.
+        let mut bytes = [0usize; Frontend::ALL.len()];
         let mut dropped = [0u64; Frontend::ALL.len()];
-        topic.fan_out(|member| {
-            if member.filtered
-                && (!member
-                    .caller
-                    .authorized()
-                    .permissions
-                    .may_receive(delivery.subject.as_str())
-                    || self.is_client_subject(delivery.subject.as_str()))
-            {
+        let mut offer = |member: &fanout::Member, deliveries: &[Arc<Delivery>]| {
+            let allowed: Vec<Arc<Delivery>>;
+            let deliveries = if member.filtered {
+                allowed = deliveries
+                    .iter()
+                    .filter(|delivery| self.may_deliver(member, delivery))
+                    .cloned()
+                    .collect();
+                allowed.as_slice()
+            } else {
+                deliveries
+            };
+            if deliveries.is_empty() {
                 return false;
             }
-            if let (Some(reply_to), Some(until)) = (&delivery.reply_to, answer_until) {
-                member.caller.may_answer(reply_to.as_str(), until);
+            if let Some(until) = answer_until {
+                for reply_to in deliveries.iter().filter_map(|d| d.reply_to.as_ref()) {
+                    member.caller.may_answer(reply_to.as_str(), until);
+                }
             }
             let frontend = member.caller.frontend() as usize;
-            delivered[frontend] += 1;
-            dropped[frontend] +=
-                member
-                    .sink
-                    .deliver(&member.sid, delivery.clone(), member.priority);
+            bytes[frontend] += deliveries.iter().map(|d| d.payload.len()).sum::<usize>();
+            dropped[frontend] += member
+                .sink
+                .deliver(&member.sid, deliveries, member.priority);
             true
-        });
+        };
+        if topic.key.queue.is_some() {
+            for delivery in deliveries {
+                topic.fan_out(|member| offer(member, std::slice::from_ref(delivery)));
+            }
+        } else {
+            topic.fan_out(|member| offer(member, deliveries));
+        }
         let metrics = &self.inner.metrics;
         for frontend in Frontend::ALL {
             let index = frontend as usize;
-            if delivered[index] > 0 {
-                metrics.payload_out(frontend, delivered[index] as usize * delivery.payload.len());
+            if bytes[index] > 0 {
+                metrics.payload_out(frontend, bytes[index]);
             }
             if dropped[index] > 0 {
                 metrics.dropped(frontend, dropped[index]);
             }
         }
+    }
+
+    /// Whether a member whose permissions are narrower than its subscription may have this
+    /// message (and it is not a named client's delivery).
+    fn may_deliver(&self, member: &fanout::Member, delivery: &Delivery) -> bool {
+        member
+            .caller
+            .authorized()
+            .permissions
+            .may_receive(delivery.subject.as_str())
+            && !self.is_client_subject(delivery.subject.as_str())
     }
 
     /// After a policy reload: every subscriber's permissions under the new policy; the
@@ -1074,6 +1099,11 @@ impl Gateway {
 /// members and reports what the NATS client dropped. The subscription outlives the NATS
 /// connection it was made on: when the pool replaces that connection, it subscribes again on
 /// a healthy one, with backoff. Aborted when the topic closes, which unsubscribes.
+/// The most messages a topic hands its members at once.
+const FAN_OUT_BATCH: usize = 64;
+/// The most deliveries (messages × members) one turn of a topic's task makes.
+const FAN_OUT_WORK: usize = 4096;
+
 async fn dispatch_topic(gateway: Gateway, topic: Arc<fanout::Topic>, lane: Lane) {
     let fanout = &gateway.inner.fanout;
     // Opening (and reopening) is boxed: its future is large (~1 KiB) and short-lived, and a
@@ -1095,7 +1125,18 @@ async fn dispatch_topic(gateway: Gateway, topic: Arc<fanout::Topic>, lane: Lane)
             message = live.next() => message,
         };
         match message {
-            Some(message) => gateway.fan_out(&topic, message),
+            Some(message) => {
+                // What else has arrived goes out with it, up to a bound on the work of one
+                // turn (a topic with many members takes fewer at once).
+                let most = (FAN_OUT_WORK / topic.member_count().max(1)).clamp(1, FAN_OUT_BATCH);
+                let mut deliveries = vec![Arc::new(nats::delivery(message))];
+                while deliveries.len() < most
+                    && let Some(message) = live.ready()
+                {
+                    deliveries.push(Arc::new(nats::delivery(message)));
+                }
+                gateway.fan_out(&topic, &deliveries);
+            }
             None => {
                 gateway.inner.metrics.nats_gaps.increment(1);
                 topic.interrupted();
@@ -1129,6 +1170,11 @@ struct LiveSubscription {
 }
 
 impl LiveSubscription {
+    /// A message that has already arrived, without waiting.
+    fn ready(&mut self) -> Option<async_nats::Message> {
+        self.subscriber.next().now_or_never().flatten()
+    }
+
     async fn next(&mut self) -> Option<async_nats::Message> {
         tokio::select! {
             message = self.subscriber.next() => message,

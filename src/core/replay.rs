@@ -347,7 +347,7 @@ impl Gateway {
         metrics.payload_out(frontend, delivery.payload.len());
         let dropped = member
             .sink
-            .deliver(&member.sid, Arc::new(delivery), member.priority);
+            .deliver(&member.sid, &[Arc::new(delivery)], member.priority);
         if dropped > 0 {
             metrics.dropped(frontend, dropped);
         }

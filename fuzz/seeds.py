@@ -119,6 +119,18 @@ def es256(claims):
     return f"{head}.{body}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
 
+def ws_frame(first, payload, mask=b"\x37\xfa\x21\x3d"):
+    """A client's WebSocket frame (RFC 6455), masked as a client must."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack(">BB", first, 0x80 | n)
+    elif n < 65536:
+        head = struct.pack(">BBH", first, 0x80 | 126, n)
+    else:
+        head = struct.pack(">BBQ", first, 0x80 | 127, n)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
 def main():
     for name, data in FRAMES.items():
         write("binary_frame", name, control(len(data) // 2, 3) + data)
@@ -128,6 +140,18 @@ def main():
     big = frame(PUBLISH, 11, b"a", payload=b"z" * 200)
     write("binary_frame", "over-limit-then-ok", control(30, 0) + big + FRAMES["ping"])
     write("binary_frame", "bad-version", control(1, 3) + b"\xc1\x09" + FRAMES["ping"][2:])
+
+    # ws_frames: whole messages, fragments with a ping between, a close, and a frame over
+    # the limit followed by one under it.
+    text = ws_frame(0x81, LINES["ping"])
+    binary = ws_frame(0x82, FRAMES["ping"])
+    pieces = (ws_frame(0x01, b'{"op":') + ws_frame(0x89, b"hi") + ws_frame(0x00, b'"pi')
+              + ws_frame(0x80, b'ng"}'))
+    close = ws_frame(0x88, struct.pack(">H", 1000) + b"bye")
+    write("ws_frames", "messages", control(len(text) + 3, 3) + text + binary + close)
+    write("ws_frames", "fragments", control(7, 3) + pieces)
+    write("ws_frames", "long-then-short",
+          control(2, 0) + ws_frame(0x82, b"x" * 300) + text)
 
     for name, line in LINES.items():
         write("json_lines", name, control(len(line) // 2, 3) + line + b"\n")

@@ -61,4 +61,10 @@ impl Shutdown {
     pub async fn cut(&self) {
         self.cut.cancelled().await
     }
+
+    /// The same signal as `cut`, to keep where a whole `Shutdown` would be too big (one per
+    /// connection).
+    pub fn cut_token(&self) -> CancellationToken {
+        self.cut.clone()
+    }
 }

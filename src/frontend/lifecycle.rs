@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::core::Gateway;
 use crate::protocol::Frontend;
@@ -195,6 +196,10 @@ pub struct WriteRules {
     frontend: Frontend,
     stall: Duration,
     metrics: Arc<Metrics>,
+    /// Shutdown's cut at the end of the drain: a write still waiting then ends as if the
+    /// client were gone, so that its connection ends (and is audited) before the gateway
+    /// exits, whatever the stall time.
+    cut: CancellationToken,
 }
 
 impl WriteRules {
@@ -203,7 +208,13 @@ impl WriteRules {
             frontend,
             stall: gateway.live().slow_client_stall(),
             metrics: gateway.metrics().clone(),
+            cut: gateway.shutdown().cut_token(),
         }
+    }
+
+    /// Resolves at shutdown's cut (see `cut` above).
+    pub async fn cut(&self) {
+        self.cut.cancelled().await
     }
 
     pub fn stall(&self) -> Duration {
@@ -218,7 +229,16 @@ impl WriteRules {
         let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
         let outcome = match first {
             Poll::Ready(result) => Ok(result),
-            Poll::Pending => tokio::time::timeout(self.stall, write).await,
+            Poll::Pending => tokio::select! {
+                outcome = tokio::time::timeout(self.stall, write) => outcome,
+                () = self.cut.cancelled() => {
+                    tracing::debug!(
+                        frontend = self.frontend.as_str(),
+                        "a write still waiting at the end of the drain: the connection is cut"
+                    );
+                    return Err(Broken::Gone);
+                }
+            },
         };
         match outcome {
             Ok(Ok(value)) => Ok(value),
@@ -275,6 +295,7 @@ mod tests {
                 frontend: Frontend::Uds,
                 stall: Duration::from_millis(50),
                 metrics: Metrics::new(),
+                cut: CancellationToken::new(),
             },
             reason: "closed",
         }

@@ -432,3 +432,76 @@ async fn a_client_that_leaves_with_requests_in_flight_leaks_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The Unix-socket counterpart of the WebSocket test in ws_protocol.rs: a client that stops
+/// reading holds the gateway's write for up to the stall time; the cut at the end of the drain
+/// ends it, and its disconnect is audited before the gateway exits.
+#[tokio::test]
+async fn a_client_stuck_in_a_write_through_the_drain_is_cut_and_its_disconnect_is_audited() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mut gateway = GatewayProcess::start_logged(
+        &nats.url(),
+        &[
+            "--audit-file",
+            audit.to_str().unwrap(),
+            "--drain-timeout-ms",
+            "300",
+            "--slow-client-stall-ms",
+            "60000",
+        ],
+        &[],
+    );
+    let stream = tokio::net::UnixStream::connect(&gateway.socket)
+        .await
+        .unwrap();
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(b"{\"op\":\"subscribe\",\"id\":\"s\",\"subject\":\"flood\"}\n")
+        .await
+        .unwrap();
+    let mut lines = BufReader::new(read).lines();
+    let ack = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&ack).unwrap(),
+        json!({"id":"s","ok":true})
+    );
+    // Nothing more is read: the gateway's writes fill the socket's buffer.
+    let publisher = nats.client().await;
+    let payload = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
+    for _ in 0..2000 {
+        publisher.publish("flood", payload.clone()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let started = Instant::now();
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), Some(0));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "exit took {took:?}: the stall time, not the cut"
+    );
+    let log = gateway.log();
+    assert!(!log.contains("still open at exit"), "{log}");
+    let records = audit_records(&audit);
+    let conn = records
+        .iter()
+        .find(|r| r["op"] == "subscribe" && r["frontend"] == "uds")
+        .map(|r| r["conn"].clone())
+        .expect("the subscribe is audited");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["op"] == "disconnect" && r["frontend"] == "uds" && r["conn"] == conn),
+        "no disconnect record of the stuck client's connection {conn}"
+    );
+    drop((lines, write));
+}

@@ -299,3 +299,69 @@ async fn large_messages_cross_in_both_directions_whole() {
         );
     }
 }
+
+/// A WebSocket client that stops reading while the gateway writes to it holds that write for
+/// up to the stall time (a minute here); at the end of the drain the gateway cuts it, so the
+/// connection ends, and is audited, before the gateway exits.
+#[tokio::test]
+async fn a_websocket_stuck_in_a_write_through_the_drain_is_cut_and_its_disconnect_is_audited() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mut gateway = GatewayProcess::start_logged(
+        &nats.url(),
+        &[
+            "--audit-file",
+            audit.to_str().unwrap(),
+            "--drain-timeout-ms",
+            "300",
+            "--slow-client-stall-ms",
+            "60000",
+        ],
+        &[],
+    );
+    let mut stream = raw_ws(gateway.http_port).await;
+    let subscribe = br#"{"op":"subscribe","id":"s","subject":"flood"}"#;
+    stream.write_all(&masked(0x81, subscribe)).await.unwrap();
+    let (_, ack) = read_frame(&mut stream).await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&ack).unwrap(),
+        json!({"id":"s","ok":true})
+    );
+    // The client reads nothing more; the gateway's writes fill both sockets' buffers.
+    let publisher = nats.client().await;
+    let payload = Bytes::from(vec![b'x'; 16 * 1024]);
+    for _ in 0..2000 {
+        publisher.publish("flood", payload.clone()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let started = std::time::Instant::now();
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), Some(0));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "exit took {took:?}: the stall time, not the cut"
+    );
+    let log = gateway.log();
+    assert!(
+        !log.contains("after the audit log was shut down") && !log.contains("still open at exit"),
+        "{log}"
+    );
+    let records = audit_records(&audit);
+    let subscribed: Vec<_> = records
+        .iter()
+        .filter(|r| r["op"] == "subscribe" && r["frontend"] == "ws")
+        .collect();
+    assert_eq!(subscribed.len(), 1, "{records:#?}");
+    let conn = &subscribed[0]["conn"];
+    assert!(
+        records
+            .iter()
+            .any(|r| r["op"] == "disconnect" && r["frontend"] == "ws" && r["conn"] == *conn),
+        "no disconnect record of the stuck client's connection {conn}"
+    );
+    drop(stream);
+}

@@ -631,23 +631,30 @@ impl Connection {
             message: config.ws_max_message().saturating_mul(2),
             read: config.ws_read_buffer_bytes,
         };
-        let _ = tokio::time::timeout(CLOSE_GRACE, async {
-            if self.socket.send(&goodbye).await.is_err() {
+        let writes = self.life.writes().clone();
+        let socket = &mut self.socket;
+        let read_failed = self.read_failed;
+        let closing = tokio::time::timeout(CLOSE_GRACE, async {
+            if socket.send(&goodbye).await.is_err() {
                 return;
             }
             // Wait for the client's close frame: closing the socket with its input unread
             // would reset the connection and could destroy our last messages in flight. After
             // a read error the input cannot be read, so give the client the grace time.
-            if self.read_failed {
+            if read_failed {
                 std::future::pending::<()>().await;
             }
-            while let Some(Ok(message)) = self.socket.next(limits).await {
+            while let Some(Ok(message)) = socket.next(limits).await {
                 if matches!(message, Message::Close(_)) {
                     break;
                 }
             }
-        })
-        .await;
+        });
+        // Not past shutdown's cut either: the gateway is about to exit.
+        tokio::select! {
+            _ = closing => {}
+            () = writes.cut() => {}
+        }
     }
 }
 

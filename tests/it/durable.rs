@@ -615,15 +615,24 @@ async fn consumers(stream: &mut stream::Stream, expected: usize) -> usize {
     }
 }
 
-/// Reads `msg`s of subscription "f" on a WebSocket until sequence `last`, each within `patience`.
+/// Reads `msg`s of subscription "f" on a WebSocket until sequence `last`, all within
+/// `patience` (a deadline for the whole read: the gateway's pings, which are skipped here,
+/// must not restart it, or a replay that never resumes would hang the test instead of failing
+/// it).
 async fn ws_read_until(client: &mut ws::Ws, last: u64, patience: Duration) -> Vec<(u64, String)> {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
+    let deadline = tokio::time::Instant::now() + patience;
     let mut seen = Vec::new();
     loop {
-        let message = tokio::time::timeout(patience, client.next())
+        let message = tokio::time::timeout_at(deadline, client.next())
             .await
-            .expect("the replay goes on")
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the replay stopped after {} messages, before seq {last}",
+                    seen.len()
+                )
+            })
             .expect("the socket is open")
             .expect("read");
         let Message::Text(text) = message else {

@@ -561,10 +561,14 @@ impl ConnectionHandler {
                     }
                 }
 
+                // ipc-gateway patch (PATCHED.md): the ping timer is reset once per read loop,
+                // not once per operation.
+                let mut read_any = false;
                 loop {
                     match self.handler.connection.poll_read_op(cx) {
                         Poll::Pending => break,
                         Poll::Ready(Ok(Some(server_op))) => {
+                            read_any = true;
                             self.handler.handle_server_op(server_op);
                         }
                         Poll::Ready(Ok(None)) => {
@@ -574,6 +578,9 @@ impl ConnectionHandler {
                             return Poll::Ready(ExitReason::Disconnected(Some(err)))
                         }
                     }
+                }
+                if read_any {
+                    self.handler.ping_interval.reset();
                 }
 
                 // Before handling any commands, drop any subscriptions which are draining
@@ -708,8 +715,7 @@ impl ConnectionHandler {
     }
 
     fn handle_server_op(&mut self, server_op: ServerOp) {
-        self.ping_interval.reset();
-
+        // ipc-gateway patch: the ping timer is reset by the caller, once per read loop.
         match server_op {
             ServerOp::Ping => {
                 debug!("received PING");

@@ -278,7 +278,10 @@ fn strip_ansi(line: &str) -> String {
 /// A gateway (`ipc-gateway serve`) with its Unix socket in `dir`, its HTTP port (/ws, /ready,
 /// /metrics) on a free loopback port, gRPC on any free port, room for `max_connections`, and
 /// `extra` flags last; it logs warnings into `dir/<log>`. Returns it once /ready says 200, with
-/// its arguments and HTTP port.
+/// its arguments and HTTP port. The cap on HTTP connections still in their handshake is raised
+/// to `max_connections` too: by default it is half of that, and clients that open up to 128
+/// WebSockets at once (two processes of 64) would otherwise be refused (503) at K = 100 on a
+/// busy machine, which is not what a benchmark measures.
 pub fn start_gateway(
     bin: &Path,
     nats_url: &str,
@@ -299,6 +302,8 @@ pub fn start_gateway(
         "--grpc",
         "127.0.0.1:0",
         "--max-connections",
+        &max_connections.to_string(),
+        "--http-max-handshakes",
         &max_connections.to_string(),
     ]
     .iter()

@@ -39,6 +39,42 @@ pub fn audit_records(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// A gateway that audits to `audit` and drains for 300 ms only, with `extra` flags: for the
+/// tests of the cut at the end of the drain (a client still holding its connection then).
+pub fn start_with_short_drain(nats_url: &str, audit: &Path, extra: &[&str]) -> GatewayProcess {
+    let mut flags = vec![
+        "--audit-file",
+        audit.to_str().unwrap(),
+        "--drain-timeout-ms",
+        "300",
+    ];
+    flags.extend_from_slice(extra);
+    GatewayProcess::start_logged(nats_url, &flags, &[])
+}
+
+/// After the gateway exited: no connection was left open (no record lost), and the connection
+/// that did `op` over `frontend` has its `disconnect` record.
+pub fn assert_disconnect_audited(gateway: &GatewayProcess, audit: &Path, op: &str, frontend: &str) {
+    let log = gateway.log();
+    assert!(
+        !log.contains("after the audit log was shut down") && !log.contains("still open at exit"),
+        "{log}"
+    );
+    let records = audit_records(audit);
+    let did: Vec<_> = records
+        .iter()
+        .filter(|r| r["op"] == op && r["frontend"] == frontend)
+        .collect();
+    assert_eq!(did.len(), 1, "{records:#?}");
+    let conn = &did[0]["conn"];
+    assert!(
+        records
+            .iter()
+            .any(|r| r["op"] == "disconnect" && r["frontend"] == frontend && r["conn"] == *conn),
+        "no disconnect record of connection {conn} ({frontend}): {records:#?}"
+    );
+}
+
 /// Writes `bytes` to `path`, readable by its owner only, as secrets and keys should be (the
 /// gateway warns at start about a secret file every user may read).
 pub fn write_private(path: &Path, bytes: impl AsRef<[u8]>) {

@@ -43,7 +43,8 @@ pub(super) struct Stamp {
     /// Empty when stamping is off.
     pub list: Vec<(HeaderName, HeaderValue)>,
     /// The same headers as a ready map (`None` when stamping is off): a message without
-    /// headers of its own is sent with a clone of it, which costs no hashing and no growing.
+    /// headers of its own is sent with a clone of it, which (with the vendored async-nats's
+    /// shared map) is a reference count.
     pub map: Option<HeaderMap>,
 }
 

@@ -20,7 +20,7 @@
 
 //! NATS [Message][crate::Message] headers, modeled loosely after the `http::header` crate.
 
-use std::{collections::HashMap, fmt, slice::Iter, str::FromStr};
+use std::{collections::HashMap, fmt, slice::Iter, str::FromStr, sync::Arc};
 
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -46,7 +46,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 pub struct HeaderMap {
-    inner: HashMap<HeaderName, Vec<HeaderValue>>,
+    // ipc-gateway patch (PATCHED.md): shared, so that a clone is a reference count; a change
+    // copies the map first if it is shared.
+    inner: Arc<HashMap<HeaderName, Vec<HeaderValue>>>,
 }
 
 /// Helper enum for backward-compatible deserialization using serde's untagged feature
@@ -72,8 +74,12 @@ impl<'de> Deserialize<'de> for HeaderMap {
         let helper = HeaderMapHelper::deserialize(deserializer)?;
 
         Ok(match helper {
-            HeaderMapHelper::Legacy { inner } => HeaderMap { inner },
-            HeaderMapHelper::Current(inner) => HeaderMap { inner },
+            HeaderMapHelper::Legacy { inner } => HeaderMap {
+                inner: Arc::new(inner),
+            },
+            HeaderMapHelper::Current(inner) => HeaderMap {
+                inner: Arc::new(inner),
+            },
         })
     }
 }
@@ -84,7 +90,7 @@ impl Serialize for HeaderMap {
         S: Serializer,
     {
         // Serialize as the new format (direct HashMap without "inner" wrapper)
-        self.inner.serialize(serializer)
+        (*self.inner).serialize(serializer)
     }
 }
 
@@ -159,7 +165,7 @@ impl HeaderMap {
     pub(crate) fn wire_len(&self) -> usize {
         // Mirrors `to_bytes`: "NATS/1.0\r\n" + each "<key>: <value>\r\n" + "\r\n".
         let mut len = b"NATS/1.0\r\n".len() + b"\r\n".len();
-        for (k, vs) in &self.inner {
+        for (k, vs) in self.inner.iter() {
             for v in vs.iter() {
                 len += k.as_str().len() + b": ".len() + v.inner.len() + b"\r\n".len();
             }
@@ -180,7 +186,7 @@ impl HeaderMap {
     /// headers.insert("Key", "Value");
     /// ```
     pub fn insert<K: IntoHeaderName, V: IntoHeaderValue>(&mut self, name: K, value: V) {
-        self.inner
+        Arc::make_mut(&mut self.inner)
             .insert(name.into_header_name(), vec![value.into_header_value()]);
     }
 
@@ -197,13 +203,13 @@ impl HeaderMap {
     /// headers.append("Key", "Another");
     pub fn append<K: IntoHeaderName, V: IntoHeaderValue>(&mut self, name: K, value: V) {
         let key = name.into_header_name();
-        let v = self.inner.get_mut(&key);
-        match v {
+        let inner = Arc::make_mut(&mut self.inner);
+        match inner.get_mut(&key) {
             Some(v) => {
                 v.push(value.into_header_value());
             }
             None => {
-                self.insert(key, value.into_header_value());
+                inner.insert(key, vec![value.into_header_value()]);
             }
         }
     }
@@ -269,7 +275,7 @@ impl HeaderMap {
     pub(crate) fn to_bytes(&self) -> Vec<u8> {
         let mut buf = vec![];
         buf.extend_from_slice(b"NATS/1.0\r\n");
-        for (k, vs) in &self.inner {
+        for (k, vs) in self.inner.iter() {
             for v in vs.iter() {
                 buf.extend_from_slice(k.as_str().as_bytes());
                 buf.extend_from_slice(b": ");

@@ -165,9 +165,9 @@ impl Fanout {
                 created = true;
                 self.metrics.nats_subscriptions.increment(1.0);
                 // A client's subject is a slice of the message it came in, which shares the
-                // buffer of the read that brought it (up to `ws_read_buffer_bytes`, with other
-                // clients' messages in it): kept for the topic's life, it would keep that whole
-                // buffer.
+                // buffer of the read that brought it (up to `ws_read_buffer_bytes`, with
+                // whatever else that read brought): kept for the topic's life, it would keep
+                // that whole buffer.
                 let key = TopicKey {
                     subject: key.subject.detached(),
                     queue: key.queue,

@@ -385,12 +385,13 @@ impl Topic {
         &self.lost_signal
     }
 
-    /// Hands one message to the members that may see it: every member, or for a queue group
-    /// the next one in turn. `offer` returns false when the member may not see it.
     pub fn member_count(&self) -> usize {
         lock(&self.members).list.len()
     }
 
+    /// Hands one message (or one batch) to the members that may see it: every member, or for
+    /// a queue group the next one in turn. `offer` returns false when the member may not see
+    /// it.
     pub fn fan_out(&self, mut offer: impl FnMut(&Member) -> bool) {
         let mut members = lock(&self.members);
         if self.key.queue.is_none() {

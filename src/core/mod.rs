@@ -859,7 +859,6 @@ impl Gateway {
         }
     }
 
-    /// Hands one message from NATS to the topic's members that may see it.
     /// Hands messages that came for a topic, in order, to its members: each member of a
     /// plain topic gets all of them at once (one lock and one wake-up of its connection per
     /// batch, not per message); in a queue group each message goes to one member in turn.
@@ -1095,15 +1094,15 @@ impl Gateway {
     }
 }
 
-/// A topic's dispatcher: makes its NATS subscription, then hands every message to the
-/// members and reports what the NATS client dropped. The subscription outlives the NATS
-/// connection it was made on: when the pool replaces that connection, it subscribes again on
-/// a healthy one, with backoff. Aborted when the topic closes, which unsubscribes.
 /// The most messages a topic hands its members at once.
 const FAN_OUT_BATCH: usize = 64;
 /// The most deliveries (messages × members) one turn of a topic's task makes.
 const FAN_OUT_WORK: usize = 4096;
 
+/// A topic's dispatcher: makes its NATS subscription, then hands every message to the
+/// members and reports what the NATS client dropped. The subscription outlives the NATS
+/// connection it was made on: when the pool replaces that connection, it subscribes again on
+/// a healthy one, with backoff. Aborted when the topic closes, which unsubscribes.
 async fn dispatch_topic(gateway: Gateway, topic: Arc<fanout::Topic>, lane: Lane) {
     let fanout = &gateway.inner.fanout;
     // Opening (and reopening) is boxed: its future is large (~1 KiB) and short-lived, and a

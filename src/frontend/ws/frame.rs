@@ -298,6 +298,13 @@ pub enum Control<'a> {
     Close(u16, &'a str),
 }
 
+/// One control frame in a buffer of its own, exactly as big as the largest one can be.
+pub fn control_frame(control: Control<'_>) -> BytesMut {
+    let mut frame = BytesMut::with_capacity(2 + MAX_CONTROL_PAYLOAD);
+    put_control(&mut frame, control);
+    frame
+}
+
 /// Appends one control frame to `out`; a payload over 125 bytes is cut there (a close
 /// reason at a character boundary).
 pub fn put_control(out: &mut BytesMut, control: Control<'_>) {

@@ -39,7 +39,7 @@ use crate::tls::PeerCert;
 use super::lifecycle::{Broken, Idle, Lifecycle};
 use super::outbox::{Batch, Outbox};
 use super::session::{Flow, Session};
-use frame::{Control, Kind, put_control, put_message};
+use frame::{Control, Kind, control_frame, put_message};
 pub use frame::{Message, ReadError};
 use handshake::Handshake;
 use socket::{Broken as ReadBroken, Limits, WsSocket};
@@ -344,13 +344,7 @@ impl Connection {
         let config = self.gateway.config();
         let max_inflight = config.max_inflight_per_connection;
         let max_message = config.ws_max_message();
-        // A message a little over the limit is read whole and answered with TOO_LARGE, and
-        // the connection goes on; one over twice the limit is refused from its header and
-        // ends the connection (1009): skipping it would mean reading it all.
-        let limits = Limits {
-            message: max_message.saturating_mul(2),
-            read: config.ws_read_buffer_bytes,
-        };
+        let limits = read_limits(config);
         let shutdown = self.gateway.shutdown().clone();
         let stopped = shutdown.stopped();
         let timer = tokio::time::sleep_until(Instant::now());
@@ -580,8 +574,7 @@ impl Connection {
     }
 
     async fn send_control(&mut self, control: Control<'_>) -> Result<(), Ending> {
-        let mut frame = BytesMut::with_capacity(CONTROL_CAPACITY);
-        put_control(&mut frame, control);
+        let frame = control_frame(control);
         let sent = self.life.writes().send(self.socket.send(&frame)).await;
         self.settle(sent, 0)
     }
@@ -608,11 +601,7 @@ impl Connection {
             Ending::Gone => return,
             Ending::ClientClosed(code) => {
                 // The answer to the client's close frame echoes its code.
-                let mut frame = BytesMut::with_capacity(CONTROL_CAPACITY);
-                put_control(
-                    &mut frame,
-                    Control::Close(code.unwrap_or(close::NORMAL), ""),
-                );
+                let frame = control_frame(Control::Close(code.unwrap_or(close::NORMAL), ""));
                 let _ = tokio::time::timeout(CLOSE_GRACE, self.socket.send(&frame)).await;
                 return;
             }
@@ -624,13 +613,8 @@ impl Connection {
                 return;
             }
         }
-        let mut goodbye = BytesMut::with_capacity(CONTROL_CAPACITY);
-        put_control(&mut goodbye, Control::Close(code, reason));
-        let config = self.gateway.config();
-        let limits = Limits {
-            message: config.ws_max_message().saturating_mul(2),
-            read: config.ws_read_buffer_bytes,
-        };
+        let goodbye = control_frame(Control::Close(code, reason));
+        let limits = read_limits(self.gateway.config());
         let writes = self.life.writes().clone();
         let socket = &mut self.socket;
         let read_failed = self.read_failed;
@@ -658,8 +642,15 @@ impl Connection {
     }
 }
 
-/// Room for a control frame: its header and at most 125 bytes.
-const CONTROL_CAPACITY: usize = 127;
+/// What the socket reads. A message a little over the limit is read whole and answered with
+/// TOO_LARGE, and the connection goes on; one over twice the limit is refused from its header
+/// and ends the connection (1009): skipping it would mean reading it all.
+fn read_limits(config: &Config) -> Limits {
+    Limits {
+        message: config.ws_max_message().saturating_mul(2),
+        read: config.ws_read_buffer_bytes,
+    }
+}
 
 /// Room for a typical event's encoding (a larger one grows its buffer).
 const ENCODE_CAPACITY: usize = 256;

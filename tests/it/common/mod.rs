@@ -52,6 +52,30 @@ pub fn start_with_short_drain(nats_url: &str, audit: &Path, extra: &[&str]) -> G
     GatewayProcess::start_logged(nats_url, &flags, &[])
 }
 
+/// Publishes 32 MB on `subject`, which fills the sockets of a subscriber that reads nothing,
+/// then stops the gateway (SIGTERM) and waits for it to exit: in much less than the 60 s
+/// stall time its stuck write would take without the cut at the end of the drain.
+pub async fn flood_then_stop(nats: &NatsServer, gateway: &mut GatewayProcess, subject: &str) {
+    let publisher = nats.client().await;
+    let payload = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
+    for _ in 0..2000 {
+        publisher
+            .publish(subject.to_owned(), payload.clone())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), Some(0));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "exit took {took:?}: the stall time, not the cut"
+    );
+}
+
 /// After the gateway exited: no connection was left open (no record lost), and the connection
 /// that did `op` over `frontend` has its `disconnect` record.
 pub fn assert_disconnect_audited(gateway: &GatewayProcess, audit: &Path, op: &str, frontend: &str) {

@@ -619,7 +619,14 @@ async fn consumers(stream: &mut stream::Stream, expected: usize) -> usize {
 /// `patience` (a deadline for the whole read: the gateway's pings, which are skipped here,
 /// must not restart it, or a replay that never resumes would hang the test instead of failing
 /// it).
-async fn ws_read_until(client: &mut ws::Ws, last: u64, patience: Duration) -> Vec<(u64, String)> {
+/// Reads the replay's messages up to `last`; when they stop coming, fails with the end of the
+/// gateway's log (it is the only witness of why a consumer did not come back).
+async fn ws_read_until(
+    client: &mut ws::Ws,
+    last: u64,
+    patience: Duration,
+    gateway: &GatewayProcess,
+) -> Vec<(u64, String)> {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
     let deadline = tokio::time::Instant::now() + patience;
@@ -628,9 +635,13 @@ async fn ws_read_until(client: &mut ws::Ws, last: u64, patience: Duration) -> Ve
         let message = tokio::time::timeout_at(deadline, client.next())
             .await
             .unwrap_or_else(|_| {
+                let log = gateway.log();
+                let tail: Vec<&str> = log.lines().rev().take(150).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
                 panic!(
-                    "the replay stopped after {} messages, before seq {last}",
-                    seen.len()
+                    "the replay stopped after {} messages, before seq {last}; the gateway's log ends:\n{}",
+                    seen.len(),
+                    tail.join("\n")
                 )
             })
             .expect("the socket is open")
@@ -676,7 +687,11 @@ async fn replay_rides_out_the_loss_of_the_gateways_nats_node(
     let mut cluster = NatsCluster::start().await;
     let _events = make_stream(&cluster.nodes[1], r3("EVENTS", &["events.>"])).await;
     // Node 0 only: the gateway learns the others from it, and goes to them when it dies.
-    let gateway = GatewayProcess::start(&cluster.nodes[0].url(), &[]);
+    let gateway = GatewayProcess::start_logged(
+        &cluster.nodes[0].url(),
+        &[],
+        &[("RUST_LOG", "info,async_nats=debug,ipc_gateway=debug")],
+    );
     let context = jetstream::new(cluster.nodes[2].client().await);
     // Stored once each even when a publish is retried across the stream's leader election.
     let store_once = |n: u64| {
@@ -719,7 +734,7 @@ async fn replay_rides_out_the_loss_of_the_gateways_nats_node(
     .await;
     assert_eq!(answer["ok"], true, "{answer}");
     at("reading 1..=20");
-    let mut seen = ws_read_until(&mut client, 20, PATIENCE).await;
+    let mut seen = ws_read_until(&mut client, 20, PATIENCE, &gateway).await;
 
     at("killing node 0");
     cluster.nodes[0].kill();
@@ -731,7 +746,7 @@ async fn replay_rides_out_the_loss_of_the_gateways_nats_node(
     // The consumer is made again once NATS (a stream leader and a consumer placement) can: the
     // client library retries with a backoff that grows to 10 s, and a consumer whose server
     // died is noticed after two missed 5 s heartbeats. Wait for that, not for a guess.
-    seen.extend(ws_read_until(&mut client, 60, PATIENCE * 6).await);
+    seen.extend(ws_read_until(&mut client, 60, PATIENCE * 6, &gateway).await);
     let expected: Vec<(u64, String)> = (1..=60).map(|n| (n, format!("m{n}"))).collect();
     assert_eq!(
         seen, expected,

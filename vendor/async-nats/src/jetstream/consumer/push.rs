@@ -513,7 +513,7 @@ impl Consumer<OrderedConfig> {
         Ok(Ordered {
             context: self.context.clone(),
             consumer_name: self.info.name.clone(),
-            serial: 0,
+            serial: Arc::new(AtomicU64::new(0)),
             consumer: self,
             subscriber: Some(subscriber),
             subscriber_future: None,
@@ -532,9 +532,12 @@ pub struct Ordered {
     context: Context,
     consumer: Consumer<OrderedConfig>,
     consumer_name: String,
-    serial: u64,
+    // ipc-gateway patch (PATCHED.md): counts every recreation attempt, not every recreation,
+    // so that no two attempts ask for the same consumer name.
+    serial: Arc<AtomicU64>,
     subscriber: Option<Subscriber>,
-    subscriber_future: Option<BoxFuture<'static, Result<Subscriber, ConsumerRecreateError>>>,
+    subscriber_future:
+        Option<BoxFuture<'static, Result<(Subscriber, String), ConsumerRecreateError>>>,
     stream_sequence: Arc<AtomicU64>,
     consumer_sequence: Arc<AtomicU64>,
     heartbeat_sleep: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -641,26 +644,36 @@ impl futures_util::Stream for Ordered {
                 // Ensure we have a recreation future
                 if self.subscriber_future.is_none() {
                     trace!("Creating subscriber recreation future");
-                    self.serial += 1;
-                    let name = format!("{}_{}", self.consumer.info.name, self.serial);
-                    let consumer_name = std::mem::replace(&mut self.consumer_name, name.clone());
+                    // ipc-gateway patch (PATCHED.md): each attempt asks for a consumer of its
+                    // own name and deletes the one the attempt before it asked for. Retrying
+                    // one name never ended when its first request reached the server just
+                    // after a cluster node died: the server placed that consumer on the dead
+                    // node and answered every later request for the name with silence.
+                    let base = self.consumer.info.name.clone();
+                    let serial = self.serial.clone();
+                    let mut previous = self.consumer_name.clone();
                     let context = self.context.clone();
                     let sequence = self.stream_sequence.clone();
-                    let config = OrderedConfig {
-                        name: Some(name),
-                        ..self.consumer.config.clone()
-                    };
+                    let config = self.consumer.config.clone();
                     let stream_name = self.consumer.info.stream_name.clone();
 
                     self.subscriber_future = Some(Box::pin(async move {
-                        tryhard::retry_fn(|| {
-                            recreate_consumer_and_subscription(
+                        tryhard::retry_fn(move || {
+                            let name =
+                                format!("{}_{}", base, serial.fetch_add(1, Ordering::Relaxed) + 1);
+                            let delete = std::mem::replace(&mut previous, name.clone());
+                            let config = OrderedConfig {
+                                name: Some(name.clone()),
+                                ..config.clone()
+                            };
+                            let recreated = recreate_consumer_and_subscription(
                                 context.clone(),
-                                config.clone(),
+                                config,
                                 stream_name.clone(),
-                                consumer_name.clone(),
+                                delete,
                                 sequence.load(Ordering::Relaxed),
-                            )
+                            );
+                            async move { recreated.await.map(|subscriber| (subscriber, name)) }
                         })
                         .retries(u32::MAX)
                         .custom_backoff(backoff)
@@ -680,9 +693,11 @@ impl futures_util::Stream for Ordered {
                         Poll::Ready(result) => {
                             self.subscriber_future = None;
                             self.consumer_sequence.store(0, Ordering::Relaxed);
-                            self.subscriber = Some(result.map_err(|err| {
+                            let (subscriber, name) = result.map_err(|err| {
                                 OrderedError::with_source(OrderedErrorKind::Recreate, err)
-                            })?);
+                            })?;
+                            self.consumer_name = name;
+                            self.subscriber = Some(subscriber);
                         }
                         Poll::Pending => return Poll::Pending,
                     }

@@ -26,6 +26,8 @@ pub enum Target {
         client: async_nats::Client,
         subject: async_nats::Subject,
         payload: Bytes,
+        /// Sent with every request (`direct + identity headers`).
+        headers: Option<async_nats::HeaderMap>,
     },
     /// The gateway's socket or WebSocket, or the bare echo.
     Client {
@@ -50,11 +52,17 @@ impl Target {
                 client,
                 subject,
                 payload,
+                headers,
             } => {
-                let reply = client
-                    .request(subject.clone(), payload.clone())
-                    .await
-                    .map_err(|err| err.to_string())?;
+                let reply = match headers {
+                    Some(headers) => {
+                        client
+                            .request_with_headers(subject.clone(), headers.clone(), payload.clone())
+                            .await
+                    }
+                    None => client.request(subject.clone(), payload.clone()).await,
+                }
+                .map_err(|err| err.to_string())?;
                 (reply.payload.len(), payload.len())
             }
             Target::Client { client, payload } => {
@@ -105,7 +113,12 @@ pub async fn connect(case: Case, at: &Endpoints<'_>) -> Result<Target, String> {
         payload: payload.clone(),
     };
     let target = match case.mode {
-        Mode::Direct | Mode::DirectMulti => connect_direct(at.nats_url, payload.clone()).await?,
+        Mode::Direct | Mode::DirectMulti => {
+            connect_direct(at.nats_url, payload.clone(), None).await?
+        }
+        Mode::DirectStamped => {
+            connect_direct(at.nats_url, payload.clone(), Some(identity_headers())).await?
+        }
         Mode::GatewayBinary => client(connect_socket(gateway()?.0, WireFormat::Binary).await?),
         Mode::GatewayJson => client(connect_socket(gateway()?.0, WireFormat::JsonLines).await?),
         Mode::Bare => client(connect_socket(at.bare_socket, WireFormat::Binary).await?),
@@ -119,7 +132,11 @@ pub async fn connect(case: Case, at: &Endpoints<'_>) -> Result<Target, String> {
     Ok(target)
 }
 
-pub async fn connect_direct(url: &str, payload: Bytes) -> Result<Target, String> {
+pub async fn connect_direct(
+    url: &str,
+    payload: Bytes,
+    headers: Option<async_nats::HeaderMap>,
+) -> Result<Target, String> {
     Ok(Target::Direct {
         client: async_nats::ConnectOptions::new()
             .name("ipc-gateway-bench")
@@ -129,7 +146,33 @@ pub async fn connect_direct(url: &str, payload: Bytes) -> Result<Target, String>
             .map_err(|err| format!("connect {url}: {err}"))?,
         subject: async_nats::Subject::from_static(SUBJECT),
         payload,
+        headers,
     })
+}
+
+/// The headers the gateway stamps on every message of a Unix-socket caller that is this
+/// process (`Identity::headers`, then `Ipc-Gateway-Id` in the gateway's default form,
+/// host-pid), so that `direct + identity headers` carries the same block as the gateway rows.
+pub fn identity_headers() -> async_nats::HeaderMap {
+    use ipc_gateway::protocol::identity::{GATEWAY_ID_HEADER, Identity};
+    let uid = nix::unistd::getuid();
+    let gid = nix::unistd::getgid();
+    let mut identity = Identity::anonymous(ipc_gateway::protocol::Frontend::Uds, None);
+    identity.uid = Some(uid.as_raw());
+    identity.gid = Some(gid.as_raw());
+    identity.pid = Some(std::process::id() as i32);
+    identity.user = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|user| user.name);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let gateway_id = format!("{}-{}", host.trim(), std::process::id());
+    identity
+        .headers()
+        .into_iter()
+        .chain([(GATEWAY_ID_HEADER, gateway_id)])
+        .map(|(name, value)| (name.parse().unwrap(), value.parse().unwrap()))
+        .collect()
 }
 
 /// One request first, so that connection set-up is not in the row.

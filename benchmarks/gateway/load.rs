@@ -175,7 +175,7 @@ async fn run_case(env: &Env<'_>, case: Case) -> Result<Measured, String> {
         let payload = clients::payload_text(case.payload);
         env.multi
             .spawn(async move {
-                let target = clients::connect_direct(&url, payload).await?;
+                let target = clients::connect_direct(&url, payload, None).await?;
                 clients::first_request(&target, case.mode).await?;
                 Ok::<_, String>(measure(target, case.concurrency, warmup, row, pids, clk_tck).await)
             })

@@ -72,6 +72,10 @@ pub struct Row {
     pub ratio_mt: Option<f64>,
     #[serde(rename = "gateway_cpu_us_per_request")]
     pub gateway_cpu_us: Option<f64>,
+    #[serde(rename = "nats_server_cpu_us_per_request")]
+    pub nats_server_cpu_us: Option<f64>,
+    #[serde(rename = "echo_service_cpu_us_per_request")]
+    pub echo_service_cpu_us: Option<f64>,
     pub errors: u64,
     /// The lowest and highest p50 over the runs, when the case ran more than once.
     pub p50_spread_us: Option<[f64; 2]>,
@@ -148,7 +152,10 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 fn row(case: Case, runs: Vec<Measured>) -> Row {
     let of = |f: fn(&Measured) -> f64| median(runs.iter().map(f).collect());
-    let gateway_cpu = median(runs.iter().filter_map(|m| m.cpu.gateway).collect());
+    let cpu = |f: fn(&Measured) -> Option<f64>| {
+        let median = median(runs.iter().filter_map(f).collect());
+        median.is_finite().then_some(median)
+    };
     let p50_spread_us = (runs.len() > 1).then(|| {
         let min = runs.iter().map(|m| m.p50_us).fold(f64::INFINITY, f64::min);
         let max = runs.iter().map(|m| m.p50_us).fold(0.0, f64::max);
@@ -165,7 +172,9 @@ fn row(case: Case, runs: Vec<Measured>) -> Row {
         p999_us: of(|m| m.p999_us),
         ratio: None,
         ratio_mt: None,
-        gateway_cpu_us: gateway_cpu.is_finite().then_some(gateway_cpu),
+        gateway_cpu_us: cpu(|m| m.cpu.gateway),
+        nats_server_cpu_us: cpu(|m| m.cpu.nats_server),
+        echo_service_cpu_us: cpu(|m| m.cpu.echo_service),
         errors: runs.iter().map(|m| m.errors).sum(),
         p50_spread_us,
         runs,
@@ -202,7 +211,7 @@ fn aggregate(results: Vec<(Case, Measured)>, settings: &Settings) -> Vec<Row> {
     };
     let (direct, direct_mt) = (baseline(Mode::Direct), baseline(Mode::DirectMulti));
     for row in &mut rows {
-        if row.mode.is_gateway() {
+        if row.mode.is_gateway() || row.mode == Mode::DirectStamped {
             let key = (row.concurrency, row.payload_bytes);
             row.ratio = direct.get(&key).map(|d| row.req_per_s / d);
             row.ratio_mt = direct_mt.get(&key).map(|d| row.req_per_s / d);

@@ -99,6 +99,10 @@ pub enum Mode {
     Direct,
     /// The same direct client on a multi-thread runtime (tokio's default shape).
     DirectMulti,
+    /// The direct client sending, with every request, the identity headers the gateway
+    /// stamps on a Unix-socket caller's (`clients::identity_headers`): what the identity
+    /// costs NATS and the service, without the gateway.
+    DirectStamped,
     Bare,
     GatewayBinary,
     GatewayJson,
@@ -112,9 +116,10 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, in the order rows are reported.
-    pub const ALL: [Mode; 9] = [
+    pub const ALL: [Mode; 10] = [
         Mode::Direct,
         Mode::DirectMulti,
+        Mode::DirectStamped,
         Mode::Bare,
         Mode::GatewayBinary,
         Mode::GatewayJson,
@@ -129,6 +134,7 @@ impl Mode {
         match self {
             Mode::Direct => "direct (async-nats)",
             Mode::DirectMulti => "direct, mt client",
+            Mode::DirectStamped => "direct + identity headers",
             Mode::Bare => "bare UDS echo",
             Mode::GatewayBinary => "gateway binary",
             Mode::GatewayJson => "gateway JSON",
@@ -144,6 +150,7 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::DirectMulti => "direct_multi_thread_client",
+            Mode::DirectStamped => "direct_identity_headers",
             Mode::Bare => "bare_uds",
             Mode::GatewayBinary => "gateway_binary",
             Mode::GatewayJson => "gateway_json",
@@ -159,6 +166,7 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::DirectMulti => "direct-mt",
+            Mode::DirectStamped => "direct-stamped",
             Mode::Bare => "bare",
             Mode::GatewayBinary => "binary",
             Mode::GatewayJson => "json",
@@ -170,7 +178,10 @@ impl Mode {
     }
 
     pub fn is_gateway(self) -> bool {
-        !matches!(self, Mode::Direct | Mode::DirectMulti | Mode::Bare)
+        !matches!(
+            self,
+            Mode::Direct | Mode::DirectMulti | Mode::DirectStamped | Mode::Bare
+        )
     }
 
     /// Rows the aims are checked on: the Unix-socket modes. The aims (issue "core") compare

@@ -46,19 +46,28 @@ pub async fn echo(
     info!(subject, url, "demo echo service is answering");
     while let Some(message) = requests.next().await {
         if let Some(reply) = message.reply {
-            let headers = message.headers.map(|headers| {
-                if let Some(caller) = headers.get("Ipc-Gateway-Identity") {
+            let headers = message.headers.and_then(|headers| {
+                if tracing::enabled!(tracing::Level::INFO)
+                    && let Some(caller) = headers.get("Ipc-Gateway-Identity")
+                {
                     info!(caller = caller.as_str(), "echo");
                 }
-                headers
+                // Most requests carry only the gateway's headers: nothing to copy.
+                let client_headers = headers
                     .iter()
-                    .filter(|(name, _)| !is_gateway_header(name.as_ref()))
-                    .flat_map(|(name, values)| {
-                        values.iter().map(move |v| (name.clone(), v.clone()))
-                    })
-                    .collect::<async_nats::HeaderMap>()
+                    .filter(|(name, _)| !is_gateway_header(name.as_ref()));
+                if client_headers.clone().next().is_none() {
+                    return None;
+                }
+                Some(
+                    client_headers
+                        .flat_map(|(name, values)| {
+                            values.iter().map(move |v| (name.clone(), v.clone()))
+                        })
+                        .collect::<async_nats::HeaderMap>(),
+                )
             });
-            let sent = match headers.filter(|headers| !headers.is_empty()) {
+            let sent = match headers {
                 Some(headers) => {
                     client
                         .publish_with_headers(reply, headers, message.payload)

@@ -339,3 +339,48 @@ fn completions_and_the_man_page_come_from_the_command_definition() {
         assert!(!page.contains(".TH"), "rendered, not raw: {page}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_echo_returns_the_clients_headers_and_not_the_gateways() {
+    let nats = NatsServer::start();
+    let gateway_process = GatewayProcess::start(&nats.url(), &[]);
+    let mut echo = gateway()
+        .args([
+            "demo-echo",
+            "--nats-url",
+            &nats.url(),
+            "--subject",
+            "t.echo",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut client = gateway_process.json().await;
+    let with_headers =
+        r#"{"op":"request","id":1,"subject":"t.echo","data":"hi","headers":{"X-Trace":"abc"}}"#;
+    // The echo service answers once its subscription is in place.
+    let deadline = Instant::now() + PATIENCE;
+    let answer = loop {
+        let answer = client.call(with_headers).await;
+        if answer["ok"] == true || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(answer["data"], "hi", "{answer}");
+    let headers = answer["headers"].as_object().expect("headers");
+    assert_eq!(
+        headers.len(),
+        1,
+        "only the client's header comes back: {answer}"
+    );
+    assert!(headers.contains_key("X-Trace"), "{answer}");
+    // Without headers of its own, the answer has none: the identity stays with the service.
+    let bare = client
+        .call(r#"{"op":"request","id":2,"subject":"t.echo","data":"hi"}"#)
+        .await;
+    assert_eq!(bare["data"], "hi", "{bare}");
+    assert!(bare.get("headers").is_none(), "{bare}");
+    let _ = echo.kill();
+    let _ = echo.wait();
+}

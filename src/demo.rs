@@ -56,9 +56,7 @@ pub async fn echo(
                 let client_headers = headers
                     .iter()
                     .filter(|(name, _)| !is_gateway_header(name.as_ref()));
-                if client_headers.clone().next().is_none() {
-                    return None;
-                }
+                client_headers.clone().next()?;
                 Some(
                     client_headers
                         .flat_map(|(name, values)| {

@@ -272,16 +272,16 @@ impl Fanout {
         }
     }
 
-    /// The NATS client on pool connection `connection` dropped a message for its
+    /// The NATS client on pool connection `connection` dropped `count` messages for its
     /// subscription `nats_sid`: counted on its topic. Says whether it is worth a log line.
-    pub fn slow_consumer(&self, connection: usize, nats_sid: u64) -> Loss {
+    pub fn slow_consumer(&self, connection: usize, nats_sid: u64, count: u64) -> Loss {
         let topic = lock(&self.by_nats_sid)
             .get(&(connection, nats_sid))
             .and_then(Weak::upgrade);
         let Some(topic) = topic else {
             return Loss::NotATopic;
         };
-        let before = topic.lost.fetch_add(1, Ordering::AcqRel);
+        let before = topic.lost.fetch_add(count, Ordering::AcqRel);
         topic.lost_signal.notify_one();
         match before {
             0 => Loss::FirstOfBurst(topic.key.subject.clone()),

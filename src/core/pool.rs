@@ -205,10 +205,10 @@ fn connect_options(
             let failures = failures.clone();
             async move {
                 match event {
-                    async_nats::Event::SlowConsumer(sid) => {
-                        slow_consumer.increment(1);
+                    async_nats::Event::SlowConsumers(sid, count) => {
+                        slow_consumer.increment(count);
                         // One line per burst: the members get the exact count.
-                        match fanout.slow_consumer(index, sid) {
+                        match fanout.slow_consumer(index, sid, count) {
                             Loss::FirstOfBurst(subject) => warn!(
                                 connection = index,
                                 %subject,

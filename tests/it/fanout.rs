@@ -308,6 +308,53 @@ async fn messages_the_nats_client_drops_reach_every_subscriber_as_dropped_counts
     }
 }
 
+#[tokio::test]
+async fn a_long_burst_the_nats_client_drops_is_counted_to_the_last_message() {
+    // async-nats reports each message it drops on a bounded channel of 128 events, and once
+    // that was full the rest went uncounted: thousands dropped at once must still add up.
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--nats-subscription-buffer",
+            "4",
+            "--worker-threads",
+            "1",
+            "--nats-connections",
+            "1",
+        ],
+    );
+    let mut conn = gateway.json().await;
+    let ack = conn
+        .call(r#"{"op":"subscribe","id":"b","subject":"burst"}"#)
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    let total = 5_000u64;
+    let publisher = nats.client().await;
+    for n in 0..total {
+        publisher
+            .publish("burst", format!("{n}").into())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let (messages, dropped) = count_until(&mut conn, "b", total).await;
+    assert!(
+        dropped > 128,
+        "fewer drops than the event channel holds, so this test proves nothing: {messages} messages, {dropped} dropped"
+    );
+    let slow: Value = gateway
+        .metric("ipc_gateway_nats_slow_consumer_total")
+        .await
+        .map(Value::from)
+        .unwrap_or_default();
+    assert_eq!(
+        slow.as_f64(),
+        Some(dropped as f64),
+        "the metric counts them"
+    );
+}
+
 /// Reads until a `dropped` notice with `gap` arrives on `conn` (messages before it are fine).
 async fn wait_gap(conn: &mut JsonConn, sid: &str) -> Value {
     let deadline = Instant::now() + PATIENCE;

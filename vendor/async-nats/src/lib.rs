@@ -472,6 +472,9 @@ pub(crate) struct ConnectionHandler {
     flush_observers: Vec<oneshot::Sender<()>>,
     is_draining: bool,
     drain_pings: VecDeque<u64>,
+    // ipc-gateway patch (PATCHED.md): messages dropped for a full subscription channel, by
+    // sid, not yet reported as `Event::SlowConsumers`.
+    slow_consumers: HashMap<u64, u64>,
 }
 
 impl ConnectionHandler {
@@ -496,6 +499,30 @@ impl ConnectionHandler {
             flush_observers: Vec::new(),
             is_draining: false,
             drain_pings: VecDeque::new(),
+            slow_consumers: HashMap::new(),
+        }
+    }
+
+    /// ipc-gateway patch (PATCHED.md): reports the drops counted since the last report, one
+    /// event per subscription. What does not fit in the events channel now stays counted for
+    /// the next call (every pass of the connection's future makes one), so no drop goes
+    /// unreported.
+    fn report_slow_consumers(&mut self) {
+        while let Some((&sid, &count)) = self.slow_consumers.iter().next() {
+            match self
+                .connector
+                .events_tx
+                .try_send(Event::SlowConsumers(sid, count))
+            {
+                Ok(()) => {
+                    self.slow_consumers.remove(&sid);
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => return,
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.slow_consumers.clear();
+                    return;
+                }
+            }
         }
     }
 
@@ -581,6 +608,9 @@ impl ConnectionHandler {
                 }
                 if read_any {
                     self.handler.ping_interval.reset();
+                }
+                if !self.handler.slow_consumers.is_empty() {
+                    self.handler.report_slow_consumers();
                 }
 
                 // Before handling any commands, drop any subscriptions which are draining
@@ -776,10 +806,10 @@ impl ConnectionHandler {
                         }
                         Err(mpsc::error::TrySendError::Full(_)) => {
                             debug!("slow consumer detected for subscription {}", sid);
-                            self.connector
-                                .events_tx
-                                .try_send(Event::SlowConsumer(sid))
-                                .ok();
+                            // ipc-gateway patch (PATCHED.md): counted here and reported by
+                            // `report_slow_consumers`; one event per message overflowed the
+                            // events channel in a long burst, and those drops went uncounted.
+                            *self.slow_consumers.entry(sid).or_default() += 1;
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => {
                             debug!("subscription {} channel closed", sid);
@@ -1146,6 +1176,10 @@ pub enum Event {
     Draining,
     Closed,
     SlowConsumer(u64),
+    /// ipc-gateway patch (PATCHED.md): `(sid, count)`: the subscription's channel was full and
+    /// `count` messages for it were dropped since the last such event. The connection sends
+    /// this instead of one `SlowConsumer` per message.
+    SlowConsumers(u64, u64),
     ServerError(ServerError),
     ClientError(ClientError),
 }
@@ -1159,6 +1193,9 @@ impl fmt::Display for Event {
             Event::Draining => write!(f, "draining"),
             Event::Closed => write!(f, "closed"),
             Event::SlowConsumer(sid) => write!(f, "slow consumers for subscription {sid}"),
+            Event::SlowConsumers(sid, count) => {
+                write!(f, "slow consumer: {count} messages dropped for subscription {sid}")
+            }
             Event::ServerError(err) => write!(f, "server error: {err}"),
             Event::ClientError(err) => write!(f, "client error: {err}"),
         }

@@ -1018,7 +1018,10 @@ impl ConnectionHandler {
 
     async fn handle_disconnect(&mut self) -> Result<(), ConnectError> {
         self.pending_pings = 0;
-        self.connector.events_tx.try_send(Event::Disconnected).ok();
+        // ipc-gateway patch (PATCHED.md): waits for room rather than dropping the event when
+        // the channel is full: whoever counts losses must learn of every disconnect. The
+        // events task always drains the channel, so the wait is short.
+        self.connector.events_tx.send(Event::Disconnected).await.ok();
         self.connector.state_tx.send(State::Disconnected).ok();
 
         self.handle_reconnect().await

@@ -246,12 +246,11 @@ async fn count_until(conn: &mut JsonConn, sid: &str, total: u64) -> (u64, u64) {
     (messages, dropped)
 }
 
-#[tokio::test]
-async fn messages_the_nats_client_drops_reach_every_subscriber_as_dropped_counts() {
-    let nats = NatsServer::start();
-    // A tiny buffer between the NATS client and the fan-out, and one thread: the NATS client
-    // reads a burst in one go, before the fan-out can take any of it, and drops the rest.
-    let gateway = GatewayProcess::start(
+/// A gateway with a tiny buffer between its NATS client and the fan-out, and one thread: the
+/// NATS client reads a burst in one go, before the fan-out can take any of it, and drops the
+/// rest.
+fn with_tiny_nats_buffer(nats: &NatsServer) -> GatewayProcess {
+    GatewayProcess::start(
         &nats.url(),
         &[
             "--nats-subscription-buffer",
@@ -261,7 +260,40 @@ async fn messages_the_nats_client_drops_reach_every_subscriber_as_dropped_counts
             "--nats-connections",
             "1",
         ],
+    )
+}
+
+/// The gateway's metric of messages its NATS client dropped says `dropped`.
+async fn assert_slow_consumer_metric(gateway: &GatewayProcess, dropped: u64) {
+    let slow: Value = gateway
+        .metric("ipc_gateway_nats_slow_consumer_total")
+        .await
+        .map(Value::from)
+        .unwrap_or_default();
+    assert_eq!(
+        slow.as_f64(),
+        Some(dropped as f64),
+        "the metric counts them"
     );
+}
+
+/// Publishes `0`..`total` on `burst` as fast as the client goes; returns the publisher.
+async fn publish_burst(nats: &NatsServer, total: u64) -> async_nats::Client {
+    let publisher = nats.client().await;
+    for n in 0..total {
+        publisher
+            .publish("burst", format!("{n}").into())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    publisher
+}
+
+#[tokio::test]
+async fn messages_the_nats_client_drops_reach_every_subscriber_as_dropped_counts() {
+    let nats = NatsServer::start();
+    let gateway = with_tiny_nats_buffer(&nats);
     let mut conns = Vec::new();
     for _ in 0..2 {
         let mut conn = gateway.json().await;
@@ -272,14 +304,7 @@ async fn messages_the_nats_client_drops_reach_every_subscriber_as_dropped_counts
         conns.push(conn);
     }
     let total = 100u64;
-    let publisher = nats.client().await;
-    for n in 0..total {
-        publisher
-            .publish("burst", format!("{n}").into())
-            .await
-            .unwrap();
-    }
-    publisher.flush().await.unwrap();
+    let publisher = publish_burst(&nats, total).await;
     let mut seen = Vec::new();
     for conn in &mut conns {
         seen.push(count_until(conn, "b", total).await);
@@ -289,16 +314,7 @@ async fn messages_the_nats_client_drops_reach_every_subscriber_as_dropped_counts
         "the burst did not overflow the NATS client's buffer, so this test proves nothing: {seen:?}"
     );
     assert_eq!(seen[0], seen[1], "both clients lost the same messages");
-    let slow: Value = gateway
-        .metric("ipc_gateway_nats_slow_consumer_total")
-        .await
-        .map(Value::from)
-        .unwrap_or_default();
-    assert_eq!(
-        slow.as_f64(),
-        Some(seen[0].1 as f64),
-        "the metric counts them"
-    );
+    assert_slow_consumer_metric(&gateway, seen[0].1).await;
     // The subscription goes on working.
     publisher.publish("burst", "after".into()).await.unwrap();
     publisher.flush().await.unwrap();
@@ -313,46 +329,20 @@ async fn a_long_burst_the_nats_client_drops_is_counted_to_the_last_message() {
     // async-nats reports each message it drops on a bounded channel of 128 events, and once
     // that was full the rest went uncounted: thousands dropped at once must still add up.
     let nats = NatsServer::start();
-    let gateway = GatewayProcess::start(
-        &nats.url(),
-        &[
-            "--nats-subscription-buffer",
-            "4",
-            "--worker-threads",
-            "1",
-            "--nats-connections",
-            "1",
-        ],
-    );
+    let gateway = with_tiny_nats_buffer(&nats);
     let mut conn = gateway.json().await;
     let ack = conn
         .call(r#"{"op":"subscribe","id":"b","subject":"burst"}"#)
         .await;
     assert_eq!(ack["ok"], true, "{ack}");
     let total = 5_000u64;
-    let publisher = nats.client().await;
-    for n in 0..total {
-        publisher
-            .publish("burst", format!("{n}").into())
-            .await
-            .unwrap();
-    }
-    publisher.flush().await.unwrap();
+    publish_burst(&nats, total).await;
     let (messages, dropped) = count_until(&mut conn, "b", total).await;
     assert!(
         dropped > 128,
         "fewer drops than the event channel holds, so this test proves nothing: {messages} messages, {dropped} dropped"
     );
-    let slow: Value = gateway
-        .metric("ipc_gateway_nats_slow_consumer_total")
-        .await
-        .map(Value::from)
-        .unwrap_or_default();
-    assert_eq!(
-        slow.as_f64(),
-        Some(dropped as f64),
-        "the metric counts them"
-    );
+    assert_slow_consumer_metric(&gateway, dropped).await;
 }
 
 /// Reads until a `dropped` notice with `gap` arrives on `conn` (messages before it are fine).

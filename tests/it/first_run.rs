@@ -203,17 +203,7 @@ fn request_and_publish_read_the_data_from_standard_input_for_a_dash() {
     let nats = NatsServer::start();
     let gateway_process = GatewayProcess::start(&nats.url(), &[]);
     let socket = gateway_process.socket.to_str().unwrap().to_owned();
-    let mut echo = gateway()
-        .args([
-            "demo-echo",
-            "--nats-url",
-            &nats.url(),
-            "--subject",
-            "t.echo",
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut echo = demo_echo(&nats, "t.echo");
     let request = |subject: &str| {
         let mut child = gateway()
             .args(["request", subject, "-", "--socket", &socket])
@@ -344,17 +334,7 @@ fn completions_and_the_man_page_come_from_the_command_definition() {
 async fn the_demo_echo_returns_the_clients_headers_and_not_the_gateways() {
     let nats = NatsServer::start();
     let gateway_process = GatewayProcess::start(&nats.url(), &[]);
-    let mut echo = gateway()
-        .args([
-            "demo-echo",
-            "--nats-url",
-            &nats.url(),
-            "--subject",
-            "t.echo",
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut echo = demo_echo(&nats, "t.echo");
     let mut client = gateway_process.json().await;
     let with_headers =
         r#"{"op":"request","id":1,"subject":"t.echo","data":"hi","headers":{"X-Trace":"abc"}}"#;
@@ -383,4 +363,13 @@ async fn the_demo_echo_returns_the_clients_headers_and_not_the_gateways() {
     assert!(bare.get("headers").is_none(), "{bare}");
     let _ = echo.kill();
     let _ = echo.wait();
+}
+
+/// `ipc-gateway demo-echo` answering `subject` on `nats`.
+fn demo_echo(nats: &NatsServer, subject: &str) -> std::process::Child {
+    gateway()
+        .args(["demo-echo", "--nats-url", &nats.url(), "--subject", subject])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }

@@ -367,7 +367,7 @@ async fn the_demo_echo_returns_the_clients_headers_and_not_the_gateways() {
 
 /// `ipc-gateway demo-echo` answering `subject` on `nats`.
 fn demo_echo(nats: &NatsServer, subject: &str) -> std::process::Child {
-    gateway()
+    crate::common::die_with_the_test(&mut gateway())
         .args(["demo-echo", "--nats-url", &nats.url(), "--subject", subject])
         .stderr(Stdio::null())
         .spawn()

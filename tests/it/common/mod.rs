@@ -30,6 +30,24 @@ pub const NO_TRACE: &[&str] = &["--trace-requests", "false"];
 /// How long a harness read waits before the test fails: generous, it only guards hangs.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// Has the kernel kill the process `command` starts when the thread that starts it ends: a
+/// test's servers are stopped by `Drop`, which does not run when the test binary itself is
+/// killed (Ctrl-C, a CI timeout), and they were left running. Start servers on the test's own
+/// thread (not in a spawned task or thread, which may end first).
+pub fn die_with_the_test(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe, and the closure touches nothing else.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    }
+}
+
 /// An audit file's records, parsed (none when the file does not exist yet).
 pub fn audit_records(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -258,7 +276,7 @@ impl NatsServer {
         if let Some(config) = &self.config {
             command.arg("-c").arg(config.path());
         }
-        let child = command
+        let child = die_with_the_test(&mut command)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor_port.to_string()])
             .stdout(Stdio::null())
@@ -368,7 +386,7 @@ impl GatewayProcess {
         } else {
             Stdio::inherit()
         };
-        let child = Command::new(env!("CARGO_BIN_EXE_ipc-gateway"))
+        let child = die_with_the_test(&mut Command::new(env!("CARGO_BIN_EXE_ipc-gateway")))
             .arg("serve")
             .args(["--nats-url", nats_url])
             .arg("--socket")

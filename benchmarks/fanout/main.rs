@@ -50,6 +50,7 @@ mod report;
 mod run;
 mod servers;
 mod settings;
+mod sweep;
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -24,6 +24,7 @@ pub fn render(report: &Report) -> String {
     sustained(&mut md, report);
     max_rate(&mut md, report);
     burst(&mut md, report);
+    crate::sweep::render(&mut md, report);
     connections(&mut md, report);
     logs(&mut md, report);
     errors(&mut md, report);
@@ -134,7 +135,7 @@ fn describe_run(md: &mut String, report: &Report) {
     );
 }
 
-fn name(case: &Case) -> String {
+pub fn name(case: &Case) -> String {
     match case.path {
         Path::Gateway => "gateway".into(),
         Path::Native => "native nats-server".into(),
@@ -145,7 +146,7 @@ fn pct(value: f64) -> String {
     format!("{:.0} %", value * 100.0)
 }
 
-fn ms(us: Option<f64>) -> String {
+pub fn ms(us: Option<f64>) -> String {
     fmt_opt(us.map(|v| v / 1000.0), 2)
 }
 

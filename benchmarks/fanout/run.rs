@@ -71,6 +71,8 @@ pub struct Case {
     pub sustained: Option<Phase>,
     pub burst: Option<Phase>,
     pub max_rate: Option<Phase>,
+    /// The sustained phase again at each of FANOUT_SWEEP's rates, in order.
+    pub sweep: Vec<Phase>,
     pub error: Option<String>,
 }
 
@@ -257,6 +259,7 @@ fn run_case(
         sustained: None,
         burst: None,
         max_rate: None,
+        sweep: Vec::new(),
         error: None,
     };
     // Only the publisher stays connected to the native nats-server between cases.
@@ -326,15 +329,20 @@ fn phases(
         native_nats: servers.native_nats.pid(),
         clients: fleet.pids(),
     };
-    let mut measure = |kind| phase(kind, path, k, fleet, servers, publisher, &pids, s);
+    let mut measure = |kind, rate| phase(kind, rate, path, k, fleet, servers, publisher, &pids, s);
     if s.idle > 0.0 {
-        case.idle = Some(measure(Kind::Idle)?);
+        case.idle = Some(measure(Kind::Idle, s.rate)?);
     }
-    case.sustained = Some(measure(Kind::Sustained)?);
+    case.sustained = Some(measure(Kind::Sustained, s.rate)?);
     if s.burst > 0 {
-        case.burst = Some(measure(Kind::Burst)?);
+        case.burst = Some(measure(Kind::Burst, s.rate)?);
     }
-    case.max_rate = Some(measure(Kind::Max)?);
+    // Before the max rate, which may cut the gateway's NATS connections off for a while.
+    for &rate in &s.sweep {
+        eprintln!("   sweep: {rate} deliveries/s");
+        case.sweep.push(measure(Kind::Sustained, rate as f64)?);
+    }
+    case.max_rate = Some(measure(Kind::Max, s.rate)?);
     Ok(())
 }
 
@@ -358,6 +366,7 @@ fn accounted(answers: &[Fields]) -> u64 {
 #[allow(clippy::too_many_arguments)]
 fn phase(
     kind: Kind,
+    deliveries_per_second: f64,
     path: Path,
     k: usize,
     fleet: &mut Fleet,
@@ -371,7 +380,7 @@ fn phase(
     }
     let subscribers = Fleet::sum(&fleet.ask("reset", "reset")?, "alive");
     let signals_before = servers.signals(path);
-    let rate = s.rate / k as f64;
+    let rate = deliveries_per_second / k as f64;
     let start: Mark = mark(pids);
     let published = match kind {
         Kind::Idle => {

@@ -59,6 +59,9 @@ pub struct Settings {
     pub max_drain: Duration,
     /// Seconds of the idle phase (0 skips it).
     pub idle: f64,
+    /// Offered deliveries a second for the sweep: the sustained phase again at each (empty:
+    /// no sweep). See `sweep.rs`.
+    pub sweep: Vec<usize>,
     pub gateway_args: Vec<String>,
     /// The gateway path's WebSocket URL path: `/ws?batch=true` (several events per message,
     /// as nats-server's own listener sends) unless FANOUT_WS_BATCH=false.
@@ -95,6 +98,7 @@ impl Settings {
                 600.0,
             )?),
             idle: env_f64("FANOUT_IDLE_SECONDS", 2.0, 0.0, 600.0)?,
+            sweep: env_list("FANOUT_SWEEP", &[], 1, 100_000_000)?,
             gateway_args: env_args("FANOUT_GATEWAY_ARGS"),
             gateway_ws_path: match env_words("FANOUT_WS_BATCH", &["true"], &["true", "false"])?[..]
             {
@@ -122,6 +126,7 @@ pub const KNOBS: &[&str] = &[
     "FANOUT_DRAIN_SECONDS",
     "FANOUT_MAX_DRAIN_SECONDS",
     "FANOUT_IDLE_SECONDS",
+    "FANOUT_SWEEP",
     "FANOUT_GATEWAY_ARGS",
     "FANOUT_WS_BATCH",
     "IPC_GATEWAY_BIN",

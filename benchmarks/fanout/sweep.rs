@@ -87,6 +87,7 @@ fn summary(md: &mut String, report: &Report) {
     );
     let _ = writeln!(md, "| ---: | ---: | ---: | ---: |");
     let mut ks: Vec<usize> = report.cases.iter().map(|case| case.k).collect();
+    ks.sort_unstable();
     ks.dedup();
     for k in ks {
         let best = |path: Path| {

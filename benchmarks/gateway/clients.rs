@@ -151,22 +151,17 @@ pub async fn connect_direct(
 }
 
 /// The headers the gateway stamps on every message of a Unix-socket caller that is this
-/// process (`Identity::headers`, then `Ipc-Gateway-Id` in the gateway's default form,
-/// host-pid), so that `direct + identity headers` carries the same block as the gateway rows.
+/// process (the identity the gateway gives a peer, then `Ipc-Gateway-Id` in the gateway's
+/// default form), so that `direct + identity headers` carries the same block as the gateway
+/// rows.
 pub fn identity_headers() -> async_nats::HeaderMap {
-    use ipc_gateway::protocol::identity::{GATEWAY_ID_HEADER, Identity};
-    let uid = nix::unistd::getuid();
-    let gid = nix::unistd::getgid();
-    let mut identity = Identity::anonymous(ipc_gateway::protocol::Frontend::Uds, None);
-    identity.uid = Some(uid.as_raw());
-    identity.gid = Some(gid.as_raw());
-    identity.pid = Some(std::process::id() as i32);
-    identity.user = nix::unistd::User::from_uid(uid)
-        .ok()
-        .flatten()
-        .map(|user| user.name);
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let gateway_id = format!("{}-{}", host.trim(), std::process::id());
+    use ipc_gateway::protocol::identity::GATEWAY_ID_HEADER;
+    let identity = ipc_gateway::core::auth::local_identity(
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+        Some(std::process::id() as i32),
+    );
+    let gateway_id = ipc_gateway::config::Config::default().resolved_gateway_id();
     identity
         .headers()
         .into_iter()

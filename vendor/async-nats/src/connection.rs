@@ -511,29 +511,32 @@ impl Connection {
                 respond,
                 headers,
             } => {
-                let verb = match headers.as_ref() {
-                    Some(headers) if !headers.is_empty() => "HPUB",
-                    _ => "PUB",
-                };
-
-                small_write!("{verb} {subject} ");
-
+                // ipc-gateway patch (PATCHED.md): the line is put together without `fmt`, and
+                // a header map is serialized once for all its clones.
+                let headers = headers.as_ref().filter(|headers| !headers.is_empty());
+                let verb: &[u8] = if headers.is_some() { b"HPUB " } else { b"PUB " };
+                self.put_small(verb);
+                self.put_small(subject.as_bytes());
+                self.put_small(b" ");
                 if let Some(respond) = respond {
-                    small_write!("{respond} ");
+                    self.put_small(respond.as_bytes());
+                    self.put_small(b" ");
                 }
-
+                let mut number = itoa::Buffer::new();
                 match headers {
-                    Some(headers) if !headers.is_empty() => {
-                        let headers = headers.to_bytes();
-
+                    Some(headers) => {
+                        let headers = headers.encoded();
                         let headers_len = headers.len();
                         let total_len = headers_len + payload.len();
-                        small_write!("{headers_len} {total_len}\r\n");
+                        self.put_small(number.format(headers_len).as_bytes());
+                        self.put_small(b" ");
+                        self.put_small(number.format(total_len).as_bytes());
+                        self.put_small(b"\r\n");
                         self.write(headers);
                     }
-                    _ => {
-                        let payload_len = payload.len();
-                        small_write!("{payload_len}\r\n");
+                    None => {
+                        self.put_small(number.format(payload.len()).as_bytes());
+                        self.put_small(b"\r\n");
                     }
                 }
 
@@ -541,7 +544,7 @@ impl Connection {
                 self.write("\r\n");
 
                 trace!(
-                    verb = %verb,
+                    verb = if headers.is_some() { "HPUB" } else { "PUB" },
                     subject = %subject,
                     reply = ?respond,
                     headers = ?headers,
@@ -730,6 +733,13 @@ impl Connection {
 
             self.write_buf.push_back(buf);
         }
+    }
+
+    /// Appends a few bytes to the small writes buffer.
+    // ipc-gateway patch (PATCHED.md)
+    fn put_small(&mut self, bytes: &[u8]) {
+        self.write_buf_len += bytes.len();
+        self.flattened_writes.extend_from_slice(bytes);
     }
 
     /// Obtain an [`fmt::Write`]r for the small writes buffer.

@@ -20,7 +20,14 @@
 
 //! NATS [Message][crate::Message] headers, modeled loosely after the `http::header` crate.
 
-use std::{collections::HashMap, fmt, slice::Iter, str::FromStr, sync::Arc};
+use std::{
+    collections::HashMap,
+    fmt,
+    ops::Deref,
+    slice::Iter,
+    str::FromStr,
+    sync::{Arc, OnceLock},
+};
 
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -48,7 +55,52 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub struct HeaderMap {
     // ipc-gateway patch (PATCHED.md): shared, so that a clone is a reference count; a change
     // copies the map first if it is shared.
-    inner: Arc<HashMap<HeaderName, Vec<HeaderValue>>>,
+    inner: Arc<Table>,
+}
+
+// ipc-gateway patch (PATCHED.md): the map and, once it has been sent, its wire form, so that
+// every clone of one map is serialized once. A change (`table_mut`) forgets the wire form.
+#[derive(Default)]
+struct Table {
+    map: HashMap<HeaderName, Vec<HeaderValue>>,
+    encoded: OnceLock<Bytes>,
+}
+
+impl Table {
+    fn new(map: HashMap<HeaderName, Vec<HeaderValue>>) -> Self {
+        Table {
+            map,
+            encoded: OnceLock::new(),
+        }
+    }
+}
+
+impl Clone for Table {
+    fn clone(&self) -> Self {
+        Table::new(self.map.clone())
+    }
+}
+
+impl PartialEq for Table {
+    fn eq(&self, other: &Self) -> bool {
+        self.map == other.map
+    }
+}
+
+impl Eq for Table {}
+
+impl fmt::Debug for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.map.fmt(f)
+    }
+}
+
+impl Deref for Table {
+    type Target = HashMap<HeaderName, Vec<HeaderValue>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
 }
 
 /// Helper enum for backward-compatible deserialization using serde's untagged feature
@@ -75,10 +127,10 @@ impl<'de> Deserialize<'de> for HeaderMap {
 
         Ok(match helper {
             HeaderMapHelper::Legacy { inner } => HeaderMap {
-                inner: Arc::new(inner),
+                inner: Arc::new(Table::new(inner)),
             },
             HeaderMapHelper::Current(inner) => HeaderMap {
-                inner: Arc::new(inner),
+                inner: Arc::new(Table::new(inner)),
             },
         })
     }
@@ -90,7 +142,7 @@ impl Serialize for HeaderMap {
         S: Serializer,
     {
         // Serialize as the new format (direct HashMap without "inner" wrapper)
-        (*self.inner).serialize(serializer)
+        self.inner.map.serialize(serializer)
     }
 }
 
@@ -163,6 +215,10 @@ impl HeaderMap {
     /// Serialized byte length of this header block (as [`HeaderMap::to_bytes`]
     /// produces), computed without allocating.
     pub(crate) fn wire_len(&self) -> usize {
+        // ipc-gateway patch (PATCHED.md): a map that was sent knows its length.
+        if let Some(encoded) = self.inner.encoded.get() {
+            return encoded.len();
+        }
         // Mirrors `to_bytes`: "NATS/1.0\r\n" + each "<key>: <value>\r\n" + "\r\n".
         let mut len = b"NATS/1.0\r\n".len() + b"\r\n".len();
         for (k, vs) in self.inner.iter() {
@@ -186,7 +242,7 @@ impl HeaderMap {
     /// headers.insert("Key", "Value");
     /// ```
     pub fn insert<K: IntoHeaderName, V: IntoHeaderValue>(&mut self, name: K, value: V) {
-        Arc::make_mut(&mut self.inner)
+        self.table_mut()
             .insert(name.into_header_name(), vec![value.into_header_value()]);
     }
 
@@ -203,7 +259,7 @@ impl HeaderMap {
     /// headers.append("Key", "Another");
     pub fn append<K: IntoHeaderName, V: IntoHeaderValue>(&mut self, name: K, value: V) {
         let key = name.into_header_name();
-        let inner = Arc::make_mut(&mut self.inner);
+        let inner = self.table_mut();
         match inner.get_mut(&key) {
             Some(v) => {
                 v.push(value.into_header_value());
@@ -272,8 +328,26 @@ impl HeaderMap {
         GetAll { inner }
     }
 
+    /// The map to change, copied first if it is shared; its wire form is forgotten.
+    // ipc-gateway patch (PATCHED.md)
+    fn table_mut(&mut self) -> &mut HashMap<HeaderName, Vec<HeaderValue>> {
+        let table = Arc::make_mut(&mut self.inner);
+        table.encoded = OnceLock::new();
+        &mut table.map
+    }
+
+    /// The header block as it goes on the wire, serialized once per map and its clones.
+    // ipc-gateway patch (PATCHED.md)
+    pub(crate) fn encoded(&self) -> Bytes {
+        self.inner
+            .encoded
+            .get_or_init(|| Bytes::from(self.to_bytes()))
+            .clone()
+    }
+
     pub(crate) fn to_bytes(&self) -> Vec<u8> {
-        let mut buf = vec![];
+        // ipc-gateway patch (PATCHED.md): allocated once, at its size.
+        let mut buf = Vec::with_capacity(self.wire_len());
         buf.extend_from_slice(b"NATS/1.0\r\n");
         for (k, vs) in self.inner.iter() {
             for v in vs.iter() {
@@ -924,6 +998,30 @@ mod tests {
         let bytes = headers.to_bytes();
 
         println!("bytes: {:?}", from_utf8(&bytes));
+    }
+
+    // ipc-gateway patch (PATCHED.md): the wire form is kept per map and forgotten on a change.
+    #[test]
+    fn encoded_follows_changes_and_clones_share_it() {
+        let mut headers = HeaderMap::new();
+        headers.insert("Key", "value");
+        let sent = headers.encoded();
+        assert_eq!(&sent[..], &headers.to_bytes()[..]);
+
+        let clone = headers.clone();
+        assert_eq!(clone.encoded().as_ptr(), sent.as_ptr(), "a clone shares the wire form");
+        assert_eq!(clone.wire_len(), sent.len());
+
+        headers.append("Key", "second");
+        assert_eq!(&headers.encoded()[..], &headers.to_bytes()[..]);
+        assert_eq!(headers.wire_len(), headers.to_bytes().len());
+        assert_ne!(headers.encoded(), sent);
+        assert_eq!(clone.encoded(), sent, "the clone is unchanged");
+
+        let mut unique = clone;
+        drop(headers);
+        unique.insert("Other", "x");
+        assert_eq!(&unique.encoded()[..], &unique.to_bytes()[..]);
     }
 
     #[test]

@@ -95,18 +95,18 @@ fn describe_run(md: &mut String, report: &Report) {
     );
     let _ = writeln!(
         md,
-        "- \"× direct\" = the row's req/s / direct's at the same c and payload (the aims use this baseline: the async-nats client on the same current-thread runtime as every other client here); \"× mt\" = the same over \"direct, mt client\" (async-nats on a multi-thread runtime with one worker per CPU, tokio's default shape), for reference only; \"gw CPU\" = gateway process CPU (user+sys) per completed request, µs, from /proc at 100 Hz tick resolution; \"nats CPU\" and \"echo CPU\" the same for the nats-server and the echo service (what a request costs the rest of the path: the gateway's identity headers are parsed by the service's NATS client on every request).\n"
+        "- \"× direct\" = the row's req/s / direct's at the same c and payload (the aims use this baseline: the async-nats client on the same current-thread runtime as every other client here); \"× mt\" = the same over \"direct, mt client\" (async-nats on a multi-thread runtime with one worker per CPU, tokio's default shape), for reference only; \"gw CPU\" = gateway process CPU (user+sys) per completed request, µs, from /proc at 100 Hz tick resolution; \"nats CPU\" and \"echo CPU\" the same for the nats-server and the echo service (what a request costs the rest of the path: the gateway's identity headers are parsed by the service's NATS client on every request); \"client CPU\" the same for this process, the load generator (its clients and its bookkeeping). In the gRPC unary rows the machine is about 30 % idle (vmstat, 2026-12-06): the tonic client and the gateway mostly take turns, a batch of calls at a time, and req/s comes out near 1 / (client CPU + gw CPU); the client's share caps that row whatever the gateway costs.\n"
     );
 }
 
 fn results_table(md: &mut String, rows: &[Row]) {
     let _ = writeln!(
         md,
-        "| mode | gw threads | c | payload | req/s | p50 µs | p99 µs | p99.9 µs | × direct | × mt | gw CPU µs/req | nats CPU µs/req | echo CPU µs/req | p50 spread | errors |"
+        "| mode | gw threads | c | payload | req/s | p50 µs | p99 µs | p99.9 µs | × direct | × mt | gw CPU µs/req | nats CPU µs/req | echo CPU µs/req | client CPU µs/req | p50 spread | errors |"
     );
     let _ = writeln!(
         md,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
     );
     for row in rows {
         let spread = row.p50_spread_us.map_or("—".into(), |[min, max]| {
@@ -114,7 +114,7 @@ fn results_table(md: &mut String, rows: &[Row]) {
         });
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.mode.name(),
             row.gateway_worker_threads
                 .map_or("—".into(), |w| w.to_string()),
@@ -129,6 +129,7 @@ fn results_table(md: &mut String, rows: &[Row]) {
             fmt_opt(row.gateway_cpu_us, 1),
             fmt_opt(row.nats_server_cpu_us, 1),
             fmt_opt(row.echo_service_cpu_us, 1),
+            fmt_opt(row.client_cpu_us, 1),
             spread,
             row.errors,
         );

@@ -76,6 +76,9 @@ pub struct Row {
     pub nats_server_cpu_us: Option<f64>,
     #[serde(rename = "echo_service_cpu_us_per_request")]
     pub echo_service_cpu_us: Option<f64>,
+    /// The load generator's own (this process's) CPU per request: the client's share.
+    #[serde(rename = "client_cpu_us_per_request")]
+    pub client_cpu_us: Option<f64>,
     pub errors: u64,
     /// The lowest and highest p50 over the runs, when the case ran more than once.
     pub p50_spread_us: Option<[f64; 2]>,
@@ -175,6 +178,7 @@ fn row(case: Case, runs: Vec<Measured>) -> Row {
         gateway_cpu_us: cpu(|m| m.cpu.gateway),
         nats_server_cpu_us: cpu(|m| m.cpu.nats_server),
         echo_service_cpu_us: cpu(|m| m.cpu.echo_service),
+        client_cpu_us: cpu(|m| m.cpu.bench_process),
         errors: runs.iter().map(|m| m.errors).sum(),
         p50_spread_us,
         runs,

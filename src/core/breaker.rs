@@ -24,6 +24,10 @@ use tokio::time::Instant;
 
 use crate::protocol::{ErrorCode, GatewayError};
 
+/// The tracked groups by name. Names come from clients' subjects, so the hash is seeded at
+/// random per process; the table is bounded by `MAX_GROUPS`.
+type Groups = HashMap<Arc<str>, Group, foldhash::fast::RandomState>;
+
 /// Groups tracked at once; past it, closed groups with no recent failure are forgotten.
 const MAX_GROUPS: usize = 10_000;
 
@@ -164,7 +168,7 @@ pub struct GroupStatus {
 
 pub struct Breakers {
     config: BreakerConfig,
-    groups: Mutex<HashMap<Arc<str>, Group>>,
+    groups: Mutex<Groups>,
     /// When a NATS connection of the pool last came up. Services reconnect on their own
     /// schedule, often a little after the gateway: `NO_RESPONDERS` within
     /// `config.reconnect_grace` of it is not held against them. Without this, the gateway
@@ -210,7 +214,7 @@ impl Breakers {
             .map_or(0, |t| t.as_nanos() as u64);
         Arc::new(Breakers {
             config,
-            groups: Mutex::new(HashMap::new()),
+            groups: Mutex::new(Groups::default()),
             connected_at: Mutex::new(None),
             jitter: std::sync::atomic::AtomicU64::new(seed),
         })
@@ -232,7 +236,7 @@ impl Breakers {
             .is_some_and(|at| now.saturating_duration_since(at) < self.config.reconnect_grace)
     }
 
-    fn groups(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Group>> {
+    fn groups(&self) -> std::sync::MutexGuard<'_, Groups> {
         self.groups.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -136,10 +136,11 @@ impl managed::Manager for NatsManager {
         );
         let retired = Arc::new(watch::channel(false).0);
         // Queued now, sent when the connection is up (and again after every reconnect).
-        match client.subscribe(router.wildcard()).await {
-            Ok(replies) => {
+        let (sink, connection_gone) = router.sink();
+        match client.subscribe_with_sink(router.wildcard(), sink).await {
+            Ok(subscription) => {
                 tokio::spawn(router.clone().run(
-                    replies,
+                    (subscription, connection_gone),
                     lost.clone(),
                     retired.subscribe(),
                     self.shutdown.clone(),

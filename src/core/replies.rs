@@ -1,6 +1,8 @@
 //! Request-reply without a future per request. Each pool connection has one `ReplyRouter`:
 //! one wildcard subscription on its own inbox prefix receives every reply, and a token map
-//! matches replies to requests. A request is a map entry plus a publish with a reply subject;
+//! matches replies to requests. The subscription is a sink (`async_nats::MessageSink`): the
+//! connection's task matches each reply as it reads it, with no queue between them, so no reply
+//! is ever dropped for a full one. A request is a map entry plus a publish with a reply subject;
 //! its answer goes straight to the client's `ReplySink` (its outbox), so there is no task,
 //! oneshot or timer per request. Deadlines are kept in order in one set, and the router's
 //! single timer fires for the earliest. Losing or retiring the connection, or the end of the
@@ -21,9 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::{Message, Subject, Subscriber};
+use async_nats::{Message, MessageSink, SinkSubscription, Subject};
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -220,9 +221,6 @@ pub struct ReplyRouter {
     /// Where idempotent requests go when this connection is lost (see `Gateway`'s retry task).
     retries: Option<mpsc::UnboundedSender<Box<Pending>>>,
 }
-
-/// Replies handled per wakeup before the router looks at its deadlines again.
-const REPLY_BATCH: usize = 256;
 
 impl ReplyRouter {
     pub fn new(
@@ -493,12 +491,24 @@ impl ReplyRouter {
         self.waiting().requests.len()
     }
 
-    /// The router's task: replies, deadlines, connection loss, retirement and the end of the
-    /// drain. Ends when the connection closes, or when it is retired and nothing waits on it
-    /// (dropping the subscription then lets the old connection go).
+    /// The sink of the connection's reply subscription (`Client::subscribe_with_sink`), and
+    /// what resolves when the connection has let go of it (the client is gone).
+    pub fn sink(self: &Arc<Self>) -> (Arc<dyn MessageSink>, oneshot::Receiver<()>) {
+        let (ended, on_end) = oneshot::channel();
+        let sink = RepliesSink {
+            router: self.clone(),
+            ended: Some(ended),
+        };
+        (Arc::new(sink), on_end)
+    }
+
+    /// The router's task: deadlines, connection loss, retirement and the end of the drain
+    /// (replies are handled as they are read, by the connection's task: see `RepliesSink`).
+    /// Ends when the connection lets go of the reply subscription, or when it is retired and
+    /// nothing waits on it (dropping the subscription then lets the old connection go).
     pub async fn run(
         self: Arc<Self>,
-        mut replies: Subscriber,
+        replies: (SinkSubscription, oneshot::Receiver<()>),
         mut lost: watch::Receiver<u64>,
         mut retired: watch::Receiver<bool>,
         shutdown: Shutdown,
@@ -509,26 +519,17 @@ impl ReplyRouter {
         let mut armed: Option<Instant> = None;
         let mut retiring = false;
         let mut drained = false;
+        let (_subscription, mut connection_gone) = replies;
         loop {
             tokio::select! {
                 biased;
-                message = replies.next() => {
-                    let Some(message) = message else {
-                        let error = GatewayError::new(
-                            ErrorCode::Unavailable,
-                            "the NATS connection closed while waiting for the reply",
-                        );
-                        self.fail_or_retry_all(&error, Some("the NATS connection closed; retry"));
-                        return;
-                    };
-                    self.on_reply(message);
-                    // Take what else is ready now, then look at the deadlines once.
-                    for _ in 0..REPLY_BATCH {
-                        match replies.next().now_or_never() {
-                            Some(Some(message)) => self.on_reply(message),
-                            _ => break,
-                        }
-                    }
+                _ = &mut connection_gone => {
+                    let error = GatewayError::new(
+                        ErrorCode::Unavailable,
+                        "the NATS connection closed while waiting for the reply",
+                    );
+                    self.fail_or_retry_all(&error, Some("the NATS connection closed; retry"));
+                    return;
                 }
                 _ = lost.changed() => {
                     // The replies would have come on the connection that was just lost.
@@ -561,6 +562,28 @@ impl ReplyRouter {
             if retiring && self.is_idle() {
                 return;
             }
+        }
+    }
+}
+
+/// The reply subscription's sink: each reply is matched to its request as the connection
+/// reads it, with no queue in between (so none is dropped for a full one). Dropped by the
+/// connection when the subscription ends; that tells the router's task.
+struct RepliesSink {
+    router: Arc<ReplyRouter>,
+    ended: Option<oneshot::Sender<()>>,
+}
+
+impl MessageSink for RepliesSink {
+    fn deliver(&self, message: Message) {
+        self.router.on_reply(message);
+    }
+}
+
+impl Drop for RepliesSink {
+    fn drop(&mut self) {
+        if let Some(ended) = self.ended.take() {
+            let _ = ended.send(());
         }
     }
 }

@@ -152,6 +152,69 @@ async fn a_thousand_pipelined_binary_requests_come_back_out_of_order_matched_by_
     service.abort();
 }
 
+/// Replies reach the gateway in one burst, far more than its NATS client's subscription buffer
+/// holds: none may be lost (it used to be dropped from the full buffer and end in `TIMEOUT`).
+#[tokio::test]
+async fn a_burst_of_replies_larger_than_the_nats_buffer_answers_every_request() {
+    // Within `max_inflight_per_connection` (1,024), so that all are out at once.
+    const REQUESTS: u64 = 1000;
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut requests = client.subscribe("svc.burst").await.unwrap();
+    registered(&client).await;
+    // Holds every request until the last has come, then answers them all at once.
+    let service = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(message) = requests.next().await {
+            held.push(message);
+            if held.len() as u64 == REQUESTS {
+                break;
+            }
+        }
+        for message in held {
+            client
+                .publish(message.reply.unwrap(), message.payload)
+                .await
+                .unwrap();
+        }
+        client.flush().await.unwrap();
+    });
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--nats-subscription-buffer",
+            "4",
+            "--worker-threads",
+            "1",
+            "--nats-connections",
+            "1",
+        ],
+    );
+    let mut conn = gateway.raw().await;
+    let mut batch = Vec::new();
+    for id in 1..=REQUESTS {
+        let payload = id.to_string();
+        batch.extend_from_slice(&frame(FrameParts {
+            frame_type: frame_type::REQUEST,
+            id,
+            param: 10_000,
+            subject: b"svc.burst",
+            payload: payload.as_bytes(),
+            ..FrameParts::default()
+        }));
+    }
+    conn.send(&batch).await;
+    let mut answered = HashSet::new();
+    for _ in 0..REQUESTS {
+        let reply = conn.recv().await;
+        assert_eq!(reply.header.frame_type, frame_type::REPLY, "{reply:?}");
+        assert_eq!(reply.payload, reply.header.id.to_string().as_bytes());
+        answered.insert(reply.header.id);
+    }
+    assert_eq!(answered.len() as u64, REQUESTS);
+    service.await.unwrap();
+}
+
 #[tokio::test]
 async fn the_client_module_requests_publishes_and_subscribes() {
     let nats = NatsServer::start();

@@ -810,11 +810,37 @@ impl Client {
                 sid,
                 subject,
                 queue_group: None,
-                sender,
+                sender: crate::Delivery::Channel(sender),
             })
             .await?;
 
         Ok(Subscriber::new(sid, self.sender.clone(), receiver))
+    }
+
+    /// Subscribes to a subject, handing each message to `sink` in the connection's own task
+    /// (see [`MessageSink`][crate::MessageSink]): no channel, so no message is dropped for a
+    /// full one. Dropping the returned [`SinkSubscription`][crate::SinkSubscription]
+    /// unsubscribes; the connection drops `sink` when the subscription ends or the client is
+    /// gone.
+    // ipc-gateway patch (PATCHED.md)
+    pub async fn subscribe_with_sink<S: ToSubject>(
+        &self,
+        subject: S,
+        sink: Arc<dyn crate::MessageSink>,
+    ) -> Result<crate::SinkSubscription, SubscribeError> {
+        let subject = self
+            .validate_subscribe_subject(subject)
+            .map_err(|e| SubscribeError::with_source(SubscribeErrorKind::InvalidSubject, e))?;
+        let sid = self.next_subscription_id.fetch_add(1, Ordering::Relaxed);
+        self.sender
+            .send(Command::Subscribe {
+                sid,
+                subject,
+                queue_group: None,
+                sender: crate::Delivery::Sink(sink),
+            })
+            .await?;
+        Ok(crate::SinkSubscription::new(sid, self.sender.clone()))
     }
 
     /// Subscribes to a subject with a queue group to receive [messages][Message].
@@ -859,7 +885,7 @@ impl Client {
                 sid,
                 subject,
                 queue_group: Some(queue_group),
-                sender,
+                sender: crate::Delivery::Channel(sender),
             })
             .await?;
 

@@ -396,8 +396,8 @@ pub(crate) enum Command {
         sid: u64,
         subject: Subject,
         queue_group: Option<String>,
-        // ipc-gateway patch: boxed, see PATCHED.md.
-        sender: mpsc::Sender<Box<Message>>,
+        // ipc-gateway patch: boxed, or a sink; see PATCHED.md.
+        sender: Delivery,
     },
     Unsubscribe {
         sid: u64,
@@ -442,11 +442,47 @@ pub(crate) enum ClientOp {
     Connect(ConnectInfo),
 }
 
+/// Where a subscription's messages go.
+// ipc-gateway patch (PATCHED.md): a channel of boxed messages, or a sink the connection's task
+// hands each message to.
+pub(crate) enum Delivery {
+    Channel(mpsc::Sender<Box<Message>>),
+    Sink(Arc<dyn MessageSink>),
+}
+
+impl Delivery {
+    fn is_closed(&self) -> bool {
+        match self {
+            Delivery::Channel(sender) => sender.is_closed(),
+            // A sink's subscription ends by its `SinkSubscription`'s unsubscribe.
+            Delivery::Sink(_) => false,
+        }
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Delivery::Channel(sender) => f.debug_tuple("Channel").field(sender).finish(),
+            Delivery::Sink(_) => f.write_str("Sink"),
+        }
+    }
+}
+
+/// Takes a subscription's messages one by one in the connection's own task, with no channel
+/// between them: nothing is queued, so nothing is dropped for a full queue.
+// ipc-gateway patch (PATCHED.md)
+pub trait MessageSink: Send + Sync + 'static {
+    /// Takes one message. Runs in the connection's task, between reads: it must neither block
+    /// nor wait.
+    fn deliver(&self, message: Message);
+}
+
 #[derive(Debug)]
 struct Subscription {
     subject: Subject,
-    // ipc-gateway patch: boxed, see PATCHED.md.
-    sender: mpsc::Sender<Box<Message>>,
+    // ipc-gateway patch: boxed, or a sink; see PATCHED.md.
+    sender: Delivery,
     queue_group: Option<String>,
     delivered: u64,
     max: Option<u64>,
@@ -791,7 +827,15 @@ impl ConnectionHandler {
 
                     // if the channel for subscription was dropped, remove the
                     // subscription from the map and unsubscribe.
-                    match subscription.sender.try_send(Box::new(message)) {
+                    let sent = match &subscription.sender {
+                        Delivery::Channel(sender) => sender.try_send(Box::new(message)),
+                        // ipc-gateway patch (PATCHED.md): handed over here, never queued.
+                        Delivery::Sink(sink) => {
+                            sink.deliver(message);
+                            Ok(())
+                        }
+                    };
+                    match sent {
                         Ok(_) => {
                             subscription.delivered += 1;
                             // if this `Subscription` has set `max` value, check if it
@@ -1485,14 +1529,42 @@ fn drop_unsubscribe_command(sid: u64) -> Command {
 impl Drop for Subscriber {
     fn drop(&mut self) {
         self.receiver.close();
+        unsubscribe_on_drop(&self.sender, self.sid);
+    }
+}
+
+/// A subscription whose messages go to a [`MessageSink`] (see
+/// [`Client::subscribe_with_sink`][crate::Client::subscribe_with_sink]); dropping it
+/// unsubscribes.
+// ipc-gateway patch (PATCHED.md)
+#[derive(Debug)]
+pub struct SinkSubscription {
+    sid: u64,
+    sender: mpsc::Sender<Command>,
+}
+
+impl SinkSubscription {
+    pub(crate) fn new(sid: u64, sender: mpsc::Sender<Command>) -> SinkSubscription {
+        SinkSubscription { sid, sender }
+    }
+}
+
+impl Drop for SinkSubscription {
+    fn drop(&mut self) {
+        unsubscribe_on_drop(&self.sender, self.sid);
+    }
+}
+
+fn unsubscribe_on_drop(sender: &mpsc::Sender<Command>, sid: u64) {
+    {
         // Best-effort unsubscribe. `Drop` can run outside a Tokio runtime (unwinding, teardown,
         // plain threads), so start with synchronous `try_send` and only spawn an async retry when
         // the command channel is full and a runtime is available.
-        match self.sender.try_send(drop_unsubscribe_command(self.sid)) {
+        match sender.try_send(drop_unsubscribe_command(sid)) {
             Ok(()) => {}
             Err(tokio::sync::mpsc::error::TrySendError::Full(command)) => {
                 if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                    let sender = self.sender.clone();
+                    let sender = sender.clone();
                     handle.spawn(async move {
                         if let Err(err) = sender.send(command).await {
                             debug!("failed to send unsubscribe in Subscriber::drop: {err}");

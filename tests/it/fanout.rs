@@ -246,23 +246,6 @@ async fn count_until(conn: &mut JsonConn, sid: &str, total: u64) -> (u64, u64) {
     (messages, dropped)
 }
 
-/// A gateway with a tiny buffer between its NATS client and the fan-out, and one thread: the
-/// NATS client reads a burst in one go, before the fan-out can take any of it, and drops the
-/// rest.
-fn with_tiny_nats_buffer(nats: &NatsServer) -> GatewayProcess {
-    GatewayProcess::start(
-        &nats.url(),
-        &[
-            "--nats-subscription-buffer",
-            "4",
-            "--worker-threads",
-            "1",
-            "--nats-connections",
-            "1",
-        ],
-    )
-}
-
 /// The gateway's metric of messages its NATS client dropped says `dropped`.
 async fn assert_slow_consumer_metric(gateway: &GatewayProcess, dropped: u64) {
     let slow: Value = gateway
@@ -293,7 +276,7 @@ async fn publish_burst(nats: &NatsServer, total: u64) -> async_nats::Client {
 #[tokio::test]
 async fn messages_the_nats_client_drops_reach_every_subscriber_as_dropped_counts() {
     let nats = NatsServer::start();
-    let gateway = with_tiny_nats_buffer(&nats);
+    let gateway = GatewayProcess::with_tiny_nats_buffer(&nats.url());
     let mut conns = Vec::new();
     for _ in 0..2 {
         let mut conn = gateway.json().await;
@@ -329,7 +312,7 @@ async fn a_long_burst_the_nats_client_drops_is_counted_to_the_last_message() {
     // async-nats reports each message it drops on a bounded channel of 128 events, and once
     // that was full the rest went uncounted: thousands dropped at once must still add up.
     let nats = NatsServer::start();
-    let gateway = with_tiny_nats_buffer(&nats);
+    let gateway = GatewayProcess::with_tiny_nats_buffer(&nats.url());
     let mut conn = gateway.json().await;
     let ack = conn
         .call(r#"{"op":"subscribe","id":"b","subject":"burst"}"#)

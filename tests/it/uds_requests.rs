@@ -123,19 +123,8 @@ async fn a_thousand_pipelined_binary_requests_come_back_out_of_order_matched_by_
     });
     let gateway = GatewayProcess::start(&nats.url(), &[]);
     let mut conn = gateway.raw().await;
-    let mut batch = Vec::new();
-    for id in 1..=1000u64 {
-        let payload = id.to_string();
-        batch.extend_from_slice(&frame(FrameParts {
-            frame_type: frame_type::REQUEST,
-            id,
-            param: 5000,
-            subject: b"svc.jitter",
-            payload: payload.as_bytes(),
-            ..FrameParts::default()
-        }));
-    }
-    conn.send(&batch).await;
+    conn.send(&numbered_requests(b"svc.jitter", 1000, 5000))
+        .await;
     let mut order = Vec::new();
     for _ in 0..1000 {
         let reply = conn.recv().await;
@@ -150,6 +139,23 @@ async fn a_thousand_pipelined_binary_requests_come_back_out_of_order_matched_by_
         "replies came back in order"
     );
     service.abort();
+}
+
+/// Binary request frames with ids 1 to `count`, each carrying its id as text.
+fn numbered_requests(subject: &[u8], count: u64, timeout_ms: u32) -> Vec<u8> {
+    let mut batch = Vec::new();
+    for id in 1..=count {
+        let payload = id.to_string();
+        batch.extend_from_slice(&frame(FrameParts {
+            frame_type: frame_type::REQUEST,
+            id,
+            param: timeout_ms,
+            subject,
+            payload: payload.as_bytes(),
+            ..FrameParts::default()
+        }));
+    }
+    batch
 }
 
 /// Replies reach the gateway in one burst, far more than its NATS client's subscription buffer
@@ -179,31 +185,10 @@ async fn a_burst_of_replies_larger_than_the_nats_buffer_answers_every_request() 
         }
         client.flush().await.unwrap();
     });
-    let gateway = GatewayProcess::start(
-        &nats.url(),
-        &[
-            "--nats-subscription-buffer",
-            "4",
-            "--worker-threads",
-            "1",
-            "--nats-connections",
-            "1",
-        ],
-    );
+    let gateway = GatewayProcess::with_tiny_nats_buffer(&nats.url());
     let mut conn = gateway.raw().await;
-    let mut batch = Vec::new();
-    for id in 1..=REQUESTS {
-        let payload = id.to_string();
-        batch.extend_from_slice(&frame(FrameParts {
-            frame_type: frame_type::REQUEST,
-            id,
-            param: 10_000,
-            subject: b"svc.burst",
-            payload: payload.as_bytes(),
-            ..FrameParts::default()
-        }));
-    }
-    conn.send(&batch).await;
+    conn.send(&numbered_requests(b"svc.burst", REQUESTS, 10_000))
+        .await;
     let mut answered = HashSet::new();
     for _ in 0..REQUESTS {
         let reply = conn.recv().await;

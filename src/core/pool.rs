@@ -77,6 +77,12 @@ pub struct NatsManager {
 /// connection, and each failed attempt is an event).
 pub const UNREACHABLE_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// How often a connection logs that its NATS client's subscription buffer overflowed. Under
+/// sustained overload that happens on every read (hundreds of times a second); the members get
+/// exact `dropped` counts and `ipc_gateway_nats_slow_consumer_total` counts every message, so
+/// the log only has to say that it is happening.
+pub const BUFFER_FULL_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// Lets a log line through at most once per period.
 pub struct LogThrottle {
     every: Duration,
@@ -184,6 +190,7 @@ fn connect_options(
     failures: Arc<ConnectFailures>,
 ) -> ConnectOptions {
     let lost = Arc::new(lost);
+    let buffer_full = Arc::new(LogThrottle::new(BUFFER_FULL_LOG_EVERY));
     base.name(format!("ipc-gateway-{index}"))
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -204,22 +211,31 @@ fn connect_options(
             let breakers = breakers.clone();
             let fanout = fanout.clone();
             let failures = failures.clone();
+            let buffer_full = buffer_full.clone();
             async move {
                 match event {
                     async_nats::Event::SlowConsumers(sid, count) => {
                         slow_consumer.increment(count);
-                        // One line per burst: the members get the exact count.
-                        match fanout.slow_consumer(index, sid, count) {
-                            Loss::FirstOfBurst(subject) => warn!(
+                        // The members get the exact count; the log, a line now and then.
+                        let loss = fanout.slow_consumer(index, sid, count);
+                        let logged = !matches!(loss, Loss::MoreOfBurst)
+                            && buffer_full.allow(Instant::now());
+                        match loss {
+                            Loss::FirstOfBurst(subject) if logged => warn!(
                                 connection = index,
                                 %subject,
-                                "NATS subscription buffer full: messages dropped (see --nats-subscription-buffer)"
+                                dropped = count,
+                                "NATS subscription buffer full: messages dropped (see --nats-subscription-buffer; logged at most every {} s, ipc_gateway_nats_slow_consumer_total counts them all)",
+                                BUFFER_FULL_LOG_EVERY.as_secs()
                             ),
-                            Loss::MoreOfBurst => {}
-                            Loss::NotATopic => warn!(
+                            Loss::NotATopic if logged => warn!(
                                 connection = index,
-                                sid, "NATS reply buffer full: a reply was dropped"
+                                sid,
+                                dropped = count,
+                                "NATS subscription buffer full on a subscription that is not a topic: messages dropped (logged at most every {} s)",
+                                BUFFER_FULL_LOG_EVERY.as_secs()
                             ),
+                            _ => {}
                         }
                     }
                     async_nats::Event::Connected => {

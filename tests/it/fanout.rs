@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::Value;
 
-use crate::common::{GatewayProcess, JsonConn, NatsServer, PATIENCE, ws};
+use crate::common::{GatewayProcess, JsonConn, NatsServer, PATIENCE, TINY_NATS_BUFFER, ws};
 
 /// Waits until nats-server holds `expected` subscriptions on `subject`.
 async fn wait_subscriptions(nats: &NatsServer, subject: &str, expected: usize) {
@@ -276,7 +276,7 @@ async fn publish_burst(nats: &NatsServer, total: u64) -> async_nats::Client {
 #[tokio::test]
 async fn messages_the_nats_client_drops_reach_every_subscriber_as_dropped_counts() {
     let nats = NatsServer::start();
-    let gateway = GatewayProcess::with_tiny_nats_buffer(&nats.url());
+    let gateway = GatewayProcess::start(&nats.url(), TINY_NATS_BUFFER);
     let mut conns = Vec::new();
     for _ in 0..2 {
         let mut conn = gateway.json().await;
@@ -312,7 +312,7 @@ async fn a_long_burst_the_nats_client_drops_is_counted_to_the_last_message() {
     // async-nats reports each message it drops on a bounded channel of 128 events, and once
     // that was full the rest went uncounted: thousands dropped at once must still add up.
     let nats = NatsServer::start();
-    let gateway = GatewayProcess::with_tiny_nats_buffer(&nats.url());
+    let gateway = GatewayProcess::start(&nats.url(), TINY_NATS_BUFFER);
     let mut conn = gateway.json().await;
     let ack = conn
         .call(r#"{"op":"subscribe","id":"b","subject":"burst"}"#)
@@ -326,6 +326,32 @@ async fn a_long_burst_the_nats_client_drops_is_counted_to_the_last_message() {
         "fewer drops than the event channel holds, so this test proves nothing: {messages} messages, {dropped} dropped"
     );
     assert_slow_consumer_metric(&gateway, dropped).await;
+}
+
+#[tokio::test]
+async fn an_overloaded_nats_buffer_is_logged_once_per_period_not_once_per_burst() {
+    // Every burst overflows the buffer again; the members are told each time, the log once.
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start_logged(&nats.url(), TINY_NATS_BUFFER, &[]);
+    let mut conn = gateway.json().await;
+    let ack = conn
+        .call(r#"{"op":"subscribe","id":"b","subject":"burst"}"#)
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    let mut dropped_total = 0;
+    for _ in 0..5 {
+        publish_burst(&nats, 2_000).await;
+        let (_, dropped) = count_until(&mut conn, "b", 2_000).await;
+        dropped_total += dropped;
+    }
+    assert!(dropped_total > 0, "no burst overflowed the buffer");
+    assert_slow_consumer_metric(&gateway, dropped_total).await;
+    let lines = gateway
+        .log()
+        .lines()
+        .filter(|line| line.contains("NATS subscription buffer full"))
+        .count();
+    assert_eq!(lines, 1, "{}", gateway.log());
 }
 
 /// Reads until a `dropped` notice with `gap` arrives on `conn` (messages before it are fine).

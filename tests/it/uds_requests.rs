@@ -185,7 +185,7 @@ async fn a_burst_of_replies_larger_than_the_nats_buffer_answers_every_request() 
         }
         client.flush().await.unwrap();
     });
-    let gateway = GatewayProcess::with_tiny_nats_buffer(&nats.url());
+    let gateway = GatewayProcess::start(&nats.url(), TINY_NATS_BUFFER);
     let mut conn = gateway.raw().await;
     conn.send(&numbered_requests(b"svc.burst", REQUESTS, 10_000))
         .await;

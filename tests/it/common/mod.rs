@@ -360,30 +360,23 @@ pub struct GatewayProcess {
     dir: tempfile::TempDir,
 }
 
+/// Gateway arguments for a tiny buffer between its NATS client and whatever takes the
+/// client's messages (4 per subscription), one NATS connection and one thread: the NATS client
+/// reads a burst in one go, before anything can take from that buffer.
+pub const TINY_NATS_BUFFER: &[&str] = &[
+    "--nats-subscription-buffer",
+    "4",
+    "--worker-threads",
+    "1",
+    "--nats-connections",
+    "1",
+];
+
 impl GatewayProcess {
     pub fn start(nats_url: &str, extra: &[&str]) -> GatewayProcess {
         GatewayProcess::launch(nats_url, extra, &[], false)
     }
 
-    /// A gateway with a tiny buffer between its NATS client and whatever takes the client's
-    /// messages (4 per subscription), one NATS connection and one thread: the NATS client reads
-    /// a burst in one go, before anything can take from that buffer.
-    pub fn with_tiny_nats_buffer(nats_url: &str) -> GatewayProcess {
-        GatewayProcess::start(
-            nats_url,
-            &[
-                "--nats-subscription-buffer",
-                "4",
-                "--worker-threads",
-                "1",
-                "--nats-connections",
-                "1",
-            ],
-        )
-    }
-
-    /// `start` with these environment variables, and its log (stderr, at `info`) kept for
-    /// `log` instead of shown.
     pub fn start_logged(nats_url: &str, extra: &[&str], env: &[(&str, &str)]) -> GatewayProcess {
         GatewayProcess::launch(nats_url, extra, env, true)
     }

@@ -146,7 +146,8 @@ impl managed::Manager for NatsManager {
         match client.subscribe_with_sink(router.wildcard(), sink).await {
             Ok(subscription) => {
                 tokio::spawn(router.clone().run(
-                    (subscription, connection_gone),
+                    subscription,
+                    connection_gone,
                     lost.clone(),
                     retired.subscribe(),
                     self.shutdown.clone(),

@@ -508,7 +508,8 @@ impl ReplyRouter {
     /// nothing waits on it (dropping the subscription then lets the old connection go).
     pub async fn run(
         self: Arc<Self>,
-        replies: (SinkSubscription, oneshot::Receiver<()>),
+        _replies: SinkSubscription,
+        mut connection_gone: oneshot::Receiver<()>,
         mut lost: watch::Receiver<u64>,
         mut retired: watch::Receiver<bool>,
         shutdown: Shutdown,
@@ -519,7 +520,6 @@ impl ReplyRouter {
         let mut armed: Option<Instant> = None;
         let mut retiring = false;
         let mut drained = false;
-        let (_subscription, mut connection_gone) = replies;
         loop {
             tokio::select! {
                 biased;

@@ -1555,30 +1555,30 @@ impl Drop for SinkSubscription {
     }
 }
 
+/// The unsubscribe a dropped [`Subscriber`] or [`SinkSubscription`] sends.
+// ipc-gateway patch (PATCHED.md): one function for both.
 fn unsubscribe_on_drop(sender: &mpsc::Sender<Command>, sid: u64) {
-    {
-        // Best-effort unsubscribe. `Drop` can run outside a Tokio runtime (unwinding, teardown,
-        // plain threads), so start with synchronous `try_send` and only spawn an async retry when
-        // the command channel is full and a runtime is available.
-        match sender.try_send(drop_unsubscribe_command(sid)) {
-            Ok(()) => {}
-            Err(tokio::sync::mpsc::error::TrySendError::Full(command)) => {
-                if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                    let sender = sender.clone();
-                    handle.spawn(async move {
-                        if let Err(err) = sender.send(command).await {
-                            debug!("failed to send unsubscribe in Subscriber::drop: {err}");
-                        }
-                    });
-                } else {
-                    debug!(
-                        "failed to send unsubscribe in Subscriber::drop: command channel full and no runtime"
-                    );
-                }
+    // Best-effort unsubscribe. `Drop` can run outside a Tokio runtime (unwinding, teardown,
+    // plain threads), so start with synchronous `try_send` and only spawn an async retry when
+    // the command channel is full and a runtime is available.
+    match sender.try_send(drop_unsubscribe_command(sid)) {
+        Ok(()) => {}
+        Err(tokio::sync::mpsc::error::TrySendError::Full(command)) => {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                let sender = sender.clone();
+                handle.spawn(async move {
+                    if let Err(err) = sender.send(command).await {
+                        debug!("failed to send unsubscribe in Subscriber::drop: {err}");
+                    }
+                });
+            } else {
+                debug!(
+                    "failed to send unsubscribe in Subscriber::drop: command channel full and no runtime"
+                );
             }
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
-                debug!("failed to send unsubscribe in Subscriber::drop: command channel closed");
-            }
+        }
+        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+            debug!("failed to send unsubscribe in Subscriber::drop: command channel closed");
         }
     }
 }

@@ -292,9 +292,12 @@ settings! {
         /// The subject policy (TOML, see docs/policy.md), reloaded on SIGHUP; none = every
         /// identity may use every subject except the reserved ones.
         pub policy: Option<PathBuf> = None,
-        /// Stamp every message sent to NATS with the caller's identity (`Ipc-Gateway-*`
-        /// headers).
-        pub identity_headers: bool = true,
+        /// Which `Ipc-Gateway-*` identity headers every message sent to NATS for a client
+        /// carries: "full" (all of docs/identity.md's table), "minimal" (only
+        /// `Ipc-Gateway-Uid`, `-Sub` and `-Cert`, the values a service authorises on:
+        /// cheaper for every service, which parses each header of each message) or "off";
+        /// true and false mean full and off.
+        pub identity_headers: IdentityHeaders = IdentityHeaders::Full,
         /// Start a W3C trace (random trace id, a `traceparent` to NATS and back on the reply,
         /// `trace_id` in the audit record) for requests and publishes that come without a valid
         /// `traceparent`; a client's own trace is continued either way. On whenever
@@ -350,6 +353,40 @@ fn host_name() -> String {
 pub enum ClientAuth {
     Optional,
     Required,
+}
+
+/// Which identity headers the gateway stamps (`identity_headers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityHeaders {
+    Full,
+    Minimal,
+    Off,
+}
+
+impl<'de> Deserialize<'de> for IdentityHeaders {
+    /// "full", "minimal" or "off"; also true and false (as booleans or as text), the
+    /// setting's values before "minimal" existed.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Switch(bool),
+            Word(String),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Switch(true) => Ok(IdentityHeaders::Full),
+            Written::Switch(false) => Ok(IdentityHeaders::Off),
+            Written::Word(word) => match word.as_str() {
+                "full" | "true" => Ok(IdentityHeaders::Full),
+                "minimal" => Ok(IdentityHeaders::Minimal),
+                "off" | "false" => Ok(IdentityHeaders::Off),
+                _ => Err(serde::de::Error::custom(format!(
+                    "identity_headers is \"full\", \"minimal\" or \"off\", not {word:?}"
+                ))),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -781,6 +818,38 @@ mod tests {
             assert_eq!(config.socket_mode, 0o600);
             assert_eq!(config.nats_url, "nats://10.0.0.1:4222");
             assert_eq!(config.http, Config::default().http);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn identity_headers_take_a_form_or_the_old_switch_from_every_layer() {
+        Jail::expect_with(|jail| {
+            assert_eq!(Config::default().identity_headers, IdentityHeaders::Full);
+            for (written, form) in [
+                ("\"minimal\"", IdentityHeaders::Minimal),
+                ("\"full\"", IdentityHeaders::Full),
+                ("\"off\"", IdentityHeaders::Off),
+                ("false", IdentityHeaders::Off),
+                ("true", IdentityHeaders::Full),
+            ] {
+                jail.create_file("gw.toml", &format!("identity_headers = {written}"))?;
+                let config = Config::load(Some(Path::new("gw.toml")), &Flags::default()).unwrap();
+                assert_eq!(config.identity_headers, form, "{written}");
+            }
+            for (written, form) in [
+                ("minimal", IdentityHeaders::Minimal),
+                ("false", IdentityHeaders::Off),
+                ("true", IdentityHeaders::Full),
+            ] {
+                jail.set_env("IPC_GATEWAY_IDENTITY_HEADERS", written);
+                let config = Config::load(None, &Flags::default()).unwrap();
+                assert_eq!(config.identity_headers, form, "{written}");
+            }
+            jail.set_env("IPC_GATEWAY_IDENTITY_HEADERS", "some");
+            let err = Config::load(None, &Flags::default()).unwrap_err();
+            assert!(err.to_string().contains("identity_headers"), "{err}");
+            assert!(err.to_string().contains("\"minimal\""), "{err}");
             Ok(())
         });
     }

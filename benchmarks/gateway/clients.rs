@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use ipc_gateway::client::{Client, WireFormat};
+use ipc_gateway::config::IdentityHeaders;
 use ipc_gateway::frontend::grpc::pb::{self, exchange_reply, gateway_client::GatewayClient};
 use tokio::sync::{mpsc, oneshot};
 
@@ -93,6 +94,8 @@ pub struct Endpoints<'a> {
     pub bare_socket: &'a Path,
     /// The gateway of the row's worker-thread count: socket, HTTP port, gRPC port.
     pub gateway: Option<(&'a Path, u16, u16)>,
+    /// The identity headers the gateways stamp, for `direct + identity headers`.
+    pub identity: IdentityHeaders,
 }
 
 /// ASCII letters: valid UTF-8 and JSON-string-safe, so that every mode carries the same bytes.
@@ -117,7 +120,7 @@ pub async fn connect(case: Case, at: &Endpoints<'_>) -> Result<Target, String> {
             connect_direct(at.nats_url, payload.clone(), None).await?
         }
         Mode::DirectStamped => {
-            connect_direct(at.nats_url, payload.clone(), Some(identity_headers())).await?
+            connect_direct(at.nats_url, payload.clone(), identity_headers(at.identity)).await?
         }
         Mode::GatewayBinary => client(connect_socket(gateway()?.0, WireFormat::Binary).await?),
         Mode::GatewayJson => client(connect_socket(gateway()?.0, WireFormat::JsonLines).await?),
@@ -150,24 +153,33 @@ pub async fn connect_direct(
     })
 }
 
-/// The headers the gateway stamps on every message of a Unix-socket caller that is this
-/// process (the identity the gateway gives a peer, then `Ipc-Gateway-Id` in the gateway's
-/// default form), so that `direct + identity headers` carries the same block as the gateway
-/// rows.
-pub fn identity_headers() -> async_nats::HeaderMap {
+/// The headers the gateway stamps (in `form`) on every message of a Unix-socket caller that
+/// is this process (the identity the gateway gives a peer, then `Ipc-Gateway-Id` in the
+/// gateway's default form when `full`), so that `direct + identity headers` carries the same
+/// block as the gateway rows; none when the gateways stamp none.
+pub fn identity_headers(form: IdentityHeaders) -> Option<async_nats::HeaderMap> {
     use ipc_gateway::protocol::identity::GATEWAY_ID_HEADER;
     let identity = ipc_gateway::core::auth::local_identity(
         nix::unistd::getuid().as_raw(),
         nix::unistd::getgid().as_raw(),
         Some(std::process::id() as i32),
     );
-    let gateway_id = ipc_gateway::config::Config::default().resolved_gateway_id();
-    identity
-        .headers()
-        .into_iter()
-        .chain([(GATEWAY_ID_HEADER, gateway_id)])
-        .map(|(name, value)| (name.parse().unwrap(), value.parse().unwrap()))
-        .collect()
+    let headers = match form {
+        IdentityHeaders::Full => {
+            let gateway_id = ipc_gateway::config::Config::default().resolved_gateway_id();
+            let mut all = identity.headers();
+            all.push((GATEWAY_ID_HEADER, gateway_id));
+            all
+        }
+        IdentityHeaders::Minimal => identity.minimal_headers(),
+        IdentityHeaders::Off => Vec::new(),
+    };
+    (!headers.is_empty()).then(|| {
+        headers
+            .into_iter()
+            .map(|(name, value)| (name.parse().unwrap(), value.parse().unwrap()))
+            .collect()
+    })
 }
 
 /// One request first, so that connection set-up is not in the row.

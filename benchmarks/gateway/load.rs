@@ -192,6 +192,7 @@ async fn run_case(env: &Env<'_>, case: Case) -> Result<Measured, String> {
             nats_url: &env.servers.nats_url,
             bare_socket: &env.servers.bare_socket,
             gateway: gateway.map(|g| (g.socket.as_path(), g.http, g.grpc)),
+            identity: env.settings.identity_headers,
         };
         let target = clients::connect(case, &endpoints).await?;
         measure(target, case.concurrency, warmup, row, pids, clk_tck).await

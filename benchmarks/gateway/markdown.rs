@@ -77,6 +77,21 @@ fn describe_run(md: &mut String, report: &Report) {
             format!("{}-worker", settings.load_generator_threads)
         }
     );
+    let _ = writeln!(
+        md,
+        "- Identity headers: the gateways stamp `--identity-headers {}`; for this process as a Unix-socket caller that is {} header(s) ({}), and \"direct + identity headers\" sends the same",
+        serde_json::to_value(settings.identity_headers)
+            .ok()
+            .and_then(|form| form.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        settings.identity_header_names.len(),
+        settings
+            .identity_header_names
+            .iter()
+            .map(|name| format!("`{name}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     if settings.modes.iter().any(|m| m.is_websocket()) {
         let _ = writeln!(
             md,

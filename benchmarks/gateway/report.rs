@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use ipc_gateway::config::IdentityHeaders;
 use serde::Serialize;
 
 use crate::common::{GatewayBinary, RunMeta};
@@ -46,6 +47,10 @@ pub struct ReportSettings {
     pub payload_bytes: Vec<usize>,
     pub gateway_worker_threads: Vec<usize>,
     pub load_generator_threads: usize,
+    /// The identity headers the gateways stamp (`--identity-headers`) and
+    /// `direct + identity headers` sends: their form, then their names.
+    pub identity_headers: IdentityHeaders,
+    pub identity_header_names: Vec<String>,
     pub modes: Vec<Mode>,
     pub request_timeout_ms: u64,
     pub aggregation: &'static str,
@@ -129,6 +134,10 @@ impl Report {
                 payload_bytes: settings.payloads.clone(),
                 gateway_worker_threads: settings.workers.clone(),
                 load_generator_threads: settings.client_threads,
+                identity_headers: settings.identity_headers,
+                identity_header_names: crate::clients::identity_headers(settings.identity_headers)
+                    .map(|map| map.iter().map(|(name, _)| name.to_string()).collect())
+                    .unwrap_or_default(),
                 modes: settings.modes.clone(),
                 request_timeout_ms: REQUEST_TIMEOUT.as_millis() as u64,
                 aggregation: "each c=1 row's numbers are medians over its interleaved repeats",

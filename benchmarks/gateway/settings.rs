@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use ipc_gateway::config::IdentityHeaders;
+
 use serde::{Serialize, Serializer};
 
 use crate::common::{env_args, env_artifacts, env_f64, env_list};
@@ -20,7 +22,23 @@ pub struct Settings {
     pub modes: Vec<Mode>,
     /// Extra `ipc-gateway serve` flags for experiments (BENCH_GATEWAY_ARGS, split on spaces).
     pub gateway_args: Vec<String>,
+    /// The identity headers the gateways stamp: `--identity-headers` in BENCH_GATEWAY_ARGS,
+    /// else the default. `direct + identity headers` sends the same ones.
+    pub identity_headers: IdentityHeaders,
     pub artifacts: bool,
+}
+
+/// `--identity-headers` in the gateway's extra flags, else the gateway's default.
+fn identity_headers(gateway_args: &[String]) -> Result<IdentityHeaders, String> {
+    let given = gateway_args
+        .iter()
+        .position(|arg| arg == "--identity-headers")
+        .and_then(|at| gateway_args.get(at + 1));
+    match given {
+        None => Ok(ipc_gateway::config::Config::default().identity_headers),
+        Some(form) => serde_json::from_value(serde_json::Value::from(form.as_str()))
+            .map_err(|err| format!("BENCH_GATEWAY_ARGS: --identity-headers {form}: {err}")),
+    }
 }
 
 /// The knobs recorded in the command line when benchmarks/run.sh did not set BENCH_COMMAND.
@@ -40,7 +58,10 @@ pub const KNOBS: &[&str] = &[
 
 impl Settings {
     pub fn from_env() -> Result<Settings, String> {
+        let gateway_args = env_args("BENCH_GATEWAY_ARGS");
         Ok(Settings {
+            identity_headers: identity_headers(&gateway_args)?,
+            gateway_args,
             seconds: env_f64("BENCH_SECONDS", 3.0, 0.1, 600.0)?,
             warmup: env_f64("BENCH_WARMUP", 0.5, 0.0, 60.0)?,
             c1_repeats: env_f64("BENCH_C1_REPEATS", 5.0, 1.0, 25.0)? as usize,
@@ -50,7 +71,6 @@ impl Settings {
             workers: env_list("BENCH_WORKERS", &[1, 2], 1, 64)?,
             client_threads: env_f64("BENCH_CLIENT_THREADS", 1.0, 1.0, 64.0)? as usize,
             modes: env_modes()?,
-            gateway_args: env_args("BENCH_GATEWAY_ARGS"),
             artifacts: env_artifacts("BENCH_NO_ARTIFACTS"),
         })
     }

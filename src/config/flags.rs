@@ -75,7 +75,7 @@ fn flag(setting: &Setting, defaults: &Defaults) -> Arg {
         })
         .value_parser(move |text: &str| read(key, list, text));
     if switch {
-        // `--auth-required` alone means true; `--identity-headers false` says false.
+        // `--auth-required` alone means true; `--auth-required false` says false.
         arg.num_args(0..=1).default_missing_value("true")
     } else {
         arg
@@ -312,6 +312,25 @@ mod tests {
         });
     }
 
+    #[test]
+    fn identity_headers_take_a_form_or_the_old_switch_as_a_flag() {
+        use crate::config::IdentityHeaders;
+        Jail::expect_with(|_| {
+            for (given, form) in [
+                ("minimal", IdentityHeaders::Minimal),
+                ("full", IdentityHeaders::Full),
+                ("off", IdentityHeaders::Off),
+                ("false", IdentityHeaders::Off),
+                ("true", IdentityHeaders::Full),
+            ] {
+                let flags = parse(&["--identity-headers", given]).unwrap();
+                let config = Config::load(None, &flags).unwrap();
+                assert_eq!(config.identity_headers, form, "{given}");
+            }
+            Ok(())
+        });
+    }
+
     /// docs/operations.md: its settings table lists every setting in order with its
     /// environment variable, flag and default (the meaning column is prose for operators and is
     /// not checked), and it points to the example file.
@@ -396,6 +415,7 @@ mod tests {
             (["--log-format", "xml"], "json"),
             (["--socket-mode", "999"], "octal"),
             (["--http", "8080"], "address"),
+            (["--identity-headers", "some"], "minimal"),
         ] {
             let err = parse(&args).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::ValueValidation, "{err}");

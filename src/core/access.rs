@@ -14,7 +14,7 @@ use async_nats::header::{HeaderName, HeaderValue};
 
 use super::auth::{JwtVerifier, LocalIdentities};
 use super::policy::{Permissions, Policy, PolicyError, Who};
-use crate::config::Config;
+use crate::config::{Config, IdentityHeaders};
 use crate::protocol::identity::GATEWAY_ID_HEADER;
 use crate::protocol::{ErrorCode, Frontend, GatewayError, Identity};
 use crate::telemetry::audit::AuditIdentity;
@@ -27,15 +27,33 @@ pub struct Authorized {
     pub identity: Identity,
     pub permissions: Permissions,
     pub version: u64,
-    /// The gateway id when messages carry the `Ipc-Gateway-*` headers (`identity_headers`);
-    /// `None` when they carry none.
-    stamps: Option<Arc<str>>,
+    /// Which `Ipc-Gateway-*` headers its messages carry (`identity_headers`).
+    stamps: Stamping,
     /// Those headers, made on the first message that needs them: a connection that never
     /// sends (an idle or subscribe-only one) keeps none of them.
     stamp: std::sync::OnceLock<Stamp>,
     /// The identity as audit records show it, made on the first record (never when the
     /// audit log is off).
     audit: std::sync::OnceLock<Arc<AuditIdentity>>,
+}
+
+/// Which identity headers messages carry: `identity_headers` as `Authorized::stamp` needs it.
+#[derive(Clone)]
+enum Stamping {
+    Off,
+    Minimal,
+    /// Every header, with this gateway id in `Ipc-Gateway-Id`.
+    Full(Arc<str>),
+}
+
+impl Stamping {
+    fn new(config: &Config) -> Stamping {
+        match config.identity_headers {
+            IdentityHeaders::Off => Stamping::Off,
+            IdentityHeaders::Minimal => Stamping::Minimal,
+            IdentityHeaders::Full => Stamping::Full(config.resolved_gateway_id().into()),
+        }
+    }
 }
 
 /// The `Ipc-Gateway-*` headers of one identity.
@@ -71,16 +89,19 @@ impl Authorized {
     /// The identity headers its messages carry, made once.
     pub(super) fn stamp(&self) -> &Stamp {
         self.stamp.get_or_init(|| {
-            let list: Vec<(HeaderName, HeaderValue)> = match &self.stamps {
-                Some(gateway) => self
-                    .identity
-                    .headers()
-                    .into_iter()
-                    .chain([(GATEWAY_ID_HEADER, gateway.to_string())])
-                    .filter_map(|(name, value)| Some((name.parse().ok()?, value.parse().ok()?)))
-                    .collect(),
-                None => Vec::new(),
+            let named = match &self.stamps {
+                Stamping::Full(gateway) => {
+                    let mut all = self.identity.headers();
+                    all.push((GATEWAY_ID_HEADER, gateway.to_string()));
+                    all
+                }
+                Stamping::Minimal => self.identity.minimal_headers(),
+                Stamping::Off => Vec::new(),
             };
+            let list: Vec<(HeaderName, HeaderValue)> = named
+                .into_iter()
+                .filter_map(|(name, value)| Some((name.parse().ok()?, value.parse().ok()?)))
+                .collect();
             let map = (!list.is_empty()).then(|| list.iter().cloned().collect());
             Stamp { list, map }
         })
@@ -105,8 +126,8 @@ pub struct Access {
     version: AtomicU64,
     jwt: Option<JwtVerifier>,
     locals: Arc<LocalIdentities>,
-    /// The gateway id when messages are stamped with the caller's identity.
-    stamp_identity: Option<Arc<str>>,
+    /// Which identity headers messages carry.
+    stamping: Stamping,
     auth_required: bool,
     /// `max_connections_per_identity`, changed by a reload (connections made while it was 0
     /// are not counted under a new limit).
@@ -143,9 +164,7 @@ impl Access {
             version: AtomicU64::new(1),
             jwt,
             locals: Arc::new(LocalIdentities::new(LOCAL_NAMES_TTL)),
-            stamp_identity: config
-                .identity_headers
-                .then(|| config.resolved_gateway_id().into()),
+            stamping: Stamping::new(config),
             auth_required: config.auth_required,
             max_per_identity: config.max_connections_per_identity.into(),
             per_identity: Arc::default(),
@@ -183,7 +202,7 @@ impl Access {
             identity,
             permissions,
             version: state.version,
-            stamps: self.stamp_identity.clone(),
+            stamps: self.stamping.clone(),
             stamp: std::sync::OnceLock::new(),
         });
         if let Some(index) = shared {

@@ -166,14 +166,32 @@ impl Identity {
         if let Some(pid) = self.pid {
             headers.push((PID_HEADER, pid.to_string()));
         }
+        self.push_verified(&mut headers);
+        headers.push((FRONTEND_HEADER, self.frontend.as_str().to_owned()));
+        headers
+    }
+
+    /// The headers of `identity_headers = "minimal"`: only the values a service authorises on,
+    /// `Ipc-Gateway-Uid`, `-Sub` and `-Cert`, where known; none for an anonymous caller. Every
+    /// header costs each receiving NATS client a parse per message, and these are the ones
+    /// that cannot be had any other way.
+    pub fn minimal_headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = Vec::with_capacity(2);
+        if let Some(uid) = self.uid {
+            headers.push((UID_HEADER, uid.to_string()));
+        }
+        self.push_verified(&mut headers);
+        headers
+    }
+
+    /// `Ipc-Gateway-Sub` and `-Cert`, where known.
+    fn push_verified(&self, headers: &mut Vec<(&'static str, String)>) {
         if let Some(sub) = &self.sub {
             headers.push((SUB_HEADER, header_value(sub)));
         }
         if let Some(cert) = &self.cert {
             headers.push((CERT_HEADER, header_value(cert)));
         }
-        headers.push((FRONTEND_HEADER, self.frontend.as_str().to_owned()));
-        headers
     }
 }
 
@@ -360,6 +378,36 @@ mod tests {
         for (name, _) in alice().headers().into_iter().chain(bob().headers()) {
             assert!(is_reserved_header(name), "{name}");
         }
+    }
+
+    #[test]
+    fn minimal_headers_carry_only_the_values_a_service_authorises_on() {
+        assert_eq!(alice().minimal_headers(), [(UID_HEADER, "1001".to_owned())]);
+        assert_eq!(bob().minimal_headers(), [(SUB_HEADER, "bob".to_owned())]);
+        let both = Identity {
+            cert: Some("CN=bob,O=Example".into()),
+            ..bob()
+        };
+        assert_eq!(
+            both.minimal_headers(),
+            [
+                (SUB_HEADER, "bob".to_owned()),
+                (CERT_HEADER, "CN=bob,O=Example".to_owned()),
+            ]
+        );
+        assert!(
+            Identity::anonymous(Frontend::Ws, None)
+                .minimal_headers()
+                .is_empty()
+        );
+        let crafted = Identity {
+            sub: Some("bob\nIpc-Gateway-Uid: 0".into()),
+            ..bob()
+        };
+        assert_eq!(
+            crafted.minimal_headers(),
+            [(SUB_HEADER, "bob\u{FFFD}Ipc-Gateway-Uid: 0".to_owned())]
+        );
     }
 
     #[test]

@@ -1644,6 +1644,85 @@ async fn with_identity_headers_off_the_service_sees_none_and_clients_still_canno
 }
 
 #[tokio::test]
+async fn with_minimal_identity_headers_a_service_sees_only_the_uid_or_the_token_subject() {
+    let nats = NatsServer::start();
+    let mut service = Service::start(&nats, "svc.>").await;
+    let mut events = Service::start(&nats, "events.>").await;
+    let secret = SecretFile::new(&[SECRET, b"\n"].concat());
+    let gateway = GatewayProcess::start(
+        &nats.url(),
+        &[
+            "--identity-headers",
+            "minimal",
+            "--auth-jwt-secret-file",
+            secret.arg(),
+            "--socket-mode",
+            "0666",
+        ],
+    );
+    let request =
+        json!({"id":1,"subject":"svc.h","data":"x","headers":{"X-Trace":"t1"}}).to_string();
+    let publish = json!({"op":"publish","id":2,"subject":"events.h","data":"y"}).to_string();
+
+    // A local caller: its uid, in one header, on requests and publishes; its own headers too.
+    let mut conn = gateway.json().await;
+    assert_eq!(conn.call(&request).await["data"], "x");
+    assert_eq!(conn.call(&publish).await["ok"], true);
+    let seen = service.next().await;
+    assert_eq!(identity_header_names(&seen), ["Ipc-Gateway-Uid"]);
+    assert_eq!(header(&seen, "Ipc-Gateway-Uid").as_deref(), Some("0"));
+    assert_eq!(header(&seen, "X-Trace").as_deref(), Some("t1"));
+    let seen = events.next().await;
+    assert_eq!(identity_header_names(&seen), ["Ipc-Gateway-Uid"]);
+    assert_eq!(header(&seen, "Ipc-Gateway-Uid").as_deref(), Some("0"));
+
+    // Another local user is told apart by the kernel, not by anything it sends.
+    if let Some(setpriv) = setpriv() {
+        share_socket_directory(&gateway);
+        let socket = gateway.socket.to_str().unwrap();
+        let (other, _) = run_as(
+            setpriv,
+            NOBODY,
+            GATEWAY_BIN,
+            &["publish", "events.nobody", "hi", "--socket", socket],
+        )
+        .await;
+        assert!(other.status.success(), "uid {NOBODY}: {other:?}");
+        let seen = events.next().await;
+        assert_eq!(seen.subject.as_str(), "events.nobody");
+        assert_eq!(identity_header_names(&seen), ["Ipc-Gateway-Uid"]);
+        assert_eq!(header(&seen, "Ipc-Gateway-Uid"), Some(NOBODY.to_string()));
+    }
+
+    // A WebSocket caller with a token: its subject, in one header.
+    let valid = hs256(&claims("bob", 600), SECRET);
+    let authorization = format!("Bearer {valid}");
+    let (mut bob, _) = ws::connect_with_headers(&gateway, &[("Authorization", &authorization)])
+        .await
+        .unwrap();
+    assert_eq!(ws_request(&mut bob, "svc.who", "bob").await["data"], "bob");
+    let seen = service.next().await;
+    assert_eq!(identity_header_names(&seen), ["Ipc-Gateway-Sub"]);
+    assert_eq!(header(&seen, "Ipc-Gateway-Sub").as_deref(), Some("bob"));
+
+    // An anonymous caller has nothing to carry.
+    let mut client = gateway.grpc().await;
+    client.request(grpc_request("svc.g", None)).await.unwrap();
+    let seen = service.next().await;
+    assert_eq!(
+        identity_header_names(&seen),
+        Vec::<String>::new(),
+        "{:?}",
+        seen.headers
+    );
+
+    // Nor can a client claim one.
+    let forged = json!({"id":3,"subject":"svc.h","data":"z","headers":{"Ipc-Gateway-Uid":"1"}});
+    let refused = conn.call(&forged.to_string()).await;
+    assert_eq!(refused["error"]["code"], "BAD_REQUEST", "{refused}");
+}
+
+#[tokio::test]
 async fn a_client_set_identity_header_is_refused_on_every_front_end() {
     let nats = NatsServer::start();
     let mut service = Service::start(&nats, "svc.>").await;

@@ -20,7 +20,10 @@ recorded="BENCH_SECONDS=${BENCH_SECONDS}"
 for knob in BENCH_WARMUP BENCH_C1_REPEATS BENCH_REPEATS BENCH_CONCURRENCY BENCH_PAYLOADS \
     BENCH_WORKERS BENCH_CLIENT_THREADS BENCH_MODES BENCH_GATEWAY_ARGS IPC_GATEWAY_BIN; do
     if [[ -n "${!knob:-}" ]]; then
-        recorded+=" ${knob}=${!knob}"
+        value="${!knob}"
+        # Quoted when it has a space, so that the recorded command runs as written.
+        [[ "$value" == *" "* ]] && value="\"${value}\""
+        recorded+=" ${knob}=${value}"
     fi
 done
 export BENCH_COMMAND="${recorded} bash benchmarks/run.sh"

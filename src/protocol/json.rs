@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 use super::envelope::{Decoded, Envelope, Flags, Id, Op, Outbound, Priority, Since};
 use super::error::GatewayError;
 use super::headers::Headers;
+use super::json_text::put_str;
 use super::subject::Subject;
 
 /// Splits a byte stream into lines of at most `max_line` bytes and parses each one.
@@ -456,10 +457,10 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
                 let mut tail = BytesMut::new();
                 let w = &mut (&mut tail).writer();
                 put(w, b",\"subject\":");
-                json(w, message.subject.as_str());
+                put_str(w.get_mut(), message.subject.as_str());
                 if let Some(reply) = &message.reply_to {
                     put(w, b",\"reply_to\":");
-                    json(w, reply.as_str());
+                    put_str(w.get_mut(), reply.as_str());
                 }
                 put_data(w, &message.payload);
                 put_headers(w, message.headers.as_ref());
@@ -572,7 +573,7 @@ pub(super) fn put_data(w: &mut Writer<'_>, data: &Bytes) {
     match std::str::from_utf8(data) {
         Ok(text) => {
             put(w, b",\"data\":");
-            json(w, text);
+            put_str(w.get_mut(), text);
         }
         Err(_) => {
             put(w, b",\"data_b64\":\"");
@@ -591,10 +592,10 @@ pub(super) fn put_headers(w: &mut Writer<'_>, headers: Option<&Headers>) {
         if index > 0 {
             put(w, b",");
         }
-        json(w, name);
+        put_str(w.get_mut(), name);
         put(w, b":");
         if let [one] = values {
-            json(w, one);
+            put_str(w.get_mut(), one);
         } else {
             json(w, values);
         }

@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 use super::envelope::{Decoded, Envelope, Flags, Id, Op, Outbound, Priority, Since};
 use super::error::GatewayError;
 use super::headers::Headers;
-use super::json_text::put_str;
+use super::json_text::{put_str, put_utf8};
 use super::subject::Subject;
 
 /// Splits a byte stream into lines of at most `max_line` bytes and parses each one.
@@ -570,16 +570,14 @@ fn put_error(w: &mut Writer<'_>, error: &GatewayError) {
 }
 
 pub(super) fn put_data(w: &mut Writer<'_>, data: &Bytes) {
-    match std::str::from_utf8(data) {
-        Ok(text) => {
-            put(w, b",\"data\":");
-            put_str(w.get_mut(), text);
-        }
-        Err(_) => {
-            put(w, b",\"data_b64\":\"");
-            put(w, BASE64.encode(data).as_bytes());
-            put(w, b"\"");
-        }
+    let out = w.get_mut();
+    let start = out.len();
+    out.extend_from_slice(b",\"data\":");
+    if !put_utf8(out, data) {
+        out.truncate(start);
+        put(w, b",\"data_b64\":\"");
+        put(w, BASE64.encode(data).as_bytes());
+        put(w, b"\"");
     }
 }
 

@@ -10,19 +10,46 @@ const HIGHS: u64 = 0x8080_8080_8080_8080;
 
 /// Appends `text` as a JSON string, quotes included.
 pub(super) fn put_str(out: &mut BytesMut, text: &str) {
-    let bytes = text.as_bytes();
+    put_escaped(out, text.as_bytes(), true);
+}
+
+/// Appends `bytes` as a JSON string when they are UTF-8, and says whether they were (when not,
+/// nothing is appended). Checking and escaping is one pass: a word of ASCII with nothing to
+/// escape passes both tests at once.
+pub(super) fn put_utf8(out: &mut BytesMut, bytes: &[u8]) -> bool {
+    put_escaped(out, bytes, false)
+}
+
+/// `valid`: `bytes` is known to be UTF-8.
+fn put_escaped(out: &mut BytesMut, bytes: &[u8], mut valid: bool) -> bool {
+    let start = out.len();
     out.reserve(bytes.len() + 2);
     out.put_u8(b'"');
+    // Until the first byte that is not ASCII, words must be ASCII too; from there on, the rest
+    // was checked whole.
+    let mut word_must_not_have = if valid { 0 } else { HIGHS };
     let mut run = 0;
     let mut at = 0;
     while at < bytes.len() {
-        if let Some(word) = bytes.get(at..at + 8).and_then(|w| <[u8; 8]>::try_from(w).ok())
-            && !any_to_escape(u64::from_le_bytes(word))
+        if let Some(word) = bytes
+            .get(at..at + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
         {
-            at += 8;
-            continue;
+            let word = u64::from_le_bytes(word);
+            if word & word_must_not_have == 0 && !any_to_escape(word) {
+                at += 8;
+                continue;
+            }
         }
         let byte = bytes[at];
+        if !valid && !byte.is_ascii() {
+            if std::str::from_utf8(&bytes[at..]).is_err() {
+                out.truncate(start);
+                return false;
+            }
+            valid = true;
+            word_must_not_have = 0;
+        }
         if let Some(escape) = escape(byte) {
             out.extend_from_slice(&bytes[run..at]);
             escape.put(out);
@@ -32,6 +59,7 @@ pub(super) fn put_str(out: &mut BytesMut, text: &str) {
     }
     out.extend_from_slice(&bytes[run..]);
     out.put_u8(b'"');
+    true
 }
 
 /// Whether any of the eight bytes is a control character, `"` or `\`. Each test is exact as a
@@ -97,7 +125,11 @@ mod tests {
     fn every_character_that_needs_escaping_is_escaped_as_serde_json_does() {
         for byte in 0u8..=0x7f {
             let one = char::from(byte).to_string();
-            assert_eq!(written(&one), serde_json::to_string(&one).unwrap(), "{byte:#x}");
+            assert_eq!(
+                written(&one),
+                serde_json::to_string(&one).unwrap(),
+                "{byte:#x}"
+            );
             // At every position of a word, and across a word's edge.
             for at in [0, 3, 7, 8, 9, 15, 16, 17] {
                 let text = format!("{}{one}{}", "a".repeat(at), "z".repeat(20 - at));
@@ -135,15 +167,69 @@ mod tests {
             }
         }
         // Neighbours that could borrow into each other's test.
-        for pair in [[0x00, 0x21], [0x21, 0x00], [0x80, 0x1f], [0xff, 0x22], [0x5d, 0x5c]] {
+        for pair in [
+            [0x00, 0x21],
+            [0x21, 0x00],
+            [0x80, 0x1f],
+            [0xff, 0x22],
+            [0x5d, 0x5c],
+        ] {
             let mut word = [b'a'; 8];
             word[3..5].copy_from_slice(&pair);
             let expected = pair.iter().any(|&b| escape(b).is_some());
-            assert_eq!(any_to_escape(u64::from_le_bytes(word)), expected, "{pair:?}");
+            assert_eq!(
+                any_to_escape(u64::from_le_bytes(word)),
+                expected,
+                "{pair:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bytes_are_written_as_text_only_when_they_are_utf8() {
+        for text in [
+            "",
+            "plain",
+            "a\"b\\c\nd",
+            "Grüße 🦀",
+            &"abc\u{1}é".repeat(50),
+        ] {
+            let mut out = BytesMut::from(&b"{"[..]);
+            assert!(put_utf8(&mut out, text.as_bytes()));
+            assert_eq!(out, format!("{{{}", serde_json::to_string(text).unwrap()));
+        }
+        for bytes in [
+            &b"\xff"[..],
+            b"abcdefgh\xc3",
+            b"abcdefghijklmnop\x80",
+            b"\xe2\x82",
+            b"ok\n\xed\xa0\x80",
+        ] {
+            let mut out = BytesMut::from(&b"{"[..]);
+            assert!(!put_utf8(&mut out, bytes), "{bytes:?}");
+            assert_eq!(out, &b"{"[..], "nothing is left behind");
         }
     }
 
     proptest! {
+        #[test]
+        fn any_bytes_are_written_as_text_exactly_when_they_are_utf8(
+            bytes in proptest::collection::vec(any::<u8>(), 0..40)
+        ) {
+            let mut out = BytesMut::new();
+            let written_as_text = put_utf8(&mut out, &bytes);
+            match std::str::from_utf8(&bytes) {
+                Ok(text) => {
+                    prop_assert!(written_as_text);
+                    prop_assert_eq!(out, serde_json::to_string(text).unwrap());
+                }
+                Err(_) => {
+                    prop_assert!(!written_as_text);
+                    prop_assert!(out.is_empty());
+                }
+            }
+        }
+
         #[test]
         fn any_text_is_written_as_serde_json_writes_it(text in any::<String>()) {
             prop_assert_eq!(written(&text), serde_json::to_string(&text).unwrap());

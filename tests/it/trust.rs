@@ -231,6 +231,40 @@ fn identity_header_names(message: &async_nats::Message) -> Vec<String> {
         .collect()
 }
 
+/// Asserts that `message` carries no `Ipc-Gateway-*` header.
+fn assert_unstamped(message: &async_nats::Message) {
+    assert_eq!(
+        identity_header_names(message),
+        Vec::<String>::new(),
+        "{:?}",
+        message.headers
+    );
+}
+
+/// Sends a request to `svc.h` (with the client's own `X-Trace` header) and a publish to
+/// `events.h`, and checks that both were answered.
+async fn request_and_publish(conn: &mut JsonConn) {
+    let request = json!({"id":1,"subject":"svc.h","data":"x","headers":{"X-Trace":"t1"}});
+    assert_eq!(conn.call(&request.to_string()).await["data"], "x");
+    let publish = json!({"op":"publish","id":2,"subject":"events.h","data":"y"});
+    assert_eq!(conn.call(&publish.to_string()).await["ok"], true);
+}
+
+/// Asserts that an anonymous gRPC request reaches `service` (on `svc.>`) without an
+/// `Ipc-Gateway-*` header.
+async fn assert_anonymous_grpc_request_unstamped(gateway: &GatewayProcess, service: &mut Service) {
+    let mut client = gateway.grpc().await;
+    client.request(grpc_request("svc.g", None)).await.unwrap();
+    assert_unstamped(&service.next().await);
+}
+
+/// Asserts that a client's own `Ipc-Gateway-Uid` is refused, whatever the gateway stamps.
+async fn assert_forged_uid_refused(conn: &mut JsonConn) {
+    let forged = json!({"id":3,"subject":"svc.h","data":"z","headers":{"Ipc-Gateway-Uid":"0"}});
+    let refused = conn.call(&forged.to_string()).await;
+    assert_eq!(refused["error"]["code"], "BAD_REQUEST", "{refused}");
+}
+
 /// A policy file in a directory of its own; rewrite it and send SIGHUP to reload.
 struct PolicyFile {
     _dir: tempfile::TempDir,
@@ -1594,14 +1628,10 @@ async fn with_identity_headers_off_the_service_sees_none_and_clients_still_canno
     let mut events = Service::start(&nats, "events.>").await;
     let stamping = GatewayProcess::start(&nats.url(), &[]);
     let plain = GatewayProcess::start(&nats.url(), &["--identity-headers", "false"]);
-    let request =
-        json!({"id":1,"subject":"svc.h","data":"x","headers":{"X-Trace":"t1"}}).to_string();
-    let publish = json!({"op":"publish","id":2,"subject":"events.h","data":"y"}).to_string();
 
     // The same messages through a gateway that stamps: the service sees who sent them.
     let mut conn = stamping.json().await;
-    assert_eq!(conn.call(&request).await["data"], "x");
-    assert_eq!(conn.call(&publish).await["ok"], true);
+    request_and_publish(&mut conn).await;
     let seen = service.next().await;
     assert_eq!(header(&seen, "Ipc-Gateway-Uid").as_deref(), Some("0"));
     assert_eq!(header(&seen, "X-Trace").as_deref(), Some("t1"));
@@ -1611,36 +1641,19 @@ async fn with_identity_headers_off_the_service_sees_none_and_clients_still_canno
     );
 
     let mut conn = plain.json().await;
-    assert_eq!(conn.call(&request).await["data"], "x");
-    assert_eq!(conn.call(&publish).await["ok"], true);
+    request_and_publish(&mut conn).await;
     let seen = service.next().await;
-    assert_eq!(identity_header_names(&seen), Vec::<String>::new());
+    assert_unstamped(&seen);
     assert_eq!(
         header(&seen, "X-Trace").as_deref(),
         Some("t1"),
         "the client's headers still go"
     );
-    let seen = events.next().await;
-    assert_eq!(
-        identity_header_names(&seen),
-        Vec::<String>::new(),
-        "{:?}",
-        seen.headers
-    );
-    let mut client = plain.grpc().await;
-    client.request(grpc_request("svc.g", None)).await.unwrap();
-    let seen = service.next().await;
-    assert_eq!(
-        identity_header_names(&seen),
-        Vec::<String>::new(),
-        "{:?}",
-        seen.headers
-    );
+    assert_unstamped(&events.next().await);
+    assert_anonymous_grpc_request_unstamped(&plain, &mut service).await;
 
     // Stamping off does not let a client claim an identity.
-    let forged = json!({"id":3,"subject":"svc.h","data":"z","headers":{"Ipc-Gateway-Uid":"0"}});
-    let refused = conn.call(&forged.to_string()).await;
-    assert_eq!(refused["error"]["code"], "BAD_REQUEST", "{refused}");
+    assert_forged_uid_refused(&mut conn).await;
 }
 
 #[tokio::test]
@@ -1660,14 +1673,10 @@ async fn with_minimal_identity_headers_a_service_sees_only_the_uid_or_the_token_
             "0666",
         ],
     );
-    let request =
-        json!({"id":1,"subject":"svc.h","data":"x","headers":{"X-Trace":"t1"}}).to_string();
-    let publish = json!({"op":"publish","id":2,"subject":"events.h","data":"y"}).to_string();
 
     // A local caller: its uid, in one header, on requests and publishes; its own headers too.
     let mut conn = gateway.json().await;
-    assert_eq!(conn.call(&request).await["data"], "x");
-    assert_eq!(conn.call(&publish).await["ok"], true);
+    request_and_publish(&mut conn).await;
     let seen = service.next().await;
     assert_eq!(identity_header_names(&seen), ["Ipc-Gateway-Uid"]);
     assert_eq!(header(&seen, "Ipc-Gateway-Uid").as_deref(), Some("0"));
@@ -1706,20 +1715,10 @@ async fn with_minimal_identity_headers_a_service_sees_only_the_uid_or_the_token_
     assert_eq!(header(&seen, "Ipc-Gateway-Sub").as_deref(), Some("bob"));
 
     // An anonymous caller has nothing to carry.
-    let mut client = gateway.grpc().await;
-    client.request(grpc_request("svc.g", None)).await.unwrap();
-    let seen = service.next().await;
-    assert_eq!(
-        identity_header_names(&seen),
-        Vec::<String>::new(),
-        "{:?}",
-        seen.headers
-    );
+    assert_anonymous_grpc_request_unstamped(&gateway, &mut service).await;
 
     // Nor can a client claim one.
-    let forged = json!({"id":3,"subject":"svc.h","data":"z","headers":{"Ipc-Gateway-Uid":"1"}});
-    let refused = conn.call(&forged.to_string()).await;
-    assert_eq!(refused["error"]["code"], "BAD_REQUEST", "{refused}");
+    assert_forged_uid_refused(&mut conn).await;
 }
 
 #[tokio::test]

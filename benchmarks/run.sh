@@ -4,7 +4,7 @@
 # artifacts/bench/latest.{md,json}. Knobs (environment): BENCH_SECONDS (measured seconds per
 # row, default 3), BENCH_WARMUP, BENCH_C1_REPEATS, BENCH_REPEATS, BENCH_CONCURRENCY,
 # BENCH_PAYLOADS, BENCH_WORKERS, BENCH_MODES (any of direct, direct-mt, direct-stamped, bare, binary, json,
-# ws-binary, ws-json, grpc-unary, grpc-exchange; all by default), BENCH_GATEWAY_ARGS,
+# ws-binary, ws-json, grpc-unary, grpc-unary-h2, grpc-exchange; all by default), BENCH_GATEWAY_ARGS,
 # BENCH_CLIENT_THREADS, BENCH_NO_ARTIFACTS (see benchmarks/README.md).
 set -euo pipefail
 

@@ -14,6 +14,7 @@ use ipc_gateway::client::{Client, WireFormat};
 use ipc_gateway::config::IdentityHeaders;
 use ipc_gateway::frontend::grpc::pb::{self, exchange_reply, gateway_client::GatewayClient};
 use tokio::sync::{mpsc, oneshot};
+use tonic::codegen::http;
 
 use crate::settings::{Case, Mode};
 use crate::{REQUEST_TIMEOUT, SUBJECT};
@@ -38,6 +39,10 @@ pub enum Target {
     GrpcUnary {
         client: Grpc,
         payload: Bytes,
+    },
+    GrpcUnaryH2 {
+        client: Arc<H2Unary>,
+        payload_len: usize,
     },
     GrpcExchange {
         client: Arc<ExchangeClient>,
@@ -76,6 +81,10 @@ impl Target {
             Target::GrpcUnary { client, payload } => {
                 (grpc_request(client, payload).await?, payload.len())
             }
+            Target::GrpcUnaryH2 {
+                client,
+                payload_len,
+            } => (client.call().await?, *payload_len),
             Target::GrpcExchange { client, payload } => {
                 (client.call(payload).await?, payload.len())
             }
@@ -130,6 +139,10 @@ pub async fn connect(case: Case, at: &Endpoints<'_>) -> Result<Target, String> {
         Mode::GrpcUnary | Mode::GrpcExchange => {
             connect_grpc(case.mode, gateway()?.2, payload.clone()).await?
         }
+        Mode::GrpcUnaryH2 => Target::GrpcUnaryH2 {
+            client: Arc::new(H2Unary::connect(gateway()?.2, &payload).await?),
+            payload_len: payload.len(),
+        },
     };
     first_request(&target, case.mode).await?;
     Ok(target)
@@ -229,6 +242,116 @@ async fn grpc_request(client: &Grpc, payload: &Bytes) -> Result<usize, String> {
         .await
         .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
     Ok(reply.into_inner().payload.len())
+}
+
+/// `Request` calls from a client on h2 alone: the request message is encoded once, each call
+/// is one HTTP/2 stream, and the reply's gRPC frame and trailers are read by hand. What tonic's
+/// client adds per call (its codec, a tower buffer with a task hop, hyper) is left out.
+pub struct H2Unary {
+    send: h2::client::SendRequest<Bytes>,
+    uri: http::Uri,
+    /// The gRPC message frame: a zero compression flag, the length, the protobuf bytes.
+    body: Bytes,
+}
+
+impl H2Unary {
+    async fn connect(port: u16, payload: &Bytes) -> Result<Self, String> {
+        use prost::Message as _;
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|err| format!("connect 127.0.0.1:{port}: {err}"))?;
+        tcp.set_nodelay(true).map_err(|err| err.to_string())?;
+        let (send, connection) = h2::client::handshake(tcp)
+            .await
+            .map_err(|err| format!("HTTP/2 handshake: {err}"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let message = pb::RequestMessage {
+            subject: SUBJECT.into(),
+            payload: payload.clone(),
+            timeout_ms: Some(REQUEST_TIMEOUT.as_millis() as u32),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut body = bytes::BytesMut::with_capacity(5 + message.len());
+        body.extend_from_slice(&[0]);
+        body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        body.extend_from_slice(&message);
+        let uri = format!(
+            "http://127.0.0.1:{port}/{}/Request",
+            ipc_gateway::frontend::grpc::SERVICE_NAME
+        );
+        Ok(H2Unary {
+            send,
+            uri: uri.parse().map_err(|err| format!("{uri}: {err}"))?,
+            body: body.freeze(),
+        })
+    }
+
+    /// One call; the reply's payload length.
+    async fn call(&self) -> Result<usize, String> {
+        use prost::Message as _;
+        let mut send = self
+            .send
+            .clone()
+            .ready()
+            .await
+            .map_err(|err| err.to_string())?;
+        let request = http::Request::post(self.uri.clone())
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .map_err(|err| err.to_string())?;
+        let (response, mut stream) = send
+            .send_request(request, false)
+            .map_err(|err| err.to_string())?;
+        stream
+            .send_data(self.body.clone(), true)
+            .map_err(|err| err.to_string())?;
+        let response = response.await.map_err(|err| err.to_string())?;
+        if let Some(refused) = grpc_error(response.headers()) {
+            return Err(refused);
+        }
+        let mut body = response.into_body();
+        let mut frame = bytes::BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(|err| err.to_string())?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            frame.extend_from_slice(&chunk);
+        }
+        let trailers = body.trailers().await.map_err(|err| err.to_string())?;
+        match trailers.as_ref().map(|t| t.get("grpc-status")) {
+            Some(Some(status)) if status == "0" => {}
+            _ => {
+                return Err(trailers
+                    .as_ref()
+                    .and_then(grpc_error)
+                    .unwrap_or_else(|| "no grpc-status in the trailers".into()));
+            }
+        }
+        let message = match frame.get(..5) {
+            Some([0, len @ ..]) => {
+                let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                frame.get(5..5 + len).ok_or("a truncated reply frame")?
+            }
+            _ => return Err("a reply without an uncompressed gRPC frame".into()),
+        };
+        let reply = pb::ReplyMessage::decode(message).map_err(|err| err.to_string())?;
+        Ok(reply.payload.len())
+    }
+}
+
+/// `grpc-status` and `grpc-message` when the status is not OK.
+fn grpc_error(headers: &http::HeaderMap) -> Option<String> {
+    let status = headers.get("grpc-status")?;
+    (status != "0").then(|| {
+        format!(
+            "grpc-status {:?}: {:?}",
+            status,
+            headers.get("grpc-message")
+        )
+    })
 }
 
 type ExchangeWaiting = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<usize, String>>>>>;

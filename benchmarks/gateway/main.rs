@@ -34,7 +34,8 @@
 //! (default 0.5), BENCH_C1_REPEATS (default 5), BENCH_REPEATS (rows at c > 1, default 1),
 //! BENCH_CONCURRENCY (default "1,16,256"), BENCH_PAYLOADS (default "128,4096"), BENCH_WORKERS
 //! (gateway worker threads, default "1,2"), BENCH_MODES (default
-//! "direct,direct-mt,bare,binary,json,ws-binary,ws-json,grpc-unary,grpc-exchange"),
+//! "direct,direct-mt,direct-stamped,bare,binary,json,ws-binary,ws-json,grpc-unary,
+//! grpc-unary-h2,grpc-exchange"),
 //! BENCH_CLIENT_THREADS (load generator runtime: 1 = current-thread, default 1),
 //! BENCH_GATEWAY_ARGS (extra `serve` flags, for experiments), IPC_GATEWAY_BIN (the gateway
 //! binary; default target/release/ipc-gateway), BENCH_NO_ARTIFACTS=1 (print only),

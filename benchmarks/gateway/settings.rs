@@ -131,12 +131,15 @@ pub enum Mode {
     /// The gateway's WebSocket: one JSON envelope per text message.
     WsJson,
     GrpcUnary,
+    /// The same `Request` call from a client on h2 alone (no tonic, hyper or tower on the
+    /// client side), to show what the gateway answers when its client costs less.
+    GrpcUnaryH2,
     GrpcExchange,
 }
 
 impl Mode {
     /// Every mode, in the order rows are reported.
-    pub const ALL: [Mode; 10] = [
+    pub const ALL: [Mode; 11] = [
         Mode::Direct,
         Mode::DirectMulti,
         Mode::DirectStamped,
@@ -146,6 +149,7 @@ impl Mode {
         Mode::WsBinary,
         Mode::WsJson,
         Mode::GrpcUnary,
+        Mode::GrpcUnaryH2,
         Mode::GrpcExchange,
     ];
 
@@ -161,6 +165,7 @@ impl Mode {
             Mode::WsBinary => "gateway WS binary",
             Mode::WsJson => "gateway WS JSON",
             Mode::GrpcUnary => "gateway gRPC unary",
+            Mode::GrpcUnaryH2 => "gateway gRPC unary, h2 client",
             Mode::GrpcExchange => "gateway gRPC Exchange",
         }
     }
@@ -177,6 +182,7 @@ impl Mode {
             Mode::WsBinary => "gateway_ws_binary",
             Mode::WsJson => "gateway_ws_json",
             Mode::GrpcUnary => "gateway_grpc_unary",
+            Mode::GrpcUnaryH2 => "gateway_grpc_unary_h2_client",
             Mode::GrpcExchange => "gateway_grpc_exchange",
         }
     }
@@ -193,6 +199,7 @@ impl Mode {
             Mode::WsBinary => "ws-binary",
             Mode::WsJson => "ws-json",
             Mode::GrpcUnary => "grpc-unary",
+            Mode::GrpcUnaryH2 => "grpc-unary-h2",
             Mode::GrpcExchange => "grpc-exchange",
         }
     }

@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Payloads as `Bytes`: passed to NATS and back without a copy.
         .bytes(".")
+        // tonic's prost codec with smaller per-call buffers (src/frontend/grpc/codec.rs).
+        .codec_path("crate::frontend::grpc::codec::SmallBuffers")
         .file_descriptor_set_path(out.join("gateway_descriptor.bin"))
         .compile_with_config(config, &[proto], &["proto"])?;
     Ok(())

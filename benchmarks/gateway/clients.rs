@@ -261,7 +261,13 @@ impl H2Unary {
             .await
             .map_err(|err| format!("connect 127.0.0.1:{port}: {err}"))?;
         tcp.set_nodelay(true).map_err(|err| err.to_string())?;
-        let (send, connection) = h2::client::handshake(tcp)
+        // hyper's (so tonic's) client windows, not h2's 64 KiB: with a few hundred replies in
+        // flight, a small connection window has the server send them in slivers, and h2 ends
+        // a connection that receives too many DATA frames for its data.
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(2 * 1024 * 1024)
+            .initial_connection_window_size(5 * 1024 * 1024)
+            .handshake(tcp)
             .await
             .map_err(|err| format!("HTTP/2 handshake: {err}"))?;
         tokio::spawn(async move {

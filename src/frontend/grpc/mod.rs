@@ -4,6 +4,7 @@
 //! grpcio-reflection). This file sets the server up and runs it until the drain; the rpcs are
 //! in `service.rs`.
 
+pub mod codec;
 pub mod conn;
 pub mod metadata;
 mod named;

@@ -171,22 +171,13 @@ pub async fn connect_direct(
 /// gateway's default form when `full`), so that `direct + identity headers` carries the same
 /// block as the gateway rows; none when the gateways stamp none.
 pub fn identity_headers(form: IdentityHeaders) -> Option<async_nats::HeaderMap> {
-    use ipc_gateway::protocol::identity::GATEWAY_ID_HEADER;
     let identity = ipc_gateway::core::auth::local_identity(
         nix::unistd::getuid().as_raw(),
         nix::unistd::getgid().as_raw(),
         Some(std::process::id() as i32),
     );
-    let headers = match form {
-        IdentityHeaders::Full => {
-            let gateway_id = ipc_gateway::config::Config::default().resolved_gateway_id();
-            let mut all = identity.headers();
-            all.push((GATEWAY_ID_HEADER, gateway_id));
-            all
-        }
-        IdentityHeaders::Minimal => identity.minimal_headers(),
-        IdentityHeaders::Off => Vec::new(),
-    };
+    let gateway_id = ipc_gateway::config::Config::default().resolved_gateway_id();
+    let headers = ipc_gateway::core::identity_headers(&identity, form, &gateway_id);
     (!headers.is_empty()).then(|| {
         headers
             .into_iter()

@@ -37,30 +37,45 @@ pub struct Authorized {
     audit: std::sync::OnceLock<Arc<AuditIdentity>>,
 }
 
-/// Which identity headers messages carry: `identity_headers` as `Authorized::stamp` needs it.
+/// The `Ipc-Gateway-*` headers that `form` (`identity_headers`) stamps on the messages of
+/// `identity`, as names and values; `gateway_id` goes in `Ipc-Gateway-Id` (`full` only).
+pub fn identity_headers(
+    identity: &Identity,
+    form: IdentityHeaders,
+    gateway_id: &str,
+) -> Vec<(&'static str, String)> {
+    match form {
+        IdentityHeaders::Full => {
+            let mut all = identity.headers();
+            all.push((GATEWAY_ID_HEADER, gateway_id.to_owned()));
+            all
+        }
+        IdentityHeaders::Minimal => identity.minimal_headers(),
+        IdentityHeaders::Off => Vec::new(),
+    }
+}
+
+/// `identity_headers` and this gateway's id, as `Authorized::stamp` needs them.
 #[derive(Clone)]
-enum Stamping {
-    Off,
-    Minimal,
-    /// Every header, with this gateway id in `Ipc-Gateway-Id`.
-    Full(Arc<str>),
+struct Stamping {
+    form: IdentityHeaders,
+    gateway_id: Arc<str>,
 }
 
 impl Stamping {
     fn new(config: &Config) -> Stamping {
-        match config.identity_headers {
-            IdentityHeaders::Off => Stamping::Off,
-            IdentityHeaders::Minimal => Stamping::Minimal,
-            IdentityHeaders::Full => Stamping::Full(config.resolved_gateway_id().into()),
+        Stamping {
+            form: config.identity_headers,
+            gateway_id: config.resolved_gateway_id().into(),
         }
     }
 }
 
 /// The `Ipc-Gateway-*` headers of one identity.
 pub(super) struct Stamp {
-    /// Empty when stamping is off.
+    /// Empty when nothing is stamped (`off`, or `minimal` for an anonymous caller).
     pub list: Vec<(HeaderName, HeaderValue)>,
-    /// The same headers as a ready map (`None` when stamping is off): a message without
+    /// The same headers as a ready map (`None` when it is empty): a message without
     /// headers of its own is sent with a clone of it, which (with the vendored async-nats's
     /// shared map) is a reference count.
     pub map: Option<HeaderMap>,
@@ -89,19 +104,12 @@ impl Authorized {
     /// The identity headers its messages carry, made once.
     pub(super) fn stamp(&self) -> &Stamp {
         self.stamp.get_or_init(|| {
-            let named = match &self.stamps {
-                Stamping::Full(gateway) => {
-                    let mut all = self.identity.headers();
-                    all.push((GATEWAY_ID_HEADER, gateway.to_string()));
-                    all
-                }
-                Stamping::Minimal => self.identity.minimal_headers(),
-                Stamping::Off => Vec::new(),
-            };
-            let list: Vec<(HeaderName, HeaderValue)> = named
-                .into_iter()
-                .filter_map(|(name, value)| Some((name.parse().ok()?, value.parse().ok()?)))
-                .collect();
+            let Stamping { form, gateway_id } = &self.stamps;
+            let list: Vec<(HeaderName, HeaderValue)> =
+                identity_headers(&self.identity, *form, gateway_id)
+                    .into_iter()
+                    .filter_map(|(name, value)| Some((name.parse().ok()?, value.parse().ok()?)))
+                    .collect();
             let map = (!list.is_empty()).then(|| list.iter().cloned().collect());
             Stamp { list, map }
         })

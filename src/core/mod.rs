@@ -45,7 +45,7 @@ use crate::protocol::{
 use crate::telemetry::audit::{Audit, AuditOp, Record};
 use crate::telemetry::metrics::{Metrics, OpKind};
 use crate::telemetry::trace::{self, Incoming, TraceContext};
-pub use access::Authorized;
+pub use access::{Authorized, identity_headers};
 use budget::ByteBudget;
 pub use caller::{Caller, HeldSlot, Slot};
 pub use durable::Stored;

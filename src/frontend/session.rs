@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::core::{Caller, Gateway, Replayed, Subscription};
+use crate::core::{Caller, Gateway, Replayed, Step, Subscription};
 use crate::protocol::{
     Decoded, Envelope, ErrorCode, Frontend, GatewayError, Id, Identity, Op, Outbound, Subject,
 };
@@ -89,9 +89,10 @@ impl Session {
             Op::Request => {
                 self.outbox.begin_command();
                 let sink = self.outbox.replies(envelope.priority);
-                self.gateway
-                    .start_request(&self.caller, envelope, sink)
-                    .await;
+                if let Step::Later(rest) = self.gateway.start_request(&self.caller, envelope, sink)
+                {
+                    rest.await;
+                }
             }
             Op::Publish if envelope.flags.durable => {
                 // Always answered, when the stream's ack comes; later publishes go on meanwhile.
@@ -113,7 +114,11 @@ impl Session {
             }
             Op::Publish => {
                 let id = envelope.id.clone();
-                match self.gateway.publish(&self.caller, envelope).await {
+                let published = match self.gateway.start_publish(&self.caller, envelope) {
+                    Step::Done(published) => published,
+                    Step::Later(rest) => rest.await,
+                };
+                match published {
                     Ok(()) if id.is_null() => {}
                     Ok(()) => self.answer(Outbound::Ack { id }),
                     Err(error) => self.answer(Outbound::Error { id, error }),

@@ -319,3 +319,87 @@ async fn idempotent_requests_survive_a_lost_connection_within_their_deadline() {
     assert_eq!((retried_ok, plain_unavailable), (10, 10));
     assert!(metric(&gateway, "ipc_gateway_retries_total").await >= 10.0);
 }
+
+/// Sends `signal` (`-STOP`, `-CONT`) to nats-server: a stopped server's connections stay open
+/// and unread, so the gateway's NATS client fills its socket, then its queue.
+fn signal_nats(nats: &NatsServer, signal: &str) {
+    let pid = nats.pid().expect("nats-server runs").to_string();
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// When the NATS client's queue is full, a publish waits for room (the client's later
+/// commands wait behind it, so messages still leave in order) and a request waits no longer
+/// than its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_wait_for_room_in_nats_in_order_and_requests_not_past_their_deadline() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    const COUNT: usize = 6000;
+    let nats = NatsServer::start();
+    let gateway = GatewayProcess::start(&nats.url(), &["--nats-connections", "1"]);
+    let watcher = nats.client().await;
+    let mut seen = watcher.subscribe("order.x").await.unwrap();
+    registered(&watcher).await;
+    // Sent over a second connection while the first one's publish waits.
+    let mut asker = gateway.json().await;
+
+    signal_nats(&nats, "-STOP");
+    let stream = tokio::net::UnixStream::connect(&gateway.socket)
+        .await
+        .unwrap();
+    let (read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let padding = "x".repeat(16 << 10);
+        for n in 0..COUNT {
+            let line = format!(
+                "{{\"op\":\"publish\",\"id\":{n},\"subject\":\"order.x\",\"data\":\"{n:06}{padding}\"}}\n"
+            );
+            write.write_all(line.as_bytes()).await.unwrap();
+        }
+        write
+    });
+    let mut lines = BufReader::new(read).lines();
+    let ack = |line: Option<String>, n: usize| {
+        let answer: serde_json::Value = serde_json::from_str(&line.expect("open")).unwrap();
+        assert_eq!(answer, json!({"id":n,"ok":true}), "publish {n}");
+    };
+    // Acks come while the NATS client takes the messages, then stop: one waits for room.
+    let mut acked = 0;
+    while let Ok(line) = tokio::time::timeout(Duration::from_secs(1), lines.next_line()).await {
+        ack(line.unwrap(), acked);
+        acked += 1;
+    }
+    assert!(
+        acked > 0 && acked < COUNT,
+        "{acked} of {COUNT} acked with nats-server stopped: expected some, not all"
+    );
+
+    let asked = Instant::now();
+    let answer = asker
+        .call(r#"{"op":"request","id":"r","subject":"order.svc","data":"?","timeout_ms":300}"#)
+        .await;
+    assert_eq!(answer["error"]["code"], "TIMEOUT", "{answer}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "the request's answer came {:?} after it, with a 300 ms deadline",
+        asked.elapsed()
+    );
+
+    signal_nats(&nats, "-CONT");
+    for n in acked..COUNT {
+        let line = tokio::time::timeout(PATIENCE, lines.next_line()).await;
+        ack(line.expect("an ack in time").unwrap(), n);
+    }
+    let _write = writer.await.unwrap();
+    for n in 0..COUNT {
+        let message = tokio::time::timeout(PATIENCE, futures_util::StreamExt::next(&mut seen))
+            .await
+            .expect("every publish reaches NATS")
+            .unwrap();
+        assert_eq!(&message.payload[..6], format!("{n:06}").as_bytes());
+    }
+}

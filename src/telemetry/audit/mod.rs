@@ -208,6 +208,29 @@ impl Audit {
         })
     }
 
+    /// `reserve` if it is ready at once; `None` when it would wait (block mode, queue full).
+    pub fn try_reserve(&self) -> Option<Reservation> {
+        let Some(handle) = &self.handle else {
+            return Some(Reservation::off());
+        };
+        let slot = match handle.overflow {
+            Overflow::Drop => false,
+            Overflow::Block => match handle.queue.slots.try_acquire() {
+                Ok(permit) => {
+                    permit.forget();
+                    true
+                }
+                Err(tokio::sync::TryAcquireError::NoPermits) => return None,
+                // Closed only by shutdown: the reservation then holds nothing.
+                Err(tokio::sync::TryAcquireError::Closed) => false,
+            },
+        };
+        Some(Reservation {
+            handle: Some(handle.clone()),
+            slot,
+        })
+    }
+
     /// Room for one record, taken when an operation is admitted; the operation's record goes
     /// in with `Reservation::write` when it is done. With `Overflow::Block` this waits for a
     /// free slot and holds it (so the write cannot fail); with `Overflow::Drop` or off it is
@@ -220,19 +243,20 @@ impl Audit {
     /// completes operations, or in the reading half only): if it stops completing them to
     /// wait for a slot, and they hold the last slots, nothing ever frees one.
     pub async fn reserve(&self) -> Reservation {
+        if let Some(ready) = self.try_reserve() {
+            return ready;
+        }
+        // Only block mode waits: for a free slot, or until shutdown closes the queue (the
+        // reservation then holds nothing).
         let Some(handle) = &self.handle else {
             return Reservation::off();
         };
-        let slot = match handle.overflow {
-            Overflow::Drop => false,
-            // Closed only by shutdown: the reservation then holds nothing.
-            Overflow::Block => match handle.queue.slots.acquire().await {
-                Ok(permit) => {
-                    permit.forget();
-                    true
-                }
-                Err(_) => false,
-            },
+        let slot = match handle.queue.slots.acquire().await {
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(_) => false,
         };
         Reservation {
             handle: Some(handle.clone()),

@@ -340,6 +340,50 @@ async fn block_mode_reservations_wait_for_room_and_lose_nothing() {
     assert_eq!(metric(&metrics, "ipc_gateway_audit_records_lost_total"), 0);
 }
 
+#[tokio::test]
+async fn try_reserve_is_ready_unless_block_mode_is_full() {
+    assert!(Audit::off().try_reserve().is_some());
+    let (writer, _out, gate, entered) = gated();
+    let config = AuditConfig {
+        queue: 1,
+        overflow: Overflow::Drop,
+        ..AuditConfig::default()
+    };
+    let dropping = Audit::start_with_writer(config, Metrics::new(), Box::new(writer)).unwrap();
+    dropping.record(numbered_record(0));
+    entered.recv().unwrap();
+    dropping.record(numbered_record(1));
+    let ready = dropping.try_reserve().expect("drop mode never waits");
+    assert!(!ready.holds_slot());
+    open(&gate);
+    dropping.shutdown().await.unwrap();
+
+    let (writer, _out, gate, entered) = gated();
+    let config = AuditConfig {
+        queue: 1,
+        overflow: Overflow::Block,
+        ..AuditConfig::default()
+    };
+    let blocking = Audit::start_with_writer(config, Metrics::new(), Box::new(writer)).unwrap();
+    blocking.reserve().await.write(numbered_record(0));
+    entered.recv().unwrap();
+    let held = blocking
+        .try_reserve()
+        .expect("a free slot is taken at once");
+    assert!(held.holds_slot());
+    assert!(
+        blocking.try_reserve().is_none(),
+        "the queue is full: it would wait"
+    );
+    held.write(numbered_record(1));
+    open(&gate);
+    blocking.shutdown().await.unwrap();
+    let after = blocking
+        .try_reserve()
+        .expect("after shutdown nothing waits");
+    assert!(!after.holds_slot());
+}
+
 #[test]
 fn block_mode_loses_nothing_under_a_flood() {
     let dir = tempfile::tempdir().unwrap();

@@ -55,6 +55,16 @@ impl From<tokio_util::sync::PollSendError<Command>> for PublishError {
     }
 }
 
+/// Why [`Client::try_publish_message`] did not queue a message (ipc-gateway patch).
+#[derive(Debug)]
+pub enum TryPublishError {
+    /// The connection's queue is full: the message, for
+    /// [`traits::Publisher::publish_message`].
+    Full(OutboundMessage),
+    /// It cannot be sent: an invalid subject, too large, or the client is closed.
+    Failed(PublishError),
+}
+
 #[derive(Copy, Clone, Debug, PartialEq)]
 pub enum PublishErrorKind {
     MaxPayloadExceeded,
@@ -599,6 +609,43 @@ impl Client {
             }))
             .await?;
         Ok(())
+    }
+
+    // ipc-gateway patch: a publish that is queued at once or given back (see PATCHED.md,
+    // "Publishing without a future").
+
+    /// Queues `message` for sending if the connection's queue has room now, without waiting;
+    /// gives it back in [`TryPublishError::Full`] if it has not (then
+    /// [`traits::Publisher::publish_message`] waits for room). Checks the subject, the reply
+    /// subject and the size as the `publish` methods do.
+    pub fn try_publish_message(&self, message: OutboundMessage) -> Result<(), TryPublishError> {
+        self.check_outbound(&message)
+            .map_err(TryPublishError::Failed)?;
+        match self.sender.try_send(Command::Publish(message)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(Command::Publish(message))) => {
+                Err(TryPublishError::Full(message))
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => unreachable!("a publish was sent"),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(TryPublishError::Failed(
+                PublishError::new(PublishErrorKind::Send),
+            )),
+        }
+    }
+
+    fn check_outbound(&self, message: &OutboundMessage) -> Result<(), PublishError> {
+        let valid = |subject: &crate::Subject| {
+            !subject.is_empty()
+                && (self.skip_subject_validation || crate::is_valid_publish_subject(subject))
+        };
+        if !valid(&message.subject) || !message.reply.as_ref().is_none_or(valid) {
+            return Err(PublishError::with_source(
+                PublishErrorKind::InvalidSubject,
+                crate::subject::SubjectError::InvalidFormat,
+            ));
+        }
+        self.check_payload_size(message.headers.as_ref(), message.payload.len())
+            .map_err(max_payload_error)
     }
 
     /// Sends the request with headers.
@@ -1371,4 +1418,86 @@ pub struct Statistics {
     /// Number of times connection was established.
     /// Initial connect will be counted as well, then all successful reconnects.
     pub connects: AtomicU64,
+}
+
+// ipc-gateway patch: `try_publish_message` queues at once, or gives the message back.
+#[cfg(test)]
+mod try_publish_tests {
+    use super::*;
+
+    fn client(capacity: usize) -> (Client, mpsc::Receiver<Command>) {
+        let (sender, receiver) = mpsc::channel(capacity);
+        let (_, info) = tokio::sync::watch::channel(None);
+        let (_, state) = tokio::sync::watch::channel(State::Connected);
+        let client = Client::new(
+            info,
+            state,
+            sender,
+            16,
+            "_INBOX".into(),
+            None,
+            Arc::new(AtomicUsize::new(64)),
+            Arc::new(Statistics::default()),
+            false,
+        );
+        (client, receiver)
+    }
+
+    fn message(subject: &'static str, payload: &'static [u8]) -> OutboundMessage {
+        OutboundMessage {
+            subject: subject.into(),
+            reply: Some("_INBOX.r.1".into()),
+            headers: None,
+            payload: Bytes::from_static(payload),
+        }
+    }
+
+    #[test]
+    fn queued_while_there_is_room_then_given_back() {
+        let (client, mut receiver) = client(1);
+        client.try_publish_message(message("a", b"1")).unwrap();
+        match client.try_publish_message(message("b", b"2")) {
+            Err(TryPublishError::Full(back)) => {
+                assert_eq!(back.subject.as_str(), "b");
+                assert_eq!(&back.payload[..], b"2");
+            }
+            other => panic!("expected Full, got {other:?}"),
+        }
+        match receiver.try_recv() {
+            Ok(Command::Publish(sent)) => {
+                assert_eq!(sent.subject.as_str(), "a");
+                assert_eq!(sent.reply.as_ref().map(|r| r.as_str()), Some("_INBOX.r.1"));
+            }
+            _ => panic!("the first message is queued"),
+        }
+        client.try_publish_message(message("b", b"2")).unwrap();
+    }
+
+    #[test]
+    fn checked_as_publish_checks_and_failed_when_closed() {
+        let (client, receiver) = client(4);
+        let kind = |result: Result<(), TryPublishError>| match result {
+            Err(TryPublishError::Failed(error)) => error.kind(),
+            other => panic!("expected Failed, got {other:?}"),
+        };
+        assert_eq!(
+            kind(client.try_publish_message(message("a b", b"1"))),
+            PublishErrorKind::InvalidSubject
+        );
+        let mut bad_reply = message("a", b"1");
+        bad_reply.reply = Some("r\r\n".into());
+        assert_eq!(
+            kind(client.try_publish_message(bad_reply)),
+            PublishErrorKind::InvalidSubject
+        );
+        assert_eq!(
+            kind(client.try_publish_message(message("a", &[0; 65]))),
+            PublishErrorKind::MaxPayloadExceeded
+        );
+        drop(receiver);
+        assert_eq!(
+            kind(client.try_publish_message(message("a", b"1"))),
+            PublishErrorKind::Send
+        );
+    }
 }

@@ -258,7 +258,7 @@ pub use auth::Auth;
 pub use client::{
     Client, PublishError, PublishErrorKind, Request, RequestError, RequestErrorKind,
     ServerPoolError, ServerPoolErrorKind, SetServerPoolError, SetServerPoolErrorKind, Statistics,
-    SubscribeError, SubscribeErrorKind,
+    SubscribeError, SubscribeErrorKind, TryPublishError,
 };
 pub use options::{AuthError, ConnectOptions};
 

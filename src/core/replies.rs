@@ -294,12 +294,11 @@ impl ReplyRouter {
 
     /// The token and nonce a reply subject names, if it is one of ours.
     fn parse_reply(&self, subject: &str) -> Option<(u64, u64)> {
-        let (token, nonce) = subject
-            .strip_prefix(self.prefix.as_str())?
-            .split_once('_')?;
-        if nonce.len() != 16 {
-            return None;
-        }
+        // `<prefix><token>_<16 hex digits>`: the nonce is the last 17 bytes, so nothing is
+        // searched for (a token with a `_` in it does not parse, as before).
+        let rest = subject.strip_prefix(self.prefix.as_str())?;
+        let (token, nonce) = rest.split_at_checked(rest.len().checked_sub(17)?)?;
+        let nonce = nonce.strip_prefix('_')?;
         Some((token.parse().ok()?, u64::from_str_radix(nonce, 16).ok()?))
     }
 
@@ -811,10 +810,20 @@ mod tests {
         router.on_reply(reply(&format!("{prefix}_{:016x}", 7u64)));
         router.on_reply(reply(&format!("{}{token}", router.prefix)));
         router.on_reply(reply(&format!("{}x_y", router.prefix)));
+        // Near misses of the shape: a `_` in the token, a multibyte character across the
+        // place of the nonce's `_`, a nonce that is not hex.
+        let real_nonce = subject.rsplit_once('_').unwrap().1;
+        router.on_reply(reply(&format!("{}{token}_1_{real_nonce}", router.prefix)));
+        router.on_reply(reply(&format!("{}{token}é{real_nonce}", router.prefix)));
+        router.on_reply(reply(&format!(
+            "{}{token}_{}",
+            router.prefix,
+            "g".repeat(16)
+        )));
         assert_eq!(sink.codes().len(), 0, "a forged reply answered a request");
         let text = metrics.render();
         assert!(
-            text.contains("ipc_gateway_reply_mismatches_total 3"),
+            text.contains("ipc_gateway_reply_mismatches_total 6"),
             "{text}"
         );
         // The real one answers it, once; the same subject again is late.

@@ -88,9 +88,9 @@ EOT
   done
   sleep 2
   before="$(count_requests "$http")"
-  callgrind_control -z "$pid" >/dev/null
+  callgrind_control -z "$pid" >/dev/null 2>&1
   sleep "$seconds"
-  callgrind_control -d "$pid" >/dev/null
+  callgrind_control -d "$pid" >/dev/null 2>&1
   after="$(count_requests "$http")"
   sleep 1
   local dump instructions

@@ -490,21 +490,36 @@ impl Gateway {
     ) -> Step<'a, ()> {
         // One clock reading for the latency, the breaker and the deadline.
         let now = tokio::time::Instant::now();
+        self.begin(
+            caller,
+            Op::Request,
+            envelope,
+            move |envelope, traced, audit| {
+                self.send_request(caller, envelope, sink, audit, traced, now)
+            },
+        )
+    }
+
+    /// How every request and publish begins: its payload counted, its trace, its audit ticket;
+    /// then `then`, at once when the audit queue has room, else once it has.
+    fn begin<'a, T: Send + 'a>(
+        &'a self,
+        caller: &'a Caller,
+        op: Op,
+        envelope: Envelope,
+        then: impl FnOnce(Envelope, Traced, Option<replies::AuditTicket>) -> Step<'a, T> + Send + 'a,
+    ) -> Step<'a, T> {
         self.inner
             .metrics
             .payload_in(caller.frontend(), envelope.data.len());
         let traced = self.trace(caller, &envelope);
         let context = traced.context.as_ref();
-        match self.try_audit_ticket(caller, Op::Request, &envelope, context) {
-            Some(audit) => self.send_request(caller, envelope, sink, audit, traced, now),
+        match self.try_audit_ticket(caller, op, &envelope, context) {
+            Some(audit) => then(envelope, traced, audit),
             None => Step::Later(Box::pin(async move {
                 let context = traced.context.as_ref();
-                let audit = self
-                    .audit_ticket(caller, Op::Request, &envelope, context)
-                    .await;
-                self.send_request(caller, envelope, sink, audit, traced, now)
-                    .finish()
-                    .await
+                let audit = self.audit_ticket(caller, op, &envelope, context).await;
+                then(envelope, traced, audit).finish().await
             })),
         }
     }
@@ -663,23 +678,12 @@ impl Gateway {
         caller: &'a Caller,
         envelope: Envelope,
     ) -> Step<'a, Result<(), GatewayError>> {
-        self.inner
-            .metrics
-            .payload_in(caller.frontend(), envelope.data.len());
-        let traced = self.trace(caller, &envelope);
-        let context = traced.context.as_ref();
-        match self.try_audit_ticket(caller, Op::Publish, &envelope, context) {
-            Some(audit) => self.send_publish(caller, envelope, traced, audit),
-            None => Step::Later(Box::pin(async move {
-                let context = traced.context.as_ref();
-                let audit = self
-                    .audit_ticket(caller, Op::Publish, &envelope, context)
-                    .await;
-                self.send_publish(caller, envelope, traced, audit)
-                    .finish()
-                    .await
-            })),
-        }
+        self.begin(
+            caller,
+            Op::Publish,
+            envelope,
+            move |envelope, traced, audit| self.send_publish(caller, envelope, traced, audit),
+        )
     }
 
     /// `start_publish` from its audit ticket on: the checks, the send, and its records.

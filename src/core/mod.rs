@@ -9,6 +9,7 @@ pub mod budget;
 mod caller;
 mod connect_failure;
 pub mod credentials;
+mod deadlines;
 mod durable;
 mod fanout;
 pub mod live;

@@ -4,8 +4,8 @@
 //! connection's task matches each reply as it reads it, with no queue between them, so no reply
 //! is ever dropped for a full one. A request is a map entry plus a publish with a reply subject;
 //! its answer goes straight to the client's `ReplySink` (its outbox), so there is no task,
-//! oneshot or timer per request. Deadlines are kept in order in one set, and the router's
-//! single timer fires for the earliest. Losing or retiring the connection, or the end of the
+//! oneshot or timer per request. Deadlines are kept in order (`super::deadlines`), and the
+//! router's single timer fires for the earliest. Losing or retiring the connection, or the end of the
 //! drain, fails the waiting requests at once: every request gets exactly one answer.
 //!
 //! Reply subjects are unguessable and taken only whole: the prefix has 128 random bits per
@@ -16,7 +16,7 @@
 //! nats-server has handled everything the connection sent before it, and nobody else can
 //! send to, or guess, that subject.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use super::Reply;
 use super::breaker::{Admission, Outcome};
 use super::budget::BudgetPermit;
+use super::deadlines::Deadlines;
 use super::shutdown::Shutdown;
 use crate::protocol::Frontend;
 use crate::protocol::{ErrorCode, GatewayError, Id, Op};
@@ -182,7 +183,7 @@ struct Waiting {
     /// Each request with the nonce its reply subject carries. Boxed: a request moves from
     /// the front-end to this map to its answer as one pointer, not a few hundred bytes.
     requests: TokenMap<(u64, Box<Pending>)>,
-    deadlines: BTreeSet<(Instant, u64)>,
+    deadlines: Deadlines,
     /// Confirmations in flight (see `sync_point`), by token, with their nonce.
     syncs: TokenMap<(u64, oneshot::Sender<()>)>,
     /// Retired or closed: no new requests, and why (the refusal's message).
@@ -195,7 +196,7 @@ impl Waiting {
     fn new() -> Waiting {
         Waiting {
             requests: TokenMap::default(),
-            deadlines: BTreeSet::new(),
+            deadlines: Deadlines::default(),
             syncs: TokenMap::default(),
             closed: None,
             rng: StdRng::from_os_rng(),
@@ -260,13 +261,21 @@ impl ReplyRouter {
             finish(&self.metrics, pending, Err(error));
             return None;
         }
-        let earliest = waiting
-            .deadlines
-            .first()
-            .is_none_or(|(first, _)| deadline < *first);
-        waiting.deadlines.insert((deadline, token));
-        let nonce = waiting.rng.next_u64();
-        waiting.requests.insert(token, (nonce, pending));
+        let Waiting {
+            requests,
+            deadlines,
+            rng,
+            ..
+        } = &mut *waiting;
+        let is_waiting = |token| requests.contains_key(&token);
+        let earliest = deadlines
+            .earliest(is_waiting)
+            .is_none_or(|(first, _)| deadline < first);
+        let timeout = pending.timeout;
+        let nonce = rng.next_u64();
+        requests.insert(token, (nonce, pending));
+        let is_waiting = |token| requests.contains_key(&token);
+        deadlines.add(timeout, deadline, token, requests.len(), is_waiting);
         drop(waiting);
         if earliest {
             self.earlier_deadline.notify_one();
@@ -324,7 +333,7 @@ impl ReplyRouter {
     pub fn take(&self, token: u64) -> Option<Box<Pending>> {
         let mut waiting = self.waiting();
         let (_, pending) = waiting.requests.remove(&token)?;
-        waiting.deadlines.remove(&(pending.deadline, token));
+        waiting.deadlines.remove(pending.deadline, token);
         drop(waiting);
         Some(pending)
     }
@@ -340,7 +349,7 @@ impl ReplyRouter {
             let Some((_, pending)) = waiting.requests.remove(&token) else {
                 return Claim::Nobody;
             };
-            waiting.deadlines.remove(&(pending.deadline, token));
+            waiting.deadlines.remove(pending.deadline, token);
             return Claim::Request(pending);
         }
         match waiting.syncs.get(&token) {
@@ -415,11 +424,16 @@ impl ReplyRouter {
     fn expire(&self, now: Instant) -> Option<Instant> {
         loop {
             let mut waiting = self.waiting();
-            let &(deadline, token) = waiting.deadlines.first()?;
+            let Waiting {
+                requests,
+                deadlines,
+                ..
+            } = &mut *waiting;
+            let (deadline, token) = deadlines.earliest(|token| requests.contains_key(&token))?;
             if deadline > now {
                 return Some(deadline);
             }
-            waiting.deadlines.pop_first();
+            deadlines.pop((deadline, token));
             let pending = waiting.requests.remove(&token).map(|(_, pending)| pending);
             drop(waiting);
             if let Some(pending) = pending {

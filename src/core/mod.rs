@@ -481,8 +481,9 @@ impl Gateway {
 
     /// Starts a request. Its one answer (the reply, or an error no later than the deadline:
     /// the client's `timeout_ms`, capped by the configured ceiling) goes to `sink`, possibly
-    /// before this returns. Awaiting this only waits for room to send, which is how a client
-    /// that sends faster than NATS takes its requests is slowed down.
+    /// before this returns. Its `Later` step, when it has one, only waits for room to send (in
+    /// the audit queue or the NATS client's), which is how a client that sends faster than
+    /// NATS takes its requests is slowed down.
     pub fn start_request<'a>(
         &'a self,
         caller: &'a Caller,

@@ -5,8 +5,8 @@
 //! is ever dropped for a full one. A request is a map entry plus a publish with a reply subject;
 //! its answer goes straight to the client's `ReplySink` (its outbox), so there is no task,
 //! oneshot or timer per request. Deadlines are kept in order (`super::deadlines`), and the
-//! router's single timer fires for the earliest. Losing or retiring the connection, or the end of the
-//! drain, fails the waiting requests at once: every request gets exactly one answer.
+//! router's single timer fires for the earliest. Losing or retiring the connection, or the end
+//! of the drain, fails the waiting requests at once: every request gets exactly one answer.
 //!
 //! Reply subjects are unguessable and taken only whole: the prefix has 128 random bits per
 //! connection, and each request's subject carries a random 64-bit nonce beside its token. A
@@ -267,14 +267,14 @@ impl ReplyRouter {
             rng,
             ..
         } = &mut *waiting;
-        let is_waiting = |token| requests.contains_key(&token);
-        let earliest = deadlines
-            .earliest(is_waiting)
-            .is_none_or(|(first, _)| deadline < first);
         let timeout = pending.timeout;
         let nonce = rng.next_u64();
         requests.insert(token, (nonce, pending));
         let is_waiting = |token| requests.contains_key(&token);
+        // Earlier than every deadline already held (this one is not among them yet)?
+        let earliest = deadlines
+            .earliest(is_waiting)
+            .is_none_or(|(first, _)| deadline < first);
         deadlines.add(timeout, deadline, token, requests.len(), is_waiting);
         drop(waiting);
         if earliest {

@@ -89,6 +89,8 @@ impl Session {
             Op::Request => {
                 self.outbox.begin_command();
                 let sink = self.outbox.replies(envelope.priority);
+                // Matched here rather than with `Step::finish`, whose future costs the common
+                // case about 0.6 % of a request's instructions (callgrind).
                 if let Step::Later(rest) = self.gateway.start_request(&self.caller, envelope, sink)
                 {
                     rest.await;
@@ -114,6 +116,7 @@ impl Session {
             }
             Op::Publish => {
                 let id = envelope.id.clone();
+                // As for requests: no future unless it has to wait.
                 let published = match self.gateway.start_publish(&self.caller, envelope) {
                     Step::Done(published) => published,
                     Step::Later(rest) => rest.await,

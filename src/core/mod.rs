@@ -643,7 +643,7 @@ impl Gateway {
                 data: envelope.data.clone(),
             }),
             attempts: 0,
-            audit,
+            audit: audit.map(Box::new),
             trace: traced.context,
             span: traced.span,
         });

@@ -66,8 +66,9 @@ pub struct Pending {
     /// Times it was sent again. After a lost connection, services come back after the
     /// gateway does, so a re-sent request also tries again on `NO_RESPONDERS`, with backoff.
     pub attempts: u32,
-    /// Its audit record, written when it is answered (none when the audit log is off).
-    pub audit: Option<AuditTicket>,
+    /// Its audit record, written when it is answered (none when the audit log is off). Boxed:
+    /// inline it made up half of this struct, which every request allocates.
+    pub audit: Option<Box<AuditTicket>>,
     /// Its trace context: the reply carries the gateway's `traceparent` back.
     pub trace: Option<TraceContext>,
     /// Its OpenTelemetry span, exported when it is answered (none when OTLP is off).

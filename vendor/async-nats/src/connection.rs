@@ -224,10 +224,20 @@ impl Connection {
                 + reply_to.as_ref().map(|reply| reply.len()).unwrap_or(0)
                 + subject.len();
 
-            let subject = Subject::from(subject);
-            let reply = reply_to.map(Subject::from);
+            // ipc-gateway patch (PATCHED.md): the subjects are slices of the line, as the
+            // payload is of the buffer, not copies.
+            let start = self.read_buf.as_ptr() as usize;
+            let place = |word: &str| (word.as_ptr() as usize - start, word.len());
+            let subject = place(subject);
+            let reply = reply_to.map(place);
+            let line = self.read_buf.split_to(len + 2).freeze();
+            let slice = |(at, len): (usize, usize)| {
+                // SAFETY: a word of `line`, which was checked as UTF-8 above.
+                unsafe { Subject::from_bytes_unchecked(line.slice(at..at + len)) }
+            };
+            let subject = slice(subject);
+            let reply = reply.map(slice);
 
-            self.read_buf.advance(len + 2);
             let payload = self.read_buf.split_to(payload_len).freeze();
             self.read_buf.advance(2);
 

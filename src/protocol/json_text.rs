@@ -64,7 +64,7 @@ fn put_escaped(out: &mut BytesMut, bytes: &[u8], mut valid: bool) -> bool {
 
 /// Whether any of the eight bytes is a control character, `"` or `\`. Each test is exact as a
 /// yes/no (the classic "has a byte less than n" and "has a zero byte" tricks, n ≤ 128).
-fn any_to_escape(word: u64) -> bool {
+pub(super) fn any_to_escape(word: u64) -> bool {
     let below_space = word.wrapping_sub(ONES * 0x20) & !word;
     let quote = word ^ (ONES * u64::from(b'"'));
     let backslash = word ^ (ONES * u64::from(b'\\'));

@@ -11,6 +11,7 @@ mod frontend;
 pub mod headers;
 pub mod identity;
 pub mod json;
+mod json_quick;
 mod json_text;
 pub mod presence;
 #[cfg(test)]

@@ -1,0 +1,163 @@
+//! The common JSON line read without serde: an object whose keys are among `op`, `id`,
+//! `subject`, `timeout_ms` and `data`, each at most once, whose strings have nothing escaped and
+//! whose numbers are plain unsigned integers. That is what the client library and most scripts
+//! send for a request or a publish, and serde's derived reader spent about a fifth of a JSON
+//! request's instructions on it (matching each key against twenty fields, skipping `data` once
+//! as a raw value, then reading it again). Anything else gives `None`, and the line goes to
+//! serde_json: what a line means, and every error's text, stay serde_json's. A property test in
+//! `json.rs` holds the two readers to the same envelopes.
+
+use std::sync::Arc;
+
+use super::envelope::Id;
+use super::json_text::any_to_escape;
+
+/// The fields of a line this reader took.
+#[derive(Debug, Default)]
+pub(super) struct Fields<'a> {
+    pub op: Option<&'a str>,
+    pub id: Id,
+    pub subject: Option<&'a str>,
+    pub timeout_ms: Option<u32>,
+    /// The JSON text of a string value, quotes included.
+    pub data: Option<&'a str>,
+}
+
+/// Reads `line` if it is of the common shape (see the top of the file).
+pub(super) fn read(line: &str) -> Option<Fields<'_>> {
+    let mut reader = Reader {
+        bytes: line.as_bytes(),
+        at: 0,
+    };
+    let mut fields = Fields::default();
+    let mut seen = [false; 5];
+    reader.skip_space();
+    reader.expect(b'{')?;
+    reader.skip_space();
+    if reader.peek() == Some(b'}') {
+        reader.at += 1;
+        return reader.only_space_left().then_some(fields);
+    }
+    loop {
+        let (start, end) = reader.string()?;
+        let key = &line[start + 1..end - 1];
+        reader.skip_space();
+        reader.expect(b':')?;
+        reader.skip_space();
+        let which = match key {
+            "op" => 0,
+            "id" => 1,
+            "subject" => 2,
+            "timeout_ms" => 3,
+            "data" => 4,
+            _ => return None,
+        };
+        if std::mem::replace(&mut seen[which], true) {
+            return None;
+        }
+        match which {
+            0 | 2 | 4 => {
+                let (start, end) = reader.string()?;
+                match which {
+                    0 => fields.op = Some(&line[start + 1..end - 1]),
+                    2 => fields.subject = Some(&line[start + 1..end - 1]),
+                    _ => fields.data = Some(&line[start..end]),
+                }
+            }
+            1 => {
+                fields.id = match reader.peek()? {
+                    b'"' => {
+                        let (start, end) = reader.string()?;
+                        Id::Text(Arc::from(&line[start + 1..end - 1]))
+                    }
+                    _ => Id::from(reader.unsigned(19)?),
+                }
+            }
+            _ => fields.timeout_ms = Some(u32::try_from(reader.unsigned(10)?).ok()?),
+        }
+        reader.skip_space();
+        match reader.next()? {
+            b',' => reader.skip_space(),
+            b'}' => return reader.only_space_left().then_some(fields),
+            _ => return None,
+        }
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let byte = self.peek()?;
+        self.at += 1;
+        Some(byte)
+    }
+
+    fn expect(&mut self, byte: u8) -> Option<()> {
+        (self.next()? == byte).then_some(())
+    }
+
+    /// JSON's whitespace, as serde_json reads it.
+    fn skip_space(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\n' | b'\t' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    fn only_space_left(&mut self) -> bool {
+        self.skip_space();
+        self.at == self.bytes.len()
+    }
+
+    /// A string with nothing escaped and no control character: where its opening quote is,
+    /// and one past its closing quote. Eight bytes are checked at a time.
+    fn string(&mut self) -> Option<(usize, usize)> {
+        let start = self.at;
+        self.expect(b'"')?;
+        while let Some(word) = self
+            .bytes
+            .get(self.at..self.at + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+        {
+            if any_to_escape(u64::from_le_bytes(word)) {
+                break;
+            }
+            self.at += 8;
+        }
+        loop {
+            match self.next()? {
+                b'"' => return Some((start, self.at)),
+                b'\\' | 0x00..=0x1f => return None,
+                _ => {}
+            }
+        }
+    }
+
+    /// Digits without a leading zero (JSON's integers), at most `most` of them, not followed
+    /// by a fraction or an exponent.
+    fn unsigned(&mut self, most: usize) -> Option<u64> {
+        let start = self.at;
+        let mut value: u64 = 0;
+        while let Some(digit @ b'0'..=b'9') = self.peek() {
+            // Wrapping: a number with too many digits is refused below.
+            value = value.wrapping_mul(10).wrapping_add(u64::from(digit - b'0'));
+            self.at += 1;
+        }
+        let digits = self.at - start;
+        let leading_zero = digits > 1 && self.bytes[start] == b'0';
+        if digits == 0 || digits > most || leading_zero {
+            return None;
+        }
+        match self.peek() {
+            Some(b'.' | b'e' | b'E') => None,
+            _ => Some(value),
+        }
+    }
+}

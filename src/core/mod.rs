@@ -58,7 +58,7 @@ use pool::NatsPool;
 pub use replay::{Replayed, Subscription};
 pub use replies::ReplySink;
 use shutdown::Shutdown;
-pub use step::Step;
+pub use step::{Later, Step};
 
 /// A successful request's answer.
 #[derive(Debug, Clone)]

@@ -6,13 +6,28 @@
 
 use std::sync::Arc;
 
-use crate::core::{Caller, Gateway, Replayed, Step, Subscription};
+use crate::core::{Caller, Gateway, Later, Replayed, Step, Subscription};
 use crate::protocol::{
     Decoded, Envelope, ErrorCode, Frontend, GatewayError, Id, Identity, Op, Outbound, Subject,
 };
 
 use super::named::Named;
 use super::outbox::Outbox;
+
+/// Answers a command that did not go to the core as a request.
+fn answer(outbox: &Outbox, event: Outbound) {
+    outbox.begin_command();
+    outbox.push_control(event);
+}
+
+/// A publish is acked when it has an id, and answered with its error whatever its id.
+fn answer_publish(outbox: &Outbox, id: Id, published: Result<(), GatewayError>) {
+    match published {
+        Ok(()) if id.is_null() => {}
+        Ok(()) => answer(outbox, Outbound::Ack { id }),
+        Err(error) => answer(outbox, Outbound::Error { id, error }),
+    }
+}
 
 /// Whether the connection can go on after an item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +88,20 @@ impl Session {
 
     /// Handles one decoded item. A request's answer reaches the outbox when it comes.
     pub async fn handle(&mut self, item: Decoded) -> Flow {
+        match self.handle_at_once(item) {
+            Ok(flow) => flow,
+            Err(rest) => rest.await,
+        }
+    }
+
+    /// Handles one decoded item when nothing in it has to wait, which is the common case: a
+    /// request or a publish that the NATS client's queue took at once, a ping, a credit grant,
+    /// bad input. Otherwise gives back the rest as a boxed future, to be awaited before the
+    /// connection's next command (so that commands reach NATS in order): a subscribe, a
+    /// durable publish, a named-client op, or a request or publish waiting for room in the NATS
+    /// client's queue. The WebSocket, whose per-connection future must stay small, calls this
+    /// and boxes nothing in the common case; `handle` is both steps.
+    pub fn handle_at_once(&mut self, item: Decoded) -> Result<Flow, Later<'_, Flow>> {
         if let Some(refreshed) = self.gateway.refreshed(&self.caller) {
             // The policy was reloaded: act under the new one.
             self.caller = refreshed;
@@ -82,7 +111,7 @@ impl Session {
             Decoded::Invalid { id, error, fatal } => {
                 self.gateway.note(&self.caller, None, &id, Err(error.code));
                 self.answer(Outbound::Error { id, error });
-                return if fatal { Flow::Close } else { Flow::Continue };
+                return Ok(if fatal { Flow::Close } else { Flow::Continue });
             }
         };
         match envelope.op {
@@ -91,11 +120,73 @@ impl Session {
                 let sink = self.outbox.replies(envelope.priority);
                 // Matched here rather than with `Step::finish`, whose future costs the common
                 // case about 0.6 % of a request's instructions (callgrind).
-                if let Step::Later(rest) = self.gateway.start_request(&self.caller, envelope, sink)
-                {
-                    rest.await;
+                match self.gateway.start_request(&self.caller, envelope, sink) {
+                    Step::Done(()) => {}
+                    Step::Later(rest) => {
+                        return Err(Box::pin(async move {
+                            rest.await;
+                            Flow::Continue
+                        }));
+                    }
                 }
             }
+            Op::Publish if !envelope.flags.durable => {
+                let id = envelope.id.clone();
+                // As for requests: no future unless it has to wait.
+                match self.gateway.start_publish(&self.caller, envelope) {
+                    Step::Done(published) => answer_publish(&self.outbox, id, published),
+                    Step::Later(rest) => {
+                        let outbox = &self.outbox;
+                        return Err(Box::pin(async move {
+                            answer_publish(outbox, id, rest.await);
+                            Flow::Continue
+                        }));
+                    }
+                }
+            }
+            Op::Unsubscribe => {
+                let id = envelope.id.clone();
+                let answer = match self.unsubscribe(&id) {
+                    Ok(()) => Outbound::Ack { id },
+                    Err(error) => Outbound::Error { id, error },
+                };
+                self.answer(answer);
+            }
+            Op::Ping => {
+                self.gateway
+                    .note(&self.caller, Some(Op::Ping), &envelope.id, Ok(()));
+                self.answer(Outbound::Pong { id: envelope.id });
+            }
+            Op::Auth => return Ok(self.authenticate(envelope)),
+            // A grant is not answered (it may come once per message); only a bad one is.
+            Op::Credit => {
+                let result = self.grant(&envelope);
+                self.gateway.note(
+                    &self.caller,
+                    Some(Op::Credit),
+                    &envelope.id,
+                    result.as_ref().map_err(|e| e.code).copied(),
+                );
+                if let Err(error) = result {
+                    self.answer(Outbound::Error {
+                        id: envelope.id,
+                        error,
+                    });
+                }
+            }
+            Op::Publish
+            | Op::Subscribe
+            | Op::Register
+            | Op::Unregister
+            | Op::Presence
+            | Op::PresenceWatch => return Err(Box::pin(self.handle_waiting(envelope))),
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Carries out a command that waits for its work (see `handle_at_once`).
+    async fn handle_waiting(&mut self, envelope: Envelope) -> Flow {
+        match envelope.op {
             Op::Publish if envelope.flags.durable => {
                 // Always answered, when the stream's ack comes; later publishes go on meanwhile.
                 self.outbox.begin_command();
@@ -114,19 +205,6 @@ impl Session {
                     });
                 });
             }
-            Op::Publish => {
-                let id = envelope.id.clone();
-                // As for requests: no future unless it has to wait.
-                let published = match self.gateway.start_publish(&self.caller, envelope) {
-                    Step::Done(published) => published,
-                    Step::Later(rest) => rest.await,
-                };
-                match published {
-                    Ok(()) if id.is_null() => {}
-                    Ok(()) => self.answer(Outbound::Ack { id }),
-                    Err(error) => self.answer(Outbound::Error { id, error }),
-                }
-            }
             Op::Subscribe => {
                 let id = envelope.id.clone();
                 // Boxed: a subscribe's state is large and rare; the request path's future
@@ -142,40 +220,12 @@ impl Session {
                 };
                 self.answer(answer);
             }
-            Op::Unsubscribe => {
-                let id = envelope.id.clone();
-                let answer = match self.unsubscribe(&id) {
-                    Ok(()) => Outbound::Ack { id },
-                    Err(error) => Outbound::Error { id, error },
-                };
-                self.answer(answer);
-            }
-            Op::Ping => {
-                self.gateway
-                    .note(&self.caller, Some(Op::Ping), &envelope.id, Ok(()));
-                self.answer(Outbound::Pong { id: envelope.id });
-            }
-            Op::Auth => return self.authenticate(envelope),
             Op::Register | Op::Unregister | Op::Presence | Op::PresenceWatch => {
                 let answer = Box::pin(self.named_op(envelope)).await;
                 self.answer(answer);
             }
-            // A grant is not answered (it may come once per message); only a bad one is.
-            Op::Credit => {
-                let result = self.grant(&envelope);
-                self.gateway.note(
-                    &self.caller,
-                    Some(Op::Credit),
-                    &envelope.id,
-                    result.as_ref().map_err(|e| e.code).copied(),
-                );
-                if let Err(error) = result {
-                    self.answer(Outbound::Error {
-                        id: envelope.id,
-                        error,
-                    });
-                }
-            }
+            // `handle_at_once` finishes the others.
+            _ => return Box::pin(self.handle(Decoded::Envelope(envelope))).await,
         }
         Flow::Continue
     }
@@ -251,8 +301,17 @@ impl Session {
 
     /// Answers a command that did not go to the core as a request.
     fn answer(&self, event: Outbound) {
-        self.outbox.begin_command();
-        self.outbox.push_control(event);
+        answer(&self.outbox, event);
+    }
+
+    /// Answers input that was not a command with an error (the connection goes on).
+    pub fn refuse(&mut self, error: GatewayError) {
+        self.gateway
+            .note(&self.caller, None, &Id::Null, Err(error.code));
+        self.answer(Outbound::Error {
+            id: Id::Null,
+            error,
+        });
     }
 
     /// Answers a command with `UNAVAILABLE` because the gateway is shutting down.

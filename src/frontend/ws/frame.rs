@@ -27,7 +27,9 @@ const MAX_HEADER: usize = 14;
 pub enum Message {
     /// Checked to be UTF-8.
     Text(Bytes),
-    Binary(Bytes),
+    /// Mutable, so that the binary frame decoder splits it without a copy (`BytesMut::from`
+    /// a `Bytes` that shares the read buffer copies it).
+    Binary(BytesMut),
     Ping(Bytes),
     Pong(Bytes),
     /// The close code and reason (the reason checked to be UTF-8), if the frame had them.
@@ -158,10 +160,10 @@ impl Incoming {
             }
             _ => unreachable!("parse_header refuses other opcodes"),
         };
-        let payload = payload.freeze();
         if !text {
             return Ok(Some(Message::Binary(payload)));
         }
+        let payload = payload.freeze();
         match std::str::from_utf8(&payload) {
             Ok(_) => Ok(Some(Message::Text(payload))),
             Err(_) => Err(ReadError::NotUtf8),
@@ -369,7 +371,11 @@ mod tests {
             let payload: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
             let frame = client_frame(true, OP_BINARY, &payload, MASK);
             let read = read_all(&frame, 1 << 20).unwrap();
-            assert_eq!(read, vec![Message::Binary(payload.into())], "length {len}");
+            assert_eq!(
+                read,
+                vec![Message::Binary(BytesMut::from(&payload[..]))],
+                "length {len}"
+            );
         }
     }
 

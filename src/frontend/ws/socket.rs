@@ -158,7 +158,7 @@ mod tests {
         assert_eq!(first, Message::Text(Bytes::from("first")));
         assert_eq!(
             socket.next(limit).await.unwrap().unwrap(),
-            Message::Binary(big.into())
+            Message::Binary(BytesMut::from(&big[..]))
         );
         assert_eq!(
             socket.next(limit).await.unwrap().unwrap(),

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::envelope::Id;
-use super::json_text::any_to_escape;
+use super::json_text::to_escape;
 
 /// The fields of a line this reader took.
 #[derive(Debug, Default)]
@@ -117,26 +117,29 @@ impl Reader<'_> {
     }
 
     /// A string with nothing escaped and no control character: where its opening quote is,
-    /// and one past its closing quote. Eight bytes are checked at a time.
+    /// and one past its closing quote. Eight bytes are looked at a time, and the first that
+    /// ends the string (or makes it one this reader does not take) is found in its word.
     fn string(&mut self) -> Option<(usize, usize)> {
         let start = self.at;
         self.expect(b'"')?;
-        while let Some(word) = self
-            .bytes
-            .get(self.at..self.at + 8)
-            .and_then(|w| <[u8; 8]>::try_from(w).ok())
-        {
-            if any_to_escape(u64::from_le_bytes(word)) {
+        loop {
+            let Some(word) = self.bytes.get(self.at..self.at + 8) else {
+                // Fewer than eight bytes left: one at a time.
+                while !matches!(self.peek()?, b'"' | b'\\' | 0x00..=0x1f) {
+                    self.at += 1;
+                }
+                break;
+            };
+            let found = to_escape(u64::from_le_bytes(word.try_into().ok()?));
+            if found != 0 {
+                self.at += (found.trailing_zeros() / 8) as usize;
                 break;
             }
             self.at += 8;
         }
-        loop {
-            match self.next()? {
-                b'"' => return Some((start, self.at)),
-                b'\\' | 0x00..=0x1f => return None,
-                _ => {}
-            }
+        match self.next()? {
+            b'"' => Some((start, self.at)),
+            _ => None,
         }
     }
 

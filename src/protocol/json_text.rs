@@ -62,14 +62,21 @@ fn put_escaped(out: &mut BytesMut, bytes: &[u8], mut valid: bool) -> bool {
     true
 }
 
-/// Whether any of the eight bytes is a control character, `"` or `\`. Each test is exact as a
-/// yes/no (the classic "has a byte less than n" and "has a zero byte" tricks, n ≤ 128).
-pub(super) fn any_to_escape(word: u64) -> bool {
+/// Whether any of the eight bytes is a control character, `"` or `\`.
+fn any_to_escape(word: u64) -> bool {
+    to_escape(word) != 0
+}
+
+/// The high bit of each of the eight bytes (little-endian) that is a control character, `"` or
+/// `\`, and maybe of some bytes after the first of them: the classic "has a byte less than n"
+/// and "has a zero byte" tricks (n ≤ 128) are exact as a yes/no and for the lowest byte they
+/// mark, so `trailing_zeros() / 8` is where the first such byte is.
+pub(super) fn to_escape(word: u64) -> u64 {
     let below_space = word.wrapping_sub(ONES * 0x20) & !word;
     let quote = word ^ (ONES * u64::from(b'"'));
     let backslash = word ^ (ONES * u64::from(b'\\'));
     let zero_in = |v: u64| v.wrapping_sub(ONES) & !v;
-    (below_space | zero_in(quote) | zero_in(backslash)) & HIGHS != 0
+    (below_space | zero_in(quote) | zero_in(backslash)) & HIGHS
 }
 
 enum Escape {
@@ -182,6 +189,25 @@ mod tests {
                 expected,
                 "{pair:?}"
             );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn the_lowest_byte_a_word_test_marks_is_the_first_to_escape(
+            word in proptest::array::uniform8(prop_oneof![
+                any::<u8>(),
+                Just(b'"'),
+                Just(b'\\'),
+                Just(0x00u8),
+                Just(0x1f),
+                Just(0x20),
+                Just(0x21),
+            ])
+        ) {
+            let first = word.iter().position(|&b| escape(b).is_some()).unwrap_or(8);
+            let marked = to_escape(u64::from_le_bytes(word));
+            prop_assert_eq!((marked.trailing_zeros() / 8) as usize, first, "{:?}", word);
         }
     }
 

@@ -834,17 +834,19 @@ mod tests {
         );
     }
 
+    fn nobody_listens(b: &Arc<Breakers>, subject: &str, times: usize, now: Instant) {
+        for _ in 0..times {
+            b.admit_at(subject, now)
+                .unwrap()
+                .record_for(Outcome::NoResponders, subject, now);
+        }
+    }
+
     #[test]
     fn no_responders_on_one_subject_open_only_that_subject() {
         let b = breakers(0.0);
         let now = Instant::now() + Duration::from_secs(60); // past the reconnect grace
-        for _ in 0..3 {
-            b.admit_at("demo.echo.nope", now).unwrap().record_for(
-                Outcome::NoResponders,
-                "demo.echo.nope",
-                now,
-            );
-        }
+        nobody_listens(&b, "demo.echo.nope", 3, now);
         assert_eq!(
             state(&b, "demo.echo"),
             State::Closed,
@@ -876,13 +878,7 @@ mod tests {
     fn a_full_table_forgets_healthy_groups_and_keeps_open_subjects() {
         let b = breakers(0.0);
         let now = Instant::now() + Duration::from_secs(60); // past the reconnect grace
-        for _ in 0..3 {
-            b.admit_at("demo.echo.nope", now).unwrap().record_for(
-                Outcome::NoResponders,
-                "demo.echo.nope",
-                now,
-            );
-        }
+        nobody_listens(&b, "demo.echo.nope", 3, now);
         // The table fills with healthy groups; each new one past the limit forgets them.
         for i in 0..MAX_GROUPS + 10 {
             let subject = format!("g{i}.x.y");

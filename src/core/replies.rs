@@ -750,6 +750,16 @@ mod tests {
         })
     }
 
+    /// Every request allocates its `Pending`. Its size decides its jemalloc size class, and a
+    /// class whose slab is one page caches only 20 per thread: at 504 bytes (the 512 class)
+    /// 256 requests in flight went through the arena, 220 more instructions per request than
+    /// at 520 (callgrind). Boxed, the audit ticket keeps it in the 320 class (64 per slab).
+    #[test]
+    fn a_pending_request_stays_in_a_small_allocation_class() {
+        let size = std::mem::size_of::<Pending>();
+        assert!(size <= 320, "Pending is {size} bytes");
+    }
+
     #[test]
     fn requests_time_out_in_deadline_order_and_only_once() {
         let router = ReplyRouter::new("_INBOX.t".into(), Metrics::new(), None);

@@ -59,6 +59,20 @@ impl Groups {
         self.exact = self.by_name.values().filter(|entry| entry.exact).count();
     }
 
+    /// Makes room for one more entry when the table is full: forgets healthy groups (closed,
+    /// no failure since their last success) first and, with `any_closed`, then any closed one.
+    /// False when it is still full.
+    fn make_room(&mut self, any_closed: bool) -> bool {
+        if self.by_name.len() < MAX_GROUPS {
+            return true;
+        }
+        self.retain(|g| g.state != State::Closed || g.consecutive_failures > 0);
+        if any_closed && self.by_name.len() >= MAX_GROUPS {
+            self.retain(|g| g.state != State::Closed);
+        }
+        self.by_name.len() < MAX_GROUPS
+    }
+
     fn insert(&mut self, name: &str, exact: bool, now: Instant) -> Arc<Entry> {
         let key: Arc<str> = Arc::from(name);
         let entry = Arc::new(Entry {
@@ -330,17 +344,10 @@ impl Breakers {
         let entry = match groups.by_name.get(name) {
             Some(entry) => entry.clone(),
             None => {
-                if groups.by_name.len() >= MAX_GROUPS {
-                    // Forget healthy groups first, then any closed one; if every group is
-                    // open, the new one goes untracked (a breaker cannot open for it, nothing
-                    // grows).
-                    groups.retain(|g| g.state != State::Closed || g.consecutive_failures > 0);
-                    if groups.by_name.len() >= MAX_GROUPS {
-                        groups.retain(|g| g.state != State::Closed);
-                    }
-                    if groups.by_name.len() >= MAX_GROUPS {
-                        return Ok(admission);
-                    }
+                // If every group is open, the new one goes untracked (a breaker cannot open
+                // for it, nothing grows).
+                if !groups.make_room(true) {
+                    return Ok(admission);
                 }
                 groups.insert(name, false, now)
             }
@@ -407,10 +414,7 @@ impl Breakers {
             match groups.by_name.get(subject) {
                 Some(entry) => entry.clone(),
                 None => {
-                    if groups.by_name.len() >= MAX_GROUPS {
-                        groups.retain(|g| g.state != State::Closed || g.consecutive_failures > 0);
-                    }
-                    if groups.by_name.len() >= MAX_GROUPS {
+                    if !groups.make_room(false) {
                         return;
                     }
                     groups.insert(subject, true, now)

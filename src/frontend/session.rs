@@ -109,8 +109,7 @@ impl Session {
         let envelope = match item {
             Decoded::Envelope(envelope) => envelope,
             Decoded::Invalid { id, error, fatal } => {
-                self.gateway.note(&self.caller, None, &id, Err(error.code));
-                self.answer(Outbound::Error { id, error });
+                self.answer_invalid(id, error);
                 return Ok(if fatal { Flow::Close } else { Flow::Continue });
             }
         };
@@ -306,12 +305,13 @@ impl Session {
 
     /// Answers input that was not a command with an error (the connection goes on).
     pub fn refuse(&mut self, error: GatewayError) {
-        self.gateway
-            .note(&self.caller, None, &Id::Null, Err(error.code));
-        self.answer(Outbound::Error {
-            id: Id::Null,
-            error,
-        });
+        self.answer_invalid(Id::Null, error);
+    }
+
+    /// Input that was not a command: noted (metrics, audit) and answered with its error.
+    fn answer_invalid(&self, id: Id, error: GatewayError) {
+        self.gateway.note(&self.caller, None, &id, Err(error.code));
+        self.answer(Outbound::Error { id, error });
     }
 
     /// Answers a command with `UNAVAILABLE` because the gateway is shutting down.

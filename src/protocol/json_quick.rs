@@ -30,7 +30,6 @@ pub(super) fn read(line: &str) -> Option<Fields<'_>> {
         at: 0,
     };
     let mut fields = Fields::default();
-    let mut seen = [false; 5];
     reader.skip_space();
     reader.expect(b'{')?;
     reader.skip_space();
@@ -39,41 +38,34 @@ pub(super) fn read(line: &str) -> Option<Fields<'_>> {
         return reader.only_space_left().then_some(fields);
     }
     loop {
-        let (start, end) = reader.string()?;
-        let key = &line[start + 1..end - 1];
+        let key = reader.text(line)?;
         reader.skip_space();
         reader.expect(b':')?;
         reader.skip_space();
-        let which = match key {
-            "op" => 0,
-            "id" => 1,
-            "subject" => 2,
-            "timeout_ms" => 3,
-            "data" => 4,
+        // A key given twice goes to serde_json, which refuses it.
+        let again = match key {
+            "op" => fields.op.replace(reader.text(line)?).is_some(),
+            "subject" => fields.subject.replace(reader.text(line)?).is_some(),
+            "data" => {
+                let (start, end) = reader.string()?;
+                fields.data.replace(&line[start..end]).is_some()
+            }
+            "timeout_ms" => {
+                let timeout = u32::try_from(reader.unsigned(10)?).ok()?;
+                fields.timeout_ms.replace(timeout).is_some()
+            }
+            "id" => {
+                // Never `null` here: a second id finds the first in place.
+                let id = match reader.peek()? {
+                    b'"' => Id::Text(Arc::from(reader.text(line)?)),
+                    _ => Id::from(reader.unsigned(19)?),
+                };
+                !std::mem::replace(&mut fields.id, id).is_null()
+            }
             _ => return None,
         };
-        if std::mem::replace(&mut seen[which], true) {
+        if again {
             return None;
-        }
-        match which {
-            0 | 2 | 4 => {
-                let (start, end) = reader.string()?;
-                match which {
-                    0 => fields.op = Some(&line[start + 1..end - 1]),
-                    2 => fields.subject = Some(&line[start + 1..end - 1]),
-                    _ => fields.data = Some(&line[start..end]),
-                }
-            }
-            1 => {
-                fields.id = match reader.peek()? {
-                    b'"' => {
-                        let (start, end) = reader.string()?;
-                        Id::Text(Arc::from(&line[start + 1..end - 1]))
-                    }
-                    _ => Id::from(reader.unsigned(19)?),
-                }
-            }
-            _ => fields.timeout_ms = Some(u32::try_from(reader.unsigned(10)?).ok()?),
         }
         reader.skip_space();
         match reader.next()? {
@@ -114,6 +106,12 @@ impl Reader<'_> {
     fn only_space_left(&mut self) -> bool {
         self.skip_space();
         self.at == self.bytes.len()
+    }
+
+    /// The contents of a string (see `string`) in `line`, the text this reader reads.
+    fn text<'a>(&mut self, line: &'a str) -> Option<&'a str> {
+        let (start, end) = self.string()?;
+        Some(&line[start + 1..end - 1])
     }
 
     /// A string with nothing escaped and no control character: where its opening quote is,

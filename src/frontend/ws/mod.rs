@@ -669,10 +669,6 @@ const BATCH_BYTES: usize = 64 * 1024;
 /// What one write takes: events are framed until their frames are this big.
 const CHUNK_BYTES: usize = 64 * 1024;
 
-/// Events framed as WebSocket messages in the connection's wire format, until the frames
-/// reach `CHUNK_BYTES`: one message per event (a JSON envelope without its line's newline, or
-/// one binary frame), or with `?batch=true` as few messages as `BATCH_BYTES` allows, each
-/// holding events one after the other (JSON lines with their newlines, or binary frames).
 /// About what `events` take framed: their payloads (a third more, for JSON's escapes or
 /// base64) plus `ENCODE_CAPACITY` each. A write allocates its buffer at this size (up to a
 /// chunk): grown from a small start, it was copied eight times for a batch of 256 replies,
@@ -691,6 +687,10 @@ fn encoded_estimate(events: &[Outbound]) -> usize {
         .sum()
 }
 
+/// Events framed as WebSocket messages in the connection's wire format, until the frames
+/// reach `CHUNK_BYTES`: one message per event (a JSON envelope without its line's newline, or
+/// one binary frame), or with `?batch=true` as few messages as `BATCH_BYTES` allows, each
+/// holding events one after the other (JSON lines with their newlines, or binary frames).
 /// `capacity`: what is left of the batch's `encoded_estimate`.
 fn frame_events<'a>(
     wire: WireFormat,

@@ -231,9 +231,9 @@ impl Connection {
             let subject = place(subject);
             let reply = reply_to.map(place);
             let line = self.read_buf.split_to(len + 2).freeze();
-            let slice = |(at, len): (usize, usize)| {
+            let slice = |(at, size): (usize, usize)| {
                 // SAFETY: a word of `line`, which was checked as UTF-8 above.
-                unsafe { Subject::from_bytes_unchecked(line.slice(at..at + len)) }
+                unsafe { Subject::from_bytes_unchecked(line.slice(at..at + size)) }
             };
             let subject = slice(subject);
             let reply = reply.map(slice);

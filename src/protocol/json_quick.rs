@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::envelope::Id;
-use super::json_text::to_escape;
+use super::json_text::next_stop;
 
 /// The fields of a line this reader took.
 #[derive(Debug, Default)]
@@ -115,26 +115,11 @@ impl Reader<'_> {
     }
 
     /// A string with nothing escaped and no control character: where its opening quote is,
-    /// and one past its closing quote. Eight bytes are looked at a time, and the first that
-    /// ends the string (or makes it one this reader does not take) is found in its word.
+    /// and one past its closing quote.
     fn string(&mut self) -> Option<(usize, usize)> {
         let start = self.at;
         self.expect(b'"')?;
-        loop {
-            let Some(word) = self.bytes.get(self.at..self.at + 8) else {
-                // Fewer than eight bytes left: one at a time.
-                while !matches!(self.peek()?, b'"' | b'\\' | 0x00..=0x1f) {
-                    self.at += 1;
-                }
-                break;
-            };
-            let found = to_escape(u64::from_le_bytes(word.try_into().ok()?));
-            if found != 0 {
-                self.at += (found.trailing_zeros() / 8) as usize;
-                break;
-            }
-            self.at += 8;
-        }
+        self.at = next_stop(self.bytes, self.at, false);
         match self.next()? {
             b'"' => Some((start, self.at)),
             _ => None,

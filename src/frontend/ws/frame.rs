@@ -164,7 +164,7 @@ impl Incoming {
             return Ok(Some(Message::Binary(payload)));
         }
         let payload = payload.freeze();
-        match std::str::from_utf8(&payload) {
+        match simdutf8::basic::from_utf8(&payload) {
             Ok(_) => Ok(Some(Message::Text(payload))),
             Err(_) => Err(ReadError::NotUtf8),
         }

@@ -178,8 +178,15 @@ impl Connection {
         }
 
         if self.read_buf.starts_with(b"MSG ") {
-            let line = str::from_utf8(&self.read_buf[4..len])
-                .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+            // ipc-gateway patch (PATCHED.md): an ASCII line (nearly every one) is not checked
+            // again as UTF-8.
+            let bytes = &self.read_buf[4..len];
+            let line = if bytes.is_ascii() {
+                // SAFETY: ASCII is UTF-8.
+                unsafe { str::from_utf8_unchecked(bytes) }
+            } else {
+                str::from_utf8(bytes).map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?
+            };
             // ipc-gateway patch: words without str::split (PATCHED.md).
             let mut args = words(line);
 
@@ -1199,6 +1206,32 @@ mod read_op {
 
         let err = connection.read_op().await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    // ipc-gateway patch (PATCHED.md): a line that is not ASCII is still read when it is UTF-8.
+    #[tokio::test]
+    async fn msg_with_multibyte_subjects_is_read() {
+        let (stream, mut server) = io::duplex(128);
+        let mut connection = Connection::new(Box::new(stream), 0, Arc::new(Statistics::default()));
+
+        server
+            .write_all("MSG grüße.世界 1 antwort.🦀 2\r\nhi\r\n".as_bytes())
+            .await
+            .unwrap();
+
+        match connection.read_op().await.unwrap() {
+            Some(ServerOp::Message {
+                subject,
+                reply,
+                payload,
+                ..
+            }) => {
+                assert_eq!(subject.as_str(), "grüße.世界");
+                assert_eq!(reply.as_deref(), Some("antwort.🦀"));
+                assert_eq!(payload, "hi");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

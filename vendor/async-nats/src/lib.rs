@@ -495,11 +495,35 @@ struct Multiplexer {
     senders: HashMap<String, oneshot::Sender<Message>>,
 }
 
+// ipc-gateway patch (PATCHED.md): subscriptions are looked up by sid with a multiplicative
+// hash. A sid is this client's own counter, echoed by the server, so there is nothing for
+// SipHash to defend against, and its lookup was 2 % of a request through the gateway.
+#[derive(Default)]
+struct SidHasher(u64);
+
+impl std::hash::Hasher for SidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, sid: u64) {
+        self.0 = sid.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type SidMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<SidHasher>>;
+
 /// A connection handler which facilitates communication from channels to a single shared connection.
 pub(crate) struct ConnectionHandler {
     connection: Connection,
     connector: Connector,
-    subscriptions: HashMap<u64, Subscription>,
+    subscriptions: SidMap<Subscription>,
     multiplexer: Option<Multiplexer>,
     pending_pings: usize,
     info_sender: tokio::sync::watch::Sender<Option<ServerInfo>>,
@@ -510,7 +534,7 @@ pub(crate) struct ConnectionHandler {
     drain_pings: VecDeque<u64>,
     // ipc-gateway patch (PATCHED.md): messages dropped for a full subscription channel, by
     // sid, not yet reported as `Event::SlowConsumers`.
-    slow_consumers: HashMap<u64, u64>,
+    slow_consumers: SidMap<u64>,
 }
 
 impl ConnectionHandler {
@@ -526,7 +550,7 @@ impl ConnectionHandler {
         ConnectionHandler {
             connection,
             connector,
-            subscriptions: HashMap::new(),
+            subscriptions: SidMap::default(),
             multiplexer: None,
             pending_pings: 0,
             info_sender,
@@ -535,7 +559,7 @@ impl ConnectionHandler {
             flush_observers: Vec::new(),
             is_draining: false,
             drain_pings: VecDeque::new(),
-            slow_consumers: HashMap::new(),
+            slow_consumers: SidMap::default(),
         }
     }
 

@@ -21,6 +21,7 @@ mod presence;
 pub mod ratelimit;
 pub mod replay;
 pub mod replies;
+mod reply_subject;
 pub mod shutdown;
 #[cfg(test)]
 mod sizes;

@@ -34,6 +34,7 @@ use super::Reply;
 use super::breaker::{Admission, Outcome};
 use super::budget::BudgetPermit;
 use super::deadlines::Deadlines;
+use super::reply_subject;
 use super::shutdown::Shutdown;
 use crate::protocol::Frontend;
 use crate::protocol::{ErrorCode, GatewayError, Id, Op};
@@ -284,32 +285,8 @@ impl ReplyRouter {
         Some((token, self.reply_subject(token, nonce)))
     }
 
-    /// `<prefix><token>_<nonce in hex>`: one subject token, matched by `<prefix>*`.
     fn reply_subject(&self, token: u64, nonce: u64) -> Subject {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut digits = itoa::Buffer::new();
-        let token = digits.format(token);
-        // The exact length: `Bytes` then takes the string over without another allocation.
-        let mut reply = String::with_capacity(self.prefix.len() + token.len() + 17);
-        reply.push_str(&self.prefix);
-        reply.push_str(token);
-        let mut hex = [b'_'; 17];
-        for (i, digit) in hex[1..].iter_mut().enumerate() {
-            *digit = HEX[((nonce >> (60 - 4 * i)) & 0xf) as usize];
-        }
-        // The 17 bytes are ASCII.
-        reply.push_str(std::str::from_utf8(&hex).unwrap_or_default());
-        Subject::from(reply)
-    }
-
-    /// The token and nonce a reply subject names, if it is one of ours.
-    fn parse_reply(&self, subject: &str) -> Option<(u64, u64)> {
-        // `<prefix><token>_<16 hex digits>`: the nonce is the last 17 bytes, so nothing is
-        // searched for (a token with a `_` in it does not parse, as before).
-        let rest = subject.strip_prefix(self.prefix.as_str())?;
-        let (token, nonce) = rest.split_at_checked(rest.len().checked_sub(17)?)?;
-        let nonce = nonce.strip_prefix('_')?;
-        Some((token.parse().ok()?, u64::from_str_radix(nonce, 16).ok()?))
+        reply_subject::write(&self.prefix, token, nonce)
     }
 
     /// A subject only this connection receives and nobody can guess, and what resolves when
@@ -364,7 +341,7 @@ impl ReplyRouter {
     }
 
     fn on_reply(&self, message: Message) {
-        let claim = match self.parse_reply(&message.subject) {
+        let claim = match reply_subject::read(&self.prefix, &message.subject) {
             Some((token, nonce)) => self.claim(token, nonce),
             None => Claim::Mismatch,
         };

@@ -462,7 +462,7 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
     match event {
         Outbound::Reply { id, data, headers } => {
             put(w, b"{\"id\":");
-            json(w, id);
+            put_id(w, id);
             put(w, b",\"ok\":true");
             put_data(w, data);
             put_headers(w, headers.as_ref());
@@ -470,12 +470,12 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
         }
         Outbound::Ack { id } => {
             put(w, b"{\"id\":");
-            json(w, id);
+            put_id(w, id);
             put(w, b",\"ok\":true}\n");
         }
         Outbound::Error { id, error } => {
             put(w, b"{\"id\":");
-            json(w, id);
+            put_id(w, id);
             put(w, b",\"ok\":false");
             put_error(w, error);
             put(w, b"}\n");
@@ -484,7 +484,7 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             put(w, b"{\"op\":\"pong\"");
             if !id.is_null() {
                 put(w, b",\"id\":");
-                json(w, id);
+                put_id(w, id);
             }
             put(w, b"}\n");
         }
@@ -526,7 +526,7 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             put(w, b"{\"op\":\"auth\"");
             if !id.is_null() {
                 put(w, b",\"id\":");
-                json(w, id);
+                put_id(w, id);
             }
             put(w, b",\"ok\":true}\n");
         }
@@ -538,7 +538,7 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
         }
         Outbound::Stored { id, stream, seq } => {
             put(w, b"{\"id\":");
-            json(w, id);
+            put_id(w, id);
             put(w, b",\"ok\":true,\"stream\":");
             json(w, &**stream);
             put(w, b",\"seq\":");
@@ -551,7 +551,7 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             truncated,
         } => {
             put(w, b"{\"id\":");
-            json(w, id);
+            put_id(w, id);
             put(w, b",\"ok\":true,\"stream\":");
             json(w, &**stream);
             if let Some(first) = truncated {
@@ -573,7 +573,7 @@ pub fn encode(event: &Outbound, out: &mut BytesMut) {
             } else {
                 put(w, b"{\"id\":");
             }
-            json(w, id);
+            put_id(w, id);
             if !*watch {
                 put(w, b",\"ok\":true");
             }
@@ -588,6 +588,16 @@ pub(super) type Writer<'a> = bytes::buf::Writer<&'a mut BytesMut>;
 
 pub(super) fn put(w: &mut Writer<'_>, bytes: &[u8]) {
     w.get_mut().extend_from_slice(bytes);
+}
+
+/// An id as serde_json writes it; a whole number (nearly every id) without serde.
+fn put_id(w: &mut Writer<'_>, id: &Id) {
+    match id {
+        Id::Number(number) if let Some(whole) = number.as_u64() => {
+            put(w, itoa::Buffer::new().format(whole).as_bytes());
+        }
+        _ => json(w, id),
+    }
 }
 
 pub(super) fn json<T: serde::Serialize + ?Sized>(w: &mut Writer<'_>, value: &T) {

@@ -38,23 +38,23 @@ pub(super) fn read(line: &str) -> Option<Fields<'_>> {
         return reader.only_space_left().then_some(fields);
     }
     loop {
-        let key = reader.text(line)?;
+        let key = reader.key()?;
         reader.skip_space();
         reader.expect(b':')?;
         reader.skip_space();
         // A key given twice goes to serde_json, which refuses it.
         let again = match key {
-            "op" => fields.op.replace(reader.text(line)?).is_some(),
-            "subject" => fields.subject.replace(reader.text(line)?).is_some(),
-            "data" => {
+            Key::Op => fields.op.replace(reader.text(line)?).is_some(),
+            Key::Subject => fields.subject.replace(reader.text(line)?).is_some(),
+            Key::Data => {
                 let (start, end) = reader.string()?;
                 fields.data.replace(&line[start..end]).is_some()
             }
-            "timeout_ms" => {
+            Key::TimeoutMs => {
                 let timeout = u32::try_from(reader.unsigned(10)?).ok()?;
                 fields.timeout_ms.replace(timeout).is_some()
             }
-            "id" => {
+            Key::Id => {
                 // Never `null` here: a second id finds the first in place.
                 let id = match reader.peek()? {
                     b'"' => Id::Text(Arc::from(reader.text(line)?)),
@@ -62,7 +62,6 @@ pub(super) fn read(line: &str) -> Option<Fields<'_>> {
                 };
                 !std::mem::replace(&mut fields.id, id).is_null()
             }
-            _ => return None,
         };
         if again {
             return None;
@@ -74,6 +73,16 @@ pub(super) fn read(line: &str) -> Option<Fields<'_>> {
             _ => return None,
         }
     }
+}
+
+/// The keys this reader takes.
+#[derive(Clone, Copy)]
+enum Key {
+    Op,
+    Id,
+    Subject,
+    Data,
+    TimeoutMs,
 }
 
 struct Reader<'a> {
@@ -106,6 +115,24 @@ impl Reader<'_> {
     fn only_space_left(&mut self) -> bool {
         self.skip_space();
         self.at == self.bytes.len()
+    }
+
+    /// One of the five keys, quotes included, compared whole: a key is taken only as one of
+    /// these exact strings (with an escape in it, or any other key, the line is not taken).
+    fn key(&mut self) -> Option<Key> {
+        let (text, key): (&[u8], Key) = match self.bytes.get(self.at + 1)? {
+            b'o' => (b"\"op\"", Key::Op),
+            b'i' => (b"\"id\"", Key::Id),
+            b's' => (b"\"subject\"", Key::Subject),
+            b'd' => (b"\"data\"", Key::Data),
+            b't' => (b"\"timeout_ms\"", Key::TimeoutMs),
+            _ => return None,
+        };
+        if !self.bytes[self.at..].starts_with(text) {
+            return None;
+        }
+        self.at += text.len();
+        Some(key)
     }
 
     /// The contents of a string (see `string`) in `line`, the text this reader reads.

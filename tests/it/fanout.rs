@@ -370,6 +370,15 @@ async fn wait_gap(conn: &mut JsonConn, sid: &str) -> Value {
     }
 }
 
+/// The slow consumers nats-server has cut off so far (its monitoring port's `/varz`).
+async fn slow_consumers(nats: &NatsServer) -> u64 {
+    let (_, body) = crate::common::http_get(nats.monitor_port, "/varz").await;
+    serde_json::from_str::<Value>(&body)
+        .ok()
+        .and_then(|varz| varz["slow_consumers"].as_u64())
+        .unwrap_or(0)
+}
+
 /// Publishes `data` until `conn` gets it (the gateway may still be resubscribing).
 async fn delivered_again(nats: &NatsServer, conn: &mut JsonConn, subject: &str) {
     let publisher = nats.client().await;
@@ -420,15 +429,24 @@ async fn a_gateway_cut_off_by_nats_server_as_a_slow_consumer_tells_its_subscribe
         .call(r#"{"op":"subscribe","id":"s","subject":"firehose"}"#)
         .await;
     assert_eq!(ack["ok"], true, "{ack}");
-    // A gateway that does not read (stopped) while 4 MiB are published to it.
+    // A gateway that does not read (stopped) while messages are published to it, a MiB at a
+    // time, until nats-server has cut it. How much that takes depends on how much the
+    // kernel's socket buffers hold for it first (loopback TCP buffers grow to several MiB).
     gateway.signal("STOP");
     let publisher = nats.client().await;
     let chunk = bytes::Bytes::from(vec![b'x'; 32 * 1024]);
-    for _ in 0..128 {
-        publisher.publish("firehose", chunk.clone()).await.unwrap();
+    let mut cut = false;
+    for _ in 0..256 {
+        for _ in 0..32 {
+            publisher.publish("firehose", chunk.clone()).await.unwrap();
+        }
+        publisher.flush().await.unwrap();
+        if slow_consumers(&nats).await > 0 {
+            cut = true;
+            break;
+        }
     }
-    publisher.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(cut, "nats-server never cut the stopped gateway off");
     gateway.signal("CONT");
     wait_gap(&mut conn, "s").await;
     delivered_again(&nats, &mut conn, "firehose").await;

@@ -50,7 +50,8 @@ fn put_escaped(out: &mut BytesMut, bytes: &[u8], mut valid: bool) -> bool {
 
 /// Where the first byte at or after `from` (at most `bytes.len()`) is a control character,
 /// `"` or `\`, or, with `non_ascii`, a byte that is not ASCII; `bytes.len()` when none is.
-pub(super) fn next_stop(bytes: &[u8], mut at: usize, non_ascii: bool) -> usize {
+pub(super) fn next_stop(bytes: &[u8], from: usize, non_ascii: bool) -> usize {
+    let mut at = from;
     let stops = |marks: Marks| marks.escape | if non_ascii { marks.non_ascii } else { 0 };
     while let Some(chunk) = bytes.get(at..at + 16) {
         let found = stops(marks(chunk.try_into().expect("sixteen bytes")));

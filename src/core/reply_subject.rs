@@ -27,12 +27,12 @@ pub(super) fn write(prefix: &str, token: u64, nonce: u64) -> Subject {
 pub(super) fn read(prefix: &str, subject: &str) -> Option<(u64, u64)> {
     // The nonce is the last 17 bytes, so nothing is searched for (a token with a `_` in it
     // does not parse).
-    let rest = subject.strip_prefix(prefix)?.as_bytes();
+    let rest = subject.strip_prefix(prefix)?;
     let (token, tail) = rest.split_at_checked(rest.len().checked_sub(17)?)?;
-    let (&b'_', nonce) = tail.split_first()? else {
+    let (&b'_', nonce) = tail.as_bytes().split_first()? else {
         return None;
     };
-    let token = std::str::from_utf8(token).ok()?.parse().ok()?;
+    let token = token.parse().ok()?;
     let high = parse_hex8(nonce[..8].try_into().ok()?)?;
     let low = parse_hex8(nonce[8..].try_into().ok()?)?;
     Some((token, u64::from(high) << 32 | u64::from(low)))
